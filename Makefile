@@ -1,0 +1,27 @@
+# `make run` and `make test` set everything up on first use (a virtualenv in .venv).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# On the project's CPU machines this pin takes the CPU wheel that lies on disk; elsewhere choose your build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: run test test-fast clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/esft route --config configs/models/tiny.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info

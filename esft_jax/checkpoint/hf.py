@@ -1,0 +1,174 @@
+"""Read and write Hugging Face checkpoint directories (config.json + safetensors, one or sharded).
+
+Tensors are streamed one at a time from the safetensors files into our stacked layout (no PyTorch
+model is ever built) and keep the file's dtype; the router is kept in float32, as the reference does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from esft_jax.checkpoint.hf_names import TensorMap, tensor_maps
+from esft_jax.model.config import ConfigError, ModelConfig
+from esft_jax.model.params import Params, flat_param_specs
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+_FLOAT32_PATHS = {("moe_layers", "moe", "router"), ("moe_layers", "moe", "router_bias")}
+# Tensors a checkpoint may hold that the model does not use: rotary caches of old checkpoints.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read as the model it claims to be."""
+
+
+def load_config(ckpt_dir: str | Path, **runtime: Any) -> ModelConfig:
+    """Our ModelConfig from `<ckpt_dir>/config.json`; `runtime` sets dtype/strategy fields."""
+    path = Path(ckpt_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (is {ckpt_dir} a Hugging Face checkpoint directory?)")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    try:
+        return ModelConfig.from_hf_dict(hf, **runtime)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _weight_files(ckpt_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it."""
+    index = ckpt_dir / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object")
+        files = {name: ckpt_dir / f for name, f in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed in {index} but missing")
+        return files
+    single = ckpt_dir / SINGLE_FILE
+    if not single.is_file():
+        raise CheckpointError(f"{ckpt_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+    with safe_open(single, "numpy") as f:
+        return {name: single for name in f.keys()}
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def load_params(ckpt_dir: str | Path, cfg: ModelConfig) -> Params:
+    """Read every tensor the model needs into a numpy params pytree (stacked layout)."""
+    ckpt_dir = Path(ckpt_dir)
+    files = _weight_files(ckpt_dir)
+    maps = tensor_maps(cfg)
+    missing = [m for m in maps if m.hf_name not in files]
+    if missing:
+        shown = ", ".join(f"{m.hf_name} {list(m.hf_shape)}" for m in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{ckpt_dir}: missing tensors (expected shape): {shown}{more}")
+    wanted = {m.hf_name for m in maps}
+    extra = [n for n in files if n not in wanted and not _IGNORED.match(n)]
+    if extra:  # e.g. DeepSeek-V3's multi-token-prediction layers
+        log.warning("%s: ignoring %d tensors the model does not use, e.g. %s", ckpt_dir, len(extra), extra[0])
+
+    by_file: dict[Path, list[TensorMap]] = {}
+    for m in maps:
+        by_file.setdefault(files[m.hf_name], []).append(m)
+    specs = flat_param_specs(cfg)
+    params: Params = {}
+    for file, file_maps in by_file.items():
+        with safe_open(file, "numpy") as f:
+            for m in file_maps:
+                shape = tuple(f.get_slice(m.hf_name).get_shape())
+                if shape != m.hf_shape:
+                    raise CheckpointError(f"{file}: tensor {m.hf_name} has shape {list(shape)}, "
+                                          f"expected {list(m.hf_shape)}")
+                value = m.from_hf(f.get_tensor(m.hf_name))
+                if m.path in _FLOAT32_PATHS:
+                    value = value.astype(np.float32)
+                if not m.index:
+                    _set(params, m.path, value)
+                    continue
+                try:
+                    dest = _get(params, m.path)
+                except KeyError:
+                    dest = np.empty(specs[m.path].shape, value.dtype)
+                    _set(params, m.path, dest)
+                dest[m.index] = value
+    return params
+
+
+def load_checkpoint(ckpt_dir: str | Path, **runtime: Any) -> tuple[ModelConfig, Params]:
+    """(config, params as jax arrays) from a Hugging Face checkpoint directory."""
+    cfg = load_config(ckpt_dir, **runtime)
+    return cfg, jax.tree.map(jax.numpy.asarray, load_params(ckpt_dir, cfg))
+
+
+def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: Params, *,
+                    tokenizer_from: str | Path | None = None, max_shard_bytes: int = 4 << 30) -> Path:
+    """Write params as a Hugging Face checkpoint directory that transformers loads.
+
+    Shards are written to a temporary directory first and moved into place at the end, so an
+    interrupted save never leaves a half-written checkpoint under `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    host = jax.tree.map(np.asarray, params)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for m in tensor_maps(cfg):
+        value = m.to_hf(_get(host, m.path)[m.index])
+        if size and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][m.hf_name] = value
+        size += value.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], tmp / SINGLE_FILE, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, tmp / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.nbytes for s in shards for v in s.values())
+        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                  "weight_map": weight_map}, indent=2))
+    (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+    if tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_from) / name).is_file():
+                shutil.copy(Path(tokenizer_from) / name, tmp / name)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir

@@ -1,0 +1,61 @@
+"""Multi-head latent attention (MLA), DeepSeek-V2/V3.
+
+Queries come from x directly (`q`) or through a low-rank bottleneck (`q_a` -> RMSNorm -> `q_b`).
+Keys and values come from a shared latent c = RMSNorm(x @ kv_a[:, :kv_lora_rank]) expanded per head
+by `kv_b`; a single rotary key slice k_pe = x @ kv_a[:, kv_lora_rank:] is shared by all heads.
+Each head's score is q_nope . k_nope + q_pe . k_pe, times `rope.softmax_scale`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from esft_jax.model.config import ModelConfig
+from esft_jax.model.norm import rms_norm
+from esft_jax.model.rope import apply_rope, softmax_scale
+from esft_jax.sharding import constrain
+
+_MASKED = -1e30  # finite, so a fully masked (padding) row gives a uniform row, not NaN
+
+
+def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
+    """[B, 1, T, T] bool: causal, within one segment, never onto padding (segment id 0)."""
+    t = segment_ids_bt.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+    not_pad = (segment_ids_bt != 0)[:, None, :]
+    return (causal & same & not_pad)[:, None]
+
+
+def mla(p: dict[str, Any], x_btd: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array,
+        mask_b1tt: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """x [B, T, d] (already normed) -> attention output [B, T, d]."""
+    dt, eps = x_btd.dtype, 1e-6  # the reference builds q_a/kv_a norms with the default eps
+    nope = cfg.qk_nope_head_dim
+
+    if cfg.q_lora_rank is None:
+        q_bthk = jnp.einsum("btd,dhk->bthk", x_btd, p["q"].astype(dt))
+    else:
+        q_lat = rms_norm(x_btd @ p["q_a"].astype(dt), p["q_a_norm"], eps)
+        q_bthk = jnp.einsum("btr,rhk->bthk", q_lat, p["q_b"].astype(dt))
+    q_nope, q_pe = q_bthk[..., :nope], q_bthk[..., nope:]
+
+    kv_a = x_btd @ p["kv_a"].astype(dt)
+    c_btr = rms_norm(kv_a[..., :cfg.kv_lora_rank], p["kv_a_norm"], eps)
+    k_pe = kv_a[..., cfg.kv_lora_rank:][:, :, None, :]  # [B, T, 1, rope]: one head, shared
+    kv_bthk = jnp.einsum("btr,rhk->bthk", c_btr, p["kv_b"].astype(dt))
+    k_nope, v_bthv = kv_bthk[..., :nope], kv_bthk[..., nope:]
+    q_nope = constrain(q_nope, ("act_batch", None, "act_heads", None))
+
+    q_pe = apply_rope(q_pe, cos_btr, sin_btr, cfg.rope_interleave)
+    k_pe = apply_rope(k_pe, cos_btr, sin_btr, cfg.rope_interleave)[:, :, 0]
+
+    scores = (jnp.einsum("bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+              + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, preferred_element_type=jnp.float32))
+    scores = jnp.where(mask_b1tt, scores * softmax_scale(cfg), _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out_bthv = jnp.einsum("bhts,bshv->bthv", probs, v_bthv)
+    return jnp.einsum("bthv,hvd->btd", out_bthv, p["o"].astype(dt))

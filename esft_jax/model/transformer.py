@@ -1,0 +1,87 @@
+"""The DeepSeek decoder: `logits, routing = forward(params, tokens, cfg)`.
+
+A pure function of the parameter pytree (model/params.py): usable under jax.jit / jax.grad, no hidden
+state. Dense layers and MoE layers are each stacked and run with `jax.lax.scan`; the MoE scan also
+returns every layer's routing, which profiling consumes directly (no hooks).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from esft_jax.model.attention import attention_mask, mla
+from esft_jax.model.config import ModelConfig
+from esft_jax.model.moe import moe_block, swiglu
+from esft_jax.model.norm import rms_norm
+from esft_jax.model.rope import rope_cos_sin
+from esft_jax.sharding import constrain
+
+_ACT = ("act_batch", None, None)
+
+
+class Routing(NamedTuple):
+    """Routing of every MoE layer (L = num_moe_layers; layer l is model layer first_k_dense_replace + l)."""
+    expert_ids: jax.Array  # [L, B, T, k] int32
+    gate_weights: jax.Array  # [L, B, T, k] float32
+    router_scores: jax.Array | None  # [L, B, T, E] float32, only if asked for
+    dropped: jax.Array  # [L] int32: assignments dropped by a capacity buffer (0 when dropless)
+
+
+def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
+    """Position of each token within its segment (restarting at every change of segment id)."""
+    t = segment_ids_bt.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t), segment_ids_bt.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids_bt[:, :1], bool),
+                              segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def forward(params: dict[str, Any], tokens_bt: jax.Array, cfg: ModelConfig, *,
+            segment_ids_bt: jax.Array | None = None, positions_bt: jax.Array | None = None,
+            return_router_scores: bool = False) -> tuple[jax.Array, Routing]:
+    """tokens [B, T] int -> (logits [B, T, V] float32, Routing).
+
+    segment_ids [B, T]: tokens attend only within their segment; 0 marks padding. Default: all 1.
+    positions [B, T]: rotary positions. Default: the position within the segment.
+    """
+    if segment_ids_bt is None:
+        segment_ids_bt = jnp.ones(tokens_bt.shape, jnp.int32)
+    if positions_bt is None:
+        positions_bt = segment_positions(segment_ids_bt)
+    dt = jnp.dtype(cfg.dtype)
+    cos, sin = rope_cos_sin(positions_bt, cfg)
+    mask = attention_mask(segment_ids_bt)
+    eps = cfg.rms_norm_eps
+
+    def attend(x, p):
+        return x + mla(p["attn"], rms_norm(x, p["attn_norm"], eps), cos, sin, mask, cfg)
+
+    def dense_layer(x, p):
+        x = attend(x, p)
+        x = x + swiglu(rms_norm(x, p["mlp_norm"], eps), p["mlp"])
+        return constrain(x, _ACT), None
+
+    def moe_layer(x, p):
+        x = attend(x, p)
+        out = moe_block(p["moe"], rms_norm(x, p["mlp_norm"], eps), cfg)
+        r = out.routing
+        routing = Routing(r.expert_ids, r.weights, r.scores if return_router_scores else None, out.dropped)
+        return constrain(x + out.y_btd, _ACT), routing
+
+    x = constrain(params["embed"][tokens_bt].astype(dt), _ACT)
+    if "dense_layers" in params:
+        x, _ = jax.lax.scan(dense_layer, x, params["dense_layers"])
+    if "moe_layers" in params:
+        x, routing = jax.lax.scan(moe_layer, x, params["moe_layers"])
+    else:
+        b, t = tokens_bt.shape
+        k = cfg.num_experts_per_tok
+        routing = Routing(jnp.zeros((0, b, t, k), jnp.int32), jnp.zeros((0, b, t, k)), None,
+                          jnp.zeros((0,), jnp.int32))
+    x = rms_norm(x, params["final_norm"], eps)
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+    return constrain(logits, ("act_batch", None, "act_vocab")), routing
