@@ -1,0 +1,25 @@
+"""`esft route`: run one batch through a model and print how each MoE layer routes it.
+
+    esft route --config configs/route.py:tiny
+    esft route --config configs/route.py --config.checkpoint=/path/to/hf_dir --config.text="Hello"
+    esft route --config configs/route.py:tiny --config.mesh.data=2 --config.mesh.expert=4
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+from esft_jax.configs import load_file
+
+
+def get_config(model: str = "tiny") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = load_file(str(Path(__file__).parent / "models" / f"{model}.py"))  # random weights ...
+    c.checkpoint = ""  # ... unless this names a Hugging Face checkpoint directory
+    c.text = ""  # route this text (needs the checkpoint's tokenizer); else random tokens
+    c.seed = 0
+    c.batch_size = 8
+    c.seq_len = 128
+    c.top_experts = 4  # experts listed per layer
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
+    return c

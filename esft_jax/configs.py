@@ -1,0 +1,79 @@
+"""Experiment configs: small Python files with `get_config(arg)`, plus `--config.key=value` overrides.
+
+`load("configs/route.py:tiny", ["batch_size=8", "mesh.expert=4"])` imports the file, calls
+`get_config("tiny")` (or `get_config()` without an argument) and applies the overrides, each value
+parsed as a Python literal where it is one (`8`, `0.5`, `None`, `'text'`, `True`), else taken as a string.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+from typing import Sequence
+
+import ml_collections
+
+from esft_jax.model.config import ModelConfig
+
+
+class ConfigFileError(ValueError):
+    """A config file or override that cannot be applied; the message names the file and key."""
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+    """'path.py' or 'path.py:arg' -> the ConfigDict its get_config returns."""
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigFileError(f"{path}: no such config file")
+    module_spec = importlib.util.spec_from_file_location(f"_esft_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigFileError(f"{path}: defines no get_config()")
+    cfg = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigFileError(f"{path}: get_config() returned {type(cfg).__name__}, not a ConfigDict")
+    return cfg
+
+
+def _parse(value: str):
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return {"true": True, "false": False}.get(value.lower(), value)
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str], source: str = "config"
+                    ) -> ml_collections.ConfigDict:
+    """Apply 'a.b=value' overrides in place; unknown keys and wrong types are errors."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigFileError(f"--config.{item}: expected --config.KEY=VALUE")
+        *parents, leaf = key.split(".")
+        node = cfg
+        for i, name in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+                raise ConfigFileError(f"--config.{key}: {source} has no key {'.'.join(parents[:i + 1])!r}")
+            node = node[name]
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise ConfigFileError(f"--config.{key}: {source} has no key {key!r}")
+        value = _parse(raw)
+        if isinstance(node[leaf], str) and not isinstance(value, str):
+            value = raw  # a string field keeps the text as written
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise ConfigFileError(f"--config.{key}={raw}: {e}") from None
+    return cfg
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    return apply_overrides(load_file(spec), overrides, source=spec.partition(":")[0])
+
+
+def model_config(cd: ml_collections.ConfigDict) -> ModelConfig:
+    """The ModelConfig described by a `model` ConfigDict (field names as in ModelConfig)."""
+    return ModelConfig.from_dict(cd.to_dict())

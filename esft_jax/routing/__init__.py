@@ -1,0 +1,1 @@
+"""Routing statistics, expert scores and expert selection."""

@@ -1,0 +1,90 @@
+"""Properties of the forward pass: packing, padding, precision, differentiability, RoPE."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from esft_jax.model import ModelConfig, forward, init_params, segment_positions
+from esft_jax.model.rope import inv_freq_and_attention_factor, softmax_scale
+
+_forward = jax.jit(forward, static_argnums=2, static_argnames="return_router_scores")
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = ModelConfig(q_lora_rank=24, n_routed_experts=16, moe_strategy="capacity")
+    params = init_params(cfg, jax.random.key(1))
+    params["moe_layers"]["moe"]["router"] *= 15
+    return cfg, params
+
+
+def test_packed_documents_do_not_see_each_other(model):
+    cfg, params = model
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, cfg.vocab_size, 10), rng.integers(0, cfg.vocab_size, 14)
+    packed = jnp.asarray(np.concatenate([a, b])[None])
+    segments = jnp.asarray(np.array([[1] * 10 + [2] * 14]))
+    np.testing.assert_array_equal(segment_positions(segments)[0], list(range(10)) + list(range(14)))
+    logits, routing = _forward(params, packed, cfg, segment_ids_bt=segments)
+    for doc, sl in ((a, slice(0, 10)), (b, slice(10, 24))):
+        alone, alone_routing = _forward(params, jnp.asarray(doc[None]), cfg)
+        np.testing.assert_allclose(logits[0, sl], alone[0], atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(routing.expert_ids[:, 0, sl], alone_routing.expert_ids[:, 0])
+
+
+def test_padding_does_not_change_real_tokens(model):
+    cfg, params = model
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 16)))
+    segments = jnp.asarray([[1] * 9 + [0] * 7])
+    logits, _ = _forward(params, tokens, cfg, segment_ids_bt=segments)
+    short, _ = _forward(params, tokens[:, :9], cfg)
+    assert np.all(np.isfinite(logits))
+    np.testing.assert_allclose(logits[0, :9], short[0], atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_compute_stays_close_and_router_stays_float32(model):
+    cfg, params = model
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 16)))
+    ref, ref_routing = _forward(params, tokens, cfg, return_router_scores=True)
+    bf16 = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+    params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16) if p.dtype == jnp.float32 and p.ndim > 2 else p, params)
+    logits, routing = _forward(params16, tokens, bf16, return_router_scores=True)
+    assert routing.router_scores.dtype == jnp.float32 and routing.gate_weights.dtype == jnp.float32
+    assert logits.dtype == jnp.float32
+    assert np.abs(logits - ref).max() < 0.05 * np.abs(ref).max()
+    assert np.mean(np.asarray(routing.expert_ids) == np.asarray(ref_routing.expert_ids)) > 0.9
+
+
+def test_gradients_flow_to_experts_router_and_attention(model):
+    cfg, params = model
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 12)))
+
+    def loss(p):
+        logits, _ = forward(p, tokens, cfg)
+        logp = jax.nn.log_softmax(logits[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+    grads = jax.jit(jax.grad(loss))(params)
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        assert np.all(np.isfinite(g)), path
+    moe = grads["moe_layers"]["moe"]
+    assert np.abs(moe["router"]).max() > 0 and np.abs(moe["experts"]["gate"]).max() > 0
+    assert np.abs(grads["dense_layers"]["attn"]["kv_b"]).max() > 0
+
+
+def test_yarn_matches_transformers_rope_init():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
+    hf = transformers.DeepseekV2Config(qk_rope_head_dim=64, qk_nope_head_dim=128, rope_parameters=dict(rope),
+                                       max_position_embeddings=163840, num_experts_per_tok=6)
+    ref_inv_freq, ref_factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    cfg = ModelConfig.from_hf_dict(hf.to_dict())
+    inv_freq, factor = inv_freq_and_attention_factor(cfg)
+    np.testing.assert_allclose(inv_freq, ref_inv_freq.numpy(), rtol=1e-6)
+    assert factor == pytest.approx(ref_factor)
+    # DeepSeek-V2-Lite: mscale = 0.1 * 0.707 * ln(40) + 1, squared into the softmax scale.
+    assert softmax_scale(cfg) == pytest.approx(192 ** -0.5 * (0.1 * 0.707 * np.log(40) + 1) ** 2)
