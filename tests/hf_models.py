@@ -61,4 +61,4 @@ def run(model: transformers.PreTrainedModel, tokens, attention_mask):
     finally:
         for h in hooks:
             h.remove()
-    return out.logits.numpy(), [(ids.numpy(), w.numpy()) for ids, w in captured]
+    return out.logits.float().numpy(), [(ids.numpy(), w.float().numpy()) for ids, w in captured]

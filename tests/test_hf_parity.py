@@ -82,3 +82,21 @@ def test_export_round_trip_loads_in_transformers(hf_checkpoint, tmp_path, varian
     cfg2, params2 = load_checkpoint(out)
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_bfloat16_checkpoint_keeps_its_dtype(hf_checkpoint, tmp_path):
+    import torch
+
+    ref_model = hf_models.load(hf_checkpoint("v2")[0]).to(torch.bfloat16)
+    ref_model.save_pretrained(tmp_path)
+    cfg, params = load_checkpoint(tmp_path, dtype="bfloat16")
+    assert cfg.param_dtype == "bfloat16"
+    assert params["moe_layers"]["moe"]["experts"]["gate"].dtype == jnp.bfloat16
+    assert params["embed"].dtype == jnp.bfloat16
+    assert params["moe_layers"]["moe"]["router"].dtype == jnp.float32  # as the reference keeps it
+    tokens, mask = _batch(seed=2)
+    ref_logits, _ = hf_models.run(ref_model, tokens, mask)
+    logits, _ = _forward(params, jnp.asarray(tokens), cfg, segment_ids_bt=jnp.asarray(mask))
+    keep = mask.astype(bool)
+    ref = ref_logits[keep].astype(np.float32)
+    assert np.abs(np.asarray(logits)[keep] - ref).max() / np.abs(ref).max() < 0.03
