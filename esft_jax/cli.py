@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from esft_jax import configs, sharding
 from esft_jax.checkpoint import CheckpointError, load_checkpoint, load_tokenizer
+from esft_jax.data.byte_tokenizer import byte_tokenizer
+from esft_jax.data.records import DataError, read_jsonl
+from esft_jax.expert_config import ExpertConfig, ExpertConfigError
 from esft_jax.model import ConfigError, ModelConfig, forward, init_params, param_axes
+from esft_jax.routing import analyze, profile, scores, select
 from esft_jax.routing.load import expert_counts, load_table
+from esft_jax.routing.official_logs import OfficialLogWriter
+from esft_jax.routing.sources import STATS_FILE, load_stats
 
 
 def load_model(c: ml_collections.ConfigDict) -> tuple[ModelConfig, dict]:
@@ -28,12 +37,23 @@ def load_model(c: ml_collections.ConfigDict) -> tuple[ModelConfig, dict]:
     return cfg, init_params(cfg, jax.random.key(c.seed))
 
 
+def _tokenizer(c: ml_collections.ConfigDict):
+    """c.tokenizer's, else the checkpoint's, else the byte tokenizer (for the tiny random model)."""
+    if c.tokenizer or c.checkpoint:
+        return load_tokenizer(c.tokenizer or c.checkpoint)
+    return byte_tokenizer()
+
+
+def _mesh(c: ml_collections.ConfigDict) -> Mesh | None:
+    shape = dict(c.mesh)
+    n = math.prod(shape.values())
+    return sharding.make_mesh(shape, jax.devices()[:n]) if n > 1 else None
+
+
 def _route_tokens(c: ml_collections.ConfigDict, cfg: ModelConfig) -> np.ndarray:
     if not c.text:
         return np.random.default_rng(c.seed).integers(0, cfg.vocab_size, (c.batch_size, c.seq_len))
-    if not c.checkpoint:
-        raise configs.ConfigFileError("--config.text needs --config.checkpoint (its tokenizer)")
-    ids = load_tokenizer(c.checkpoint).encode(c.text).ids
+    ids = _tokenizer(c).encode(c.text).ids
     ids = np.resize(np.asarray(ids), c.seq_len)  # repeat the text to fill the sequence
     return np.broadcast_to(ids, (c.batch_size, c.seq_len))
 
@@ -42,19 +62,18 @@ def cmd_route(c: ml_collections.ConfigDict) -> None:
     """Run one batch and print each MoE layer's expert load."""
     cfg, params = load_model(c)
     tokens = jnp.asarray(_route_tokens(c, cfg))
-    mesh_shape = dict(c.mesh)
+    mesh = _mesh(c)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print(f"model: {cfg.model_type}, {n_params / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers "
           f"({cfg.num_moe_layers} MoE), {cfg.n_routed_experts} routed experts, top-{cfg.num_experts_per_tok}")
     step = jax.jit(forward, static_argnums=2)
-    if math.prod(mesh_shape.values()) > 1:
-        mesh = sharding.make_mesh(mesh_shape, jax.devices()[:math.prod(mesh_shape.values())])
+    if mesh is not None:
         params = sharding.shard_params(params, param_axes(cfg), mesh)
         with jax.set_mesh(mesh):
             _, routing, seconds = _timed(step, params, tokens, cfg)
     else:
         _, routing, seconds = _timed(step, params, tokens, cfg)
-    print(f"mesh: {mesh_shape} on {jax.default_backend()}; batch {tokens.shape[0]} x {tokens.shape[1]} tokens; "
+    print(f"mesh: {dict(c.mesh)} on {jax.default_backend()}; batch {tokens.shape[0]} x {tokens.shape[1]} tokens; "
           f"forward {seconds * 1e3:.1f} ms (compiled), dropped assignments: {int(routing.dropped.sum())}\n")
     counts = expert_counts(routing.expert_ids, jnp.ones(tokens.shape, bool), cfg.n_routed_experts)
     print(load_table(np.asarray(counts), cfg.first_k_dense_replace, c.top_experts))
@@ -67,7 +86,63 @@ def _timed(step: Callable, params, tokens, cfg):
     return logits, routing, time.perf_counter() - start
 
 
-COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {"route": cmd_route}
+def cmd_profile(c: ml_collections.ConfigDict) -> None:
+    """Profile a model's routing on a task dataset; write stats.npz and summary.json."""
+    if not c.data:
+        raise configs.ConfigFileError("--config.data: name a jsonl dataset to profile")
+    cfg, params = load_model(c)
+    samples, skipped = read_jsonl(c.data, c.skip_invalid)
+    if skipped:
+        print(f"skipped {skipped} malformed lines of {c.data}")
+    seqs = profile.sequences(samples, _tokenizer(c), cfg, seq_len=c.seq_len, token_budget=c.token_budget,
+                             seed=c.seed, count=c.count)
+    out = Path(c.out_dir)
+    writer = OfficialLogWriter(out / "logs", list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))) \
+        if c.official_logs else None
+    try:
+        stats = profile.profile(params, cfg, seqs, batch_size=c.batch_size, seq_len=c.seq_len, mesh=_mesh(c),
+                                log_writer=writer, progress=c.progress)
+    finally:
+        if writer is not None:
+            writer.close()
+    stats.save(out / STATS_FILE)
+    (out / "summary.json").write_text(json.dumps(scores.official_summary(stats), indent=1) + "\n")
+    print(f"profiled {stats.tokens} tokens in {stats.sequences} sequences of {len(samples)} samples -> "
+          f"{out / STATS_FILE}, {out / 'summary.json'}" + (f", {out / 'logs'}" if writer else ""))
+
+
+def cmd_select(c: ml_collections.ConfigDict) -> None:
+    """Select experts per layer from routing statistics; write an ESFT expert config."""
+    stats = load_stats(c.stats, c.top_k, c.num_experts)
+    s = scores.expert_scores(stats, c.score, c.norm, c.decimals)
+    chosen = select.select(s, c.method, p=c.p, n=c.n, seed=c.seed, group_size=c.group_size,
+                           grouping=c.grouping, coactivation_lee=stats.coactivation)
+    expert_config = ExpertConfig(dict(zip(stats.layers, chosen)), c.shared_experts, c.non_expert_modules)
+    path = expert_config.save(c.out)
+    counts = [len(ids) for ids in chosen]
+    total = len(stats.layers) * stats.num_experts
+    print("| layer | " + " | ".join(map(str, stats.layers)) + " |")
+    print("|---|" + "---:|" * len(counts))
+    print("| experts | " + " | ".join(map(str, counts)) + " |")
+    print(f"\n{c.method} on {c.score} scores ({c.norm}, decimals={c.decimals}, p={c.p}): "
+          f"{sum(counts)} of {total} routed experts ({sum(counts) / total:.1%} of routed-expert parameters) "
+          f"-> {path}")
+
+
+def cmd_analyze(c: ml_collections.ConfigDict) -> None:
+    """Routing concentration per task and overlap across tasks; a markdown report and heatmaps."""
+    tasks = {name: load_stats(path, c.top_k, c.num_experts) for name, path in c.tasks.items()}
+    out = Path(c.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = analyze.report(tasks, c.p)
+    (out / "routing.md").write_text(text)
+    for name, stats in tasks.items():
+        analyze.heatmap(stats, out / f"heatmap_{name}.png", name)
+    print(text + f"\n-> {out / 'routing.md'} and heatmap_<task>.png")
+
+
+COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
+    "route": cmd_route, "profile": cmd_profile, "select": cmd_select, "analyze": cmd_analyze}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         c = configs.load(args.config, [a.removeprefix("--config.") for a in rest])
         COMMANDS[args.command](c)
-    except (configs.ConfigFileError, CheckpointError, ConfigError) as e:
+    except (configs.ConfigFileError, CheckpointError, ConfigError, DataError, ExpertConfigError) as e:
         print(f"esft {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

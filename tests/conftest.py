@@ -24,3 +24,14 @@ def hf_checkpoint(tmp_path_factory):
         return built[variant]
 
     return get
+
+
+REFERENCE = Path(os.environ.get("ESFT_REFERENCE", Path(__file__).resolve().parents[1] / "../shared/esft-reference"))
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The official ESFT artifacts (../shared/esft-reference, or $ESFT_REFERENCE); skip when absent."""
+    if not (REFERENCE / "results" / "expert_scores").is_dir():
+        pytest.skip(f"ESFT reference data not found at {REFERENCE} (set ESFT_REFERENCE)")
+    return REFERENCE.resolve()

@@ -1,0 +1,31 @@
+"""`esft profile`: routing statistics of a model on a task's data.
+
+    esft profile --config configs/profile.py --config.checkpoint=/models/ESFT-vanilla-lite \
+        --config.data=../shared/esft-reference/datasets/train/intent.jsonl --config.out_dir=runs/intent
+Writes <out_dir>/stats.npz, <out_dir>/summary.json and, with official_logs, <out_dir>/logs/.
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+from esft_jax.configs import load_file
+
+
+def get_config(model: str = "tiny") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = load_file(str(Path(__file__).parent / "models" / f"{model}.py"))  # random weights ...
+    c.checkpoint = ""  # ... unless this names a Hugging Face checkpoint directory
+    c.tokenizer = ""  # a directory with tokenizer.json; default: the checkpoint's, else bytes
+    c.seed = 0
+    c.data = ""  # jsonl: ESFT "messages" lines or {"text": ...} lines
+    c.skip_invalid = False  # skip (and count) malformed lines instead of stopping
+    c.count = "all"  # which tokens' routing counts: "all" (as the official code), "answer", "prompt"
+    c.token_budget = 32 * 4096  # counted tokens to profile (the paper's 32 sequences of 4096)
+    c.seq_len = 4096  # longer documents are truncated
+    c.batch_size = 8
+    c.official_logs = False  # also write expert_weights_<layer>.txt in the official format
+    c.out_dir = "runs/profile"
+    c.progress = True
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
+    return c

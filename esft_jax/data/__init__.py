@@ -1,0 +1,1 @@
+"""Task data: jsonl formats, tokenisation."""

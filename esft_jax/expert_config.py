@@ -1,0 +1,84 @@
+"""The ESFT expert config: which routed experts of each MoE layer train (the official JSON format).
+
+    {"experts": {"1": [8, 26, 55], "2": [...], ...}, "shared_experts": false, "non_expert_modules": false}
+
+Layer keys are model layer numbers as strings; experts are listed in selection order. Written by
+`esft select`, read by training. Validated on read, with errors naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+
+class ExpertConfigError(ValueError):
+    """An expert config that does not fit the model; the message names the file and key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertConfig:
+    experts: dict[int, list[int]]  # model layer -> selected expert ids, in selection order
+    shared_experts: bool = False  # also train the shared experts
+    non_expert_modules: bool = False  # also train attention, norms, embeddings, head, router
+
+    def num_selected(self) -> int:
+        return sum(len(v) for v in self.experts.values())
+
+    def to_json(self) -> dict:
+        return {"experts": {str(l): [int(e) for e in ids] for l, ids in sorted(self.experts.items())},
+                "shared_experts": self.shared_experts, "non_expert_modules": self.non_expert_modules}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json()) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, obj: object, moe_layers: range | None = None, num_experts: int | None = None,
+                  where: str = "expert config") -> "ExpertConfig":
+        """Parse and validate; moe_layers/num_experts (when given) bound the layer keys and ids."""
+        if not isinstance(obj, dict) or not isinstance(obj.get("experts"), dict):
+            raise ExpertConfigError(f"{where}: expected an object with an 'experts' object")
+        unknown = sorted(set(obj) - {"experts", "shared_experts", "non_expert_modules"})
+        if unknown:
+            raise ExpertConfigError(f"{where}: unknown keys {unknown}")
+        flags = {}
+        for flag in ("shared_experts", "non_expert_modules"):
+            value = obj.get(flag, False)
+            if not isinstance(value, bool):
+                raise ExpertConfigError(f"{where}: {flag!r} must be true or false, got {value!r}")
+            flags[flag] = value
+        experts: dict[int, list[int]] = {}
+        for key, ids in obj["experts"].items():
+            at = f'{where}: experts["{key}"]'
+            if not (isinstance(key, str) and key.isdigit()):
+                raise ExpertConfigError(f"{at}: layer keys must be layer numbers")
+            layer = int(key)
+            if moe_layers is not None and layer not in moe_layers:
+                raise ExpertConfigError(f"{at}: layer {layer} is not an MoE layer "
+                                        f"(MoE layers are {moe_layers.start}..{moe_layers.stop - 1})")
+            if not isinstance(ids, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in ids):
+                raise ExpertConfigError(f"{at}: expected a list of expert ids")
+            bad = [e for e in ids if e < 0 or (num_experts is not None and e >= num_experts)]
+            if bad:
+                raise ExpertConfigError(f"{at}: expert id {bad[0]} out of range [0, {num_experts})")
+            if len(set(ids)) != len(ids):
+                dup = next(e for e in ids if ids.count(e) > 1)
+                raise ExpertConfigError(f"{at}: expert {dup} listed twice")
+            experts[layer] = list(ids)
+        return cls(experts, **flags)
+
+    @classmethod
+    def load(cls, path: str | Path, moe_layers: range | None = None, num_experts: int | None = None
+             ) -> "ExpertConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ExpertConfigError(f"{path}: no such expert config")
+        try:
+            obj = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ExpertConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        return cls.from_json(obj, moe_layers, num_experts, str(path))

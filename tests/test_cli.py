@@ -1,0 +1,60 @@
+"""The `esft` commands end to end on the tiny model: profile -> select -> analyze."""
+
+import json
+
+import numpy as np
+
+from esft_jax import cli
+from esft_jax.expert_config import ExpertConfig
+
+
+def _dataset(path, n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    words = "one two three four five six seven eight nine ten".split()
+    with path.open("w") as f:
+        for _ in range(n):
+            user, answer = " ".join(rng.choice(words, 5)), " ".join(rng.choice(words, 4))
+            f.write(json.dumps({"messages": [{"role": "user", "content": user},
+                                             {"role": "assistant", "content": answer}]}) + "\n")
+    return path
+
+
+def test_profile_select_analyze(tmp_path, capsys):
+    data = _dataset(tmp_path / "task.jsonl")
+    common = ["--config.seq_len=64", "--config.token_budget=900", "--config.progress=False"]
+    assert cli.main(["profile", "--config", "configs/profile.py:tiny", f"--config.data={data}",
+                     f"--config.out_dir={tmp_path / 'a'}", "--config.official_logs=True", *common]) == 0
+    assert cli.main(["profile", "--config", "configs/profile.py:tiny", f"--config.data={data}", "--config.seed=1",
+                     f"--config.out_dir={tmp_path / 'b'}", "--config.count=answer", *common]) == 0
+    assert "profiled 900 tokens" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "a/summary.json").read_text())
+    assert list(summary["token_scores"]) == ["1", "2", "3"] and summary["tokens"] == 900
+    assert sorted(p.name for p in (tmp_path / "a/logs").iterdir()) == [f"expert_weights_{l}.txt" for l in (1, 2, 3)]
+
+    out = tmp_path / "experts.json"
+    assert cli.main(["select", "--config", "configs/select.py:gate", f"--config.stats={tmp_path / 'a'}",
+                     f"--config.out={out}", "--config.shared_experts=True"]) == 0
+    cfg = ExpertConfig.load(out, range(1, 4), 32)
+    assert cfg.shared_experts and sorted(cfg.experts) == [1, 2, 3] and cfg.num_selected() > 0
+    assert cli.main(["select", "--config", "configs/select.py", f"--config.stats={tmp_path / 'a/logs'}",
+                     "--config.top_k=4", "--config.num_experts=32", f"--config.out={tmp_path / 'from_logs.json'}"]) == 0
+    assert cli.main(["select", "--config", "configs/select.py", f"--config.stats={tmp_path / 'a'}",
+                     f"--config.out={tmp_path / 'from_stats.json'}"]) == 0
+    # token scores come from counts, which the logs keep exactly: both sources select the same experts
+    assert (tmp_path / "from_logs.json").read_text() == (tmp_path / "from_stats.json").read_text()
+
+    report_dir = tmp_path / "report"
+    assert cli.main(["analyze", "--config", f"configs/analyze.py:a={tmp_path / 'a'},b={tmp_path / 'b'}",
+                     f"--config.out_dir={report_dir}"]) == 0
+    report = (report_dir / "routing.md").read_text()
+    assert "| a / b |" in report and report.count("\n| 1 |") == 1
+    assert (report_dir / "heatmap_a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_errors_are_reported(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"messages": 3}\n')
+    assert cli.main(["profile", "--config", "configs/profile.py", f"--config.data={bad}"]) == 2
+    assert "bad.jsonl:2: 'messages' must be" in capsys.readouterr().err
+    assert cli.main(["select", "--config", "configs/select.py", f"--config.stats={tmp_path / 'none'}"]) == 2
+    assert "no such stats file" in capsys.readouterr().err

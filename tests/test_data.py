@@ -1,0 +1,94 @@
+"""Dataset lines, tokenisation, the byte tokenizer, and malformed routing logs."""
+
+import json
+
+import numpy as np
+import pytest
+
+from esft_jax.data.byte_tokenizer import byte_tokenizer
+from esft_jax.data.records import DataError, Sample, read_jsonl
+from esft_jax.data.tokenize import encode
+from esft_jax.routing.official_logs import read_official_logs
+from esft_jax.routing.sources import load_stats
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_messages_and_text_lines(tmp_path):
+    msg = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yes."}]}
+    path = _write(tmp_path / "d.jsonl", [json.dumps(msg), "", json.dumps({"text": "plain"})])
+    samples, skipped = read_jsonl(path)
+    assert skipped == 0
+    assert samples[0] == Sample("User: Hi?\n\nAssistant:", " Yes.", f"{path}:1")
+    assert samples[1] == Sample("", "plain", f"{path}:3")
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"messages": [{"role": "user", "content": "a"}]', "not valid JSON"),
+    ('{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}', "'messages' must be"),
+    ('{"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "b"}]}', "string 'content'"),
+    ('{"prompt": "x"}', "expected a 'messages' list or a 'text' string"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_malformed_lines_name_file_and_line(tmp_path, line, message):
+    good = json.dumps({"text": "ok"})
+    path = _write(tmp_path / "bad.jsonl", [good, good, line])
+    with pytest.raises(DataError, match=rf"bad.jsonl:3: .*{message}"):
+        read_jsonl(path)
+    samples, skipped = read_jsonl(path, skip_invalid=True)
+    assert (len(samples), skipped) == (2, 1)
+
+
+def test_missing_dataset(tmp_path):
+    with pytest.raises(DataError, match="no such dataset file"):
+        read_jsonl(tmp_path / "none.jsonl")
+
+
+def test_encode_marks_the_answer_exactly():
+    tok = byte_tokenizer()
+    ids, answer = encode(tok, Sample("User: é\n\nAssistant:", " ok", "t"), 256, 257)
+    prompt_bytes = list("User: é\n\nAssistant:".encode())
+    assert ids.tolist() == [256, *prompt_bytes, *b" ok", 257]
+    assert answer.tolist() == [False] * (1 + len(prompt_bytes)) + [True] * 4
+    assert tok.decode(ids[1:-1].tolist()) == "User: é\n\nAssistant: ok"
+
+
+def test_official_format_on_the_real_data(reference):
+    samples, skipped = read_jsonl(reference / "datasets/train/law.jsonl")
+    assert skipped == 0 and len(samples) == 927
+    assert samples[0].prompt.startswith("User: ") and samples[0].prompt.endswith("\n\nAssistant:")
+
+
+@pytest.mark.parametrize("line, message", [
+    ("1\t2\t3", "expected expert ids, an empty field, then gate weights"),
+    ("1\t2\t3\t\t0.1\t0.2", "3 expert ids but 2 gate weights"),
+    ("1\t2\t\t0.1\t0.2", "2 expert ids is not a multiple of top_k=3"),
+    ("1\t2\t99\t\t0.1\t0.2\t0.3", r"expert id 99 out of range \[0, 16\)"),
+    ("1\t2\t2\t\t0.1\t0.2\t0.3", "an expert appears twice"),
+    ("1\tx\t2\t\t0.1\t0.2\t0.3", "invalid literal"),
+])
+def test_malformed_logs_name_file_and_line(tmp_path, line, message):
+    _write(tmp_path / "expert_weights_1.txt", ["1\t2\t3\t\t0.1\t0.2\t0.3", line])
+    with pytest.raises(DataError, match=rf"expert_weights_1.txt:2: {message}"):
+        read_official_logs(tmp_path, top_k=3, num_experts=16)
+
+
+def test_logs_must_agree_across_layers(tmp_path):
+    _write(tmp_path / "expert_weights_1.txt", ["1\t2\t3\t\t0.1\t0.2\t0.3"] * 2)
+    _write(tmp_path / "expert_weights_2.txt", ["1\t2\t3\t\t0.1\t0.2\t0.3"])
+    with pytest.raises(DataError, match="expert_weights_2.txt: 1 sequences, but expert_weights_1.txt has 2"):
+        read_official_logs(tmp_path, top_k=3, num_experts=16)
+    _write(tmp_path / "expert_weights_2.txt", ["1\t2\t3\t\t0.1\t0.2\t0.3", "1\t2\t3\t4\t5\t6\t\t" + "\t".join(["0.1"] * 6)])
+    with pytest.raises(DataError, match="expert_weights_2.txt:2: 2 tokens, but expert_weights_1.txt has 1"):
+        read_official_logs(tmp_path, top_k=3, num_experts=16)
+    with pytest.raises(DataError, match="no such stats file or log directory"):
+        load_stats(tmp_path / "nothing")
+    (tmp_path / "bad.npz").write_bytes(b"not npz")
+    with pytest.raises(DataError, match="bad.npz: not a routing stats file"):
+        load_stats(tmp_path / "bad.npz")
+    np.savez(tmp_path / "empty.npz", x=np.zeros(1))
+    with pytest.raises(DataError, match="empty.npz: not a routing stats file"):
+        load_stats(tmp_path / "empty.npz")
