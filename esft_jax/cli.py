@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -14,55 +13,31 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh
 
-from esft_jax import configs, sharding
-from esft_jax.checkpoint import CheckpointError, load_checkpoint, load_tokenizer
-from esft_jax.data.byte_tokenizer import byte_tokenizer
+from esft_jax import configs, runtime, sharding
+from esft_jax.checkpoint import CheckpointError
 from esft_jax.data.records import DataError, read_jsonl
 from esft_jax.expert_config import ExpertConfig, ExpertConfigError
-from esft_jax.model import ConfigError, ModelConfig, forward, init_params, param_axes
+from esft_jax.model import ConfigError, ModelConfig, forward, param_axes
 from esft_jax.routing import analyze, profile, scores, select
 from esft_jax.routing.load import expert_counts, load_table
 from esft_jax.routing.official_logs import OfficialLogWriter
 from esft_jax.routing.sources import STATS_FILE, load_stats
 
 
-def load_model(c: ml_collections.ConfigDict) -> tuple[ModelConfig, dict]:
-    """From `c.checkpoint` (a Hugging Face directory) if set, else random weights for `c.model`."""
-    if c.checkpoint:
-        runtime = {k: c.model[k] for k in ("dtype", "moe_strategy", "capacity_factor") if k in c.model}
-        return load_checkpoint(c.checkpoint, **runtime)
-    cfg = configs.model_config(c.model)
-    return cfg, init_params(cfg, jax.random.key(c.seed))
-
-
-def _tokenizer(c: ml_collections.ConfigDict):
-    """c.tokenizer's, else the checkpoint's, else the byte tokenizer (for the tiny random model)."""
-    if c.tokenizer or c.checkpoint:
-        return load_tokenizer(c.tokenizer or c.checkpoint)
-    return byte_tokenizer()
-
-
-def _mesh(c: ml_collections.ConfigDict) -> Mesh | None:
-    shape = dict(c.mesh)
-    n = math.prod(shape.values())
-    return sharding.make_mesh(shape, jax.devices()[:n]) if n > 1 else None
-
-
 def _route_tokens(c: ml_collections.ConfigDict, cfg: ModelConfig) -> np.ndarray:
     if not c.text:
         return np.random.default_rng(c.seed).integers(0, cfg.vocab_size, (c.batch_size, c.seq_len))
-    ids = _tokenizer(c).encode(c.text).ids
+    ids = runtime.tokenizer(c).encode(c.text).ids
     ids = np.resize(np.asarray(ids), c.seq_len)  # repeat the text to fill the sequence
     return np.broadcast_to(ids, (c.batch_size, c.seq_len))
 
 
 def cmd_route(c: ml_collections.ConfigDict) -> None:
     """Run one batch and print each MoE layer's expert load."""
-    cfg, params = load_model(c)
+    cfg, params = runtime.load_model(c)
     tokens = jnp.asarray(_route_tokens(c, cfg))
-    mesh = _mesh(c)
+    mesh = runtime.mesh(c)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print(f"model: {cfg.model_type}, {n_params / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers "
           f"({cfg.num_moe_layers} MoE), {cfg.n_routed_experts} routed experts, top-{cfg.num_experts_per_tok}")
@@ -90,17 +65,17 @@ def cmd_profile(c: ml_collections.ConfigDict) -> None:
     """Profile a model's routing on a task dataset; write stats.npz and summary.json."""
     if not c.data:
         raise configs.ConfigFileError("--config.data: name a jsonl dataset to profile")
-    cfg, params = load_model(c)
+    cfg, params = runtime.load_model(c)
     samples, skipped = read_jsonl(c.data, c.skip_invalid)
     if skipped:
         print(f"skipped {skipped} malformed lines of {c.data}")
-    seqs = profile.sequences(samples, _tokenizer(c), cfg, seq_len=c.seq_len, token_budget=c.token_budget,
+    seqs = profile.sequences(samples, runtime.tokenizer(c), cfg, seq_len=c.seq_len, token_budget=c.token_budget,
                              seed=c.seed, count=c.count)
     out = Path(c.out_dir)
     writer = OfficialLogWriter(out / "logs", list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))) \
         if c.official_logs else None
     try:
-        stats = profile.profile(params, cfg, seqs, batch_size=c.batch_size, seq_len=c.seq_len, mesh=_mesh(c),
+        stats = profile.profile(params, cfg, seqs, batch_size=c.batch_size, seq_len=c.seq_len, mesh=runtime.mesh(c),
                                 log_writer=writer, progress=c.progress)
     finally:
         if writer is not None:

@@ -92,3 +92,9 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
 def _layer_of(name: str) -> int:
     parts = name.split(".")
     return int(parts[2]) if name.startswith("model.layers.") else -1
+
+
+def input_dims(layer_path: tuple[str, ...]) -> int | None:
+    """How many leading dims of a per-layer weight (e.g. ("attn", "o")) are its inputs; None: not a
+    linear weight."""
+    return _LAYER[layer_path][1]

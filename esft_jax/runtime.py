@@ -1,0 +1,44 @@
+"""What every command builds from its config: the model, its tokenizer, the device mesh.
+
+Config fields read: `checkpoint` (a Hugging Face directory, or "" for random weights of `model`),
+`model` (model fields; with a checkpoint only dtype/moe_strategy/capacity_factor apply), `seed`,
+`tokenizer` (a directory with tokenizer.json), `mesh` (axis sizes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+from tokenizers import Tokenizer
+
+from esft_jax import configs, sharding
+from esft_jax.checkpoint import load_checkpoint, load_tokenizer
+from esft_jax.data.byte_tokenizer import byte_tokenizer
+from esft_jax.model import ModelConfig, init_params
+
+RUNTIME_FIELDS = ("dtype", "moe_strategy", "capacity_factor")
+
+
+def load_model(c: ml_collections.ConfigDict) -> tuple[ModelConfig, dict]:
+    """From `c.checkpoint` if set, else random weights for `c.model` (seeded by c.seed)."""
+    if c.checkpoint:
+        return load_checkpoint(c.checkpoint, **{k: c.model[k] for k in RUNTIME_FIELDS if k in c.model})
+    cfg = configs.model_config(c.model)
+    return cfg, init_params(cfg, jax.random.key(c.seed))
+
+
+def tokenizer(c: ml_collections.ConfigDict) -> Tokenizer:
+    """c.tokenizer's, else the checkpoint's, else the byte tokenizer (the tiny random model's)."""
+    if c.tokenizer or c.checkpoint:
+        return load_tokenizer(c.tokenizer or c.checkpoint)
+    return byte_tokenizer()
+
+
+def mesh(c: ml_collections.ConfigDict) -> Mesh | None:
+    """The mesh of c.mesh's axis sizes over the first devices; None for a single device."""
+    shape = dict(c.mesh)
+    n = math.prod(shape.values())
+    return sharding.make_mesh(shape, jax.devices()[:n]) if n > 1 else None

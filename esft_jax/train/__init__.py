@@ -1,0 +1,1 @@
+"""Fine-tuning: trainable subsets, optimizer, data, the train loop, adapters."""

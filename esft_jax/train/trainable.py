@@ -1,0 +1,141 @@
+"""What trains: a method splits the model into frozen params and a compact trainable pytree.
+
+Every method has the same three functions over pytrees, so one train loop serves them all:
+- `init(frozen)`: the trainable pytree (float32 master copies), and nothing else: optimizer state
+  exists only for it.
+- `materialize(frozen, trainable)`: the params the forward pass sees. Frozen leaves enter as
+  constants, so no weight gradient is ever computed for them.
+- `write_back(frozen, trainable)`: full params in the frozen dtypes (checkpoints, export).
+
+ESFT keeps the selected experts' rows compact: [N, d, f] for the N selected (layer, expert) pairs,
+with no padding. `materialize` gathers them into the model's per-layer expert overrides
+(model/moe.py), padded to the largest per-layer count with unused slots (id -1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from esft_jax.expert_config import ExpertConfig
+from esft_jax.model.config import ModelConfig
+
+Params = dict[str, Any]
+EXPERT_KEYS = ("gate", "up", "down")
+
+
+def overlay(base: Params, top: Params) -> Params:
+    """`base` with every leaf that `top` also has replaced by top's (nested dicts)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = overlay(base[key], value) if isinstance(value, dict) else value
+    return out
+
+
+def non_expert_part(params: Params) -> Params:
+    """Everything but the routed and shared experts: attention, norms, embeddings, head, router,
+    and the dense layers' MLPs."""
+    out = {k: v for k, v in params.items() if k != "moe_layers"}
+    if "moe_layers" in params:
+        moe_layers = dict(params["moe_layers"])
+        moe_layers["moe"] = {k: v for k, v in moe_layers["moe"].items() if k not in ("experts", "shared")}
+        out["moe_layers"] = moe_layers
+    return out
+
+
+def _float32(tree: Params) -> Params:
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def cast_like(tree: Params, like: Params) -> Params:
+    return jax.tree.map(lambda x, ref: x.astype(ref.dtype), tree, like)
+
+
+@dataclasses.dataclass(frozen=True)
+class FullFineTune:
+    """FFT: every parameter trains."""
+
+    def init(self, frozen: Params) -> Params:
+        return _float32(frozen)
+
+    def materialize(self, frozen: Params, trainable: Params) -> Params:
+        return trainable
+
+    def axes(self, model_axes: Params, trainable: Params) -> Params:
+        """Logical axis names of the trainable leaves (for sharding them like the model)."""
+        return model_axes
+
+    def write_back(self, frozen: Params, trainable: Params) -> Params:
+        return cast_like(trainable, frozen)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ExpertSubset:
+    """ESFT: the selected routed experts (+ shared experts / non-expert modules if flagged)."""
+
+    cfg: ModelConfig
+    expert_config: ExpertConfig
+    rows: np.ndarray  # [N, 2] (moe layer index, expert id) of every selected expert, in config order
+    slots: np.ndarray  # [L, S] index into rows of each override slot (0 for unused slots)
+    slot_ids: np.ndarray  # [L, S] expert id of each slot, -1 = unused
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, expert_config: ExpertConfig) -> "ExpertSubset":
+        first, num_layers = cfg.first_k_dense_replace, cfg.num_moe_layers
+        per_layer = [expert_config.experts.get(first + l, []) for l in range(num_layers)]
+        width = max([len(ids) for ids in per_layer] + [1])
+        rows, slots, slot_ids = [], np.zeros((num_layers, width), np.int32), -np.ones((num_layers, width), np.int32)
+        for l, ids in enumerate(per_layer):
+            for j, e in enumerate(ids):
+                slots[l, j], slot_ids[l, j] = len(rows), e
+                rows.append((l, e))
+        return cls(cfg, expert_config, np.asarray(rows, np.int32).reshape(-1, 2), slots, slot_ids)
+
+    def init(self, frozen: Params) -> Params:
+        experts = frozen["moe_layers"]["moe"]["experts"]
+        layer, expert = self.rows[:, 0], self.rows[:, 1]
+        trainable: Params = {"experts": {k: jnp.asarray(experts[k][layer, expert], jnp.float32) for k in EXPERT_KEYS}}
+        if self.expert_config.shared_experts and "shared" in frozen["moe_layers"]["moe"]:
+            trainable["shared"] = _float32(frozen["moe_layers"]["moe"]["shared"])
+        if self.expert_config.non_expert_modules:
+            trainable["non_expert"] = _float32(non_expert_part(frozen))
+        return trainable
+
+    def axes(self, model_axes: Params, trainable: Params) -> Params:
+        out: Params = {"experts": {k: (None, *model_axes["moe_layers"]["moe"]["experts"][k][2:]) for k in EXPERT_KEYS}}
+        if "shared" in trainable:
+            out["shared"] = model_axes["moe_layers"]["moe"]["shared"]
+        if "non_expert" in trainable:
+            out["non_expert"] = non_expert_part(model_axes)
+        return out
+
+    def _subtrees(self, trainable: Params) -> Params:
+        """The trainable leaves other than the expert rows, laid out as in the params."""
+        top = dict(trainable.get("non_expert", {}))
+        if "shared" in trainable:
+            moe_layers = dict(top.get("moe_layers", {}))
+            moe_layers["moe"] = {**moe_layers.get("moe", {}), "shared": trainable["shared"]}
+            top["moe_layers"] = moe_layers
+        return top
+
+    def materialize(self, frozen: Params, trainable: Params) -> Params:
+        params = overlay(frozen, self._subtrees(trainable))
+        override = {k: trainable["experts"][k][self.slots] for k in EXPERT_KEYS}  # [L, S, ...]
+        override["ids"] = jnp.asarray(self.slot_ids)
+        moe_layers = dict(params["moe_layers"])
+        moe_layers["moe"] = {**moe_layers["moe"], "override": override}
+        return {**params, "moe_layers": moe_layers}
+
+    def write_back(self, frozen: Params, trainable: Params) -> Params:
+        params = cast_like(overlay(frozen, self._subtrees(trainable)), frozen)
+        experts = params["moe_layers"]["moe"]["experts"]
+        layer, expert = self.rows[:, 0], self.rows[:, 1]
+        experts = {k: experts[k].at[layer, expert].set(trainable["experts"][k].astype(experts[k].dtype))
+                   for k in EXPERT_KEYS}
+        moe_layers = dict(params["moe_layers"])
+        moe_layers["moe"] = {**moe_layers["moe"], "experts": experts}
+        return {**params, "moe_layers": moe_layers}
