@@ -15,7 +15,8 @@ import ml_collections
 import numpy as np
 
 from esft_jax import configs, runtime, sharding
-from esft_jax.checkpoint import CheckpointError
+from esft_jax.checkpoint import CheckpointError, save_checkpoint
+from esft_jax.checkpoint.adapter import load_with_adapter
 from esft_jax.data.records import DataError, read_jsonl
 from esft_jax.expert_config import ExpertConfig, ExpertConfigError
 from esft_jax.model import ConfigError, ModelConfig, forward, param_axes
@@ -23,6 +24,7 @@ from esft_jax.routing import analyze, profile, scores, select
 from esft_jax.routing.load import expert_counts, load_table
 from esft_jax.routing.official_logs import OfficialLogWriter
 from esft_jax.routing.sources import STATS_FILE, load_stats
+from esft_jax.train import loop as train_loop
 
 
 def _route_tokens(c: ml_collections.ConfigDict, cfg: ModelConfig) -> np.ndarray:
@@ -116,8 +118,26 @@ def cmd_analyze(c: ml_collections.ConfigDict) -> None:
     print(text + f"\n-> {out / 'routing.md'} and heatmap_<task>.png")
 
 
+def cmd_train(c: ml_collections.ConfigDict) -> None:
+    """Fine-tune with ESFT, FFT or LoRA (resumes from the workdir's checkpoints)."""
+    if not c.data.train:
+        raise configs.ConfigFileError("--config.data.train: name a jsonl training set")
+    summary = train_loop.train(c)
+    print(json.dumps(summary, indent=1))
+
+
+def cmd_export(c: ml_collections.ConfigDict) -> None:
+    """Base checkpoint + adapter -> a full Hugging Face checkpoint directory."""
+    if not (c.checkpoint and c.adapter and c.out):
+        raise configs.ConfigFileError("--config.checkpoint, --config.adapter and --config.out are required")
+    cfg, params = load_with_adapter(c.checkpoint, c.adapter)
+    out = save_checkpoint(c.out, cfg, params, tokenizer_from=c.checkpoint)
+    print(f"{c.checkpoint} + {c.adapter} -> {out}")
+
+
 COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
-    "route": cmd_route, "profile": cmd_profile, "select": cmd_select, "analyze": cmd_analyze}
+    "route": cmd_route, "profile": cmd_profile, "select": cmd_select, "analyze": cmd_analyze,
+    "train": cmd_train, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

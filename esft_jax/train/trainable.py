@@ -48,7 +48,8 @@ def non_expert_part(params: Params) -> Params:
 
 
 def _float32(tree: Params) -> Params:
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+    """Float32 copies (never aliases of the frozen arrays: the train step donates its state)."""
+    return jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), tree)
 
 
 def cast_like(tree: Params, like: Params) -> Params:

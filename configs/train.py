@@ -1,0 +1,45 @@
+"""`esft train`: fine-tune with ESFT (selected experts only), FFT or LoRA.
+
+    esft train --config configs/train.py:esft --config.checkpoint=/models/ESFT-vanilla-lite \
+        --config.expert_config=runs/intent/token.json --config.data.train=data/train/intent.jsonl
+    esft train --config configs/train.py:fft ...      esft train --config configs/train.py:lora ...
+Rerunning the same command resumes from <workdir>/checkpoints. Outputs in <workdir>: config.json,
+metrics.jsonl, checkpoints/, adapter/ (the changed tensors), summary.json.
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+from esft_jax.configs import load_file
+
+
+def get_config(method: str = "esft") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = method  # "esft", "fft" or "lora"
+    c.model = load_file(str(Path(__file__).parent / "models" / "tiny.py"))  # random weights ...
+    c.checkpoint = ""  # ... unless this names a Hugging Face checkpoint directory
+    c.tokenizer = ""  # a directory with tokenizer.json; default: the checkpoint's, else bytes
+    c.expert_config = ""  # esft: the expert config JSON (esft select)
+    c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, targets="attention,experts"))
+    c.data = ml_collections.ConfigDict(dict(
+        train="",  # jsonl: ESFT "messages" lines or {"text": ...}
+        general="",  # optional second (general / alignment) dataset mixed in
+        general_ratio=1.0,  # general samples per task sample
+        seq_len=4096,  # packed row length
+        validation_fraction=0.02, max_validation=256,
+        skip_invalid=False))
+    c.seed = 0
+    c.steps = 500
+    c.batch_size = 32  # packed rows per optimizer step (per micro-batch when grad_accum > 1)
+    c.grad_accum = 1
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-5, schedule="cosine", warmup_steps=10, end_lr_fraction=0.1, steps=c.get_ref("steps"),
+        adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+    c.log_every = 10
+    c.eval_every = 100
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 2
+    c.workdir = f"runs/train_{method}"
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
+    return c

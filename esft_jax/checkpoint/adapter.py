@@ -1,0 +1,97 @@
+"""Adapters: only the tensors a fine-tune changed, under their Hugging Face names.
+
+`adapter.safetensors` holds either full tensors (`model.layers.12.mlp.experts.33.gate_proj.weight`)
+or LoRA factors (`....gate_proj.lora_A.weight` [r, in], `....lora_B.weight` [out, r], merged as
+W + (alpha / r) * B @ A, the PEFT convention); `adapter_config.json` says how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from esft_jax.checkpoint.hf import CheckpointError, load_checkpoint
+from esft_jax.checkpoint.hf_names import TensorMap, tensor_maps
+from esft_jax.model.config import ModelConfig
+
+ADAPTER_FILE = "adapter.safetensors"
+CONFIG_FILE = "adapter_config.json"
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+
+
+def write_adapter(out_dir: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, Any]) -> Path:
+    """Write atomically: a temporary directory renamed into place when complete."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp / ADAPTER_FILE, metadata={"format": "pt"})
+    (tmp / CONFIG_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    adapter_dir = Path(adapter_dir)
+    for name in (ADAPTER_FILE, CONFIG_FILE):
+        if not (adapter_dir / name).is_file():
+            raise CheckpointError(f"{adapter_dir / name}: no such file (is {adapter_dir} an adapter directory?)")
+    return load_file(adapter_dir / ADAPTER_FILE), json.loads((adapter_dir / CONFIG_FILE).read_text())
+
+
+def _slice(params: dict, m: TensorMap) -> np.ndarray:
+    tree = params
+    for key in m.path:
+        tree = tree[key]
+    return tree[m.index] if m.index else tree
+
+
+def _assign(params: dict, m: TensorMap, value: np.ndarray) -> None:
+    tree = params
+    for key in m.path[:-1]:
+        tree = tree[key]
+    if m.index:
+        tree[m.path[-1]][m.index] = value
+    else:
+        tree[m.path[-1]] = value
+
+
+def apply_adapter(params: dict, cfg: ModelConfig, tensors: dict[str, np.ndarray], metadata: dict[str, Any],
+                  where: str = "adapter") -> dict:
+    """Params (a numpy pytree, copied) with the adapter's tensors replaced or LoRA-merged in."""
+    params = _copy(params)
+    maps = {m.hf_name: m for m in tensor_maps(cfg)}
+    scale = metadata.get("lora_alpha", 1.0) / metadata.get("r", 1)
+    for name, value in tensors.items():
+        if name.endswith(LORA_B):
+            continue
+        base = name[: -len(LORA_A)] + ".weight" if name.endswith(LORA_A) else name
+        if base not in maps:
+            raise CheckpointError(f"{where}: tensor {name} is not part of this {cfg.model_type} model")
+        m = maps[base]
+        old = _slice(params, m)
+        if name.endswith(LORA_A):
+            lora_b = tensors[base[: -len(".weight")] + LORA_B]
+            merged = m.to_hf(old).astype(np.float32) + scale * (lora_b.astype(np.float32) @ value.astype(np.float32))
+            value = merged
+        elif tuple(value.shape) != m.hf_shape:
+            raise CheckpointError(f"{where}: tensor {name} has shape {list(value.shape)}, expected {list(m.hf_shape)}")
+        _assign(params, m, m.from_hf(value).astype(old.dtype))
+    return params
+
+
+def _copy(tree: Any) -> Any:
+    return {k: _copy(v) for k, v in tree.items()} if isinstance(tree, dict) else np.array(tree)
+
+
+def load_with_adapter(base_dir: str | Path, adapter_dir: str | Path, **runtime: Any) -> tuple[ModelConfig, dict]:
+    """(config, numpy params) of a base checkpoint with an adapter applied."""
+    cfg, params = load_checkpoint(base_dir, **runtime)
+    tensors, metadata = read_adapter(adapter_dir)
+    return cfg, apply_adapter(params, cfg, tensors, metadata, str(adapter_dir))

@@ -1,0 +1,207 @@
+"""`esft train`: one flat loop for ESFT, FFT and LoRA.
+
+State = {step, trainable, opt_state}; the frozen params are a separate, never-differentiated input
+(train/trainable.py). The jitted step accumulates gradients over `grad_accum` micro-batches (token-
+weighted, so it equals one large batch), clips, applies AdamW, and donates the old state. Every
+`checkpoint_every` steps the state and the data iterator's position are saved with orbax; rerunning
+the same command resumes from the latest checkpoint and reproduces an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from tqdm import tqdm
+
+from esft_jax import runtime, sharding
+from esft_jax.checkpoint.train_state import TrainCheckpoints, abstract_like
+from esft_jax.data.pipeline import eval_batches, split_validation, take, train_batches
+from esft_jax.data.records import read_jsonl
+from esft_jax.expert_config import ExpertConfig
+from esft_jax.model import ModelConfig, forward, param_axes
+from esft_jax.train.adapter import save_adapter
+from esft_jax.train.lora import LoRA
+from esft_jax.train.loss import next_token_loss
+from esft_jax.train.optimizer import learning_rate, make_optimizer
+from esft_jax.train.trainable import ExpertSubset, FullFineTune
+
+METHODS = ("esft", "fft", "lora")
+
+
+def build_method(c: ml_collections.ConfigDict, cfg: ModelConfig):
+    if c.method == "fft":
+        return FullFineTune()
+    if c.method == "lora":
+        return LoRA(rank=c.lora.rank, alpha=c.lora.alpha, targets=tuple(c.lora.targets.split(",")), seed=c.seed)
+    if c.method == "esft":
+        moe_layers = range(cfg.first_k_dense_replace, cfg.num_hidden_layers)
+        return ExpertSubset.build(cfg, ExpertConfig.load(c.expert_config, moe_layers, cfg.n_routed_experts))
+    raise ValueError(f"method={c.method!r}: expected one of {METHODS}")
+
+
+def _loss_fn(method, cfg: ModelConfig):
+    def loss(trainable, frozen, batch):
+        params = method.materialize(frozen, trainable)
+        logits, routing = forward(params, batch["tokens"], cfg, segment_ids_bt=batch["segment_ids"],
+                                  positions_bt=batch["positions"])
+        loss_sum, count = next_token_loss(logits, batch)
+        return loss_sum, (count, routing.dropped.sum())
+    return loss
+
+
+def make_train_step(method, cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule
+                    ) -> Callable:
+    """(state, frozen, batches [A, B, T]) -> (state, metrics)."""
+    grad_fn = jax.value_and_grad(_loss_fn(method, cfg), has_aux=True)
+
+    def step(state, frozen, batches):
+        def micro(carry, batch):
+            grads, loss, count, dropped = carry
+            (loss_sum, (n, d)), g = grad_fn(state["trainable"], frozen, batch)
+            return (jax.tree.map(jnp.add, grads, g), loss + loss_sum, count + n, dropped + d), None
+
+        zero = (jax.tree.map(jnp.zeros_like, state["trainable"]), 0.0, 0, 0)
+        (grads, loss, count, dropped), _ = jax.lax.scan(micro, zero, batches)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1), grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        new_state = {"step": state["step"] + 1, "trainable": optax.apply_updates(state["trainable"], updates),
+                     "opt_state": opt_state}
+        metrics = {"loss": loss / jnp.maximum(count, 1), "grad_norm": optax.tree.norm(grads),
+                   "lr": schedule(state["step"]), "tokens": count, "dropped": dropped}
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(method, cfg: ModelConfig) -> Callable:
+    loss = _loss_fn(method, cfg)
+
+    def step(trainable, frozen, batch):
+        loss_sum, (count, _) = loss(trainable, frozen, batch)
+        return loss_sum, count
+
+    return jax.jit(step)
+
+
+def _shardings(tree_axes: Any, mesh: Mesh | None):
+    return None if mesh is None else sharding.param_shardings(tree_axes, mesh)
+
+
+def _put(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(jnp.asarray, tree) if shardings is None else jax.device_put(tree, shardings)
+
+
+def _batch_sharding(mesh: Mesh | None, ndim: int):
+    if mesh is None:
+        return None
+    axes = (None,) * (ndim - 2) + ("act_batch", None)
+    return NamedSharding(mesh, sharding.logical_to_spec(axes, dict(mesh.shape)))
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records past the checkpoint being resumed from (they will be recomputed)."""
+    if path.is_file():
+        kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= last_step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def tree_bytes(tree: Any) -> int:
+    return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+
+
+def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
+    """Run (or resume) the training described by `c` (configs/train.py); returns a summary."""
+    workdir = Path(c.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(c.to_json_best_effort(indent=1) + "\n")
+    cfg, frozen = runtime.load_model(c)
+    tokenizer = runtime.tokenizer(c)
+    samples, _ = read_jsonl(c.data.train, c.data.skip_invalid)
+    train_samples, val_samples = split_validation(samples, c.data.validation_fraction, c.data.max_validation, c.seed)
+    general = read_jsonl(c.data.general, c.data.skip_invalid)[0] if c.data.general else None
+    method = build_method(c, cfg)
+    if isinstance(method, ExpertSubset):
+        method.expert_config.save(workdir / "expert_config.json")
+
+    mesh = runtime.mesh(c)
+    model_axes = param_axes(cfg)
+    frozen = _put(frozen, _shardings(model_axes, mesh))
+    trainable = method.init(frozen)
+    trainable = _put(trainable, _shardings(method.axes(model_axes, trainable), mesh))
+    tx, schedule = make_optimizer(c.optim), learning_rate(c.optim)
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
+
+    data = iter(train_batches(train_samples, tokenizer, cfg, seq_len=c.data.seq_len, batch_size=c.batch_size,
+                              seed=c.seed, general=general, general_ratio=c.data.general_ratio))
+    checkpoints = TrainCheckpoints(workdir / "checkpoints", c.checkpoint_every, c.keep_checkpoints)
+    metrics_path = workdir / "metrics.jsonl"
+    start = 0
+    if checkpoints.latest_step() is not None:
+        start, state, data_state = checkpoints.restore(abstract_like(state))
+        data.set_state(data_state)
+        _truncate_metrics(metrics_path, start)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    train_step, eval_step = make_train_step(method, cfg, tx, schedule), make_eval_step(method, cfg)
+    val = eval_batches(val_samples, tokenizer, cfg, seq_len=c.data.seq_len, batch_size=c.batch_size)
+    batch_sharding = _batch_sharding(mesh, 3)
+
+    def evaluate(trainable) -> float:
+        total, count = 0.0, 0
+        for b in val:
+            loss_sum, n = eval_step(trainable, frozen, _put(b, _batch_sharding(mesh, 2)))
+            total, count = total + float(loss_sum), count + int(n)
+        return total / max(count, 1)
+
+    bar = tqdm(total=c.steps, initial=start, desc=f"train {c.method}", unit="step", disable=not progress)
+    timer, step_tokens = time.perf_counter(), []
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        for step in range(start, c.steps):
+            batches = take(data, c.grad_accum)
+            batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+            state, metrics = train_step(state, frozen, _put(batch, batch_sharding))
+            step_tokens.append(metrics["tokens"])
+            done = step + 1
+            if done % c.log_every == 0 or done == c.steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - timer
+                tokens = int(sum(jax.device_get(step_tokens)))
+                record = {"step": done, **metrics, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+                if val and (done % c.eval_every == 0 or done == c.steps):
+                    record["val_loss"] = evaluate(state["trainable"])
+                _append_metrics(metrics_path, record)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"val": f"{record['val_loss']:.4f}"} if "val_loss" in record else {}))
+                timer, step_tokens = time.perf_counter(), []
+            checkpoints.save(done, state, data.get_state(), force=done == c.steps)
+            bar.update(1)
+    bar.close()
+    checkpoints.close()
+
+    adapter_dir = save_adapter(workdir / "adapter", cfg, method, frozen, state["trainable"])
+    history = [json.loads(ln) for ln in metrics_path.read_text().splitlines()]
+    summary = {
+        "method": c.method, "steps": c.steps, "final_loss": history[-1]["loss"] if history else None,
+        "val_loss": next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None),
+        "trainable_params": int(sum(x.size for x in jax.tree.leaves(state["trainable"]))),
+        "optimizer_state_bytes": tree_bytes(state["opt_state"]),
+        "adapter_bytes": sum(p.stat().st_size for p in adapter_dir.iterdir()),
+        "train_seconds": sum(h["seconds"] for h in history),
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary

@@ -1,0 +1,166 @@
+"""The trainable sets: what changes, what must not, optimizer-state size, and the compact ESFT path
+against a full-size masked-gradient reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import train_fixtures as fx
+
+from esft_jax.expert_config import ExpertConfig
+from esft_jax.model import forward, init_params
+from esft_jax.train.loop import make_train_step, tree_bytes
+from esft_jax.train.lora import LoRA
+from esft_jax.train.trainable import ExpertSubset, FullFineTune, non_expert_part
+
+CFG = fx.tiny_config()
+
+
+def _batch(seed=0, accum=1, b=4, t=32):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 256, (accum, b, t)).astype(np.int32)
+    segments = np.ones_like(tokens)
+    segments[:, 1, 20:] = 2
+    segments[:, 2, 25:] = 0
+    positions = np.broadcast_to(np.arange(t), tokens.shape).copy()
+    positions[:, 1, 20:] -= 20
+    return {"tokens": tokens, "segment_ids": segments, "positions": positions,
+            "loss_mask": (rng.random(tokens.shape) < 0.7).astype(np.int32)}
+
+
+@pytest.fixture(scope="module")
+def params():
+    p = init_params(CFG, jax.random.key(0))
+    p["moe_layers"]["moe"]["router"] *= 15
+    return p
+
+
+def _optim(wd=0.1, lr=1e-3):
+    # Adam turns float32 rounding in a near-zero gradient into an update of up to lr: at lr 1e-3 two
+    # equal computations stay within 1e-6 over 5 steps; at 1e-2 a few elements drift by ~5e-6.
+    from ml_collections import ConfigDict
+    return ConfigDict(dict(lr=lr, schedule="constant", warmup_steps=0, end_lr_fraction=0.1, steps=10,
+                           adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8, weight_decay=wd, grad_clip=1.0))
+
+
+def _run(method, params, steps, seed=0):
+    from esft_jax.train.optimizer import learning_rate, make_optimizer
+    tx = make_optimizer(_optim())
+    trainable = method.init(params)
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
+    step = make_train_step(method, CFG, tx, learning_rate(_optim()))
+    for i in range(steps):
+        state, metrics = step(state, params, jax.tree.map(jnp.asarray, _batch(seed + i)))
+    return state, metrics
+
+
+def _leaves(tree):
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.parametrize("shared, non_expert", [(False, False), (True, False), (False, True)])
+def test_esft_changes_only_what_it_trains(params, shared, non_expert):
+    ec = ExpertConfig(fx.EXPERTS.experts, shared_experts=shared, non_expert_modules=non_expert)
+    method = ExpertSubset.build(CFG, ec)
+    state, metrics = _run(method, params, 3)
+    assert np.isfinite(float(metrics["loss"]))
+    after = method.write_back(params, state["trainable"])
+    experts_before, experts_after = params["moe_layers"]["moe"]["experts"], after["moe_layers"]["moe"]["experts"]
+    selected = np.zeros((CFG.num_moe_layers, CFG.n_routed_experts), bool)
+    for layer, ids in ec.experts.items():
+        selected[layer - CFG.first_k_dense_replace, ids] = True
+    for k in ("gate", "up", "down"):
+        a, b = np.asarray(experts_before[k]), np.asarray(experts_after[k])
+        np.testing.assert_array_equal(a[~selected], b[~selected])  # bitwise: every other expert row
+        assert all(not np.array_equal(a[l, e], b[l, e]) for l, e in zip(*np.nonzero(selected)))
+    shared_same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params["moe_layers"]["moe"]["shared"]),
+                                                           jax.tree.leaves(after["moe_layers"]["moe"]["shared"])))
+    assert shared_same != shared
+    rest_before, rest_after = _leaves(non_expert_part(params)), _leaves(non_expert_part(after))
+    changed = [k for k in rest_before if not np.array_equal(rest_before[k], rest_after[k])]
+    if non_expert:
+        assert any("router" in k for k in changed) and any("embed" in k for k in changed)
+        assert any("attn" in k for k in changed)
+    else:
+        assert changed == []  # router, attention, norms, embeddings, head: bitwise unchanged
+
+
+def test_optimizer_state_is_proportional_to_the_selection(params):
+    d, f = CFG.hidden_size, CFG.moe_intermediate_size
+    n_selected = fx.EXPERTS.num_selected()
+    tx = optax.adamw(1e-3)
+    esft = ExpertSubset.build(CFG, fx.EXPERTS)
+    esft_bytes = tree_bytes(tx.init(esft.init(params)))
+    # Adam keeps two float32 moments per trained value, plus a step counter.
+    assert esft_bytes == 2 * n_selected * 3 * d * f * 4 + 4
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    assert tree_bytes(tx.init(FullFineTune().init(params))) == 2 * n_params * 4 + 4
+    assert sum(x.size for x in jax.tree.leaves(esft.init(params))) == n_selected * 3 * d * f
+
+
+def test_compact_esft_equals_full_size_masked_reference(params):
+    """5 steps of the compact path == 5 steps of full-size grads x row mask, masked AdamW updates."""
+    from esft_jax.train.loss import next_token_loss
+    from esft_jax.train.optimizer import make_optimizer
+
+    method = ExpertSubset.build(CFG, fx.EXPERTS)
+    state, _ = _run(method, params, 5)
+    compact = method.write_back(params, state["trainable"])
+
+    mask = jax.tree.map(jnp.zeros_like, params)
+    sel = np.zeros((CFG.num_moe_layers, CFG.n_routed_experts, 1, 1), np.float32)
+    for layer, ids in fx.EXPERTS.experts.items():
+        sel[layer - CFG.first_k_dense_replace, ids] = 1.0
+    mask["moe_layers"]["moe"]["experts"] = {k: jnp.broadcast_to(sel, v.shape)
+                                            for k, v in params["moe_layers"]["moe"]["experts"].items()}
+    tx = make_optimizer(_optim())
+
+    def loss(p, batch):
+        logits, _ = forward(p, batch["tokens"], CFG, segment_ids_bt=batch["segment_ids"], positions_bt=batch["positions"])
+        s, n = next_token_loss(logits, batch)
+        return s / n
+
+    @jax.jit
+    def ref_step(p, opt_state, batch):
+        g = jax.tree.map(jnp.multiply, jax.grad(loss)(p, batch), mask)
+        updates, opt_state = tx.update(g, opt_state, p)
+        return optax.apply_updates(p, jax.tree.map(jnp.multiply, updates, mask)), opt_state
+
+    p, opt_state = params, tx.init(params)
+    for i in range(5):
+        p, opt_state = ref_step(p, opt_state, jax.tree.map(lambda x: jnp.asarray(x[0]), _batch(i)))
+    for a, b in zip(jax.tree.leaves(compact), jax.tree.leaves(p)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    assert not np.allclose(compact["moe_layers"]["moe"]["experts"]["gate"], params["moe_layers"]["moe"]["experts"]["gate"])
+
+
+def test_grad_accumulation_equals_one_large_batch(params):
+    from esft_jax.train.optimizer import learning_rate, make_optimizer
+
+    method = ExpertSubset.build(CFG, fx.EXPERTS)
+    tx = make_optimizer(_optim())
+    step = make_train_step(method, CFG, tx, learning_rate(_optim()))
+    init = {"step": jnp.zeros((), jnp.int32), "trainable": method.init(params)}
+    init["opt_state"] = tx.init(init["trainable"])
+    one = _batch(3)
+    two = {k: v.reshape(2, 2, -1) for k, v in one.items()}
+    s2, m2 = step(jax.tree.map(jnp.copy, init), params, jax.tree.map(jnp.asarray, two))
+    s1, m1 = step(jax.tree.map(jnp.copy, init), params, jax.tree.map(jnp.asarray, one))
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(s1["trainable"]), jax.tree.leaves(s2["trainable"])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_lora_starts_at_the_base_model_and_trains_only_factors(params):
+    method = LoRA(rank=4, alpha=8.0)
+    tokens = jnp.asarray(_batch()["tokens"][0])
+    base, _ = forward(params, tokens, CFG)
+    start, _ = forward(method.materialize(params, method.init(params)), tokens, CFG)
+    np.testing.assert_allclose(start, base, atol=1e-6)
+    state, _ = _run(method, params, 2)
+    assert all(k.startswith(("dense_layers/attn", "moe_layers/attn", "moe_layers/moe/experts")) for k in state["trainable"])
+    after = method.write_back(params, state["trainable"])
+    assert not np.array_equal(after["moe_layers"]["attn"]["kv_b"], params["moe_layers"]["attn"]["kv_b"])
+    np.testing.assert_array_equal(after["embed"], params["embed"])
+    np.testing.assert_array_equal(after["moe_layers"]["moe"]["router"], params["moe_layers"]["moe"]["router"])
