@@ -1,0 +1,141 @@
+"""The train loop end to end: exact resume, 8 devices == 1, adapters, export loaded by transformers."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import train_fixtures as fx
+
+from esft_jax import cli, runtime, sharding
+from esft_jax.data.pipeline import train_batches
+from esft_jax.data.records import read_jsonl
+from esft_jax.model import param_axes
+from esft_jax.checkpoint import load_checkpoint
+from esft_jax.checkpoint.adapter import load_with_adapter, read_adapter
+from esft_jax.train import loop
+
+
+def _adapter(workdir):
+    return read_adapter(workdir / "adapter")[0]
+
+
+def _metrics(workdir):
+    return [json.loads(ln) for ln in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
+    c = fx.train_config(tmp_path)
+    full = loop.train(fx.train_config(tmp_path, workdir=str(tmp_path / "uninterrupted")), progress=False)
+
+    calls = {"n": 0}
+    real_take = loop.take
+
+    def crashing_take(it, n):  # the process dies while fetching the batch of step 4 (checkpoint at 2)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed")
+        return real_take(it, n)
+
+    monkeypatch.setattr(loop, "take", crashing_take)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(c, progress=False)
+    monkeypatch.setattr(loop, "take", real_take)
+    assert max(int(p.name) for p in (tmp_path / "run_esft/checkpoints").iterdir()) == 2  # step 3 was lost
+    resumed = loop.train(c, progress=False)  # the same command again
+
+    a, b = _adapter(tmp_path / "uninterrupted"), _adapter(tmp_path / "run_esft")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("seconds", "tokens_per_s")} for m in ms]  # noqa: E731
+    assert strip(_metrics(tmp_path / "uninterrupted")) == strip(_metrics(tmp_path / "run_esft"))
+    assert resumed["final_loss"] == full["final_loss"]
+
+
+@pytest.mark.slow
+def test_eight_devices_equal_one(tmp_path):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    one = fx.train_config(tmp_path, steps=3, workdir=str(tmp_path / "one"), **{"optim.lr": 1e-3})
+    eight = fx.train_config(tmp_path, steps=3, workdir=str(tmp_path / "eight"), **{"optim.lr": 1e-3})
+    eight.mesh.data, eight.mesh.expert = 2, 4
+
+    # The gradients agree to float32 rounding ...
+    cfg, frozen = runtime.load_model(one)
+    method = loop.build_method(one, cfg)
+    samples, _ = read_jsonl(one.data.train)
+    batch = jax.tree.map(jnp.asarray, next(iter(train_batches(samples, runtime.tokenizer(one), cfg, seq_len=64,
+                                                                  batch_size=4, seed=0))))
+    loss = loop._loss_fn(method, cfg)
+    grad = jax.jit(jax.grad(lambda t, f, b: loss(t, f, b)[0]))
+    frozen = jax.tree.map(jnp.asarray, frozen)
+    g1 = grad(method.init(frozen), frozen, batch)
+    mesh = runtime.mesh(eight)
+    sharded = sharding.shard_params(frozen, param_axes(cfg), mesh)
+    with jax.set_mesh(mesh):
+        g8 = grad(method.init(frozen), sharded, batch)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-7, rtol=1e-5)
+
+    # ... and so do 3 steps of the whole loop. Adam divides by |g| + 1e-8, so an element whose
+    # gradient is ~1e-8 (rounding-level) may move by up to lr either way: bound the worst element
+    # by 1% of 3 * lr, and require the typical element to agree to float32 rounding.
+    loop.train(one, progress=False)
+    loop.train(eight, progress=False)
+    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "eight")
+    for name in a:
+        diff = np.abs(b[name] - a[name])
+        assert diff.max() <= 3e-5 and np.mean(diff) <= 1e-8, (name, diff.max(), diff.mean())
+    la, lb = _metrics(tmp_path / "one"), _metrics(tmp_path / "eight")
+    np.testing.assert_allclose([m["loss"] for m in lb], [m["loss"] for m in la], rtol=1e-5)
+
+
+def test_esft_adapter_holds_exactly_the_selected_experts_and_exports(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    c = fx.train_config(tmp_path, steps=3)
+    summary = loop.train(c, progress=False)
+    tensors, meta = read_adapter(tmp_path / "run_esft/adapter")
+    expected = {f"model.layers.{l}.mlp.experts.{e}.{k}_proj.weight"
+                for l, ids in fx.EXPERTS.experts.items() for e in ids for k in ("gate", "up", "down")}
+    assert set(tensors) == expected and meta["method"] == "esft"
+    assert meta["expert_config"] == fx.EXPERTS.to_json()
+    assert summary["adapter_bytes"] >= sum(t.nbytes for t in tensors.values())
+    assert summary["trainable_params"] == fx.EXPERTS.num_selected() * 3 * 64 * 32
+
+    out = tmp_path / "exported"
+    assert cli.main(["export", "--config", "configs/export.py", f"--config.checkpoint={c.checkpoint}",
+                     f"--config.adapter={tmp_path / 'run_esft/adapter'}", f"--config.out={out}"]) == 0
+    cfg, merged = load_with_adapter(c.checkpoint, tmp_path / "run_esft/adapter")
+    _, base = load_checkpoint(c.checkpoint)
+    _, exported = load_checkpoint(out)
+    jax.tree.map(np.testing.assert_array_equal, exported, merged)
+    changed = np.any(np.asarray(merged["moe_layers"]["moe"]["experts"]["gate"]) != np.asarray(base["moe_layers"]["moe"]["experts"]["gate"]), axis=(2, 3))
+    assert changed.sum() == fx.EXPERTS.num_selected()
+
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 24))
+    ours, _ = jax.jit(loop.forward, static_argnums=2)(jax.tree.map(jax.numpy.asarray, merged), tokens, cfg)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = model(input_ids=torch.as_tensor(tokens)).logits.numpy()
+    assert np.abs(np.asarray(ours) - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "fft"])
+def test_baselines_train_and_export(tmp_path, method):
+    c = fx.train_config(tmp_path, method=method, steps=3)
+    summary = loop.train(c, progress=False)
+    assert summary["final_loss"] is not None
+    cfg, merged = load_with_adapter(c.checkpoint, tmp_path / f"run_{method}/adapter")
+    _, base = load_checkpoint(c.checkpoint)
+    assert not np.array_equal(merged["moe_layers"]["attn"]["kv_b"], base["moe_layers"]["attn"]["kv_b"])
+    if method == "lora":  # the merged adapter reproduces the trained model's weights
+        tensors, meta = read_adapter(tmp_path / "run_lora/adapter")
+        assert all(".lora_" in name for name in tensors) and meta["r"] == 8
+        np.testing.assert_array_equal(merged["embed"], base["embed"])
