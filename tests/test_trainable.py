@@ -164,3 +164,21 @@ def test_lora_starts_at_the_base_model_and_trains_only_factors(params):
     assert not np.array_equal(after["moe_layers"]["attn"]["kv_b"], params["moe_layers"]["attn"]["kv_b"])
     np.testing.assert_array_equal(after["embed"], params["embed"])
     np.testing.assert_array_equal(after["moe_layers"]["moe"]["router"], params["moe_layers"]["moe"]["router"])
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(params):
+    from esft_jax.train.optimizer import learning_rate, make_optimizer
+
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = CFG.replace(dtype=dtype)
+        method = ExpertSubset.build(cfg, fx.EXPERTS)
+        tx = make_optimizer(_optim())
+        trainable = method.init(params)
+        state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
+        step = make_train_step(method, cfg, tx, learning_rate(_optim()))
+        for i in range(2):
+            state, metrics = step(state, params, jax.tree.map(jnp.asarray, _batch(i)))
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["trainable"]))
+        losses[dtype] = float(metrics["loss"])
+    assert abs(losses["bfloat16"] - losses["float32"]) < 0.02 * losses["float32"]
