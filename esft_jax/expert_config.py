@@ -12,6 +12,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from esft_jax.jsonio import read_json
+
 
 class ExpertConfigError(ValueError):
     """An expert config that does not fit the model; the message names the file and key."""
@@ -74,11 +76,5 @@ class ExpertConfig:
     @classmethod
     def load(cls, path: str | Path, moe_layers: range | None = None, num_experts: int | None = None
              ) -> "ExpertConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ExpertConfigError(f"{path}: no such expert config")
-        try:
-            obj = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ExpertConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        obj = read_json(path, ExpertConfigError, "no such expert config")
         return cls.from_json(obj, moe_layers, num_experts, str(path))

@@ -182,3 +182,16 @@ def test_bfloat16_compute_keeps_float32_master_weights(params):
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["trainable"]))
         losses[dtype] = float(metrics["loss"])
     assert abs(losses["bfloat16"] - losses["float32"]) < 0.02 * losses["float32"]
+
+
+@pytest.mark.parametrize("method", [ExpertSubset.build(CFG, ExpertConfig(fx.EXPERTS.experts, True, True)),
+                                    LoRA(rank=4), FullFineTune()], ids=["esft+flags", "lora", "fft"])
+def test_written_back_params_compute_what_training_computed(params, method):
+    """The export path (write_back) and the training forward (materialize) are the same model."""
+    state, _ = _run(method, params, 2)
+    tokens = jnp.asarray(_batch(9)["tokens"][0])
+    trained, _ = forward(method.materialize(params, state["trainable"]), tokens, CFG)
+    exported, _ = forward(method.write_back(params, state["trainable"]), tokens, CFG)
+    base, _ = forward(params, tokens, CFG)
+    np.testing.assert_allclose(exported, trained, atol=2e-5)
+    assert np.abs(np.asarray(trained) - np.asarray(base)).max() > 1e-3

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from esft_jax.checkpoint.hf_names import TensorMap, tensor_maps
+from esft_jax.jsonio import read_json
 from esft_jax.model.config import ConfigError, ModelConfig
 from esft_jax.model.params import Params, flat_param_specs
 
@@ -40,12 +41,7 @@ class CheckpointError(ValueError):
 def load_config(ckpt_dir: str | Path, **runtime: Any) -> ModelConfig:
     """Our ModelConfig from `<ckpt_dir>/config.json`; `runtime` sets dtype/strategy fields."""
     path = Path(ckpt_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file (is {ckpt_dir} a Hugging Face checkpoint directory?)")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    hf = read_json(path, CheckpointError, f"no such file (is {ckpt_dir} a Hugging Face checkpoint directory?)")
     try:
         return ModelConfig.from_hf_dict(hf, **runtime)
     except (ConfigError, TypeError) as e:
@@ -56,7 +52,7 @@ def _weight_files(ckpt_dir: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it."""
     index = ckpt_dir / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = read_json(index, CheckpointError, "no such file").get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map' object")
         files = {name: ckpt_dir / f for name, f in weight_map.items()}

@@ -131,9 +131,12 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     (workdir / "config.json").write_text(c.to_json_best_effort(indent=1) + "\n")
     cfg, frozen = runtime.load_model(c)
     tokenizer = runtime.tokenizer(c)
-    samples, _ = read_jsonl(c.data.train, c.data.skip_invalid)
+    samples, skipped = read_jsonl(c.data.train, c.data.skip_invalid)
     train_samples, val_samples = split_validation(samples, c.data.validation_fraction, c.data.max_validation, c.seed)
-    general = read_jsonl(c.data.general, c.data.skip_invalid)[0] if c.data.general else None
+    general = None
+    if c.data.general:
+        general, skipped_general = read_jsonl(c.data.general, c.data.skip_invalid)
+        skipped += skipped_general
     method = build_method(c, cfg)
     if isinstance(method, ExpertSubset):
         method.expert_config.save(workdir / "expert_config.json")
@@ -178,15 +181,16 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
             state, metrics = train_step(state, frozen, _put(batch, batch_sharding))
             step_tokens.append(metrics["tokens"])
             done = step + 1
-            if done % c.log_every == 0 or done == c.steps:
+            evaluate_now = bool(val) and (done % c.eval_every == 0 or done == c.steps)
+            if evaluate_now or done % c.log_every == 0 or done == c.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - timer
                 tokens = int(sum(jax.device_get(step_tokens)))
                 record = {"step": done, **metrics, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9)}
-                if val and (done % c.eval_every == 0 or done == c.steps):
+                if evaluate_now:
                     record["val_loss"] = evaluate(state["trainable"])
                 _append_metrics(metrics_path, record)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"val": f"{record['val_loss']:.4f}"} if "val_loss" in record else {}))
+                bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val_loss") if k in record})
                 timer, step_tokens = time.perf_counter(), []
             checkpoints.save(done, state, data.get_state(), force=done == c.steps)
             bar.update(1)
@@ -196,7 +200,8 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     adapter_dir = save_adapter(workdir / "adapter", cfg, method, frozen, state["trainable"])
     history = [json.loads(ln) for ln in metrics_path.read_text().splitlines()]
     summary = {
-        "method": c.method, "steps": c.steps, "final_loss": history[-1]["loss"] if history else None,
+        "method": c.method, "steps": c.steps, "skipped_lines": skipped,
+        "final_loss": history[-1]["loss"] if history else None,
         "val_loss": next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None),
         "trainable_params": int(sum(x.size for x in jax.tree.leaves(state["trainable"]))),
         "optimizer_state_bytes": tree_bytes(state["opt_state"]),
