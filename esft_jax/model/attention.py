@@ -30,9 +30,18 @@ def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
     return (causal & same & not_pad)[:, None]
 
 
+LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # latent [B, S, r], k_pe [B, S, rope], write offset
+
+
 def mla(p: dict[str, Any], x_btd: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array,
-        mask_b1tt: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """x [B, T, d] (already normed) -> attention output [B, T, d]."""
+        mask_b1ts: jax.Array, cfg: ModelConfig, cache: LayerCache | None = None
+        ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """x [B, T, d] (already normed) -> (attention output [B, T, d], (latent, k_pe) of the keys).
+
+    Without a cache the keys are x's own tokens (mask [B, 1, T, T]). With MLA's compressed cache
+    (latents and rotated shared keys of S positions), x's latents are written at the offset and the
+    queries attend over all S cached positions (mask [B, 1, T, S]).
+    """
     dt, eps = x_btd.dtype, 1e-6  # the reference builds q_a/kv_a norms with the default eps
     nope = cfg.qk_nope_head_dim
 
@@ -46,16 +55,20 @@ def mla(p: dict[str, Any], x_btd: jax.Array, cos_btr: jax.Array, sin_btr: jax.Ar
     kv_a = x_btd @ p["kv_a"].astype(dt)
     c_btr = rms_norm(kv_a[..., :cfg.kv_lora_rank], p["kv_a_norm"], eps)
     k_pe = kv_a[..., cfg.kv_lora_rank:][:, :, None, :]  # [B, T, 1, rope]: one head, shared
-    kv_bthk = jnp.einsum("btr,rhk->bthk", c_btr, p["kv_b"].astype(dt))
-    k_nope, v_bthv = kv_bthk[..., :nope], kv_bthk[..., nope:]
     q_nope = constrain(q_nope, ("act_batch", None, "act_heads", None))
 
     q_pe = apply_rope(q_pe, cos_btr, sin_btr, cfg.rope_interleave)
     k_pe = apply_rope(k_pe, cos_btr, sin_btr, cfg.rope_interleave)[:, :, 0]
+    if cache is not None:
+        latent, cached_pe, offset = cache
+        c_btr = jax.lax.dynamic_update_slice_in_dim(latent, c_btr.astype(latent.dtype), offset, axis=1)
+        k_pe = jax.lax.dynamic_update_slice_in_dim(cached_pe, k_pe.astype(cached_pe.dtype), offset, axis=1)
 
+    kv_bshk = jnp.einsum("bsr,rhk->bshk", c_btr.astype(dt), p["kv_b"].astype(dt))
+    k_nope, v_bshv = kv_bshk[..., :nope], kv_bshk[..., nope:]
     scores = (jnp.einsum("bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
-              + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, preferred_element_type=jnp.float32))
-    scores = jnp.where(mask_b1tt, scores * softmax_scale(cfg), _MASKED)
+              + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe.astype(dt), preferred_element_type=jnp.float32))
+    scores = jnp.where(mask_b1ts, scores * softmax_scale(cfg), _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out_bthv = jnp.einsum("bhts,bshv->bthv", probs, v_bthv)
-    return jnp.einsum("bthv,hvd->btd", out_bthv, p["o"].astype(dt))
+    out_bthv = jnp.einsum("bhts,bshv->bthv", probs, v_bshv)
+    return jnp.einsum("bthv,hvd->btd", out_bthv, p["o"].astype(dt)), (c_btr, k_pe)

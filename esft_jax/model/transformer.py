@@ -39,6 +39,24 @@ def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
+class KVCache(NamedTuple):
+    """MLA's compressed cache: per layer group ("dense_layers", "moe_layers"), the normed latents
+    [L, B, S, kv_lora_rank] and rotated shared keys [L, B, S, rope] -- not per-head keys/values."""
+    latent: dict[str, jax.Array]
+    k_pe: dict[str, jax.Array]
+    segment_ids: jax.Array  # [B, S]: 0 marks padding and unfilled slots
+    length: jax.Array  # int32 scalar: slots filled so far
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
+    dt = jnp.dtype(cfg.dtype)
+    groups = {"dense_layers": cfg.first_k_dense_replace, "moe_layers": cfg.num_moe_layers}
+    groups = {g: n for g, n in groups.items() if n}
+    return KVCache({g: jnp.zeros((n, batch, max_len, cfg.kv_lora_rank), dt) for g, n in groups.items()},
+                   {g: jnp.zeros((n, batch, max_len, cfg.qk_rope_head_dim), dt) for g, n in groups.items()},
+                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
 def forward(params: dict[str, Any], tokens_bt: jax.Array, cfg: ModelConfig, *,
             segment_ids_bt: jax.Array | None = None, positions_bt: jax.Array | None = None,
             return_router_scores: bool = False) -> tuple[jax.Array, Routing]:
@@ -51,31 +69,60 @@ def forward(params: dict[str, Any], tokens_bt: jax.Array, cfg: ModelConfig, *,
         segment_ids_bt = jnp.ones(tokens_bt.shape, jnp.int32)
     if positions_bt is None:
         positions_bt = segment_positions(segment_ids_bt)
+    logits, routing, _ = _decoder(params, tokens_bt, cfg, segment_ids_bt, positions_bt, return_router_scores)
+    return logits, routing
+
+
+def forward_cached(params: dict[str, Any], tokens_bt: jax.Array, cfg: ModelConfig, cache: KVCache, *,
+                   segment_ids_bt: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Append T tokens to the cache (at slots length .. length + T) and return their logits.
+    Each token attends to the filled slots of its own segment up to itself."""
+    logits, _, cache = _decoder(params, tokens_bt, cfg, segment_ids_bt, positions_bt, False, cache)
+    return logits, cache
+
+
+def _decoder(params, tokens_bt, cfg: ModelConfig, segment_ids_bt, positions_bt, return_router_scores: bool,
+             cache: KVCache | None = None):
     dt = jnp.dtype(cfg.dtype)
     cos, sin = rope_cos_sin(positions_bt, cfg)
-    mask = attention_mask(segment_ids_bt)
     eps = cfg.rms_norm_eps
+    if cache is None:
+        mask = attention_mask(segment_ids_bt)
+    else:
+        t, s = tokens_bt.shape[1], cache.segment_ids.shape[1]
+        key_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids_bt, cache.length, axis=1)
+        causal = jnp.arange(s)[None, :] <= cache.length + jnp.arange(t)[:, None]
+        mask = (causal & (segment_ids_bt[:, :, None] == key_segments[:, None, :])
+                & (key_segments[:, None, :] != 0))[:, None]
 
-    def attend(x, p):
-        return x + mla(p["attn"], rms_norm(x, p["attn_norm"], eps), cos, sin, mask, cfg)
+    def attend(x, p, layer_cache):
+        kv_cache = None if layer_cache is None else (*layer_cache, cache.length)
+        out, keys = mla(p["attn"], rms_norm(x, p["attn_norm"], eps), cos, sin, mask, cfg, kv_cache)
+        return x + out, (None if layer_cache is None else keys)
 
-    def dense_layer(x, p):
-        x = attend(x, p)
+    def dense_layer(x, xs):
+        p, layer_cache = xs
+        x, keys = attend(x, p, layer_cache)
         x = x + swiglu(rms_norm(x, p["mlp_norm"], eps), p["mlp"])
-        return constrain(x, _ACT), None
+        return constrain(x, _ACT), keys
 
-    def moe_layer(x, p):
-        x = attend(x, p)
+    def moe_layer(x, xs):
+        p, layer_cache = xs
+        x, keys = attend(x, p, layer_cache)
         out = moe_block(p["moe"], rms_norm(x, p["mlp_norm"], eps), cfg)
         r = out.routing
         routing = Routing(r.expert_ids, r.weights, r.scores if return_router_scores else None, out.dropped)
-        return constrain(x + out.y_btd, _ACT), routing
+        return constrain(x + out.y_btd, _ACT), (routing, keys)
+
+    def layer_cache(group):
+        return None if cache is None else (cache.latent[group], cache.k_pe[group])
 
     x = constrain(params["embed"][tokens_bt].astype(dt), _ACT)
+    new_keys = {}
     if "dense_layers" in params:
-        x, _ = jax.lax.scan(dense_layer, x, params["dense_layers"])
+        x, new_keys["dense_layers"] = jax.lax.scan(dense_layer, x, (params["dense_layers"], layer_cache("dense_layers")))
     if "moe_layers" in params:
-        x, routing = jax.lax.scan(moe_layer, x, params["moe_layers"])
+        x, (routing, new_keys["moe_layers"]) = jax.lax.scan(moe_layer, x, (params["moe_layers"], layer_cache("moe_layers")))
     else:
         b, t = tokens_bt.shape
         k = cfg.num_experts_per_tok
@@ -84,4 +131,8 @@ def forward(params: dict[str, Any], tokens_bt: jax.Array, cfg: ModelConfig, *,
     x = rms_norm(x, params["final_norm"], eps)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
-    return constrain(logits, ("act_batch", None, "act_vocab")), routing
+    logits = constrain(logits, ("act_batch", None, "act_vocab"))
+    if cache is not None:
+        cache = KVCache({g: k[0] for g, k in new_keys.items()}, {g: k[1] for g, k in new_keys.items()},
+                        key_segments, cache.length + tokens_bt.shape[1])
+    return logits, routing, cache

@@ -1,0 +1,1 @@
+"""Evaluation: generation, scorers, the LLM judge."""

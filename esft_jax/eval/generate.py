@@ -1,0 +1,74 @@
+"""Batched greedy generation with MLA's compressed KV cache.
+
+Prompts are left-padded to a common length (padding has segment id 0, so it is never attended to),
+prefilled in one pass, then decoded one token per step inside a `jax.lax.while_loop` that stops when
+every row has produced EOS or `max_new_tokens` tokens. The prompt length is rounded up to a
+multiple of `bucket` so that batches of similar prompts share one compilation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tokenizers import Tokenizer
+
+from esft_jax.model import ModelConfig, forward_cached, init_cache, segment_positions
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _greedy(params, tokens_bp, segments_bp, cfg: ModelConfig, max_new_tokens: int, eos_id: int):
+    b, p = tokens_bp.shape
+    cache = init_cache(cfg, b, p + max_new_tokens)
+    positions = segment_positions(segments_bp)
+    logits, cache = forward_cached(params, tokens_bp, cfg, cache, segment_ids_bt=segments_bp, positions_bt=positions)
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    out = jnp.full((b, max_new_tokens), eos_id, jnp.int32)
+
+    def cond(carry):
+        i, _, _, done, _, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, token, pos, done, out, cache = carry
+        out = out.at[:, i].set(jnp.where(done, eos_id, token))
+        done = done | (token == eos_id)
+        logits, cache = forward_cached(params, token[:, None], cfg, cache, segment_ids_bt=jnp.ones((b, 1), jnp.int32),
+                                       positions_bt=pos[:, None])
+        return i + 1, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), pos + 1, done, out, cache
+
+    start = (jnp.zeros((), jnp.int32), first, positions[:, -1] + 1, jnp.zeros((b,), bool), out, cache)
+    return jax.lax.while_loop(cond, body, start)[4]
+
+
+def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             eos_id: int, bucket: int = 64) -> list[list[int]]:
+    """Greedy continuations (up to and excluding EOS) of one batch of token-id prompts."""
+    width = -(-max(len(p) for p in prompts) // bucket) * bucket
+    tokens = np.zeros((len(prompts), width), np.int32)
+    segments = np.zeros((len(prompts), width), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt):], segments[row, width - len(prompt):] = prompt, 1
+    out = np.asarray(_greedy(params, jnp.asarray(tokens), jnp.asarray(segments), cfg, max_new_tokens, eos_id))
+    results = []
+    for row in out.tolist():
+        results.append(row[:row.index(eos_id)] if eos_id in row else row)
+    return results
+
+
+def generate_text(params, cfg: ModelConfig, tokenizer: Tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+                  stop: Sequence[str] = (), batch_size: int = 8) -> list[str]:
+    """Greedy completions of text prompts (BOS prepended), cut at the first stop string."""
+    bos = [cfg.bos_token_id] if cfg.bos_token_id is not None else []
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None else -1
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        batch = [bos + tokenizer.encode(p, add_special_tokens=False).ids for p in prompts[start:start + batch_size]]
+        for ids in generate(params, cfg, batch, max_new_tokens=max_new_tokens, eos_id=eos):
+            text = tokenizer.decode(ids)
+            cut = min([text.index(s) for s in stop if s in text], default=len(text))
+            texts.append(text[:cut])
+    return texts
