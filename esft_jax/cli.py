@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from esft_jax import configs, runtime, sharding
 from esft_jax.checkpoint import CheckpointError, save_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter
 from esft_jax.data.records import DataError, read_jsonl
+from esft_jax.eval.judge import Judge, JudgeError
+from esft_jax.eval.tasks import evaluate_task, perplexity, read_eval_jsonl
 from esft_jax.expert_config import ExpertConfig, ExpertConfigError
 from esft_jax.model import ConfigError, ModelConfig, forward, param_axes
 from esft_jax.routing import analyze, profile, scores, select
@@ -135,9 +138,37 @@ def cmd_export(c: ml_collections.ConfigDict) -> None:
     print(f"{c.checkpoint} + {c.adapter} -> {out}")
 
 
+def cmd_eval(c: ml_collections.ConfigDict) -> None:
+    """Score a model (optionally with an adapter) on eval tasks, and its held-out perplexity."""
+    cfg, params = runtime.load_model(c)
+    tokenizer = runtime.tokenizer(c)
+    judge = None
+    if c.judge.base_url:
+        judge = Judge(c.judge.base_url, c.judge.model, os.environ.get(c.judge.api_key_env, ""), c.judge.retries)
+    out = Path(c.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scores: dict[str, float] = {}
+    for name, task in c.tasks.items():
+        if not task.data:
+            continue
+        samples = read_eval_jsonl(task.data, task.limit)
+        mean, records = evaluate_task(params, cfg, tokenizer, samples, scorer=task.scorer,
+                                      max_new_tokens=task.max_new_tokens, stop=[s for s in task.stop.split("|") if s],
+                                      batch_size=c.batch_size, judge=judge)
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        scores[name] = mean
+        print(f"{name}: {task.scorer} {mean:.4f} over {len(records)} samples")
+    if c.perplexity.data:
+        held_out, _ = read_jsonl(c.perplexity.data)
+        scores["perplexity"] = perplexity(params, cfg, tokenizer, held_out, seq_len=c.perplexity.seq_len,
+                                          batch_size=c.batch_size)
+        print(f"perplexity on {c.perplexity.data}: {scores['perplexity']:.3f}")
+    (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+
+
 COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "route": cmd_route, "profile": cmd_profile, "select": cmd_select, "analyze": cmd_analyze,
-    "train": cmd_train, "export": cmd_export}
+    "train": cmd_train, "export": cmd_export, "eval": cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         c = configs.load(args.config, [a.removeprefix("--config.") for a in rest])
         COMMANDS[args.command](c)
-    except (configs.ConfigFileError, CheckpointError, ConfigError, DataError, ExpertConfigError) as e:
+    except (configs.ConfigFileError, CheckpointError, ConfigError, DataError, ExpertConfigError, JudgeError) as e:
         print(f"esft {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

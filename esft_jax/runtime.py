@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from esft_jax import configs, sharding
 from esft_jax.checkpoint import load_checkpoint, load_tokenizer
+from esft_jax.checkpoint.adapter import load_with_adapter
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.model import ModelConfig, init_params
 
@@ -23,9 +24,14 @@ RUNTIME_FIELDS = ("dtype", "moe_strategy", "capacity_factor")
 
 
 def load_model(c: ml_collections.ConfigDict) -> tuple[ModelConfig, dict]:
-    """From `c.checkpoint` if set, else random weights for `c.model` (seeded by c.seed)."""
+    """From `c.checkpoint` (plus `c.adapter`, where the config has one) if set, else random weights
+    for `c.model` (seeded by c.seed)."""
     if c.checkpoint:
-        return load_checkpoint(c.checkpoint, **{k: c.model[k] for k in RUNTIME_FIELDS if k in c.model})
+        overrides = {k: c.model[k] for k in RUNTIME_FIELDS if k in c.model}
+        if c.get("adapter"):
+            cfg, params = load_with_adapter(c.checkpoint, c.adapter, **overrides)
+            return cfg, jax.tree.map(jax.numpy.asarray, params)
+        return load_checkpoint(c.checkpoint, **overrides)
     cfg = configs.model_config(c.model)
     return cfg, init_params(cfg, jax.random.key(c.seed))
 

@@ -58,3 +58,22 @@ def test_profile_errors_are_reported(tmp_path, capsys):
     assert "bad.jsonl:2: 'messages' must be" in capsys.readouterr().err
     assert cli.main(["select", "--config", "configs/select.py", f"--config.stats={tmp_path / 'none'}"]) == 2
     assert "no such stats file" in capsys.readouterr().err
+
+
+def test_eval_writes_scores_and_predictions(tmp_path, capsys):
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"User: say {w}\n\nAssistant:", "answers": [f" {w}"]}) + "\n"
+                            for w in ("yes", "no", "maybe")))
+    held_out = _dataset(tmp_path / "held_out.jsonl", n=6)
+    assert cli.main(["eval", "--config", "configs/eval.py", f"--config.tasks.intent.data={data}",
+                     "--config.tasks.intent.scorer=rouge_l", "--config.tasks.intent.max_new_tokens=4",
+                     f"--config.perplexity.data={held_out}", "--config.perplexity.seq_len=64",
+                     f"--config.out_dir={tmp_path / 'out'}"]) == 0
+    scores = json.loads((tmp_path / "out/scores.json").read_text())
+    assert set(scores) == {"intent", "perplexity"} and 0 <= scores["intent"] <= 1
+    assert 50 < scores["perplexity"] < 1000  # a random byte-level model: about the vocabulary size
+    records = [json.loads(ln) for ln in (tmp_path / "out/intent.jsonl").read_text().splitlines()]
+    assert [r["answers"] for r in records] == [[" yes"], [" no"], [" maybe"]]
+    data.write_text('{"prompt": "x", "answers": "not a list"}\n')
+    assert cli.main(["eval", "--config", "configs/eval.py", f"--config.tasks.intent.data={data}"]) == 2
+    assert "eval.jsonl:1: expected" in capsys.readouterr().err

@@ -101,7 +101,7 @@ def test_optimizer_state_is_proportional_to_the_selection(params):
 
 def test_compact_esft_equals_full_size_masked_reference(params):
     """5 steps of the compact path == 5 steps of full-size grads x row mask, masked AdamW updates."""
-    from esft_jax.train.loss import next_token_loss
+    from esft_jax.model.loss import next_token_loss
     from esft_jax.train.optimizer import make_optimizer
 
     method = ExpertSubset.build(CFG, fx.EXPERTS)

@@ -31,7 +31,7 @@ from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import ModelConfig, forward, param_axes
 from esft_jax.train.adapter import save_adapter
 from esft_jax.train.lora import LoRA
-from esft_jax.train.loss import next_token_loss
+from esft_jax.model.loss import next_token_loss
 from esft_jax.train.optimizer import learning_rate, make_optimizer
 from esft_jax.train.trainable import ExpertSubset, FullFineTune
 

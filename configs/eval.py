@@ -1,0 +1,38 @@
+"""`esft eval`: task scores by greedy generation, and held-out perplexity.
+
+    esft eval --config configs/eval.py --config.checkpoint=/models/ESFT-vanilla-lite \
+        --config.adapter=runs/intent-esft/adapter \
+        --config.tasks.intent.data=../shared/esft-reference/datasets/eval/intent.jsonl
+Tasks whose data is "" are skipped. Scorers: intent, exact_match, chrf, bleu, rouge_l, judge
+(an OpenAI-compatible endpoint: --config.judge.base_url=http://host:port/v1 --config.judge.model=...).
+Writes <out_dir>/<task>.jsonl (predictions and scores) and <out_dir>/scores.json.
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+from esft_jax.configs import load_file
+
+
+def _task(scorer: str, max_new_tokens: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(data="", scorer=scorer, max_new_tokens=max_new_tokens, limit=0,
+                                          stop="\n\nUser:"))  # stop strings, separated by "|"
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = load_file(str(Path(__file__).parent / "models" / "tiny.py"))  # random weights ...
+    c.checkpoint = ""  # ... unless this names a Hugging Face checkpoint directory
+    c.adapter = ""  # an adapter applied to the checkpoint (esft train's <workdir>/adapter)
+    c.tokenizer = ""
+    c.seed = 0
+    c.tasks = ml_collections.ConfigDict(dict(
+        intent=_task("intent", 64), law=_task("judge", 256), summary=_task("judge", 256),
+        translation=_task("judge", 256)))
+    c.perplexity = ml_collections.ConfigDict(dict(data="", seq_len=1024))  # held-out jsonl: general ability
+    c.batch_size = 8
+    c.judge = ml_collections.ConfigDict(dict(base_url="", model="", api_key_env="OPENAI_API_KEY", retries=3))
+    c.out_dir = "runs/eval"
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
+    return c

@@ -1,0 +1,88 @@
+"""Evaluating a model on a task (generate, then score) and on held-out text (perplexity).
+
+Eval sets use ESFT's format: one {"prompt": ..., "answers": [...]} per line, the prompt ending
+where the model should start answering (e.g. "...\\n\\nAssistant:").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from esft_jax.data.pipeline import eval_batches
+from esft_jax.data.records import DataError, Sample
+from esft_jax.eval.generate import generate_text
+from esft_jax.eval.judge import Judge
+from esft_jax.eval.scorers import SCORERS
+from esft_jax.model import ModelConfig, forward
+from esft_jax.model.loss import next_token_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSample:
+    prompt: str
+    answers: list[str]
+    source: str
+
+
+def read_eval_jsonl(path: str | Path, limit: int = 0) -> list[EvalSample]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such eval file")
+    samples = []
+    for lineno, line in enumerate(path.open(encoding="utf-8"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        answers = obj.get("answers") if isinstance(obj, dict) else None
+        if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(answers, list)
+                and answers and all(isinstance(a, str) for a in answers)):
+            raise DataError(f"{path}:{lineno}: expected {{\"prompt\": str, \"answers\": [str, ...]}}")
+        samples.append(EvalSample(obj["prompt"], answers, f"{path}:{lineno}"))
+        if limit and len(samples) == limit:
+            break
+    return samples
+
+
+def evaluate_task(params: Any, cfg: ModelConfig, tokenizer: Tokenizer, samples: Sequence[EvalSample], *,
+                  scorer: str, max_new_tokens: int, stop: Sequence[str] = (), batch_size: int = 8,
+                  judge: Judge | None = None) -> tuple[float, list[dict]]:
+    """(mean score, per-sample records with prediction and score)."""
+    if scorer == "judge" and judge is None:
+        raise ValueError("scorer 'judge' needs a judge endpoint (config judge.base_url)")
+    if scorer != "judge" and scorer not in SCORERS:
+        raise ValueError(f"scorer {scorer!r}: expected 'judge' or one of {sorted(SCORERS)}")
+    predictions = []
+    for start in tqdm(range(0, len(samples), batch_size), desc="generating", unit="batch", leave=False):
+        batch = samples[start:start + batch_size]
+        predictions += generate_text(params, cfg, tokenizer, [s.prompt for s in batch],
+                                     max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size)
+    records = []
+    for sample, prediction in zip(samples, predictions):
+        score = judge.score(sample.prompt, prediction, sample.answers) if scorer == "judge" \
+            else SCORERS[scorer](prediction, sample.answers)
+        records.append({"source": sample.source, "prediction": prediction, "answers": sample.answers, "score": score})
+    return (sum(r["score"] for r in records) / max(len(records), 1)), records
+
+
+def perplexity(params: Any, cfg: ModelConfig, tokenizer: Tokenizer, samples: Sequence[Sample], *, seq_len: int,
+               batch_size: int = 8) -> float:
+    """exp(mean next-token loss over the answer tokens (all tokens of plain text) of held-out samples)."""
+    step = jax.jit(lambda p, b: next_token_loss(forward(p, b["tokens"], cfg, segment_ids_bt=b["segment_ids"],
+                                                        positions_bt=b["positions"])[0], b))
+    total, count = 0.0, 0
+    for batch in eval_batches(list(samples), tokenizer, cfg, seq_len=seq_len, batch_size=batch_size):
+        loss_sum, n = step(params, jax.tree.map(jnp.asarray, batch))
+        total, count = total + float(loss_sum), count + int(n)
+    return math.exp(total / max(count, 1))
