@@ -36,6 +36,7 @@ def get_config(method: str = "esft") -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-5, schedule="cosine", warmup_steps=10, end_lr_fraction=0.1, steps=c.get_ref("steps"),
         adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+    c.aux_loss_alpha = 0.0  # load-balancing loss weight (pretraining); ESFT/FFT fine-tuning: 0
     c.log_every = 10
     c.eval_every = 100
     c.checkpoint_every = 100

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from esft_jax import configs, runtime, sharding
+from esft_jax import configs, experiment, runtime, sharding
 from esft_jax.checkpoint import CheckpointError, save_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter
 from esft_jax.data.records import DataError, read_jsonl
@@ -166,9 +166,14 @@ def cmd_eval(c: ml_collections.ConfigDict) -> None:
     (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
 
 
+def cmd_run(c: ml_collections.ConfigDict) -> None:
+    """The whole ESFT study on one task: eval, profile, select, train every method, eval, table."""
+    experiment.run(c)
+
+
 COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "route": cmd_route, "profile": cmd_profile, "select": cmd_select, "analyze": cmd_analyze,
-    "train": cmd_train, "export": cmd_export, "eval": cmd_eval}
+    "train": cmd_train, "export": cmd_export, "eval": cmd_eval, "run": cmd_run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

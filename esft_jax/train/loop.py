@@ -31,7 +31,7 @@ from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import ModelConfig, forward, param_axes
 from esft_jax.train.adapter import save_adapter
 from esft_jax.train.lora import LoRA
-from esft_jax.model.loss import next_token_loss
+from esft_jax.model.loss import load_balance_loss, next_token_loss
 from esft_jax.train.optimizer import learning_rate, make_optimizer
 from esft_jax.train.trainable import ExpertSubset, FullFineTune
 
@@ -49,20 +49,24 @@ def build_method(c: ml_collections.ConfigDict, cfg: ModelConfig):
     raise ValueError(f"method={c.method!r}: expected one of {METHODS}")
 
 
-def _loss_fn(method, cfg: ModelConfig):
+def _loss_fn(method, cfg: ModelConfig, aux_loss_alpha: float = 0.0):
+    """(sum of token losses [+ alpha * load-balance loss per token], (tokens, dropped assignments))."""
     def loss(trainable, frozen, batch):
         params = method.materialize(frozen, trainable)
         logits, routing = forward(params, batch["tokens"], cfg, segment_ids_bt=batch["segment_ids"],
-                                  positions_bt=batch["positions"])
+                                  positions_bt=batch["positions"], return_router_scores=aux_loss_alpha > 0)
         loss_sum, count = next_token_loss(logits, batch)
+        if aux_loss_alpha > 0:
+            aux = load_balance_loss(routing.expert_ids, routing.router_scores, batch["segment_ids"] != 0)
+            loss_sum = loss_sum + aux_loss_alpha * aux * count
         return loss_sum, (count, routing.dropped.sum())
     return loss
 
 
-def make_train_step(method, cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule
-                    ) -> Callable:
+def make_train_step(method, cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    aux_loss_alpha: float = 0.0) -> Callable:
     """(state, frozen, batches [A, B, T]) -> (state, metrics)."""
-    grad_fn = jax.value_and_grad(_loss_fn(method, cfg), has_aux=True)
+    grad_fn = jax.value_and_grad(_loss_fn(method, cfg, aux_loss_alpha), has_aux=True)
 
     def step(state, frozen, batches):
         def micro(carry, batch):
@@ -161,7 +165,8 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     elif metrics_path.exists():
         metrics_path.unlink()
 
-    train_step, eval_step = make_train_step(method, cfg, tx, schedule), make_eval_step(method, cfg)
+    train_step = make_train_step(method, cfg, tx, schedule, c.aux_loss_alpha)
+    eval_step = make_eval_step(method, cfg)
     val = eval_batches(val_samples, tokenizer, cfg, seq_len=c.data.seq_len, batch_size=c.batch_size)
     batch_sharding = _batch_sharding(mesh, 3)
 

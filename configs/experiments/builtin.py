@@ -1,0 +1,36 @@
+"""The ESFT study on the built-in pretrained tiny MoE and one built-in task (`make run`).
+
+    esft run --config configs/experiments/builtin.py:intent      # or :math, :sort
+Every method fine-tunes the same model on the same data for the same steps; only what trains differs.
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+import esft_jax.builtin
+from esft_jax.configs import load_file
+
+BUILTIN_MODEL = str(Path(esft_jax.builtin.__file__).parent / "tiny_moe")
+
+
+def get_config(task: str = "intent") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = task
+    c.general_tasks = ("facts", "count")  # general ability: formats the base model was pretrained on
+    c.checkpoint = BUILTIN_MODEL
+    c.model = load_file(str(Path(__file__).parents[1] / "models" / "tiny.py"))  # runtime fields only
+    c.tokenizer = ""
+    c.seed = 0
+    c.suite_dir = "runs/builtin_suite"
+    c.run_dir = f"runs/esft_{task}"
+    c.methods = ("fft", "lora", "esft_token", "esft_gate")
+    c.p_token, c.p_gate = 0.2, 0.1
+    c.profile = ml_collections.ConfigDict(dict(token_budget=32 * 1024, seq_len=256, batch_size=16))
+    # Per-method learning rates: few trainable parameters take a larger step (as LoRA practice does).
+    c.lr = ml_collections.ConfigDict(dict(fft=1e-3, lora=3e-3, esft_token=3e-3, esft_gate=3e-3))
+    c.train = (  # --config.<override> for every `esft train`
+        "steps=100", "batch_size=8", "data.seq_len=256", "optim.warmup_steps=10", "log_every=20",
+        "eval_every=100", "checkpoint_every=100", "data.validation_fraction=0.02", "model.capacity_factor=2.0")
+    c.eval = ml_collections.ConfigDict(dict(limit=100, batch_size=25, seq_len=512))
+    return c
