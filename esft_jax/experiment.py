@@ -1,10 +1,13 @@
 """`esft run`: the whole ESFT study for one task, each step cached in the run directory.
 
-vanilla eval -> profile -> select (ESFT-Token p=0.2, ESFT-Gate p=0.1) -> train every method
-(FFT, LoRA, ESFT-Token, ESFT-Gate) -> eval each on the task and the general suite -> a markdown
-table in the spirit of the paper's Tables 1-2 (+ trainable parameters, optimizer-state bytes,
-adapter bytes, train time, peak memory) and plots. A step whose output exists is skipped, so a
-rerun only does what is missing. Training runs in a child process, so its peak memory is its own.
+vanilla eval -> profile -> select experts (one expert config per entry of `c.selections`) -> train
+every method of `c.methods` ("fft", "lora", or "esft_<selection>") -> eval each on the task and
+the general suite -> a markdown table in the spirit of the paper's Tables 1-2 (+ trainable
+parameters, optimizer-state bytes, adapter bytes, train time, peak memory) and plots. Ablations are
+just more selections (threshold p, score function, random experts, expert groups, trainable-module
+flags). A step whose output exists is skipped, so a rerun only does what is missing. Each training
+runs in a child process (its peak memory is its own); `c.launch = "print"` prints those commands,
+one per method, for a cluster instead of running them.
 """
 
 from __future__ import annotations
@@ -52,18 +55,24 @@ def _evaluate(c: ml_collections.ConfigDict, suite: Path, adapter: str = "") -> d
     return out
 
 
+def _train_command(c: ml_collections.ConfigDict, method: str, run: Path, suite: Path) -> list[str]:
+    kind = "esft" if method.startswith("esft_") else method
+    args = [sys.executable, "-m", "esft_jax.cli", "train", "--config", f"configs/train.py:{kind}",
+            f"--config.checkpoint={c.checkpoint}", f"--config.data.train={suite / 'train' / f'{c.task}.jsonl'}",
+            f"--config.workdir={run / f'train_{method}'}", f"--config.optim.lr={c.lr.get(method, c.lr.esft)}",
+            *(f"--config.{override}" for override in c.train)]
+    if kind == "esft":
+        selection = method.removeprefix("esft_")
+        args.append(f"--config.expert_config={run / f'experts_{selection}.json'}")
+    return args
+
+
 def _train_child(c: ml_collections.ConfigDict, method: str, run: Path, suite: Path) -> dict:
     """`esft train` in a child process; returns its summary plus the child's peak RSS."""
     workdir = run / f"train_{method}"
     if (workdir / "summary.json").is_file():
         return json.loads((workdir / "summary.json").read_text())
-    kind = "esft" if method.startswith("esft") else method
-    args = [sys.executable, "-m", "esft_jax.cli", "train", "--config", f"configs/train.py:{kind}",
-            f"--config.checkpoint={c.checkpoint}", f"--config.data.train={suite / 'train' / f'{c.task}.jsonl'}",
-            f"--config.workdir={workdir}", f"--config.optim.lr={c.lr[method]}",
-            *(f"--config.{override}" for override in c.train)]
-    if kind == "esft":
-        args.append(f"--config.expert_config={run / ('experts_' + method.split('_', 1)[1] + '.json')}")
+    args = _train_command(c, method, run, suite)
     start = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -96,9 +105,18 @@ def run(c: ml_collections.ConfigDict) -> Path:
     stats = load_stats(run_dir / "profile")
 
     print("[3/5] selecting experts")
-    for name, (kind, p) in {"token": ("token", c.p_token), "gate": ("gate", c.p_gate)}.items():
-        chosen = select.by_threshold(scores.expert_scores(stats, kind, "pooled"), p)
-        ExpertConfig(dict(zip(stats.layers, chosen))).save(run_dir / f"experts_{name}.json")
+    for name, spec in c.selections.items():
+        chosen = select.select(scores.expert_scores(stats, spec.score, spec.norm), spec.method, p=spec.p,
+                               seed=c.seed, group_size=spec.group_size, grouping=spec.grouping,
+                               coactivation_lee=stats.coactivation)
+        if spec.shared_only:
+            chosen = [[] for _ in chosen]
+        ExpertConfig(dict(zip(stats.layers, chosen)), spec.shared_experts, spec.non_expert_modules).save(
+            run_dir / f"experts_{name}.json")
+    if c.launch == "print":
+        for m in c.methods:
+            print(" ".join(_train_command(c, m, run_dir, suite)))
+        return run_dir / "results.md"
 
     print(f"[4/5] training {', '.join(c.methods)}")
     summaries = {m: _train_child(c, m, run_dir, suite) for m in c.methods}

@@ -195,3 +195,13 @@ def test_written_back_params_compute_what_training_computed(params, method):
     base, _ = forward(params, tokens, CFG)
     np.testing.assert_allclose(exported, trained, atol=2e-5)
     assert np.abs(np.asarray(trained) - np.asarray(base)).max() > 1e-3
+
+
+def test_shared_experts_only(params):
+    """The paper's "shared experts only" ablation: no routed expert trains."""
+    method = ExpertSubset.build(CFG, ExpertConfig({1: [], 2: [], 3: []}, shared_experts=True))
+    state, _ = _run(method, params, 2)
+    assert list(state["trainable"]) == ["shared"]
+    after = method.write_back(params, state["trainable"])
+    np.testing.assert_array_equal(after["moe_layers"]["moe"]["experts"]["gate"], params["moe_layers"]["moe"]["experts"]["gate"])
+    assert not np.array_equal(after["moe_layers"]["moe"]["shared"]["up"], params["moe_layers"]["moe"]["shared"]["up"])

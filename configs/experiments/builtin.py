@@ -14,6 +14,14 @@ from esft_jax.configs import load_file
 BUILTIN_MODEL = str(Path(esft_jax.builtin.__file__).parent / "tiny_moe")
 
 
+def selection(score: str = "token", p: float = 0.2, method: str = "threshold", **flags) -> ml_collections.ConfigDict:
+    """One expert selection (see esft_jax/routing/select.py) and the expert config's flags."""
+    return ml_collections.ConfigDict(dict(
+        score=score, norm="pooled", p=p, method=method, group_size=flags.get("group_size", 1),
+        grouping=flags.get("grouping", "coactivation"), shared_experts=flags.get("shared_experts", False),
+        non_expert_modules=flags.get("non_expert_modules", False), shared_only=flags.get("shared_only", False)))
+
+
 def get_config(task: str = "intent") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = task
@@ -24,11 +32,12 @@ def get_config(task: str = "intent") -> ml_collections.ConfigDict:
     c.seed = 0
     c.suite_dir = "runs/builtin_suite"
     c.run_dir = f"runs/esft_{task}"
-    c.methods = ("fft", "lora", "esft_token", "esft_gate")
-    c.p_token, c.p_gate = 0.2, 0.1
+    c.selections = ml_collections.ConfigDict(dict(token=selection("token", 0.2), gate=selection("gate", 0.1)))
+    c.methods = ("fft", "lora", "esft_token", "esft_gate")  # "esft_<selection>"
+    c.launch = "local"  # or "print": print each method's `esft train` command (for a cluster) and stop
     c.profile = ml_collections.ConfigDict(dict(token_budget=32 * 1024, seq_len=256, batch_size=16))
-    # Per-method learning rates: few trainable parameters take a larger step (as LoRA practice does).
-    c.lr = ml_collections.ConfigDict(dict(fft=1e-3, lora=3e-3, esft_token=3e-3, esft_gate=3e-3))
+    # Per-method learning rates (esft: every ESFT variant): few trainable parameters take larger steps.
+    c.lr = ml_collections.ConfigDict(dict(fft=1e-3, lora=3e-3, esft=3e-3))
     c.train = (  # --config.<override> for every `esft train`
         "steps=100", "batch_size=8", "data.seq_len=256", "optim.warmup_steps=10", "log_every=20",
         "eval_every=100", "checkpoint_every=100", "data.validation_fraction=0.02", "model.capacity_factor=2.0")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -119,11 +120,13 @@ DOC_MODULES = ("argparse", "base64", "bisect", "calendar", "collections", "csv",
 def python_docs() -> list[str]:
     """Docstrings of the standard library's public functions and classes (text that ships with Python)."""
     docs = []
-    for module in map(importlib.import_module, DOC_MODULES):
-        for name, obj in sorted(vars(module).items()):
-            doc = inspect.getdoc(obj) if not name.startswith("_") else None
-            if doc and doc.isascii() and 40 < len(doc) < 2000:
-                docs.append(doc)
+    with warnings.catch_warnings():  # reading deprecated members (typing.re, ...) warns
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for module in map(importlib.import_module, DOC_MODULES):
+            for name, obj in sorted(vars(module).items()):
+                doc = inspect.getdoc(obj) if not name.startswith("_") else None
+                if doc and doc.isascii() and 40 < len(doc) < 2000:
+                    docs.append(doc)
     return list(dict.fromkeys(docs))  # unique, stable order
 
 

@@ -99,7 +99,9 @@ class ExpertSubset:
     def init(self, frozen: Params) -> Params:
         experts = frozen["moe_layers"]["moe"]["experts"]
         layer, expert = self.rows[:, 0], self.rows[:, 1]
-        trainable: Params = {"experts": {k: jnp.asarray(experts[k][layer, expert], jnp.float32) for k in EXPERT_KEYS}}
+        trainable: Params = {}
+        if self.rows.size:  # no routed expert at all: e.g. the "shared experts only" ablation
+            trainable["experts"] = {k: jnp.asarray(experts[k][layer, expert], jnp.float32) for k in EXPERT_KEYS}
         if self.expert_config.shared_experts and "shared" in frozen["moe_layers"]["moe"]:
             trainable["shared"] = _float32(frozen["moe_layers"]["moe"]["shared"])
         if self.expert_config.non_expert_modules:
@@ -107,7 +109,9 @@ class ExpertSubset:
         return trainable
 
     def axes(self, model_axes: Params, trainable: Params) -> Params:
-        out: Params = {"experts": {k: (None, *model_axes["moe_layers"]["moe"]["experts"][k][2:]) for k in EXPERT_KEYS}}
+        out: Params = {}
+        if "experts" in trainable:
+            out["experts"] = {k: (None, *model_axes["moe_layers"]["moe"]["experts"][k][2:]) for k in EXPERT_KEYS}
         if "shared" in trainable:
             out["shared"] = model_axes["moe_layers"]["moe"]["shared"]
         if "non_expert" in trainable:
@@ -125,6 +129,8 @@ class ExpertSubset:
 
     def materialize(self, frozen: Params, trainable: Params) -> Params:
         params = overlay(frozen, self._subtrees(trainable))
+        if "experts" not in trainable:
+            return params
         override = {k: trainable["experts"][k][self.slots] for k in EXPERT_KEYS}  # [L, S, ...]
         override["ids"] = jnp.asarray(self.slot_ids)
         moe_layers = dict(params["moe_layers"])
@@ -133,6 +139,8 @@ class ExpertSubset:
 
     def write_back(self, frozen: Params, trainable: Params) -> Params:
         params = cast_like(overlay(frozen, self._subtrees(trainable)), frozen)
+        if "experts" not in trainable:
+            return params
         experts = params["moe_layers"]["moe"]["experts"]
         layer, expert = self.rows[:, 0], self.rows[:, 1]
         experts = {k: experts[k].at[layer, expert].set(trainable["experts"][k].astype(experts[k].dtype))
