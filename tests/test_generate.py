@@ -77,3 +77,19 @@ def test_generate_text_stops(model):
     if stop:
         cut = generate_text(params, cfg, tok, ["abc"], max_new_tokens=10, stop=[stop])
         assert cut[0] == full[0][:full[0].index(stop)]
+
+
+def test_generation_on_the_mesh_equals_one_device(model):
+    from esft_jax import sharding
+    from esft_jax.model import param_axes
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    cfg, params = model
+    prompts = [np.random.default_rng(i).integers(0, 256, 4 + i).tolist() for i in range(4)]
+    ref = generate(params, cfg, prompts, max_new_tokens=6, eos_id=cfg.eos_token_id, bucket=8)
+    mesh = sharding.make_mesh({"data": 2, "expert": 4}, jax.devices()[:8])
+    with jax.set_mesh(mesh):
+        got = generate(sharding.shard_params(params, param_axes(cfg), mesh), cfg, prompts, max_new_tokens=6,
+                       eos_id=cfg.eos_token_id, bucket=8)
+    assert got == ref
