@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	$(VENV)/bin/esft route --config configs/models/tiny.py
+	$(VENV)/bin/esft run --config configs/experiments/builtin.py:intent
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

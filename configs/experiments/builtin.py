@@ -40,6 +40,6 @@ def get_config(task: str = "intent") -> ml_collections.ConfigDict:
     c.lr = ml_collections.ConfigDict(dict(fft=1e-3, lora=3e-3, esft=3e-3))
     c.train = (  # --config.<override> for every `esft train`
         "steps=100", "batch_size=8", "data.seq_len=256", "optim.warmup_steps=10", "log_every=20",
-        "eval_every=100", "checkpoint_every=100", "data.validation_fraction=0.02", "model.capacity_factor=2.0")
+        "eval_every=100", "checkpoint_every=100", "data.validation_fraction=0.02")
     c.eval = ml_collections.ConfigDict(dict(limit=100, batch_size=25, seq_len=512))
     return c
