@@ -168,12 +168,12 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     train_step = make_train_step(method, cfg, tx, schedule, c.aux_loss_alpha)
     eval_step = make_eval_step(method, cfg)
     val = eval_batches(val_samples, tokenizer, cfg, seq_len=c.data.seq_len, batch_size=c.batch_size)
-    batch_sharding = _batch_sharding(mesh, 3)
+    batch_sharding, eval_sharding = _batch_sharding(mesh, 3), _batch_sharding(mesh, 2)
 
     def evaluate(trainable) -> float:
         total, count = 0.0, 0
         for b in val:
-            loss_sum, n = eval_step(trainable, frozen, _put(b, _batch_sharding(mesh, 2)))
+            loss_sum, n = eval_step(trainable, frozen, _put(b, eval_sharding))
             total, count = total + float(loss_sum), count + int(n)
         return total / max(count, 1)
 
