@@ -1,13 +1,16 @@
 """`esft run`: the whole ESFT study for one task, each step cached in the run directory.
 
-vanilla eval -> profile -> select experts (one expert config per entry of `c.selections`) -> train
-every method of `c.methods` ("fft", "lora", or "esft_<selection>") -> eval each on the task and
-the general suite -> a markdown table in the spirit of the paper's Tables 1-2 (+ trainable
+profile -> select experts (one expert config per entry of `c.selections`) -> eval the base model ->
+train every method of `c.methods` ("fft", "lora", or "esft_<selection>") -> eval each on the task
+and the general tasks (`c.scoring` says how each is scored) -> a markdown table in the spirit of the paper's Tables 1-2 (+ trainable
 parameters, optimizer-state bytes, adapter bytes, train time, peak memory) and plots. Ablations are
 just more selections (threshold p, score function, random experts, expert groups, trainable-module
 flags). A step whose output exists is skipped, so a rerun only does what is missing. Each training
-runs in a child process (its peak memory is its own); `c.launch = "print"` prints those commands,
-one per method, for a cluster instead of running them.
+runs in a child process (its peak memory is its own); `c.launch = "print"` stops after selection
+and prints those commands, one per method, for a cluster.
+
+A config with `c.studies` (name -> study config) is a sweep: each study runs in turn (or prints its
+commands), then one table of all of them (report.aggregate_table) and a trade-off plot.
 """
 
 from __future__ import annotations
@@ -22,13 +25,27 @@ from typing import Any
 
 import ml_collections
 
-from esft_jax import runtime
+from esft_jax import report, runtime
 from esft_jax.builtin import tasks as builtin_tasks
 from esft_jax.data.records import read_jsonl
+from esft_jax.eval.judge import Judge
 from esft_jax.eval.tasks import evaluate_task, perplexity, read_eval_jsonl
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.routing import analyze, profile, scores, select
 from esft_jax.routing.sources import STATS_FILE, load_stats
+
+
+def selection(score: str = "token", p: float = 0.2, method: str = "threshold", **flags) -> ml_collections.ConfigDict:
+    """One expert selection (see esft_jax/routing/select.py) and the expert config's flags."""
+    return ml_collections.ConfigDict(dict(
+        score=score, norm="pooled", p=p, method=method, group_size=flags.get("group_size", 1),
+        grouping=flags.get("grouping", "coactivation"), shared_experts=flags.get("shared_experts", False),
+        non_expert_modules=flags.get("non_expert_modules", False), shared_only=flags.get("shared_only", False)))
+
+
+def scoring(scorer: str, max_new_tokens: int, stop: str = "") -> ml_collections.ConfigDict:
+    """How a task is scored: a scorer of esft_jax/eval/scorers.py or "judge"; stop strings split by "|"."""
+    return ml_collections.ConfigDict(dict(scorer=scorer, max_new_tokens=max_new_tokens, stop=stop))
 
 
 def _cached(path: Path, compute) -> Any:
@@ -44,14 +61,18 @@ def _evaluate(c: ml_collections.ConfigDict, suite: Path, adapter: str = "") -> d
     model = ml_collections.ConfigDict({**c.to_dict(), "adapter": adapter})
     cfg, params = runtime.load_model(model)
     tok = runtime.tokenizer(c)
+    judge = Judge(c.judge.base_url, c.judge.model, os.environ.get(c.judge.api_key_env, "")) if c.judge.base_url else None
     out = {}
     for name in [c.task, *c.general_tasks]:
-        _, scorer, max_new = {**builtin_tasks.DOWNSTREAM, **builtin_tasks.GENERAL}[name]
+        spec = c.scoring[name]
         samples = read_eval_jsonl(suite / "eval" / f"{name}.jsonl", c.eval.limit)
-        out[name], _ = evaluate_task(params, cfg, tok, samples, scorer=scorer, max_new_tokens=max_new,
-                                     batch_size=c.eval.batch_size)
-    held_out, _ = read_jsonl(suite / "eval" / "docs.jsonl")
-    out["docs_ppl"] = perplexity(params, cfg, tok, held_out, seq_len=c.eval.seq_len, batch_size=c.eval.batch_size)
+        out[name], _ = evaluate_task(params, cfg, tok, samples, scorer=spec.scorer, max_new_tokens=spec.max_new_tokens,
+                                     stop=[s for s in spec.stop.split("|") if s], batch_size=c.eval.batch_size,
+                                     judge=judge)
+    if c.perplexity_data:
+        held_out, _ = read_jsonl(c.perplexity_data)
+        out["perplexity"] = perplexity(params, cfg, tok, held_out, seq_len=c.eval.seq_len,
+                                       batch_size=c.eval.batch_size)
     return out
 
 
@@ -85,16 +106,31 @@ def _train_child(c: ml_collections.ConfigDict, method: str, run: Path, suite: Pa
 
 
 def run(c: ml_collections.ConfigDict) -> Path:
-    """Run (or finish) the study; returns the path of the markdown table."""
+    """Run (or finish) the study or the sweep; returns the path of its markdown table."""
+    if "studies" not in c:
+        return run_study(c)[0]
+    run_dir = Path(c.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    studies = {}
+    for name, sub in c.studies.items():
+        print(f"=== study {name} ===")
+        studies[name] = run_study(sub)[1]
+    if c.studies and all(s is not None for s in studies.values()):
+        table = report.aggregate_table(studies)
+        (run_dir / "results.md").write_text(table)
+        report.tradeoff_plot(studies, run_dir / "tradeoff.png")
+        print("\n" + table + f"\ntable: {run_dir / 'results.md'}; plot: {run_dir / 'tradeoff.png'}")
+    return run_dir / "results.md"
+
+
+def run_study(c: ml_collections.ConfigDict) -> tuple[Path, report.Study | None]:
+    """One task: (the path of its table, its results; None when c.launch == "print")."""
     run_dir = Path(c.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     suite = Path(c.suite_dir)
-    if not (suite / "eval" / "docs.jsonl").is_file():
+    if c.builtin_suite and not (suite / "eval" / "docs.jsonl").is_file():
         builtin_tasks.write_suite(suite, seed=c.seed)
-    print(f"[1/5] vanilla eval of {c.checkpoint}")
-    results = {"vanilla": _cached(run_dir / "eval_vanilla.json", lambda: _evaluate(c, suite))}
-
-    print(f"[2/5] profiling routing on {c.task}")
+    print(f"[1/5] profiling routing on {c.task}")
     if not (run_dir / "profile" / STATS_FILE).is_file():
         cfg, params = runtime.load_model(c)
         samples, _ = read_jsonl(suite / "train" / f"{c.task}.jsonl")
@@ -104,7 +140,7 @@ def run(c: ml_collections.ConfigDict) -> Path:
                         progress=False).save(run_dir / "profile" / STATS_FILE)
     stats = load_stats(run_dir / "profile")
 
-    print("[3/5] selecting experts")
+    print("[2/5] selecting experts")
     for name, spec in c.selections.items():
         chosen = select.select(scores.expert_scores(stats, spec.score, spec.norm), spec.method, p=spec.p,
                                seed=c.seed, group_size=spec.group_size, grouping=spec.grouping,
@@ -116,7 +152,10 @@ def run(c: ml_collections.ConfigDict) -> Path:
     if c.launch == "print":
         for m in c.methods:
             print(" ".join(_train_command(c, m, run_dir, suite)))
-        return run_dir / "results.md"
+        return run_dir / "results.md", None
+
+    print(f"[3/5] vanilla eval of {c.checkpoint}")
+    results = {"vanilla": _cached(run_dir / "eval_vanilla.json", lambda: _evaluate(c, suite))}
 
     print(f"[4/5] training {', '.join(c.methods)}")
     summaries = {m: _train_child(c, m, run_dir, suite) for m in c.methods}
@@ -124,50 +163,11 @@ def run(c: ml_collections.ConfigDict) -> Path:
     print("[5/5] evaluating the fine-tuned models")
     for m in c.methods:
         results[m] = _cached(run_dir / f"eval_{m}.json", lambda m=m: _evaluate(c, suite, str(run_dir / f"train_{m}" / "adapter")))
-    table = report(c, results, summaries)
+    study = report.Study(c.task, tuple(c.general_tasks), results, summaries)
+    table = report.study_table(study)
     (run_dir / "results.md").write_text(table)
-    analyze.heatmap(stats, run_dir / "routing_heatmap.png", f"{c.task} (built-in model)")
-    _score_plot(c, results, summaries, run_dir / "score_vs_params.png")
+    analyze.heatmap(stats, run_dir / "routing_heatmap.png", c.task)
+    report.score_plot(study, run_dir / "score_vs_params.png")
     print("\n" + table + f"\ntable: {run_dir / 'results.md'}; plots: {run_dir / 'routing_heatmap.png'}, "
           f"{run_dir / 'score_vs_params.png'}")
-    return run_dir / "results.md"
-
-
-def report(c: ml_collections.ConfigDict, results: dict, summaries: dict) -> str:
-    general = list(c.general_tasks)
-    head = (f"| method | {c.task} | " + " | ".join(general) + " | general avg | docs ppl | trainable params | "
-            "optimizer state | adapter | train s | peak RSS |")
-    lines = [head, "|---" * (len(general) + 9) + "|"]
-    fft_params = summaries.get("fft", {}).get("trainable_params")
-    for name, r in results.items():
-        s = summaries.get(name, {})
-        params = s.get("trainable_params")
-        share = f" ({params / fft_params:.1%})" if params and fft_params else ""
-        cells = [name, f"{r[c.task]:.3f}", *(f"{r[g]:.3f}" for g in general),
-                 f"{sum(r[g] for g in general) / len(general):.3f}", f"{r['docs_ppl']:.2f}",
-                 f"{params:,}{share}" if params else "-",
-                 f"{s['optimizer_state_bytes'] / 1e6:.2f} MB" if s else "-",
-                 f"{s['adapter_bytes'] / 1e6:.2f} MB" if s else "-",
-                 f"{s['train_seconds']:.0f}" if s else "-",
-                 f"{s['peak_rss_mb']:.0f} MB" if s.get("peak_rss_mb") else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _score_plot(c, results: dict, summaries: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for m, s in summaries.items():
-        ax.scatter(s["trainable_params"], results[m][c.task], label=m)
-    ax.axhline(results["vanilla"][c.task], color="grey", linestyle="--", label="vanilla")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel(f"{c.task} score")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return run_dir / "results.md", study

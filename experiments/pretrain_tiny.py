@@ -3,7 +3,7 @@
     .venv/bin/python experiments/pretrain_tiny.py                 # writes esft_jax/builtin/tiny_moe/
     .venv/bin/python experiments/pretrain_tiny.py --steps 200 --out /tmp/tiny   # a quick smoke run
 
-1. A multi-domain corpus from esft_jax/builtin/tasks.py (home, math, words, facts, count: generated;
+1. A multi-domain corpus from esft_jax/builtin/tasks.py (home incl. JSON event logs, math, words, facts, count: generated;
    docs: Python standard-library docstrings), one document per line.
 2. A byte-level BPE tokenizer (1,024 tokens) trained on it (plus the task prompts, so they tokenize well).
 3. A 5-layer MoE (first layer dense; 32 routed experts of width 64, top-4, 2 shared) trained from
@@ -55,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "esft_jax/builtin/tiny_moe"))
     parser.add_argument("--workdir", default="runs/pretrain_tiny")
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--docs_per_domain", type=int, default=60000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -6,6 +6,8 @@ import pytest
 import train_fixtures as fx
 
 from esft_jax import configs, experiment
+from esft_jax.builtin import tasks as builtin_tasks
+from esft_jax.expert_config import ExpertConfig
 
 
 @pytest.mark.slow
@@ -23,3 +25,26 @@ def test_run_pipeline_and_rerun_from_cache(tmp_path):
     start = time.perf_counter()
     assert experiment.run(c).read_text() == table  # everything cached: nothing recomputed
     assert time.perf_counter() - start < 30
+
+
+def test_official_study_prints_one_command_per_method(tmp_path, reference, capsys):
+    """The official-datasets study on a small model: profile + select run, then the launch commands."""
+    c = configs.load("configs/experiments/official.py:intent", [
+        f"checkpoint={configs.load('configs/experiments/builtin.py').checkpoint}", f"suite_dir={reference / 'datasets'}", f"run_dir={tmp_path}",
+        "launch=print", "profile.token_budget=2000", "profile.seq_len=512", "train=('mesh.expert=8',)"])
+    assert c.general_tasks == ("law", "summary", "translation") and c.scoring.law.scorer == "chrf"
+    experiment.run(c)
+    commands = [line for line in capsys.readouterr().out.splitlines() if " train --config " in line]
+    assert [cmd.split("configs/train.py:")[1].split()[0] for cmd in commands] == ["fft", "lora", "esft", "esft"]
+    assert all(f"--config.data.train={reference / 'datasets' / 'train' / 'intent.jsonl'}" in cmd for cmd in commands)
+    assert all("--config.mesh.expert=8" in cmd.split() for cmd in commands)
+    for name in ("token", "gate"):
+        assert ExpertConfig.load(tmp_path / f"experts_{name}.json").experts  # some experts selected
+    assert not (tmp_path / "eval_vanilla.json").exists()  # print mode evaluates nothing
+
+
+def test_main_config_is_every_builtin_task():
+    c = configs.load("configs/experiments/main.py", ["launch=print"])
+    assert list(c.studies) == list(builtin_tasks.DOWNSTREAM)
+    assert {s.launch for s in c.studies.values()} == {"print"}
+    assert len({s.run_dir for s in c.studies.values()}) == 3

@@ -8,15 +8,12 @@
 Append --config.launch=print to print one `esft train` command per variant instead of running them.
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("builtin_experiment", Path(__file__).with_name("builtin.py"))
-builtin = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(builtin)
-selection = builtin.selection
+from esft_jax.configs import load_file
+from esft_jax.experiment import selection
 
 ABLATIONS = {
     "p_sweep": {f"token_p{round(p * 100):02d}": selection("token", p) for p in (0.05, 0.1, 0.2, 0.3, 0.5)},
@@ -32,7 +29,7 @@ ABLATIONS = {
 
 def get_config(arg: str = "p_sweep") -> ml_collections.ConfigDict:
     ablation, _, task = arg.partition(",")
-    c = builtin.get_config(task or "intent")
+    c = load_file(f"{Path(__file__).with_name('builtin.py')}:{task or 'intent'}")
     c.selections = ml_collections.ConfigDict(ABLATIONS[ablation])
     c.methods = ("fft", *(f"esft_{name}" for name in ABLATIONS[ablation]))
     c.run_dir = f"runs/ablation_{ablation}_{c.task}"

@@ -9,17 +9,11 @@ from pathlib import Path
 import ml_collections
 
 import esft_jax.builtin
+from esft_jax.builtin import tasks as builtin_tasks
 from esft_jax.configs import load_file
+from esft_jax.experiment import scoring, selection
 
 BUILTIN_MODEL = str(Path(esft_jax.builtin.__file__).parent / "tiny_moe")
-
-
-def selection(score: str = "token", p: float = 0.2, method: str = "threshold", **flags) -> ml_collections.ConfigDict:
-    """One expert selection (see esft_jax/routing/select.py) and the expert config's flags."""
-    return ml_collections.ConfigDict(dict(
-        score=score, norm="pooled", p=p, method=method, group_size=flags.get("group_size", 1),
-        grouping=flags.get("grouping", "coactivation"), shared_experts=flags.get("shared_experts", False),
-        non_expert_modules=flags.get("non_expert_modules", False), shared_only=flags.get("shared_only", False)))
 
 
 def get_config(task: str = "intent") -> ml_collections.ConfigDict:
@@ -30,7 +24,12 @@ def get_config(task: str = "intent") -> ml_collections.ConfigDict:
     c.model = load_file(str(Path(__file__).parents[1] / "models" / "tiny.py"))  # runtime fields only
     c.tokenizer = ""
     c.seed = 0
-    c.suite_dir = "runs/builtin_suite"
+    c.suite_dir = "runs/builtin_suite"  # train/<task>.jsonl and eval/<task>.jsonl
+    c.builtin_suite = True  # write the built-in suite there if it is missing
+    c.scoring = ml_collections.ConfigDict({name: scoring(scorer, max_new) for name, (_, scorer, max_new)
+                                           in {**builtin_tasks.DOWNSTREAM, **builtin_tasks.GENERAL}.items()})
+    c.perplexity_data = f"{c.suite_dir}/eval/docs.jsonl"  # held-out text ("" for none)
+    c.judge = ml_collections.ConfigDict(dict(base_url="", model="", api_key_env="OPENAI_API_KEY"))
     c.run_dir = f"runs/esft_{task}"
     c.selections = ml_collections.ConfigDict(dict(token=selection("token", 0.2), gate=selection("gate", 0.1)))
     c.methods = ("fft", "lora", "esft_token", "esft_gate")  # "esft_<selection>"

@@ -5,15 +5,18 @@ different experts (experiments/pretrain_tiny.py):
 
 | domain | pretraining text (what the base model sees) | downstream task (a new format) |
 |---|---|---|
-| home  | sentences about devices, rooms and times | `intent`: request -> JSON intent + slots |
+| home  | sentences about devices, rooms and times, half with a flat JSON event log | `intent`: request -> JSON intent + slots |
 | math  | "37 plus 48 equals 85." | `math`: "Compute 37 + 48" -> "85" |
 | words | alphabetical word lists | `sort`: sort the given words |
 | facts | "Q: What is the capital of X? A: Y.", also in the chat template | (general) the same questions |
 | count | "Count the words: a b c -> 3", also in the chat template | (general) the same format |
-| docs  | Python standard-library docstrings | (general) held-out perplexity |
+| docs  | Python standard-library docstrings (functions, classes, methods) | (general) held-out perplexity |
 
 Downstream tasks use formats the pretraining never shows, so the base model does poorly on them
 before fine-tuning; the general suite uses the pretraining formats, so fine-tuning can only lose it.
+The pieces a task's answer is made of are pretrained, as in the paper's setting (DeepSeek-V2 has seen
+JSON): home text logs events as flat JSON, so the `intent` task has to learn a new schema and the
+request -> JSON direction, not the embeddings of tokens it never saw (which ESFT and LoRA freeze).
 """
 
 from __future__ import annotations
@@ -78,10 +81,12 @@ def _words(rng: np.random.Generator) -> list[str]:
 # --- pretraining text, one document per call -------------------------------------------------------
 
 def _home_text(rng):
+    """A sentence about a device, half the time followed by its flat JSON event log."""
     request, parsed = _home(rng)
     slots = parsed["slots"]
     when = f" at {slots['time']}" if "time" in slots else ""
-    return f"The {slots['device']} in the {slots['room']} was asked to {request.split(' the ')[0]}{when}."
+    text = f"The {slots['device']} in the {slots['room']} was asked to {request.split(' the ')[0]}{when}."
+    return text + " Event: " + json.dumps({"event": parsed["intent"], **slots}) if rng.random() < 0.5 else text
 
 
 def _math_text(rng):
@@ -109,22 +114,44 @@ def _count_text(rng):
     return _chat(prompt, str(len(words))) if rng.random() < 0.5 else f"{prompt} {len(words)}"
 
 
-HELD_OUT_DOCS = 150  # the last docstrings: never pretrained on, the general perplexity set
-DOC_MODULES = ("argparse", "base64", "bisect", "calendar", "collections", "csv", "datetime", "decimal", "difflib",
-               "enum", "fractions", "functools", "glob", "heapq", "html", "inspect", "io", "itertools", "json",
-               "logging", "math", "operator", "os.path", "pathlib", "pickle", "pydoc", "random", "re", "shutil",
-               "statistics", "string", "struct", "tarfile", "tempfile", "textwrap", "threading", "typing",
-               "unittest", "urllib.parse", "uuid", "zipfile")
+HELD_OUT_DOCS = 300  # the last docstrings: never pretrained on, the general perplexity set
+DOC_MODULES = (
+    "abc", "argparse", "ast", "asyncio", "base64", "bisect", "bz2", "calendar", "cmd", "codecs", "collections",
+    "colorsys", "concurrent.futures", "configparser", "contextlib", "contextvars", "copy", "csv", "dataclasses",
+    "datetime", "decimal", "difflib", "dis", "doctest", "email.message", "enum", "filecmp", "fileinput", "fnmatch",
+    "fractions", "ftplib", "functools", "gettext", "glob", "graphlib", "gzip", "hashlib", "heapq", "hmac", "html",
+    "http.client", "http.server", "imaplib", "importlib", "inspect", "io", "ipaddress", "itertools", "json",
+    "keyword", "linecache", "locale", "logging", "lzma", "mailbox", "math", "mimetypes", "numbers", "operator",
+    "optparse", "os.path", "pathlib", "pickle", "pkgutil", "platform", "plistlib", "pprint", "pstats", "pydoc",
+    "queue", "random", "re", "reprlib", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "smtplib",
+    "socket", "socketserver", "sqlite3", "statistics", "string", "struct", "subprocess", "symtable", "tarfile",
+    "tempfile", "textwrap", "threading", "timeit", "tokenize", "trace", "traceback", "types", "typing",
+    "unicodedata", "unittest", "urllib.parse", "urllib.request", "uuid", "warnings", "wave", "weakref",
+    "xml.dom.minidom", "xml.etree.ElementTree", "zipfile", "zlib")
+
+
+def _public_members(module) -> Iterator[object]:
+    """A module's public objects, and the public attributes of the classes it defines."""
+    for name, obj in sorted(vars(module).items()):
+        if not name.startswith("_"):
+            yield obj
+            if inspect.isclass(obj) and obj.__module__ == module.__name__:
+                yield from (o for n, o in sorted(vars(obj).items()) if not n.startswith("_"))
 
 
 def python_docs() -> list[str]:
-    """Docstrings of the standard library's public functions and classes (text that ships with Python)."""
+    """Docstrings of the standard library's public functions, classes and methods (text that ships
+    with Python; a module this Python lacks is skipped)."""
     docs = []
     with warnings.catch_warnings():  # reading deprecated members (typing.re, ...) warns
         warnings.simplefilter("ignore", DeprecationWarning)
-        for module in map(importlib.import_module, DOC_MODULES):
-            for name, obj in sorted(vars(module).items()):
-                doc = inspect.getdoc(obj) if not name.startswith("_") else None
+        for name in DOC_MODULES:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+            for obj in _public_members(module):
+                doc = inspect.getdoc(obj)
                 if doc and doc.isascii() and 40 < len(doc) < 2000:
                     docs.append(doc)
     return list(dict.fromkeys(docs))  # unique, stable order

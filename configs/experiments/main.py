@@ -1,0 +1,24 @@
+"""The main table: the built-in study on every built-in downstream task, then one table of all.
+
+    esft run --config configs/experiments/main.py
+    esft run --config configs/experiments/main.py --config.launch=print    # one command per training
+Each study keeps its own run directory (runs/esft_<task>, shared with `make run`).
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+from esft_jax.builtin import tasks
+from esft_jax.configs import load_file
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.run_dir = "runs/main"
+    c.launch = "local"
+    c.studies = ml_collections.ConfigDict(
+        {task: load_file(f"{Path(__file__).with_name('builtin.py')}:{task}") for task in tasks.DOWNSTREAM})
+    for study in c.studies.values():  # `--config.launch=print` reaches every study
+        study.launch = c.get_ref("launch")
+    return c

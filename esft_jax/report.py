@@ -1,0 +1,109 @@
+"""Markdown tables and plots of ESFT studies: one study (a task, every method), and several studies
+side by side (the paper's Tables 1-2: task scores per task, general ability averaged).
+
+A study's results are {method: {metric: value}} (metrics: the task's name, each general task's name,
+optionally "perplexity"), its summaries {method: esft train's summary.json (+ peak_rss_mb)}.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, NamedTuple, Sequence
+
+
+class Study(NamedTuple):
+    task: str
+    general_tasks: tuple[str, ...]
+    results: dict[str, dict[str, float]]  # method ("vanilla" first) -> metric -> value
+    summaries: dict[str, dict]  # trained method -> summary
+
+    def general_avg(self, method: str) -> float:
+        return sum(self.results[method][g] for g in self.general_tasks) / len(self.general_tasks)
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _params_cell(study: Study, method: str) -> str:
+    params = study.summaries.get(method, {}).get("trainable_params")
+    fft = study.summaries.get("fft", {}).get("trainable_params")
+    if not params:
+        return "-"
+    return f"{params:,}" + (f" ({params / fft:.1%})" if fft else "")
+
+
+def study_table(study: Study) -> str:
+    """One row per method: task score, general scores and average, perplexity, costs."""
+    has_ppl = "perplexity" in study.results["vanilla"]
+    head = ["method", study.task, *study.general_tasks, "general avg", *(["held-out ppl"] * has_ppl),
+            "trainable params", "optimizer state", "adapter", "train s", "peak RSS"]
+    lines = [_row(head), "|---" * len(head) + "|"]
+    for name, r in study.results.items():
+        s = study.summaries.get(name, {})
+        cells = [name, f"{r[study.task]:.3f}", *(f"{r[g]:.3f}" for g in study.general_tasks),
+                 f"{study.general_avg(name):.3f}", *([f"{r['perplexity']:.2f}"] if has_ppl else []),
+                 _params_cell(study, name),
+                 f"{s['optimizer_state_bytes'] / 1e6:.2f} MB" if s else "-",
+                 f"{s['adapter_bytes'] / 1e6:.2f} MB" if s else "-",
+                 f"{s['train_seconds']:.0f}" if s else "-",
+                 f"{s['peak_rss_mb']:.0f} MB" if s.get("peak_rss_mb") else "-"]
+        lines.append(_row(cells))
+    return "\n".join(lines) + "\n"
+
+
+def aggregate_table(studies: Mapping[str, Study]) -> str:
+    """Methods x tasks: each study's task score, the mean of them, the mean general average, and the
+    mean share of FFT's trainable parameters. Methods missing from a study are left blank."""
+    methods = list(dict.fromkeys(m for s in studies.values() for m in s.results))
+    head = ["method", *studies, "task avg", "general avg", "trainable (of FFT)"]
+    lines = [_row(head), "|---" * len(head) + "|"]
+    for m in methods:
+        runs = [s for s in studies.values() if m in s.results]
+        task = [s.results[m][s.task] for s in runs]
+        shares = [s.summaries[m]["trainable_params"] / s.summaries["fft"]["trainable_params"]
+                  for s in runs if m in s.summaries and "fft" in s.summaries]
+        cells = [m, *(f"{s.results[m][s.task]:.3f}" if m in s.results else "" for s in studies.values()),
+                 f"{sum(task) / len(task):.3f}", f"{sum(s.general_avg(m) for s in runs) / len(runs):.3f}",
+                 f"{sum(shares) / len(shares):.1%}" if shares else "-"]
+        lines.append(_row(cells))
+    return "\n".join(lines) + "\n"
+
+
+def _axes(figsize=(5, 3.5)):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(figsize=figsize)
+
+
+def score_plot(study: Study, path: Path) -> None:
+    """Task score vs trainable parameters, one point per trained method; vanilla as a line."""
+    plt, fig, ax = _axes()
+    for m, s in study.summaries.items():
+        ax.scatter(s["trainable_params"], study.results[m][study.task], label=m)
+    ax.axhline(study.results["vanilla"][study.task], color="grey", linestyle="--", label="vanilla")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(f"{study.task} score")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def tradeoff_plot(studies: Mapping[str, Study], path: Path) -> None:
+    """General ability vs task score, one point per (method, study): up-right is better."""
+    plt, fig, ax = _axes()
+    methods = list(dict.fromkeys(m for s in studies.values() for m in s.results))
+    for i, m in enumerate(methods):
+        runs = [s for s in studies.values() if m in s.results]
+        ax.scatter([s.results[m][s.task] for s in runs], [s.general_avg(m) for s in runs], label=m, color=f"C{i}")
+    ax.set_xlabel("task score")
+    ax.set_ylabel("general ability (avg)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
