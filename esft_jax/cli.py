@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,8 @@ import ml_collections
 import numpy as np
 
 from esft_jax import configs, experiment, runtime, sharding
-from esft_jax.checkpoint import CheckpointError, save_checkpoint
+from esft_jax.report import markdown_table
+from esft_jax.checkpoint import CheckpointError, load_config, save_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter
 from esft_jax.data.records import DataError, read_jsonl
 from esft_jax.eval.judge import Judge, JudgeError
@@ -28,6 +30,7 @@ from esft_jax.routing.load import expert_counts, load_table
 from esft_jax.routing.official_logs import OfficialLogWriter
 from esft_jax.routing.sources import STATS_FILE, load_stats
 from esft_jax.train import loop as train_loop
+from esft_jax.train import plan
 
 
 def _route_tokens(c: ml_collections.ConfigDict, cfg: ModelConfig) -> np.ndarray:
@@ -166,6 +169,36 @@ def cmd_eval(c: ml_collections.ConfigDict) -> None:
     (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
 
 
+def cmd_plan(c: ml_collections.ConfigDict) -> None:
+    """Per-device memory of a train step for each method and device count (compiled, not run)."""
+    need = max(c.devices)
+    if jax.device_count() < need:  # simulate the devices: re-run with XLA's host device count set
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={need}".strip()
+        code = subprocess.call([sys.executable, "-m", "esft_jax.cli", *sys.argv[1:]], env={**os.environ, "XLA_FLAGS": flags})
+        raise SystemExit(code)
+    overrides = {k: c.model[k] for k in runtime.RUNTIME_FIELDS if k in c.model}
+    cfg = load_config(c.checkpoint, **overrides) if c.checkpoint else configs.model_config(c.model)
+    budget = c.device_memory_gb * plan.GB
+    rows, smallest = [], {}
+    for name in c.methods.split(","):
+        method = plan.method_for(cfg, name, c.expert_fraction, c.expert_config, c.lora_rank)
+        for n in c.devices:
+            p = plan.plan(cfg, method, {c.mesh_axis: n}, batch_size=c.batch_size, seq_len=c.seq_len, optim=c.optim)
+            if p.total <= budget:
+                smallest.setdefault(name, n)
+            rows.append([name, str(n), *(f"{b / plan.GB:.2f}" for b in (p.params, p.trainable, p.optimizer,
+                                                                          p.temporaries, p.total)),
+                         "yes" if p.total <= budget else "no", f"{p.compile_seconds:.0f}"])
+    print(f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts, hidden {cfg.hidden_size}, {cfg.dtype}; "
+          f"batch {c.batch_size} x {c.seq_len}, remat={cfg.remat}; GiB per device, mesh axis {c.mesh_axis}")
+    head = ["method", "devices", "params", "trainable", "optimizer", "temporaries", "total",
+            f"fits {c.device_memory_gb:g} GB", "compile s"]
+    print(markdown_table(head, rows), end="")
+    for name in c.methods.split(","):
+        print(f"{name}: " + (f"fits on {smallest[name]} device(s)" if name in smallest
+                             else f"does not fit on {max(c.devices)} devices"))
+
+
 def cmd_run(c: ml_collections.ConfigDict) -> None:
     """The whole ESFT study on one task: eval, profile, select, train every method, eval, table."""
     experiment.run(c)
@@ -173,7 +206,7 @@ def cmd_run(c: ml_collections.ConfigDict) -> None:
 
 COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "route": cmd_route, "profile": cmd_profile, "select": cmd_select, "analyze": cmd_analyze,
-    "train": cmd_train, "export": cmd_export, "eval": cmd_eval, "run": cmd_run}
+    "train": cmd_train, "export": cmd_export, "eval": cmd_eval, "run": cmd_run, "plan": cmd_plan}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

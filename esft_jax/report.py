@@ -25,6 +25,10 @@ def _row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    return "\n".join([_row(head), "|---" * len(head) + "|", *map(_row, rows)]) + "\n"
+
+
 def _params_cell(study: Study, method: str) -> str:
     params = study.summaries.get(method, {}).get("trainable_params")
     fft = study.summaries.get("fft", {}).get("trainable_params")
@@ -38,7 +42,7 @@ def study_table(study: Study) -> str:
     has_ppl = "perplexity" in study.results["vanilla"]
     head = ["method", study.task, *study.general_tasks, "general avg", *(["held-out ppl"] * has_ppl),
             "trainable params", "optimizer state", "adapter", "train s", "peak RSS"]
-    lines = [_row(head), "|---" * len(head) + "|"]
+    rows = []
     for name, r in study.results.items():
         s = study.summaries.get(name, {})
         cells = [name, f"{r[study.task]:.3f}", *(f"{r[g]:.3f}" for g in study.general_tasks),
@@ -48,8 +52,8 @@ def study_table(study: Study) -> str:
                  f"{s['adapter_bytes'] / 1e6:.2f} MB" if s else "-",
                  f"{s['train_seconds']:.0f}" if s else "-",
                  f"{s['peak_rss_mb']:.0f} MB" if s.get("peak_rss_mb") else "-"]
-        lines.append(_row(cells))
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def aggregate_table(studies: Mapping[str, Study]) -> str:
@@ -57,7 +61,7 @@ def aggregate_table(studies: Mapping[str, Study]) -> str:
     mean share of FFT's trainable parameters. Methods missing from a study are left blank."""
     methods = list(dict.fromkeys(m for s in studies.values() for m in s.results))
     head = ["method", *studies, "task avg", "general avg", "trainable (of FFT)"]
-    lines = [_row(head), "|---" * len(head) + "|"]
+    rows = []
     for m in methods:
         runs = [s for s in studies.values() if m in s.results]
         task = [s.results[m][s.task] for s in runs]
@@ -66,8 +70,8 @@ def aggregate_table(studies: Mapping[str, Study]) -> str:
         cells = [m, *(f"{s.results[m][s.task]:.3f}" if m in s.results else "" for s in studies.values()),
                  f"{sum(task) / len(task):.3f}", f"{sum(s.general_avg(m) for s in runs) / len(runs):.3f}",
                  f"{sum(shares) / len(shares):.1%}" if shares else "-"]
-        lines.append(_row(cells))
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def _axes(figsize=(5, 3.5)):

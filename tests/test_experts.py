@@ -34,7 +34,7 @@ def _numpy_reference(x, ids, w, p, keep=None):
     return y
 
 
-@pytest.mark.parametrize("strategy", ["dense", "capacity", "ragged"])
+@pytest.mark.parametrize("strategy", ["dense", "capacity", "blocked", "ragged"])
 def test_strategy_matches_numpy(strategy):
     x, ids, w, p = _problem()
     y, dropped = routed_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(w), p, strategy)
@@ -42,7 +42,7 @@ def test_strategy_matches_numpy(strategy):
     assert int(dropped) == 0
 
 
-@pytest.mark.parametrize("strategy", ["capacity", "ragged"])
+@pytest.mark.parametrize("strategy", ["capacity", "blocked", "ragged"])
 def test_gradients_match_dense(strategy):
     x, ids, w, p = _problem(seed=1)
     r = np.random.default_rng(2).normal(size=(N, D)).astype(np.float32)
@@ -61,7 +61,7 @@ def test_gradients_match_dense(strategy):
         assert np.any(np.asarray(got[2][name])[~unused] != 0)
 
 
-@pytest.mark.parametrize("strategy", ["dense", "capacity", "ragged"])
+@pytest.mark.parametrize("strategy", ["dense", "capacity", "blocked", "ragged"])
 def test_sentinel_id_contributes_nothing(strategy):
     """Id E marks an assignment to an expert on another shard (expert parallelism)."""
     x, ids, w, p = _problem(seed=3)
@@ -70,6 +70,24 @@ def test_sentinel_id_contributes_nothing(strategy):
     keep = ids_masked < E
     y, _ = routed_experts(jnp.asarray(x), jnp.asarray(ids_masked), jnp.asarray(w), p, strategy)
     np.testing.assert_allclose(np.asarray(y), _numpy_reference(x, ids, w, p, keep), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 3, 8, 128])
+def test_blocked_any_block_size_matches_numpy_and_dense_gradients(block):
+    """Experts spanning many blocks, partial blocks, one block for all: the same outputs and gradients."""
+    x, ids, w, p = _problem(seed=4, used_experts=6)
+    ids[::4, 0] = E  # some assignments elsewhere
+    keep = ids < E
+    y, _ = routed_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(w), p, "blocked", block=block)
+    np.testing.assert_allclose(np.asarray(y), _numpy_reference(x, np.minimum(ids, E - 1), w, p, keep), atol=1e-5,
+                               rtol=1e-5)
+
+    def loss(p, x, strategy):
+        return jnp.sum(routed_experts(x, jnp.asarray(ids), jnp.asarray(w), p, strategy, block=block)[0] ** 2)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
+                 grad(p, jnp.asarray(x), "blocked"), grad(p, jnp.asarray(x), "dense"))
 
 
 def test_capacity_factor_drops_overflow_in_token_order_and_counts_it():

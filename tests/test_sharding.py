@@ -25,7 +25,7 @@ def _setup(strategy):
     return cfg, params, tokens, jnp.asarray(segments)
 
 
-@pytest.mark.parametrize("strategy", ["capacity", "ragged", "dense"])
+@pytest.mark.parametrize("strategy", ["capacity", "blocked", "ragged", "dense"])
 def test_sharded_forward_equals_single_device(strategy):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")

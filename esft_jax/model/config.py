@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any, Mapping
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
-MOE_STRATEGIES = ("auto", "dense", "capacity", "ragged")
+MOE_STRATEGIES = ("auto", "dense", "capacity", "blocked", "ragged")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -66,7 +66,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; router scores are always float32
     moe_strategy: str = "auto"  # "auto" picks per backend, see model/moe.py
-    capacity_factor: float | None = None  # None: dropless capacity (every token fits)
+    capacity_factor: float | None = None  # capacity strategy only; None: dropless (every token fits)
+    remat: bool = False  # recompute each layer in the backward pass: activations of one layer, not all
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:

@@ -87,7 +87,7 @@ def _expert_parallel(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig,
     act, per_expert = P(batch, None, None), P("expert", None, None)
     ov_specs = None if override is None else {k: P() for k in override}
     fn = jax.shard_map(local, in_specs=(act, act, act, {k: per_expert for k in experts}, ov_specs),
-                       out_specs=(act, P()))
+                       out_specs=(act, P()), check_vma=False)  # the blocked strategy's lax.cond
     return fn(x_btd, ids_btk, w_btk, experts, override)
 
 

@@ -114,6 +114,9 @@ def _decoder(params, tokens_bt, cfg: ModelConfig, segment_ids_bt, positions_bt, 
         routing = Routing(r.expert_ids, r.weights, r.scores if return_router_scores else None, out.dropped)
         return constrain(x + out.y_btd, _ACT), (routing, keys)
 
+    if cfg.remat:  # keep only each layer's input for the backward pass
+        dense_layer, moe_layer = jax.checkpoint(dense_layer), jax.checkpoint(moe_layer)
+
     def layer_cache(group):
         return None if cache is None else (cache.latent[group], cache.k_pe[group])
 

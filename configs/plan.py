@@ -1,0 +1,31 @@
+"""`esft plan`: per-device memory of one train step, per method and mesh, from the compiled program.
+
+    esft plan --config configs/plan.py                                  # DeepSeek-V2-Lite, 1/2/4/8 devices
+    esft plan --config configs/plan.py --config.checkpoint=/models/X    # a checkpoint's config.json
+    esft plan --config configs/plan.py --config.methods=esft --config.expert_config=runs/intent/token.json
+Nothing is allocated: the step is lowered with abstract arrays on simulated CPU devices.
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+from esft_jax.configs import load_file
+
+
+def get_config(model: str = "deepseek_v2_lite") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = load_file(str(Path(__file__).parent / "models" / f"{model}.py"))
+    c.model.remat = True  # what one would train a large model with
+    c.checkpoint = ""  # else: a Hugging Face directory whose config.json is planned (runtime fields from c.model)
+    c.methods = "fft,lora,esft"
+    c.expert_fraction = 0.1  # esft: this share of each layer's experts ...
+    c.expert_config = ""  # ... unless an expert config names them
+    c.lora_rank = 8
+    c.devices = (1, 2, 4, 8)
+    c.mesh_axis = "fsdp"  # the mesh axis the devices form: fsdp (params and batch split) or expert
+    c.batch_size = 8  # packed rows per step (global; split over fsdp)
+    c.seq_len = 4096
+    c.device_memory_gb = 80.0
+    c.optim = load_file(str(Path(__file__).parent / "train.py")).optim
+    return c

@@ -1,0 +1,112 @@
+"""Memory planning: lower and compile the real train step with abstract, sharded arguments (no weights
+allocated) and read the compiled executable's memory analysis, per device.
+
+Works on simulated CPU devices (`esft plan` sets --xla_force_host_platform_device_count itself), so a
+laptop can say how many accelerators a method needs. The numbers are XLA:CPU's buffer assignment for the
+same program; an accelerator's compiler fuses differently, so treat temporaries as an estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+
+from esft_jax import sharding
+from esft_jax.expert_config import ExpertConfig
+from esft_jax.model import ModelConfig
+from esft_jax.model.params import abstract_params, param_axes
+from esft_jax.train.lora import LoRA
+from esft_jax.train.loop import make_train_step
+from esft_jax.train.optimizer import learning_rate, make_optimizer
+from esft_jax.train.trainable import ExpertSubset, FullFineTune
+
+GB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Bytes per device (the largest shard when shards differ)."""
+    mesh: dict[str, int]
+    params: int  # the model as loaded (frozen copy)
+    trainable: int  # the trained copy (float32 master weights / expert rows / LoRA factors)
+    optimizer: int
+    temporaries: int  # activations, gradients, workspace: the compiled step's temp buffers
+    total: int  # what the step needs resident: arguments + outputs not aliased to them + temporaries
+    compile_seconds: float
+
+
+def method_for(cfg: ModelConfig, method: str, expert_fraction: float = 0.1, expert_config: str = "",
+               lora_rank: int = 8):
+    """FFT, LoRA, or ESFT with an expert config file or the first round(fraction * E) experts per layer."""
+    if method == "fft":
+        return FullFineTune()
+    if method == "lora":
+        return LoRA(rank=lora_rank, alpha=2.0 * lora_rank)
+    if method != "esft":
+        raise ValueError(f"method {method!r}: expected fft, lora or esft")
+    layers = range(cfg.first_k_dense_replace, cfg.num_hidden_layers)
+    if expert_config:
+        return ExpertSubset.build(cfg, ExpertConfig.load(expert_config, layers, cfg.n_routed_experts))
+    m = max(1, round(expert_fraction * cfg.n_routed_experts))
+    return ExpertSubset.build(cfg, ExpertConfig({layer: list(range(m)) for layer in layers}))
+
+
+def _per_device(tree: Any) -> int:
+    """Bytes of one device's shards of a tree of sharded ShapeDtypeStructs."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def lower_train_step(cfg: ModelConfig, method, mesh_shape: dict[str, int], *, batch_size: int, seq_len: int,
+                     optim: ml_collections.ConfigDict):
+    """(compiled train step, its abstract sharded arguments (state, frozen, batch), compile seconds)."""
+    n = math.prod(mesh_shape.values())
+    mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n])
+    axes = param_axes(cfg)
+    frozen = _abstract(abstract_params(cfg), sharding.param_shardings(axes, mesh))
+    trainable_shape = jax.eval_shape(method.init, frozen)
+    trainable_shardings = sharding.param_shardings(method.axes(axes, trainable_shape), mesh)
+    trainable = _abstract(trainable_shape, trainable_shardings)
+    tx, schedule = make_optimizer(optim), learning_rate(optim)
+    replicated = NamedSharding(mesh, jax.P())
+    # optimizer moments are sharded like the parameters they belong to; counters are replicated
+    opt_state = optax.tree_map_params(
+        tx, lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), jax.eval_shape(tx.init, trainable),
+        trainable_shardings, transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated))
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+             "trainable": trainable, "opt_state": opt_state}
+    batch_spec = NamedSharding(mesh, sharding.logical_to_spec((None, "act_batch", None), dict(mesh.shape)))
+    batch = {k: jax.ShapeDtypeStruct((1, batch_size, seq_len), np.int32, sharding=batch_spec)
+             for k in ("tokens", "segment_ids", "positions", "loss_mask")}
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = make_train_step(method, cfg, tx, schedule).lower(state, frozen, batch).compile()
+    return compiled, (state, frozen, batch), time.perf_counter() - start
+
+
+def plan(cfg: ModelConfig, method, mesh_shape: dict[str, int], *, batch_size: int, seq_len: int,
+         optim: ml_collections.ConfigDict) -> Plan:
+    """Compile one train step of `method` on a mesh of simulated (or real) devices; read its memory."""
+    compiled, (state, frozen, _), seconds = lower_train_step(cfg, method, mesh_shape, batch_size=batch_size,
+                                                             seq_len=seq_len, optim=optim)
+    mem = compiled.memory_analysis()
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+             + mem.temp_size_in_bytes)
+    return Plan(dict(mesh_shape), _per_device(frozen), _per_device(state["trainable"]),
+                _per_device(state["opt_state"]), int(mem.temp_size_in_bytes), int(total), seconds)

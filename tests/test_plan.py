@@ -1,0 +1,54 @@
+"""`esft plan`: memory of a compiled train step from abstract arrays, per device."""
+
+import jax
+import pytest
+from ml_collections import ConfigDict
+
+from esft_jax import cli
+from esft_jax.model import ModelConfig
+from esft_jax.train import plan
+
+CFG = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+                  num_attention_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                  n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1)
+OPTIM = ConfigDict(dict(lr=1e-3, schedule="cosine", warmup_steps=1, end_lr_fraction=0.1, steps=10, adam_b1=0.9,
+                        adam_b2=0.95, adam_eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+
+
+def _n_params(cfg):
+    from esft_jax.model.params import abstract_params
+    return sum(x.size for x in jax.tree.leaves(abstract_params(cfg)))
+
+
+def test_plan_counts_what_each_method_holds():
+    fft = plan.plan(CFG, plan.method_for(CFG, "fft"), {"data": 1}, batch_size=2, seq_len=32, optim=OPTIM)
+    n = _n_params(CFG)
+    assert fft.params == fft.trainable == 4 * n  # float32 model and its trained copy
+    assert 0 < fft.optimizer - 2 * 4 * n <= 16  # Adam's two moments and step counters
+    assert fft.total >= fft.params + fft.trainable + fft.optimizer and fft.temporaries > 0
+    esft = plan.plan(CFG, plan.method_for(CFG, "esft", expert_fraction=0.25), {"data": 1}, batch_size=2, seq_len=32,
+                     optim=OPTIM)
+    rows = 2 * 4  # two MoE layers x 4 of 16 experts
+    assert esft.trainable == rows * 3 * CFG.hidden_size * CFG.moe_intermediate_size * 4
+    assert 0 < esft.optimizer - 2 * esft.trainable <= 16
+    assert esft.total < fft.total
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
+def test_fsdp_splits_params_and_optimizer_per_device():
+    one = plan.plan(CFG, plan.method_for(CFG, "fft"), {"fsdp": 1}, batch_size=4, seq_len=32, optim=OPTIM)
+    four = plan.plan(CFG, plan.method_for(CFG, "fft"), {"fsdp": 4}, batch_size=4, seq_len=32, optim=OPTIM)
+    assert four.params < one.params / 2 and four.optimizer < one.optimizer / 2
+    assert four.total < one.total
+
+
+def test_esft_plan_command_prints_a_table(capsys):
+    c = cli.configs.load("configs/plan.py", ["devices=(1,)", "methods=esft,fft", "batch_size=1", "seq_len=16"])
+    for key, value in dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                           num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+                           qk_rope_head_dim=8, v_head_dim=8, rope_type="default").items():
+        c.model[key] = value
+    cli.cmd_plan(c)
+    out = capsys.readouterr().out
+    assert "| esft | 1 |" in out and "| fft | 1 |" in out
+    assert "esft: fits on 1 device(s)" in out
