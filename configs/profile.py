@@ -27,5 +27,7 @@ def get_config(model: str = "tiny") -> ml_collections.ConfigDict:
     c.official_logs = False  # also write expert_weights_<layer>.txt in the official format
     c.out_dir = "runs/profile"
     c.progress = True
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))  # over all processes' devices
+    # multi-process: num_processes > 1 with coordinator "host:port" and process_id, or -1 (auto-detect)
+    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
     return c

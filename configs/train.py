@@ -42,5 +42,7 @@ def get_config(method: str = "esft") -> ml_collections.ConfigDict:
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
     c.workdir = f"runs/train_{method}"
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))  # over all processes' devices
+    # multi-process: num_processes > 1 with coordinator "host:port" and process_id, or -1 (auto-detect)
+    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
     return c

@@ -73,6 +73,7 @@ def cmd_profile(c: ml_collections.ConfigDict) -> None:
     """Profile a model's routing on a task dataset; write stats.npz and summary.json."""
     if not c.data:
         raise configs.ConfigFileError("--config.data: name a jsonl dataset to profile")
+    runtime.distributed(c)
     cfg, params = runtime.load_model(c)
     samples, skipped = read_jsonl(c.data, c.skip_invalid)
     if skipped:
@@ -80,6 +81,9 @@ def cmd_profile(c: ml_collections.ConfigDict) -> None:
     seqs = profile.sequences(samples, runtime.tokenizer(c), cfg, seq_len=c.seq_len, token_budget=c.token_budget,
                              seed=c.seed, count=c.count)
     out = Path(c.out_dir)
+    primary = jax.process_index() == 0  # every process profiles its share of each batch; one writes
+    if c.official_logs and jax.process_count() > 1:
+        raise configs.ConfigFileError("--config.official_logs is single-process only")
     writer = OfficialLogWriter(out / "logs", list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))) \
         if c.official_logs else None
     try:
@@ -88,6 +92,8 @@ def cmd_profile(c: ml_collections.ConfigDict) -> None:
     finally:
         if writer is not None:
             writer.close()
+    if not primary:
+        return
     stats.save(out / STATS_FILE)
     (out / "summary.json").write_text(json.dumps(scores.official_summary(stats), indent=1) + "\n")
     print(f"profiled {stats.tokens} tokens in {stats.sequences} sequences of {len(samples)} samples -> "

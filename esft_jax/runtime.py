@@ -2,7 +2,8 @@
 
 Config fields read: `checkpoint` (a Hugging Face directory, or "" for random weights of `model`),
 `model` (model fields; with a checkpoint only dtype/moe_strategy/capacity_factor/remat apply), `seed`,
-`tokenizer` (a directory with tokenizer.json), `mesh` (axis sizes).
+`tokenizer` (a directory with tokenizer.json), `mesh` (axis sizes over all processes' devices),
+`distributed` (multi-process runs).
 """
 
 from __future__ import annotations
@@ -41,6 +42,21 @@ def tokenizer(c: ml_collections.ConfigDict) -> Tokenizer:
     if c.tokenizer or c.checkpoint:
         return load_tokenizer(c.tokenizer or c.checkpoint)
     return byte_tokenizer()
+
+
+def distributed(c: ml_collections.ConfigDict) -> None:
+    """Join a multi-process run (JAX's multi-controller runtime) if `c.distributed` asks for one:
+    num_processes > 1 with a coordinator "host:port" and this process's id, or -1 to let JAX find
+    them (TPU pod slices, SLURM / Open MPI clusters). Call before any computation. CPU processes
+    talk through gloo."""
+    d = c.get("distributed")
+    if d is None or d.num_processes == 1 or jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if d.num_processes == -1:
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id)
 
 
 def mesh(c: ml_collections.ConfigDict) -> Mesh | None:

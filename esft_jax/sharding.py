@@ -84,6 +84,15 @@ def param_shardings(axes_tree: Any, mesh: Mesh) -> Any:
                         is_leaf=lambda x: isinstance(x, tuple))
 
 
+def to_host(tree: Any) -> Any:
+    """numpy copies of a tree of arrays; arrays spread over several processes are gathered first
+    (a collective: in a multi-process run every process must call this)."""
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda x: np.asarray(x if not isinstance(x, jax.Array) or x.is_fully_addressable
+                                             else multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
 def shard_params(params: Any, axes_tree: Any, mesh: Mesh) -> Any:
     """Place params on the mesh according to their logical axes."""
     return jax.device_put(params, param_shardings(axes_tree, mesh))

@@ -112,7 +112,7 @@ def profile(params: Any, cfg: ModelConfig, seqs: list[Sequence], *, batch_size: 
     bar = tqdm(total=total, unit="tok", desc="profiling", disable=not progress)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         for tokens, segments, counted in _batches(seqs, batch_size, seq_len):
-            out = jax.device_get(step(params, put(tokens), put(segments), put(counted), cfg, log_writer is not None))
+            out = sharding.to_host(step(params, put(tokens), put(segments), put(counted), cfg, log_writer is not None))
             n_s = counted.sum(1)
             stats.add(np.rint(out["counts_ble"]), out["gates_ble"], n_s, np.rint(out["coact_lee"]))
             if log_writer is not None:

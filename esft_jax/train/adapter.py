@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from esft_jax.checkpoint.adapter import LORA_A, LORA_B, write_adapter
 from esft_jax.checkpoint.hf_names import tensor_maps
 from esft_jax.model.config import ModelConfig
+from esft_jax.sharding import to_host
 from esft_jax.train.lora import LoRA
 from esft_jax.train.trainable import FullFineTune, Params
 
@@ -33,11 +33,14 @@ def _changed_by(method):
     return changed
 
 
-def save_adapter(out_dir: str | Path, cfg: ModelConfig, method, frozen: Params, trainable: Params) -> Path:
+def save_adapter(out_dir: str | Path, cfg: ModelConfig, method, frozen: Params, trainable: Params,
+                 write: bool = True) -> Path:
+    """The changed tensors under their HF names. In a multi-process run every process calls this
+    (gathering is collective) and the one with write=True writes."""
     maps = tensor_maps(cfg)
     if isinstance(method, LoRA):
         tensors = {}
-        host = jax.device_get(trainable)
+        host = to_host(trainable)
         for m in maps:
             ab = host.get("/".join(m.path))
             if ab is not None:
@@ -45,7 +48,7 @@ def save_adapter(out_dir: str | Path, cfg: ModelConfig, method, frozen: Params, 
                 tensors[m.hf_name[: -len(".weight")] + LORA_B] = np.asarray(ab["b"][m.index]).T
         metadata = {"method": "lora", "r": method.rank, "lora_alpha": method.alpha, "targets": list(method.targets)}
     else:
-        full = jax.device_get(method.write_back(frozen, trainable))
+        full = to_host(method.write_back(frozen, trainable))
         changed = _changed_by(method)
         tensors = {}
         for m in maps:
@@ -57,4 +60,4 @@ def save_adapter(out_dir: str | Path, cfg: ModelConfig, method, frozen: Params, 
         metadata = {"method": "fft"} if isinstance(method, FullFineTune) else \
             {"method": "esft", "expert_config": method.expert_config.to_json()}
     metadata["model_type"] = cfg.model_type
-    return write_adapter(out_dir, tensors, metadata)
+    return write_adapter(out_dir, tensors, metadata) if write else Path(out_dir)

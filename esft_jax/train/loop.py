@@ -129,10 +129,14 @@ def tree_bytes(tree: Any) -> int:
 
 
 def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
-    """Run (or resume) the training described by `c` (configs/train.py); returns a summary."""
+    """Run (or resume) the training described by `c` (configs/train.py); returns a summary ({} on the
+    non-primary processes of a multi-process run, which compute but write nothing but checkpoint shards)."""
+    runtime.distributed(c)
+    primary = jax.process_index() == 0  # in a multi-process run, one process writes the files
     workdir = Path(c.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(c.to_json_best_effort(indent=1) + "\n")
+    if primary:
+        (workdir / "config.json").write_text(c.to_json_best_effort(indent=1) + "\n")
     cfg, frozen = runtime.load_model(c)
     tokenizer = runtime.tokenizer(c)
     samples, skipped = read_jsonl(c.data.train, c.data.skip_invalid)
@@ -142,7 +146,7 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
         general, skipped_general = read_jsonl(c.data.general, c.data.skip_invalid)
         skipped += skipped_general
     method = build_method(c, cfg)
-    if isinstance(method, ExpertSubset):
+    if isinstance(method, ExpertSubset) and primary:
         method.expert_config.save(workdir / "expert_config.json")
 
     mesh = runtime.mesh(c)
@@ -161,8 +165,9 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     if checkpoints.latest_step() is not None:
         start, state, data_state = checkpoints.restore(abstract_like(state))
         data.set_state(data_state)
-        _truncate_metrics(metrics_path, start)
-    elif metrics_path.exists():
+        if primary:
+            _truncate_metrics(metrics_path, start)
+    elif metrics_path.exists() and primary:
         metrics_path.unlink()
 
     train_step = make_train_step(method, cfg, tx, schedule, c.aux_loss_alpha)
@@ -194,7 +199,8 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
                 record = {"step": done, **metrics, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9)}
                 if evaluate_now:
                     record["val_loss"] = evaluate(state["trainable"])
-                _append_metrics(metrics_path, record)
+                if primary:
+                    _append_metrics(metrics_path, record)
                 bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val_loss") if k in record})
                 timer, step_tokens = time.perf_counter(), []
             checkpoints.save(done, state, data.get_state(), force=done == c.steps)
@@ -202,7 +208,9 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     bar.close()
     checkpoints.close()
 
-    adapter_dir = save_adapter(workdir / "adapter", cfg, method, frozen, state["trainable"])
+    adapter_dir = save_adapter(workdir / "adapter", cfg, method, frozen, state["trainable"], write=primary)
+    if not primary:
+        return {}
     history = [json.loads(ln) for ln in metrics_path.read_text().splitlines()]
     summary = {
         "method": c.method, "steps": c.steps, "skipped_lines": skipped,
