@@ -1,7 +1,7 @@
 """What every command builds from its config: the model, its tokenizer, the device mesh.
 
 Config fields read: `checkpoint` (a Hugging Face directory, or "" for random weights of `model`),
-`model` (model fields; with a checkpoint only dtype/moe_strategy/capacity_factor/remat apply), `seed`,
+`model` (model fields; with a checkpoint only the runtime fields (RUNTIME_FIELDS) apply), `seed`,
 `tokenizer` (a directory with tokenizer.json), `mesh` (axis sizes over all processes' devices),
 `distributed` (multi-process runs).
 """
@@ -21,7 +21,7 @@ from esft_jax.checkpoint.adapter import load_with_adapter
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.model import ModelConfig, init_params
 
-RUNTIME_FIELDS = ("dtype", "moe_strategy", "capacity_factor", "remat")
+RUNTIME_FIELDS = ("dtype", "moe_strategy", "capacity_factor", "expert_parallel", "remat")
 
 
 def load_model(c: ml_collections.ConfigDict) -> tuple[ModelConfig, dict]:

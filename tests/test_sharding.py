@@ -12,24 +12,25 @@ from esft_jax.model import ModelConfig, forward, init_params, param_axes
 _forward = jax.jit(forward, static_argnums=2)
 
 
-def _setup(strategy):
+def _setup(strategy, **runtime):
     cfg = ModelConfig(num_hidden_layers=3, n_routed_experts=16, num_experts_per_tok=4, moe_strategy=strategy,
-                      q_lora_rank=24)
+                      q_lora_rank=24, **runtime)
     params = init_params(cfg, jax.random.key(0))
     params["moe_layers"]["moe"]["router"] *= 15  # a router that discriminates
     rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 24)))
-    segments = np.ones((4, 24), np.int32)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (8, 24)))
+    segments = np.ones((8, 24), np.int32)
     segments[1, 20:] = 0
     segments[3, 12:] = 2  # two packed documents
     return cfg, params, tokens, jnp.asarray(segments)
 
 
-@pytest.mark.parametrize("strategy", ["capacity", "blocked", "ragged", "dense"])
-def test_sharded_forward_equals_single_device(strategy):
+@pytest.mark.parametrize("strategy,exchange", [("capacity", "psum"), ("blocked", "psum"), ("ragged", "psum"),
+                                               ("dense", "psum"), ("blocked", "all_to_all"), ("capacity", "all_to_all")])
+def test_sharded_forward_equals_single_device(strategy, exchange):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
-    cfg, params, tokens, segments = _setup(strategy)
+    cfg, params, tokens, segments = _setup(strategy, expert_parallel=exchange)
     ref_logits, ref_routing = _forward(params, tokens, cfg, segment_ids_bt=segments)
 
     mesh = sharding.make_mesh({"data": 2, "expert": 4}, jax.devices()[:8])
@@ -45,6 +46,19 @@ def test_sharded_forward_equals_single_device(strategy):
     np.testing.assert_array_equal(np.asarray(routing.expert_ids), np.asarray(ref_routing.expert_ids))
     np.testing.assert_allclose(np.asarray(routing.gate_weights), np.asarray(ref_routing.gate_weights), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(routing.dropped), 0)
+
+
+def test_all_to_all_capacity_drops_and_counts():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    cfg, params, tokens, segments = _setup("blocked", expert_parallel="all_to_all", capacity_factor=0.5)
+    mesh = sharding.make_mesh({"data": 2, "expert": 4}, jax.devices()[:8])
+    with jax.set_mesh(mesh):
+        _, routing = _forward(sharding.shard_params(params, param_axes(cfg), mesh), tokens, cfg, segment_ids_bt=segments)
+    per_device = 8 // 8 * 24 * 4  # rows x tokens x k assignments each device sends
+    rows = -(-per_device // 8)  # ceil(0.5 * N * k / 4 shards) buffer rows per destination
+    dropped = np.asarray(routing.dropped)  # per layer: a device keeps at most 4 * rows of its assignments
+    assert np.all((8 * (per_device - 4 * rows) <= dropped) & (dropped < 8 * per_device))
 
 
 def test_logical_rules():

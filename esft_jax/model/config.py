@@ -66,7 +66,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; router scores are always float32
     moe_strategy: str = "auto"  # "auto" picks per backend, see model/moe.py
-    capacity_factor: float | None = None  # capacity strategy only; None: dropless (every token fits)
+    capacity_factor: float | None = None  # capacity buffers and all_to_all exchange; None: dropless
+    expert_parallel: str = "psum"  # how tokens meet experts on an `expert` mesh axis: psum | all_to_all
     remat: bool = False  # recompute each layer in the backward pass: activations of one layer, not all
 
     def __post_init__(self) -> None:
@@ -78,6 +79,8 @@ class ModelConfig:
               f"model_type {self.model_type!r} is not supported; expected one of {MODEL_TYPES}")
         check(self.moe_strategy in MOE_STRATEGIES,
               f"moe_strategy {self.moe_strategy!r}; expected one of {MOE_STRATEGIES}")
+        check(self.expert_parallel in ("psum", "all_to_all"),
+              f"expert_parallel {self.expert_parallel!r}; expected 'psum' or 'all_to_all'")
         check(self.dtype in DTYPES and self.param_dtype in DTYPES,
               f"dtype/param_dtype must be one of {DTYPES}, got {self.dtype!r}/{self.param_dtype!r}")
         check(0 <= self.first_k_dense_replace <= self.num_hidden_layers,

@@ -8,13 +8,19 @@ the small override arrays: the stacked experts stay constants, so no weight grad
 for them (see train/trainable.py).
 
 Expert parallelism: under a mesh (`jax.set_mesh`) whose `expert` axis is larger than 1, the routed
-experts run inside `jax.shard_map`. Each device holds E / n_expert experts and the tokens of its
-batch shard, computes only its own experts' contributions, and a psum over `expert` adds them up.
-(Left to XLA's automatic partitioning, the scatter dispatch stalls on simulated CPU devices.)
+experts run inside `jax.shard_map`; each device holds E / n_expert experts. Two exchanges
+(`cfg.expert_parallel`; XLA's automatic partitioning of the dispatch stalls on simulated CPU devices):
+- "psum": each device takes all tokens of its batch shard, computes its own experts' share, and a
+  psum over `expert` adds the shares up (traffic: the activations, every layer).
+- "all_to_all": tokens are split over `expert` too; each device sends every assignment to the device
+  holding its expert in a fixed-size buffer (`jax.lax.all_to_all`: `ragged_all_to_all` does not exist
+  on CPU), computes, and sends the results back. Buffer rows per device pair: N*k (dropless) or
+  ceil(capacity_factor * N * k / n_expert), overflow dropped and counted.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -91,6 +97,56 @@ def _expert_parallel(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig,
     return fn(x_btd, ids_btk, w_btk, experts, override)
 
 
+def _dispatch_rows(dest_a: jax.Array, n_shards: int, rows: int):
+    """Slot of each assignment in its destination's buffer (rows per destination; >= rows: dropped)."""
+    order = jnp.argsort(dest_a, stable=True)
+    counts = jnp.bincount(dest_a, length=n_shards)
+    rank_sorted = jnp.arange(dest_a.shape[0]) - (jnp.cumsum(counts) - counts)[dest_a[order]]
+    return jnp.zeros_like(dest_a).at[order].set(rank_sorted)
+
+
+def _all_to_all(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig, mesh_shape: dict[str, int]):
+    """Expert parallelism by token exchange: see the module docstring."""
+    n_shards = mesh_shape["expert"]
+    batch = tuple(a for a in sharding.BATCH_AXES if mesh_shape.get(a, 1) > 1)
+    if x_btd.shape[0] % math.prod([mesh_shape[a] for a in batch] + [n_shards]):
+        raise ValueError(f"expert_parallel='all_to_all' splits the batch ({x_btd.shape[0]} rows) over "
+                         f"{(*batch, 'expert')}; it must divide evenly")
+
+    def local(x, ids, w, p, ov):
+        b, t, d = x.shape
+        k, e_local = ids.shape[-1], p["gate"].shape[0]
+        x_nd, ids_a, w_nk = x.reshape(b * t, d), ids.reshape(-1), w.reshape(b * t, k)
+        rows = math.ceil(cfg.capacity_factor * b * t * k / n_shards) if cfg.capacity_factor else b * t * k
+        if ov is not None:
+            stacked, slots = _split_overridden(ids.reshape(b * t, k), ov["ids"], cfg.n_routed_experts)
+            ids_a = stacked.reshape(-1)
+        valid = ids_a < cfg.n_routed_experts
+        dest = jnp.where(valid, ids_a // e_local, n_shards)  # n_shards: overridden, not sent
+        slot = jnp.where(valid, _dispatch_rows(jnp.minimum(dest, n_shards - 1), n_shards, rows), rows)
+        tok = jnp.arange(b * t * k) // k
+        send = jnp.zeros((n_shards, rows, d), x.dtype).at[dest, slot].set(x_nd[tok], mode="drop")
+        send_ids = jnp.full((n_shards, rows), e_local, jnp.int32).at[dest, slot].set(ids_a % e_local, mode="drop")
+        recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)
+        recv_ids = jax.lax.all_to_all(send_ids, "expert", 0, 0, tiled=True)
+        y_recv, _ = routed_experts(recv.reshape(-1, d), recv_ids.reshape(-1, 1), jnp.ones((n_shards * rows, 1)), p,
+                                   cfg.moe_strategy)
+        y_back = jax.lax.all_to_all(y_recv.reshape(n_shards, rows, d), "expert", 0, 0, tiled=True)
+        y_a = y_back.at[dest, slot].get(mode="fill", fill_value=0)
+        y = jnp.einsum("nkd,nk->nd", y_a.reshape(b * t, k, d), w_nk.astype(jnp.float32))
+        dropped = jnp.sum(valid & (slot >= rows)).astype(jnp.int32)
+        if ov is not None:
+            y_ov, dropped_ov = routed_experts(x_nd, slots, w_nk, _override_weights(ov), cfg.moe_strategy)
+            y, dropped = y + y_ov, dropped + dropped_ov
+        return y.reshape(b, t, d), jax.lax.psum(dropped, (*batch, "expert"))
+
+    act, per_expert = P((*batch, "expert"), None, None), P("expert", None, None)
+    ov_specs = None if override is None else {k: P() for k in override}
+    fn = jax.shard_map(local, in_specs=(act, act, act, {k: per_expert for k in experts}, ov_specs),
+                       out_specs=(act, P()), check_vma=False)
+    return fn(x_btd, ids_btk, w_btk, experts, override)
+
+
 def moe_block(p: dict[str, Any], x_btd: jax.Array, cfg: ModelConfig) -> MoEOutput:
     """x [B, T, d] (already normed) -> routed + shared expert output [B, T, d], and the routing."""
     b, t, d = x_btd.shape
@@ -98,7 +154,9 @@ def moe_block(p: dict[str, Any], x_btd: jax.Array, cfg: ModelConfig) -> MoEOutpu
     routing = RouterOutput(*(a.reshape(b, t, -1) for a in r))
     mesh_shape = sharding.current_mesh_shape()
     override = p.get("override")
-    if mesh_shape.get("expert", 1) > 1:
+    if mesh_shape.get("expert", 1) > 1 and cfg.expert_parallel == "all_to_all":
+        y, dropped = _all_to_all(x_btd, routing.expert_ids, routing.weights, p["experts"], override, cfg, mesh_shape)
+    elif mesh_shape.get("expert", 1) > 1:
         y, dropped = _expert_parallel(x_btd, routing.expert_ids, routing.weights, p["experts"], override, cfg,
                                       mesh_shape)
     elif override is None:
