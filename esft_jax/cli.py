@@ -17,7 +17,6 @@ import ml_collections
 import numpy as np
 
 from esft_jax import configs, experiment, runtime, sharding
-from esft_jax.report import markdown_table
 from esft_jax.checkpoint import CheckpointError, load_config, save_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter
 from esft_jax.data.records import DataError, read_jsonl
@@ -184,25 +183,9 @@ def cmd_plan(c: ml_collections.ConfigDict) -> None:
         raise SystemExit(code)
     overrides = {k: c.model[k] for k in runtime.RUNTIME_FIELDS if k in c.model}
     cfg = load_config(c.checkpoint, **overrides) if c.checkpoint else configs.model_config(c.model)
-    budget = c.device_memory_gb * plan.GB
-    rows, smallest = [], {}
-    for name in c.methods.split(","):
-        method = plan.method_for(cfg, name, c.expert_fraction, c.expert_config, c.lora_rank)
-        for n in c.devices:
-            p = plan.plan(cfg, method, {c.mesh_axis: n}, batch_size=c.batch_size, seq_len=c.seq_len, optim=c.optim)
-            if p.total <= budget:
-                smallest.setdefault(name, n)
-            rows.append([name, str(n), *(f"{b / plan.GB:.2f}" for b in (p.params, p.trainable, p.optimizer,
-                                                                          p.temporaries, p.total)),
-                         "yes" if p.total <= budget else "no", f"{p.compile_seconds:.0f}"])
-    print(f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts, hidden {cfg.hidden_size}, {cfg.dtype}; "
-          f"batch {c.batch_size} x {c.seq_len}, remat={cfg.remat}; GiB per device, mesh axis {c.mesh_axis}")
-    head = ["method", "devices", "params", "trainable", "optimizer", "temporaries", "total",
-            f"fits {c.device_memory_gb:g} GB", "compile s"]
-    print(markdown_table(head, rows), end="")
-    for name in c.methods.split(","):
-        print(f"{name}: " + (f"fits on {smallest[name]} device(s)" if name in smallest
-                             else f"does not fit on {max(c.devices)} devices"))
+    print(plan.report(cfg, c.methods.split(","), tuple(c.devices), c.mesh_axis, batch_size=c.batch_size,
+                      seq_len=c.seq_len, optim=c.optim, device_memory_gb=c.device_memory_gb,
+                      expert_fraction=c.expert_fraction, expert_config=c.expert_config, lora_rank=c.lora_rank))
 
 
 def cmd_run(c: ml_collections.ConfigDict) -> None:

@@ -38,7 +38,7 @@ def get_config(task: str = "intent") -> ml_collections.ConfigDict:
     # Per-method learning rates (esft: every ESFT variant): few trainable parameters take larger steps.
     c.lr = ml_collections.ConfigDict(dict(fft=1e-3, lora=3e-3, esft=3e-3))
     c.train = (  # --config.<override> for every `esft train`
-        "steps=100", "batch_size=8", "data.seq_len=256", "optim.warmup_steps=10", "log_every=20",
-        "eval_every=100", "checkpoint_every=100", "data.validation_fraction=0.02")
-    c.eval = ml_collections.ConfigDict(dict(limit=100, batch_size=25, seq_len=512))
+        "steps=200", "batch_size=8", "data.seq_len=256", "optim.warmup_steps=10", "log_every=20",
+        "eval_every=200", "checkpoint_every=200", "data.validation_fraction=0.02")
+    c.eval = ml_collections.ConfigDict(dict(limit=60, batch_size=30, seq_len=512))
     return c

@@ -48,7 +48,7 @@ def _dense(x_nd, ids_nk, w_nk, p: ExpertWeights):
     return y, jnp.zeros((), jnp.int32)
 
 
-def _sort_by_expert(ids_a: jax.Array, num_experts: int):
+def sort_by_expert(ids_a: jax.Array, num_experts: int):
     """Stable sort of A assignments by expert id; returns order, per-expert counts [E+1], and each
     assignment's rank within its expert (in the original order)."""
     order = jnp.argsort(ids_a, stable=True)
@@ -64,7 +64,7 @@ def _capacity(x_nd, ids_nk, w_nk, p: ExpertWeights, capacity_factor: float | Non
     e = p["gate"].shape[0]
     c = capacity(n, k, e, capacity_factor)
     ids_a = ids_nk.reshape(-1)
-    _, _, slot_a = _sort_by_expert(ids_a, e)
+    _, _, slot_a = sort_by_expert(ids_a, e)
     tok_a = jnp.arange(n * k) // k
     # Out-of-range rows (slot >= C, or id == E: not on this shard) are dropped by the scatter.
     buf_ecd = jnp.zeros((e, c, x_nd.shape[1]), x_nd.dtype).at[ids_a, slot_a].set(x_nd[tok_a], mode="drop")
@@ -82,7 +82,7 @@ BLOCK = 32  # rows per block of the `blocked` strategy (benchmarks/moe_layer.py:
 def _block_layout(ids_a: jax.Array, num_experts: int, block: int):
     """Row of each assignment in the block-padded sorted layout (out of range for id E), and each
     block's expert (E for an unused block). Blocks: at most A / block + E."""
-    _, counts, rank = _sort_by_expert(ids_a, num_experts)
+    _, counts, rank = sort_by_expert(ids_a, num_experts)
     padded = -(-counts[:num_experts] // block) * block
     ends = jnp.cumsum(padded)
     num_blocks = ids_a.shape[0] // block + num_experts
@@ -157,7 +157,7 @@ def _ragged(x_nd, ids_nk, w_nk, p: ExpertWeights):
     n, k = ids_nk.shape
     e = p["gate"].shape[0]
     ids_a = ids_nk.reshape(-1)
-    order, counts, _ = _sort_by_expert(ids_a, e)
+    order, counts, _ = sort_by_expert(ids_a, e)
     x_ad = x_nd[order // k]  # rows sorted by expert; assignments to id E come last, outside all groups
     group_sizes = counts[:e].astype(jnp.int32)
     h_af = jax.nn.silu(jax.lax.ragged_dot(x_ad, p["gate"], group_sizes)) * jax.lax.ragged_dot(x_ad, p["up"], group_sizes)

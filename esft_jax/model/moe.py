@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from esft_jax import sharding
 from esft_jax.model.config import ModelConfig
-from esft_jax.model.experts import routed_experts
+from esft_jax.model.experts import routed_experts, sort_by_expert
 from esft_jax.model.router import RouterOutput, route
 
 
@@ -97,14 +97,6 @@ def _expert_parallel(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig,
     return fn(x_btd, ids_btk, w_btk, experts, override)
 
 
-def _dispatch_rows(dest_a: jax.Array, n_shards: int, rows: int):
-    """Slot of each assignment in its destination's buffer (rows per destination; >= rows: dropped)."""
-    order = jnp.argsort(dest_a, stable=True)
-    counts = jnp.bincount(dest_a, length=n_shards)
-    rank_sorted = jnp.arange(dest_a.shape[0]) - (jnp.cumsum(counts) - counts)[dest_a[order]]
-    return jnp.zeros_like(dest_a).at[order].set(rank_sorted)
-
-
 def _all_to_all(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig, mesh_shape: dict[str, int]):
     """Expert parallelism by token exchange: see the module docstring."""
     n_shards = mesh_shape["expert"]
@@ -123,7 +115,7 @@ def _all_to_all(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig, mesh
             ids_a = stacked.reshape(-1)
         valid = ids_a < cfg.n_routed_experts
         dest = jnp.where(valid, ids_a // e_local, n_shards)  # n_shards: overridden, not sent
-        slot = jnp.where(valid, _dispatch_rows(jnp.minimum(dest, n_shards - 1), n_shards, rows), rows)
+        slot = jnp.where(valid, sort_by_expert(dest, n_shards)[2], rows)  # >= rows: dropped
         tok = jnp.arange(b * t * k) // k
         send = jnp.zeros((n_shards, rows, d), x.dtype).at[dest, slot].set(x_nd[tok], mode="drop")
         send_ids = jnp.full((n_shards, rows), e_local, jnp.int32).at[dest, slot].set(ids_a % e_local, mode="drop")

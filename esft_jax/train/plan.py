@@ -110,3 +110,30 @@ def plan(cfg: ModelConfig, method, mesh_shape: dict[str, int], *, batch_size: in
              + mem.temp_size_in_bytes)
     return Plan(dict(mesh_shape), _per_device(frozen), _per_device(state["trainable"]),
                 _per_device(state["opt_state"]), int(mem.temp_size_in_bytes), int(total), seconds)
+
+
+def report(cfg: ModelConfig, methods: list[str], devices: tuple[int, ...], mesh_axis: str, *, batch_size: int,
+           seq_len: int, optim: ml_collections.ConfigDict, device_memory_gb: float, **method_args) -> str:
+    """A markdown table of plans (GiB per device) for each method x device count on a 1-axis mesh,
+    and the smallest device count on which each method fits `device_memory_gb`."""
+    from esft_jax.report import markdown_table
+
+    rows, smallest = [], {}
+    for name in methods:
+        method = method_for(cfg, name, **method_args)
+        for n in devices:
+            p = plan(cfg, method, {mesh_axis: n}, batch_size=batch_size, seq_len=seq_len, optim=optim)
+            fits = p.total <= device_memory_gb * GB
+            if fits:
+                smallest.setdefault(name, n)
+            rows.append([name, str(n), *(f"{b / GB:.2f}" for b in (p.params, p.trainable, p.optimizer, p.temporaries,
+                                                                   p.total)), "yes" if fits else "no",
+                         f"{p.compile_seconds:.0f}"])
+    head = ["method", "devices", "params", "trainable", "optimizer", "temporaries", "total",
+            f"fits {device_memory_gb:g} GB", "compile s"]
+    lines = [f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts, hidden {cfg.hidden_size}, {cfg.dtype}; "
+             f"batch {batch_size} x {seq_len}, remat={cfg.remat}; GiB per device, mesh axis {mesh_axis}",
+             markdown_table(head, rows).rstrip()]
+    lines += [f"{name}: " + (f"fits on {smallest[name]} device(s)" if name in smallest
+                             else f"does not fit on {max(devices)} devices") for name in methods]
+    return "\n".join(lines)
