@@ -41,7 +41,8 @@ def _tokens(vocab: int, batch: int, seq: int):
     return np.random.default_rng(0).integers(3, vocab, (batch, seq)).astype(np.int32)
 
 
-def run_jax(size: str, method: str, batch: int, seq: int, reps: int) -> dict:
+def run_jax(size: str | dict, method: str, batch: int, seq: int, reps: int) -> dict:
+    """One method's step in esft-jax; `size` names SIZES or gives the config fields."""
     import tempfile
 
     import jax
@@ -60,7 +61,7 @@ def run_jax(size: str, method: str, batch: int, seq: int, reps: int) -> dict:
     from esft_jax.train.optimizer import learning_rate, make_optimizer
     from esft_jax.train.trainable import ExpertSubset, FullFineTune
 
-    cfg = ModelConfig(model_type="deepseek_v2", **SIZES[size])
+    cfg = ModelConfig(model_type="deepseek_v2", **(SIZES[size] if isinstance(size, str) else size))
     params = init_params(cfg, jax.random.key(0))
     tokens = _tokens(cfg.vocab_size, batch, seq)
     out = {"tokens_per_step": batch * seq, "total_params": int(sum(x.size for x in jax.tree.leaves(params)))}

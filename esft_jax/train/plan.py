@@ -29,7 +29,7 @@ from esft_jax.train.loop import make_train_step
 from esft_jax.train.optimizer import learning_rate, make_optimizer
 from esft_jax.train.trainable import ExpertSubset, FullFineTune
 
-GB = 1024 ** 3
+GIB = 1024 ** 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +123,10 @@ def report(cfg: ModelConfig, methods: list[str], devices: tuple[int, ...], mesh_
         method = method_for(cfg, name, **method_args)
         for n in devices:
             p = plan(cfg, method, {mesh_axis: n}, batch_size=batch_size, seq_len=seq_len, optim=optim)
-            fits = p.total <= device_memory_gb * GB
+            fits = p.total <= device_memory_gb * 1e9  # device memory is sold in decimal GB
             if fits:
                 smallest.setdefault(name, n)
-            rows.append([name, str(n), *(f"{b / GB:.2f}" for b in (p.params, p.trainable, p.optimizer, p.temporaries,
+            rows.append([name, str(n), *(f"{b / GIB:.2f}" for b in (p.params, p.trainable, p.optimizer, p.temporaries,
                                                                    p.total)), "yes" if fits else "no",
                          f"{p.compile_seconds:.0f}"])
     head = ["method", "devices", "params", "trainable", "optimizer", "temporaries", "total",
