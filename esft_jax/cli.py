@@ -20,7 +20,7 @@ from esft_jax import configs, experiment, runtime, sharding
 from esft_jax.checkpoint import CheckpointError, load_config, save_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter
 from esft_jax.data.records import DataError, read_jsonl
-from esft_jax.eval.judge import Judge, JudgeError
+from esft_jax.eval.judge import JudgeError, judge_from_config
 from esft_jax.eval.tasks import evaluate_task, perplexity, read_eval_jsonl
 from esft_jax.expert_config import ExpertConfig, ExpertConfigError
 from esft_jax.model import ConfigError, ModelConfig, forward, param_axes
@@ -150,9 +150,7 @@ def cmd_eval(c: ml_collections.ConfigDict) -> None:
     """Score a model (optionally with an adapter) on eval tasks, and its held-out perplexity."""
     cfg, params = runtime.load_model(c)
     tokenizer = runtime.tokenizer(c)
-    judge = None
-    if c.judge.base_url:
-        judge = Judge(c.judge.base_url, c.judge.model, os.environ.get(c.judge.api_key_env, ""), c.judge.retries)
+    judge = judge_from_config(c.judge)
     out = Path(c.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scores: dict[str, float] = {}
@@ -179,7 +177,8 @@ def cmd_plan(c: ml_collections.ConfigDict) -> None:
     need = max(c.devices)
     if jax.device_count() < need:  # simulate the devices: re-run with XLA's host device count set
         flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={need}".strip()
-        code = subprocess.call([sys.executable, "-m", "esft_jax.cli", *sys.argv[1:]], env={**os.environ, "XLA_FLAGS": flags})
+        code = subprocess.call([sys.executable, "-m", "esft_jax.cli", *sys.argv[1:]],
+                               env={**os.environ, "XLA_FLAGS": flags})
         raise SystemExit(code)
     overrides = {k: c.model[k] for k in runtime.RUNTIME_FIELDS if k in c.model}
     cfg = load_config(c.checkpoint, **overrides) if c.checkpoint else configs.model_config(c.model)

@@ -2,8 +2,9 @@
 
 profile -> select experts (one expert config per entry of `c.selections`) -> eval the base model ->
 train every method of `c.methods` ("fft", "lora", or "esft_<selection>") -> eval each on the task
-and the general tasks (`c.scoring` says how each is scored) -> a markdown table in the spirit of the paper's Tables 1-2 (+ trainable
-parameters, optimizer-state bytes, adapter bytes, train time, peak memory) and plots. Ablations are
+and the general tasks (`c.scoring` says how each is scored) -> a markdown table in the spirit of
+the paper's Tables 1-2 (+ trainable parameters, optimizer-state bytes, adapter bytes, train time,
+peak memory) and plots. Ablations are
 just more selections (threshold p, score function, random experts, expert groups, trainable-module
 flags). A step whose output exists is skipped, so a rerun only does what is missing. Each training
 runs in a child process (its peak memory is its own); `c.launch = "print"` stops after selection
@@ -28,7 +29,7 @@ import ml_collections
 from esft_jax import report, runtime
 from esft_jax.builtin import tasks as builtin_tasks
 from esft_jax.data.records import read_jsonl
-from esft_jax.eval.judge import Judge
+from esft_jax.eval.judge import judge_from_config
 from esft_jax.eval.tasks import evaluate_task, perplexity, read_eval_jsonl
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.routing import analyze, profile, scores, select
@@ -61,7 +62,7 @@ def _evaluate(c: ml_collections.ConfigDict, suite: Path, adapter: str = "") -> d
     model = ml_collections.ConfigDict({**c.to_dict(), "adapter": adapter})
     cfg, params = runtime.load_model(model)
     tok = runtime.tokenizer(c)
-    judge = Judge(c.judge.base_url, c.judge.model, os.environ.get(c.judge.api_key_env, "")) if c.judge.base_url else None
+    judge = judge_from_config(c.judge)
     out = {}
     for name in [c.task, *c.general_tasks]:
         spec = c.scoring[name]
@@ -162,7 +163,8 @@ def run_study(c: ml_collections.ConfigDict) -> tuple[Path, report.Study | None]:
 
     print("[5/5] evaluating the fine-tuned models")
     for m in c.methods:
-        results[m] = _cached(run_dir / f"eval_{m}.json", lambda m=m: _evaluate(c, suite, str(run_dir / f"train_{m}" / "adapter")))
+        adapter = str(run_dir / f"train_{m}" / "adapter")
+        results[m] = _cached(run_dir / f"eval_{m}.json", lambda adapter=adapter: _evaluate(c, suite, adapter))
     study = report.Study(c.task, tuple(c.general_tasks), results, summaries)
     table = report.study_table(study)
     (run_dir / "results.md").write_text(table)

@@ -13,5 +13,6 @@ def get_config() -> ml_collections.ConfigDict:
         scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0,
         rope_theta=10000.0, max_position_embeddings=2048, rms_norm_eps=1e-6,
         bos_token_id=256, eos_token_id=257, pad_token_id=258,  # the byte tokenizer's specials
-        param_dtype="float32", dtype="float32", moe_strategy="auto", capacity_factor=None, expert_parallel="psum", remat=False,
+        param_dtype="float32", dtype="float32", moe_strategy="auto", capacity_factor=None,
+        expert_parallel="psum", remat=False,
     ))
