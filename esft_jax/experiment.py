@@ -70,8 +70,8 @@ def _evaluate(c: ml_collections.ConfigDict, suite: Path, adapter: str = "") -> d
         out[name], _ = evaluate_task(params, cfg, tok, samples, scorer=spec.scorer, max_new_tokens=spec.max_new_tokens,
                                      stop=[s for s in spec.stop.split("|") if s], batch_size=c.eval.batch_size,
                                      judge=judge)
-    if c.perplexity_data:
-        held_out, _ = read_jsonl(c.perplexity_data)
+    if c.perplexity_set:
+        held_out, _ = read_jsonl(suite / "eval" / f"{c.perplexity_set}.jsonl")
         out["perplexity"] = perplexity(params, cfg, tok, held_out, seq_len=c.eval.seq_len,
                                        batch_size=c.eval.batch_size)
     return out

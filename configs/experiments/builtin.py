@@ -28,7 +28,7 @@ def get_config(task: str = "intent") -> ml_collections.ConfigDict:
     c.builtin_suite = True  # write the built-in suite there if it is missing
     c.scoring = ml_collections.ConfigDict({name: scoring(scorer, max_new) for name, (_, scorer, max_new)
                                            in {**builtin_tasks.DOWNSTREAM, **builtin_tasks.GENERAL}.items()})
-    c.perplexity_data = f"{c.suite_dir}/eval/docs.jsonl"  # held-out text ("" for none)
+    c.perplexity_set = "docs"  # held-out text for perplexity: <suite_dir>/eval/<name>.jsonl ("" for none)
     c.judge = ml_collections.ConfigDict(dict(base_url="", model="", api_key_env="OPENAI_API_KEY"))
     c.run_dir = f"runs/esft_{task}"
     c.selections = ml_collections.ConfigDict(dict(token=selection("token", 0.2), gate=selection("gate", 0.1)))

@@ -35,7 +35,7 @@ def get_config(task: str = "intent") -> ml_collections.ConfigDict:
     c.general_tasks = tuple(t for t in TASKS if t != task)
     c.scoring = ml_collections.ConfigDict({t: scoring("chrf", 256, stop="\n\nUser:") for t in TASKS})
     c.scoring.intent = scoring("intent", 128, stop="\n\nUser:")
-    c.perplexity_data = ""
+    c.perplexity_set = ""
     c.run_dir = f"runs/official_{task}"
     c.lr = ml_collections.ConfigDict(dict(fft=1e-5, lora=1e-4, esft=1e-5))
     c.train = ()  # --config.<override> for every `esft train`, e.g. the mesh
