@@ -40,9 +40,7 @@ def measure(size: str, method_name: str, batch: int, seq: int) -> dict:
     method = plan.method_for(cfg, method_name)
     optim = configs.load_file(str(Path(__file__).parents[1] / "configs" / "train.py")).optim
     compiled, _, _ = plan.lower_train_step(cfg, method, {"data": 1}, batch_size=batch, seq_len=seq, optim=optim)
-    mem = compiled.memory_analysis()
-    predicted = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-                 + mem.temp_size_in_bytes)
+    predicted = plan.resident_bytes(compiled)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (VmHWM)
     before = _status_kb("VmRSS")
     frozen = init_params(cfg, jax.random.key(0))

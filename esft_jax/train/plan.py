@@ -105,11 +105,17 @@ def plan(cfg: ModelConfig, method, mesh_shape: dict[str, int], *, batch_size: in
     """Compile one train step of `method` on a mesh of simulated (or real) devices; read its memory."""
     compiled, (state, frozen, _), seconds = lower_train_step(cfg, method, mesh_shape, batch_size=batch_size,
                                                              seq_len=seq_len, optim=optim)
-    mem = compiled.memory_analysis()
-    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-             + mem.temp_size_in_bytes)
     return Plan(dict(mesh_shape), _per_device(frozen), _per_device(state["trainable"]),
-                _per_device(state["opt_state"]), int(mem.temp_size_in_bytes), int(total), seconds)
+                _per_device(state["opt_state"]), int(compiled.memory_analysis().temp_size_in_bytes),
+                resident_bytes(compiled), seconds)
+
+
+def resident_bytes(compiled) -> int:
+    """What a compiled executable needs resident per device: arguments, outputs not aliased to them
+    (donated state is updated in place), temporaries."""
+    mem = compiled.memory_analysis()
+    return int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+               + mem.temp_size_in_bytes)
 
 
 def report(cfg: ModelConfig, methods: list[str], devices: tuple[int, ...], mesh_axis: str, *, batch_size: int,
