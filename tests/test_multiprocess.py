@@ -18,10 +18,18 @@ from esft_jax.routing.stats import RoutingStats
 from esft_jax.train import loop
 
 
-def _free_port() -> int:
+def _run_two_processes(args: list[str]) -> None:
+    """`esft <args>` as 2 cooperating processes (1 CPU device each) on a localhost coordinator."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "esft_jax.cli", *args, "--config.mesh.data=2",
+                               "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+                               f"--config.distributed.coordinator=127.0.0.1:{port}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
 
 
 @pytest.mark.slow
@@ -29,19 +37,13 @@ def test_two_processes_train_like_one(tmp_path):
     one = fx.train_config(tmp_path, "esft", workdir=tmp_path / "one")
     loop.train(one, progress=False)  # one process (the mesh has one data shard: a batch of 4 rows)
 
-    port, env = _free_port(), {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    base = [sys.executable, "-m", "esft_jax.cli", "train", "--config", "configs/train.py:esft",
-            f"--config.checkpoint={one.checkpoint}", f"--config.data.train={one.data.train}",
-            f"--config.expert_config={one.expert_config}", f"--config.workdir={tmp_path / 'two'}",
-            "--config.mesh.data=2", "--config.distributed.num_processes=2",
-            f"--config.distributed.coordinator=127.0.0.1:{port}"]
+    base = ["train", "--config", "configs/train.py:esft", f"--config.checkpoint={one.checkpoint}",
+            f"--config.data.train={one.data.train}", f"--config.expert_config={one.expert_config}",
+            f"--config.workdir={tmp_path / 'two'}"]
     same = [f"--config.{k}={one[k]}" for k in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every")]
     same += [f"--config.data.{k}={one.data[k]}" for k in ("seq_len", "validation_fraction")]
     same += [f"--config.optim.{k}={one.optim[k]}" for k in ("lr", "warmup_steps", "weight_decay")]
-    procs = [subprocess.Popen([*base, *same, f"--config.distributed.process_id={i}"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    _run_two_processes([*base, *same])
 
     a, b = load_file(tmp_path / "one" / "adapter" / "adapter.safetensors"), \
         load_file(tmp_path / "two" / "adapter" / "adapter.safetensors")
@@ -60,14 +62,7 @@ def test_two_processes_profile_like_one(tmp_path):
     common = ["--config", "configs/profile.py", f"--config.checkpoint={ckpt}", f"--config.data={data}",
               "--config.token_budget=1500", "--config.seq_len=64", "--config.batch_size=4", "--config.progress=False"]
     assert cli.main(["profile", *common, f"--config.out_dir={tmp_path / 'one'}"]) == 0
-    port, env = _free_port(), {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "esft_jax.cli", "profile", *common,
-                               f"--config.out_dir={tmp_path / 'two'}", "--config.mesh.data=2",
-                               "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-                               f"--config.distributed.coordinator=127.0.0.1:{port}"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    _run_two_processes(["profile", *common, f"--config.out_dir={tmp_path / 'two'}"])
     one, two = RoutingStats.load(tmp_path / "one" / STATS_FILE), RoutingStats.load(tmp_path / "two" / STATS_FILE)
     assert one.tokens == two.tokens > 0
     np.testing.assert_array_equal(two.counts, one.counts)

@@ -68,6 +68,16 @@ def _override_weights(override: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {k: v for k, v in override.items() if k != "ids"}
 
 
+def _on_expert_shards(local, act: P, x_btd, ids_btk, w_btk, experts, override):
+    """local(x, ids, w, experts, override) -> (y, dropped) inside shard_map: activations split as
+    `act`, experts over `expert`, overrides replicated; y comes back split as `act`, dropped replicated.
+    check_vma=False: the blocked strategy's lax.cond returns fresh zeros in one branch."""
+    ov_specs = None if override is None else {k: P() for k in override}
+    fn = jax.shard_map(local, in_specs=(act, act, act, {k: P("expert", None, None) for k in experts}, ov_specs),
+                       out_specs=(act, P()), check_vma=False)
+    return fn(x_btd, ids_btk, w_btk, experts, override)
+
+
 def _expert_parallel(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig, mesh_shape: dict[str, int]):
     """Routed experts with the expert axis split over the mesh's `expert` axis (shard_map + psum).
     Overrides are few: every device holds them all and adds their (identical) share after the psum."""
@@ -90,11 +100,7 @@ def _expert_parallel(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig,
             y, dropped = y + y_ov, dropped + dropped_ov
         return y, (jax.lax.psum(dropped, batch) if batch else dropped)
 
-    act, per_expert = P(batch, None, None), P("expert", None, None)
-    ov_specs = None if override is None else {k: P() for k in override}
-    fn = jax.shard_map(local, in_specs=(act, act, act, {k: per_expert for k in experts}, ov_specs),
-                       out_specs=(act, P()), check_vma=False)  # the blocked strategy's lax.cond
-    return fn(x_btd, ids_btk, w_btk, experts, override)
+    return _on_expert_shards(local, P(batch, None, None), x_btd, ids_btk, w_btk, experts, override)
 
 
 def _all_to_all(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig, mesh_shape: dict[str, int]):
@@ -132,11 +138,7 @@ def _all_to_all(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig, mesh
             y, dropped = y + y_ov, dropped + dropped_ov
         return y.reshape(b, t, d), jax.lax.psum(dropped, (*batch, "expert"))
 
-    act, per_expert = P((*batch, "expert"), None, None), P("expert", None, None)
-    ov_specs = None if override is None else {k: P() for k in override}
-    fn = jax.shard_map(local, in_specs=(act, act, act, {k: per_expert for k in experts}, ov_specs),
-                       out_specs=(act, P()), check_vma=False)
-    return fn(x_btd, ids_btk, w_btk, experts, override)
+    return _on_expert_shards(local, P((*batch, "expert"), None, None), x_btd, ids_btk, w_btk, experts, override)
 
 
 def moe_block(p: dict[str, Any], x_btd: jax.Array, cfg: ModelConfig) -> MoEOutput:
