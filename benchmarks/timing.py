@@ -18,3 +18,17 @@ def seconds(fn: Callable, *args, reps: int = 5) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_seconds(calls: dict[str, Callable[[], object]], reps: int = 5) -> dict[str, float]:
+    """Median wall time of each call, the calls taking turns rep by rep: on a shared machine whose
+    speed drifts, every call sees the same drift, so their ratios hold."""
+    for call in calls.values():
+        jax.block_until_ready(call())
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -5,9 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from esft_jax.model import experts
 from esft_jax.model.experts import capacity, routed_experts
 
 N, D, F, E, K = 24, 16, 8, 16, 4
+
+
+@pytest.fixture(autouse=True)
+def spill_at_any_size(monkeypatch):
+    """`spill` takes its batched pass only from 128 rows per expert; these problems are smaller."""
+    monkeypatch.setattr(experts, "SPILL_MIN_ROWS", 1)
 
 
 def _problem(seed=0, used_experts=8):
@@ -34,7 +41,7 @@ def _numpy_reference(x, ids, w, p, keep=None):
     return y
 
 
-@pytest.mark.parametrize("strategy", ["dense", "capacity", "blocked", "ragged"])
+@pytest.mark.parametrize("strategy", ["dense", "capacity", "blocked", "spill", "ragged"])
 def test_strategy_matches_numpy(strategy):
     x, ids, w, p = _problem()
     y, dropped = routed_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(w), p, strategy)
@@ -42,7 +49,7 @@ def test_strategy_matches_numpy(strategy):
     assert int(dropped) == 0
 
 
-@pytest.mark.parametrize("strategy", ["capacity", "blocked", "ragged"])
+@pytest.mark.parametrize("strategy", ["capacity", "blocked", "spill", "ragged"])
 def test_gradients_match_dense(strategy):
     x, ids, w, p = _problem(seed=1)
     r = np.random.default_rng(2).normal(size=(N, D)).astype(np.float32)
@@ -61,7 +68,7 @@ def test_gradients_match_dense(strategy):
         assert np.any(np.asarray(got[2][name])[~unused] != 0)
 
 
-@pytest.mark.parametrize("strategy", ["dense", "capacity", "blocked", "ragged"])
+@pytest.mark.parametrize("strategy", ["dense", "capacity", "blocked", "spill", "ragged"])
 def test_sentinel_id_contributes_nothing(strategy):
     """Id E marks an assignment to an expert on another shard (expert parallelism)."""
     x, ids, w, p = _problem(seed=3)
@@ -70,6 +77,22 @@ def test_sentinel_id_contributes_nothing(strategy):
     keep = ids_masked < E
     y, _ = routed_experts(jnp.asarray(x), jnp.asarray(ids_masked), jnp.asarray(w), p, strategy)
     np.testing.assert_allclose(np.asarray(y), _numpy_reference(x, ids, w, p, keep), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy,cf", [("blocked", None), ("spill", 0.1), ("spill", 1.8), ("spill", 100.0)])
+def test_gradient_for_one_argument_matches_dense(strategy, cf):
+    """Differentiating only the input (frozen experts, as in ESFT) or only the experts takes other
+    branches of the custom VJP (symbolic zeros); spill factors: all spilled, some, none."""
+    x, ids, w, p = _problem(seed=5)
+    r = np.random.default_rng(6).normal(size=(N, D)).astype(np.float32)
+
+    def loss(x, p, strategy):
+        return jnp.sum(routed_experts(x, jnp.asarray(ids), jnp.asarray(w), p, strategy, cf)[0] * r)
+
+    for argnum in (0, 1):
+        grad = jax.jit(jax.grad(loss, argnums=argnum), static_argnums=2)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+                     grad(jnp.asarray(x), p, strategy), grad(jnp.asarray(x), p, "dense"))
 
 
 @pytest.mark.parametrize("block", [1, 3, 8, 128])

@@ -8,6 +8,7 @@ from jax.sharding import NamedSharding
 
 from esft_jax import sharding
 from esft_jax.model import ModelConfig, forward, init_params, param_axes
+from esft_jax.model import experts as experts_module
 
 _forward = jax.jit(forward, static_argnums=2)
 
@@ -25,11 +26,13 @@ def _setup(strategy, **runtime):
     return cfg, params, tokens, jnp.asarray(segments)
 
 
-@pytest.mark.parametrize("strategy,exchange", [("capacity", "psum"), ("blocked", "psum"), ("ragged", "psum"),
-                                               ("dense", "psum"), ("blocked", "all_to_all"), ("capacity", "all_to_all")])
-def test_sharded_forward_equals_single_device(strategy, exchange):
+@pytest.mark.parametrize("strategy,exchange", [("capacity", "psum"), ("blocked", "psum"), ("spill", "psum"),
+                                               ("ragged", "psum"), ("dense", "psum"), ("blocked", "all_to_all"),
+                                               ("capacity", "all_to_all")])
+def test_sharded_forward_equals_single_device(strategy, exchange, monkeypatch):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    monkeypatch.setattr(experts_module, "SPILL_MIN_ROWS", 1)  # spill's batched pass at this small size too
     cfg, params, tokens, segments = _setup(strategy, expert_parallel=exchange)
     ref_logits, ref_routing = _forward(params, tokens, cfg, segment_ids_bt=segments)
 

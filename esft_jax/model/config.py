@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any, Mapping
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
-MOE_STRATEGIES = ("auto", "dense", "capacity", "blocked", "ragged")
+MOE_STRATEGIES = ("auto", "dense", "capacity", "blocked", "spill", "ragged")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -1,16 +1,23 @@
-"""Routed-expert computation: y = sum_k w_k * SwiGLU_{e_k}(x), behind one function, three strategies.
+"""Routed-expert computation: y = sum_k w_k * SwiGLU_{e_k}(x), behind one function, five strategies.
 
 - `dense`: every expert on every token, then a weighted combine. O(E) work: the reference path.
 - `capacity`: tokens scattered into a per-expert buffer [E, C, d], batched matmuls, gathered back.
   C = N (every token fits: dropless, as much work as `dense`) unless a capacity factor is given;
   overflow is dropped and counted.
 - `blocked`: dropless. Assignments sorted by expert, each expert's rows padded to a multiple of
-  `BLOCK` rows, then a loop over the blocks, each one expert's SwiGLU on BLOCK rows; unused blocks
-  are skipped. Work = active FLOPs + padding (< E x BLOCK rows). Custom VJP: the backward loop adds
-  each block's weight gradient into its expert in place. The CPU default (XLA:CPU has no grouped matmul).
+  `BLOCK` rows, then a loop over the used blocks only (a dynamic trip count), each one expert's
+  SwiGLU on BLOCK rows. Work = active FLOPs + padding (< E x BLOCK rows). Custom VJP: the forward
+  keeps the pre-activations, the backward adds each block's weight gradient into its expert in place
+  and skips weight gradients of frozen experts (ESFT's) and input gradients of frozen inputs.
+  The CPU default (XLA:CPU has no grouped matmul).
+- `spill`: dropless. A capacity pass (C = ceil(cf N k / E), cf = the capacity factor or 1.25) takes
+  each expert's first C assignments in batched matmuls, which XLA:CPU runs faster than the block
+  loop; the overflow, if any, goes through `blocked`. Where that cannot pay it is `blocked` alone:
+  at trace time when C < SPILL_MIN_ROWS, at run time (`lax.cond`) when more than SPILL_MAX_OVERFLOW
+  of the assignments overflow. Wins when expert loads are balanced; trained routers rarely are.
 - `ragged`: assignments sorted by expert and a grouped matmul (`jax.lax.ragged_dot`): dropless with
   no padding; the right path on GPU/TPU, a slow dense emulation on XLA:CPU.
-`auto` picks `ragged` on GPU/TPU and `blocked` on CPU.
+`auto` picks `ragged` on GPU/TPU and `blocked` on CPU (benchmarks/moe_layer.py compares them).
 
 An expert id equal to E means "not on this shard" (used by expert parallelism, see moe.py): such an
 assignment contributes nothing.
@@ -18,10 +25,12 @@ assignment contributes nothing.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 ExpertWeights = dict[str, jax.Array]  # gate, up [E, d, f]; down [E, f, d]
 
@@ -92,15 +101,25 @@ def _block_layout(ids_a: jax.Array, num_experts: int, block: int):
     return row_a, expert_b, num_blocks
 
 
-def _swiglu_blocks_fwd_loop(x_bcd, expert_b, g, u, dn):
-    e = g.shape[0]
+def _used_blocks(expert_b: jax.Array, num_experts: int) -> jax.Array:
+    """Number of blocks holding rows: they come first, unused ones (expert E) last."""
+    return jnp.sum(expert_b < num_experts)
 
-    def body(_, xs):
-        x_cd, i = xs
-        used = lambda: (jax.nn.silu(x_cd @ g[i]) * (x_cd @ u[i])) @ dn[i]  # noqa: E731
-        return None, jax.lax.cond(i < e, used, lambda: jnp.zeros((x_cd.shape[0], dn.shape[2]), x_cd.dtype))
 
-    return jax.lax.scan(body, None, (x_bcd, expert_b))[1]
+def _swiglu_blocks_fwd_loop(x_bcd, expert_b, g, u, dn, keep_pre: bool = False):
+    """-> y [B, C, d], and with keep_pre the pre-activations x @ gate, x @ up [B, C, f] (for the
+    backward pass, which then needs no recomputation)."""
+    def body(b, out):
+        i, x_cd = expert_b[b], x_bcd[b]
+        a, c = x_cd @ g[i], x_cd @ u[i]
+        out = {**out, "y": out["y"].at[b].set((jax.nn.silu(a) * c) @ dn[i])}
+        return {**out, "a": out["a"].at[b].set(a), "c": out["c"].at[b].set(c)} if keep_pre else out
+
+    out = {"y": jnp.zeros((*x_bcd.shape[:2], dn.shape[2]), x_bcd.dtype)}
+    if keep_pre:
+        out["a"] = out["c"] = jnp.zeros((*x_bcd.shape[:2], g.shape[2]), x_bcd.dtype)
+    out = jax.lax.fori_loop(0, _used_blocks(expert_b, g.shape[0]), body, out)
+    return (out["y"], out["a"], out["c"]) if keep_pre else out["y"]
 
 
 @jax.custom_vjp
@@ -110,34 +129,44 @@ def _swiglu_blocks(x_bcd, expert_b, g, u, dn):
 
 
 def _swiglu_blocks_fwd(x_bcd, expert_b, g, u, dn):
-    return _swiglu_blocks_fwd_loop(x_bcd, expert_b, g, u, dn), (x_bcd, expert_b, g, u, dn)
+    """symbolic_zeros: each argument comes with `.perturbed`; frozen experts (ESFT's stacked
+    experts, a constant) get no weight gradient and frozen inputs no input gradient."""
+    values = tuple(a.value for a in (x_bcd, expert_b, g, u, dn))
+    want_x, want_w = x_bcd.perturbed, g.perturbed or u.perturbed or dn.perturbed
+    y, a, c = _swiglu_blocks_fwd_loop(*values, keep_pre=True)
+    return y, (*values, a, c, want_x, want_w)
 
 
 def _swiglu_blocks_bwd(res, dy_bcd):
-    x_bcd, expert_b, g, u, dn = res
-    e = g.shape[0]
+    x_bcd, expert_b, g, u, dn, a_bcf, c_bcf, want_x, want_w = res
+    if isinstance(dy_bcd, SymbolicZero):
+        dy_bcd = jnp.zeros((*x_bcd.shape[:2], dn.shape[2]), x_bcd.dtype)
 
-    def used(grads, x_cd, i, dy_cd):
-        dg, du, ddn = grads
-        a, b = x_cd @ g[i], x_cd @ u[i]
+    def body(b, grads):
+        i, x_cd, dy_cd, a, c = expert_b[b], x_bcd[b], dy_bcd[b], a_bcf[b], c_bcf[b]
         sig = jax.nn.sigmoid(a)
         silu = a * sig
         dh = dy_cd @ dn[i].T
-        da, db = dh * b * sig * (1 + a * (1 - sig)), dh * silu
-        grads = dg.at[i].add(x_cd.T @ da), du.at[i].add(x_cd.T @ db), ddn.at[i].add((silu * b).T @ dy_cd)
-        return grads, da @ g[i].T + db @ u[i].T
+        da, dc = dh * c * sig * (1 + a * (1 - sig)), dh * silu
+        out = dict(grads)
+        if want_w:
+            out["g"] = grads["g"].at[i].add(x_cd.T @ da)
+            out["u"] = grads["u"].at[i].add(x_cd.T @ dc)
+            out["dn"] = grads["dn"].at[i].add((silu * c).T @ dy_cd)
+        if want_x:
+            out["x"] = grads["x"].at[b].set(da @ g[i].T + dc @ u[i].T)
+        return out
 
-    def body(grads, xs):
-        x_cd, i, dy_cd = xs
-        return jax.lax.cond(i < e, used, lambda grads, x_cd, i, dy_cd: (grads, jnp.zeros_like(x_cd)),
-                            grads, x_cd, i, dy_cd)
+    zeros = {}
+    if want_w:
+        zeros.update(g=jnp.zeros_like(g), u=jnp.zeros_like(u), dn=jnp.zeros_like(dn))
+    if want_x:
+        zeros["x"] = jnp.zeros_like(x_bcd)
+    grads = jax.lax.fori_loop(0, _used_blocks(expert_b, g.shape[0]), body, zeros)
+    return grads.get("x"), None, grads.get("g"), grads.get("u"), grads.get("dn")
 
-    zeros = (jnp.zeros_like(g), jnp.zeros_like(u), jnp.zeros_like(dn))
-    (dg, du, ddn), dx_bcd = jax.lax.scan(body, zeros, (x_bcd, expert_b, dy_bcd))
-    return dx_bcd, None, dg, du, ddn
 
-
-_swiglu_blocks.defvjp(_swiglu_blocks_fwd, _swiglu_blocks_bwd)
+_swiglu_blocks.defvjp(_swiglu_blocks_fwd, _swiglu_blocks_bwd, symbolic_zeros=True)
 
 
 def _blocked(x_nd, ids_nk, w_nk, p: ExpertWeights, block: int):
@@ -151,6 +180,32 @@ def _blocked(x_nd, ids_nk, w_nk, p: ExpertWeights, block: int):
     y_ad = out_rd.reshape(num_blocks * block, -1).at[row_a].get(mode="fill", fill_value=0)
     y = jnp.einsum("nkd,nk->nd", y_ad.reshape(n, k, -1).astype(jnp.float32), w_nk)
     return y, jnp.zeros((), jnp.int32)
+
+
+SPILL_FACTOR = 1.25  # capacity factor of the `spill` strategy's batched pass, unless one is given
+SPILL_MIN_ROWS = 128  # below this many rows per expert, batched matmuls lose to the block loop
+SPILL_MAX_OVERFLOW = 0.125  # above this share of assignments overflowing, the block loop alone wins
+
+
+def _spill(x_nd, ids_nk, w_nk, p: ExpertWeights, block: int, cf: float):
+    n, k = ids_nk.shape
+    e = p["gate"].shape[0]
+    c = capacity(n, k, e, cf)
+    if c < SPILL_MIN_ROWS:
+        return _blocked(x_nd, ids_nk, w_nk, p, block)
+    _, _, rank = sort_by_expert(ids_nk.reshape(-1), e)
+    spilled = (rank.reshape(n, k) >= c) & (ids_nk < e)
+
+    def blocked(x_nd, p, ids_nk=ids_nk):
+        return _blocked(x_nd, ids_nk, w_nk, p, block)[0]
+
+    def batched_then_spill(x_nd, p):
+        y, _ = _capacity(x_nd, jnp.where(spilled, e, ids_nk), w_nk, p, cf)
+        overflow = functools.partial(blocked, ids_nk=jnp.where(spilled, ids_nk, e))
+        return y + jax.lax.cond(jnp.any(spilled), overflow, lambda *_: jnp.zeros_like(y), x_nd, p)
+
+    balanced = jnp.sum(spilled) <= SPILL_MAX_OVERFLOW * n * k
+    return jax.lax.cond(balanced, batched_then_spill, blocked, x_nd, p), jnp.zeros((), jnp.int32)
 
 
 def _ragged(x_nd, ids_nk, w_nk, p: ExpertWeights):
@@ -181,6 +236,8 @@ def routed_experts(x_nd: jax.Array, ids_nk: jax.Array, weights_nk: jax.Array, p:
         return _capacity(x_nd, ids_nk, weights_nk, p, capacity_factor)
     if strategy == "blocked":
         return _blocked(x_nd, ids_nk, weights_nk, p, block)
+    if strategy == "spill":
+        return _spill(x_nd, ids_nk, weights_nk, p, block, capacity_factor or SPILL_FACTOR)
     if strategy == "ragged":
         return _ragged(x_nd, ids_nk, weights_nk, p)
     raise ValueError(f"unknown MoE strategy {strategy!r}")

@@ -71,7 +71,7 @@ def _override_weights(override: dict[str, jax.Array]) -> dict[str, jax.Array]:
 def _on_expert_shards(local, act: P, x_btd, ids_btk, w_btk, experts, override):
     """local(x, ids, w, experts, override) -> (y, dropped) inside shard_map: activations split as
     `act`, experts over `expert`, overrides replicated; y comes back split as `act`, dropped replicated.
-    check_vma=False: the blocked strategy's lax.cond returns fresh zeros in one branch."""
+    check_vma=False: the block loops start from fresh zeros (and `spill` may return them)."""
     ov_specs = None if override is None else {k: P() for k in override}
     fn = jax.shard_map(local, in_specs=(act, act, act, {k: P("expert", None, None) for k in experts}, ov_specs),
                        out_specs=(act, P()), check_vma=False)

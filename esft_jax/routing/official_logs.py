@@ -41,6 +41,13 @@ def _parse_line(text: str, where: str, top_k: int, num_experts: int) -> tuple[np
     return ids_tk, weights.reshape(-1, top_k)
 
 
+def read_layer_log(path: str | Path, top_k: int = 6, num_experts: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One `expert_weights_<layer>.txt`: per sequence, (expert ids [T, k], gate weights [T, k])."""
+    path = Path(path)
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    return [_parse_line(ln, f"{path}:{i + 1}", top_k, num_experts) for i, ln in enumerate(lines)]
+
+
 def read_official_logs(log_dir: str | Path, top_k: int = 6, num_experts: int = 64) -> RoutingStats:
     """RoutingStats from an official log directory (DeepSeek-V2-Lite: top_k 6, 64 experts)."""
     log_dir = Path(log_dir)
@@ -50,8 +57,7 @@ def read_official_logs(log_dir: str | Path, top_k: int = 6, num_experts: int = 6
         raise DataError(f"{log_dir}: no expert_weights_<layer>.txt files")
     per_layer = []  # per layer: list over sequences of (ids [n, k], weights [n, k])
     for layer, path in files:
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        per_layer.append([_parse_line(ln, f"{path}:{i + 1}", top_k, num_experts) for i, ln in enumerate(lines)])
+        per_layer.append(read_layer_log(path, top_k, num_experts))
     n_seq = len(per_layer[0])
     for (layer, path), seqs in zip(files, per_layer):
         if len(seqs) != n_seq:

@@ -74,8 +74,11 @@ def make_train_step(method, cfg: ModelConfig, tx: optax.GradientTransformation, 
             (loss_sum, (n, d)), g = grad_fn(state["trainable"], frozen, batch)
             return (jax.tree.map(jnp.add, grads, g), loss + loss_sum, count + n, dropped + d), None
 
-        zero = (jax.tree.map(jnp.zeros_like, state["trainable"]), 0.0, 0, 0)
-        (grads, loss, count, dropped), _ = jax.lax.scan(micro, zero, batches)
+        if jax.tree.leaves(batches)[0].shape[0] == 1:  # one micro-batch: no accumulator to zero and add
+            (loss, (count, dropped)), grads = grad_fn(state["trainable"], frozen, jax.tree.map(lambda b: b[0], batches))
+        else:
+            zero = (jax.tree.map(jnp.zeros_like, state["trainable"]), 0.0, 0, 0)
+            (grads, loss, count, dropped), _ = jax.lax.scan(micro, zero, batches)
         grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1), grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         new_state = {"step": state["step"] + 1, "trainable": optax.apply_updates(state["trainable"], updates),
