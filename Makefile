@@ -18,7 +18,7 @@ run: $(VENV)/.installed
 	$(VENV)/bin/esft run --config configs/experiments/builtin.py:intent
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
