@@ -1,10 +1,23 @@
 """Test setup: 8 simulated CPU devices (set before jax is imported) and reference checkpoints."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Tests compile many small programs and run each briefly. XLA:CPU's fusion emitters and full LLVM
+# optimisation made compiling ~5x slower here and did not make these tiny models run faster.
+_GIVEN = os.environ.get("XLA_FLAGS", "")
+_FLAGS = ["--xla_force_host_platform_device_count=8", "--xla_cpu_use_fusion_emitters=false",
+          "--xla_backend_optimization_level=0"]
+os.environ["XLA_FLAGS"] = " ".join([_GIVEN, *(f for f in _FLAGS if f.split("=")[0] not in _GIVEN)]).strip()
+# One compilation cache for the session and the processes it starts: a program compiled again
+# (a resumed run, the same CLI command in a child) is read back instead.
+_CACHE = tempfile.mkdtemp(prefix="esft-jax-test-xla-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402

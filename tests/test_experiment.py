@@ -15,6 +15,7 @@ def test_run_pipeline_and_rerun_from_cache(tmp_path):
     c = configs.load("configs/experiments/builtin.py:math", [
         f"checkpoint={fx.base_checkpoint(tmp_path / 'base')}", f"run_dir={tmp_path / 'run'}",
         f"suite_dir={tmp_path / 'suite'}", "eval.limit=4", "eval.batch_size=4", "profile.token_budget=500",
+        "perplexity_set=''",  # 300 held-out documents per model; tests/test_cli.py covers perplexity
         "train=('steps=2', 'batch_size=2', 'data.seq_len=64', 'log_every=1', 'eval_every=2', 'checkpoint_every=2')"])
     table = experiment.run(c).read_text()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
@@ -31,7 +32,7 @@ def test_official_study_prints_one_command_per_method(tmp_path, reference, capsy
     """The official-datasets study on a small model: profile + select run, then the launch commands."""
     c = configs.load("configs/experiments/official.py:intent", [
         f"checkpoint={configs.load('configs/experiments/builtin.py').checkpoint}", f"suite_dir={reference / 'datasets'}", f"run_dir={tmp_path}",
-        "launch=print", "profile.token_budget=2000", "profile.seq_len=512", "train=('mesh.expert=8',)"])
+        "launch=print", "profile.token_budget=1000", "profile.seq_len=256", "train=('mesh.expert=8',)"])
     assert c.general_tasks == ("law", "summary", "translation") and c.scoring.law.scorer == "chrf"
     experiment.run(c)
     commands = [line for line in capsys.readouterr().out.splitlines() if " train --config " in line]

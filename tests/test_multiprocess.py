@@ -23,7 +23,7 @@ def _run_two_processes(args: list[str]) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1")}
     procs = [subprocess.Popen([sys.executable, "-m", "esft_jax.cli", *args, "--config.mesh.data=2",
                                "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
                                f"--config.distributed.coordinator=127.0.0.1:{port}"],

@@ -38,7 +38,8 @@ def params():
 
 def _optim(wd=0.1, lr=1e-3):
     # Adam turns float32 rounding in a near-zero gradient into an update of up to lr: at lr 1e-3 two
-    # equal computations stay within 1e-6 over 5 steps; at 1e-2 a few elements drift by ~5e-6.
+    # equal computations (differently fused) stay within ~2e-6 over 5 steps, against ~5e-3 of movement;
+    # at 1e-2 a few elements drift by ~5e-6.
     from ml_collections import ConfigDict
     return ConfigDict(dict(lr=lr, schedule="constant", warmup_steps=0, end_lr_fraction=0.1, steps=10,
                            adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8, weight_decay=wd, grad_clip=1.0))
@@ -131,7 +132,7 @@ def test_compact_esft_equals_full_size_masked_reference(params):
     for i in range(5):
         p, opt_state = ref_step(p, opt_state, jax.tree.map(lambda x: jnp.asarray(x[0]), _batch(i)))
     for a, b in zip(jax.tree.leaves(compact), jax.tree.leaves(p)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
     assert not np.allclose(compact["moe_layers"]["moe"]["experts"]["gate"], params["moe_layers"]["moe"]["experts"]["gate"])
 
 
