@@ -41,8 +41,9 @@ def _tokens(vocab: int, batch: int, seq: int):
     return np.random.default_rng(0).integers(3, vocab, (batch, seq)).astype(np.int32)
 
 
-def run_jax(size: str | dict, method: str, batch: int, seq: int, reps: int) -> dict:
-    """One method's step in esft-jax; `size` names SIZES or gives the config fields."""
+def run_jax(size: str | dict, method: str, batch: int, seq: int, reps: int, scan_layers: bool = False) -> dict:
+    """One method's step in esft-jax; `size` names SIZES or gives the config fields. A loop over the
+    layers by default: with 4-6 layers it compiles as fast as a scan and steps faster (README)."""
     import tempfile
 
     import jax
@@ -61,7 +62,8 @@ def run_jax(size: str | dict, method: str, batch: int, seq: int, reps: int) -> d
     from esft_jax.train.optimizer import learning_rate, make_optimizer
     from esft_jax.train.trainable import ExpertSubset, FullFineTune
 
-    cfg = ModelConfig(model_type="deepseek_v2", **(SIZES[size] if isinstance(size, str) else size))
+    fields = SIZES[size] if isinstance(size, str) else size
+    cfg = ModelConfig(model_type="deepseek_v2", scan_layers=scan_layers, **fields)
     params = init_params(cfg, jax.random.key(0))
     tokens = _tokens(cfg.vocab_size, batch, seq)
     out = {"tokens_per_step": batch * seq, "total_params": int(sum(x.size for x in jax.tree.leaves(params)))}
@@ -152,7 +154,8 @@ def run_torch(size: str, method: str, batch: int, seq: int, reps: int, threads: 
 
 def _child(args, framework: str, method: str) -> dict:
     cmd = [sys.executable, __file__, "--one", f"{framework}:{method}", "--size", args.size, "--batch", str(args.batch),
-           "--seq", str(args.seq), "--reps", str(args.reps), "--threads", str(args.threads)]
+           "--seq", str(args.seq), "--reps", str(args.reps), "--threads", str(args.threads),
+           *(["--scan-layers"] if args.scan_layers else [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
@@ -168,12 +171,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (XLA:CPU uses every core)")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--scan-layers", action="store_true", help="esft-jax: lax.scan over the layers, not a loop")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         framework, method = args.one.split(":")
         fn = run_jax if framework == "jax" else run_torch
-        extra = () if framework == "jax" else (args.threads,)
+        extra = (args.scan_layers,) if framework == "jax" else (args.threads,)
         print(json.dumps(fn(args.size, method, args.batch, args.seq, args.reps, *extra)))
         return
 

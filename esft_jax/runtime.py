@@ -21,7 +21,7 @@ from esft_jax.checkpoint.adapter import load_with_adapter
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.model import ModelConfig, init_params
 
-RUNTIME_FIELDS = ("dtype", "moe_strategy", "capacity_factor", "expert_parallel", "remat")
+RUNTIME_FIELDS = ("dtype", "moe_strategy", "capacity_factor", "expert_parallel", "scan_layers", "remat")
 
 
 def load_model(c: ml_collections.ConfigDict) -> tuple[ModelConfig, dict]:

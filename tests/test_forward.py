@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from esft_jax.model import ModelConfig, forward, init_params, segment_positions
+from esft_jax.model import ModelConfig, forward, forward_cached, init_cache, init_params, segment_positions
 from esft_jax.model.rope import inv_freq_and_attention_factor, softmax_scale
 
 _forward = jax.jit(forward, static_argnums=2, static_argnames="return_router_scores")
@@ -71,6 +71,25 @@ def test_gradients_flow_to_experts_router_and_attention(model):
     moe = grads["moe_layers"]["moe"]
     assert np.abs(moe["router"]).max() > 0 and np.abs(moe["experts"]["gate"]).max() > 0
     assert np.abs(grads["dense_layers"]["attn"]["kv_b"]).max() > 0
+
+
+def test_layer_loop_equals_layer_scan(model):
+    """scan_layers=False (a Python loop over the stacked layers): same logits, routing, gradients, cache."""
+    cfg, params = model
+    loop = cfg.replace(scan_layers=False, num_hidden_layers=4)
+    params = init_params(loop, jax.random.key(2))
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 12)))
+
+    def run(c):
+        loss = lambda p: jnp.sum(forward(p, tokens, c)[0] ** 2)  # noqa: E731
+        logits, routing = _forward(params, tokens, c)
+        cached, cache = jax.jit(forward_cached, static_argnums=2)(params, tokens, c, init_cache(c, 2, 16),
+                                                                segment_ids_bt=jnp.ones_like(tokens),
+                                                                positions_bt=segment_positions(jnp.ones_like(tokens)))
+        return logits, routing.expert_ids, jax.jit(jax.grad(loss))(params), cached, cache.latent
+
+    for got, want in zip(jax.tree.leaves(run(loop)), jax.tree.leaves(run(loop.replace(scan_layers=True)))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 def test_yarn_matches_transformers_rope_init():

@@ -20,5 +20,5 @@ def get_config() -> ml_collections.ConfigDict:
         rope_beta_fast=32.0, rope_beta_slow=1.0, rope_mscale=1.0, rope_mscale_all_dim=1.0,
         max_position_embeddings=163840, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
         param_dtype="bfloat16", dtype="bfloat16", moe_strategy="auto", capacity_factor=None,
-        expert_parallel="psum", remat=False,
+        expert_parallel="psum", scan_layers=True, remat=False,
     ))

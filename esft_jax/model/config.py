@@ -68,6 +68,7 @@ class ModelConfig:
     moe_strategy: str = "auto"  # "auto" picks per backend, see model/moe.py
     capacity_factor: float | None = None  # capacity buffers and all_to_all exchange; None: dropless
     expert_parallel: str = "psum"  # how tokens meet experts on an `expert` mesh axis: psum | all_to_all
+    scan_layers: bool = True  # lax.scan over the stacked layers (compiles one layer); False: a Python loop
     remat: bool = False  # recompute each layer in the backward pass: activations of one layer, not all
 
     def __post_init__(self) -> None:

@@ -81,6 +81,23 @@ def forward_cached(params: dict[str, Any], tokens_bt: jax.Array, cfg: ModelConfi
     return logits, cache
 
 
+def _scan_layers(body, x, xs):
+    return jax.lax.scan(body, x, xs)
+
+
+def _loop_layers(body, x, xs):
+    """lax.scan's contract as a Python loop: one `unstack` hands out every layer's slice (its transpose,
+    one `stack`, gathers the gradients) instead of a dynamic slice of the stacked weights, a dynamic
+    update of stacked residuals and gradients, and zero-filled stacks for both, in every step."""
+    leaves, treedef = jax.tree.flatten(xs)
+    columns = [jnp.unstack(a) for a in leaves]
+    ys = []
+    for i in range(leaves[0].shape[0]):
+        x, y = body(x, treedef.unflatten([c[i] for c in columns]))
+        ys.append(y)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
 def _decoder(params, tokens_bt, cfg: ModelConfig, segment_ids_bt, positions_bt, return_router_scores: bool,
              cache: KVCache | None = None):
     dt = jnp.dtype(cfg.dtype)
@@ -122,10 +139,11 @@ def _decoder(params, tokens_bt, cfg: ModelConfig, segment_ids_bt, positions_bt, 
 
     x = constrain(params["embed"][tokens_bt].astype(dt), _ACT)
     new_keys = {}
+    layers = _scan_layers if cfg.scan_layers else _loop_layers
     if "dense_layers" in params:
-        x, new_keys["dense_layers"] = jax.lax.scan(dense_layer, x, (params["dense_layers"], layer_cache("dense_layers")))
+        x, new_keys["dense_layers"] = layers(dense_layer, x, (params["dense_layers"], layer_cache("dense_layers")))
     if "moe_layers" in params:
-        x, (routing, new_keys["moe_layers"]) = jax.lax.scan(moe_layer, x, (params["moe_layers"], layer_cache("moe_layers")))
+        x, (routing, new_keys["moe_layers"]) = layers(moe_layer, x, (params["moe_layers"], layer_cache("moe_layers")))
     else:
         b, t = tokens_bt.shape
         k = cfg.num_experts_per_tok
