@@ -163,12 +163,18 @@ def _child(args, framework: str, method: str) -> dict:
     return {**json.loads(proc.stdout.read().strip().splitlines()[-1]), "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def step_arguments(description: str) -> argparse.ArgumentParser:
+    """The model size, batch, sequence length and reps of a train-step benchmark."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--size", default="issue", choices=list(SIZES))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5)
+    return ap
+
+
+def main() -> None:
+    ap = step_arguments(__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (XLA:CPU uses every core)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--scan-layers", action="store_true", help="esft-jax: lax.scan over the layers, not a loop")

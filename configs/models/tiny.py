@@ -14,5 +14,5 @@ def get_config() -> ml_collections.ConfigDict:
         rope_theta=10000.0, max_position_embeddings=2048, rms_norm_eps=1e-6,
         bos_token_id=256, eos_token_id=257, pad_token_id=258,  # the byte tokenizer's specials
         param_dtype="float32", dtype="float32", moe_strategy="auto", capacity_factor=None,
-        expert_parallel="psum", scan_layers=False, remat=False,  # 4 layers: a loop runs faster
+        expert_parallel="psum", scan_layers=False, remat=False,  # 4 layers: a loop compiles as fast, ESFT steps faster
     ))

@@ -1,0 +1,69 @@
+"""A train step with a scan over the layers against a Python loop over them (`cfg.scan_layers`).
+
+    .venv/bin/python benchmarks/layer_loop.py                  # the issue's model
+    .venv/bin/python benchmarks/layer_loop.py --size large
+
+FFT and ESFT (8 random experts per MoE layer), each compiled both ways in one process; the four
+steps take turns rep by rep (timing.interleaved_seconds), so the machine's drift hits them alike.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from timing import interleaved_seconds
+from train_step import SIZES, _tokens, step_arguments
+
+from esft_jax import configs
+from esft_jax.expert_config import ExpertConfig
+from esft_jax.model import ModelConfig, init_params
+from esft_jax.report import markdown_table
+from esft_jax.train.loop import make_train_step
+from esft_jax.train.optimizer import learning_rate, make_optimizer
+from esft_jax.train.trainable import ExpertSubset, FullFineTune
+
+
+def main() -> None:
+    args = step_arguments(__doc__.split("\n")[0]).parse_args()
+
+    base = ModelConfig(model_type="deepseek_v2", **SIZES[args.size])
+    params = init_params(base, jax.random.key(0))
+    tokens = _tokens(base.vocab_size, args.batch, args.seq)
+    batch = {"tokens": tokens[None], "segment_ids": np.ones_like(tokens)[None], "loss_mask": np.ones_like(tokens)[None],
+             "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), tokens.shape)[None]}
+    rng = np.random.default_rng(0)
+    experts = ExpertConfig({layer: sorted(rng.choice(base.n_routed_experts, 8, replace=False).tolist())
+                            for layer in range(base.first_k_dense_replace, base.num_hidden_layers)})
+    optim = configs.load_file("configs/train.py").optim
+    tx, schedule = make_optimizer(optim), learning_rate(optim)
+
+    calls, compile_s = {}, {}
+    for scan in (True, False):
+        cfg = base.replace(scan_layers=scan)
+        for name, method in (("FFT", FullFineTune()), ("ESFT", ExpertSubset.build(cfg, experts))):
+            trainable = method.init(params)
+            holder = {"state": {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
+                                "opt_state": tx.init(trainable)}}
+            start = time.perf_counter()
+            step = make_train_step(method, cfg, tx, schedule).lower(holder["state"], params, batch).compile()
+            compile_s[f"{name} {scan}"] = time.perf_counter() - start
+
+            def call(step=step, holder=holder):  # the state is donated: carry it from step to step
+                holder["state"], metrics = step(holder["state"], params, batch)
+                return metrics["loss"]
+
+            calls[f"{name} {scan}"] = call
+    seconds = interleaved_seconds(calls, reps=args.reps)
+    print(f"size {args.size}, batch {args.batch} x {args.seq}, float32, {args.reps} reps")
+    print(markdown_table(["method", "scan s/step", "loop s/step", "loop / scan", "compile s (scan / loop)"], [
+        [name, f"{seconds[f'{name} True']:.3f}", f"{seconds[f'{name} False']:.3f}",
+         f"{seconds[f'{name} False'] / seconds[f'{name} True']:.2f}",
+         f"{compile_s[f'{name} True']:.1f} / {compile_s[f'{name} False']:.1f}"] for name in ("FFT", "ESFT")]))
+
+
+if __name__ == "__main__":
+    main()
