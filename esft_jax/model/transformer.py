@@ -1,13 +1,14 @@
 """The DeepSeek decoder: `logits, routing = forward(params, tokens, cfg)`.
 
 A pure function of the parameter pytree (model/params.py): usable under jax.jit / jax.grad, no hidden
-state. Dense layers and MoE layers are each stacked and run with `jax.lax.scan`; the MoE scan also
-returns every layer's routing, which profiling consumes directly (no hooks).
+state. Dense layers and MoE layers are each stacked and run with `jax.lax.scan` (or a Python loop,
+`cfg.scan_layers=False`); the MoE layers also return every layer's routing, which profiling consumes
+directly (no hooks).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -81,11 +82,7 @@ def forward_cached(params: dict[str, Any], tokens_bt: jax.Array, cfg: ModelConfi
     return logits, cache
 
 
-def _scan_layers(body, x, xs):
-    return jax.lax.scan(body, x, xs)
-
-
-def _loop_layers(body, x, xs):
+def _loop_layers(body: Callable, x: jax.Array, xs: Any) -> tuple[jax.Array, Any]:
     """lax.scan's contract as a Python loop: one `unstack` hands out every layer's slice (its transpose,
     one `stack`, gathers the gradients) instead of a dynamic slice of the stacked weights, a dynamic
     update of stacked residuals and gradients, and zero-filled stacks for both, in every step."""
@@ -139,7 +136,7 @@ def _decoder(params, tokens_bt, cfg: ModelConfig, segment_ids_bt, positions_bt, 
 
     x = constrain(params["embed"][tokens_bt].astype(dt), _ACT)
     new_keys = {}
-    layers = _scan_layers if cfg.scan_layers else _loop_layers
+    layers = jax.lax.scan if cfg.scan_layers else _loop_layers
     if "dense_layers" in params:
         x, new_keys["dense_layers"] = layers(dense_layer, x, (params["dense_layers"], layer_cache("dense_layers")))
     if "moe_layers" in params:
