@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from timing import interleaved_seconds
-from train_step import SIZES, _tokens, step_arguments
+from train_step import SIZES, _tokens, step_arguments, step_batch
 
 from esft_jax import configs
 from esft_jax.expert_config import ExpertConfig
@@ -32,9 +32,7 @@ def main() -> None:
 
     base = ModelConfig(model_type="deepseek_v2", **SIZES[args.size])
     params = init_params(base, jax.random.key(0))
-    tokens = _tokens(base.vocab_size, args.batch, args.seq)
-    batch = {"tokens": tokens[None], "segment_ids": np.ones_like(tokens)[None], "loss_mask": np.ones_like(tokens)[None],
-             "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), tokens.shape)[None]}
+    batch = step_batch(_tokens(base.vocab_size, args.batch, args.seq))
     rng = np.random.default_rng(0)
     experts = ExpertConfig({layer: sorted(rng.choice(base.n_routed_experts, 8, replace=False).tolist())
                             for layer in range(base.first_k_dense_replace, base.num_hidden_layers)})

@@ -41,6 +41,14 @@ def _tokens(vocab: int, batch: int, seq: int):
     return np.random.default_rng(0).integers(3, vocab, (batch, seq)).astype(np.int32)
 
 
+def step_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """Unpadded rows [B, T] as the one micro-batch [1, B, T] a jitted train step takes."""
+    import numpy as np
+
+    return {"tokens": tokens[None], "segment_ids": np.ones_like(tokens)[None], "loss_mask": np.ones_like(tokens)[None],
+            "positions": np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)[None]}
+
+
 def run_jax(size: str | dict, method: str, batch: int, seq: int, reps: int, scan_layers: bool = False) -> dict:
     """One method's step in esft-jax; `size` names SIZES or gives the config fields. A loop over the
     layers by default: with 4-6 layers it compiles as fast as a scan and steps faster (README)."""
@@ -84,9 +92,7 @@ def run_jax(size: str | dict, method: str, batch: int, seq: int, reps: int, scan
     state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable.init(params)}
     state["opt_state"] = tx.init(state["trainable"])
     step = make_train_step(trainable, cfg, tx, schedule)
-    batches = {"tokens": tokens[None], "segment_ids": np.ones_like(tokens)[None],
-               "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), tokens.shape)[None],
-               "loss_mask": np.ones_like(tokens)[None]}
+    batches = step_batch(tokens)
     holder = {"state": state}
 
     def one_step():  # the state is donated: carry it from step to step
