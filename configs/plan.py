@@ -3,7 +3,9 @@
     esft plan --config configs/plan.py                                  # DeepSeek-V2-Lite, 1/2/4/8 devices
     esft plan --config configs/plan.py --config.checkpoint=/models/X    # a checkpoint's config.json
     esft plan --config configs/plan.py --config.methods=esft --config.expert_config=runs/intent/token.json
-Nothing is allocated: the step is lowered with abstract arrays on simulated CPU devices.
+    esft plan --config configs/plan.py --config.topology=v5p:2x2x2 --config.device_memory_gb=95  # needs libtpu
+Nothing is allocated: the step is lowered with abstract arrays on simulated CPU devices, or compiled
+for a TPU slice's chips (no TPU attached) when a topology is named.
 """
 
 from pathlib import Path
@@ -23,6 +25,7 @@ def get_config(model: str = "deepseek_v2_lite") -> ml_collections.ConfigDict:
     c.expert_config = ""  # ... unless an expert config names them
     c.lora_rank = 8
     c.devices = (1, 2, 4, 8)
+    c.topology = ""  # a TPU slice ("v5e:2x2", "v5p:2x2x2") to compile for with libtpu, instead of CPU devices
     c.mesh_axis = "fsdp"  # the mesh axis the devices form: fsdp (params and batch split) or expert
     c.batch_size = 8  # packed rows per step (global; split over fsdp)
     c.seq_len = 4096

@@ -28,6 +28,8 @@ def get_config(method: str = "esft") -> ml_collections.ConfigDict:
         general_ratio=1.0,  # general samples per task sample
         seq_len=4096,  # packed row length
         validation_fraction=0.02, max_validation=256,
+        shards=0,  # the global batch = this many shards, each read by the processes holding its rows
+                   # (0: one per block of rows a process holds); fixed, any process count reads the same data
         skip_invalid=False))
     c.seed = 0
     c.steps = 500

@@ -20,6 +20,7 @@ from esft_jax import configs, experiment, runtime, sharding
 from esft_jax.checkpoint import CheckpointError, load_config, save_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter
 from esft_jax.data.records import DataError, read_jsonl
+from esft_jax.data.shards import ShardError
 from esft_jax.eval.judge import JudgeError, judge_from_config
 from esft_jax.eval.tasks import evaluate_task, perplexity, read_eval_jsonl
 from esft_jax.expert_config import ExpertConfig, ExpertConfigError
@@ -30,6 +31,7 @@ from esft_jax.routing.official_logs import OfficialLogWriter
 from esft_jax.routing.sources import STATS_FILE, load_stats
 from esft_jax.train import loop as train_loop
 from esft_jax.train import plan
+from esft_jax.train.plan import PlanError
 
 
 def _route_tokens(c: ml_collections.ConfigDict, cfg: ModelConfig) -> np.ndarray:
@@ -175,7 +177,7 @@ def cmd_eval(c: ml_collections.ConfigDict) -> None:
 def cmd_plan(c: ml_collections.ConfigDict) -> None:
     """Per-device memory of a train step for each method and device count (compiled, not run)."""
     need = max(c.devices)
-    if jax.device_count() < need:  # simulate the devices: re-run with XLA's host device count set
+    if not c.topology and jax.device_count() < need:  # simulate the devices: re-run with XLA's host count set
         flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={need}".strip()
         code = subprocess.call([sys.executable, "-m", "esft_jax.cli", *sys.argv[1:]],
                                env={**os.environ, "XLA_FLAGS": flags})
@@ -184,7 +186,8 @@ def cmd_plan(c: ml_collections.ConfigDict) -> None:
     cfg = load_config(c.checkpoint, **overrides) if c.checkpoint else configs.model_config(c.model)
     print(plan.report(cfg, c.methods.split(","), tuple(c.devices), c.mesh_axis, batch_size=c.batch_size,
                       seq_len=c.seq_len, optim=c.optim, device_memory_gb=c.device_memory_gb,
-                      expert_fraction=c.expert_fraction, expert_config=c.expert_config, lora_rank=c.lora_rank))
+                      topology=c.topology, expert_fraction=c.expert_fraction, expert_config=c.expert_config,
+                      lora_rank=c.lora_rank))
 
 
 def cmd_run(c: ml_collections.ConfigDict) -> None:
@@ -210,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         c = configs.load(args.config, [a.removeprefix("--config.") for a in rest])
         COMMANDS[args.command](c)
-    except (configs.ConfigFileError, CheckpointError, ConfigError, DataError, ExpertConfigError, JudgeError) as e:
+    except (configs.ConfigFileError, CheckpointError, ConfigError, DataError, ExpertConfigError, JudgeError,
+            PlanError, ShardError) as e:
         print(f"esft {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

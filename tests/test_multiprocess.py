@@ -1,5 +1,6 @@
 """Two cooperating processes (jax.distributed over gloo on localhost) train and profile like one process
-with the same global batch: the same adapter, losses, checkpoints and routing statistics."""
+with the same global batch: the same adapter, losses, checkpoints and routing statistics. In training
+each process reads only its own data shard; the single process reads both."""
 
 import json
 import os
@@ -34,8 +35,9 @@ def _run_two_processes(args: list[str]) -> None:
 
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
-    one = fx.train_config(tmp_path, "esft", workdir=tmp_path / "one")
-    loop.train(one, progress=False)  # one process (the mesh has one data shard: a batch of 4 rows)
+    # one process reads both data shards; each of the two processes reads only its own (data.shards=0)
+    one = fx.train_config(tmp_path, "esft", workdir=tmp_path / "one", **{"data.shards": 2})
+    loop.train(one, progress=False)
 
     base = ["train", "--config", "configs/train.py:esft", f"--config.checkpoint={one.checkpoint}",
             f"--config.data.train={one.data.train}", f"--config.expert_config={one.expert_config}",

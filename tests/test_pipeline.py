@@ -1,10 +1,12 @@
 """Training batches: packing with segments, the loss mask, shuffling, validation split, mixing."""
 
+import itertools
+
 import numpy as np
 
 from esft_jax import configs
 from esft_jax.data.byte_tokenizer import byte_tokenizer
-from esft_jax.data.pipeline import eval_batches, split_validation, take, train_batches
+from esft_jax.data.pipeline import eval_batches, split_validation, train_batches
 from esft_jax.data.records import Sample
 
 CFG = configs.model_config(configs.load_file("configs/models/tiny.py"))
@@ -13,6 +15,10 @@ TOK = byte_tokenizer()
 
 def _samples(tag, n=20):
     return [Sample(f"User: {tag} q{i}\n\nAssistant:", f" {tag} a{i}", f"{tag}:{i}") for i in range(n)]
+
+
+def _take(dataset, n):
+    return list(itertools.islice(iter(dataset), n))
 
 
 def _docs(batch):
@@ -30,7 +36,7 @@ def _docs(batch):
 
 
 def test_rows_pack_whole_samples_with_answer_only_loss():
-    batches = take(iter(train_batches(_samples("task"), TOK, CFG, seq_len=96, batch_size=2, seed=0)), 3)
+    batches = _take(train_batches(_samples("task"), TOK, CFG, seq_len=96, batch_size=2, seed=0), 3)
     assert batches[0]["tokens"].shape == (2, 96)
     docs = [d for b in batches for d in _docs(b)]
     assert len(docs) > 6  # several samples share each row
@@ -41,7 +47,7 @@ def test_rows_pack_whole_samples_with_answer_only_loss():
 
 def test_shuffling_is_seeded_and_every_epoch_differs():
     def order(seed, n=12):
-        batches = take(iter(train_batches(_samples("t", 6), TOK, CFG, seq_len=40, batch_size=1, seed=seed)), n)
+        batches = _take(train_batches(_samples("t", 6), TOK, CFG, seq_len=40, batch_size=1, seed=seed), n)
         return [d[0].split(" q")[1].split("\n")[0] for b in batches for d in _docs(b)]
 
     a = order(0)
@@ -53,7 +59,7 @@ def test_shuffling_is_seeded_and_every_epoch_differs():
 def test_general_data_is_mixed_at_the_ratio():
     it = iter(train_batches(_samples("task", 50), TOK, CFG, seq_len=128, batch_size=4, seed=0,
                             general=_samples("general", 50), general_ratio=1.0))
-    tags = [d[0].split(" ")[1] for b in take(it, 10) for d in _docs(b)]
+    tags = [d[0].split(" ")[1] for b in _take(it, 10) for d in _docs(b)]
     share = tags.count("general") / len(tags)
     assert 0.4 <= share <= 0.6, share
 

@@ -52,3 +52,27 @@ def test_esft_plan_command_prints_a_table(capsys):
     out = capsys.readouterr().out
     assert "| esft | 1 |" in out and "| fft | 1 |" in out
     assert "esft: fits on 1 device(s)" in out
+
+
+def test_a_tpu_slice_is_planned_by_the_tpu_compiler():
+    pytest.importorskip("libtpu", reason="TPU ahead-of-time compilation needs libtpu (pip install 'jax[tpu]')")
+    chips = plan.tpu_devices("v5e:2x2")
+    assert len(chips) == 4 and chips[0].platform == "tpu"
+    fft = plan.plan(CFG, plan.method_for(CFG, "fft"), {"fsdp": 4}, batch_size=4, seq_len=512, optim=OPTIM,
+                    devices=chips)
+    n = _n_params(CFG)
+    assert fft.params < 4 * n / 2 and fft.optimizer < 2 * 4 * n / 2  # split over the 4 chips
+    assert fft.total >= fft.params + fft.trainable + fft.optimizer and fft.temporaries > 0
+    with pytest.raises(plan.PlanError, match="v5e:2x2 has 4 chips"):
+        plan.report(CFG, ["fft"], (8,), "fsdp", batch_size=4, seq_len=32, optim=OPTIM, device_memory_gb=16,
+                    topology="v5e:2x2")
+
+
+def test_a_tpu_slice_without_libtpu_is_a_clear_error():
+    try:
+        import libtpu  # noqa: F401
+        pytest.skip("libtpu is installed")
+    except ImportError:
+        pass
+    with pytest.raises(plan.PlanError, match="needs libtpu"):
+        plan.tpu_devices("v5e:2x2")

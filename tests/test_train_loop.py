@@ -11,6 +11,7 @@ import train_fixtures as fx
 from esft_jax import cli, runtime, sharding
 from esft_jax.data.pipeline import train_batches
 from esft_jax.data.records import read_jsonl
+from esft_jax.data.shards import LocalBatches
 from esft_jax.model import param_axes
 from esft_jax.checkpoint import load_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter, read_adapter
@@ -27,22 +28,24 @@ def _metrics(workdir):
 
 @pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
-    c = fx.train_config(tmp_path)
-    full = loop.train(fx.train_config(tmp_path, workdir=str(tmp_path / "uninterrupted")), progress=False)
+    two_shards = {"data.shards": 2}  # each with its own stream position in the checkpoint
+    c = fx.train_config(tmp_path, **two_shards)
+    full = loop.train(fx.train_config(tmp_path, workdir=str(tmp_path / "uninterrupted"), **two_shards),
+                      progress=False)
 
     calls = {"n": 0}
-    real_take = loop.take
+    real_take = LocalBatches.take
 
-    def crashing_take(it, n):  # the process dies while fetching the batch of step 4 (checkpoint at 2)
+    def crashing_take(self, n):  # the process dies while fetching the batch of step 4 (checkpoint at 2)
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt("killed")
-        return real_take(it, n)
+        return real_take(self, n)
 
-    monkeypatch.setattr(loop, "take", crashing_take)
+    monkeypatch.setattr(LocalBatches, "take", crashing_take)
     with pytest.raises(KeyboardInterrupt):
         loop.train(c, progress=False)
-    monkeypatch.setattr(loop, "take", real_take)
+    monkeypatch.setattr(LocalBatches, "take", real_take)
     assert max(int(p.name) for p in (tmp_path / "run_esft/checkpoints").iterdir()) == 2  # step 3 was lost
     resumed = loop.train(c, progress=False)  # the same command again
 

@@ -7,7 +7,7 @@ run killed mid-save leaves the previous checkpoint intact; the last `keep` are k
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -18,10 +18,13 @@ class TrainCheckpoints:
         options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep, create=True)
         self._manager = ocp.CheckpointManager(Path(directory).resolve(), options=options)
 
-    def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
-        """Save if `step` is on the interval (or force); returns whether it saved."""
+    def save(self, step: int, state: Any, data_state: Callable[[], dict], force: bool = False) -> bool:
+        """Save if `step` is on the interval (or force); returns whether it saved. data_state is called
+        only then (in a multi-process run it gathers every process's data position)."""
+        if not (force or self._manager.should_save(step)):
+            return False
         return self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state())), force=force)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -9,8 +9,6 @@ position is a small dict (`get_state` / `set_state`), saved with every checkpoin
 
 from __future__ import annotations
 
-from typing import Any, Iterator
-
 import grain
 import numpy as np
 from tokenizers import Tokenizer
@@ -50,14 +48,19 @@ def _packed(dataset: grain.IterDataset, seq_len: int, batch_size: int, seed: int
     return packed.map(_to_batch).batch(batch_size, drop_remainder=True)
 
 
+def _shard(samples: list[Sample], index: int, count: int) -> grain.MapDataset:
+    return grain.MapDataset.source(samples)[index::count]
+
+
 def train_batches(samples: list[Sample], tokenizer: Tokenizer, cfg: ModelConfig, *, seq_len: int,
                   batch_size: int, seed: int, general: list[Sample] | None = None,
-                  general_ratio: float = 1.0) -> grain.IterDataset:
-    """An endless, resumable dataset of packed batches."""
+                  general_ratio: float = 1.0, shard: tuple[int, int] = (0, 1)) -> grain.IterDataset:
+    """An endless, resumable dataset of packed batches over `shard` = (index, count): the samples
+    index, index + count, ... of each dataset (data/shards.py)."""
     encode_fn = _encoder(tokenizer, cfg, seq_len)
-    task = grain.MapDataset.source(samples).shuffle(seed=seed).repeat().map(encode_fn)
+    task = _shard(samples, *shard).shuffle(seed=seed).repeat().map(encode_fn)
     if general:
-        other = grain.MapDataset.source(general).shuffle(seed=seed + 1).repeat().map(encode_fn)
+        other = _shard(general, *shard).shuffle(seed=seed + 1).repeat().map(encode_fn)
         task = grain.MapDataset.mix([task, other], weights=[1.0, general_ratio])
     return _packed(task.to_iter_dataset(), seq_len, batch_size, seed)
 
@@ -75,7 +78,3 @@ def eval_batches(samples: list[Sample], tokenizer: Tokenizer, cfg: ModelConfig, 
         chunk += [{k: np.zeros_like(v) for k, v in chunk[0].items()}] * (batch_size - len(chunk))
         batches.append({k: np.stack([r[k] for r in chunk]) for k in chunk[0]})
     return batches
-
-
-def take(iterator: Iterator[Any], n: int) -> list[Any]:
-    return [next(iterator) for _ in range(n)]

@@ -35,10 +35,11 @@ from jax.custom_derivatives import SymbolicZero
 ExpertWeights = dict[str, jax.Array]  # gate, up [E, d, f]; down [E, f, d]
 
 
-def resolve_strategy(strategy: str) -> str:
+def resolve_strategy(strategy: str, platform: str | None = None) -> str:
+    """`strategy`, with "auto" made concrete for `platform` (default: JAX's default backend)."""
     if strategy != "auto":
         return strategy
-    return "blocked" if jax.default_backend() == "cpu" else "ragged"
+    return "blocked" if (platform or jax.default_backend()) == "cpu" else "ragged"
 
 
 def capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float | None) -> int:

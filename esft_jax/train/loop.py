@@ -21,12 +21,14 @@ import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from esft_jax import runtime, sharding
+from esft_jax import configs, runtime, sharding
 from esft_jax.checkpoint.train_state import TrainCheckpoints, abstract_like
-from esft_jax.data.pipeline import eval_batches, split_validation, take, train_batches
-from esft_jax.data.records import read_jsonl
+from esft_jax.data.pipeline import eval_batches, split_validation, train_batches
+from esft_jax.data.shards import LocalBatches, plan as plan_shards
+from esft_jax.data.records import Sample, read_jsonl
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import ModelConfig, forward, param_axes
 from esft_jax.train.adapter import save_adapter
@@ -108,11 +110,35 @@ def _put(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(jnp.asarray, tree) if shardings is None else jax.device_put(tree, shardings)
 
 
+def _global(local: dict[str, np.ndarray], shardings: Any, shape: tuple[int, ...]) -> dict[str, jax.Array]:
+    """The global batch from this process's rows of it."""
+    if shardings is None:
+        return jax.tree.map(jnp.asarray, local)
+    return {k: jax.make_array_from_process_local_data(shardings, v, shape) for k, v in local.items()}
+
+
 def _batch_sharding(mesh: Mesh | None, ndim: int):
     if mesh is None:
         return None
     axes = (None,) * (ndim - 2) + ("act_batch", None)
     return NamedSharding(mesh, sharding.logical_to_spec(axes, dict(mesh.shape)))
+
+
+def _local_batches(c: ml_collections.ConfigDict, rows_sharding: Any, samples: list[Sample],
+                   general: list[Sample] | None, tokenizer: Tokenizer, cfg: ModelConfig,
+                   data_state: dict | None) -> LocalBatches:
+    """This process's shards of the training batches (data/shards.py), at `data_state` if resuming;
+    without --config.data.shards a resumed run keeps its checkpoint's shard count."""
+    shards = plan_shards(rows_sharding, c.batch_size, c.data.shards or (data_state or {}).get("count", 0))
+    if len(samples) < shards.count:
+        raise configs.ConfigFileError(f"--config.data.train: {len(samples)} training samples cannot fill "
+                                      f"{shards.count} data shards")
+    data = LocalBatches(shards, lambda index, count: iter(train_batches(
+        samples, tokenizer, cfg, seq_len=c.data.seq_len, batch_size=shards.rows, seed=c.seed,
+        general=general, general_ratio=c.data.general_ratio, shard=(index, count))))
+    if data_state is not None:
+        data.set_state(data_state)
+    return data
 
 
 def _append_metrics(path: Path, record: dict) -> None:
@@ -160,23 +186,23 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     tx, schedule = make_optimizer(c.optim), learning_rate(c.optim)
     state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
 
-    data = iter(train_batches(train_samples, tokenizer, cfg, seq_len=c.data.seq_len, batch_size=c.batch_size,
-                              seed=c.seed, general=general, general_ratio=c.data.general_ratio))
     checkpoints = TrainCheckpoints(workdir / "checkpoints", c.checkpoint_every, c.keep_checkpoints)
     metrics_path = workdir / "metrics.jsonl"
-    start = 0
+    start, data_state = 0, None
     if checkpoints.latest_step() is not None:
         start, state, data_state = checkpoints.restore(abstract_like(state))
-        data.set_state(data_state)
         if primary:
             _truncate_metrics(metrics_path, start)
     elif metrics_path.exists() and primary:
         metrics_path.unlink()
 
+    batch_sharding, eval_sharding = _batch_sharding(mesh, 3), _batch_sharding(mesh, 2)
+    data = _local_batches(c, eval_sharding, train_samples, general, tokenizer, cfg, data_state)
+    global_shape = (c.grad_accum, c.batch_size, c.data.seq_len)
+
     train_step = make_train_step(method, cfg, tx, schedule, c.aux_loss_alpha)
     eval_step = make_eval_step(method, cfg)
     val = eval_batches(val_samples, tokenizer, cfg, seq_len=c.data.seq_len, batch_size=c.batch_size)
-    batch_sharding, eval_sharding = _batch_sharding(mesh, 3), _batch_sharding(mesh, 2)
 
     def evaluate(trainable) -> float:
         total, count = 0.0, 0
@@ -189,9 +215,8 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     timer, step_tokens = time.perf_counter(), []
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         for step in range(start, c.steps):
-            batches = take(data, c.grad_accum)
-            batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
-            state, metrics = train_step(state, frozen, _put(batch, batch_sharding))
+            batch = _global(data.take(c.grad_accum), batch_sharding, global_shape)
+            state, metrics = train_step(state, frozen, batch)
             step_tokens.append(metrics["tokens"])
             done = step + 1
             evaluate_now = bool(val) and (done % c.eval_every == 0 or done == c.steps)
@@ -206,7 +231,7 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
                     _append_metrics(metrics_path, record)
                 bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val_loss") if k in record})
                 timer, step_tokens = time.perf_counter(), []
-            checkpoints.save(done, state, data.get_state(), force=done == c.steps)
+            checkpoints.save(done, state, data.get_state, force=done == c.steps)
             bar.update(1)
     bar.close()
     checkpoints.close()

@@ -3,7 +3,9 @@ allocated) and read the compiled executable's memory analysis, per device.
 
 Works on simulated CPU devices (`esft plan` sets --xla_force_host_platform_device_count itself), so a
 laptop can say how many accelerators a method needs. The numbers are XLA:CPU's buffer assignment for the
-same program; an accelerator's compiler fuses differently, so treat temporaries as an estimate.
+same program; an accelerator's compiler fuses differently, so treat temporaries as an estimate. With
+libtpu installed the step compiles for a TPU topology instead (`tpu_devices`), no TPU attached: the
+numbers are then the TPU compiler's own.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from jax.sharding import NamedSharding
 from esft_jax import sharding
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import ModelConfig
+from esft_jax.model.experts import resolve_strategy
 from esft_jax.model.params import abstract_params, param_axes
 from esft_jax.train.lora import LoRA
 from esft_jax.train.loop import make_train_step
@@ -73,11 +76,31 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+class PlanError(ValueError):
+    """A plan that cannot be made here (e.g. a TPU topology without libtpu)."""
+
+
+def tpu_devices(topology: str) -> list:
+    """The devices of a TPU slice, e.g. "v5e:2x2" or "v5p:2x2x1", for compiling ahead of time without
+    one: needs libtpu (pip install "jax[tpu]") and nothing else. Off a TPU VM, libtpu prints warnings
+    about the host's metadata; they are harmless here."""
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    except Exception as e:  # jax raises RuntimeError / ValueError / XlaRuntimeError, by version
+        raise PlanError(f"--config.topology={topology}: cannot describe this TPU slice ({str(e).splitlines()[0]}); "
+                        "it needs libtpu: pip install 'jax[tpu]'") from e
+
+
 def lower_train_step(cfg: ModelConfig, method, mesh_shape: dict[str, int], *, batch_size: int, seq_len: int,
-                     optim: ml_collections.ConfigDict):
-    """(compiled train step, its abstract sharded arguments (state, frozen, batch), compile seconds)."""
+                     optim: ml_collections.ConfigDict, devices: list | None = None):
+    """(compiled train step, its abstract sharded arguments (state, frozen, batch), compile seconds), on
+    the first devices of `devices` (default: jax.devices())."""
     n = math.prod(mesh_shape.values())
-    mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n])
+    mesh = sharding.make_mesh(mesh_shape, (devices or jax.devices())[:n])
+    # the MoE strategy the target would pick ("auto" means the backend that runs, not the one tracing)
+    cfg = dataclasses.replace(cfg, moe_strategy=resolve_strategy(cfg.moe_strategy, mesh.devices.flat[0].platform))
     axes = param_axes(cfg)
     frozen = _abstract(abstract_params(cfg), sharding.param_shardings(axes, mesh))
     trainable_shape = jax.eval_shape(method.init, frozen)
@@ -101,10 +124,11 @@ def lower_train_step(cfg: ModelConfig, method, mesh_shape: dict[str, int], *, ba
 
 
 def plan(cfg: ModelConfig, method, mesh_shape: dict[str, int], *, batch_size: int, seq_len: int,
-         optim: ml_collections.ConfigDict) -> Plan:
-    """Compile one train step of `method` on a mesh of simulated (or real) devices; read its memory."""
+         optim: ml_collections.ConfigDict, devices: list | None = None) -> Plan:
+    """Compile one train step of `method` on a mesh of simulated, real or TPU-topology devices; read
+    its memory."""
     compiled, (state, frozen, _), seconds = lower_train_step(cfg, method, mesh_shape, batch_size=batch_size,
-                                                             seq_len=seq_len, optim=optim)
+                                                             seq_len=seq_len, optim=optim, devices=devices)
     return Plan(dict(mesh_shape), _per_device(frozen), _per_device(state["trainable"]),
                 _per_device(state["opt_state"]), int(compiled.memory_analysis().temp_size_in_bytes),
                 resident_bytes(compiled), seconds)
@@ -119,16 +143,22 @@ def resident_bytes(compiled) -> int:
 
 
 def report(cfg: ModelConfig, methods: list[str], devices: tuple[int, ...], mesh_axis: str, *, batch_size: int,
-           seq_len: int, optim: ml_collections.ConfigDict, device_memory_gb: float, **method_args) -> str:
+           seq_len: int, optim: ml_collections.ConfigDict, device_memory_gb: float, topology: str = "",
+           **method_args) -> str:
     """A markdown table of plans (GiB per device) for each method x device count on a 1-axis mesh,
-    and the smallest device count on which each method fits `device_memory_gb`."""
+    and the smallest device count on which each method fits `device_memory_gb`; compiled for the TPU
+    slice `topology` if given (its first n chips)."""
     from esft_jax.report import markdown_table
 
+    targets = tpu_devices(topology) if topology else None
+    if targets is not None and max(devices) > len(targets):
+        raise PlanError(f"--config.devices: {max(devices)} devices, but {topology} has {len(targets)} chips")
     rows, smallest = [], {}
     for name in methods:
         method = method_for(cfg, name, **method_args)
         for n in devices:
-            p = plan(cfg, method, {mesh_axis: n}, batch_size=batch_size, seq_len=seq_len, optim=optim)
+            p = plan(cfg, method, {mesh_axis: n}, batch_size=batch_size, seq_len=seq_len, optim=optim,
+                     devices=targets)
             fits = p.total <= device_memory_gb * 1e9  # device memory is sold in decimal GB
             if fits:
                 smallest.setdefault(name, n)
@@ -138,7 +168,8 @@ def report(cfg: ModelConfig, methods: list[str], devices: tuple[int, ...], mesh_
     head = ["method", "devices", "params", "trainable", "optimizer", "temporaries", "total",
             f"fits {device_memory_gb:g} GB", "compile s"]
     lines = [f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts, hidden {cfg.hidden_size}, {cfg.dtype}; "
-             f"batch {batch_size} x {seq_len}, remat={cfg.remat}; GiB per device, mesh axis {mesh_axis}",
+             f"batch {batch_size} x {seq_len}, remat={cfg.remat}; GiB per device, mesh axis {mesh_axis}, "
+             f"compiled for {topology or jax.default_backend()}",
              markdown_table(head, rows).rstrip()]
     lines += [f"{name}: " + (f"fits on {smallest[name]} device(s)" if name in smallest
                              else f"does not fit on {max(devices)} devices") for name in methods]
