@@ -63,6 +63,10 @@ def test_a_tpu_slice_is_planned_by_the_tpu_compiler():
     n = _n_params(CFG)
     assert fft.params < 4 * n / 2 and fft.optimizer < 2 * 4 * n / 2  # split over the 4 chips
     assert fft.total >= fft.params + fft.trainable + fft.optimizer and fft.temporaries > 0
+    # a step too big for a chip's HBM: the TPU compiler refuses it and says how much it would need
+    huge = plan.plan(CFG, plan.method_for(CFG, "fft"), {"fsdp": 1}, batch_size=64, seq_len=8192, optim=OPTIM,
+                     devices=chips)
+    assert huge.out_of_memory and huge.temporaries > 16e9 and huge.total > huge.temporaries
     with pytest.raises(plan.PlanError, match="v5e:2x2 has 4 chips"):
         plan.report(CFG, ["fft"], (8,), "fsdp", batch_size=4, seq_len=32, optim=OPTIM, device_memory_gb=16,
                     topology="v5e:2x2")

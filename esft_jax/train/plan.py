@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from typing import Any
 
@@ -45,6 +46,7 @@ class Plan:
     temporaries: int  # activations, gradients, workspace: the compiled step's temp buffers
     total: int  # what the step needs resident: arguments + outputs not aliased to them + temporaries
     compile_seconds: float
+    out_of_memory: bool = False  # the compiler refused it (then temporaries is its figure, total a lower bound)
 
 
 def method_for(cfg: ModelConfig, method: str, expert_fraction: float = 0.1, expert_config: str = "",
@@ -78,6 +80,18 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 class PlanError(ValueError):
     """A plan that cannot be made here (e.g. a TPU topology without libtpu)."""
+
+
+class OutOfMemory(Exception):
+    """The target's compiler refused the step for want of device memory (TPU compilers check)."""
+
+    def __init__(self, message: str, arguments: tuple, seconds: float):
+        super().__init__(message)
+        self.arguments, self.seconds = arguments, seconds
+        # the compiler's own figure where it gives one: "... required for HLO temporaries (297.49G) ..."
+        found = re.search(r"HLO temporaries \(([\d.]+)([KMGT]?)\)", message)
+        scale = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+        self.temporaries = int(float(found[1]) * scale[found[2]]) if found else 0
 
 
 def tpu_devices(topology: str) -> list:
@@ -119,7 +133,13 @@ def lower_train_step(cfg: ModelConfig, method, mesh_shape: dict[str, int], *, ba
              for k in ("tokens", "segment_ids", "positions", "loss_mask")}
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = make_train_step(method, cfg, tx, schedule).lower(state, frozen, batch).compile()
+        lowered = make_train_step(method, cfg, tx, schedule).lower(state, frozen, batch)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:  # an accelerator's compiler checks its device memory
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise OutOfMemory(str(e), (state, frozen, batch), time.perf_counter() - start) from e
     return compiled, (state, frozen, batch), time.perf_counter() - start
 
 
@@ -127,10 +147,17 @@ def plan(cfg: ModelConfig, method, mesh_shape: dict[str, int], *, batch_size: in
          optim: ml_collections.ConfigDict, devices: list | None = None) -> Plan:
     """Compile one train step of `method` on a mesh of simulated, real or TPU-topology devices; read
     its memory."""
-    compiled, (state, frozen, _), seconds = lower_train_step(cfg, method, mesh_shape, batch_size=batch_size,
-                                                             seq_len=seq_len, optim=optim, devices=devices)
-    return Plan(dict(mesh_shape), _per_device(frozen), _per_device(state["trainable"]),
-                _per_device(state["opt_state"]), int(compiled.memory_analysis().temp_size_in_bytes),
+    try:
+        compiled, (state, frozen, _), seconds = lower_train_step(cfg, method, mesh_shape, batch_size=batch_size,
+                                                                 seq_len=seq_len, optim=optim, devices=devices)
+        refused = None
+    except OutOfMemory as e:
+        (state, frozen, _), seconds, refused = e.arguments, e.seconds, e
+    held = [_per_device(frozen), _per_device(state["trainable"]), _per_device(state["opt_state"])]
+    if refused is not None:
+        return Plan(dict(mesh_shape), *held, refused.temporaries, sum(held) + refused.temporaries, seconds,
+                    out_of_memory=True)
+    return Plan(dict(mesh_shape), *held, int(compiled.memory_analysis().temp_size_in_bytes),
                 resident_bytes(compiled), seconds)
 
 
@@ -159,11 +186,11 @@ def report(cfg: ModelConfig, methods: list[str], devices: tuple[int, ...], mesh_
         for n in devices:
             p = plan(cfg, method, {mesh_axis: n}, batch_size=batch_size, seq_len=seq_len, optim=optim,
                      devices=targets)
-            fits = p.total <= device_memory_gb * 1e9  # device memory is sold in decimal GB
+            fits = p.total <= device_memory_gb * 1e9 and not p.out_of_memory  # memory is sold in decimal GB
             if fits:
                 smallest.setdefault(name, n)
             rows.append([name, str(n), *(f"{b / GIB:.2f}" for b in (p.params, p.trainable, p.optimizer, p.temporaries,
-                                                                   p.total)), "yes" if fits else "no",
+                                                                   p.total)), "yes" if fits else "no (compiler)" if p.out_of_memory else "no",
                          f"{p.compile_seconds:.0f}"])
     head = ["method", "devices", "params", "trainable", "optimizer", "temporaries", "total",
             f"fits {device_memory_gb:g} GB", "compile s"]
