@@ -4,6 +4,7 @@ each process reads only its own data shard; the single process reads both."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -56,6 +57,16 @@ def test_two_processes_train_like_one(tmp_path):
               for run in ("one", "two")]
     np.testing.assert_allclose(curves[1], curves[0], rtol=1e-5)
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == sorted(os.listdir(tmp_path / "one" / "checkpoints"))
+
+    # The two processes' checkpoint holds both shards' positions: one process resumes it (keeping its
+    # 2 shards) and finishes like the single-process run.
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(one.steps))
+    resumed = fx.train_config(tmp_path, "esft", workdir=tmp_path / "resumed")
+    loop.train(resumed, progress=False)
+    c = load_file(tmp_path / "resumed" / "adapter" / "adapter.safetensors")
+    for name in a:
+        np.testing.assert_allclose(c[name], a[name], atol=3e-5, rtol=0)
 
 
 @pytest.mark.slow

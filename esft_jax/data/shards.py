@@ -92,6 +92,9 @@ class LocalBatches:
         if state.get("count") != self.shards.count:
             raise ShardError(f"the checkpoint's data position is for --config.data.shards={state.get('count')}, "
                              f"this run has {self.shards.count}; resume with that count")
+        missing = [i for i in self._streams if str(i) not in state["streams"]]
+        if missing:
+            raise ShardError(f"the checkpoint's data position lacks shards {missing}")
         for i, stream in self._streams.items():
             stream.set_state(state["streams"][str(i)])
 
