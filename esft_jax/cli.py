@@ -79,8 +79,11 @@ def cmd_profile(c: ml_collections.ConfigDict) -> None:
     samples, skipped = read_jsonl(c.data, c.skip_invalid)
     if skipped:
         print(f"skipped {skipped} malformed lines of {c.data}")
-    seqs = profile.sequences(samples, runtime.tokenizer(c), cfg, seq_len=c.seq_len, token_budget=c.token_budget,
-                             seed=c.seed, count=c.count)
+    tokenizer = runtime.tokenizer(c)
+
+    def read(index: int, count: int) -> list[profile.Sequence]:  # this process's data shards only
+        return profile.sequences(samples, tokenizer, cfg, seq_len=c.seq_len, token_budget=c.token_budget,
+                                 seed=c.seed, count=c.count, shard=(index, count))
     out = Path(c.out_dir)
     primary = jax.process_index() == 0  # every process profiles its share of each batch; one writes
     if c.official_logs and jax.process_count() > 1:
@@ -88,8 +91,8 @@ def cmd_profile(c: ml_collections.ConfigDict) -> None:
     writer = OfficialLogWriter(out / "logs", list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))) \
         if c.official_logs else None
     try:
-        stats = profile.profile(params, cfg, seqs, batch_size=c.batch_size, seq_len=c.seq_len, mesh=runtime.mesh(c),
-                                log_writer=writer, progress=c.progress)
+        stats = profile.profile(params, cfg, read, batch_size=c.batch_size, seq_len=c.seq_len, mesh=runtime.mesh(c),
+                                shards=c.shards, log_writer=writer, progress=c.progress)
     finally:
         if writer is not None:
             writer.close()

@@ -1,6 +1,6 @@
 """Two cooperating processes (jax.distributed over gloo on localhost) train and profile like one process
-with the same global batch: the same adapter, losses, checkpoints and routing statistics. In training
-each process reads only its own data shard; the single process reads both."""
+with the same global batch: the same adapter, losses, checkpoints and routing statistics. Each of the
+two processes reads only its own data shard; the single process reads both."""
 
 import json
 import os
@@ -74,7 +74,8 @@ def test_two_processes_profile_like_one(tmp_path):
     ckpt, data = fx.base_checkpoint(tmp_path / "base"), fx.task_dataset(tmp_path / "task.jsonl", n=40)
     common = ["--config", "configs/profile.py", f"--config.checkpoint={ckpt}", f"--config.data={data}",
               "--config.token_budget=1500", "--config.seq_len=64", "--config.batch_size=4", "--config.progress=False"]
-    assert cli.main(["profile", *common, f"--config.out_dir={tmp_path / 'one'}"]) == 0
+    # one process reads both data shards; each of the two processes reads only its own
+    assert cli.main(["profile", *common, "--config.shards=2", f"--config.out_dir={tmp_path / 'one'}"]) == 0
     _run_two_processes(["profile", *common, f"--config.out_dir={tmp_path / 'two'}"])
     one, two = RoutingStats.load(tmp_path / "one" / STATS_FILE), RoutingStats.load(tmp_path / "two" / STATS_FILE)
     assert one.tokens == two.tokens > 0

@@ -93,3 +93,19 @@ def test_official_log_output_reads_back(setup, tmp_path):
     assert (back.tokens, back.sequences, back.layers) == (stats.tokens, stats.sequences, stats.layers)
     np.testing.assert_array_equal(back.counts, stats.counts)
     np.testing.assert_allclose(back.gate_sum, stats.gate_sum, atol=5e-5 * stats.tokens)  # 4-decimal weights
+
+
+def test_shards_split_the_documents_and_the_budget(setup):
+    cfg, params, _ = setup
+    halves = [_seqs(setup, shard=(i, 2)) for i in range(2)]
+    assert [sum(int(s.counted.sum()) for s in half) for half in halves] == [750, 750]
+    whole = [s.ids.tolist() for s in _seqs(setup, token_budget=10 ** 9)]  # the shuffled order
+    for i, half in enumerate(halves):  # shard i: the documents i, i + 2, ... of that order (the last one cut)
+        assert [s.ids.tolist() for s in half[:-1]] == whole[i::2][:len(half) - 1]
+    # one process reading both shards (side by side in each batch) counts what the halves count alone
+    read = lambda index, count: _seqs(setup, shard=(index, count))  # noqa: E731
+    both = profile.profile(params, cfg, read, batch_size=4, seq_len=64, shards=2, progress=False)
+    alone = [profile.profile(params, cfg, half, batch_size=2, seq_len=64, progress=False) for half in halves]
+    assert both.tokens == 1500 and both.sequences == sum(len(h) for h in halves)
+    np.testing.assert_array_equal(both.counts, alone[0].counts + alone[1].counts)
+    np.testing.assert_allclose(both.gate_sum, alone[0].gate_sum + alone[1].gate_sum, rtol=1e-5)

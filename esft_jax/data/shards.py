@@ -99,6 +99,13 @@ class LocalBatches:
             stream.set_state(state["streams"][str(i)])
 
 
+def global_max(value: int) -> int:
+    """The largest of every process's `value` (all processes call this together)."""
+    if jax.process_count() == 1:
+        return value
+    return int(multihost_utils.process_allgather(np.array([value])).max())
+
+
 def _gather(local: dict[str, Any]) -> dict[str, Any]:
     """The union of every process's dict (all processes call this together)."""
     if jax.process_count() == 1:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grain
 import jax
@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from esft_jax import sharding
+from esft_jax.data.shards import global_max, plan as plan_shards
 from esft_jax.data.records import Sample
 from esft_jax.data.tokenize import encode
 from esft_jax.model import ModelConfig, forward, param_axes
@@ -38,18 +39,22 @@ class Sequence:
 
 
 def sequences(samples: list[Sample], tokenizer: Tokenizer, cfg: ModelConfig, *, seq_len: int,
-              token_budget: int, seed: int = 0, count: str = "all") -> list[Sequence]:
+              token_budget: int, seed: int = 0, count: str = "all", shard: tuple[int, int] = (0, 1)
+              ) -> list[Sequence]:
     """Shuffled, tokenised, truncated documents holding exactly `token_budget` counted tokens
-    (or all the data's, if it holds fewer)."""
+    (or all the data's, if it holds fewer). shard = (index, n): only every n-th shuffled document from
+    `index` on, and that shard's part of the budget (data/shards.py)."""
     if count not in COUNT_MODES:
         raise ValueError(f"count={count!r}: expected one of {COUNT_MODES}")
+    index, n = shard
+    token_budget = token_budget * (index + 1) // n - token_budget * index // n
 
     def tokenise(sample: Sample) -> Sequence:
         ids, answer = encode(tokenizer, sample, cfg.bos_token_id, cfg.eos_token_id)
         counted = {"all": np.ones_like(answer), "answer": answer, "prompt": ~answer}[count]
         return Sequence(ids[:seq_len], counted[:seq_len])
 
-    dataset = grain.MapDataset.source(samples).shuffle(seed=seed).map(tokenise)
+    dataset = grain.MapDataset.source(samples).shuffle(seed=seed)[index::n].map(tokenise)
     out, remaining = [], token_budget
     for seq in dataset:
         if remaining <= 0:
@@ -65,16 +70,25 @@ def sequences(samples: list[Sample], tokenizer: Tokenizer, cfg: ModelConfig, *, 
     return out
 
 
-def _batches(seqs: list[Sequence], batch_size: int, seq_len: int) -> Iterator[tuple[np.ndarray, ...]]:
-    """(tokens, segment_ids, counted) [B, seq_len] per batch; padding rows/tokens have segment 0."""
-    for start in range(0, len(seqs), batch_size):
-        tokens = np.zeros((batch_size, seq_len), np.int32)
-        segments = np.zeros((batch_size, seq_len), np.int32)
-        counted = np.zeros((batch_size, seq_len), bool)
-        for row, seq in enumerate(seqs[start:start + batch_size]):
-            n = seq.ids.size
-            tokens[row, :n], segments[row, :n], counted[row, :n] = seq.ids, 1, seq.counted
-        yield tokens, segments, counted
+def _rows(seqs: list[Sequence], rows: int, seq_len: int) -> tuple[np.ndarray, ...]:
+    """(tokens, segment_ids, counted) [rows, seq_len]; padding rows/tokens have segment 0."""
+    tokens = np.zeros((rows, seq_len), np.int32)
+    segments = np.zeros((rows, seq_len), np.int32)
+    counted = np.zeros((rows, seq_len), bool)
+    for row, seq in enumerate(seqs):
+        n = seq.ids.size
+        tokens[row, :n], segments[row, :n], counted[row, :n] = seq.ids, 1, seq.counted
+    return tokens, segments, counted
+
+
+def _local_batches(local: dict[int, list[Sequence]], rows: int, seq_len: int
+                   ) -> Iterator[tuple[np.ndarray, ...]]:
+    """This process's rows of each batch: its shards' sequences side by side, `rows` per shard, for
+    as many batches as the longest shard of any process needs."""
+    n_batches = global_max(max(-(-len(seqs) // rows) for seqs in local.values()))
+    for b in range(n_batches):
+        parts = [_rows(seqs[b * rows:(b + 1) * rows], rows, seq_len) for seqs in local.values()]
+        yield tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
 
 def _step(params, tokens, segments, counted, cfg: ModelConfig, with_routing: bool):
@@ -87,6 +101,7 @@ def _step(params, tokens, segments, counted, cfg: ModelConfig, with_routing: boo
         chosen_lbte = chosen_lbte + hot
         gate_lbte = gate_lbte + hot * routing.gate_weights[..., j, None]
     out = {
+        "tokens_b": counted.sum(1),
         "counts_ble": jnp.einsum("lbte,bt->ble", chosen_lbte, mask),
         "gates_ble": jnp.einsum("lbte,bt->ble", gate_lbte, mask),
         "coact_lee": jnp.einsum("lbte,lbtf,bt->lef", chosen_lbte, chosen_lbte, mask),
@@ -96,29 +111,35 @@ def _step(params, tokens, segments, counted, cfg: ModelConfig, with_routing: boo
     return out
 
 
-def profile(params: Any, cfg: ModelConfig, seqs: list[Sequence], *, batch_size: int, seq_len: int,
-            mesh: Mesh | None = None, log_writer: OfficialLogWriter | None = None,
-            progress: bool = True) -> RoutingStats:
-    """Routing statistics of `seqs`; on `mesh` (batch over data/fsdp, experts over expert) if given."""
+def profile(params: Any, cfg: ModelConfig, seqs: list[Sequence] | Callable[[int, int], list[Sequence]], *,
+            batch_size: int, seq_len: int, mesh: Mesh | None = None, shards: int = 0,
+            log_writer: OfficialLogWriter | None = None, progress: bool = True) -> RoutingStats:
+    """Routing statistics on `mesh` (batch over data/fsdp, experts over expert) if given. `seqs`: all
+    the sequences, or a reader of shard (index, count) (`sequences(..., shard=...)`); with a reader each
+    process reads only the data shards under its batch rows (`shards` of them, 0: one per block of
+    rows a process holds), so the statistics depend on the shard count, not on the process count."""
     layers = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
     stats = RoutingStats.empty(layers, cfg.n_routed_experts, cfg.num_experts_per_tok)
     step = jax.jit(_step, static_argnums=(4, 5))
     put = jnp.asarray
+    rows_sharding = None
     if mesh is not None:
         params = sharding.shard_params(params, param_axes(cfg), mesh)
-        batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("act_batch", None), dict(mesh.shape)))
-        put = lambda x: jax.device_put(x, batch_sharding)  # noqa: E731
-    total = sum(int(s.counted.sum()) for s in seqs)
-    bar = tqdm(total=total, unit="tok", desc="profiling", disable=not progress)
+        rows_sharding = NamedSharding(mesh, sharding.logical_to_spec(("act_batch", None), dict(mesh.shape)))
+        put = lambda x: jax.make_array_from_process_local_data(rows_sharding, x, (batch_size, seq_len))  # noqa: E731
+    plan = plan_shards(rows_sharding, batch_size, 1 if isinstance(seqs, list) else shards)
+    local = {0: seqs} if isinstance(seqs, list) else {i: seqs(i, plan.count) for i in plan.local}
+    bar = tqdm(total=sum(int(s.counted.sum()) for part in local.values() for s in part), unit="tok",
+               desc="profiling", disable=not progress)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        for tokens, segments, counted in _batches(seqs, batch_size, seq_len):
+        for tokens, segments, counted in _local_batches(local, plan.rows, seq_len):
             out = sharding.to_host(step(params, put(tokens), put(segments), put(counted), cfg, log_writer is not None))
-            n_s = counted.sum(1)
+            n_s = out["tokens_b"]
             stats.add(np.rint(out["counts_ble"]), out["gates_ble"], n_s, np.rint(out["coact_lee"]))
-            if log_writer is not None:
+            if log_writer is not None:  # single-process: `counted` holds every row
                 for row in np.flatnonzero(n_s):
                     keep = counted[row]
                     log_writer.add(out["expert_ids"][:, row][:, keep], out["gate_weights"][:, row][:, keep])
-            bar.update(int(n_s.sum()))
+            bar.update(int(counted.sum()))
     bar.close()
     return stats
