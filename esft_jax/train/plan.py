@@ -189,9 +189,9 @@ def report(cfg: ModelConfig, methods: list[str], devices: tuple[int, ...], mesh_
             fits = p.total <= device_memory_gb * 1e9 and not p.out_of_memory  # memory is sold in decimal GB
             if fits:
                 smallest.setdefault(name, n)
-            rows.append([name, str(n), *(f"{b / GIB:.2f}" for b in (p.params, p.trainable, p.optimizer, p.temporaries,
-                                                                   p.total)), "yes" if fits else "no (compiler)" if p.out_of_memory else "no",
-                         f"{p.compile_seconds:.0f}"])
+            gib = [f"{b / GIB:.2f}" for b in (p.params, p.trainable, p.optimizer, p.temporaries, p.total)]
+            verdict = "yes" if fits else "no (compiler)" if p.out_of_memory else "no"
+            rows.append([name, str(n), *gib, verdict, f"{p.compile_seconds:.0f}"])
     head = ["method", "devices", "params", "trainable", "optimizer", "temporaries", "total",
             f"fits {device_memory_gb:g} GB", "compile s"]
     lines = [f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts, hidden {cfg.hidden_size}, {cfg.dtype}; "
