@@ -50,18 +50,20 @@ class DataShards:
     rows: int  # rows per shard
 
 
-def plan(rows_sharding: Sharding | None, batch_rows: int, count: int = 0) -> DataShards:
+def plan(rows_sharding: Sharding | None, batch_rows: int, count: int = 0,
+         key: str = "--config.data.shards") -> DataShards:
     """This process's shards of a global batch of `batch_rows` rows cut into `count` shards
-    (0: one per distinct block of rows that a process holds)."""
-    blocks = sorted(set(process_rows(rows_sharding, batch_rows).values()))
+    (0: one per distinct block of rows that a process holds); errors name the config `key`."""
+    rows = process_rows(rows_sharding, batch_rows)
+    blocks = sorted(set(rows.values()))
     count = count or len(blocks)
     if batch_rows % count:
-        raise ShardError(f"batch_size={batch_rows} is not a multiple of --config.data.shards={count}")
+        raise ShardError(f"batch_size={batch_rows} is not a multiple of {key}={count}")
     per = batch_rows // count
     if any(start % per or stop % per for start, stop in blocks):
-        raise ShardError(f"--config.data.shards={count} ({per} rows each) does not fit the processes' blocks of rows "
+        raise ShardError(f"{key}={count} ({per} rows each) does not fit the processes' blocks of rows "
                          f"{blocks}; use a multiple of {len(blocks)} that divides batch_size={batch_rows}")
-    mine = process_rows(rows_sharding, batch_rows).get(jax.process_index())
+    mine = rows.get(jax.process_index())
     if mine is None:
         raise ShardError(f"process {jax.process_index()} holds no device of the mesh; the mesh must span "
                          "every process's devices")

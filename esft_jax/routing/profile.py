@@ -127,7 +127,7 @@ def profile(params: Any, cfg: ModelConfig, seqs: list[Sequence] | Callable[[int,
         params = sharding.shard_params(params, param_axes(cfg), mesh)
         rows_sharding = NamedSharding(mesh, sharding.logical_to_spec(("act_batch", None), dict(mesh.shape)))
         put = lambda x: jax.make_array_from_process_local_data(rows_sharding, x, (batch_size, seq_len))  # noqa: E731
-    plan = plan_shards(rows_sharding, batch_size, 1 if isinstance(seqs, list) else shards)
+    plan = plan_shards(rows_sharding, batch_size, 1 if isinstance(seqs, list) else shards, key="--config.shards")
     local = {0: seqs} if isinstance(seqs, list) else {i: seqs(i, plan.count) for i in plan.local}
     bar = tqdm(total=sum(int(s.counted.sum()) for part in local.values() for s in part), unit="tok",
                desc="profiling", disable=not progress)
