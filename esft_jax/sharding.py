@@ -11,6 +11,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -82,6 +83,14 @@ def param_shardings(axes_tree: Any, mesh: Mesh) -> Any:
     shape = dict(mesh.shape)
     return jax.tree.map(lambda axes: NamedSharding(mesh, logical_to_spec(axes, shape)), axes_tree,
                         is_leaf=lambda x: isinstance(x, tuple))
+
+
+def from_process_rows(tree: Any, rows_sharding: NamedSharding | None, global_shape: tuple[int, ...]) -> Any:
+    """Global arrays of `global_shape` from this process's rows of them (numpy leaves); plain device
+    arrays when there is no mesh."""
+    if rows_sharding is None:
+        return jax.tree.map(jnp.asarray, tree)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rows_sharding, x, global_shape), tree)
 
 
 def to_host(tree: Any) -> Any:

@@ -121,19 +121,18 @@ def profile(params: Any, cfg: ModelConfig, seqs: list[Sequence] | Callable[[int,
     layers = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
     stats = RoutingStats.empty(layers, cfg.n_routed_experts, cfg.num_experts_per_tok)
     step = jax.jit(_step, static_argnums=(4, 5))
-    put = jnp.asarray
     rows_sharding = None
     if mesh is not None:
         params = sharding.shard_params(params, param_axes(cfg), mesh)
         rows_sharding = NamedSharding(mesh, sharding.logical_to_spec(("act_batch", None), dict(mesh.shape)))
-        put = lambda x: jax.make_array_from_process_local_data(rows_sharding, x, (batch_size, seq_len))  # noqa: E731
     plan = plan_shards(rows_sharding, batch_size, 1 if isinstance(seqs, list) else shards, key="--config.shards")
     local = {0: seqs} if isinstance(seqs, list) else {i: seqs(i, plan.count) for i in plan.local}
     bar = tqdm(total=sum(int(s.counted.sum()) for part in local.values() for s in part), unit="tok",
                desc="profiling", disable=not progress)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         for tokens, segments, counted in _local_batches(local, plan.rows, seq_len):
-            out = sharding.to_host(step(params, put(tokens), put(segments), put(counted), cfg, log_writer is not None))
+            batch = sharding.from_process_rows((tokens, segments, counted), rows_sharding, (batch_size, seq_len))
+            out = sharding.to_host(step(params, *batch, cfg, log_writer is not None))
             n_s = out["tokens_b"]
             stats.add(np.rint(out["counts_ble"]), out["gates_ble"], n_s, np.rint(out["coact_lee"]))
             if log_writer is not None:  # single-process: `counted` holds every row

@@ -18,7 +18,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from tokenizers import Tokenizer
@@ -108,13 +107,6 @@ def _shardings(tree_axes: Any, mesh: Mesh | None):
 
 def _put(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(jnp.asarray, tree) if shardings is None else jax.device_put(tree, shardings)
-
-
-def _global(local: dict[str, np.ndarray], shardings: Any, shape: tuple[int, ...]) -> dict[str, jax.Array]:
-    """The global batch from this process's rows of it."""
-    if shardings is None:
-        return jax.tree.map(jnp.asarray, local)
-    return {k: jax.make_array_from_process_local_data(shardings, v, shape) for k, v in local.items()}
 
 
 def _batch_sharding(mesh: Mesh | None, ndim: int):
@@ -215,7 +207,7 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     timer, step_tokens = time.perf_counter(), []
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         for step in range(start, c.steps):
-            batch = _global(data.take(c.grad_accum), batch_sharding, global_shape)
+            batch = sharding.from_process_rows(data.take(c.grad_accum), batch_sharding, global_shape)
             state, metrics = train_step(state, frozen, batch)
             step_tokens.append(metrics["tokens"])
             done = step + 1

@@ -148,17 +148,15 @@ def plan(cfg: ModelConfig, method, mesh_shape: dict[str, int], *, batch_size: in
     """Compile one train step of `method` on a mesh of simulated, real or TPU-topology devices; read
     its memory."""
     try:
-        compiled, (state, frozen, _), seconds = lower_train_step(cfg, method, mesh_shape, batch_size=batch_size,
-                                                                 seq_len=seq_len, optim=optim, devices=devices)
-        refused = None
-    except OutOfMemory as e:
-        (state, frozen, _), seconds, refused = e.arguments, e.seconds, e
+        compiled, arguments, seconds = lower_train_step(cfg, method, mesh_shape, batch_size=batch_size,
+                                                        seq_len=seq_len, optim=optim, devices=devices)
+        temporaries, total = int(compiled.memory_analysis().temp_size_in_bytes), resident_bytes(compiled)
+    except OutOfMemory as e:  # total: a lower bound, what is held plus the compiler's temporaries
+        arguments, seconds, temporaries, total = e.arguments, e.seconds, e.temporaries, None
+    state, frozen, _ = arguments
     held = [_per_device(frozen), _per_device(state["trainable"]), _per_device(state["opt_state"])]
-    if refused is not None:
-        return Plan(dict(mesh_shape), *held, refused.temporaries, sum(held) + refused.temporaries, seconds,
-                    out_of_memory=True)
-    return Plan(dict(mesh_shape), *held, int(compiled.memory_analysis().temp_size_in_bytes),
-                resident_bytes(compiled), seconds)
+    return Plan(dict(mesh_shape), *held, temporaries, sum(held) + temporaries if total is None else total, seconds,
+                out_of_memory=total is None)
 
 
 def resident_bytes(compiled) -> int:
