@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numerics import assert_float32_close, model_roundings
 
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.eval.generate import generate, generate_text
@@ -55,7 +56,7 @@ def test_cached_logits_equal_full_forward(model):
                                        segment_ids_bt=segments[:, t:t + 1], positions_bt=positions[:, t:t + 1])
         steps.append(logits)
     assert int(cache.length) == 12 and cache.latent["moe_layers"].shape == (2, 2, 16, cfg.kv_lora_rank)
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
+    assert_float32_close(np.concatenate(steps, axis=1), full, model_roundings(cfg))
 
 
 def test_batched_cached_generation_equals_recomputation(model):

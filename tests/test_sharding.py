@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
+from numerics import assert_float32_close, model_roundings
 
 from esft_jax import sharding
 from esft_jax.model import ModelConfig, forward, init_params, param_axes
@@ -45,9 +46,9 @@ def test_sharded_forward_equals_single_device(strategy, exchange, monkeypatch):
     with jax.set_mesh(mesh):
         logits, routing = _forward(sharded, jax.device_put(tokens, batch), cfg,
                                    segment_ids_bt=jax.device_put(segments, batch))
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=2e-5, rtol=1e-4)
+    assert_float32_close(logits, ref_logits, model_roundings(cfg))
     np.testing.assert_array_equal(np.asarray(routing.expert_ids), np.asarray(ref_routing.expert_ids))
-    np.testing.assert_allclose(np.asarray(routing.gate_weights), np.asarray(ref_routing.gate_weights), atol=1e-6)
+    assert_float32_close(routing.gate_weights, ref_routing.gate_weights, model_roundings(cfg))
     np.testing.assert_array_equal(np.asarray(routing.dropped), 0)
 
 
