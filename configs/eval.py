@@ -22,8 +22,8 @@ def _task(scorer: str, max_new_tokens: int) -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = load_file(str(Path(__file__).parent / "models" / "tiny.py"))  # random weights ...
-    c.checkpoint = ""  # ... unless this names a Hugging Face checkpoint directory
+    c.model = load_file(str(Path(__file__).parent / "models" / "tiny.py"))  # the architecture of checkpoint=random
+    c.checkpoint = ""  # a Hugging Face checkpoint directory, or "random" for random weights of c.model
     c.adapter = ""  # an adapter applied to the checkpoint (esft train's <workdir>/adapter)
     c.tokenizer = ""
     c.seed = 0

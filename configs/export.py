@@ -2,10 +2,13 @@
 
     esft export --config configs/export.py --config.checkpoint=/models/ESFT-vanilla-lite \
         --config.adapter=runs/train_esft/adapter --config.out=runs/intent-esft-hf
+
+`out` must be a new or empty directory outside the inputs; `overwrite=True` replaces a previous
+export there (recognised by its esft_export.json), never a directory holding files it did not write.
 """
 
 import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(checkpoint="", adapter="", out=""))
+    return ml_collections.ConfigDict(dict(checkpoint="", adapter="", out="", overwrite=False))

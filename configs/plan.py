@@ -14,6 +14,8 @@ import ml_collections
 
 from esft_jax.configs import load_file
 
+PRESETS = tuple(sorted(p.stem for p in (Path(__file__).parent / "models").glob("*.py")))  # the model
+
 
 def get_config(model: str = "deepseek_v2_lite") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()

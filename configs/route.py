@@ -11,11 +11,13 @@ import ml_collections
 
 from esft_jax.configs import load_file
 
+PRESETS = tuple(sorted(p.stem for p in (Path(__file__).parent / "models").glob("*.py")))  # the model
+
 
 def get_config(model: str = "tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = load_file(str(Path(__file__).parent / "models" / f"{model}.py"))  # random weights ...
-    c.checkpoint = ""  # ... unless this names a Hugging Face checkpoint directory
+    c.model = load_file(str(Path(__file__).parent / "models" / f"{model}.py"))  # the architecture of checkpoint=random
+    c.checkpoint = ""  # a Hugging Face checkpoint directory, or "random" for random weights of c.model
     c.text = ""  # route this text; else random tokens
     c.tokenizer = ""  # a directory with tokenizer.json; default: the checkpoint's, else bytes
     c.seed = 0

@@ -1,9 +1,10 @@
 """`esft train`: fine-tune with ESFT (selected experts only), FFT or LoRA.
 
     esft train --config configs/train.py:esft --config.checkpoint=/models/ESFT-vanilla-lite \
-        --config.expert_config=runs/intent/token.json --config.data.train=data/train/intent.jsonl
+        --config.expert_config=runs/intent/token.json --config.data.train=data/builtin/train/intent.jsonl
     esft train --config configs/train.py:fft ...      esft train --config configs/train.py:lora ...
-Rerunning the same command resumes from <workdir>/checkpoints. Outputs in <workdir>: config.json,
+Rerunning the same command resumes from <workdir>/checkpoints (settings that change the result must
+match the saved run's; see esft_jax/train/resume.py). Outputs in <workdir>: config.json,
 metrics.jsonl, checkpoints/, adapter/ (the changed tensors), summary.json.
 """
 
@@ -13,12 +14,14 @@ import ml_collections
 
 from esft_jax.configs import load_file
 
+PRESETS = ("esft", "fft", "lora")  # the training method
+
 
 def get_config(method: str = "esft") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = method  # "esft", "fft" or "lora"
-    c.model = load_file(str(Path(__file__).parent / "models" / "tiny.py"))  # random weights ...
-    c.checkpoint = ""  # ... unless this names a Hugging Face checkpoint directory
+    c.model = load_file(str(Path(__file__).parent / "models" / "tiny.py"))  # the architecture of checkpoint=random
+    c.checkpoint = ""  # a Hugging Face checkpoint directory, or "random" for random weights of c.model
     c.tokenizer = ""  # a directory with tokenizer.json; default: the checkpoint's, else bytes
     c.expert_config = ""  # esft: the expert config JSON (esft select)
     c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, targets="attention,experts"))
@@ -33,6 +36,7 @@ def get_config(method: str = "esft") -> ml_collections.ConfigDict:
         skip_invalid=False))
     c.seed = 0
     c.steps = 500
+    c.extend = False  # resuming with more steps: True keeps the saved LR schedule (the extra steps run at its final lr)
     c.batch_size = 32  # packed rows per optimizer step (per micro-batch when grad_accum > 1)
     c.grad_accum = 1
     c.optim = ml_collections.ConfigDict(dict(

@@ -16,9 +16,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from esft_jax import configs, experiment, runtime, sharding
+from esft_jax import configs, experiment, runtime, sharding, validate
+from esft_jax.builtin import tasks as builtin_tasks
 from esft_jax.checkpoint import CheckpointError, load_config, save_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter
+from esft_jax.checkpoint.output_dir import OutputDirError, export_replaceable
 from esft_jax.data.records import DataError, read_jsonl
 from esft_jax.data.shards import ShardError
 from esft_jax.eval.judge import JudgeError, judge_from_config
@@ -31,6 +33,7 @@ from esft_jax.routing.official_logs import OfficialLogWriter
 from esft_jax.routing.sources import STATS_FILE, load_stats
 from esft_jax.train import loop as train_loop
 from esft_jax.train import plan
+from esft_jax.train.guard import DivergedError
 from esft_jax.train.plan import PlanError
 
 
@@ -44,9 +47,10 @@ def _route_tokens(c: ml_collections.ConfigDict, cfg: ModelConfig) -> np.ndarray:
 
 def cmd_route(c: ml_collections.ConfigDict) -> None:
     """Run one batch and print each MoE layer's expert load."""
-    cfg, params = runtime.load_model(c)
-    tokens = jnp.asarray(_route_tokens(c, cfg))
     mesh = runtime.mesh(c)
+    cfg, params = runtime.load_model(c)
+    validate.within_positions(c, "seq_len", cfg)
+    tokens = jnp.asarray(_route_tokens(c, cfg))
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print(f"model: {cfg.model_type}, {n_params / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers "
           f"({cfg.num_moe_layers} MoE), {cfg.n_routed_experts} routed experts, top-{cfg.num_experts_per_tok}")
@@ -72,10 +76,10 @@ def _timed(step: Callable, params, tokens, cfg):
 
 def cmd_profile(c: ml_collections.ConfigDict) -> None:
     """Profile a model's routing on a task dataset; write stats.npz and summary.json."""
-    if not c.data:
-        raise configs.ConfigFileError("--config.data: name a jsonl dataset to profile")
     runtime.distributed(c)
+    mesh = runtime.mesh(c)
     cfg, params = runtime.load_model(c)
+    validate.within_positions(c, "seq_len", cfg)
     samples, skipped = read_jsonl(c.data, c.skip_invalid)
     if skipped:
         print(f"skipped {skipped} malformed lines of {c.data}")
@@ -91,7 +95,7 @@ def cmd_profile(c: ml_collections.ConfigDict) -> None:
     writer = OfficialLogWriter(out / "logs", list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))) \
         if c.official_logs else None
     try:
-        stats = profile.profile(params, cfg, read, batch_size=c.batch_size, seq_len=c.seq_len, mesh=runtime.mesh(c),
+        stats = profile.profile(params, cfg, read, batch_size=c.batch_size, seq_len=c.seq_len, mesh=mesh,
                                 shards=c.shards, log_writer=writer, progress=c.progress)
     finally:
         if writer is not None:
@@ -146,14 +150,21 @@ def cmd_export(c: ml_collections.ConfigDict) -> None:
     """Base checkpoint + adapter -> a full Hugging Face checkpoint directory."""
     if not (c.checkpoint and c.adapter and c.out):
         raise configs.ConfigFileError("--config.checkpoint, --config.adapter and --config.out are required")
+    inputs = (c.checkpoint, c.adapter)
+    try:  # before the merge: refusing costs nothing
+        export_replaceable(Path(c.out), c.overwrite, inputs, overwrite_flag="--config.overwrite=True")
+    except OutputDirError as e:
+        raise configs.ConfigFileError(f"--config.out: {e}") from None
     cfg, params = load_with_adapter(c.checkpoint, c.adapter)
-    out = save_checkpoint(c.out, cfg, params, tokenizer_from=c.checkpoint)
+    out = save_checkpoint(c.out, cfg, params, tokenizer_from=c.checkpoint, overwrite=c.overwrite, inputs=inputs)
     print(f"{c.checkpoint} + {c.adapter} -> {out}")
 
 
 def cmd_eval(c: ml_collections.ConfigDict) -> None:
     """Score a model (optionally with an adapter) on eval tasks, and its held-out perplexity."""
     cfg, params = runtime.load_model(c)
+    if c.perplexity.data:
+        validate.within_positions(c, "perplexity.seq_len", cfg)
     tokenizer = runtime.tokenizer(c)
     judge = judge_from_config(c.judge)
     out = Path(c.out_dir)
@@ -193,6 +204,14 @@ def cmd_plan(c: ml_collections.ConfigDict) -> None:
                       lora_rank=c.lora_rank))
 
 
+def cmd_data(c: ml_collections.ConfigDict) -> None:
+    """Write the built-in task suite: <out>/train/<task>.jsonl and <out>/eval/<task>.jsonl."""
+    out = Path(c.out)
+    builtin_tasks.write_suite(out, n_train=c.n_train, n_eval=c.n_eval, seed=c.seed, n_docs=c.n_docs)
+    tasks = ", ".join([*builtin_tasks.DOWNSTREAM, *builtin_tasks.GENERAL])
+    print(f"built-in suite ({tasks}: {c.n_train} train / {c.n_eval} eval samples each) -> {out}/train, {out}/eval")
+
+
 def cmd_run(c: ml_collections.ConfigDict) -> None:
     """The whole ESFT study on one task: eval, profile, select, train every method, eval, table."""
     experiment.run(c)
@@ -200,7 +219,8 @@ def cmd_run(c: ml_collections.ConfigDict) -> None:
 
 COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "route": cmd_route, "profile": cmd_profile, "select": cmd_select, "analyze": cmd_analyze,
-    "train": cmd_train, "export": cmd_export, "eval": cmd_eval, "run": cmd_run, "plan": cmd_plan}
+    "train": cmd_train, "export": cmd_export, "eval": cmd_eval, "run": cmd_run, "plan": cmd_plan,
+    "data": cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -215,11 +235,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are --config.KEY=VALUE)")
     try:
         c = configs.load(args.config, [a.removeprefix("--config.") for a in rest])
+        validate.check(args.command, c)
         COMMANDS[args.command](c)
     except (configs.ConfigFileError, CheckpointError, ConfigError, DataError, ExpertConfigError, JudgeError,
-            PlanError, ShardError) as e:
+            PlanError, ShardError, experiment.ExperimentError) as e:
         print(f"esft {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system refused: a full disk, a read-only or vanished directory
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"esft {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except DivergedError as e:  # the input was fine, the run was not: exit 1
+        print(f"esft {args.command}: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -29,10 +29,19 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
         raise ConfigFileError(f"{path}: no such config file")
     module_spec = importlib.util.spec_from_file_location(f"_esft_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigFileError(f"{path}:{e.lineno}: {e.msg}") from None
     if not hasattr(module, "get_config"):
         raise ConfigFileError(f"{path}: defines no get_config()")
-    cfg = module.get_config(arg) if arg else module.get_config()
+    presets = getattr(module, "PRESETS", None)  # a config file's named variants, where it has a fixed set
+    if arg and presets is not None and arg not in presets:
+        raise ConfigFileError(f"{spec}: no preset {arg!r} in {path} (presets: {', '.join(presets)})")
+    try:
+        cfg = module.get_config(arg) if arg else module.get_config()
+    except Exception as e:  # a config file is user code: name it and the argument, not its traceback
+        raise ConfigFileError(f"{spec}: get_config({arg!r}) failed: {type(e).__name__}: {e}") from None
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise ConfigFileError(f"{path}: get_config() returned {type(cfg).__name__}, not a ConfigDict")
     return cfg
@@ -63,10 +72,11 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str], so
         value = _parse(raw)
         if isinstance(node[leaf], str) and not isinstance(value, str):
             value = raw  # a string field keeps the text as written
+        expected = type(node[leaf]).__name__
         try:
             node[leaf] = value
-        except TypeError as e:
-            raise ConfigFileError(f"--config.{key}={raw}: {e}") from None
+        except TypeError:
+            raise ConfigFileError(f"--config.{key}={raw}: expected a value of type {expected}") from None
     return cfg
 
 

@@ -4,11 +4,11 @@ profile -> select experts (one expert config per entry of `c.selections`) -> eva
 train every method of `c.methods` ("fft", "lora", or "esft_<selection>") -> eval each on the task
 and the general tasks (`c.scoring` says how each is scored) -> a markdown table in the spirit of
 the paper's Tables 1-2 (+ trainable parameters, optimizer-state bytes, adapter bytes, train time,
-peak memory) and plots. Ablations are
-just more selections (threshold p, score function, random experts, expert groups, trainable-module
-flags). A step whose output exists is skipped, so a rerun only does what is missing. Each training
-runs in a child process (its peak memory is its own); `c.launch = "print"` stops after selection
-and prints those commands, one per method, for a cluster.
+peak memory) and plots. Ablations are just more selections (threshold p, score function, random
+experts, expert groups, trainable-module flags). A step whose output exists is skipped, so a rerun
+only does what is missing. Each training runs in a child process (its peak memory is its own; its
+output goes to <workdir>/train.log, whose last lines a failure shows); `c.launch = "print"` stops
+after selection and prints those commands, one per method, for a cluster.
 
 A config with `c.studies` (name -> study config) is a sweep: each study runs in turn (or prints its
 commands), then one table of all of them (report.aggregate_table) and a trade-off plot.
@@ -89,19 +89,42 @@ def _train_command(c: ml_collections.ConfigDict, method: str, run: Path, suite: 
     return args
 
 
+class ExperimentError(RuntimeError):
+    """A step of the study failed (a training child exited non-zero)."""
+
+
+TRAIN_LOG = "train.log"  # the training child's stdout and stderr, in its workdir
+LOG_TAIL_LINES = 15
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` non-empty lines of a log; progress-bar redraws (carriage returns) split lines."""
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - 64 * 1024))
+        text = f.read().decode(errors="replace")
+    return "\n".join([line for line in text.replace("\r", "\n").split("\n") if line.strip()][-lines:])
+
+
 def _train_child(c: ml_collections.ConfigDict, method: str, run: Path, suite: Path) -> dict:
-    """`esft train` in a child process; returns its summary plus the child's peak RSS."""
+    """`esft train` in a child process; returns its summary plus the child's peak RSS (decimal MB).
+
+    The child writes to <workdir>/train.log (appended to across reruns), never to a pipe: a pipe
+    nobody reads fills at 64 KiB and blocks the child while the parent waits for it."""
     workdir = run / f"train_{method}"
     if (workdir / "summary.json").is_file():
         return json.loads((workdir / "summary.json").read_text())
-    args = _train_command(c, method, run, suite)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / TRAIN_LOG
     start = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"training {method} failed:\n{proc.stderr.read()[-3000:]}")
+    with log.open("ab") as out:
+        proc = subprocess.Popen(_train_command(c, method, run, suite), stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 or not (workdir / "summary.json").is_file():
+        why = f"exit status {proc.returncode}" if proc.returncode else "no summary.json written"
+        raise ExperimentError(f"training {method} failed ({why}); last lines of {log}:\n{log_tail(log)}")
     summary = json.loads((workdir / "summary.json").read_text())
-    summary.update(peak_rss_mb=usage.ru_maxrss / 1024, wall_seconds=time.perf_counter() - start)
+    summary.update(peak_rss_mb=usage.ru_maxrss * 1024 / 1e6, wall_seconds=time.perf_counter() - start)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

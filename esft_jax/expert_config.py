@@ -71,6 +71,9 @@ class ExpertConfig:
                 dup = next(e for e in ids if ids.count(e) > 1)
                 raise ExpertConfigError(f"{at}: expert {dup} listed twice")
             experts[layer] = list(ids)
+        if not any(experts.values()) and not any(flags.values()):
+            raise ExpertConfigError(f"{where}: selects no expert and neither shared_experts nor "
+                                    f"non_expert_modules: nothing would train")
         return cls(experts, **flags)
 
     @classmethod

@@ -1,6 +1,7 @@
 """What every command builds from its config: the model, its tokenizer, the device mesh.
 
-Config fields read: `checkpoint` (a Hugging Face directory, or "" for random weights of `model`),
+Config fields read: `checkpoint` (a Hugging Face directory, or "random" for random weights of `model`:
+asked for by name, so that a forgotten --config.checkpoint is an error, not a random model),
 `model` (model fields; with a checkpoint only the runtime fields (RUNTIME_FIELDS) apply), `seed`,
 `tokenizer` (a directory with tokenizer.json), `mesh` (axis sizes over all processes' devices),
 `distributed` (multi-process runs).
@@ -22,12 +23,16 @@ from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.model import ModelConfig, init_params
 
 RUNTIME_FIELDS = ("dtype", "moe_strategy", "capacity_factor", "expert_parallel", "scan_layers", "remat")
+RANDOM_WEIGHTS = "random"  # --config.checkpoint=random: seeded random weights of c.model
 
 
 def load_model(c: ml_collections.ConfigDict) -> tuple[ModelConfig, dict]:
-    """From `c.checkpoint` (plus `c.adapter`, where the config has one) if set, else random weights
-    for `c.model` (seeded by c.seed)."""
-    if c.checkpoint:
+    """From `c.checkpoint` (plus `c.adapter`, where the config has one), or random weights for
+    `c.model` (seeded by c.seed) when it is "random"."""
+    if not c.checkpoint:
+        raise configs.ConfigFileError(f"--config.checkpoint: name a Hugging Face checkpoint directory "
+                                      f"(or --config.checkpoint={RANDOM_WEIGHTS} for random weights of --config.model)")
+    if c.checkpoint != RANDOM_WEIGHTS:
         overrides = {k: c.model[k] for k in RUNTIME_FIELDS if k in c.model}
         if c.get("adapter"):
             cfg, params = load_with_adapter(c.checkpoint, c.adapter, **overrides)
@@ -39,7 +44,7 @@ def load_model(c: ml_collections.ConfigDict) -> tuple[ModelConfig, dict]:
 
 def tokenizer(c: ml_collections.ConfigDict) -> Tokenizer:
     """c.tokenizer's, else the checkpoint's, else the byte tokenizer (the tiny random model's)."""
-    if c.tokenizer or c.checkpoint:
+    if c.tokenizer or c.checkpoint != RANDOM_WEIGHTS:
         return load_tokenizer(c.tokenizer or c.checkpoint)
     return byte_tokenizer()
 
@@ -62,5 +67,13 @@ def distributed(c: ml_collections.ConfigDict) -> None:
 def mesh(c: ml_collections.ConfigDict) -> Mesh | None:
     """The mesh of c.mesh's axis sizes over the first devices; None for a single device."""
     shape = dict(c.mesh)
+    for axis, size in shape.items():
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise configs.ConfigFileError(f"--config.mesh.{axis}={size!r}: expected a whole number >= 1")
     n = math.prod(shape.values())
+    if n > jax.device_count() or (jax.process_count() > 1 and n != jax.device_count()):
+        sizes = " x ".join(f"{axis} {size}" for axis, size in shape.items() if size > 1)
+        raise configs.ConfigFileError(
+            f"--config.mesh: {sizes} needs {n} devices; this run has {jax.device_count()} "
+            f"({jax.default_backend()}, {jax.process_count()} process(es)); a multi-process mesh spans them all")
     return sharding.make_mesh(shape, jax.devices()[:n]) if n > 1 else None

@@ -8,14 +8,14 @@
 2. A byte-level BPE tokenizer (1,024 tokens) trained on it (plus the task prompts, so they tokenize well).
 3. A 5-layer MoE (first layer dense; 32 routed experts of width 64, top-4, 2 shared) trained from
    scratch with the project's own loop (FFT on random weights) plus a load-balancing loss.
-4. The result, as a Hugging Face directory: config.json, model.safetensors, tokenizer.json.
+4. The result, as a Hugging Face directory: config.json, model.safetensors, the tokenizer files
+   transformers needs to generate as esft does (esft_jax/checkpoint/tokenizer.py), esft_export.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -69,10 +69,10 @@ def main() -> None:
     tok = train_tokenizer([r["text"] for r in corpus] + prompts, vocab_size=1024)
 
     cfg = model_config(tok)
-    init = work / "init"
-    init.mkdir(exist_ok=True)
-    tok.save(str(init / "tokenizer.json"))
-    save_checkpoint(init, cfg, init_params(cfg, jax.random.key(args.seed)), tokenizer_from=init)
+    (work / "tokenizer").mkdir(exist_ok=True)
+    tok.save(str(work / "tokenizer" / "tokenizer.json"))
+    init = save_checkpoint(work / "init", cfg, init_params(cfg, jax.random.key(args.seed)),
+                           tokenizer_from=work / "tokenizer", overwrite=True)
 
     c = configs.load_file("configs/train.py:fft")
     c.checkpoint, c.data.train, c.workdir, c.seed = str(init), str(work / "corpus.jsonl"), str(work / "run"), args.seed
@@ -86,8 +86,7 @@ def main() -> None:
     print(json.dumps(summary, indent=1))
 
     cfg, params = load_with_adapter(init, work / "run" / "adapter")
-    shutil.rmtree(args.out, ignore_errors=True)
-    out = save_checkpoint(args.out, cfg, params, tokenizer_from=init)
+    out = save_checkpoint(args.out, cfg, params, tokenizer_from=init, overwrite=True)  # a previous one only
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"pretrained model -> {out} ({size / 1e6:.1f} MB)")
 

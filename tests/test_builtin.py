@@ -57,7 +57,7 @@ def test_builtin_model_loads_in_esft_jax_and_transformers():
     cfg, params = load_checkpoint(MODEL)
     assert cfg.first_k_dense_replace >= 1 and cfg.num_hidden_layers >= 4 and cfg.n_routed_experts >= 32
     assert cfg.num_experts_per_tok >= 4 and cfg.n_shared_experts in (1, 2)
-    ids = load_tokenizer(MODEL).encode("User: Q: What is the capital of Gosgosland? A:").ids
+    ids = load_tokenizer(MODEL).encode("User: Q: What is the capital of Gosgosland? A:", add_special_tokens=False).ids
     tokens = np.asarray([[cfg.bos_token_id, *ids]])
     ours, _ = jax.jit(forward, static_argnums=2)(params, tokens, cfg)
     model = transformers.AutoModelForCausalLM.from_pretrained(MODEL, attn_implementation="eager").eval()

@@ -1,6 +1,7 @@
 """Bad checkpoint directories fail with errors that name the file, the key or the tensor."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -75,8 +76,9 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, ckpt, monkeypatch
 
     monkeypatch.setattr(hf, "save_file", boom)
     with pytest.raises(OSError):
-        save_checkpoint(ckpt, cfg, init_params(cfg, jax.random.key(1)))
+        save_checkpoint(ckpt, cfg, init_params(cfg, jax.random.key(1)), overwrite=True)
     assert (ckpt / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging directory left behind
 
 
 def test_tokenizer(tmp_path, ckpt):
@@ -86,13 +88,77 @@ def test_tokenizer(tmp_path, ckpt):
 
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
-    assert load_tokenizer(tmp_path).encode("hello world again").ids == [1, 2, 0]
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    assert load_tokenizer(tmp_path / "tok").encode("hello world again").ids == [1, 2, 0]
     # save_checkpoint carries the tokenizer along.
     cfg = ModelConfig()
-    out = save_checkpoint(tmp_path / "with_tok", cfg, init_params(cfg, jax.random.key(0)), tokenizer_from=tmp_path)
+    out = save_checkpoint(tmp_path / "with_tok", cfg, init_params(cfg, jax.random.key(0)),
+                          tokenizer_from=tmp_path / "tok")
     assert load_tokenizer(out).encode("world").ids == [2]
-    (tmp_path / "tokenizer.json").write_text("{not json")
+    (tmp_path / "tok" / "tokenizer.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a valid tokenizer.json"):
-        load_tokenizer(tmp_path)
+        load_tokenizer(tmp_path / "tok")
     shutil.rmtree(out)
+
+
+def _damage(path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # the JSON header garbled
+        path.write_bytes(data[:8] + b"#" * 16 + data[24:])
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbled"])
+def test_unreadable_safetensors_named_in_one_line(tmp_path, ckpt, capsys, how):
+    from esft_jax import cli
+    from esft_jax.checkpoint.adapter import ADAPTER_FILE, read_adapter, write_adapter
+
+    adapter = write_adapter(tmp_path / "adapter", {"model.layers.1.mlp.experts.0.up_proj.weight": np.ones((32, 64))},
+                            {"method": "esft", "model_type": "deepseek_v2"})
+    sharded = save_checkpoint(tmp_path / "sharded", ModelConfig(), init_params(ModelConfig(), jax.random.key(0)),
+                              max_shard_bytes=100_000)
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    for path, read in [(ckpt / "model.safetensors", lambda: load_checkpoint(ckpt)),
+                       (shard, lambda: load_checkpoint(sharded)),
+                       (adapter / ADAPTER_FILE, lambda: read_adapter(adapter))]:
+        _damage(path, how)
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: not a readable safetensors file \(.+\)$"):
+            read()
+    code = cli.main(["export", "--config", "configs/export.py", f"--config.checkpoint={sharded}",
+                     f"--config.adapter={adapter}", f"--config.out={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"{shard}: not a readable safetensors file" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_adapter_config_named(tmp_path):
+    from esft_jax.checkpoint.adapter import CONFIG_FILE, read_adapter, write_adapter
+
+    adapter = write_adapter(tmp_path / "adapter", {"x.weight": np.ones(2)}, {"method": "lora", "r": 8})
+    config = adapter / CONFIG_FILE
+    for text, message in [('{"method": "lora",\n oops}', rf"{CONFIG_FILE}:2: not valid JSON"),
+                          ("[8]", rf"{CONFIG_FILE}: expected a JSON object"),
+                          ('{"r": "8"}', rf"{CONFIG_FILE}: 'r' must be a positive number, got '8'"),
+                          ('{"r": 8, "lora_alpha": 0}', rf"{CONFIG_FILE}: 'lora_alpha' must be a positive number")]:
+        config.write_text(text)
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(adapter))}/{message}"):
+            read_adapter(adapter)
+    config.unlink()
+    with pytest.raises(CheckpointError, match=rf"{CONFIG_FILE}: no such file \(is .* an adapter directory\?\)"):
+        read_adapter(adapter)
+
+
+def test_adapter_writer_replaces_only_an_adapter(tmp_path):
+    from esft_jax.checkpoint.adapter import read_adapter, write_adapter
+    from esft_jax.checkpoint.output_dir import OutputDirError
+
+    out = write_adapter(tmp_path / "adapter", {"x.weight": np.ones(2)}, {"method": "esft"})
+    write_adapter(out, {"x.weight": np.zeros(2)}, {"method": "esft"})  # a newer adapter replaces it
+    np.testing.assert_array_equal(read_adapter(out)[0]["x.weight"], np.zeros(2))
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(OutputDirError, match=r"adapter: holds files this writer did not write \(notes.txt\)"):
+        write_adapter(out, {"x.weight": np.ones(2)}, {"method": "esft"})
+    assert (out / "notes.txt").read_text() == "the user's"
+    np.testing.assert_array_equal(read_adapter(out)[0]["x.weight"], np.zeros(2))

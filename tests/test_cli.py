@@ -21,7 +21,7 @@ def _dataset(path, n=24, seed=0):
 
 def test_profile_select_analyze(tmp_path, capsys):
     data = _dataset(tmp_path / "task.jsonl")
-    common = ["--config.seq_len=64", "--config.token_budget=900", "--config.progress=False"]
+    common = ["--config.checkpoint=random", "--config.seq_len=64", "--config.token_budget=900", "--config.progress=False"]
     assert cli.main(["profile", "--config", "configs/profile.py:tiny", f"--config.data={data}",
                      f"--config.out_dir={tmp_path / 'a'}", "--config.official_logs=True", *common]) == 0
     assert cli.main(["profile", "--config", "configs/profile.py:tiny", f"--config.data={data}", "--config.seed=1",
@@ -54,10 +54,11 @@ def test_profile_select_analyze(tmp_path, capsys):
 def test_profile_errors_are_reported(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"messages": 3}\n')
-    assert cli.main(["profile", "--config", "configs/profile.py", f"--config.data={bad}"]) == 2
+    assert cli.main(["profile", "--config", "configs/profile.py", "--config.checkpoint=random",
+                     "--config.seq_len=64", f"--config.data={bad}"]) == 2
     assert "bad.jsonl:2: 'messages' must be" in capsys.readouterr().err
     assert cli.main(["select", "--config", "configs/select.py", f"--config.stats={tmp_path / 'none'}"]) == 2
-    assert "no such stats file" in capsys.readouterr().err
+    assert "--config.stats=" in capsys.readouterr().err
 
 
 def test_eval_writes_scores_and_predictions(tmp_path, capsys):
@@ -65,8 +66,8 @@ def test_eval_writes_scores_and_predictions(tmp_path, capsys):
     data.write_text("".join(json.dumps({"prompt": f"User: say {w}\n\nAssistant:", "answers": [f" {w}"]}) + "\n"
                             for w in ("yes", "no", "maybe")))
     held_out = _dataset(tmp_path / "held_out.jsonl", n=6)
-    assert cli.main(["eval", "--config", "configs/eval.py", f"--config.tasks.intent.data={data}",
-                     "--config.tasks.intent.scorer=rouge_l", "--config.tasks.intent.max_new_tokens=4",
+    assert cli.main(["eval", "--config", "configs/eval.py", "--config.checkpoint=random",
+                     f"--config.tasks.intent.data={data}", "--config.tasks.intent.scorer=rouge_l", "--config.tasks.intent.max_new_tokens=4",
                      f"--config.perplexity.data={held_out}", "--config.perplexity.seq_len=64",
                      f"--config.out_dir={tmp_path / 'out'}"]) == 0
     scores = json.loads((tmp_path / "out/scores.json").read_text())
@@ -75,5 +76,6 @@ def test_eval_writes_scores_and_predictions(tmp_path, capsys):
     records = [json.loads(ln) for ln in (tmp_path / "out/intent.jsonl").read_text().splitlines()]
     assert [r["answers"] for r in records] == [[" yes"], [" no"], [" maybe"]]
     data.write_text('{"prompt": "x", "answers": "not a list"}\n')
-    assert cli.main(["eval", "--config", "configs/eval.py", f"--config.tasks.intent.data={data}"]) == 2
+    assert cli.main(["eval", "--config", "configs/eval.py", "--config.checkpoint=random",
+                     f"--config.tasks.intent.data={data}"]) == 2
     assert "eval.jsonl:1: expected" in capsys.readouterr().err

@@ -71,7 +71,7 @@ def test_overrides(tmp_path):
 
 
 def test_cli_route_prints_a_table_per_moe_layer(capsys):
-    assert cli.main(["route", "--config", f"{CONFIGS}/route.py:tiny", "--config.batch_size=2",
+    assert cli.main(["route", "--config", f"{CONFIGS}/route.py:tiny", "--config.checkpoint=random", "--config.batch_size=2",
                      "--config.seq_len=16"]) == 0
     out = capsys.readouterr().out
     assert "32 routed experts, top-4" in out

@@ -1,11 +1,13 @@
 """`esft run` end to end on a tiny random model: every step, the table, the plots, and the cache."""
 
+import signal
+import sys
 import time
 
 import pytest
 import train_fixtures as fx
 
-from esft_jax import configs, experiment
+from esft_jax import cli, configs, experiment
 from esft_jax.builtin import tasks as builtin_tasks
 from esft_jax.expert_config import ExpertConfig
 
@@ -49,3 +51,50 @@ def test_main_config_is_every_builtin_task():
     assert list(c.studies) == list(builtin_tasks.DOWNSTREAM)
     assert {s.launch for s in c.studies.values()} == {"print"}
     assert len({s.run_dir for s in c.studies.values()}) == 3
+
+
+def _child(monkeypatch, code: str) -> None:
+    """Make every training child `python -c code <workdir>` instead of `esft train`."""
+    monkeypatch.setattr(experiment, "_train_command",
+                        lambda c, method, run, suite: [sys.executable, "-c", code, str(run / f"train_{method}")])
+
+
+@pytest.fixture
+def deadline():
+    """Fail (instead of hanging the suite) if the test takes over 60 s."""
+    def expire(*_):
+        raise TimeoutError("the training child and the parent blocked each other")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_child_writing_megabytes_does_not_block_the_study(tmp_path, monkeypatch, deadline):
+    """1 MiB of progress bar on stderr, 16 pipe buffers' worth, then the summary: the parent waits it out."""
+    _child(monkeypatch, "import json, pathlib, sys\n"
+                        "for i in range(16384): sys.stderr.write(f'step {i:6d} ' + 51 * '#' + '\\r')\n"
+                        "print('done')\n"
+                        "pathlib.Path(sys.argv[1], 'summary.json').write_text(json.dumps({'steps': 2}))")
+    summary = experiment._train_child(None, "fft", tmp_path, tmp_path)
+    assert summary["steps"] == 2 and summary["peak_rss_mb"] > 1 and summary["wall_seconds"] > 0
+    log = tmp_path / "train_fft" / experiment.TRAIN_LOG
+    assert log.stat().st_size == 16384 * 64 + len("done\n")
+    assert experiment._train_child(None, "fft", tmp_path, tmp_path) == summary  # cached: no child runs
+
+
+def test_a_failed_child_is_one_error_line_and_its_log_tail(tmp_path, monkeypatch, capsys, deadline):
+    """`esft run` exits 2 with the log's path and its last lines, not a traceback of the parent."""
+    _child(monkeypatch, "import sys\n"
+                        "for i in range(200): print(f'line {i}', file=sys.stderr)\n"
+                        "print('ValueError: out of cheese', file=sys.stderr)\n"
+                        "sys.exit(3)")
+    monkeypatch.setattr(experiment, "run", lambda c: experiment._train_child(c, "lora", tmp_path, tmp_path))
+    assert cli.main(["run", "--config", "configs/experiments/builtin.py"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    log = tmp_path / "train_lora" / experiment.TRAIN_LOG
+    assert err[0] == f"esft run: error: training lora failed (exit status 3); last lines of {log}:"
+    tail = [f"line {i}" for i in range(200 - experiment.LOG_TAIL_LINES + 1, 200)] + ["ValueError: out of cheese"]
+    assert err[1:] == tail
+    assert not (tmp_path / "train_lora" / "summary.json").exists()

@@ -90,7 +90,8 @@ def test_positions_resume_every_shard_and_name_a_changed_count():
 
 def test_train_names_a_shard_count_that_does_not_divide_the_batch(tmp_path, capsys):
     data = fx.task_dataset(tmp_path / "task.jsonl", n=8)
-    args = ["train", "--config", "configs/train.py:fft", f"--config.data.train={data}", "--config.batch_size=4",
+    args = ["train", "--config", "configs/train.py:fft", "--config.checkpoint=random", f"--config.data.train={data}",
+            "--config.batch_size=4",
             "--config.data.shards=3", f"--config.workdir={tmp_path / 'run'}"]
     assert cli.main(args) == 2
     assert "batch_size=4 is not a multiple of --config.data.shards=3" in capsys.readouterr().err

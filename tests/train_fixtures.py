@@ -24,9 +24,10 @@ def base_checkpoint(path: Path, seed: int = 0) -> Path:
     cfg = tiny_config()
     params = init_params(cfg, jax.random.key(seed))
     params["moe_layers"]["moe"]["router"] = params["moe_layers"]["moe"]["router"] * 15
-    path.mkdir(parents=True, exist_ok=True)
-    byte_tokenizer().save(str(path / "tokenizer.json"))
-    return save_checkpoint(path, cfg, params, tokenizer_from=path)
+    tokenizer_dir = path.with_name(path.name + "-tokenizer")
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    byte_tokenizer().save(str(tokenizer_dir / "tokenizer.json"))
+    return save_checkpoint(path, cfg, params, tokenizer_from=tokenizer_dir)
 
 
 def task_dataset(path: Path, n: int = 64, seed: int = 0) -> Path:

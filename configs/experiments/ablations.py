@@ -26,6 +26,8 @@ ABLATIONS = {
     "granularity": {f"group{g}": selection(method="group", group_size=g) for g in (1, 2, 4)},
 }
 
+PRESETS = tuple(ABLATIONS)
+
 
 def get_config(arg: str = "p_sweep") -> ml_collections.ConfigDict:
     ablation, _, task = arg.partition(",")

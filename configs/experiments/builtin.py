@@ -15,6 +15,8 @@ from esft_jax.experiment import scoring, selection
 
 BUILTIN_MODEL = str(Path(esft_jax.builtin.__file__).parent / "tiny_moe")
 
+PRESETS = tuple(builtin_tasks.DOWNSTREAM)  # the task
+
 
 def get_config(task: str = "intent") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()

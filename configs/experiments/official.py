@@ -24,6 +24,8 @@ from esft_jax.experiment import scoring
 
 TASKS = ("intent", "law", "summary", "translation")  # eval sets; intent and law also have training data
 
+PRESETS = ("intent", "law")  # the tasks with training data
+
 
 def get_config(task: str = "intent") -> ml_collections.ConfigDict:
     c = load_file(f"{Path(__file__).with_name('builtin.py')}:{task}")

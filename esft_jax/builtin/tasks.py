@@ -208,9 +208,10 @@ def _messages(user: str, assistant: str) -> Record:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
 
 
-def write_suite(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0) -> Path:
+def write_suite(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0,
+                n_docs: int = HELD_OUT_DOCS) -> Path:
     """Write train/<task>.jsonl (messages) and eval/<task>.jsonl (prompt/answers) for every
-    downstream and general task, plus eval/docs.jsonl (held-out Python docs as text)."""
+    downstream and general task, plus eval/docs.jsonl (the first n_docs held-out Python docs, as text)."""
     out = Path(out_dir)
     (out / "train").mkdir(parents=True, exist_ok=True)
     (out / "eval").mkdir(parents=True, exist_ok=True)
@@ -221,6 +222,6 @@ def write_suite(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, see
         (out / "train" / f"{name}.jsonl").write_text("".join(json.dumps(_messages(u, a)) + "\n" for u, a in train))
         (out / "eval" / f"{name}.jsonl").write_text("".join(
             json.dumps({"prompt": f"User: {u}\n\nAssistant:", "answers": [a]}) + "\n" for u, a in evals))
-    docs = python_docs()
-    (out / "eval" / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[-HELD_OUT_DOCS:]))
+    held_out = python_docs()[-HELD_OUT_DOCS:][:n_docs]
+    (out / "eval" / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in held_out))
     return out

@@ -8,15 +8,16 @@ W + (alpha / r) * B @ A, the PEFT convention); `adapter_config.json` says how it
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from esft_jax.checkpoint.hf import CheckpointError, load_checkpoint
+from esft_jax.checkpoint.hf import CheckpointError, load_checkpoint, read_safetensors
 from esft_jax.checkpoint.hf_names import TensorMap, tensor_maps
+from esft_jax.checkpoint.output_dir import staged_dir
+from esft_jax.jsonio import read_json
 from esft_jax.model.config import ModelConfig
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -25,24 +26,31 @@ LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
 def write_adapter(out_dir: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, Any]) -> Path:
-    """Write atomically: a temporary directory renamed into place when complete."""
+    """Write atomically (staged beside `out_dir`, moved into place when complete), replacing only a
+    previous adapter: an `out_dir` holding any other file is refused (OutputDirError)."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp / ADAPTER_FILE, metadata={"format": "pt"})
-    (tmp / CONFIG_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with staged_dir(out_dir, replaceable={ADAPTER_FILE, CONFIG_FILE}) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp / ADAPTER_FILE,
+                  metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
     return out_dir
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(tensors by Hugging Face name, adapter_config.json), with errors that name the bad file."""
     adapter_dir = Path(adapter_dir)
-    for name in (ADAPTER_FILE, CONFIG_FILE):
-        if not (adapter_dir / name).is_file():
-            raise CheckpointError(f"{adapter_dir / name}: no such file (is {adapter_dir} an adapter directory?)")
-    return load_file(adapter_dir / ADAPTER_FILE), json.loads((adapter_dir / CONFIG_FILE).read_text())
+    missing = f"no such file (is {adapter_dir} an adapter directory?)"
+    metadata = read_json(adapter_dir / CONFIG_FILE, CheckpointError, missing)
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: expected a JSON object")
+    for key in ("r", "lora_alpha"):  # LoRA's scale
+        value = metadata.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: '{key}' must be a positive number, got {value!r}")
+    if not (adapter_dir / ADAPTER_FILE).is_file():
+        raise CheckpointError(f"{adapter_dir / ADAPTER_FILE}: {missing}")
+    with read_safetensors(adapter_dir / ADAPTER_FILE) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}, metadata
 
 
 def _slice(params: dict, m: TensorMap) -> np.ndarray:

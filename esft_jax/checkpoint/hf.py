@@ -6,19 +6,22 @@ model is ever built) and keep the file's dtype; the router is kept in float32, a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
-import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Iterator
 
 import jax
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from esft_jax.checkpoint.errors import CheckpointError
 from esft_jax.checkpoint.hf_names import TensorMap, tensor_maps
+from esft_jax.checkpoint.output_dir import export_replaceable, staged_dir, write_marker
+from esft_jax.checkpoint.tokenizer import write_tokenizer_files
 from esft_jax.jsonio import read_json
 from esft_jax.model.config import ConfigError, ModelConfig
 from esft_jax.model.params import Params, flat_param_specs
@@ -27,15 +30,19 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
 _FLOAT32_PATHS = {("moe_layers", "moe", "router"), ("moe_layers", "moe", "router_bias")}
 # Tensors a checkpoint may hold that the model does not use: rotary caches of old checkpoints.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be read as the model it claims to be."""
+@contextlib.contextmanager
+def read_safetensors(path: Path) -> Iterator[Any]:
+    """`safe_open(path)`, its errors (a truncated file, a garbled header) raised as one CheckpointError line."""
+    try:
+        with safe_open(path, "numpy") as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def load_config(ckpt_dir: str | Path, **runtime: Any) -> ModelConfig:
@@ -63,7 +70,7 @@ def _weight_files(ckpt_dir: Path) -> dict[str, Path]:
     single = ckpt_dir / SINGLE_FILE
     if not single.is_file():
         raise CheckpointError(f"{ckpt_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-    with safe_open(single, "numpy") as f:
+    with read_safetensors(single) as f:
         return {name: single for name in f.keys()}
 
 
@@ -100,7 +107,7 @@ def load_params(ckpt_dir: str | Path, cfg: ModelConfig) -> Params:
     specs = flat_param_specs(cfg)
     params: Params = {}
     for file, file_maps in by_file.items():
-        with safe_open(file, "numpy") as f:
+        with read_safetensors(file) as f:
             for m in file_maps:
                 shape = tuple(f.get_slice(m.hf_name).get_shape())
                 if shape != m.hf_shape:
@@ -128,16 +135,19 @@ def load_checkpoint(ckpt_dir: str | Path, **runtime: Any) -> tuple[ModelConfig, 
 
 
 def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: Params, *,
-                    tokenizer_from: str | Path | None = None, max_shard_bytes: int = 4 << 30) -> Path:
-    """Write params as a Hugging Face checkpoint directory that transformers loads.
+                    tokenizer_from: str | Path | None = None, max_shard_bytes: int = 4 << 30,
+                    overwrite: bool = False, inputs: Collection[str | Path] = ()) -> Path:
+    """Write params as a Hugging Face checkpoint directory that transformers loads and generates from
+    as esft does (tokenizer files: checkpoint/tokenizer.py), with a marker listing what it wrote.
 
-    Shards are written to a temporary directory first and moved into place at the end, so an
-    interrupted save never leaves a half-written checkpoint under `out_dir`.
+    Destroys nothing: `out_dir` must be new or empty, or with `overwrite` a previous export holding
+    only its own files, and must not overlap `tokenizer_from` or `inputs` (else OutputDirError, before
+    any work). Files are staged beside `out_dir` and moved into place when complete, so an interrupted
+    save leaves `out_dir` as it was.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    inputs = [*inputs, *([tokenizer_from] if tokenizer_from is not None else [])]
+    replaceable = export_replaceable(out_dir, overwrite, inputs)
     host = jax.tree.map(np.asarray, params)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -148,23 +158,19 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: Params, *,
             size = 0
         shards[-1][m.hf_name] = value
         size += value.nbytes
-    if len(shards) == 1:
-        save_file(shards[0], tmp / SINGLE_FILE, metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, tmp / name, metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(v.nbytes for s in shards for v in s.values())
-        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
-                                                  "weight_map": weight_map}, indent=2))
-    (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
-    if tokenizer_from is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_from) / name).is_file():
-                shutil.copy(Path(tokenizer_from) / name, tmp / name)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with staged_dir(out_dir, replaceable=replaceable, inputs=inputs) as tmp:
+        if len(shards) == 1:
+            save_file(shards[0], tmp / SINGLE_FILE, metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / name, metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.nbytes for s in shards for v in s.values())
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                      "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+        write_tokenizer_files(tokenizer_from, tmp, cfg)
+        write_marker(tmp, "esft_jax.checkpoint.save_checkpoint")
     return out_dir

@@ -49,7 +49,7 @@ def _parse(obj: object) -> tuple[str, str]:
 
 def read_jsonl(path: str | Path, skip_invalid: bool = False) -> tuple[list[Sample], int]:
     """(samples, number of skipped lines). Blank lines are ignored; a bad line raises DataError
-    naming file and line, or is skipped and counted when skip_invalid."""
+    naming file and line, or is skipped and counted when skip_invalid; a file without samples raises."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such dataset file")
@@ -70,4 +70,6 @@ def read_jsonl(path: str | Path, skip_invalid: bool = False) -> tuple[list[Sampl
             if not skip_invalid:
                 raise DataError(error)
             skipped += 1
+    if not samples:
+        raise DataError(f"{path}: no samples ({'every line malformed' if skipped else 'the file is empty'})")
     return samples, skipped

@@ -52,6 +52,8 @@ def read_eval_jsonl(path: str | Path, limit: int = 0) -> list[EvalSample]:
         samples.append(EvalSample(obj["prompt"], answers, f"{path}:{lineno}"))
         if limit and len(samples) == limit:
             break
+    if not samples:
+        raise DataError(f"{path}: no samples (the file is empty)")
     return samples
 
 

@@ -4,7 +4,9 @@ State = {step, trainable, opt_state}; the frozen params are a separate, never-di
 (train/trainable.py). The jitted step accumulates gradients over `grad_accum` micro-batches (token-
 weighted, so it equals one large batch), clips, applies AdamW, and donates the old state. Every
 `checkpoint_every` steps the state and the data iterator's position are saved with orbax; rerunning
-the same command resumes from the latest checkpoint and reproduces an uninterrupted run exactly.
+the same command resumes from the latest checkpoint and reproduces an uninterrupted run exactly
+(train/resume.py: what a rerun may change). A non-finite step stops the run before anything is saved
+from it (train/guard.py).
 """
 
 from __future__ import annotations
@@ -33,10 +35,10 @@ from esft_jax.model import ModelConfig, forward, param_axes
 from esft_jax.train.adapter import save_adapter
 from esft_jax.train.lora import LoRA
 from esft_jax.model.loss import load_balance_loss, next_token_loss
+from esft_jax.train import METHODS, guard, resume
 from esft_jax.train.optimizer import learning_rate, make_optimizer
 from esft_jax.train.trainable import ExpertSubset, FullFineTune
-
-METHODS = ("esft", "fft", "lora")
+from esft_jax.train.validate import validate
 
 
 def build_method(c: ml_collections.ConfigDict, cfg: ModelConfig):
@@ -66,7 +68,8 @@ def _loss_fn(method, cfg: ModelConfig, aux_loss_alpha: float = 0.0):
 
 def make_train_step(method, cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     aux_loss_alpha: float = 0.0) -> Callable:
-    """(state, frozen, batches [A, B, T]) -> (state, metrics)."""
+    """(state, frozen, batches [A, B, T]) -> (state, metrics); metrics["finite"] says whether the loss,
+    the gradient norm and the new parameters are all finite (train/guard.py)."""
     grad_fn = jax.value_and_grad(_loss_fn(method, cfg, aux_loss_alpha), has_aux=True)
 
     def step(state, frozen, batches):
@@ -82,10 +85,11 @@ def make_train_step(method, cfg: ModelConfig, tx: optax.GradientTransformation, 
             (grads, loss, count, dropped), _ = jax.lax.scan(micro, zero, batches)
         grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1), grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-        new_state = {"step": state["step"] + 1, "trainable": optax.apply_updates(state["trainable"], updates),
-                     "opt_state": opt_state}
-        metrics = {"loss": loss / jnp.maximum(count, 1), "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state["step"]), "tokens": count, "dropped": dropped}
+        trainable = optax.apply_updates(state["trainable"], updates)
+        new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
+        loss, grad_norm = loss / jnp.maximum(count, 1), optax.tree.norm(grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "tokens": count,
+                   "dropped": dropped, "finite": guard.finite(loss, grad_norm, trainable)}
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0)
@@ -138,27 +142,19 @@ def _append_metrics(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records past the checkpoint being resumed from (they will be recomputed)."""
-    if path.is_file():
-        kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= last_step]
-        path.write_text("".join(ln + "\n" for ln in kept))
-
-
 def tree_bytes(tree: Any) -> int:
     return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
 
 
 def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     """Run (or resume) the training described by `c` (configs/train.py); returns a summary ({} on the
-    non-primary processes of a multi-process run, which compute but write nothing but checkpoint shards)."""
+    non-primary processes of a multi-process run, which compute but write nothing but checkpoint shards).
+    Nothing is written before the values are checked and a resumed run's settings match the saved ones."""
     runtime.distributed(c)
     primary = jax.process_index() == 0  # in a multi-process run, one process writes the files
     workdir = Path(c.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if primary:
-        (workdir / "config.json").write_text(c.to_json_best_effort(indent=1) + "\n")
     cfg, frozen = runtime.load_model(c)
+    validate(c, cfg)
     tokenizer = runtime.tokenizer(c)
     samples, skipped = read_jsonl(c.data.train, c.data.skip_invalid)
     train_samples, val_samples = split_validation(samples, c.data.validation_fraction, c.data.max_validation, c.seed)
@@ -167,66 +163,74 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
         general, skipped_general = read_jsonl(c.data.general, c.data.skip_invalid)
         skipped += skipped_general
     method = build_method(c, cfg)
-    if isinstance(method, ExpertSubset) and primary:
-        method.expert_config.save(workdir / "expert_config.json")
+    expert_config = method.expert_config if isinstance(method, ExpertSubset) else None
 
     mesh = runtime.mesh(c)
     model_axes = param_axes(cfg)
     frozen = _put(frozen, _shardings(model_axes, mesh))
     trainable = method.init(frozen)
     trainable = _put(trainable, _shardings(method.axes(model_axes, trainable), mesh))
-    tx, schedule = make_optimizer(c.optim), learning_rate(c.optim)
-    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
-
     checkpoints = TrainCheckpoints(workdir / "checkpoints", c.checkpoint_every, c.keep_checkpoints)
-    metrics_path = workdir / "metrics.jsonl"
-    start, data_state = 0, None
-    if checkpoints.latest_step() is not None:
-        start, state, data_state = checkpoints.restore(abstract_like(state))
-        if primary:
-            _truncate_metrics(metrics_path, start)
-    elif metrics_path.exists() and primary:
-        metrics_path.unlink()
+    with contextlib.closing(checkpoints):
+        resuming = checkpoints.latest_step() is not None
+        c = resume.resumed_config(c, workdir, expert_config) if resuming else c.copy_and_resolve_references()
+        tx, schedule = make_optimizer(c.optim), learning_rate(c.optim)
+        state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
+        start, data_state = 0, None
+        if resuming:
+            start, state, data_state = checkpoints.restore(abstract_like(state))
+        batch_sharding, eval_sharding = _batch_sharding(mesh, 3), _batch_sharding(mesh, 2)
+        data = _local_batches(c, eval_sharding, train_samples, general, tokenizer, cfg, data_state)
+        global_shape = (c.grad_accum, c.batch_size, c.data.seq_len)
 
-    batch_sharding, eval_sharding = _batch_sharding(mesh, 3), _batch_sharding(mesh, 2)
-    data = _local_batches(c, eval_sharding, train_samples, general, tokenizer, cfg, data_state)
-    global_shape = (c.grad_accum, c.batch_size, c.data.seq_len)
+        metrics_path = workdir / "metrics.jsonl"
+        if primary:  # the run has really started: its files
+            resume.save_run_files(c, workdir, expert_config)
+            if resuming:
+                resume.truncate_metrics(metrics_path, start)
+                print(f"resuming from step {start} ({checkpoints.directory})")
+            else:
+                metrics_path.unlink(missing_ok=True)
 
-    train_step = make_train_step(method, cfg, tx, schedule, c.aux_loss_alpha)
-    eval_step = make_eval_step(method, cfg)
-    val = eval_batches(val_samples, tokenizer, cfg, seq_len=c.data.seq_len, batch_size=c.batch_size)
+        train_step = make_train_step(method, cfg, tx, schedule, c.aux_loss_alpha)
+        eval_step = make_eval_step(method, cfg)
+        val = eval_batches(val_samples, tokenizer, cfg, seq_len=c.data.seq_len, batch_size=c.batch_size)
 
-    def evaluate(trainable) -> float:
-        total, count = 0.0, 0
-        for b in val:
-            loss_sum, n = eval_step(trainable, frozen, _put(b, eval_sharding))
-            total, count = total + float(loss_sum), count + int(n)
-        return total / max(count, 1)
+        def evaluate(trainable) -> float:
+            total, count = 0.0, 0
+            for b in val:
+                loss_sum, n = eval_step(trainable, frozen, _put(b, eval_sharding))
+                total, count = total + float(loss_sum), count + int(n)
+            return total / max(count, 1)
 
-    bar = tqdm(total=c.steps, initial=start, desc=f"train {c.method}", unit="step", disable=not progress)
-    timer, step_tokens = time.perf_counter(), []
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        for step in range(start, c.steps):
-            batch = sharding.from_process_rows(data.take(c.grad_accum), batch_sharding, global_shape)
-            state, metrics = train_step(state, frozen, batch)
-            step_tokens.append(metrics["tokens"])
-            done = step + 1
-            evaluate_now = bool(val) and (done % c.eval_every == 0 or done == c.steps)
-            if evaluate_now or done % c.log_every == 0 or done == c.steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - timer
-                tokens = int(sum(jax.device_get(step_tokens)))
-                record = {"step": done, **metrics, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9)}
-                if evaluate_now:
-                    record["val_loss"] = evaluate(state["trainable"])
-                if primary:
-                    _append_metrics(metrics_path, record)
-                bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val_loss") if k in record})
-                timer, step_tokens = time.perf_counter(), []
-            checkpoints.save(done, state, data.get_state, force=done == c.steps)
-            bar.update(1)
-    bar.close()
-    checkpoints.close()
+        timer, recent, warned = time.perf_counter(), [], False  # recent: (step, device metrics) since the last log
+        with tqdm(total=c.steps, initial=start, desc=f"train {c.method}", unit="step", disable=not progress) as bar, \
+                jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            for step in range(start, c.steps):
+                batch = sharding.from_process_rows(data.take(c.grad_accum), batch_sharding, global_shape)
+                state, metrics = train_step(state, frozen, batch)
+                done = step + 1
+                recent.append((done, metrics))
+                evaluate_now = bool(val) and (done % c.eval_every == 0 or done == c.steps)
+                if evaluate_now or done % c.log_every == 0 or done == c.steps:
+                    fetched = guard.check(recent, checkpoints.latest_step)
+                    metrics = {k: float(v) for k, v in fetched[-1][1].items() if k != "finite"}
+                    warned = guard.warn_if_stalled(done, metrics, warned)
+                    elapsed = time.perf_counter() - timer
+                    tokens = int(sum(m["tokens"] for _, m in fetched))
+                    record = {"step": done, **metrics, "seconds": elapsed,
+                              "tokens_per_s": tokens / max(elapsed, 1e-9)}
+                    if evaluate_now:
+                        record["val_loss"] = evaluate(state["trainable"])
+                    if primary:
+                        _append_metrics(metrics_path, record)
+                    bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val_loss") if k in record})
+                    timer, recent = time.perf_counter(), []
+                if checkpoints.due(done, force=done == c.steps):
+                    guard.check(recent, checkpoints.latest_step)  # never save a state that followed a bad step
+                    checkpoints.save(done, state, data.get_state())
+                bar.update(1)
+        checkpoints.latest_step()  # the last save has committed (or its failure is raised) before the adapter
 
     adapter_dir = save_adapter(workdir / "adapter", cfg, method, frozen, state["trainable"], write=primary)
     if not primary:

@@ -191,7 +191,7 @@ def report(cfg: ModelConfig, methods: list[str], devices: tuple[int, ...], mesh_
             verdict = "yes" if fits else "no (compiler)" if p.out_of_memory else "no"
             rows.append([name, str(n), *gib, verdict, f"{p.compile_seconds:.0f}"])
     head = ["method", "devices", "params", "trainable", "optimizer", "temporaries", "total",
-            f"fits {device_memory_gb:g} GB", "compile s"]
+            f"fits {device_memory_gb:g} GB ({device_memory_gb * 1e9 / GIB:.1f} GiB)", "compile s"]
     lines = [f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts, hidden {cfg.hidden_size}, {cfg.dtype}; "
              f"batch {batch_size} x {seq_len}, remat={cfg.remat}; GiB per device, mesh axis {mesh_axis}, "
              f"compiled for {topology or jax.default_backend()}",

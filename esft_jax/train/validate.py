@@ -1,0 +1,34 @@
+"""The training values, checked once, up front, before `esft train` writes anything.
+
+`validate(c, cfg)` runs once the model's config is read (the sequence length is checked against the
+model's positions); each bad value is one ConfigFileError naming its `--config.KEY` (the checks of
+esft_jax/validate.py), so a bad command fails at once, not deep in the data pipeline or orbax.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from esft_jax import validate as checks
+from esft_jax.configs import ConfigFileError
+from esft_jax.model import ModelConfig
+from esft_jax.train import METHODS
+
+AT_LEAST_ONE = ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every",
+                "keep_checkpoints", "data.seq_len")
+
+
+def validate(c: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
+    """Raise ConfigFileError for the first value of `c` (configs/train.py) that cannot train `cfg`."""
+    checks.one_of(c, "method", METHODS)
+    if c.method == "esft":
+        checks.required(c, "expert_config", "the expert config to train (esft select writes one)")
+    for key in AT_LEAST_ONE:
+        checks.whole(c, key)
+    checks.within_positions(c, "data.seq_len", cfg)
+    checks.number(c, "optim.lr", 0)
+    checks.whole(c, "optim.warmup_steps", minimum=0)
+    checks.number(c, "data.general_ratio", 0)
+    checks.number(c, "data.validation_fraction", 0, 0.5)
+    if not isinstance(c.extend, bool):
+        raise ConfigFileError(f"--config.extend={c.extend!r}: expected True or False")

@@ -1,0 +1,247 @@
+"""Every command's config, checked once, up front, before any work starts or any file is written.
+
+`check(command, c)` raises ConfigFileError naming the first bad `--config.KEY`: a value out of
+range, a choice that does not exist, an input that is missing or empty, an output directory that
+cannot be written. Checks that need the loaded model or data (seq_len against the model's
+positions, a training run's resume rules) live with the code that has them; these need neither.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+from esft_jax.configs import ConfigFileError
+from esft_jax.builtin.tasks import HELD_OUT_DOCS
+from esft_jax.eval.scorers import SCORERS
+from esft_jax.model import ModelConfig
+from esft_jax.routing.profile import COUNT_MODES
+from esft_jax.routing.select import METHODS as SELECT_METHODS
+from esft_jax.train import METHODS as TRAIN_METHODS
+
+SCORES, NORMS = ("token", "gate"), ("pooled", "paper")
+
+
+def _get(c: ml_collections.ConfigDict, key: str) -> Any:
+    for name in key.split("."):
+        c = c[name]
+    return c
+
+
+def whole(c: ml_collections.ConfigDict, key: str, minimum: int = 1) -> None:
+    value = _get(c, key)
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ConfigFileError(f"--config.{key}={value!r}: expected a whole number >= {minimum}")
+
+
+def number(c: ml_collections.ConfigDict, key: str, low: float, high: float = math.inf,
+           low_open: bool = False) -> None:
+    """low <= value <= high (low < value when low_open)."""
+    value = _get(c, key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        where = f"in {'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) \
+            else f"{'>' if low_open else '>='} {low:g}"
+        raise ConfigFileError(f"--config.{key}={value!r}: expected a number {where}")
+
+
+def one_of(c: ml_collections.ConfigDict, key: str, options: Sequence[str]) -> None:
+    value = _get(c, key)
+    if value not in options:
+        raise ConfigFileError(f"--config.{key}={value!r}: expected one of {', '.join(map(str, options))}")
+
+
+def required(c: ml_collections.ConfigDict, key: str, what: str) -> None:
+    if not _get(c, key):
+        raise ConfigFileError(f"--config.{key}: name {what}")
+
+
+def input_path(c: ml_collections.ConfigDict, key: str, what: str) -> None:
+    """A required input file or directory that exists (and, for a file, is not empty)."""
+    required(c, key, what)
+    path = Path(_get(c, key))
+    if not path.exists():
+        raise ConfigFileError(f"--config.{key}={path}: no such file or directory")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ConfigFileError(f"--config.{key}={path}: the file is empty")
+
+
+def writable_dir(c: ml_collections.ConfigDict, key: str) -> None:
+    """The directory `key` names can be created and written (probed with a temporary file), so a
+    command fails before its work, not after it."""
+    path = Path(_get(c, key))
+    if path.exists() and not path.is_dir():
+        raise ConfigFileError(f"--config.{key}={path}: exists and is not a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigFileError(f"--config.{key}={path}: {existing} is a file, not a directory")
+    try:  # as root, permission bits say little: try it (a read-only or full file system refuses)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigFileError(f"--config.{key}={path}: cannot write in {existing} ({e.strerror})") from None
+
+
+def writable_file(c: ml_collections.ConfigDict, key: str) -> None:
+    """An output file whose directory can be written."""
+    required(c, key, "an output file")
+    parent = ml_collections.ConfigDict({"parent": str(Path(_get(c, key)).parent)})
+    try:
+        writable_dir(parent, "parent")
+    except ConfigFileError as e:
+        raise ConfigFileError(str(e).replace("--config.parent=", f"--config.{key}=", 1)) from None
+
+
+def within_positions(c: ml_collections.ConfigDict, key: str, cfg: ModelConfig) -> None:
+    """A sequence length the model has positions for (checked once the model's config is read)."""
+    value = _get(c, key)
+    if value > cfg.max_position_embeddings:
+        raise ConfigFileError(f"--config.{key}={value}: longer than the model's {cfg.max_position_embeddings} "
+                              f"positions (max_position_embeddings)")
+
+
+def _route(c: ml_collections.ConfigDict) -> None:
+    for key in ("batch_size", "seq_len", "top_experts"):
+        whole(c, key)
+
+
+def _profile(c: ml_collections.ConfigDict) -> None:
+    input_path(c, "data", "a jsonl dataset to profile")
+    for key in ("token_budget", "seq_len", "batch_size"):
+        whole(c, key)
+    whole(c, "shards", 0)
+    one_of(c, "count", COUNT_MODES)
+    writable_dir(c, "out_dir")
+
+
+def _selection(c: ml_collections.ConfigDict, prefix: str = "") -> None:
+    one_of(c, f"{prefix}score", SCORES)
+    one_of(c, f"{prefix}norm", NORMS)
+    one_of(c, f"{prefix}method", SELECT_METHODS)
+    number(c, f"{prefix}p", 0.0, 1.0, low_open=True)
+    whole(c, f"{prefix}group_size")
+
+
+def _select(c: ml_collections.ConfigDict) -> None:
+    input_path(c, "stats", "routing statistics (esft profile's out_dir, stats.npz or official logs)")
+    _selection(c)
+    whole(c, "n")
+    if c.decimals is not None:
+        whole(c, "decimals", 0)
+    writable_file(c, "out")
+
+
+def _analyze(c: ml_collections.ConfigDict) -> None:
+    if not c.tasks:
+        raise ConfigFileError("--config.tasks: name at least one task (name=stats_dir)")
+    for name in c.tasks:
+        input_path(c, f"tasks.{name}", f"task {name}'s routing statistics")
+    number(c, "p", 0.0, 1.0, low_open=True)
+    writable_dir(c, "out_dir")
+
+
+def _scoring(c: ml_collections.ConfigDict, key: str, judge: ml_collections.ConfigDict) -> None:
+    one_of(c, f"{key}.scorer", ["judge", *SCORERS])
+    whole(c, f"{key}.max_new_tokens")
+    if _get(c, f"{key}.scorer") == "judge" and not judge.base_url:
+        raise ConfigFileError(f"--config.{key}.scorer=judge: needs an endpoint (--config.judge.base_url, "
+                              f"--config.judge.model)")
+
+
+def _eval(c: ml_collections.ConfigDict) -> None:
+    tasks = [name for name, task in c.tasks.items() if task.data]
+    if not tasks and not c.perplexity.data:
+        raise ConfigFileError("--config.tasks: no task to evaluate (set --config.tasks.NAME.data or "
+                              "--config.perplexity.data)")
+    for name in tasks:
+        input_path(c, f"tasks.{name}.data", f"task {name}'s eval jsonl")
+        _scoring(c, f"tasks.{name}", c.judge)
+        whole(c, f"tasks.{name}.limit", 0)
+    if c.perplexity.data:
+        input_path(c, "perplexity.data", "a held-out jsonl")
+        whole(c, "perplexity.seq_len", 2)
+    whole(c, "batch_size")
+    writable_dir(c, "out_dir")
+
+
+def _study(c: ml_collections.ConfigDict) -> None:
+    required(c, "checkpoint", "the Hugging Face checkpoint the study fine-tunes")
+    for name in c.selections:
+        _selection(c, f"selections.{name}.")
+    for method in c.methods:
+        if method not in ("fft", "lora") and method.removeprefix("esft_") not in c.selections:
+            raise ConfigFileError(f"--config.methods: {method!r} is neither fft, lora nor esft_<one of "
+                                  f"{', '.join(c.selections)}>")
+    for name in [c.task, *c.general_tasks]:
+        if name not in c.scoring:
+            raise ConfigFileError(f"--config.scoring: no entry for task {name!r}")
+        _scoring(c, f"scoring.{name}", c.judge)
+    one_of(c, "launch", ("local", "print"))
+    for key in ("profile.token_budget", "profile.seq_len", "profile.batch_size", "eval.batch_size", "eval.seq_len"):
+        whole(c, key)
+    whole(c, "eval.limit", 0)
+    writable_dir(c, "run_dir")
+
+
+def _run(c: ml_collections.ConfigDict) -> None:
+    if "studies" not in c:
+        return _study(c)
+    writable_dir(c, "run_dir")
+    for name, study in c.studies.items():
+        try:
+            _study(study)
+        except ConfigFileError as e:
+            raise ConfigFileError(str(e).replace("--config.", f"--config.studies.{name}.", 1)) from None
+
+
+def _export(c: ml_collections.ConfigDict) -> None:
+    input_path(c, "checkpoint", "the base checkpoint directory")
+    input_path(c, "adapter", "the adapter directory (esft train's <workdir>/adapter)")
+    required(c, "out", "the directory to write the merged checkpoint to")
+    writable_dir(c, "out")
+
+
+def _data(c: ml_collections.ConfigDict) -> None:
+    for key in ("n_train", "n_eval", "n_docs"):
+        whole(c, key)
+    if c.n_docs > HELD_OUT_DOCS:
+        raise ConfigFileError(f"--config.n_docs={c.n_docs}: there are {HELD_OUT_DOCS} held-out docs")
+    writable_dir(c, "out")
+    out = Path(c.out)
+    if out.is_dir() and any(out.iterdir()) and not c.overwrite:
+        raise ConfigFileError(f"--config.out={out}: the directory is not empty (choose another, or "
+                              f"--config.overwrite=True)")
+
+
+def _plan(c: ml_collections.ConfigDict) -> None:
+    methods = c.methods.split(",")
+    for method in methods:
+        if method not in TRAIN_METHODS:
+            raise ConfigFileError(f"--config.methods: {method!r} is not one of {', '.join(TRAIN_METHODS)}")
+    one_of(c, "mesh_axis", ("fsdp", "expert"))
+    for key in ("batch_size", "seq_len", "lora_rank"):
+        whole(c, key)
+    number(c, "device_memory_gb", 0, low_open=True)
+    for n in c.devices:
+        if not (isinstance(n, int) and n >= 1):
+            raise ConfigFileError(f"--config.devices={tuple(c.devices)}: expected whole numbers >= 1")
+        if c.mesh_axis == "fsdp" and c.batch_size % n:
+            raise ConfigFileError(f"--config.batch_size={c.batch_size}: does not split over {n} devices "
+                                  f"(--config.devices={tuple(c.devices)}, mesh_axis fsdp)")
+
+
+CHECKS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
+    "route": _route, "profile": _profile, "select": _select, "analyze": _analyze, "eval": _eval,
+    "run": _run, "export": _export, "data": _data, "plan": _plan}
+
+
+def check(command: str, c: ml_collections.ConfigDict) -> None:
+    """Raise ConfigFileError for the first bad value of command's config (commands without
+    checks here: none needed beyond their own)."""
+    if command in CHECKS:
+        CHECKS[command](c)

@@ -1,0 +1,211 @@
+"""Every bad input the CLI is known to meet: exit code 2, one line on stderr that names the file, line or
+`--config.KEY`, no traceback, and nothing written.
+
+The table of cases and their messages in docs/reliability.md is generated from this file:
+    ESFT_WRITE_DOCS=1 .venv/bin/python -m pytest -q tests/test_bad_inputs.py
+Without ESFT_WRITE_DOCS the test checks that every case here has its row there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import train_fixtures as fx
+
+from esft_jax import cli
+from esft_jax.checkpoint.adapter import write_adapter
+
+DOC = Path(__file__).parents[1] / "docs" / "reliability.md"
+BEGIN, END = "<!-- bad-inputs:begin (tests/test_bad_inputs.py) -->", "<!-- bad-inputs:end -->"
+
+
+@dataclasses.dataclass(frozen=True)
+class Files:
+    root: Path
+    base: Path  # a tiny random checkpoint
+    task: Path  # a training jsonl
+    experts: Path  # an expert config
+    adapter: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    what: str  # the bad input, as the docs table says it
+    argv: Callable[[Files], list[str]]
+    names: str  # what the message must name
+
+
+COMMON = "..."  # in an argv: the arguments before it are a valid command's, shown as "..." in the docs
+
+
+def _train(f: Files, *extra: str) -> list[str]:
+    return ["train", "--config", "configs/train.py:esft", f"--config.checkpoint={f.base}",
+            f"--config.data.train={f.task}", f"--config.expert_config={f.experts}",
+            f"--config.workdir={f.root / 'workdir'}", "--config.data.seq_len=64", "--config.steps=1", COMMON, *extra]
+
+
+def _eval(f: Files, *extra: str) -> list[str]:
+    return ["eval", "--config", "configs/eval.py", f"--config.checkpoint={f.base}",
+            f"--config.out_dir={f.root / 'eval'}", COMMON, *extra]
+
+
+def _select(f: Files, *extra: str) -> list[str]:
+    return ["select", "--config", "configs/select.py:token", f"--config.stats={f.root}",
+            f"--config.out={f.root / 'selected.json'}", COMMON, *extra]
+
+
+def _profile(f: Files, *extra: str) -> list[str]:
+    return ["profile", "--config", "configs/profile.py", f"--config.checkpoint={f.base}", f"--config.data={f.task}",
+            "--config.seq_len=64", f"--config.out_dir={f.root / 'profile'}", COMMON, *extra]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _truncated_checkpoint(f: Files) -> Path:
+    bad = f.root / "truncated"
+    if not bad.exists():
+        bad.mkdir()
+        for p in f.base.iterdir():
+            (bad / p.name).write_bytes(p.read_bytes())
+        weights = (bad / "model.safetensors").read_bytes()
+        (bad / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    return bad
+
+
+def _corrupt_adapter(f: Files) -> Path:
+    bad = f.root / "corrupt_adapter"
+    if not bad.exists():
+        bad.mkdir()
+        (bad / "adapter_config.json").write_text((f.adapter / "adapter_config.json").read_text())
+        (bad / "adapter.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    return bad
+
+
+CASES = [
+    # config files and overrides
+    Case("config file that does not exist", lambda f: ["train", "--config", "configs/trian.py"], "configs/trian.py"),
+    Case("unknown preset (train)", lambda f: ["train", "--config", "configs/train.py:esfft"], "'esfft'"),
+    Case("unknown preset (select)", lambda f: ["select", "--config", "configs/select.py:tokn"], "'tokn'"),
+    Case("config file with a syntax error", lambda f: ["route", "--config", str(_write(
+        f.root / "broken.py", "def get_config(:\n"))], "broken.py:1"),
+    Case("unknown config key", lambda f: _train(f, "--config.optim.lrr=0.1"), "--config.optim.lrr"),
+    Case("value of the wrong type", lambda f: _train(f, "--config.batch_size=eight"), "--config.batch_size"),
+    # out-of-range values
+    Case("p above 1", lambda f: _select(f, "--config.p=1.5"), "--config.p=1.5"),
+    Case("p of 0", lambda f: _select(f, "--config.p=0.0"), "--config.p=0.0"),
+    Case("unknown score function", lambda f: _select(f, "--config.score=tokens"), "--config.score"),
+    Case("batch_size 0", lambda f: _train(f, "--config.batch_size=0"), "--config.batch_size=0"),
+    Case("checkpoint_every 0", lambda f: _train(f, "--config.checkpoint_every=0"), "--config.checkpoint_every=0"),
+    Case("negative steps", lambda f: _train(f, "--config.steps=-5"), "--config.steps=-5"),
+    Case("negative general_ratio", lambda f: _train(f, "--config.data.general_ratio=-1.0"),
+         "--config.data.general_ratio"),
+    Case("seq_len above the model's positions (train)", lambda f: _train(f, "--config.data.seq_len=100000"),
+         "--config.data.seq_len=100000"),
+    Case("seq_len above the model's positions (profile)", lambda f: _profile(f, "--config.seq_len=100000"),
+         "--config.seq_len=100000"),
+    Case("token_budget 0 (profile)", lambda f: _profile(f, "--config.token_budget=0"), "--config.token_budget=0"),
+    Case("unknown count mode (profile)", lambda f: _profile(f, "--config.count=answers"), "--config.count"),
+    # missing or empty inputs
+    Case("no --config.checkpoint (random weights not asked for)", lambda f: [
+        "train", "--config", "configs/train.py:fft", f"--config.data.train={f.task}"], "--config.checkpoint"),
+    Case("esft without an expert config", lambda f: _train(f, "--config.expert_config="), "--config.expert_config"),
+    Case("expert config whose experts dict is empty", lambda f: _train(f, "--config.expert_config=" + str(_write(
+        f.root / "empty_experts.json", '{"experts": {}}'))), "empty_experts.json"),
+    Case("empty training data file", lambda f: _train(f, f"--config.data.train={_write(f.root / 'empty.jsonl', '')}"),
+         "empty.jsonl"),
+    Case("training data line that is not JSON", lambda f: _train(
+        f, "--config.data.train=" + str(_write(f.root / "bad.jsonl", '{"text": 1'))), "bad.jsonl:1"),
+    Case("empty profile data file", lambda f: _profile(f, f"--config.data={_write(f.root / 'empty.jsonl', '')}"),
+         "empty.jsonl"),
+    Case("checkpoint directory without config.json", lambda f: _eval(
+        f, f"--config.checkpoint={f.root}", f"--config.perplexity.data={f.task}"), "config.json"),
+    Case("truncated safetensors (model)", lambda f: _eval(
+        f, f"--config.checkpoint={_truncated_checkpoint(f)}", f"--config.perplexity.data={f.task}"),
+        "model.safetensors"),
+    Case("corrupt safetensors (adapter)", lambda f: _eval(
+        f, f"--config.adapter={_corrupt_adapter(f)}", f"--config.perplexity.data={f.task}"), "adapter.safetensors"),
+    Case("select without statistics", lambda f: _select(f, f"--config.stats={f.root / 'none'}"), "--config.stats"),
+    # evaluation
+    Case("eval with no tasks", lambda f: _eval(f), "--config.tasks"),
+    Case("judge scorer without an endpoint", lambda f: _eval(f, f"--config.tasks.law.data={f.task}"),
+         "--config.judge.base_url"),
+    Case("unknown scorer", lambda f: _eval(f, f"--config.tasks.intent.data={f.task}",
+                                           "--config.tasks.intent.scorer=bleurt"), "--config.tasks.intent.scorer"),
+    # where outputs go
+    Case("mesh larger than the devices", lambda f: ["route", "--config", "configs/route.py", "--config.checkpoint=random",
+                                                    "--config.mesh.expert=16"], "--config.mesh"),
+    Case("read-only output directory (profile)", lambda f: _profile(f, "--config.out_dir=/sys/esft-profile"),
+         "--config.out_dir=/sys/esft-profile"),
+    Case("output directory that is a file (eval)", lambda f: _eval(
+        f, f"--config.perplexity.data={f.task}", f"--config.out_dir={f.task}"), "--config.out_dir"),
+    Case("export into a directory it did not write", lambda f: [
+        "export", "--config", "configs/export.py", f"--config.checkpoint={f.base}", f"--config.adapter={f.adapter}",
+        f"--config.out={_write(f.root / 'mine' / 'notes.txt', 'keep me').parent}"], "--config.out"),
+    Case("export over its own base checkpoint", lambda f: [
+        "export", "--config", "configs/export.py", f"--config.checkpoint={f.base}", f"--config.adapter={f.adapter}",
+        f"--config.out={f.base}"], "--config.out"),
+    Case("built-in data into a non-empty directory", lambda f: [
+        "data", "--config", "configs/data.py", f"--config.out={_write(f.root / 'mine' / 'notes.txt', 'keep me').parent}"],
+        "--config.out"),
+    Case("plan whose batch does not split over the devices", lambda f: [
+        "plan", "--config", "configs/plan.py", "--config.devices=(1, 3)", "--config.batch_size=8"], "--config.batch_size"),
+    Case("study without a checkpoint (official data)", lambda f: [
+        "run", "--config", "configs/experiments/official.py:intent", f"--config.run_dir={f.root / 'study'}"],
+        "--config.checkpoint"),
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Files:
+    root = tmp_path_factory.mktemp("bad_inputs")
+    base = fx.base_checkpoint(root / "base")
+    adapter = write_adapter(root / "adapter", {}, {"method": "esft", "model_type": "deepseek_v2"})
+    return Files(root, base, fx.task_dataset(root / "task.jsonl", n=16), fx.EXPERTS.save(root / "experts.json"),
+                 adapter)
+
+
+def _tree(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def _run(case: Case, files: Files, capfd) -> str:
+    argv = [a for a in case.argv(files) if a != COMMON]
+    before = _tree(files.root)
+    capfd.readouterr()
+    assert cli.main(argv) == 2, case.what
+    err = capfd.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"esft {argv[0]}: error: "), err
+    assert case.names in lines[0] and "Traceback" not in err, lines[0]
+    created = sorted(k for k in _tree(files.root) if k not in before)
+    assert not created, created  # refused before anything was written
+    return lines[0]
+
+
+def _row(case: Case, files: Files, message: str) -> str:
+    """The docs table's row: the command (a valid command's arguments shown as ...) and the message."""
+    shown = lambda s: re.sub(r"\s+", " ", s.replace(str(files.root), "<tmp>")).replace("|", "\\|")  # noqa: E731
+    argv = case.argv(files)
+    if COMMON in argv:
+        argv = [*argv[:3], COMMON, *argv[argv.index(COMMON) + 1:]]
+    return f"| {case.what} | `{shown('esft ' + ' '.join(argv))}` | {shown(message.partition(': error: ')[2])} |"
+
+
+def test_every_bad_input_is_one_line_and_exit_2(files, capfd):
+    rows = [_row(case, files, _run(case, files, capfd)) for case in CASES]
+    table = "\n".join(["| bad input | command | message |", "|---|---|---|", *rows])
+    if os.environ.get("ESFT_WRITE_DOCS"):
+        head, _, rest = DOC.read_text().partition(BEGIN)
+        DOC.write_text(f"{head}{BEGIN}\n{table}\n{END}{rest.partition(END)[2]}")
+    documented = DOC.read_text().partition(BEGIN)[2].partition(END)[0]
+    missing = [case.what for case in CASES if f"| {case.what} |" not in documented]
+    assert not missing, f"docs/reliability.md lacks rows for {missing}: rerun with ESFT_WRITE_DOCS=1"
