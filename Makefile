@@ -17,11 +17,12 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(VENV)/bin/esft run --config configs/experiments/builtin.py:intent
 
+# One test worker per core (pytest-xdist); a file's tests stay on one worker, sharing its fixtures.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=10
 
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

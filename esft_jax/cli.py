@@ -40,7 +40,7 @@ from esft_jax.train.plan import PlanError
 def _route_tokens(c: ml_collections.ConfigDict, cfg: ModelConfig) -> np.ndarray:
     if not c.text:
         return np.random.default_rng(c.seed).integers(0, cfg.vocab_size, (c.batch_size, c.seq_len))
-    ids = runtime.tokenizer(c).encode(c.text).ids
+    ids = runtime.tokenizer(c).encode(c.text, add_special_tokens=False).ids
     ids = np.resize(np.asarray(ids), c.seq_len)  # repeat the text to fill the sequence
     return np.broadcast_to(ids, (c.batch_size, c.seq_len))
 

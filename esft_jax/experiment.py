@@ -17,7 +17,6 @@ commands), then one table of all of them (report.aggregate_table) and a trade-of
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -106,7 +105,7 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def _train_child(c: ml_collections.ConfigDict, method: str, run: Path, suite: Path) -> dict:
-    """`esft train` in a child process; returns its summary plus the child's peak RSS (decimal MB).
+    """`esft train` in a child process (its peak RSS its own); returns its summary plus the wall time.
 
     The child writes to <workdir>/train.log (appended to across reruns), never to a pipe: a pipe
     nobody reads fills at 64 KiB and blocks the child while the parent waits for it."""
@@ -117,14 +116,12 @@ def _train_child(c: ml_collections.ConfigDict, method: str, run: Path, suite: Pa
     log = workdir / TRAIN_LOG
     start = time.perf_counter()
     with log.open("ab") as out:
-        proc = subprocess.Popen(_train_command(c, method, run, suite), stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.run(_train_command(c, method, run, suite), stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not (workdir / "summary.json").is_file():
         why = f"exit status {proc.returncode}" if proc.returncode else "no summary.json written"
         raise ExperimentError(f"training {method} failed ({why}); last lines of {log}:\n{log_tail(log)}")
     summary = json.loads((workdir / "summary.json").read_text())
-    summary.update(peak_rss_mb=usage.ru_maxrss * 1024 / 1e6, wall_seconds=time.perf_counter() - start)
+    summary.update(wall_seconds=time.perf_counter() - start)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -2,7 +2,7 @@
 side by side (the paper's Tables 1-2: task scores per task, general ability averaged).
 
 A study's results are {method: {metric: value}} (metrics: the task's name, each general task's name,
-optionally "perplexity"), its summaries {method: esft train's summary.json (+ peak_rss_mb)}.
+optionally "perplexity"), its summaries {method: esft train's summary.json (+ wall_seconds)}.
 """
 
 from __future__ import annotations

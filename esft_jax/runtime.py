@@ -10,6 +10,7 @@ asked for by name, so that a forgotten --config.checkpoint is an error, not a ra
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import jax
 import ml_collections
@@ -62,6 +63,18 @@ def distributed(c: ml_collections.ConfigDict) -> None:
         jax.distributed.initialize()
     else:
         jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux: VmHWM of /proc/self/status, which starts afresh
+    at exec; getrusage's ru_maxrss does not, so a child started by a large parent would report the
+    parent's peak. Elsewhere: ru_maxrss (bytes on macOS)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
 
 
 def mesh(c: ml_collections.ConfigDict) -> Mesh | None:

@@ -244,6 +244,7 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
         "optimizer_state_bytes": tree_bytes(state["opt_state"]),
         "adapter_bytes": sum(p.stat().st_size for p in adapter_dir.iterdir()),
         "train_seconds": sum(h["seconds"] for h in history),
+        "peak_rss_mb": runtime.peak_rss_bytes() / 1e6,
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
