@@ -20,7 +20,6 @@ from esft_jax import configs, experiment, runtime, sharding, validate
 from esft_jax.builtin import tasks as builtin_tasks
 from esft_jax.checkpoint import CheckpointError, load_config, save_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter
-from esft_jax.checkpoint.output_dir import OutputDirError, export_replaceable
 from esft_jax.data.records import DataError, read_jsonl
 from esft_jax.data.shards import ShardError
 from esft_jax.eval.judge import JudgeError, judge_from_config
@@ -140,21 +139,13 @@ def cmd_analyze(c: ml_collections.ConfigDict) -> None:
 
 def cmd_train(c: ml_collections.ConfigDict) -> None:
     """Fine-tune with ESFT, FFT or LoRA (resumes from the workdir's checkpoints)."""
-    if not c.data.train:
-        raise configs.ConfigFileError("--config.data.train: name a jsonl training set")
     summary = train_loop.train(c)
     print(json.dumps(summary, indent=1))
 
 
 def cmd_export(c: ml_collections.ConfigDict) -> None:
     """Base checkpoint + adapter -> a full Hugging Face checkpoint directory."""
-    if not (c.checkpoint and c.adapter and c.out):
-        raise configs.ConfigFileError("--config.checkpoint, --config.adapter and --config.out are required")
     inputs = (c.checkpoint, c.adapter)
-    try:  # before the merge: refusing costs nothing
-        export_replaceable(Path(c.out), c.overwrite, inputs, overwrite_flag="--config.overwrite=True")
-    except OutputDirError as e:
-        raise configs.ConfigFileError(f"--config.out: {e}") from None
     cfg, params = load_with_adapter(c.checkpoint, c.adapter)
     out = save_checkpoint(c.out, cfg, params, tokenizer_from=c.checkpoint, overwrite=c.overwrite, inputs=inputs)
     print(f"{c.checkpoint} + {c.adapter} -> {out}")

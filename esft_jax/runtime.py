@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
 from esft_jax import configs, sharding
-from esft_jax.checkpoint import load_checkpoint, load_tokenizer
+from esft_jax.checkpoint import load_checkpoint, load_config, load_tokenizer
 from esft_jax.checkpoint.adapter import load_with_adapter
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.model import ModelConfig, init_params
@@ -27,14 +27,26 @@ RUNTIME_FIELDS = ("dtype", "moe_strategy", "capacity_factor", "expert_parallel",
 RANDOM_WEIGHTS = "random"  # --config.checkpoint=random: seeded random weights of c.model
 
 
-def load_model(c: ml_collections.ConfigDict) -> tuple[ModelConfig, dict]:
-    """From `c.checkpoint` (plus `c.adapter`, where the config has one), or random weights for
-    `c.model` (seeded by c.seed) when it is "random"."""
+def _runtime_overrides(c: ml_collections.ConfigDict) -> dict:
+    """The runtime fields of c.model, which apply to a checkpoint's model too."""
     if not c.checkpoint:
         raise configs.ConfigFileError(f"--config.checkpoint: name a Hugging Face checkpoint directory "
                                       f"(or --config.checkpoint={RANDOM_WEIGHTS} for random weights of --config.model)")
+    return {k: c.model[k] for k in RUNTIME_FIELDS if k in c.model}
+
+
+def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
+    """The config of the model load_model(c) loads, without reading any weights (to check a run's
+    values against it before the expensive part)."""
+    overrides = _runtime_overrides(c)
+    return configs.model_config(c.model) if c.checkpoint == RANDOM_WEIGHTS else load_config(c.checkpoint, **overrides)
+
+
+def load_model(c: ml_collections.ConfigDict) -> tuple[ModelConfig, dict]:
+    """From `c.checkpoint` (plus `c.adapter`, where the config has one), or random weights for
+    `c.model` (seeded by c.seed) when it is "random"."""
+    overrides = _runtime_overrides(c)
     if c.checkpoint != RANDOM_WEIGHTS:
-        overrides = {k: c.model[k] for k in RUNTIME_FIELDS if k in c.model}
         if c.get("adapter"):
             cfg, params = load_with_adapter(c.checkpoint, c.adapter, **overrides)
             return cfg, jax.tree.map(jax.numpy.asarray, params)

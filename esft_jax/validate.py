@@ -17,6 +17,7 @@ import ml_collections
 
 from esft_jax.configs import ConfigFileError
 from esft_jax.builtin.tasks import HELD_OUT_DOCS
+from esft_jax.checkpoint.output_dir import OutputDirError, export_replaceable
 from esft_jax.eval.scorers import SCORERS
 from esft_jax.model import ModelConfig
 from esft_jax.routing.profile import COUNT_MODES
@@ -204,6 +205,10 @@ def _export(c: ml_collections.ConfigDict) -> None:
     input_path(c, "adapter", "the adapter directory (esft train's <workdir>/adapter)")
     required(c, "out", "the directory to write the merged checkpoint to")
     writable_dir(c, "out")
+    try:  # before the merge: refusing costs nothing (save_checkpoint checks again when it writes)
+        export_replaceable(Path(c.out), c.overwrite, (c.checkpoint, c.adapter), overwrite_flag="--config.overwrite=True")
+    except OutputDirError as e:
+        raise ConfigFileError(f"--config.out: {e}") from None
 
 
 def _data(c: ml_collections.ConfigDict) -> None:

@@ -153,8 +153,8 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     runtime.distributed(c)
     primary = jax.process_index() == 0  # in a multi-process run, one process writes the files
     workdir = Path(c.workdir)
+    validate(c, runtime.model_config(c))  # before the weights are read
     cfg, frozen = runtime.load_model(c)
-    validate(c, cfg)
     tokenizer = runtime.tokenizer(c)
     samples, skipped = read_jsonl(c.data.train, c.data.skip_invalid)
     train_samples, val_samples = split_validation(samples, c.data.validation_fraction, c.data.max_validation, c.seed)

@@ -32,3 +32,6 @@ def validate(c: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
     checks.number(c, "data.validation_fraction", 0, 0.5)
     if not isinstance(c.extend, bool):
         raise ConfigFileError(f"--config.extend={c.extend!r}: expected True or False")
+    checks.input_path(c, "data.train", "a jsonl training set")
+    if c.data.general:
+        checks.input_path(c, "data.general", "a jsonl general dataset")
