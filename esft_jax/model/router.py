@@ -5,9 +5,10 @@
 - V3 (`noaux_tc`): sigmoid scores; a per-expert bias (`e_score_correction_bias`) is added for
   *choosing* experts only. Groups are ranked by the sum of their two best biased scores; the gate
   weights are the unbiased scores of the chosen experts.
-Then, if `norm_topk_prob`, the k weights are normalised to sum to 1; finally they are multiplied by
-`routed_scaling_factor`. (transformers 5 ignores `norm_topk_prob` for V2; every released V2 model
-sets it False, where the two agree.)
+Then, if `norm_topk_prob`, the k weights are normalised to sum to 1. V3 then multiplies them by
+`routed_scaling_factor`; V2's original code scales only weights it did not normalise (normalise *or*
+scale). (transformers 5 ignores `norm_topk_prob` for V2 and always scales; every released V2 model
+sets it False, where all three agree.)
 """
 
 from typing import NamedTuple
@@ -58,7 +59,9 @@ def route(x_nd: jax.Array, router_de: jax.Array, cfg: ModelConfig,
         _, ids = jax.lax.top_k(choice, k)
         weights = jnp.take_along_axis(scores, ids, axis=-1)
 
-    if cfg.norm_topk_prob and k > 1:
+    normalise = cfg.norm_topk_prob and k > 1
+    if normalise:
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-    weights = weights * cfg.routed_scaling_factor
+    if not (normalise and cfg.model_type == "deepseek_v2"):
+        weights = weights * cfg.routed_scaling_factor
     return RouterOutput(ids.astype(jnp.int32), weights, scores)
