@@ -72,30 +72,30 @@ def input_path(c: ml_collections.ConfigDict, key: str, what: str) -> None:
         raise ConfigFileError(f"--config.{key}={path}: the file is empty")
 
 
-def writable_dir(c: ml_collections.ConfigDict, key: str) -> None:
-    """The directory `key` names can be created and written (probed with a temporary file), so a
-    command fails before its work, not after it."""
-    path = Path(_get(c, key))
-    if path.exists() and not path.is_dir():
-        raise ConfigFileError(f"--config.{key}={path}: exists and is not a directory")
-    existing = next(p for p in (path, *path.parents) if p.exists())
+def _writable(where: str, directory: Path) -> None:
+    """`directory` can be created and written (probed with a temporary file), so a command fails
+    before its work, not after it; `where` ("--config.KEY=value") starts the message."""
+    if directory.exists() and not directory.is_dir():
+        raise ConfigFileError(f"{where}: exists and is not a directory")
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
     if not existing.is_dir():
-        raise ConfigFileError(f"--config.{key}={path}: {existing} is a file, not a directory")
+        raise ConfigFileError(f"{where}: {existing} is a file, not a directory")
     try:  # as root, permission bits say little: try it (a read-only or full file system refuses)
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise ConfigFileError(f"--config.{key}={path}: cannot write in {existing} ({e.strerror})") from None
+        raise ConfigFileError(f"{where}: cannot write in {existing} ({e.strerror})") from None
+
+
+def writable_dir(c: ml_collections.ConfigDict, key: str) -> None:
+    """An output directory that can be created and written."""
+    _writable(f"--config.{key}={_get(c, key)}", Path(_get(c, key)))
 
 
 def writable_file(c: ml_collections.ConfigDict, key: str) -> None:
     """An output file whose directory can be written."""
     required(c, key, "an output file")
-    parent = ml_collections.ConfigDict({"parent": str(Path(_get(c, key)).parent)})
-    try:
-        writable_dir(parent, "parent")
-    except ConfigFileError as e:
-        raise ConfigFileError(str(e).replace("--config.parent=", f"--config.{key}=", 1)) from None
+    _writable(f"--config.{key}={_get(c, key)}", Path(_get(c, key)).parent)
 
 
 def within_positions(c: ml_collections.ConfigDict, key: str, cfg: ModelConfig) -> None:
