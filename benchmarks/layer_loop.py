@@ -35,7 +35,7 @@ def main() -> None:
     batch = step_batch(_tokens(base.vocab_size, args.batch, args.seq))
     rng = np.random.default_rng(0)
     experts = ExpertConfig({layer: sorted(rng.choice(base.n_routed_experts, 8, replace=False).tolist())
-                            for layer in range(base.first_k_dense_replace, base.num_hidden_layers)})
+                            for layer in base.moe_layer_ids})
     optim = configs.load_file("configs/train.py").optim
     tx, schedule = make_optimizer(optim), learning_rate(optim)
 

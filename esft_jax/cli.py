@@ -63,7 +63,7 @@ def cmd_route(c: ml_collections.ConfigDict) -> None:
     print(f"mesh: {dict(c.mesh)} on {jax.default_backend()}; batch {tokens.shape[0]} x {tokens.shape[1]} tokens; "
           f"forward {seconds * 1e3:.1f} ms (compiled), dropped assignments: {int(routing.dropped.sum())}\n")
     counts = expert_counts(routing.expert_ids, jnp.ones(tokens.shape, bool), cfg.n_routed_experts)
-    print(load_table(np.asarray(counts), cfg.first_k_dense_replace, c.top_experts))
+    print(load_table(np.asarray(counts), cfg.moe_layer_ids, c.top_experts))
 
 
 def _timed(step: Callable, params, tokens, cfg):
@@ -91,7 +91,7 @@ def cmd_profile(c: ml_collections.ConfigDict) -> None:
     primary = jax.process_index() == 0  # every process profiles its share of each batch; one writes
     if c.official_logs and jax.process_count() > 1:
         raise configs.ConfigFileError("--config.official_logs is single-process only")
-    writer = OfficialLogWriter(out / "logs", list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))) \
+    writer = OfficialLogWriter(out / "logs", list(cfg.moe_layer_ids)) \
         if c.official_logs else None
     try:
         stats = profile.profile(params, cfg, read, batch_size=c.batch_size, seq_len=c.seq_len, mesh=mesh,

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import ml_collections
 
+from esft_jax.checkpoint.families import family
 from esft_jax.model.config import ModelConfig
 
 
@@ -85,5 +86,8 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
 
 
 def model_config(cd: ml_collections.ConfigDict) -> ModelConfig:
-    """The ModelConfig described by a `model` ConfigDict (field names as in ModelConfig)."""
-    return ModelConfig.from_dict(cd.to_dict())
+    """The ModelConfig described by a `model` ConfigDict (field names as in ModelConfig), of a
+    supported family."""
+    cfg = ModelConfig.from_dict(cd.to_dict())
+    family(cfg.model_type)
+    return cfg

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Sequence
 
 from esft_jax.jsonio import read_json
 
@@ -39,7 +40,7 @@ class ExpertConfig:
         return path
 
     @classmethod
-    def from_json(cls, obj: object, moe_layers: range | None = None, num_experts: int | None = None,
+    def from_json(cls, obj: object, moe_layers: Sequence[int] | None = None, num_experts: int | None = None,
                   where: str = "expert config") -> "ExpertConfig":
         """Parse and validate; moe_layers/num_experts (when given) bound the layer keys and ids."""
         if not isinstance(obj, dict) or not isinstance(obj.get("experts"), dict):
@@ -61,7 +62,7 @@ class ExpertConfig:
             layer = int(key)
             if moe_layers is not None and layer not in moe_layers:
                 raise ExpertConfigError(f"{at}: layer {layer} is not an MoE layer "
-                                        f"(MoE layers are {moe_layers.start}..{moe_layers.stop - 1})")
+                                        f"(MoE layers are {layer_list(moe_layers)})")
             if not isinstance(ids, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in ids):
                 raise ExpertConfigError(f"{at}: expected a list of expert ids")
             bad = [e for e in ids if e < 0 or (num_experts is not None and e >= num_experts)]
@@ -77,7 +78,18 @@ class ExpertConfig:
         return cls(experts, **flags)
 
     @classmethod
-    def load(cls, path: str | Path, moe_layers: range | None = None, num_experts: int | None = None
+    def load(cls, path: str | Path, moe_layers: Sequence[int] | None = None, num_experts: int | None = None
              ) -> "ExpertConfig":
         obj = read_json(path, ExpertConfigError, "no such expert config")
         return cls.from_json(obj, moe_layers, num_experts, str(path))
+
+
+def layer_list(layers: Sequence[int]) -> str:
+    """Layer ids as runs: "1..26", or "1, 3, 5..9"."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)

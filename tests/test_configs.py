@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from esft_jax import cli, configs
+from esft_jax.checkpoint.hf_names import config_from_hf, config_to_hf
 from esft_jax.model import ConfigError, ModelConfig, abstract_params
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -33,11 +34,11 @@ def _params(cfg):
 
 def test_deepseek_v2_lite_config_matches_hub_config_and_published_size():
     from_file = configs.model_config(configs.load_file(str(CONFIGS / "models/deepseek_v2_lite.py")))
-    from_hub = ModelConfig.from_hf_dict(V2_LITE_HUB, dtype="bfloat16")
+    from_hub = config_from_hf(V2_LITE_HUB, dtype="bfloat16")
     assert from_file == from_hub.replace(n_group=None, topk_group=None)
     assert round(_params(from_file) / 1e9, 1) == 15.7  # "15.7B total parameters"
     # transformers 5 layout of the same model reads back identically.
-    assert ModelConfig.from_hf_dict(from_hub.to_hf_dict(), dtype="bfloat16") == from_hub
+    assert config_from_hf(config_to_hf(from_hub), dtype="bfloat16") == from_hub
 
 
 def test_deepseek_v3_config_has_the_published_size():
@@ -80,7 +81,7 @@ def test_cli_route_prints_a_table_per_moe_layer(capsys):
 
 
 def test_cli_reports_errors_without_a_traceback(capsys, tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert cli.main(["route", "--config", f"{CONFIGS}/route.py", f"--config.checkpoint={tmp_path}"]) == 2
     err = capsys.readouterr().err
-    assert "config.json: model_type 'mixtral'" in err and "Traceback" not in err
+    assert "config.json: model_type 'llama'" in err and "Traceback" not in err

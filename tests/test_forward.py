@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from numerics import assert_float32_close, model_roundings
 
+from esft_jax.checkpoint.hf_names import config_from_hf
 from esft_jax.model import ModelConfig, forward, forward_cached, init_cache, init_params, segment_positions
 from esft_jax.model.rope import inv_freq_and_attention_factor, softmax_scale
 
@@ -87,7 +88,7 @@ def test_layer_loop_equals_layer_scan(model):
         cached, cache = jax.jit(forward_cached, static_argnums=2)(params, tokens, c, init_cache(c, 2, 16),
                                                                 segment_ids_bt=jnp.ones_like(tokens),
                                                                 positions_bt=segment_positions(jnp.ones_like(tokens)))
-        return logits, routing.expert_ids, jax.jit(jax.grad(loss))(params), cached, cache.latent
+        return logits, routing.expert_ids, jax.jit(jax.grad(loss))(params), cached, cache.kv
 
     got, want = run(loop), run(loop.replace(scan_layers=True))
     np.testing.assert_array_equal(got[1], want[1])  # the same experts chosen
@@ -104,7 +105,7 @@ def test_yarn_matches_transformers_rope_init():
     hf = transformers.DeepseekV2Config(qk_rope_head_dim=64, qk_nope_head_dim=128, rope_parameters=dict(rope),
                                        max_position_embeddings=163840, num_experts_per_tok=6)
     ref_inv_freq, ref_factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
-    cfg = ModelConfig.from_hf_dict(hf.to_dict())
+    cfg = config_from_hf(hf.to_dict())
     inv_freq, factor = inv_freq_and_attention_factor(cfg)
     np.testing.assert_allclose(inv_freq, ref_inv_freq.numpy(), rtol=1e-6)
     assert factor == pytest.approx(ref_factor)

@@ -55,7 +55,7 @@ def test_cached_logits_equal_full_forward(model):
         logits, cache = forward_cached(params, jnp.asarray(tokens[:, t:t + 1]), cfg, cache,
                                        segment_ids_bt=segments[:, t:t + 1], positions_bt=positions[:, t:t + 1])
         steps.append(logits)
-    assert int(cache.length) == 12 and cache.latent["moe_layers"].shape == (2, 2, 16, cfg.kv_lora_rank)
+    assert int(cache.length) == 12 and cache.kv["moe_layers"][0].shape == (2, 2, 16, cfg.kv_lora_rank)
     assert_float32_close(np.concatenate(steps, axis=1), full, model_roundings(cfg))
 
 

@@ -25,7 +25,7 @@ def _original_weights(x, w, k, norm, scale, v3):
 def test_topk_weights_follow_the_original_code(family, norm):
     v3 = family == "deepseek_v3"
     cfg = ModelConfig(model_type=family, hidden_size=16, n_routed_experts=8, num_experts_per_tok=3,
-                      norm_topk_prob=norm, routed_scaling_factor=2.5,
+                      norm_topk_prob=norm, routed_scaling_factor=2.5, scale_normalised_weights=v3,
                       scoring_func="sigmoid" if v3 else "softmax", topk_method="noaux_tc" if v3 else "greedy",
                       n_group=1 if v3 else None, topk_group=1 if v3 else None)
     rng = np.random.default_rng(0)

@@ -202,7 +202,7 @@ def test_shared_experts_only(params):
     """The paper's "shared experts only" ablation: no routed expert trains."""
     method = ExpertSubset.build(CFG, ExpertConfig({1: [], 2: [], 3: []}, shared_experts=True))
     state, _ = _run(method, params, 2)
-    assert list(state["trainable"]) == ["shared"]
+    assert list(state["trainable"]) == ["shared"] and list(state["trainable"]["shared"]) == ["shared"]
     after = method.write_back(params, state["trainable"])
     np.testing.assert_array_equal(after["moe_layers"]["moe"]["experts"]["gate"], params["moe_layers"]["moe"]["experts"]["gate"])
     assert not np.array_equal(after["moe_layers"]["moe"]["shared"]["up"], params["moe_layers"]["moe"]["shared"]["up"])

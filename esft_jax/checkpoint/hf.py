@@ -1,7 +1,10 @@
 """Read and write Hugging Face checkpoint directories (config.json + safetensors, one or sharded).
 
-Tensors are streamed one at a time from the safetensors files into our stacked layout (no PyTorch
-model is ever built) and keep the file's dtype; the router is kept in float32, as the reference does.
+Tensors are streamed one file tensor at a time from the safetensors files into our stacked layout
+(no PyTorch model is ever built) and keep the file's dtype; the router is kept in float32, as the
+reference does. Reading accepts the family's canonical per-expert names and the fused layouts it
+declares (checkpoint/families), MXFP4-packed tensors dequantised to bfloat16 (checkpoint/mxfp4.py);
+writing produces the layout of the family's Hub checkpoints.
 """
 
 from __future__ import annotations
@@ -11,15 +14,19 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Collection, Iterator
+from typing import Any, Collection, Iterator, NamedTuple
 
 import jax
 import numpy as np
+from ml_dtypes import bfloat16
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from esft_jax.checkpoint import mxfp4
 from esft_jax.checkpoint.errors import CheckpointError
-from esft_jax.checkpoint.hf_names import TensorMap, tensor_maps
+from esft_jax.checkpoint.families import Family, family
+from esft_jax.checkpoint.families.base import Fused
+from esft_jax.checkpoint.hf_names import TensorMap, config_from_hf, config_to_hf, tensor_maps
 from esft_jax.checkpoint.output_dir import export_replaceable, staged_dir, write_marker
 from esft_jax.checkpoint.tokenizer import write_tokenizer_files
 from esft_jax.jsonio import read_json
@@ -30,7 +37,9 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_FLOAT32_PATHS = {("moe_layers", "moe", "router"), ("moe_layers", "moe", "router_bias")}
+_FLOAT32_PATHS = {("moe_layers", "moe", "router"), ("moe_layers", "moe", "router_bias"),
+                  ("moe_layers", "moe", "router_correction")}
+_LAYER_NAME = re.compile(r"(model\.layers\.\d+\.)(.+)")
 # Tensors a checkpoint may hold that the model does not use: rotary caches of old checkpoints.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -50,7 +59,7 @@ def load_config(ckpt_dir: str | Path, **runtime: Any) -> ModelConfig:
     path = Path(ckpt_dir) / "config.json"
     hf = read_json(path, CheckpointError, f"no such file (is {ckpt_dir} a Hugging Face checkpoint directory?)")
     try:
-        return ModelConfig.from_hf_dict(hf, **runtime)
+        return config_from_hf(hf, **runtime)
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
 
@@ -86,46 +95,117 @@ def _get(tree: dict, path: tuple[str, ...]) -> Any:
     return tree
 
 
+class _Use(NamedTuple):
+    """Where a canonical tensor is in the files: file tensor `key` (MXFP4 base name if packed),
+    and for a fused tensor, expert `expert`'s part `part`."""
+    file: Path
+    key: str
+    packed: bool = False
+    fused: Fused | None = None
+    expert: int = 0
+    part: int = 0
+
+
+def _locate(files: dict[str, Path], fam: Family, num_experts: int) -> dict[str, _Use]:
+    """Canonical tensor name -> where it is, for every tensor the files hold in any known layout."""
+    packed = {n.removesuffix("_blocks") for n in files
+              if n.endswith("_blocks") and mxfp4.is_mxfp4(files, n.removesuffix("_blocks"))}
+    fused = {fz.name: fz for fz in fam.read_fused}
+    where: dict[str, _Use] = {}
+    for key in [*files, *packed]:
+        where[key] = _Use(files[key + "_blocks" if key in packed else key], key, key in packed)
+        match = _LAYER_NAME.fullmatch(key)
+        if not match:
+            continue
+        prefix, suffix = match.groups()
+        if suffix in fam.read_renames:
+            where[prefix + fam.read_renames[suffix]] = where[key]
+        if suffix in fused:
+            fz = fused[suffix]
+            for e in range(num_experts):
+                for i, part in enumerate(fz.parts):
+                    where[prefix + part.format(e=e)] = where[key]._replace(fused=fz, expert=e, part=i)
+    return where
+
+
+def _read(f: Any, use: _Use, files: dict[str, Path]) -> np.ndarray:
+    if not use.packed:
+        return f.get_tensor(use.key)
+    blocks, scales = mxfp4.packed_names(use.key)
+    if files[scales] == use.file:
+        return mxfp4.dequantize(f.get_tensor(blocks), f.get_tensor(scales), bfloat16)
+    with read_safetensors(files[scales]) as g:
+        return mxfp4.dequantize(f.get_tensor(blocks), g.get_tensor(scales), bfloat16)
+
+
 def load_params(ckpt_dir: str | Path, cfg: ModelConfig) -> Params:
     """Read every tensor the model needs into a numpy params pytree (stacked layout)."""
     ckpt_dir = Path(ckpt_dir)
     files = _weight_files(ckpt_dir)
+    where = _locate(files, family(cfg.model_type), cfg.n_routed_experts)
     maps = tensor_maps(cfg)
-    missing = [m for m in maps if m.hf_name not in files]
+    missing = [m for m in maps if m.hf_name not in where]
     if missing:
         shown = ", ".join(f"{m.hf_name} {list(m.hf_shape)}" for m in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{ckpt_dir}: missing tensors (expected shape): {shown}{more}")
-    wanted = {m.hf_name for m in maps}
-    extra = [n for n in files if n not in wanted and not _IGNORED.match(n)]
+    used = {where[m.hf_name].key for m in maps}
+    extra = [n for n in files if n.removesuffix("_blocks").removesuffix("_scales") not in used
+             and not _IGNORED.match(n)]
     if extra:  # e.g. DeepSeek-V3's multi-token-prediction layers
         log.warning("%s: ignoring %d tensors the model does not use, e.g. %s", ckpt_dir, len(extra), extra[0])
 
-    by_file: dict[Path, list[TensorMap]] = {}
+    by_key: dict[tuple[Path, str], list[TensorMap]] = {}  # each file tensor is read once
     for m in maps:
-        by_file.setdefault(files[m.hf_name], []).append(m)
+        use = where[m.hf_name]
+        by_key.setdefault((use.file, use.key), []).append(m)
     specs = flat_param_specs(cfg)
     params: Params = {}
-    for file, file_maps in by_file.items():
+    for file in dict.fromkeys(f for f, _ in by_key):
         with read_safetensors(file) as f:
-            for m in file_maps:
-                shape = tuple(f.get_slice(m.hf_name).get_shape())
-                if shape != m.hf_shape:
-                    raise CheckpointError(f"{file}: tensor {m.hf_name} has shape {list(shape)}, "
-                                          f"expected {list(m.hf_shape)}")
-                value = m.from_hf(f.get_tensor(m.hf_name))
-                if m.path in _FLOAT32_PATHS:
-                    value = value.astype(np.float32)
-                if not m.index:
-                    _set(params, m.path, value)
-                    continue
-                try:
-                    dest = _get(params, m.path)
-                except KeyError:
-                    dest = np.empty(specs[m.path].shape, value.dtype)
-                    _set(params, m.path, dest)
-                dest[m.index] = value
+            for (_, key), key_maps in ((k, v) for k, v in by_key.items() if k[0] == file):
+                tensor = _read(f, where[key_maps[0].hf_name], files)
+                for m in key_maps:
+                    _put(params, specs, m, _part(tensor, where[m.hf_name], file, m))
     return params
+
+
+def _part(tensor: np.ndarray, use: _Use, file: Path, m: TensorMap) -> np.ndarray:
+    """The canonical tensor `m` out of the file tensor, shape-checked."""
+    value = tensor if use.fused is None else use.fused.split(tensor[use.expert])[use.part]
+    if tuple(value.shape) != m.hf_shape:
+        shown = m.hf_name if use.fused is None else f"{m.hf_name} (from {use.key})"
+        raise CheckpointError(f"{file}: tensor {shown} has shape {list(value.shape)}, expected {list(m.hf_shape)}")
+    return value
+
+
+def _put(params: Params, specs: dict, m: TensorMap, hf_value: np.ndarray) -> None:
+    value = m.from_hf(hf_value)
+    if m.path in _FLOAT32_PATHS:
+        value = value.astype(np.float32)
+    if not m.index:
+        _set(params, m.path, value)
+        return
+    try:
+        dest = _get(params, m.path)
+    except KeyError:
+        dest = np.empty(specs[m.path].shape, value.dtype)
+        _set(params, m.path, dest)
+    dest[m.index] = value
+
+
+def _fuse(tensors: dict[str, np.ndarray], fam: Family, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Canonical per-expert tensors joined into the family's fused Hub layout (if it has one)."""
+    for layer in cfg.moe_layer_ids:
+        prefix = f"model.layers.{layer}."
+        for fz in fam.write_fused:
+            names = [[prefix + part.format(e=e) for part in fz.parts] for e in range(cfg.n_routed_experts)]
+            if names[0][0] not in tensors:
+                continue
+            experts = [fz.join(tuple(tensors.pop(n) for n in row)) for row in names]
+            # C order: np.stack keeps transposed parts' F order, and safetensors writes the raw buffer.
+            tensors[prefix + fz.name] = np.ascontiguousarray(np.stack(experts))
+    return tensors
 
 
 def load_checkpoint(ckpt_dir: str | Path, **runtime: Any) -> tuple[ModelConfig, Params]:
@@ -149,14 +229,15 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: Params, *,
     inputs = [*inputs, *([tokenizer_from] if tokenizer_from is not None else [])]
     replaceable = export_replaceable(out_dir, overwrite, inputs)
     host = jax.tree.map(np.asarray, params)
+    fam = family(cfg.model_type)
+    tensors = _fuse({m.hf_name: m.to_hf(_get(host, m.path)[m.index]) for m in tensor_maps(cfg)}, fam, cfg)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
-    for m in tensor_maps(cfg):
-        value = m.to_hf(_get(host, m.path)[m.index])
+    for name, value in tensors.items():
         if size and size + value.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][m.hf_name] = value
+        shards[-1][name] = value
         size += value.nbytes
     with staged_dir(out_dir, replaceable=replaceable, inputs=inputs) as tmp:
         if len(shards) == 1:
@@ -170,7 +251,7 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: Params, *,
             total = sum(v.nbytes for s in shards for v in s.values())
             (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
                                                       "weight_map": weight_map}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
         write_tokenizer_files(tokenizer_from, tmp, cfg)
         write_marker(tmp, "esft_jax.checkpoint.save_checkpoint")
     return out_dir

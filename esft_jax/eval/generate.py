@@ -1,4 +1,4 @@
-"""Batched greedy generation with MLA's compressed KV cache.
+"""Batched greedy generation with a KV cache (MLA's compressed one, or GQA's keys and values).
 
 Prompts are left-padded to a common length (padding has segment id 0, so it is never attended to),
 prefilled in one pass, then decoded one token per step inside a `jax.lax.while_loop` that stops when

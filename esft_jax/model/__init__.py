@@ -1,4 +1,4 @@
-"""DeepSeek-V2/V3 MoE decoder as pure functions over a parameter pytree."""
+"""Mixture-of-Experts decoders (every supported family) as pure functions over a parameter pytree."""
 
 from esft_jax.model.config import ConfigError, ModelConfig
 from esft_jax.model.params import abstract_params, init_params, param_axes, param_specs

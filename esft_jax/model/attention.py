@@ -30,7 +30,31 @@ def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
     return (causal & same & not_pad)[:, None]
 
 
-LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # latent [B, S, r], k_pe [B, S, rope], write offset
+def within_window(mask_b1ts: jax.Array, query_slots_t: jax.Array, window: jax.Array) -> jax.Array:
+    """The mask restricted to keys fewer than `window` slots behind their query (window 0: no limit).
+    Slots are positions in the row (or the cache), so packed segments keep their own windows."""
+    s = mask_b1ts.shape[-1]
+    near = (query_slots_t[:, None] - jnp.arange(s)[None, :]) < jnp.where(window > 0, window, s + 1)
+    return mask_b1ts & near
+
+
+def softmax_attention(scores_bhts: jax.Array, mask_b1ts: jax.Array, v_bshv: jax.Array,
+                      sinks_h: jax.Array | None = None) -> jax.Array:
+    """softmax(scores) @ v over the unmasked keys -> [B, T, H, v]. scores are float32 and already scaled.
+
+    Sinks (gpt-oss): a per-head logit that joins every row's softmax and takes its share of the
+    probability mass, but contributes no value.
+    """
+    scores = jnp.where(mask_b1ts, scores_bhts, _MASKED)
+    if sinks_h is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+    else:
+        sink = jnp.broadcast_to(sinks_h.astype(jnp.float32)[None, :, None, None], (*scores.shape[:-1], 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+    return jnp.einsum("bhts,bshv->bthv", probs.astype(v_bshv.dtype), v_bshv)
+
+
+LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # the two cached arrays of one layer, write offset
 
 
 def mla(p: dict[str, Any], x_btd: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array,
@@ -68,7 +92,5 @@ def mla(p: dict[str, Any], x_btd: jax.Array, cos_btr: jax.Array, sin_btr: jax.Ar
     k_nope, v_bshv = kv_bshk[..., :nope], kv_bshk[..., nope:]
     scores = (jnp.einsum("bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
               + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe.astype(dt), preferred_element_type=jnp.float32))
-    scores = jnp.where(mask_b1ts, scores * softmax_scale(cfg), _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out_bthv = jnp.einsum("bhts,bshv->bthv", probs, v_bshv)
+    out_bthv = softmax_attention(scores * softmax_scale(cfg), mask_b1ts, v_bshv)
     return jnp.einsum("bthv,hvd->btd", out_bthv, p["o"].astype(dt)), (c_btr, k_pe)

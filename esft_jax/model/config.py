@@ -1,9 +1,10 @@
 """Model configuration: one frozen, hashable dataclass (a static argument of `jax.jit`).
 
-Field names follow the Hugging Face DeepSeek configs so that a `config.json` maps onto it almost
-one to one. `from_hf_dict` reads both the remote-code era layout of the Hub checkpoints
-(`rope_scaling`, top-level `rope_theta`, `scoring_func`) and the transformers 5 layout
-(`rope_parameters`); `to_hf_dict` writes the transformers 5 layout.
+It describes the model by its parts, not by its family: the attention kind (MLA or grouped-query
+with its options), the router, the expert MLP, the shared experts, which layers are MoE and which
+use a sliding window. Each Hugging Face family's `config.json` maps onto these fields in
+`esft_jax/checkpoint/families/`; `model_type` is only a label the checkpoint code dispatches on.
+Field names follow the Hugging Face configs where one exists.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 MOE_STRATEGIES = ("auto", "dense", "capacity", "blocked", "spill", "ragged")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTIONS = ("mla", "gqa")
+QK_NORMS = (None, "head", "full")  # RMSNorm of each head's q/k, or of the whole q/k projection
+EXPERT_ACTS = ("swiglu", "clamped_swiglu")
 
 
 class ConfigError(ValueError):
@@ -26,26 +29,51 @@ class ModelConfig:
     vocab_size: int = 256
     hidden_size: int = 64
     intermediate_size: int = 128  # width of the dense SwiGLU layers
-    moe_intermediate_size: int = 32  # width of one routed expert (and of one shared expert)
+    moe_intermediate_size: int = 32  # width of one routed expert
     num_hidden_layers: int = 3
-    first_k_dense_replace: int = 1  # the first k layers are dense, the rest MoE
+    # Which layers are MoE: layer l is MoE iff l >= first_k_dense_replace, (l + 1) % moe_layer_step == 0
+    # and l is not in mlp_only_layers; the others are dense SwiGLU layers.
+    first_k_dense_replace: int = 1
+    moe_layer_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
     num_attention_heads: int = 4
+    attention: str = "mla"
     # Multi-head latent attention.
     q_lora_rank: int | None = None  # None: a plain q_proj
     kv_lora_rank: int = 16
     qk_nope_head_dim: int = 8
-    qk_rope_head_dim: int = 8
+    qk_rope_head_dim: int = 8  # MLA: the rotated slice of each head
     v_head_dim: int = 8
+    # Grouped-query attention.
+    num_key_value_heads: int | None = None  # None: as many as query heads
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    partial_rotary_factor: float = 1.0  # the first fraction of each head is rotated
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None
+    clip_qkv: float | None = None  # clamp q, k, v projections to [-clip, clip]
+    attention_sinks: bool = False  # a learned per-head logit in every softmax's denominator
+    sliding_window: int | None = None
+    sliding_window_layers: tuple[int, ...] = ()  # layers that attend within the window only
     # Routing.
     n_routed_experts: int = 16
-    n_shared_experts: int = 2
     num_experts_per_tok: int = 4
-    scoring_func: str = "softmax"  # "softmax" (V2) or "sigmoid" (V3)
-    topk_method: str = "greedy"  # "greedy" | "group_limited_greedy" (V2) | "noaux_tc" (V3)
+    scoring_func: str = "softmax"  # "softmax" or "sigmoid"
+    topk_method: str = "greedy"  # "greedy" | "group_limited_greedy" | "noaux_tc" (choice bias, groups)
     n_group: int | None = None
     topk_group: int | None = None
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
+    scale_normalised_weights: bool = True  # False: normalise *or* scale (DeepSeek-V2's original gate)
+    router_bias: bool = False  # a learned bias added to the router logits
+    # Experts.
+    expert_act: str = "swiglu"  # or "clamped_swiglu": clamp at swiglu_limit, gate * sigmoid(alpha gate) * (up + 1)
+    expert_bias: bool = False
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    n_shared_experts: int = 2
+    shared_expert_intermediate_size: int | None = None  # None: n_shared_experts * moe_intermediate_size
+    shared_expert_gate: bool = False  # scale the shared experts' output by sigmoid(x @ w) [d, 1]
     # RoPE; rope_type "default" or "yarn".
     rope_theta: float = 10000.0
     rope_type: str = "default"
@@ -55,7 +83,9 @@ class ModelConfig:
     rope_beta_slow: float = 1.0
     rope_mscale: float | None = None
     rope_mscale_all_dim: float | None = None
-    rope_interleave: bool = True  # DeepSeek rotates adjacent pairs (x0, x1), (x2, x3), ...
+    rope_attention_factor: float | None = None  # None: YaRN's own from factor (and mscales)
+    rope_truncate: bool = True  # YaRN: round the correction range to whole dims
+    rope_interleave: bool = True  # rotate adjacent pairs (x0, x1), ...; False: halves (x_i, x_{i+r/2})
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
@@ -72,50 +102,94 @@ class ModelConfig:
     remat: bool = False  # recompute each layer in the backward pass: activations of one layer, not all
 
     def __post_init__(self) -> None:
+        for name in ("mlp_only_layers", "sliding_window_layers"):  # lists from JSON / ml_collections
+            object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
+
         def check(ok: bool, msg: str) -> None:
             if not ok:
                 raise ConfigError(msg)
 
-        check(self.model_type in MODEL_TYPES,
-              f"model_type {self.model_type!r} is not supported; expected one of {MODEL_TYPES}")
-        check(self.moe_strategy in MOE_STRATEGIES,
-              f"moe_strategy {self.moe_strategy!r}; expected one of {MOE_STRATEGIES}")
-        check(self.expert_parallel in ("psum", "all_to_all"),
-              f"expert_parallel {self.expert_parallel!r}; expected 'psum' or 'all_to_all'")
-        check(self.dtype in DTYPES and self.param_dtype in DTYPES,
-              f"dtype/param_dtype must be one of {DTYPES}, got {self.dtype!r}/{self.param_dtype!r}")
+        def one_of(name: str, allowed: tuple) -> None:
+            check(getattr(self, name) in allowed, f"{name} {getattr(self, name)!r}; expected one of {allowed}")
+
+        one_of("moe_strategy", MOE_STRATEGIES)
+        one_of("expert_parallel", ("psum", "all_to_all"))
+        one_of("dtype", DTYPES)
+        one_of("param_dtype", DTYPES)
+        one_of("attention", ATTENTIONS)
+        one_of("qk_norm", QK_NORMS)
+        one_of("expert_act", EXPERT_ACTS)
+        one_of("scoring_func", ("softmax", "sigmoid"))
+        one_of("topk_method", ("greedy", "group_limited_greedy", "noaux_tc"))
+        one_of("rope_type", ("default", "yarn"))
+        layers = range(self.num_hidden_layers)
         check(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
               "first_k_dense_replace must lie in [0, num_hidden_layers]")
+        check(self.moe_layer_step >= 1, "moe_layer_step must be at least 1")
+        check(all(l in layers for l in self.mlp_only_layers + self.sliding_window_layers),
+              f"mlp_only_layers / sliding_window_layers must lie in [0, {self.num_hidden_layers})")
+        check(not self.sliding_window_layers or (self.sliding_window or 0) > 0,
+              "sliding_window_layers needs a positive sliding_window")
         check(1 <= self.num_experts_per_tok <= self.n_routed_experts,
               "num_experts_per_tok must lie in [1, n_routed_experts]")
-        check(self.scoring_func in ("softmax", "sigmoid"), f"scoring_func {self.scoring_func!r}")
-        check(self.topk_method in ("greedy", "group_limited_greedy", "noaux_tc"),
-              f"topk_method {self.topk_method!r}")
-        check(self.rope_type in ("default", "yarn"), f"rope_type {self.rope_type!r} is not supported")
-        check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even")
+        check(self.rotary_dim % 2 == 0, f"the rotated head dim ({self.rotary_dim}) must be even")
+        if self.attention == "gqa":
+            check(self.num_attention_heads % self.kv_heads == 0,
+                  f"num_key_value_heads={self.kv_heads} must divide num_attention_heads={self.num_attention_heads}")
         if self.topk_method != "greedy":
             check(self.n_group is not None and self.topk_group is not None,
                   f"topk_method {self.topk_method!r} needs n_group and topk_group")
             check(self.n_routed_experts % self.n_group == 0, "n_group must divide n_routed_experts")
             check(1 <= self.topk_group <= self.n_group, "topk_group must lie in [1, n_group]")
 
-    # Derived sizes.
+    # The layer pattern, in one place.
     @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        """Model layer index of every MoE layer, ascending (the keys of an expert config)."""
+        return tuple(l for l in range(self.num_hidden_layers)
+                     if l >= self.first_k_dense_replace and (l + 1) % self.moe_layer_step == 0
+                     and l not in self.mlp_only_layers)
+
+    @property
+    def dense_layer_ids(self) -> tuple[int, ...]:
+        moe = set(self.moe_layer_ids)
+        return tuple(l for l in range(self.num_hidden_layers) if l not in moe)
 
     @property
     def num_moe_layers(self) -> int:
-        return self.num_hidden_layers - self.first_k_dense_replace
+        return len(self.moe_layer_ids)
+
+    # Derived sizes.
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def gqa_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Width of one head's query/key."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention == "mla" else self.gqa_head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated width of each query/key head."""
+        if self.attention == "mla":
+            return self.qk_rope_head_dim
+        return int(self.gqa_head_dim * self.partial_rotary_factor)
 
     @property
     def shared_intermediate_size(self) -> int:
+        """Width of the shared-expert MLP (0: no shared experts)."""
+        if self.shared_expert_intermediate_size is not None:
+            return self.shared_expert_intermediate_size
         return self.moe_intermediate_size * self.n_shared_experts
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-    # Conversions.
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         """From a flat dict of our own field names (e.g. an ml_collections config's `to_dict()`)."""
@@ -124,127 +198,3 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown model config keys: {unknown}")
         return cls(**dict(d))
-
-    @classmethod
-    def from_hf_dict(cls, hf: Mapping[str, Any], **runtime: Any) -> "ModelConfig":
-        """From a Hugging Face `config.json` dict, either layout; `runtime` sets dtype/strategy fields."""
-        model_type = hf.get("model_type")
-        if model_type not in MODEL_TYPES:
-            raise ConfigError(f"model_type {model_type!r} in config.json is not supported; "
-                              f"expected one of {MODEL_TYPES}")
-        required = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-                    "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
-                    "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok")
-        missing = [k for k in required if hf.get(k) is None]
-        if missing:
-            raise ConfigError(f"config.json lacks required keys {missing}")
-        heads, kv_heads = hf["num_attention_heads"], hf.get("num_key_value_heads")
-        if kv_heads is not None and kv_heads != heads and model_type == "deepseek_v2":
-            raise ConfigError(f"num_key_value_heads={kv_heads} != num_attention_heads={heads}: "
-                              "MLA expands keys and values to every head")
-        is_v3 = model_type == "deepseek_v3"
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        eos = hf.get("eos_token_id")
-        fields = dict(
-            model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            moe_intermediate_size=hf["moe_intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            first_k_dense_replace=hf.get("first_k_dense_replace", 0),
-            num_attention_heads=heads,
-            q_lora_rank=hf.get("q_lora_rank"),
-            kv_lora_rank=hf["kv_lora_rank"],
-            qk_nope_head_dim=hf["qk_nope_head_dim"],
-            qk_rope_head_dim=hf["qk_rope_head_dim"],
-            v_head_dim=hf["v_head_dim"],
-            n_routed_experts=hf["n_routed_experts"],
-            n_shared_experts=hf.get("n_shared_experts") or 0,
-            num_experts_per_tok=hf["num_experts_per_tok"],
-            scoring_func=hf.get("scoring_func", "sigmoid" if is_v3 else "softmax"),
-            topk_method="noaux_tc" if is_v3 else (hf.get("topk_method") or "greedy"),
-            n_group=hf.get("n_group") or (1 if is_v3 else None),
-            topk_group=hf.get("topk_group") or (1 if is_v3 else None),
-            norm_topk_prob=bool(hf.get("norm_topk_prob", is_v3)),
-            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-            rope_theta=float(rope_theta),
-            rope_type=rope_type,
-            rope_factor=float(rope.get("factor") or 1.0),
-            rope_original_max_position_embeddings=rope.get("original_max_position_embeddings"),
-            rope_beta_fast=float(rope.get("beta_fast") or 32.0),
-            rope_beta_slow=float(rope.get("beta_slow") or 1.0),
-            rope_mscale=rope.get("mscale"),
-            rope_mscale_all_dim=rope.get("mscale_all_dim"),
-            rope_interleave=bool(hf.get("rope_interleave", True)),
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=eos[0] if isinstance(eos, list) else eos,
-            pad_token_id=hf.get("pad_token_id"),
-            param_dtype=_dtype_name(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
-        )
-        fields.update(runtime)
-        return cls(**fields)
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The transformers 5 `config.json` dict for this model."""
-        is_v3 = self.model_type == "deepseek_v3"
-        rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
-        if self.rope_type == "yarn":
-            rope.update(factor=self.rope_factor, beta_fast=self.rope_beta_fast,
-                        beta_slow=self.rope_beta_slow,
-                        original_max_position_embeddings=self.rope_original_max_position_embeddings)
-            if self.rope_mscale is not None:
-                rope["mscale"] = self.rope_mscale
-            if self.rope_mscale_all_dim is not None:
-                rope["mscale_all_dim"] = self.rope_mscale_all_dim
-        hf: dict[str, Any] = {
-            "architectures": ["DeepseekV3ForCausalLM" if is_v3 else "DeepseekV2ForCausalLM"],
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "moe_intermediate_size": self.moe_intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "first_k_dense_replace": self.first_k_dense_replace,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_attention_heads,
-            "q_lora_rank": self.q_lora_rank,
-            "kv_lora_rank": self.kv_lora_rank,
-            "qk_nope_head_dim": self.qk_nope_head_dim,
-            "qk_rope_head_dim": self.qk_rope_head_dim,
-            "v_head_dim": self.v_head_dim,
-            "n_routed_experts": self.n_routed_experts,
-            "n_shared_experts": self.n_shared_experts,
-            "num_experts_per_tok": self.num_experts_per_tok,
-            "n_group": self.n_group,
-            "topk_group": self.topk_group,
-            "norm_topk_prob": self.norm_topk_prob,
-            "routed_scaling_factor": self.routed_scaling_factor,
-            "rope_parameters": rope,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "dtype": self.param_dtype,
-        }
-        if is_v3:
-            hf.update(rope_interleave=self.rope_interleave, num_nextn_predict_layers=0)
-        else:
-            hf.update(topk_method=self.topk_method)
-        return hf
-
-
-def _dtype_name(name: str) -> str:
-    name = str(name).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ConfigError(f"dtype {name!r} in config.json is not supported; expected one of {DTYPES}")
-    return name

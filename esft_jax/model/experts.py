@@ -1,4 +1,7 @@
-"""Routed-expert computation: y = sum_k w_k * SwiGLU_{e_k}(x), behind one function, five strategies.
+"""Routed-expert computation: y = sum_k w_k * MLP_{e_k}(x), behind one function, five strategies.
+
+Each expert is a gated MLP: down(act(x @ gate + gate_bias, x @ up + up_bias)) + down_bias, with
+`GLU` the activation (SwiGLU, or gpt-oss's clamped variant) and the biases optional.
 
 - `dense`: every expert on every token, then a weighted combine. O(E) work: the reference path.
 - `capacity`: tokens scattered into a per-expert buffer [E, C, d], batched matmuls, gathered back.
@@ -6,7 +9,7 @@
   overflow is dropped and counted.
 - `blocked`: dropless. Assignments sorted by expert, each expert's rows padded to a multiple of
   `BLOCK` rows, then a loop over the used blocks only (a dynamic trip count), each one expert's
-  SwiGLU on BLOCK rows. Work = active FLOPs + padding (< E x BLOCK rows). Custom VJP: the forward
+  MLP on BLOCK rows. Work = active FLOPs + padding (< E x BLOCK rows). Custom VJP: the forward
   keeps the pre-activations, the backward adds each block's weight gradient into its expert in place
   and skips weight gradients of frozen experts (ESFT's) and input gradients of frozen inputs.
   The CPU default (XLA:CPU has no grouped matmul).
@@ -27,12 +30,31 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-ExpertWeights = dict[str, jax.Array]  # gate, up [E, d, f]; down [E, f, d]
+ExpertWeights = dict[str, jax.Array]  # gate, up [E, d, f]; down [E, f, d]; optional gate_bias, up_bias [E, f], down_bias [E, d]
+BIASES = ("gate_bias", "up_bias", "down_bias")
+
+
+class GLU(NamedTuple):
+    """The experts' gated activation of a = x @ gate and c = x @ up (hashable: a static argument)."""
+    kind: str = "swiglu"  # silu(a) * c; "clamped_swiglu" (gpt-oss): a <= limit, |c| <= limit,
+    limit: float = 7.0  # a * sigmoid(alpha * a) * (c + 1)
+    alpha: float = 1.702
+
+    def __call__(self, a: jax.Array, c: jax.Array) -> jax.Array:
+        if self.kind == "swiglu":
+            return jax.nn.silu(a) * c
+        a, c = jnp.minimum(a, self.limit), jnp.clip(c, -self.limit, self.limit)
+        return a * jax.nn.sigmoid(self.alpha * a) * (c + 1)
+
+
+def _biases(p: ExpertWeights) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+    return tuple(p[k] for k in BIASES) if BIASES[0] in p else None
 
 
 def resolve_strategy(strategy: str, platform: str | None = None) -> str:
@@ -49,10 +71,19 @@ def capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float |
     return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens * k / num_experts)))
 
 
-def _dense(x_nd, ids_nk, w_nk, p: ExpertWeights):
+def _batched_mlp(x_ecd, p: ExpertWeights, act: GLU, rows: str = "ecd"):
+    """Every expert on its rows: x [E, C, d] (rows="ecd"), or the same rows x [C, d] ("cd") -> [E, C, d]."""
+    a, c = (jnp.einsum(f"{rows},edf->ecf", x_ecd, p[k]) for k in ("gate", "up"))
+    b = _biases(p)
+    if b is not None:
+        a, c = a + b[0][:, None], c + b[1][:, None]
+    out = jnp.einsum("ecf,efd->ecd", act(a, c), p["down"])
+    return out if b is None else out + b[2][:, None]
+
+
+def _dense(x_nd, ids_nk, w_nk, p: ExpertWeights, act: GLU):
     e = p["gate"].shape[0]
-    h_enf = jax.nn.silu(jnp.einsum("nd,edf->enf", x_nd, p["gate"])) * jnp.einsum("nd,edf->enf", x_nd, p["up"])
-    out_end = jnp.einsum("enf,efd->end", h_enf, p["down"])
+    out_end = _batched_mlp(x_nd, p, act, rows="cd")
     combine_ne = jnp.einsum("nke,nk->ne", jax.nn.one_hot(ids_nk, e, dtype=jnp.float32), w_nk)
     y = jnp.einsum("end,ne->nd", out_end.astype(jnp.float32), combine_ne)
     return y, jnp.zeros((), jnp.int32)
@@ -69,7 +100,7 @@ def sort_by_expert(ids_a: jax.Array, num_experts: int):
     return order, counts, rank
 
 
-def _capacity(x_nd, ids_nk, w_nk, p: ExpertWeights, capacity_factor: float | None):
+def _capacity(x_nd, ids_nk, w_nk, p: ExpertWeights, act: GLU, capacity_factor: float | None):
     n, k = ids_nk.shape
     e = p["gate"].shape[0]
     c = capacity(n, k, e, capacity_factor)
@@ -78,8 +109,7 @@ def _capacity(x_nd, ids_nk, w_nk, p: ExpertWeights, capacity_factor: float | Non
     tok_a = jnp.arange(n * k) // k
     # Out-of-range rows (slot >= C, or id == E: not on this shard) are dropped by the scatter.
     buf_ecd = jnp.zeros((e, c, x_nd.shape[1]), x_nd.dtype).at[ids_a, slot_a].set(x_nd[tok_a], mode="drop")
-    h_ecf = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf_ecd, p["gate"])) * jnp.einsum("ecd,edf->ecf", buf_ecd, p["up"])
-    out_ecd = jnp.einsum("ecf,efd->ecd", h_ecf, p["down"])
+    out_ecd = _batched_mlp(buf_ecd, p, act)
     y_ad = out_ecd.at[ids_a, slot_a].get(mode="fill", fill_value=0)
     y = jnp.einsum("nkd,nk->nd", y_ad.reshape(n, k, -1).astype(jnp.float32), w_nk)
     dropped = jnp.sum((slot_a >= c) & (ids_a < e)).astype(jnp.int32)
@@ -107,14 +137,17 @@ def _used_blocks(expert_b: jax.Array, num_experts: int) -> jax.Array:
     return jnp.sum(expert_b < num_experts)
 
 
-def _swiglu_blocks_fwd_loop(x_bcd, expert_b, g, u, dn, keep_pre: bool = False):
-    """-> y [B, C, d], and with keep_pre the pre-activations x @ gate, x @ up [B, C, f] (for the
-    backward pass, which then needs no recomputation)."""
-    def body(b, out):
-        i, x_cd = expert_b[b], x_bcd[b]
+def _mlp_blocks_fwd_loop(act, x_bcd, expert_b, g, u, dn, b, keep_pre: bool = False):
+    """-> y [B, C, d], and with keep_pre the pre-activations a, c [B, C, f] (for the backward pass,
+    which then needs no recomputation). b: the biases (gate, up, down) or None."""
+    def body(blk, out):
+        i, x_cd = expert_b[blk], x_bcd[blk]
         a, c = x_cd @ g[i], x_cd @ u[i]
-        out = {**out, "y": out["y"].at[b].set((jax.nn.silu(a) * c) @ dn[i])}
-        return {**out, "a": out["a"].at[b].set(a), "c": out["c"].at[b].set(c)} if keep_pre else out
+        if b is not None:
+            a, c = a + b[0][i], c + b[1][i]
+        y = act(a, c) @ dn[i]
+        out = {**out, "y": out["y"].at[blk].set(y if b is None else y + b[2][i])}
+        return {**out, "a": out["a"].at[blk].set(a), "c": out["c"].at[blk].set(c)} if keep_pre else out
 
     out = {"y": jnp.zeros((*x_bcd.shape[:2], dn.shape[2]), x_bcd.dtype)}
     if keep_pre:
@@ -123,61 +156,67 @@ def _swiglu_blocks_fwd_loop(x_bcd, expert_b, g, u, dn, keep_pre: bool = False):
     return (out["y"], out["a"], out["c"]) if keep_pre else out["y"]
 
 
-@jax.custom_vjp
-def _swiglu_blocks(x_bcd, expert_b, g, u, dn):
-    """Block b's rows through expert expert_b[b]'s SwiGLU; blocks with expert E are zero."""
-    return _swiglu_blocks_fwd_loop(x_bcd, expert_b, g, u, dn)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mlp_blocks(act, x_bcd, expert_b, g, u, dn, b):
+    """Block blk's rows through expert expert_b[blk]'s MLP; blocks with expert E are zero."""
+    return _mlp_blocks_fwd_loop(act, x_bcd, expert_b, g, u, dn, b)
 
 
-def _swiglu_blocks_fwd(x_bcd, expert_b, g, u, dn):
+def _mlp_blocks_fwd(act, x_bcd, expert_b, g, u, dn, b):
     """symbolic_zeros: each argument comes with `.perturbed`; frozen experts (ESFT's stacked
     experts, a constant) get no weight gradient and frozen inputs no input gradient."""
     values = tuple(a.value for a in (x_bcd, expert_b, g, u, dn))
-    want_x, want_w = x_bcd.perturbed, g.perturbed or u.perturbed or dn.perturbed
-    y, a, c = _swiglu_blocks_fwd_loop(*values, keep_pre=True)
-    return y, (*values, a, c, want_x, want_w)
+    b_values = None if b is None else tuple(a.value for a in b)
+    want_x = x_bcd.perturbed
+    want_w = any(a.perturbed for a in (g, u, dn, *(b or ())))
+    y, a, c = _mlp_blocks_fwd_loop(act, *values, b_values, keep_pre=True)
+    return y, (*values, b_values, a, c, want_x, want_w)
 
 
-def _swiglu_blocks_bwd(res, dy_bcd):
-    x_bcd, expert_b, g, u, dn, a_bcf, c_bcf, want_x, want_w = res
+def _mlp_blocks_bwd(act, res, dy_bcd):
+    x_bcd, expert_b, g, u, dn, b, a_bcf, c_bcf, want_x, want_w = res
     if isinstance(dy_bcd, SymbolicZero):
         dy_bcd = jnp.zeros((*x_bcd.shape[:2], dn.shape[2]), x_bcd.dtype)
 
-    def body(b, grads):
-        i, x_cd, dy_cd, a, c = expert_b[b], x_bcd[b], dy_bcd[b], a_bcf[b], c_bcf[b]
-        sig = jax.nn.sigmoid(a)
-        silu = a * sig
-        dh = dy_cd @ dn[i].T
-        da, dc = dh * c * sig * (1 + a * (1 - sig)), dh * silu
+    def body(blk, grads):
+        i, x_cd, dy_cd = expert_b[blk], x_bcd[blk], dy_bcd[blk]
+        h, act_vjp = jax.vjp(act, a_bcf[blk], c_bcf[blk])
+        da, dc = act_vjp(dy_cd @ dn[i].T)
         out = dict(grads)
         if want_w:
             out["g"] = grads["g"].at[i].add(x_cd.T @ da)
             out["u"] = grads["u"].at[i].add(x_cd.T @ dc)
-            out["dn"] = grads["dn"].at[i].add((silu * c).T @ dy_cd)
+            out["dn"] = grads["dn"].at[i].add(h.T @ dy_cd)
+            if b is not None:
+                out["b"] = tuple(gb.at[i].add(d.sum(0)) for gb, d in zip(grads["b"], (da, dc, dy_cd)))
         if want_x:
-            out["x"] = grads["x"].at[b].set(da @ g[i].T + dc @ u[i].T)
+            out["x"] = grads["x"].at[blk].set(da @ g[i].T + dc @ u[i].T)
         return out
 
     zeros = {}
     if want_w:
         zeros.update(g=jnp.zeros_like(g), u=jnp.zeros_like(u), dn=jnp.zeros_like(dn))
+        if b is not None:
+            zeros["b"] = tuple(jnp.zeros_like(a) for a in b)
     if want_x:
         zeros["x"] = jnp.zeros_like(x_bcd)
     grads = jax.lax.fori_loop(0, _used_blocks(expert_b, g.shape[0]), body, zeros)
-    return grads.get("x"), None, grads.get("g"), grads.get("u"), grads.get("dn")
+    db = None if b is None else grads.get("b", (None,) * 3)
+    return grads.get("x"), None, grads.get("g"), grads.get("u"), grads.get("dn"), db
 
 
-_swiglu_blocks.defvjp(_swiglu_blocks_fwd, _swiglu_blocks_bwd, symbolic_zeros=True)
+_mlp_blocks.defvjp(_mlp_blocks_fwd, _mlp_blocks_bwd, symbolic_zeros=True)
 
 
-def _blocked(x_nd, ids_nk, w_nk, p: ExpertWeights, block: int):
+def _blocked(x_nd, ids_nk, w_nk, p: ExpertWeights, act: GLU, block: int):
     n, k = ids_nk.shape
     e = p["gate"].shape[0]
     ids_a = ids_nk.reshape(-1)
     row_a, expert_b, num_blocks = _block_layout(ids_a, e, block)
     rows_rd = jnp.zeros((num_blocks * block, x_nd.shape[1]), x_nd.dtype).at[row_a].set(
         x_nd[jnp.arange(n * k) // k], mode="drop")
-    out_rd = _swiglu_blocks(rows_rd.reshape(num_blocks, block, -1), expert_b, p["gate"], p["up"], p["down"])
+    out_rd = _mlp_blocks(act, rows_rd.reshape(num_blocks, block, -1), expert_b, p["gate"], p["up"], p["down"],
+                         _biases(p))
     y_ad = out_rd.reshape(num_blocks * block, -1).at[row_a].get(mode="fill", fill_value=0)
     y = jnp.einsum("nkd,nk->nd", y_ad.reshape(n, k, -1).astype(jnp.float32), w_nk)
     return y, jnp.zeros((), jnp.int32)
@@ -188,20 +227,20 @@ SPILL_MIN_ROWS = 128  # below this many rows per expert, batched matmuls lose to
 SPILL_MAX_OVERFLOW = 0.125  # above this share of assignments overflowing, the block loop alone wins
 
 
-def _spill(x_nd, ids_nk, w_nk, p: ExpertWeights, block: int, cf: float):
+def _spill(x_nd, ids_nk, w_nk, p: ExpertWeights, act: GLU, block: int, cf: float):
     n, k = ids_nk.shape
     e = p["gate"].shape[0]
     c = capacity(n, k, e, cf)
     if c < SPILL_MIN_ROWS:
-        return _blocked(x_nd, ids_nk, w_nk, p, block)
+        return _blocked(x_nd, ids_nk, w_nk, p, act, block)
     _, _, rank = sort_by_expert(ids_nk.reshape(-1), e)
     spilled = (rank.reshape(n, k) >= c) & (ids_nk < e)
 
     def blocked(x_nd, p, ids_nk=ids_nk):
-        return _blocked(x_nd, ids_nk, w_nk, p, block)[0]
+        return _blocked(x_nd, ids_nk, w_nk, p, act, block)[0]
 
     def batched_then_spill(x_nd, p):
-        y, _ = _capacity(x_nd, jnp.where(spilled, e, ids_nk), w_nk, p, cf)
+        y, _ = _capacity(x_nd, jnp.where(spilled, e, ids_nk), w_nk, p, act, cf)
         overflow = functools.partial(blocked, ids_nk=jnp.where(spilled, ids_nk, e))
         return y + jax.lax.cond(jnp.any(spilled), overflow, lambda *_: jnp.zeros_like(y), x_nd, p)
 
@@ -209,15 +248,21 @@ def _spill(x_nd, ids_nk, w_nk, p: ExpertWeights, block: int, cf: float):
     return jax.lax.cond(balanced, batched_then_spill, blocked, x_nd, p), jnp.zeros((), jnp.int32)
 
 
-def _ragged(x_nd, ids_nk, w_nk, p: ExpertWeights):
+def _ragged(x_nd, ids_nk, w_nk, p: ExpertWeights, act: GLU):
     n, k = ids_nk.shape
     e = p["gate"].shape[0]
     ids_a = ids_nk.reshape(-1)
     order, counts, _ = sort_by_expert(ids_a, e)
     x_ad = x_nd[order // k]  # rows sorted by expert; assignments to id E come last, outside all groups
     group_sizes = counts[:e].astype(jnp.int32)
-    h_af = jax.nn.silu(jax.lax.ragged_dot(x_ad, p["gate"], group_sizes)) * jax.lax.ragged_dot(x_ad, p["up"], group_sizes)
-    out_sorted = jax.lax.ragged_dot(h_af, p["down"], group_sizes)
+    a, c = jax.lax.ragged_dot(x_ad, p["gate"], group_sizes), jax.lax.ragged_dot(x_ad, p["up"], group_sizes)
+    b = _biases(p)
+    expert_a = jnp.minimum(ids_a[order], e - 1)  # rows outside all groups get weight 0 below
+    if b is not None:
+        a, c = a + b[0][expert_a], c + b[1][expert_a]
+    out_sorted = jax.lax.ragged_dot(act(a, c), p["down"], group_sizes)
+    if b is not None:
+        out_sorted = out_sorted + b[2][expert_a]
     out_ad = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
     w_nk = jnp.where(ids_nk < e, w_nk, 0.0)
     y = jnp.einsum("nkd,nk->nd", out_ad.reshape(n, k, -1).astype(jnp.float32), w_nk)
@@ -225,20 +270,20 @@ def _ragged(x_nd, ids_nk, w_nk, p: ExpertWeights):
 
 
 def routed_experts(x_nd: jax.Array, ids_nk: jax.Array, weights_nk: jax.Array, p: ExpertWeights,
-                   strategy: str = "auto", capacity_factor: float | None = None, block: int = BLOCK
-                   ) -> tuple[jax.Array, jax.Array]:
+                   strategy: str = "auto", capacity_factor: float | None = None, block: int = BLOCK,
+                   act: GLU = GLU()) -> tuple[jax.Array, jax.Array]:
     """x [N, d], ids/weights [N, k] -> (y [N, d] float32, dropped assignments: int32 scalar)."""
     p = {name: jnp.asarray(w, x_nd.dtype) for name, w in p.items()}
     weights_nk = weights_nk.astype(jnp.float32)
     strategy = resolve_strategy(strategy)
     if strategy == "dense":
-        return _dense(x_nd, ids_nk, weights_nk, p)
+        return _dense(x_nd, ids_nk, weights_nk, p, act)
     if strategy == "capacity":
-        return _capacity(x_nd, ids_nk, weights_nk, p, capacity_factor)
+        return _capacity(x_nd, ids_nk, weights_nk, p, act, capacity_factor)
     if strategy == "blocked":
-        return _blocked(x_nd, ids_nk, weights_nk, p, block)
+        return _blocked(x_nd, ids_nk, weights_nk, p, act, block)
     if strategy == "spill":
-        return _spill(x_nd, ids_nk, weights_nk, p, block, capacity_factor or SPILL_FACTOR)
+        return _spill(x_nd, ids_nk, weights_nk, p, act, block, capacity_factor or SPILL_FACTOR)
     if strategy == "ragged":
-        return _ragged(x_nd, ids_nk, weights_nk, p)
+        return _ragged(x_nd, ids_nk, weights_nk, p, act)
     raise ValueError(f"unknown MoE strategy {strategy!r}")

@@ -1,7 +1,8 @@
-"""The MoE feed-forward block: router, routed experts (optionally expert-parallel), shared experts.
+"""The MoE feed-forward block: router, routed experts (optionally expert-parallel), shared experts
+(optionally behind a sigmoid gate).
 
 Expert overrides: `p["override"] = {"ids": [S] int32, "gate"/"up": [S, d, f], "down": [S, f, d]}`
-gives S experts of the layer (ids; -1 = an unused slot) weights that replace their rows of the
+(+ the biases, where the experts have them) gives S experts of the layer (ids; -1 = an unused slot) weights that replace their rows of the
 stacked `experts`. Tokens routed to an overridden expert are computed with the override weights,
 the rest with the stacked ones; routing is unchanged. Fine-tuning a few experts differentiates only
 the small override arrays: the stacked experts stay constants, so no weight gradient is computed
@@ -29,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from esft_jax import sharding
 from esft_jax.model.config import ModelConfig
-from esft_jax.model.experts import routed_experts, sort_by_expert
+from esft_jax.model.experts import GLU, routed_experts, sort_by_expert
 from esft_jax.model.router import RouterOutput, route
 
 
@@ -56,11 +57,15 @@ def _split_overridden(ids_btk: jax.Array, override_ids_s: jax.Array, num_stacked
     return stacked, slots
 
 
+def expert_glu(cfg: ModelConfig) -> GLU:
+    return GLU(cfg.expert_act, cfg.swiglu_limit, cfg.swiglu_alpha)
+
+
 def _routed(x_btd, ids_btk, w_btk, experts, cfg: ModelConfig):
     """Routed-expert output on one device -> (y [B, T, d] float32, dropped assignments)."""
     b, t, d = x_btd.shape
     y, dropped = routed_experts(x_btd.reshape(b * t, d), ids_btk.reshape(b * t, -1), w_btk.reshape(b * t, -1),
-                                experts, cfg.moe_strategy, cfg.capacity_factor)
+                                experts, cfg.moe_strategy, cfg.capacity_factor, act=expert_glu(cfg))
     return y.reshape(b, t, d), dropped
 
 
@@ -73,7 +78,7 @@ def _on_expert_shards(local, act: P, x_btd, ids_btk, w_btk, experts, override):
     `act`, experts over `expert`, overrides replicated; y comes back split as `act`, dropped replicated.
     check_vma=False: the block loops start from fresh zeros (and `spill` may return them)."""
     ov_specs = None if override is None else {k: P() for k in override}
-    fn = jax.shard_map(local, in_specs=(act, act, act, {k: P("expert", None, None) for k in experts}, ov_specs),
+    fn = jax.shard_map(local, in_specs=(act, act, act, {k: P("expert") for k in experts}, ov_specs),
                        out_specs=(act, P()), check_vma=False)
     return fn(x_btd, ids_btk, w_btk, experts, override)
 
@@ -128,13 +133,14 @@ def _all_to_all(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig, mesh
         recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)
         recv_ids = jax.lax.all_to_all(send_ids, "expert", 0, 0, tiled=True)
         y_recv, _ = routed_experts(recv.reshape(-1, d), recv_ids.reshape(-1, 1), jnp.ones((n_shards * rows, 1)), p,
-                                   cfg.moe_strategy)
+                                   cfg.moe_strategy, act=expert_glu(cfg))
         y_back = jax.lax.all_to_all(y_recv.reshape(n_shards, rows, d), "expert", 0, 0, tiled=True)
         y_a = y_back.at[dest, slot].get(mode="fill", fill_value=0)
         y = jnp.einsum("nkd,nk->nd", y_a.reshape(b * t, k, d), w_nk.astype(jnp.float32))
         dropped = jnp.sum(valid & (slot >= rows)).astype(jnp.int32)
         if ov is not None:
-            y_ov, dropped_ov = routed_experts(x_nd, slots, w_nk, _override_weights(ov), cfg.moe_strategy)
+            y_ov, dropped_ov = routed_experts(x_nd, slots, w_nk, _override_weights(ov), cfg.moe_strategy,
+                                              act=expert_glu(cfg))
             y, dropped = y + y_ov, dropped + dropped_ov
         return y.reshape(b, t, d), jax.lax.psum(dropped, (*batch, "expert"))
 
@@ -144,7 +150,7 @@ def _all_to_all(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig, mesh
 def moe_block(p: dict[str, Any], x_btd: jax.Array, cfg: ModelConfig) -> MoEOutput:
     """x [B, T, d] (already normed) -> routed + shared expert output [B, T, d], and the routing."""
     b, t, d = x_btd.shape
-    r = route(x_btd.reshape(b * t, d), p["router"], cfg, p.get("router_bias"))
+    r = route(x_btd.reshape(b * t, d), p["router"], cfg, p.get("router_bias"), p.get("router_correction"))
     routing = RouterOutput(*(a.reshape(b, t, -1) for a in r))
     mesh_shape = sharding.current_mesh_shape()
     override = p.get("override")
@@ -162,5 +168,8 @@ def moe_block(p: dict[str, Any], x_btd: jax.Array, cfg: ModelConfig) -> MoEOutpu
         y, dropped = y + y_ov, dropped + dropped_ov
     y = y.astype(x_btd.dtype)
     if "shared" in p:
-        y = y + swiglu(x_btd, p["shared"])
+        shared = swiglu(x_btd, p["shared"])
+        if "shared_gate" in p:  # Qwen2-MoE: a per-token sigmoid gate on the shared expert
+            shared = shared * jax.nn.sigmoid(x_btd @ p["shared_gate"].astype(x_btd.dtype))
+        y = y + shared
     return MoEOutput(y, routing, dropped)

@@ -1,6 +1,7 @@
-"""Rotary position embeddings, plain and YaRN-scaled, as DeepSeek uses them.
+"""Rotary position embeddings, plain and YaRN-scaled.
 
-Only the `qk_rope_head_dim` slice of each query/key head is rotated. YaRN (DeepSeek-V2-Lite uses
+Only `cfg.rotary_dim` dims of each query/key head are rotated (MLA: its rope slice; GQA: all of the
+head or its first `partial_rotary_factor`). YaRN (DeepSeek-V2-Lite uses
 factor 40) blends interpolated and extrapolated frequencies, scales cos/sin by an attention factor,
 and changes the softmax scale by mscale(factor, mscale_all_dim)**2.
 """
@@ -20,13 +21,15 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 def inv_freq_and_attention_factor(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     """Inverse frequencies [rope_dim // 2] (float32) and the cos/sin scale."""
-    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    dim, base = cfg.rotary_dim, cfg.rope_theta
     pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     if cfg.rope_type == "default":
         return (1.0 / pos_freqs).astype(np.float32), 1.0
     factor = cfg.rope_factor
     original_max = cfg.rope_original_max_position_embeddings or cfg.max_position_embeddings
-    if cfg.rope_mscale and cfg.rope_mscale_all_dim:
+    if cfg.rope_attention_factor is not None:
+        attention_factor = cfg.rope_attention_factor
+    elif cfg.rope_mscale and cfg.rope_mscale_all_dim:
         attention_factor = _yarn_mscale(factor, cfg.rope_mscale) / _yarn_mscale(factor, cfg.rope_mscale_all_dim)
     else:
         attention_factor = _yarn_mscale(factor)
@@ -34,8 +37,10 @@ def inv_freq_and_attention_factor(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     def correction_dim(rotations: float) -> float:
         return dim * math.log(original_max / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(cfg.rope_beta_fast)), 0)
-    high = min(math.ceil(correction_dim(cfg.rope_beta_slow)), dim - 1)
+    low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)

@@ -1,14 +1,16 @@
-"""Top-k routing of tokens to experts (DeepSeek-V2 and -V3 gates), always in float32.
+"""Top-k routing of tokens to experts, always in float32.
 
-- V2: softmax scores; `greedy` top-k, or `group_limited_greedy` (keep the `topk_group` groups with the
+The logits are x @ router (+ a bias, gpt-oss). Then:
+- softmax scores (DeepSeek-V2, Qwen-MoE, OLMoE, Mixtral, gpt-oss); `greedy` top-k, or `group_limited_greedy` (keep the `topk_group` groups with the
   highest max score, zero the rest, then top-k).
-- V3 (`noaux_tc`): sigmoid scores; a per-expert bias (`e_score_correction_bias`) is added for
+- `noaux_tc` (DeepSeek-V3, GLM-4-MoE): sigmoid scores; a per-expert correction is added for
   *choosing* experts only. Groups are ranked by the sum of their two best biased scores; the gate
   weights are the unbiased scores of the chosen experts.
-Then, if `norm_topk_prob`, the k weights are normalised to sum to 1. V3 then multiplies them by
-`routed_scaling_factor`; V2's original code scales only weights it did not normalise (normalise *or*
-scale). (transformers 5 ignores `norm_topk_prob` for V2 and always scales; every released V2 model
-sets it False, where all three agree.)
+Then, if `norm_topk_prob`, the k weights are normalised to sum to 1 (Mixtral's and gpt-oss's
+softmax over the k chosen logits is the same), and multiplied by `routed_scaling_factor`. With
+`scale_normalised_weights=False` (DeepSeek-V2's original code) only weights that were not normalised
+are scaled: normalise *or* scale. (transformers 5 ignores `norm_topk_prob` for V2 and always scales;
+every released V2 model sets it False, where all three agree.)
 """
 
 from typing import NamedTuple
@@ -38,10 +40,12 @@ def _group_mask(choice_ne: jax.Array, cfg: ModelConfig, reduce: str) -> jax.Arra
     return jnp.repeat(keep_ng, e // cfg.n_group, axis=1)
 
 
-def route(x_nd: jax.Array, router_de: jax.Array, cfg: ModelConfig,
-          bias_e: jax.Array | None = None) -> RouterOutput:
-    """Route N tokens x [N, d] with router weights [d, E]."""
+def route(x_nd: jax.Array, router_de: jax.Array, cfg: ModelConfig, bias_e: jax.Array | None = None,
+          correction_e: jax.Array | None = None) -> RouterOutput:
+    """Route N tokens x [N, d] with router weights [d, E], logit bias and choice correction [E]."""
     logits = x_nd.astype(jnp.float32) @ router_de.astype(jnp.float32)
+    if bias_e is not None:
+        logits = logits + bias_e.astype(jnp.float32)
     k = cfg.num_experts_per_tok
     if cfg.scoring_func == "softmax":
         scores = jax.nn.softmax(logits, axis=-1)
@@ -54,7 +58,7 @@ def route(x_nd: jax.Array, router_de: jax.Array, cfg: ModelConfig,
         masked = jnp.where(_group_mask(scores, cfg, "max"), scores, 0.0)
         weights, ids = jax.lax.top_k(masked, k)
     else:  # noaux_tc
-        choice = scores + (bias_e.astype(jnp.float32) if bias_e is not None else 0.0)
+        choice = scores + (correction_e.astype(jnp.float32) if correction_e is not None else 0.0)
         choice = jnp.where(_group_mask(choice, cfg, "top2_sum"), choice, -jnp.inf)
         _, ids = jax.lax.top_k(choice, k)
         weights = jnp.take_along_axis(scores, ids, axis=-1)
@@ -62,6 +66,6 @@ def route(x_nd: jax.Array, router_de: jax.Array, cfg: ModelConfig,
     normalise = cfg.norm_topk_prob and k > 1
     if normalise:
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-    if not (normalise and cfg.model_type == "deepseek_v2"):
+    if cfg.scale_normalised_weights or not normalise:
         weights = weights * cfg.routed_scaling_factor
     return RouterOutput(ids.astype(jnp.int32), weights, scores)

@@ -1,9 +1,11 @@
-"""The DeepSeek decoder: `logits, routing = forward(params, tokens, cfg)`.
+"""The MoE decoder: `logits, routing = forward(params, tokens, cfg)`.
 
 A pure function of the parameter pytree (model/params.py): usable under jax.jit / jax.grad, no hidden
-state. Dense layers and MoE layers are each stacked and run with `jax.lax.scan` (or a Python loop,
-`cfg.scan_layers=False`); the MoE layers also return every layer's routing, which profiling consumes
-directly (no hooks).
+state. Dense layers and MoE layers are each stacked; the model's layers run in order, each maximal
+run of one kind with `jax.lax.scan` over its slice of the stack (or a Python loop,
+`cfg.scan_layers=False`), so a dense prefix (DeepSeek) is two scans and an interleaved pattern
+(Qwen's `decoder_sparse_step`) one scan per run. The MoE layers also return every layer's routing,
+which profiling consumes directly (no hooks).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from esft_jax.model.attention import attention_mask, mla
+from esft_jax.model.attention import attention_mask, mla, within_window
 from esft_jax.model.config import ModelConfig
+from esft_jax.model.gqa import gqa
 from esft_jax.model.moe import moe_block, swiglu
 from esft_jax.model.norm import rms_norm
 from esft_jax.model.rope import rope_cos_sin
@@ -24,7 +27,7 @@ _ACT = ("act_batch", None, None)
 
 
 class Routing(NamedTuple):
-    """Routing of every MoE layer (L = num_moe_layers; layer l is model layer first_k_dense_replace + l)."""
+    """Routing of every MoE layer (L = num_moe_layers; row l is model layer cfg.moe_layer_ids[l])."""
     expert_ids: jax.Array  # [L, B, T, k] int32
     gate_weights: jax.Array  # [L, B, T, k] float32
     router_scores: jax.Array | None  # [L, B, T, E] float32, only if asked for
@@ -41,21 +44,47 @@ def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
 
 
 class KVCache(NamedTuple):
-    """MLA's compressed cache: per layer group ("dense_layers", "moe_layers"), the normed latents
-    [L, B, S, kv_lora_rank] and rotated shared keys [L, B, S, rope] -- not per-head keys/values."""
-    latent: dict[str, jax.Array]
-    k_pe: dict[str, jax.Array]
+    """Per layer group ("dense_layers", "moe_layers"), the attention kind's two cached arrays:
+    MLA's compressed cache (normed latents [L, B, S, kv_lora_rank], rotated shared keys [L, B, S, rope]),
+    GQA's rotated keys and values ([L, B, S, KV, head_dim] each)."""
+    kv: dict[str, tuple[jax.Array, jax.Array]]
     segment_ids: jax.Array  # [B, S]: 0 marks padding and unfilled slots
     length: jax.Array  # int32 scalar: slots filled so far
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
     dt = jnp.dtype(cfg.dtype)
-    groups = {"dense_layers": cfg.first_k_dense_replace, "moe_layers": cfg.num_moe_layers}
-    groups = {g: n for g, n in groups.items() if n}
-    return KVCache({g: jnp.zeros((n, batch, max_len, cfg.kv_lora_rank), dt) for g, n in groups.items()},
-                   {g: jnp.zeros((n, batch, max_len, cfg.qk_rope_head_dim), dt) for g, n in groups.items()},
-                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+    if cfg.attention == "mla":
+        shapes = ((cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,))
+    else:
+        shapes = ((cfg.kv_heads, cfg.gqa_head_dim),) * 2
+    groups = {"dense_layers": len(cfg.dense_layer_ids), "moe_layers": cfg.num_moe_layers}
+    kv = {g: tuple(jnp.zeros((n, batch, max_len, *shape), dt) for shape in shapes)
+          for g, n in groups.items() if n}
+    return KVCache(kv, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def layer_runs(cfg: ModelConfig) -> list[tuple[str, int, int]]:
+    """The model's layers as maximal runs of one kind: (group, first, end) slices of that group's stack."""
+    moe = set(cfg.moe_layer_ids)
+    runs: list[tuple[str, int, int]] = []
+    seen = {"dense_layers": 0, "moe_layers": 0}
+    for layer in range(cfg.num_hidden_layers):
+        group = "moe_layers" if layer in moe else "dense_layers"
+        if runs and runs[-1][0] == group:
+            runs[-1] = (group, runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((group, seen[group], seen[group] + 1))
+        seen[group] += 1
+    return runs
+
+
+def _windows(cfg: ModelConfig) -> dict[str, jax.Array]:
+    """Per layer group, each layer's sliding window [L] int32 (0: full attention)."""
+    sliding = set(cfg.sliding_window_layers)
+    windows = {"dense_layers": [cfg.sliding_window if l in sliding else 0 for l in cfg.dense_layer_ids],
+               "moe_layers": [cfg.sliding_window if l in sliding else 0 for l in cfg.moe_layer_ids]}
+    return {g: jnp.asarray(w, jnp.int32) for g, w in windows.items() if w}
 
 
 def forward(params: dict[str, Any], tokens_bt: jax.Array, cfg: ModelConfig, *,
@@ -95,34 +124,42 @@ def _loop_layers(body: Callable, x: jax.Array, xs: Any) -> tuple[jax.Array, Any]
     return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
+def _concat(trees: list[Any]) -> Any:
+    return trees[0] if len(trees) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *trees)
+
+
 def _decoder(params, tokens_bt, cfg: ModelConfig, segment_ids_bt, positions_bt, return_router_scores: bool,
              cache: KVCache | None = None):
     dt = jnp.dtype(cfg.dtype)
     cos, sin = rope_cos_sin(positions_bt, cfg)
     eps = cfg.rms_norm_eps
+    t = tokens_bt.shape[1]
     if cache is None:
-        mask = attention_mask(segment_ids_bt)
+        mask, query_slots = attention_mask(segment_ids_bt), jnp.arange(t)
     else:
-        t, s = tokens_bt.shape[1], cache.segment_ids.shape[1]
+        s = cache.segment_ids.shape[1]
         key_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids_bt, cache.length, axis=1)
-        causal = jnp.arange(s)[None, :] <= cache.length + jnp.arange(t)[:, None]
+        query_slots = cache.length + jnp.arange(t)
+        causal = jnp.arange(s)[None, :] <= query_slots[:, None]
         mask = (causal & (segment_ids_bt[:, :, None] == key_segments[:, None, :])
                 & (key_segments[:, None, :] != 0))[:, None]
+    attention = mla if cfg.attention == "mla" else gqa
 
-    def attend(x, p, layer_cache):
+    def attend(x, p, window, layer_cache):
         kv_cache = None if layer_cache is None else (*layer_cache, cache.length)
-        out, keys = mla(p["attn"], rms_norm(x, p["attn_norm"], eps), cos, sin, mask, cfg, kv_cache)
+        layer_mask = mask if window is None else within_window(mask, query_slots, window)
+        out, keys = attention(p["attn"], rms_norm(x, p["attn_norm"], eps), cos, sin, layer_mask, cfg, kv_cache)
         return x + out, (None if layer_cache is None else keys)
 
     def dense_layer(x, xs):
-        p, layer_cache = xs
-        x, keys = attend(x, p, layer_cache)
+        p, window, layer_cache = xs
+        x, keys = attend(x, p, window, layer_cache)
         x = x + swiglu(rms_norm(x, p["mlp_norm"], eps), p["mlp"])
         return constrain(x, _ACT), keys
 
     def moe_layer(x, xs):
-        p, layer_cache = xs
-        x, keys = attend(x, p, layer_cache)
+        p, window, layer_cache = xs
+        x, keys = attend(x, p, window, layer_cache)
         out = moe_block(p["moe"], rms_norm(x, p["mlp_norm"], eps), cfg)
         r = out.routing
         routing = Routing(r.expert_ids, r.weights, r.scores if return_router_scores else None, out.dropped)
@@ -131,19 +168,20 @@ def _decoder(params, tokens_bt, cfg: ModelConfig, segment_ids_bt, positions_bt, 
     if cfg.remat:  # keep only each layer's input for the backward pass
         dense_layer, moe_layer = jax.checkpoint(dense_layer), jax.checkpoint(moe_layer)
 
-    def layer_cache(group):
-        return None if cache is None else (cache.latent[group], cache.k_pe[group])
-
+    windows = _windows(cfg) if cfg.sliding_window_layers else {}
     x = constrain(params["embed"][tokens_bt].astype(dt), _ACT)
-    new_keys = {}
     layers = jax.lax.scan if cfg.scan_layers else _loop_layers
-    if "dense_layers" in params:
-        x, new_keys["dense_layers"] = layers(dense_layer, x, (params["dense_layers"], layer_cache("dense_layers")))
-    if "moe_layers" in params:
-        x, (routing, new_keys["moe_layers"]) = layers(moe_layer, x, (params["moe_layers"], layer_cache("moe_layers")))
+    outputs: dict[str, list] = {"dense_layers": [], "moe_layers": []}
+    for group, first, end in layer_runs(cfg):
+        take = lambda a: a[first:end]  # noqa: E731 -- one run's slice of a stack
+        xs = (jax.tree.map(take, params[group]), windows[group][first:end] if windows else None,
+              None if cache is None else jax.tree.map(take, cache.kv[group]))
+        x, out = layers(dense_layer if group == "dense_layers" else moe_layer, x, xs)
+        outputs[group].append(out)
+    if outputs["moe_layers"]:
+        routing, moe_keys = _concat(outputs["moe_layers"])
     else:
-        b, t = tokens_bt.shape
-        k = cfg.num_experts_per_tok
+        b, k = tokens_bt.shape[0], cfg.num_experts_per_tok
         routing = Routing(jnp.zeros((0, b, t, k), jnp.int32), jnp.zeros((0, b, t, k)), None,
                           jnp.zeros((0,), jnp.int32))
     x = rms_norm(x, params["final_norm"], eps)
@@ -151,6 +189,8 @@ def _decoder(params, tokens_bt, cfg: ModelConfig, segment_ids_bt, positions_bt, 
     logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
     logits = constrain(logits, ("act_batch", None, "act_vocab"))
     if cache is not None:
-        cache = KVCache({g: k[0] for g, k in new_keys.items()}, {g: k[1] for g, k in new_keys.items()},
-                        key_segments, cache.length + tokens_bt.shape[1])
+        kv = {"moe_layers": moe_keys} if outputs["moe_layers"] else {}
+        if outputs["dense_layers"]:
+            kv["dense_layers"] = _concat(outputs["dense_layers"])
+        cache = KVCache(kv, key_segments, cache.length + t)
     return logits, routing, cache

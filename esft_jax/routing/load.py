@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +15,8 @@ def expert_counts(expert_ids_lbtk: jax.Array, mask_bt: jax.Array, num_experts: i
     return jnp.einsum("lbtke,bt->le", onehot, mask_bt.astype(jnp.int32))
 
 
-def load_table(counts_le: np.ndarray, first_layer: int, top: int = 4) -> str:
-    """A markdown table: per layer, the busiest experts, how many were used, imbalance and entropy."""
+def load_table(counts_le: np.ndarray, layer_ids: Sequence[int], top: int = 4) -> str:
+    """A markdown table: per MoE layer (row l is model layer layer_ids[l]), the busiest experts, how many were used, imbalance and entropy."""
     counts_le = np.asarray(counts_le, np.float64)
     num_experts = counts_le.shape[1]
     rows = ["| layer | busiest experts (share of assignments) | experts used | max/mean load | "
@@ -24,6 +26,6 @@ def load_table(counts_le: np.ndarray, first_layer: int, top: int = 4) -> str:
         busiest = np.argsort(-share, kind="stable")[:top]
         nonzero = share[share > 0]
         entropy = float(-(nonzero * np.log(nonzero)).sum() / np.log(num_experts))
-        rows.append(f"| {first_layer + l} | " + ", ".join(f"{e} ({share[e]:.1%})" for e in busiest)
+        rows.append(f"| {layer_ids[l]} | " + ", ".join(f"{e} ({share[e]:.1%})" for e in busiest)
                     + f" | {int((counts > 0).sum())}/{num_experts} | {share.max() * num_experts:.2f} | {entropy:.3f} |")
     return "\n".join(rows)

@@ -156,7 +156,7 @@ def profile(params: Any, cfg: ModelConfig, seqs: list[Sequence] | Callable[[int,
     process reads only the data shards under its batch rows (`shards` of them, 0: one per block of
     rows a process holds), so the statistics depend on the shard count, not on the process count.
     Documents are packed into rows of `row_length(...)` (module docstring)."""
-    layers = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
+    layers = list(cfg.moe_layer_ids)
     stats = RoutingStats.empty(layers, cfg.n_routed_experts, cfg.num_experts_per_tok)
     step = jax.jit(_step, static_argnums=(4, 5, 6))
     rows_sharding = None

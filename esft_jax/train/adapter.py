@@ -15,7 +15,7 @@ from esft_jax.checkpoint.hf_names import tensor_maps
 from esft_jax.model.config import ModelConfig
 from esft_jax.sharding import to_host
 from esft_jax.train.lora import LoRA
-from esft_jax.train.trainable import FullFineTune, Params
+from esft_jax.train.trainable import ALWAYS_FROZEN, FullFineTune, Params, is_shared
 
 
 def _changed_by(method):
@@ -28,7 +28,9 @@ def _changed_by(method):
     def changed(m) -> bool:
         if "experts" in m.path:
             return m.index in selected
-        return ec.shared_experts if "shared" in m.path else ec.non_expert_modules
+        if m.path[2:3] == ALWAYS_FROZEN:
+            return False
+        return ec.shared_experts if is_shared(m.path) else ec.non_expert_modules
 
     return changed
 

@@ -47,8 +47,7 @@ def build_method(c: ml_collections.ConfigDict, cfg: ModelConfig):
     if c.method == "lora":
         return LoRA(rank=c.lora.rank, alpha=c.lora.alpha, targets=tuple(c.lora.targets.split(",")), seed=c.seed)
     if c.method == "esft":
-        moe_layers = range(cfg.first_k_dense_replace, cfg.num_hidden_layers)
-        return ExpertSubset.build(cfg, ExpertConfig.load(c.expert_config, moe_layers, cfg.n_routed_experts))
+        return ExpertSubset.build(cfg, ExpertConfig.load(c.expert_config, cfg.moe_layer_ids, cfg.n_routed_experts))
     raise ValueError(f"method={c.method!r}: expected one of {METHODS}")
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from esft_jax.checkpoint.hf_names import input_dims
+from esft_jax.model.params import input_dims
 from esft_jax.train.trainable import Params, cast_like
 
 TARGETS = ("attention", "experts", "shared_experts")
@@ -52,10 +52,12 @@ class LoRA:
             if group not in frozen:
                 continue
             if "attention" in self.targets:
-                paths += [((group, "attn", name), 1) for name, w in frozen[group]["attn"].items() if w.ndim > 2]
+                paths += [((group, "attn", name), 1) for name in frozen[group]["attn"]
+                          if input_dims((group, "attn", name)) is not None]
             moe = frozen[group].get("moe", {})
             if "experts" in self.targets and "experts" in moe:
-                paths += [((group, "moe", "experts", k), 2) for k in moe["experts"]]
+                paths += [((group, "moe", "experts", k), 2) for k in moe["experts"]
+                          if input_dims((group, "moe", "experts", k)) is not None]
             if "shared_experts" in self.targets and "shared" in moe:
                 paths += [((group, "moe", "shared", k), 1) for k in moe["shared"]]
         return paths
@@ -63,7 +65,7 @@ class LoRA:
     @staticmethod
     def _split(path: tuple[str, ...], shape: tuple[int, ...], n_batch: int):
         """(batch dims, fan-in, fan-out) of the weight at path (path[0] is the layer group)."""
-        n_in = input_dims(path[1:])
+        n_in = input_dims(path)
         return shape[:n_batch], math.prod(shape[n_batch:n_batch + n_in]), math.prod(shape[n_batch + n_in:])
 
     def init(self, frozen: Params) -> Params:

@@ -58,7 +58,7 @@ def method_for(cfg: ModelConfig, method: str, expert_fraction: float = 0.1, expe
         return LoRA(rank=lora_rank, alpha=2.0 * lora_rank)
     if method != "esft":
         raise ValueError(f"method {method!r}: expected fft, lora or esft")
-    layers = range(cfg.first_k_dense_replace, cfg.num_hidden_layers)
+    layers = cfg.moe_layer_ids
     if expert_config:
         return ExpertSubset.build(cfg, ExpertConfig.load(expert_config, layers, cfg.n_routed_experts))
     m = max(1, round(expert_fraction * cfg.n_routed_experts))

@@ -7,7 +7,8 @@ Every method has the same three functions over pytrees, so one train loop serves
   constants, so no weight gradient is ever computed for them.
 - `write_back(frozen, trainable)`: full params in the frozen dtypes (checkpoints, export).
 
-ESFT keeps the selected experts' rows compact: [N, d, f] for the N selected (layer, expert) pairs,
+ESFT keeps the selected experts' rows compact (weights and, where the experts have them, biases):
+[N, d, f] for the N selected (layer, expert) pairs,
 with no padding. `materialize` gathers them into the model's per-layer expert overrides
 (model/moe.py), padded to the largest per-layer count with unused slots (id -1).
 """
@@ -25,7 +26,6 @@ from esft_jax.expert_config import ExpertConfig
 from esft_jax.model.config import ModelConfig
 
 Params = dict[str, Any]
-EXPERT_KEYS = ("gate", "up", "down")
 
 
 def overlay(base: Params, top: Params) -> Params:
@@ -36,15 +36,31 @@ def overlay(base: Params, top: Params) -> Params:
     return out
 
 
+SHARED = ("shared", "shared_gate")  # the shared experts and their gate (Qwen2-MoE)
+# Never trained by ESFT: the choice correction of noaux_tc routers is a load-balancing buffer, not a
+# weight of the loss (the reference updates it outside the optimiser).
+ALWAYS_FROZEN = ("router_correction",)
+
+
+def is_shared(path: tuple[str, ...]) -> bool:
+    """Whether a param path, e.g. ("moe_layers", "moe", "shared", "up"), is part of the shared experts."""
+    return path[1:2] == ("moe",) and path[2] in SHARED
+
+
 def non_expert_part(params: Params) -> Params:
-    """Everything but the routed and shared experts: attention, norms, embeddings, head, router,
-    and the dense layers' MLPs."""
+    """Everything but the routed and shared experts (and the frozen buffers): attention, norms,
+    embeddings, head, router (and its logit bias), and the dense layers' MLPs."""
     out = {k: v for k, v in params.items() if k != "moe_layers"}
     if "moe_layers" in params:
         moe_layers = dict(params["moe_layers"])
-        moe_layers["moe"] = {k: v for k, v in moe_layers["moe"].items() if k not in ("experts", "shared")}
+        skip = ("experts", *SHARED, *ALWAYS_FROZEN)
+        moe_layers["moe"] = {k: v for k, v in moe_layers["moe"].items() if k not in skip}
         out["moe_layers"] = moe_layers
     return out
+
+
+def _shared_part(moe: Params) -> Params:
+    return {k: moe[k] for k in SHARED if k in moe}
 
 
 def _float32(tree: Params) -> Params:
@@ -86,8 +102,8 @@ class ExpertSubset:
 
     @classmethod
     def build(cls, cfg: ModelConfig, expert_config: ExpertConfig) -> "ExpertSubset":
-        first, num_layers = cfg.first_k_dense_replace, cfg.num_moe_layers
-        per_layer = [expert_config.experts.get(first + l, []) for l in range(num_layers)]
+        num_layers = cfg.num_moe_layers
+        per_layer = [expert_config.experts.get(layer, []) for layer in cfg.moe_layer_ids]
         width = max([len(ids) for ids in per_layer] + [1])
         rows, slots, slot_ids = [], np.zeros((num_layers, width), np.int32), -np.ones((num_layers, width), np.int32)
         for l, ids in enumerate(per_layer):
@@ -101,9 +117,9 @@ class ExpertSubset:
         layer, expert = self.rows[:, 0], self.rows[:, 1]
         trainable: Params = {}
         if self.rows.size:  # no routed expert at all: e.g. the "shared experts only" ablation
-            trainable["experts"] = {k: jnp.asarray(experts[k][layer, expert], jnp.float32) for k in EXPERT_KEYS}
+            trainable["experts"] = {k: jnp.asarray(w[layer, expert], jnp.float32) for k, w in experts.items()}
         if self.expert_config.shared_experts and "shared" in frozen["moe_layers"]["moe"]:
-            trainable["shared"] = _float32(frozen["moe_layers"]["moe"]["shared"])
+            trainable["shared"] = _float32(_shared_part(frozen["moe_layers"]["moe"]))
         if self.expert_config.non_expert_modules:
             trainable["non_expert"] = _float32(non_expert_part(frozen))
         return trainable
@@ -111,9 +127,9 @@ class ExpertSubset:
     def axes(self, model_axes: Params, trainable: Params) -> Params:
         out: Params = {}
         if "experts" in trainable:
-            out["experts"] = {k: (None, *model_axes["moe_layers"]["moe"]["experts"][k][2:]) for k in EXPERT_KEYS}
+            out["experts"] = {k: (None, *axes[2:]) for k, axes in model_axes["moe_layers"]["moe"]["experts"].items()}
         if "shared" in trainable:
-            out["shared"] = model_axes["moe_layers"]["moe"]["shared"]
+            out["shared"] = _shared_part(model_axes["moe_layers"]["moe"])
         if "non_expert" in trainable:
             out["non_expert"] = non_expert_part(model_axes)
         return out
@@ -123,7 +139,7 @@ class ExpertSubset:
         top = dict(trainable.get("non_expert", {}))
         if "shared" in trainable:
             moe_layers = dict(top.get("moe_layers", {}))
-            moe_layers["moe"] = {**moe_layers.get("moe", {}), "shared": trainable["shared"]}
+            moe_layers["moe"] = {**moe_layers.get("moe", {}), **trainable["shared"]}
             top["moe_layers"] = moe_layers
         return top
 
@@ -131,7 +147,7 @@ class ExpertSubset:
         params = overlay(frozen, self._subtrees(trainable))
         if "experts" not in trainable:
             return params
-        override = {k: trainable["experts"][k][self.slots] for k in EXPERT_KEYS}  # [L, S, ...]
+        override = {k: rows[self.slots] for k, rows in trainable["experts"].items()}  # [L, S, ...]
         override["ids"] = jnp.asarray(self.slot_ids)
         moe_layers = dict(params["moe_layers"])
         moe_layers["moe"] = {**moe_layers["moe"], "override": override}
@@ -143,8 +159,7 @@ class ExpertSubset:
             return params
         experts = params["moe_layers"]["moe"]["experts"]
         layer, expert = self.rows[:, 0], self.rows[:, 1]
-        experts = {k: experts[k].at[layer, expert].set(trainable["experts"][k].astype(experts[k].dtype))
-                   for k in EXPERT_KEYS}
+        experts = {k: w.at[layer, expert].set(trainable["experts"][k].astype(w.dtype)) for k, w in experts.items()}
         moe_layers = dict(params["moe_layers"])
         moe_layers["moe"] = {**moe_layers["moe"], "experts": experts}
         return {**params, "moe_layers": moe_layers}
