@@ -120,8 +120,8 @@ def _expert_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
 
 def _moe_specs(cfg: ModelConfig) -> dict[str, Any]:
     d, e = cfg.hidden_size, cfg.n_routed_experts
-    moe: dict[str, Any] = {"router": ParamSpec((d, e), ("embed", "expert")), "experts": _expert_specs(cfg)}
-    moe["router"] = dataclasses.replace(moe["router"], dtype="float32")  # as the reference keeps it
+    moe: dict[str, Any] = {"router": ParamSpec((d, e), ("embed", "expert"), dtype="float32"),  # as the reference
+                           "experts": _expert_specs(cfg)}
     if cfg.router_bias:
         moe["router_bias"] = ParamSpec((e,), ("expert",), "zeros", dtype="float32")
     if cfg.topk_method == "noaux_tc":

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from esft_jax.checkpoint.families.base import (GQA, NORMS, Family, common_fields, common_hf, experts, gqa_fields,
-                                               gqa_hf, layer_types, require, sliding_layers, gpt_oss_fused)
+from esft_jax.checkpoint.families.base import (GQA, NORMS, Family, common_fields, common_hf, experts, gpt_oss_fused,
+                                               gqa_fields, gqa_hf, layer_types, require, sliding_layers)
 from esft_jax.model.config import ModelConfig
 
 NAMES = {**NORMS, **GQA, **experts(), ("moe", "router"): "mlp.router.weight", ("moe", "router_bias"): "mlp.router.bias"}
