@@ -154,6 +154,9 @@ def cmd_export(c: ml_collections.ConfigDict) -> None:
 def cmd_eval(c: ml_collections.ConfigDict) -> None:
     """Score a model (optionally with an adapter) on eval tasks, and its held-out perplexity."""
     cfg, params = runtime.load_model(c)
+    mesh = runtime.mesh(c)
+    if mesh is not None:
+        params = sharding.shard_params(params, param_axes(cfg), mesh)
     if c.perplexity.data:
         validate.within_positions(c, "perplexity.seq_len", cfg)
     tokenizer = runtime.tokenizer(c)
@@ -167,14 +170,14 @@ def cmd_eval(c: ml_collections.ConfigDict) -> None:
         samples = read_eval_jsonl(task.data, task.limit)
         mean, records = evaluate_task(params, cfg, tokenizer, samples, scorer=task.scorer,
                                       max_new_tokens=task.max_new_tokens, stop=[s for s in task.stop.split("|") if s],
-                                      batch_size=c.batch_size, judge=judge)
+                                      batch_size=c.batch_size, judge=judge, mesh=mesh)
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         scores[name] = mean
         print(f"{name}: {task.scorer} {mean:.4f} over {len(records)} samples")
     if c.perplexity.data:
         held_out, _ = read_jsonl(c.perplexity.data)
         scores["perplexity"] = perplexity(params, cfg, tokenizer, held_out, seq_len=c.perplexity.seq_len,
-                                          batch_size=c.batch_size)
+                                          batch_size=c.batch_size, mesh=mesh)
         print(f"perplexity on {c.perplexity.data}: {scores['perplexity']:.3f}")
     (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
 

@@ -25,12 +25,13 @@ from typing import Any
 
 import ml_collections
 
-from esft_jax import report, runtime
+from esft_jax import report, runtime, sharding
 from esft_jax.builtin import tasks as builtin_tasks
 from esft_jax.data.records import read_jsonl
 from esft_jax.eval.judge import judge_from_config
 from esft_jax.eval.tasks import evaluate_task, perplexity, read_eval_jsonl
 from esft_jax.expert_config import ExpertConfig
+from esft_jax.model import param_axes
 from esft_jax.routing import analyze, profile, scores, select
 from esft_jax.routing.sources import STATS_FILE, load_stats
 
@@ -60,6 +61,9 @@ def _evaluate(c: ml_collections.ConfigDict, suite: Path, adapter: str = "") -> d
     """Task score, general-suite scores and held-out perplexity of the base model (+ adapter)."""
     model = ml_collections.ConfigDict({**c.to_dict(), "adapter": adapter})
     cfg, params = runtime.load_model(model)
+    mesh = runtime.mesh(c)
+    if mesh is not None:
+        params = sharding.shard_params(params, param_axes(cfg), mesh)
     tok = runtime.tokenizer(c)
     judge = judge_from_config(c.judge)
     out = {}
@@ -68,11 +72,11 @@ def _evaluate(c: ml_collections.ConfigDict, suite: Path, adapter: str = "") -> d
         samples = read_eval_jsonl(suite / "eval" / f"{name}.jsonl", c.eval.limit)
         out[name], _ = evaluate_task(params, cfg, tok, samples, scorer=spec.scorer, max_new_tokens=spec.max_new_tokens,
                                      stop=[s for s in spec.stop.split("|") if s], batch_size=c.eval.batch_size,
-                                     judge=judge)
+                                     judge=judge, mesh=mesh)
     if c.perplexity_set:
         held_out, _ = read_jsonl(suite / "eval" / f"{c.perplexity_set}.jsonl")
         out["perplexity"] = perplexity(params, cfg, tok, held_out, seq_len=c.eval.seq_len,
-                                       batch_size=c.eval.batch_size)
+                                       batch_size=c.eval.batch_size, mesh=mesh)
     return out
 
 
@@ -81,6 +85,7 @@ def _train_command(c: ml_collections.ConfigDict, method: str, run: Path, suite: 
     args = [sys.executable, "-m", "esft_jax.cli", "train", "--config", f"configs/train.py:{kind}",
             f"--config.checkpoint={c.checkpoint}", f"--config.data.train={suite / 'train' / f'{c.task}.jsonl'}",
             f"--config.workdir={run / f'train_{method}'}", f"--config.optim.lr={c.lr.get(method, c.lr.esft)}",
+            *(f"--config.mesh.{axis}={size}" for axis, size in c.mesh.items() if size != 1),
             *(f"--config.{override}" for override in c.train)]
     if kind == "esft":
         selection = method.removeprefix("esft_")
@@ -158,7 +163,7 @@ def run_study(c: ml_collections.ConfigDict) -> tuple[Path, report.Study | None]:
         seqs = profile.sequences(samples, runtime.tokenizer(c), cfg, seq_len=c.profile.seq_len,
                                  token_budget=c.profile.token_budget, seed=c.seed)
         profile.profile(params, cfg, seqs, batch_size=c.profile.batch_size, seq_len=c.profile.seq_len,
-                        progress=False).save(run_dir / "profile" / STATS_FILE)
+                        mesh=runtime.mesh(c), progress=False).save(run_dir / "profile" / STATS_FILE)
     stats = load_stats(run_dir / "profile")
 
     print("[2/5] selecting experts")

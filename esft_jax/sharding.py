@@ -102,6 +102,25 @@ def to_host(tree: Any) -> Any:
                                              else multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
+def rows_multiple(mesh: Mesh | None, expert_parallel: str = "psum") -> int:
+    """Rows a batch must be a multiple of on `mesh`: the batch axes' size (times `expert`, whose
+    all_to_all exchange splits rows over it too)."""
+    if mesh is None:
+        return 1
+    shape = dict(mesh.shape)
+    return math.prod(shape[a] for a in BATCH_AXES) * (shape["expert"] if expert_parallel == "all_to_all" else 1)
+
+
+def place_rows(tree: Any, mesh: Mesh | None) -> Any:
+    """Arrays [B, ...] (one process holds all rows) split over the mesh's batch axes; plain device arrays
+    without a mesh."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, tree)
+    shape = dict(mesh.shape)
+    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, logical_to_spec(
+        ("act_batch",) + (None,) * (np.ndim(x) - 1), shape))), tree)
+
+
 def shard_params(params: Any, axes_tree: Any, mesh: Mesh) -> Any:
     """Place params on the mesh according to their logical axes."""
     return jax.device_put(params, param_shardings(axes_tree, mesh))

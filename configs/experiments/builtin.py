@@ -35,6 +35,7 @@ def get_config(task: str = "intent") -> ml_collections.ConfigDict:
     c.run_dir = f"runs/esft_{task}"
     c.selections = ml_collections.ConfigDict(dict(token=selection("token", 0.2), gate=selection("gate", 0.1)))
     c.methods = ("fft", "lora", "esft_token", "esft_gate")  # "esft_<selection>"
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))  # every step's: profile, train, eval
     c.launch = "local"  # or "print": print each method's `esft train` command (for a cluster) and stop
     c.profile = ml_collections.ConfigDict(dict(token_budget=32 * 1024, seq_len=256, batch_size=16))
     # Per-method learning rates (esft: every ESFT variant): few trainable parameters take larger steps.

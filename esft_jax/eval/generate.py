@@ -4,6 +4,10 @@ Prompts are left-padded to a common length (padding has segment id 0, so it is n
 prefilled in one pass, then decoded one token per step inside a `jax.lax.while_loop` that stops when
 every row has produced EOS or `max_new_tokens` tokens. The prompt length is rounded up to a
 multiple of `bucket` so that batches of similar prompts share one compilation.
+
+With a mesh, params are expected sharded on it (sharding.shard_params); rows and the KV cache are
+split over its batch axes (the batch padded with empty prompts to a multiple of them) and the experts
+run expert-parallel, as in training: the same tokens as on one device.
 """
 
 from __future__ import annotations
@@ -11,11 +15,15 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
+from esft_jax import sharding
 from esft_jax.model import ModelConfig, forward_cached, init_cache, segment_positions
 
 
@@ -40,34 +48,44 @@ def _greedy(params, tokens_bp, segments_bp, cfg: ModelConfig, max_new_tokens: in
                                        positions_bt=pos[:, None])
         return i + 1, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), pos + 1, done, out, cache
 
-    start = (jnp.zeros((), jnp.int32), first, positions[:, -1] + 1, jnp.zeros((b,), bool), out, cache)
+    empty = ~jnp.any(segments_bp != 0, axis=1)  # a padding row (no prompt) is done from the start
+    start = (jnp.zeros((), jnp.int32), first, positions[:, -1] + 1, empty, out, cache)
     return jax.lax.while_loop(cond, body, start)[4]
 
 
+def on_mesh(mesh: Mesh | None):
+    """`jax.set_mesh(mesh)`, or nothing without a mesh."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             eos_id: int, bucket: int = 64) -> list[list[int]]:
+             eos_id: int, bucket: int = 64, mesh: Mesh | None = None) -> list[list[int]]:
     """Greedy continuations (up to and excluding EOS) of one batch of token-id prompts."""
     width = -(-max(len(p) for p in prompts) // bucket) * bucket
-    tokens = np.zeros((len(prompts), width), np.int32)
-    segments = np.zeros((len(prompts), width), np.int32)
+    multiple = sharding.rows_multiple(mesh, cfg.expert_parallel)
+    rows = -(-len(prompts) // multiple) * multiple  # padding rows: no prompt, done from the start
+    tokens = np.zeros((rows, width), np.int32)
+    segments = np.zeros((rows, width), np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, width - len(prompt):], segments[row, width - len(prompt):] = prompt, 1
-    out = np.asarray(_greedy(params, jnp.asarray(tokens), jnp.asarray(segments), cfg, max_new_tokens, eos_id))
+    tokens_bp, segments_bp = sharding.place_rows((tokens, segments), mesh)
+    with on_mesh(mesh):
+        out = np.asarray(_greedy(params, tokens_bp, segments_bp, cfg, max_new_tokens, eos_id))
     results = []
-    for row in out.tolist():
+    for row in out[:len(prompts)].tolist():
         results.append(row[:row.index(eos_id)] if eos_id in row else row)
     return results
 
 
 def generate_text(params, cfg: ModelConfig, tokenizer: Tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
-                  stop: Sequence[str] = (), batch_size: int = 8) -> list[str]:
+                  stop: Sequence[str] = (), batch_size: int = 8, mesh: Mesh | None = None) -> list[str]:
     """Greedy completions of text prompts (BOS prepended), cut at the first stop string."""
     bos = [cfg.bos_token_id] if cfg.bos_token_id is not None else []
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else -1
     texts = []
     for start in range(0, len(prompts), batch_size):
         batch = [bos + tokenizer.encode(p, add_special_tokens=False).ids for p in prompts[start:start + batch_size]]
-        for ids in generate(params, cfg, batch, max_new_tokens=max_new_tokens, eos_id=eos):
+        for ids in generate(params, cfg, batch, max_new_tokens=max_new_tokens, eos_id=eos, mesh=mesh):
             text = tokenizer.decode(ids)
             cut = min([text.index(s) for s in stop if s in text], default=len(text))
             texts.append(text[:cut])

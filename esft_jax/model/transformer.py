@@ -46,7 +46,7 @@ def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
 class KVCache(NamedTuple):
     """Per layer group ("dense_layers", "moe_layers"), the attention kind's two cached arrays:
     MLA's compressed cache (normed latents [L, B, S, kv_lora_rank], rotated shared keys [L, B, S, rope]),
-    GQA's rotated keys and values ([L, B, S, KV, head_dim] each)."""
+    GQA's rotated keys and values ([L, B, S, KV, head_dim] each). Under a mesh, split over the batch."""
     kv: dict[str, tuple[jax.Array, jax.Array]]
     segment_ids: jax.Array  # [B, S]: 0 marks padding and unfilled slots
     length: jax.Array  # int32 scalar: slots filled so far
@@ -59,9 +59,12 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
     else:
         shapes = ((cfg.kv_heads, cfg.gqa_head_dim),) * 2
     groups = {"dense_layers": len(cfg.dense_layer_ids), "moe_layers": cfg.num_moe_layers}
-    kv = {g: tuple(jnp.zeros((n, batch, max_len, *shape), dt) for shape in shapes)
-          for g, n in groups.items() if n}
-    return KVCache(kv, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+    def zeros(shape: tuple[int, ...], dtype) -> jax.Array:  # split over the batch like the activations
+        axes = (None, "act_batch") + (None,) * (len(shape) - 2) if len(shape) > 2 else ("act_batch", None)
+        return constrain(jnp.zeros(shape, dtype), axes)
+
+    kv = {g: tuple(zeros((n, batch, max_len, *shape), dt) for shape in shapes) for g, n in groups.items() if n}
+    return KVCache(kv, zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 def layer_runs(cfg: ModelConfig) -> list[tuple[str, int, int]]:
