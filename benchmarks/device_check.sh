@@ -13,5 +13,5 @@ nvidia-smi --query-gpu=name,memory.total --format=csv
 timeout 150 $PY -m pytest -q -x tests/test_experts.py tests/test_forward.py tests/test_hf_parity.py
 # one V2-Lite MoE layer: 8K tokens, hidden 2048, 64 experts of width 1408, top-6
 timeout 75 $PY benchmarks/moe_layer.py --tokens 8192 --hidden 2048 --width 1408 --experts 64 --dtype bfloat16 \
-    --strategies ragged,blocked,capacity:1.25
+    --strategies ragged,tokamax,blocked,capacity:1.25
 timeout 75 $PY benchmarks/train_step.py --size large --no-torch --batch 8 --seq 1024

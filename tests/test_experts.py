@@ -44,7 +44,10 @@ def _numpy_reference(x, ids, w, p, keep=None):
     return y
 
 
-@pytest.mark.parametrize("strategy", ["dense", "capacity", "blocked", "spill", "ragged"])
+ALL = ["dense", "capacity", "blocked", "spill", "ragged", "tokamax"]
+
+
+@pytest.mark.parametrize("strategy", ALL)
 def test_strategy_matches_numpy(strategy):
     x, ids, w, p = _problem()
     y, dropped = routed_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(w), p, strategy)
@@ -52,7 +55,7 @@ def test_strategy_matches_numpy(strategy):
     assert int(dropped) == 0
 
 
-@pytest.mark.parametrize("strategy", ["capacity", "blocked", "spill", "ragged"])
+@pytest.mark.parametrize("strategy", ALL[1:])
 def test_gradients_match_dense(strategy):
     x, ids, w, p = _problem(seed=1)
     r = np.random.default_rng(2).normal(size=(N, D)).astype(np.float32)
@@ -71,7 +74,7 @@ def test_gradients_match_dense(strategy):
         assert np.any(np.asarray(got[2][name])[~unused] != 0)
 
 
-@pytest.mark.parametrize("strategy", ["dense", "capacity", "blocked", "spill", "ragged"])
+@pytest.mark.parametrize("strategy", ALL)
 def test_sentinel_id_contributes_nothing(strategy):
     """Id E marks an assignment to an expert on another shard (expert parallelism)."""
     x, ids, w, p = _problem(seed=3)
@@ -82,7 +85,8 @@ def test_sentinel_id_contributes_nothing(strategy):
     assert_float32_close(y, _numpy_reference(x, ids, w, p, keep), FORWARD)
 
 
-@pytest.mark.parametrize("strategy,cf", [("blocked", None), ("spill", 0.1), ("spill", 1.8), ("spill", 100.0)])
+@pytest.mark.parametrize("strategy,cf", [("blocked", None), ("spill", 0.1), ("spill", 1.8), ("spill", 100.0),
+                                         ("ragged", None), ("tokamax", None)])
 def test_gradient_for_one_argument_matches_dense(strategy, cf):
     """Differentiating only the input (frozen experts, as in ESFT) or only the experts takes other
     branches of the custom VJP (symbolic zeros); spill factors: all spilled, some, none."""
@@ -96,6 +100,22 @@ def test_gradient_for_one_argument_matches_dense(strategy, cf):
         grad = jax.jit(jax.grad(loss, argnums=argnum), static_argnums=2)
         jax.tree.map(lambda a, b: assert_float32_close(a, b, BACKWARD),
                      grad(jnp.asarray(x), p, strategy), grad(jnp.asarray(x), p, "dense"))
+
+
+@pytest.mark.parametrize("strategy", ["ragged", "tokamax"])
+def test_grouped_matmuls_skip_frozen_experts_weight_gradients(strategy):
+    """ESFT differentiates only the input of the frozen stacked experts: the backward pass then has no
+    per-group x^T dy contraction (the weight gradients), only the grouped matmuls of dx."""
+    x, ids, w, p = _problem(seed=7)
+
+    def loss(x, p):
+        return jnp.sum(routed_experts(x, jnp.asarray(ids), jnp.asarray(w), p, strategy)[0])
+
+    def weight_gradients(argnums) -> int:
+        text = str(jax.make_jaxpr(jax.grad(loss, argnums=argnums))(jnp.asarray(x), p))
+        return text.count("lhs_ragged_dimensions=(0,), rhs_group_dimensions=())")  # ragged contraction
+
+    assert weight_gradients(0) == 0 and weight_gradients(1) >= 3  # gate, up, down (tokamax nests its jaxprs)
 
 
 @pytest.mark.parametrize("block", [1, 3, 8, 128])

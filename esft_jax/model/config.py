@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-MOE_STRATEGIES = ("auto", "dense", "capacity", "blocked", "spill", "ragged")
+MOE_STRATEGIES = ("auto", "dense", "capacity", "blocked", "spill", "ragged", "tokamax")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("mla", "gqa")
 QK_NORMS = (None, "head", "full")  # RMSNorm of each head's q/k, or of the whole q/k projection

@@ -18,9 +18,12 @@ Each expert is a gated MLP: down(act(x @ gate + gate_bias, x @ up + up_bias)) + 
   loop; the overflow, if any, goes through `blocked`. Where that cannot pay it is `blocked` alone:
   at trace time when C < SPILL_MIN_ROWS, at run time (`lax.cond`) when more than SPILL_MAX_OVERFLOW
   of the assignments overflow. Wins when expert loads are balanced; trained routers rarely are.
-- `ragged`: assignments sorted by expert and a grouped matmul (`jax.lax.ragged_dot`): dropless with
-  no padding; the right path on GPU/TPU, a slow dense emulation on XLA:CPU.
-`auto` picks `ragged` on GPU/TPU and `blocked` on CPU (benchmarks/moe_layer.py compares them).
+- `ragged`: assignments sorted by expert and grouped matmuls (`jax.lax.ragged_dot`, model/grouped.py):
+  dropless with no padding; a slow dense emulation on XLA:CPU (and reportedly on XLA:GPU).
+- `tokamax`: the same on tokamax's grouped-matmul kernels (Mosaic on TPU, Mosaic-GPU / Triton on
+  GPU; XLA elsewhere). Both skip frozen experts' weight gradients (model/grouped.py).
+`auto` picks `tokamax` on GPU/TPU (`ragged` if tokamax is not installed) and `blocked` on CPU
+(benchmarks/moe_layer.py compares them).
 
 An expert id equal to E means "not on this shard" (used by expert parallelism, see moe.py): such an
 assignment contributes nothing.
@@ -29,12 +32,15 @@ assignment contributes nothing.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+
+from esft_jax.model.grouped import grouped_mlp
 
 ExpertWeights = dict[str, jax.Array]  # gate, up [E, d, f]; down [E, f, d]; optional gate_bias, up_bias [E, f], down_bias [E, d]
 BIASES = ("gate_bias", "up_bias", "down_bias")
@@ -61,7 +67,9 @@ def resolve_strategy(strategy: str, platform: str | None = None) -> str:
     """`strategy`, with "auto" made concrete for `platform` (default: JAX's default backend)."""
     if strategy != "auto":
         return strategy
-    return "blocked" if (platform or jax.default_backend()) == "cpu" else "ragged"
+    if (platform or jax.default_backend()) == "cpu":
+        return "blocked"
+    return "tokamax" if importlib.util.find_spec("tokamax") else "ragged"
 
 
 def capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float | None) -> int:
@@ -248,21 +256,15 @@ def _spill(x_nd, ids_nk, w_nk, p: ExpertWeights, act: GLU, block: int, cf: float
     return jax.lax.cond(balanced, batched_then_spill, blocked, x_nd, p), jnp.zeros((), jnp.int32)
 
 
-def _ragged(x_nd, ids_nk, w_nk, p: ExpertWeights, act: GLU):
+def _grouped(x_nd, ids_nk, w_nk, p: ExpertWeights, act: GLU, impl: str):
     n, k = ids_nk.shape
     e = p["gate"].shape[0]
     ids_a = ids_nk.reshape(-1)
     order, counts, _ = sort_by_expert(ids_a, e)
     x_ad = x_nd[order // k]  # rows sorted by expert; assignments to id E come last, outside all groups
-    group_sizes = counts[:e].astype(jnp.int32)
-    a, c = jax.lax.ragged_dot(x_ad, p["gate"], group_sizes), jax.lax.ragged_dot(x_ad, p["up"], group_sizes)
-    b = _biases(p)
     expert_a = jnp.minimum(ids_a[order], e - 1)  # rows outside all groups get weight 0 below
-    if b is not None:
-        a, c = a + b[0][expert_a], c + b[1][expert_a]
-    out_sorted = jax.lax.ragged_dot(act(a, c), p["down"], group_sizes)
-    if b is not None:
-        out_sorted = out_sorted + b[2][expert_a]
+    out_sorted = grouped_mlp(impl, act, x_ad, counts[:e].astype(jnp.int32), expert_a, p["gate"], p["up"],
+                             p["down"], _biases(p))
     out_ad = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
     w_nk = jnp.where(ids_nk < e, w_nk, 0.0)
     y = jnp.einsum("nkd,nk->nd", out_ad.reshape(n, k, -1).astype(jnp.float32), w_nk)
@@ -284,6 +286,6 @@ def routed_experts(x_nd: jax.Array, ids_nk: jax.Array, weights_nk: jax.Array, p:
         return _blocked(x_nd, ids_nk, weights_nk, p, act, block)
     if strategy == "spill":
         return _spill(x_nd, ids_nk, weights_nk, p, act, block, capacity_factor or SPILL_FACTOR)
-    if strategy == "ragged":
-        return _ragged(x_nd, ids_nk, weights_nk, p, act)
+    if strategy in ("ragged", "tokamax"):
+        return _grouped(x_nd, ids_nk, weights_nk, p, act, "lax" if strategy == "ragged" else "tokamax")
     raise ValueError(f"unknown MoE strategy {strategy!r}")
