@@ -47,7 +47,7 @@ def _route_tokens(c: ml_collections.ConfigDict, cfg: ModelConfig) -> np.ndarray:
 def cmd_route(c: ml_collections.ConfigDict) -> None:
     """Run one batch and print each MoE layer's expert load."""
     mesh = runtime.mesh(c)
-    cfg, params = runtime.load_model(c)
+    cfg, params = runtime.load_model(c, mesh)
     validate.within_positions(c, "seq_len", cfg)
     tokens = jnp.asarray(_route_tokens(c, cfg))
     n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -77,7 +77,7 @@ def cmd_profile(c: ml_collections.ConfigDict) -> None:
     """Profile a model's routing on a task dataset; write stats.npz and summary.json."""
     runtime.distributed(c)
     mesh = runtime.mesh(c)
-    cfg, params = runtime.load_model(c)
+    cfg, params = runtime.load_model(c, mesh)
     validate.within_positions(c, "seq_len", cfg)
     samples, skipped = read_jsonl(c.data, c.skip_invalid)
     if skipped:
@@ -153,9 +153,9 @@ def cmd_export(c: ml_collections.ConfigDict) -> None:
 
 def cmd_eval(c: ml_collections.ConfigDict) -> None:
     """Score a model (optionally with an adapter) on eval tasks, and its held-out perplexity."""
-    cfg, params = runtime.load_model(c)
     mesh = runtime.mesh(c)
-    if mesh is not None:
+    cfg, params = runtime.load_model(c, mesh)
+    if mesh is not None:  # random weights are made on one device
         params = sharding.shard_params(params, param_axes(cfg), mesh)
     if c.perplexity.data:
         validate.within_positions(c, "perplexity.seq_len", cfg)

@@ -60,9 +60,9 @@ def _cached(path: Path, compute) -> Any:
 def _evaluate(c: ml_collections.ConfigDict, suite: Path, adapter: str = "") -> dict:
     """Task score, general-suite scores and held-out perplexity of the base model (+ adapter)."""
     model = ml_collections.ConfigDict({**c.to_dict(), "adapter": adapter})
-    cfg, params = runtime.load_model(model)
     mesh = runtime.mesh(c)
-    if mesh is not None:
+    cfg, params = runtime.load_model(model, mesh)
+    if mesh is not None:  # random weights are made on one device
         params = sharding.shard_params(params, param_axes(cfg), mesh)
     tok = runtime.tokenizer(c)
     judge = judge_from_config(c.judge)
@@ -158,12 +158,13 @@ def run_study(c: ml_collections.ConfigDict) -> tuple[Path, report.Study | None]:
         builtin_tasks.write_suite(suite, seed=c.seed)
     print(f"[1/5] profiling routing on {c.task}")
     if not (run_dir / "profile" / STATS_FILE).is_file():
-        cfg, params = runtime.load_model(c)
+        mesh = runtime.mesh(c)
+        cfg, params = runtime.load_model(c, mesh)
         samples, _ = read_jsonl(suite / "train" / f"{c.task}.jsonl")
         seqs = profile.sequences(samples, runtime.tokenizer(c), cfg, seq_len=c.profile.seq_len,
                                  token_budget=c.profile.token_budget, seed=c.seed)
         profile.profile(params, cfg, seqs, batch_size=c.profile.batch_size, seq_len=c.profile.seq_len,
-                        mesh=runtime.mesh(c), progress=False).save(run_dir / "profile" / STATS_FILE)
+                        mesh=mesh, progress=False).save(run_dir / "profile" / STATS_FILE)
     stats = load_stats(run_dir / "profile")
 
     print("[2/5] selecting experts")

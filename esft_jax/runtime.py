@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 from esft_jax import configs, sharding
 from esft_jax.checkpoint import load_checkpoint, load_config, load_tokenizer
 from esft_jax.checkpoint.adapter import load_with_adapter
+from esft_jax.checkpoint.sharded_load import load_params_sharded
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.model import ModelConfig, init_params
 
@@ -42,10 +43,14 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
     return configs.model_config(c.model) if c.checkpoint == RANDOM_WEIGHTS else load_config(c.checkpoint, **overrides)
 
 
-def load_model(c: ml_collections.ConfigDict) -> tuple[ModelConfig, dict]:
+def load_model(c: ml_collections.ConfigDict, mesh: Mesh | None = None) -> tuple[ModelConfig, dict]:
     """From `c.checkpoint` (plus `c.adapter`, where the config has one), or random weights for
-    `c.model` (seeded by c.seed) when it is "random"."""
+    `c.model` (seeded by c.seed) when it is "random". With a mesh, a checkpoint is read straight onto
+    it (checkpoint/sharded_load.py: each process reads only the blocks its devices hold)."""
     overrides = _runtime_overrides(c)
+    if c.checkpoint != RANDOM_WEIGHTS and mesh is not None:
+        cfg = load_config(c.checkpoint, **overrides)
+        return cfg, load_params_sharded(c.checkpoint, cfg, mesh, adapter=c.get("adapter") or None)
     if c.checkpoint != RANDOM_WEIGHTS:
         if c.get("adapter"):
             cfg, params = load_with_adapter(c.checkpoint, c.adapter, **overrides)

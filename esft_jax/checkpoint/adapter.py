@@ -7,9 +7,10 @@ W + (alpha / r) * B @ A, the PEFT convention); `adapter_config.json` says how it
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -70,12 +71,16 @@ def _assign(params: dict, m: TensorMap, value: np.ndarray) -> None:
         tree[m.path[-1]] = value
 
 
-def apply_adapter(params: dict, cfg: ModelConfig, tensors: dict[str, np.ndarray], metadata: dict[str, Any],
-                  where: str = "adapter") -> dict:
-    """Params (a numpy pytree, copied) with the adapter's tensors replaced or LoRA-merged in."""
-    params = _copy(params)
+Update = Callable[[np.ndarray], np.ndarray]  # a tensor's old value -> new value, both in our layout
+
+
+def adapter_updates(cfg: ModelConfig, tensors: dict[str, np.ndarray], metadata: dict[str, Any],
+                    where: str = "adapter") -> list[tuple[TensorMap, Update]]:
+    """Per TensorMap the adapter changes, how it changes it (in the adapter's order), names and shapes
+    checked: so a loader can apply an adapter one tensor at a time."""
     maps = {m.hf_name: m for m in tensor_maps(cfg)}
     scale = metadata.get("lora_alpha", 1.0) / metadata.get("r", 1)
+    updates: list[tuple[TensorMap, Update]] = []
     for name, value in tensors.items():
         if name.endswith(LORA_B):
             continue
@@ -83,14 +88,32 @@ def apply_adapter(params: dict, cfg: ModelConfig, tensors: dict[str, np.ndarray]
         if base not in maps:
             raise CheckpointError(f"{where}: tensor {name} is not part of this {cfg.model_type} model")
         m = maps[base]
-        old = _slice(params, m)
         if name.endswith(LORA_A):
-            lora_b = tensors[base[: -len(".weight")] + LORA_B]
-            merged = m.to_hf(old).astype(np.float32) + scale * (lora_b.astype(np.float32) @ value.astype(np.float32))
-            value = merged
+            update = functools.partial(_merge_lora, m, tensors[base[: -len(".weight")] + LORA_B], value, scale)
         elif tuple(value.shape) != m.hf_shape:
             raise CheckpointError(f"{where}: tensor {name} has shape {list(value.shape)}, expected {list(m.hf_shape)}")
-        _assign(params, m, m.from_hf(value).astype(old.dtype))
+        else:
+            update = functools.partial(_replace, m, value)
+        updates.append((m, update))
+    return updates
+
+
+def _merge_lora(m: TensorMap, lora_b: np.ndarray, lora_a: np.ndarray, scale: float, old: np.ndarray) -> np.ndarray:
+    """W + scale * B @ A in float32, W [out, in] the HF form of `old`; back in old's layout and dtype."""
+    merged = m.to_hf(old).astype(np.float32) + scale * (lora_b.astype(np.float32) @ lora_a.astype(np.float32))
+    return m.from_hf(merged).astype(old.dtype)
+
+
+def _replace(m: TensorMap, value: np.ndarray, old: np.ndarray) -> np.ndarray:
+    return m.from_hf(value).astype(old.dtype)
+
+
+def apply_adapter(params: dict, cfg: ModelConfig, tensors: dict[str, np.ndarray], metadata: dict[str, Any],
+                  where: str = "adapter") -> dict:
+    """Params (a numpy pytree, copied) with the adapter's tensors replaced or LoRA-merged in."""
+    params = _copy(params)
+    for m, update in adapter_updates(cfg, tensors, metadata, where):
+        _assign(params, m, update(_slice(params, m)))
     return params
 
 

@@ -138,8 +138,17 @@ def _read(f: Any, use: _Use, files: dict[str, Path]) -> np.ndarray:
         return mxfp4.dequantize(f.get_tensor(blocks), g.get_tensor(scales), bfloat16)
 
 
-def load_params(ckpt_dir: str | Path, cfg: ModelConfig) -> Params:
-    """Read every tensor the model needs into a numpy params pytree (stacked layout)."""
+class Plan(NamedTuple):
+    """What a load reads: the file of each file tensor, where each canonical tensor is, and the
+    model's TensorMaps (every one of them located)."""
+    files: dict[str, Path]
+    where: dict[str, _Use]
+    maps: list[TensorMap]
+
+
+def plan(ckpt_dir: str | Path, cfg: ModelConfig) -> Plan:
+    """Locate every tensor the model needs (CheckpointError naming the missing ones); warn about
+    file tensors the model does not use. Reads only the files' headers."""
     ckpt_dir = Path(ckpt_dir)
     files = _weight_files(ckpt_dir)
     where = _locate(files, family(cfg.model_type), cfg.n_routed_experts)
@@ -154,7 +163,12 @@ def load_params(ckpt_dir: str | Path, cfg: ModelConfig) -> Params:
              and not _IGNORED.match(n)]
     if extra:  # e.g. DeepSeek-V3's multi-token-prediction layers
         log.warning("%s: ignoring %d tensors the model does not use, e.g. %s", ckpt_dir, len(extra), extra[0])
+    return Plan(files, where, maps)
 
+
+def load_params(ckpt_dir: str | Path, cfg: ModelConfig) -> Params:
+    """Read every tensor the model needs into a numpy params pytree (stacked layout)."""
+    files, where, maps = plan(ckpt_dir, cfg)
     by_key: dict[tuple[Path, str], list[TensorMap]] = {}  # each file tensor is read once
     for m in maps:
         use = where[m.hf_name]
@@ -179,10 +193,14 @@ def _part(tensor: np.ndarray, use: _Use, file: Path, m: TensorMap) -> np.ndarray
     return value
 
 
-def _put(params: Params, specs: dict, m: TensorMap, hf_value: np.ndarray) -> None:
+def ours(m: TensorMap, hf_value: np.ndarray) -> np.ndarray:
+    """The HF tensor of `m` in our layout and dtype (the file's, float32 for the router)."""
     value = m.from_hf(hf_value)
-    if m.path in _FLOAT32_PATHS:
-        value = value.astype(np.float32)
+    return value.astype(np.float32) if m.path in _FLOAT32_PATHS else value
+
+
+def _put(params: Params, specs: dict, m: TensorMap, hf_value: np.ndarray) -> None:
+    value = ours(m, hf_value)
     if not m.index:
         _set(params, m.path, value)
         return

@@ -153,7 +153,8 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     primary = jax.process_index() == 0  # in a multi-process run, one process writes the files
     workdir = Path(c.workdir)
     validate(c, runtime.model_config(c))  # before the weights are read
-    cfg, frozen = runtime.load_model(c)
+    mesh = runtime.mesh(c)
+    cfg, frozen = runtime.load_model(c, mesh)
     tokenizer = runtime.tokenizer(c)
     samples, skipped = read_jsonl(c.data.train, c.data.skip_invalid)
     train_samples, val_samples = split_validation(samples, c.data.validation_fraction, c.data.max_validation, c.seed)
@@ -164,7 +165,6 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     method = build_method(c, cfg)
     expert_config = method.expert_config if isinstance(method, ExpertSubset) else None
 
-    mesh = runtime.mesh(c)
     model_axes = param_axes(cfg)
     frozen = _put(frozen, _shardings(model_axes, mesh))
     trainable = method.init(frozen)

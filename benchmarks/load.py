@@ -1,0 +1,117 @@
+"""Checkpoint loading: today's `load_checkpoint` + `shard_params` against `load_params_sharded`
+(checkpoint/sharded_load.py), which builds each device's block straight from the files.
+
+    .venv/bin/python benchmarks/load.py                      # ~1 GiB float32 and bfloat16, 1 and 8 devices
+    .venv/bin/python benchmarks/load.py --gib 0.25 --dtypes bfloat16
+
+Each row runs in a fresh process (its own device count, its own peak RSS). The checkpoint is a
+synthetic DeepSeek-V2-style MoE; 8 devices are a data 2 x expert 4 mesh. "Peak RSS +" is the
+process's peak resident memory after the load less before it; on simulated CPU devices the device
+buffers live in host memory too, so the loaded params themselves count once. The file is read from
+the page cache after the first row (written just before), for both loaders alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MESH_8 = {"data": 2, "expert": 4}
+
+
+def _config(dtype: str, gib: float):
+    """The tiny config widened (d 1024, 64 experts of width 512) with as many layers as make ~`gib` GiB."""
+    from esft_jax import configs
+    from esft_jax.model.params import flat_param_specs
+
+    base = configs.model_config(configs.load_file(str(ROOT / "configs/models/tiny.py")))
+    wide = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512,
+                n_routed_experts=64, kv_lora_rank=128, num_attention_heads=8, param_dtype=dtype, dtype=dtype)
+    size = lambda n: sum(math.prod(s.shape) for s in flat_param_specs(base.replace(**wide, num_hidden_layers=n)).values())  # noqa: E731
+    per_layer = size(3) - size(2)
+    layers = max(2, round((gib * 2 ** 30 / (4 if dtype == "float32" else 2) - size(2)) / per_layer) + 2)
+    return base.replace(**wide, num_hidden_layers=layers)
+
+
+def _write(path: Path, dtype: str, gib: float) -> Path:
+    import jax
+
+    from esft_jax.checkpoint import save_checkpoint
+    from esft_jax.model import init_params
+
+    cfg = _config(dtype, gib)
+    return save_checkpoint(path, cfg, init_params(cfg, jax.random.key(0)))
+
+
+def _child(ckpt: str, loader: str, devices: int) -> dict:
+    """Load once; seconds, peak RSS increase and bytes read, as a dict."""
+    import jax
+
+    from esft_jax.checkpoint.hf import load_checkpoint, load_config
+    from esft_jax.checkpoint.sharded_load import STATS, load_params_sharded
+    from esft_jax.model.params import param_axes
+    from esft_jax.runtime import peak_rss_bytes
+    from esft_jax.sharding import make_mesh, shard_params
+
+    cfg = load_config(ckpt)
+    mesh = make_mesh(MESH_8) if devices == 8 else None
+    jax.block_until_ready(jax.numpy.ones(8))  # backend started before the baseline
+    rss0, start = peak_rss_bytes(), time.perf_counter()
+    if loader == "new":
+        params = load_params_sharded(ckpt, cfg, mesh)
+        read = STATS["bytes_read"]
+    else:
+        _, params = load_checkpoint(ckpt)
+        if mesh is not None:
+            params = shard_params(params, param_axes(cfg), mesh)
+        read = (Path(ckpt) / "model.safetensors").stat().st_size  # every tensor, once (and the header)
+    jax.block_until_ready(params)
+    return {"s": time.perf_counter() - start, "rss": peak_rss_bytes() - rss0, "read": read}
+
+
+def _row(ckpt: Path, loader: str, devices: int) -> dict:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, __file__, "--child", str(ckpt), loader, str(devices)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gib", type=float, default=1.0, help="checkpoint size")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--devices", default="1,8")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        ckpt, loader, devices = args.child
+        print(json.dumps(_child(ckpt, loader, int(devices))))
+        return
+    from esft_jax.report import markdown_table
+
+    cpu = " ".join(subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.split())
+    print(f"{cpu}; {os.cpu_count()} cores; 8 devices = {MESH_8} (simulated CPU devices)")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in args.dtypes.split(","):
+            ckpt = _write(Path(tmp) / dtype, dtype, args.gib)
+            size = (ckpt / "model.safetensors").stat().st_size
+            for devices in map(int, args.devices.split(",")):
+                for loader, name in (("old", "load_checkpoint + shard_params"), ("new", "load_params_sharded")):
+                    r = _row(ckpt, loader, devices)
+                    rows.append([dtype, f"{size / 2 ** 30:.2f}", str(devices), name, f"{r['s']:.2f}",
+                                 f"{r['rss'] / 2 ** 30:.2f}", f"{r['read'] / 2 ** 30:.2f}"])
+    print(markdown_table(["dtype", "file GiB", "devices", "loader", "load s", "peak RSS + GiB", "GiB read"], rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""load_params_sharded builds every leaf with its final sharding and equals load_checkpoint placed with
+shard_params, bit for bit (float32, bfloat16, gpt-oss's fused and MXFP4 layouts, an adapter), while
+an expert-parallel load reads each stored byte once."""
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import family_configs
+import jax
+import numpy as np
+import pytest
+import train_fixtures as fx
+from safetensors.numpy import load_file, save_file
+
+from esft_jax.checkpoint import mxfp4
+from esft_jax.checkpoint.adapter import load_with_adapter, write_adapter
+from esft_jax.checkpoint.hf import CheckpointError, load_checkpoint, save_checkpoint
+from esft_jax.checkpoint.hf_names import tensor_maps
+from esft_jax.checkpoint.sharded_load import STATS, load_params_sharded
+from esft_jax.model import init_params
+from esft_jax.model.params import flat_param_specs, param_axes
+from esft_jax.sharding import make_mesh, shard_params
+
+MESHES = [{"data": 2, "expert": 4}, {"fsdp": 8}, {"expert": 2, "tensor": 4}]
+
+
+def _save(path: Path, cfg, seed: int = 0) -> Path:
+    return save_checkpoint(path, cfg, init_params(cfg, jax.random.key(seed)))
+
+
+def _stored_bytes(path: Path) -> int:
+    """Bytes of tensor data in a safetensors file: its size less the 8-byte length and the JSON header."""
+    with path.open("rb") as f:
+        (header,) = struct.unpack("<Q", f.read(8))
+    return path.stat().st_size - 8 - header
+
+
+def _assert_same(got, want_host, mesh_shape, cfg) -> None:
+    """Every leaf of `got` bitwise equal to the reference and sharded as shard_params places it."""
+    want = (shard_params(want_host, param_axes(cfg), make_mesh(mesh_shape)) if mesh_shape
+            else jax.tree.map(jax.numpy.asarray, want_host))
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        name = jax.tree_util.keystr(path)
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        assert g.sharding.is_equivalent_to(w.sharding, g.ndim), (name, g.sharding, w.sharding)
+        np.testing.assert_array_equal(np.asarray(g).view(np.uint8), np.asarray(w).view(np.uint8), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mesh_shape", [None, *MESHES], ids=str)
+def test_equals_load_checkpoint_then_shard_params(tmp_path, dtype, mesh_shape):
+    cfg = fx.tiny_config(param_dtype=dtype)
+    ckpt = _save(tmp_path / "ckpt", cfg)
+    _, want = load_checkpoint(ckpt)
+    got = load_params_sharded(ckpt, cfg, make_mesh(mesh_shape) if mesh_shape else None)
+    _assert_same(got, want, mesh_shape, cfg)
+
+
+def _gpt_oss(tmp_path: Path, packed: bool) -> tuple:
+    """gpt-oss's Hub layout (fused gate_up_proj / down_proj), optionally MXFP4-packed."""
+    cfg = family_configs.config("gpt_oss") if not packed else family_configs.config_from_hf(
+        {**family_configs.HF["gpt_oss"], "hidden_size": 64, "intermediate_size": 32}, param_dtype="bfloat16")
+    ckpt = save_checkpoint(tmp_path / "fused", cfg, family_configs.params(cfg))
+    if packed:
+        tensors = load_file(ckpt / "model.safetensors")
+        for base in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+            blocks, scales = map(np.ascontiguousarray, mxfp4.quantize(tensors.pop(base).astype(np.float32)))
+            tensors[base + "_blocks"], tensors[base + "_scales"] = blocks, scales
+        save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    return cfg, ckpt
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["fused", "mxfp4"])
+def test_fused_and_mxfp4_layouts(tmp_path, packed):
+    cfg, ckpt = _gpt_oss(tmp_path, packed)
+    _, want = load_checkpoint(ckpt)
+    mesh_shape = {"data": 2, "expert": 4}
+    _assert_same(load_params_sharded(ckpt, cfg, make_mesh(mesh_shape)), want, mesh_shape, cfg)
+
+
+def test_expert_parallel_load_reads_every_stored_byte_once(tmp_path):
+    cfg = fx.tiny_config(param_dtype="bfloat16")
+    ckpt = _save(tmp_path / "ckpt", cfg)
+    load_params_sharded(ckpt, cfg, make_mesh({"data": 2, "expert": 4}))
+    assert STATS["bytes_read"] == _stored_bytes(ckpt / "model.safetensors")
+
+
+def test_adapter_equals_load_with_adapter(tmp_path):
+    cfg = fx.tiny_config()
+    ckpt = _save(tmp_path / "ckpt", cfg)
+    rng = np.random.default_rng(0)
+    expert = "model.layers.2.mlp.experts.5.down_proj.weight"  # [d, f]
+    lora = "model.layers.1.self_attn.kv_a_proj_with_mqa"  # [kv_lora + rope, d]
+    tensors = {expert: rng.standard_normal((cfg.hidden_size, cfg.moe_intermediate_size), np.float32),
+               f"{lora}.lora_A.weight": rng.standard_normal((2, cfg.hidden_size), np.float32),
+               f"{lora}.lora_B.weight": rng.standard_normal((cfg.kv_lora_rank + cfg.qk_rope_head_dim, 2), np.float32)}
+    adapter = write_adapter(tmp_path / "adapter", tensors, {"r": 2, "lora_alpha": 4})
+    _, want = load_with_adapter(ckpt, adapter)
+    mesh_shape = {"data": 2, "expert": 4}
+    _assert_same(load_params_sharded(ckpt, cfg, make_mesh(mesh_shape), adapter), want, mesh_shape, cfg)
+
+
+def test_errors_are_load_checkpoints(tmp_path):
+    cfg = fx.tiny_config()
+    ckpt = _save(tmp_path / "ckpt", cfg)
+    tensors = load_file(ckpt / "model.safetensors")
+    del tensors["model.layers.3.mlp.experts.7.up_proj.weight"]
+    save_file(tensors, ckpt / "model.safetensors")
+    with pytest.raises(CheckpointError) as want:
+        load_checkpoint(ckpt)
+    with pytest.raises(CheckpointError) as got:
+        load_params_sharded(ckpt, cfg, make_mesh({"expert": 8}))
+    assert str(got.value) == str(want.value)
+
+
+_CHILD = """
+import json, sys, jax
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+import train_fixtures as fx
+from esft_jax.checkpoint.sharded_load import STATS, load_params_sharded
+from esft_jax.sharding import make_mesh
+params = load_params_sharded(sys.argv[3], fx.tiny_config(param_dtype="bfloat16"), make_mesh({"expert": 2}))
+print(json.dumps(STATS))
+"""
+
+
+def test_two_processes_each_read_their_half_of_the_experts(tmp_path):
+    cfg = fx.tiny_config(param_dtype="bfloat16")
+    ckpt = _save(tmp_path / "ckpt", cfg)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1"),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, f"127.0.0.1:{port}", str(i), str(ckpt)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    read = [json.loads(out.strip().splitlines()[-1])["bytes_read"] for out in outs]
+    tensors, specs = load_file(ckpt / "model.safetensors"), flat_param_specs(cfg)
+    # the routed experts and the router [embed, expert] are split over the expert axis
+    expert_bytes = sum(tensors[m.hf_name].nbytes for m in tensor_maps(cfg) if "expert" in specs[m.path].axes)
+    shared = _stored_bytes(ckpt / "model.safetensors") - expert_bytes
+    assert read == [shared + expert_bytes // 2] * 2
