@@ -35,7 +35,7 @@ def test_strategies_agree(family):
     params, (tokens, segments) = fc.params(dense), fc.batch(dense)
     ref_logits, ref_routing = _forward(params, tokens, dense, segment_ids_bt=segments)
     n = model_roundings(dense)
-    for strategy in ("capacity", "blocked", "ragged"):
+    for strategy in ("blocked", "ragged"):  # capacity: against transformers in test_hf_parity
         cfg = dense.replace(moe_strategy=strategy)
         logits, routing = _forward(params, tokens, cfg, segment_ids_bt=segments)
         assert_float32_close(logits, ref_logits, n, err_msg=strategy)
@@ -65,7 +65,7 @@ def test_sharded_equals_single_device(family):
     mesh = sharding.make_mesh({"data": 2, "expert": 4}, jax.devices()[:8])
     rows = NamedSharding(mesh, sharding.logical_to_spec(("act_batch", None), dict(mesh.shape)))
     sharded = sharding.shard_params(params, param_axes(cfg), mesh)
-    for exchange in ("psum", "all_to_all") if family in ("qwen2_moe", "gpt_oss") else ("psum",):
+    for exchange in ("psum", "all_to_all") if family == "gpt_oss" else ("psum",):
         with jax.set_mesh(mesh):
             logits, routing = _forward(sharded, jax.device_put(tokens, rows), cfg.replace(expert_parallel=exchange),
                                        segment_ids_bt=jax.device_put(segments, rows))
