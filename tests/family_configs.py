@@ -39,7 +39,7 @@ HF = {
                     layer_types=["sliding_attention", "full_attention"] * 2),
 }
 FAMILIES = tuple(HF)
-NEW_FAMILIES = FAMILIES[1:]  # DeepSeek's strategies and sharding have their own tests (test_experts, test_sharding)
+NEW_FAMILIES = FAMILIES[1:]  # DeepSeek's strategies, sharding and ESFT have their own tests
 
 
 def config(family: str, **runtime) -> ModelConfig:

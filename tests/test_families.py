@@ -109,7 +109,7 @@ def _train(method, params, cfg, steps=2):
     return method.write_back(params, trainable)
 
 
-@pytest.mark.parametrize("family", fc.FAMILIES)
+@pytest.mark.parametrize("family", fc.NEW_FAMILIES)  # DeepSeek's: tests/test_trainable.py
 def test_esft_changes_exactly_the_selected_rows(family):
     cfg = fc.config(family)
     params = fc.params(cfg)
@@ -143,7 +143,7 @@ def test_expert_config_keys_are_the_models_moe_layers():
         ExpertConfig.from_json({"experts": {"3": [0]}}, cfg.moe_layer_ids, cfg.n_routed_experts)
 
 
-@pytest.mark.parametrize("family", fc.FAMILIES)
+@pytest.mark.parametrize("family", fc.FAMILIES)  # MLA's projections too
 def test_lora_covers_attention_and_expert_projections(family):
     """LoRA adapts every attention projection and every routed expert's weights (never a bias or norm)."""
     cfg = fc.config(family)
