@@ -27,6 +27,7 @@ from esft_jax.checkpoint.errors import CheckpointError
 from esft_jax.checkpoint.families import Family, family
 from esft_jax.checkpoint.families.base import Fused
 from esft_jax.checkpoint.hf_names import TensorMap, config_from_hf, config_to_hf, tensor_maps
+from esft_jax.checkpoint.safetensors_read import TensorFile
 from esft_jax.checkpoint.output_dir import export_replaceable, staged_dir, write_marker
 from esft_jax.checkpoint.tokenizer import write_tokenizer_files
 from esft_jax.jsonio import read_json
@@ -45,13 +46,17 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
 @contextlib.contextmanager
-def read_safetensors(path: Path) -> Iterator[Any]:
-    """`safe_open(path)`, its errors (a truncated file, a garbled header) raised as one CheckpointError line."""
+def read_safetensors(path: Path) -> Iterator[TensorFile]:
+    """The file's tensors (read without a memory map: checkpoint/safetensors_read.py), its layout
+    checked by `safe_open` first, whose errors (a truncated file, a garbled header) are one
+    CheckpointError line."""
     try:
-        with safe_open(path, "numpy") as f:
-            yield f
+        with safe_open(path, "numpy"):
+            pass
     except SafetensorError as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    with open(path, "rb") as fh:
+        yield TensorFile(fh)
 
 
 def load_config(ckpt_dir: str | Path, **runtime: Any) -> ModelConfig:
