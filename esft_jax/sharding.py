@@ -7,6 +7,7 @@ Every parameter and main activation names its axes logically ("expert", "embed",
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Mapping, Sequence
 
@@ -100,6 +101,11 @@ def to_host(tree: Any) -> Any:
 
     return jax.tree.map(lambda x: np.asarray(x if not isinstance(x, jax.Array) or x.is_fully_addressable
                                              else multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
+def on_mesh(mesh: Mesh | None):
+    """`jax.set_mesh(mesh)`, or nothing without a mesh."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def rows_multiple(mesh: Mesh | None, expert_parallel: str = "psum") -> int:

@@ -174,15 +174,15 @@ def plan(ckpt_dir: str | Path, cfg: ModelConfig) -> Plan:
 def load_params(ckpt_dir: str | Path, cfg: ModelConfig) -> Params:
     """Read every tensor the model needs into a numpy params pytree (stacked layout)."""
     files, where, maps = plan(ckpt_dir, cfg)
-    by_key: dict[tuple[Path, str], list[TensorMap]] = {}  # each file tensor is read once
+    by_file: dict[Path, dict[str, list[TensorMap]]] = {}  # each file tensor is read once
     for m in maps:
         use = where[m.hf_name]
-        by_key.setdefault((use.file, use.key), []).append(m)
+        by_file.setdefault(use.file, {}).setdefault(use.key, []).append(m)
     specs = flat_param_specs(cfg)
     params: Params = {}
-    for file in dict.fromkeys(f for f, _ in by_key):
+    for file, by_key in by_file.items():
         with read_safetensors(file) as f:
-            for (_, key), key_maps in ((k, v) for k, v in by_key.items() if k[0] == file):
+            for key_maps in by_key.values():
                 tensor = _read(f, where[key_maps[0].hf_name], files)
                 for m in key_maps:
                     _put(params, specs, m, _part(tensor, where[m.hf_name], file, m))

@@ -15,8 +15,6 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,11 +51,6 @@ def _greedy(params, tokens_bp, segments_bp, cfg: ModelConfig, max_new_tokens: in
     return jax.lax.while_loop(cond, body, start)[4]
 
 
-def on_mesh(mesh: Mesh | None):
-    """`jax.set_mesh(mesh)`, or nothing without a mesh."""
-    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
-
-
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              eos_id: int, bucket: int = 64, mesh: Mesh | None = None) -> list[list[int]]:
     """Greedy continuations (up to and excluding EOS) of one batch of token-id prompts."""
@@ -69,7 +62,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     for row, prompt in enumerate(prompts):
         tokens[row, width - len(prompt):], segments[row, width - len(prompt):] = prompt, 1
     tokens_bp, segments_bp = sharding.place_rows((tokens, segments), mesh)
-    with on_mesh(mesh):
+    with sharding.on_mesh(mesh):
         out = np.asarray(_greedy(params, tokens_bp, segments_bp, cfg, max_new_tokens, eos_id))
     results = []
     for row in out[:len(prompts)].tolist():

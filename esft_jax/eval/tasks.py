@@ -21,7 +21,7 @@ from tqdm import tqdm
 from esft_jax import sharding
 from esft_jax.data.pipeline import eval_batches
 from esft_jax.data.records import DataError, Sample
-from esft_jax.eval.generate import generate_text, on_mesh
+from esft_jax.eval.generate import generate_text
 from esft_jax.eval.judge import Judge
 from esft_jax.eval.scorers import SCORERS
 from esft_jax.model import ModelConfig, forward
@@ -91,7 +91,7 @@ def perplexity(params: Any, cfg: ModelConfig, tokenizer: Tokenizer, samples: Seq
     rows = -(-batch_size // multiple) * multiple
     for batch in eval_batches(list(samples), tokenizer, cfg, seq_len=seq_len, batch_size=batch_size):
         batch = {k: np.pad(v, [(0, rows - v.shape[0])] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
-        with on_mesh(mesh):
+        with sharding.on_mesh(mesh):
             loss_sum, n = step(params, sharding.place_rows(batch, mesh))
         total, count = total + float(loss_sum), count + int(n)
     return math.exp(total / max(count, 1))

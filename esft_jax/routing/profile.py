@@ -18,7 +18,6 @@ processes, and so do the statistics.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any, Callable, Iterator
 
@@ -172,7 +171,7 @@ def profile(params: Any, cfg: ModelConfig, seqs: list[Sequence] | Callable[[int,
     rows_per_seq_len = seq_len // row_len
     bar = tqdm(total=sum(int(s.counted.sum()) for part in local.values() for s in part), unit="tok",
                desc="profiling", disable=not progress)
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    with sharding.on_mesh(mesh):
         for tokens, segments, counted in _local_batches(packed, plan.rows * rows_per_seq_len, row_len):
             batch = sharding.from_process_rows((tokens, segments, counted), rows_sharding,
                                                (batch_size * rows_per_seq_len, row_len))

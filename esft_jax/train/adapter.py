@@ -28,7 +28,7 @@ def _changed_by(method):
     def changed(m) -> bool:
         if "experts" in m.path:
             return m.index in selected
-        if m.path[2:3] == ALWAYS_FROZEN:
+        if m.path[-1] in ALWAYS_FROZEN:
             return False
         return ec.shared_experts if is_shared(m.path) else ec.non_expert_modules
 

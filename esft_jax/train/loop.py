@@ -204,7 +204,7 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
 
         timer, recent, warned = time.perf_counter(), [], False  # recent: (step, device metrics) since the last log
         with tqdm(total=c.steps, initial=start, desc=f"train {c.method}", unit="step", disable=not progress) as bar, \
-                jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+                sharding.on_mesh(mesh):
             for step in range(start, c.steps):
                 batch = sharding.from_process_rows(data.take(c.grad_accum), batch_sharding, global_shape)
                 state, metrics = train_step(state, frozen, batch)
