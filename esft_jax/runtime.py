@@ -23,6 +23,7 @@ from esft_jax.checkpoint.adapter import load_with_adapter
 from esft_jax.checkpoint.sharded_load import load_params_sharded
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.model import ModelConfig, init_params
+from esft_jax.model.params import flat_param_specs
 
 RUNTIME_FIELDS = ("dtype", "moe_strategy", "capacity_factor", "expert_parallel", "scan_layers", "remat")
 RANDOM_WEIGHTS = "random"  # --config.checkpoint=random: seeded random weights of c.model
@@ -48,6 +49,8 @@ def load_model(c: ml_collections.ConfigDict, mesh: Mesh | None = None) -> tuple[
     `c.model` (seeded by c.seed) when it is "random". With a mesh, a checkpoint is read straight onto
     it (checkpoint/sharded_load.py: each process reads only the blocks its devices hold)."""
     overrides = _runtime_overrides(c)
+    if mesh is not None:
+        _check_fits(model_config(c), mesh)
     if c.checkpoint != RANDOM_WEIGHTS and mesh is not None:
         cfg = load_config(c.checkpoint, **overrides)
         return cfg, load_params_sharded(c.checkpoint, cfg, mesh, adapter=c.get("adapter") or None)
@@ -58,6 +61,16 @@ def load_model(c: ml_collections.ConfigDict, mesh: Mesh | None = None) -> tuple[
         return load_checkpoint(c.checkpoint, **overrides)
     cfg = configs.model_config(c.model)
     return cfg, init_params(cfg, jax.random.key(c.seed))
+
+
+def _check_fits(cfg: ModelConfig, mesh: Mesh) -> None:
+    """Every parameter splits evenly over the mesh axes its logical axes map to (before any reading)."""
+    for path, spec in flat_param_specs(cfg).items():
+        bad = sharding.indivisible(spec.shape, spec.axes, dict(mesh.shape))
+        if bad:
+            axis, size, i = bad
+            raise configs.ConfigFileError(f"--config.mesh.{axis}={size}: does not divide {'/'.join(path)}'s "
+                                          f"{spec.axes[i]} axis of {spec.shape[i]}")
 
 
 def tokenizer(c: ml_collections.ConfigDict) -> Tokenizer:

@@ -103,6 +103,17 @@ def to_host(tree: Any) -> Any:
                                              else multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
+def indivisible(shape: Sequence[int], axes: Sequence[str | None], mesh_shape: Mapping[str, int]
+                ) -> tuple[str, int, int] | None:
+    """(mesh axis, its size, the dim's index) of the first dim its mesh axes do not split evenly."""
+    for i, (dim, entry) in enumerate(zip(shape, logical_to_spec(axes, mesh_shape))):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        size = math.prod(mesh_shape[n] for n in names)
+        if names and dim % size:
+            return names[0], size, i
+    return None
+
+
 def on_mesh(mesh: Mesh | None):
     """`jax.set_mesh(mesh)`, or nothing without a mesh."""
     return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)

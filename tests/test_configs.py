@@ -85,3 +85,11 @@ def test_cli_reports_errors_without_a_traceback(capsys, tmp_path):
     assert cli.main(["route", "--config", f"{CONFIGS}/route.py", f"--config.checkpoint={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "config.json: model_type 'llama'" in err and "Traceback" not in err
+
+
+def test_mesh_that_does_not_split_the_model_is_one_line(capsys):
+    """Checked against every parameter before anything is read: no IndivisibleError from deep in jax."""
+    assert cli.main(["route", "--config", f"{CONFIGS}/route.py:tiny", "--config.checkpoint=random",
+                     "--config.mesh.expert=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--config.mesh.expert=3: does not divide moe_layers/moe/experts/" in err
