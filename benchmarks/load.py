@@ -1,14 +1,16 @@
 """Checkpoint loading: today's `load_checkpoint` + `shard_params` against `load_params_sharded`
 (checkpoint/sharded_load.py), which builds each device's block straight from the files.
 
-    .venv/bin/python benchmarks/load.py                      # ~1 GiB float32 and bfloat16, 1 and 8 devices
+    .venv/bin/python benchmarks/load.py                      # ~1 GiB float32 and bfloat16; 1 device, expert 8, fsdp 8
     .venv/bin/python benchmarks/load.py --gib 0.25 --dtypes bfloat16
 
 Each row runs in a fresh process (its own device count, its own peak RSS). The checkpoint is a
-synthetic DeepSeek-V2-style MoE; 8 devices are an expert 8 mesh. "Peak RSS +" is the
-process's peak resident memory after the load less before it; on simulated CPU devices the device
-buffers live in host memory too, so the loaded params themselves count once. The file is read from
-the page cache after the first row (written just before), for both loaders alike.
+synthetic DeepSeek-V2-style MoE, loaded on one device, an expert 8 mesh (expert weights once, the
+rest on every device) and an fsdp 8 mesh (every weight once). "Peak RSS +" is the process's peak
+resident memory after the load less before it. Simulated CPU devices keep their buffers in host
+memory, so it includes "on devices" (the bytes of all device buffers: the file once, plus each
+replica); "host extra" is the difference, what the loader itself held at its peak. The file is
+read from the page cache after the first row (written just before), for both loaders alike.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MESH_8 = {"expert": 8}  # the issue's setting: expert weights once, the rest on every device
+MESHES = {"1 device": None, "expert 8": {"expert": 8}, "fsdp 8": {"fsdp": 8}}
 
 
 def _config(dtype: str, gib: float):
@@ -51,8 +53,8 @@ def _write(path: Path, dtype: str, gib: float) -> Path:
     return save_checkpoint(path, cfg, init_params(cfg, jax.random.key(0)))
 
 
-def _child(ckpt: str, loader: str, devices: int) -> dict:
-    """Load once; seconds, peak RSS increase and bytes read, as a dict."""
+def _child(ckpt: str, loader: str, mesh_name: str) -> dict:
+    """Load once; seconds, peak RSS increase, device bytes and bytes read, as a dict."""
     import jax
 
     from esft_jax.checkpoint.hf import load_checkpoint, load_config
@@ -62,7 +64,7 @@ def _child(ckpt: str, loader: str, devices: int) -> dict:
     from esft_jax.sharding import make_mesh, shard_params
 
     cfg = load_config(ckpt)
-    mesh = make_mesh(MESH_8) if devices == 8 else None
+    mesh = make_mesh(MESHES[mesh_name]) if MESHES[mesh_name] else None
     jax.block_until_ready(jax.numpy.ones(8))  # backend started before the baseline
     rss0, start = peak_rss_bytes(), time.perf_counter()
     if loader == "new":
@@ -74,13 +76,16 @@ def _child(ckpt: str, loader: str, devices: int) -> dict:
             params = shard_params(params, param_axes(cfg), mesh)
         read = (Path(ckpt) / "model.safetensors").stat().st_size  # every tensor, once (and the header)
     jax.block_until_ready(params)
-    return {"s": time.perf_counter() - start, "rss": peak_rss_bytes() - rss0, "read": read}
+    seconds, rss = time.perf_counter() - start, peak_rss_bytes() - rss0
+    on_devices = sum(s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards)
+    return {"s": seconds, "rss": rss, "devices": on_devices, "read": read}
 
 
-def _row(ckpt: Path, loader: str, devices: int) -> dict:
+def _row(ckpt: Path, loader: str, mesh_name: str) -> dict:
+    devices = math.prod((MESHES[mesh_name] or {}).values())
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, __file__, "--child", str(ckpt), loader, str(devices)], env=env,
+    out = subprocess.run([sys.executable, __file__, "--child", str(ckpt), loader, mesh_name], env=env,
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -89,28 +94,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gib", type=float, default=1.0, help="checkpoint size")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--devices", default="1,8")
+    ap.add_argument("--meshes", default=",".join(MESHES), help=f"some of {list(MESHES)}")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         ckpt, loader, devices = args.child
-        print(json.dumps(_child(ckpt, loader, int(devices))))
+        print(json.dumps(_child(ckpt, loader, devices)))
         return
     from esft_jax.report import markdown_table
 
     cpu = " ".join(subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.split())
-    print(f"{cpu}; {os.cpu_count()} cores; 8 devices = {MESH_8} (simulated CPU devices)")
+    print(f"{cpu}; {os.cpu_count()} cores; simulated CPU devices")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtypes.split(","):
             ckpt = _write(Path(tmp) / dtype, dtype, args.gib)
             size = (ckpt / "model.safetensors").stat().st_size
-            for devices in map(int, args.devices.split(",")):
+            for mesh_name in args.meshes.split(","):
                 for loader, name in (("old", "load_checkpoint + shard_params"), ("new", "load_params_sharded")):
-                    r = _row(ckpt, loader, devices)
-                    rows.append([dtype, f"{size / 2 ** 30:.2f}", str(devices), name, f"{r['s']:.2f}",
-                                 f"{r['rss'] / 2 ** 30:.2f}", f"{r['read'] / 2 ** 30:.2f}"])
-    print(markdown_table(["dtype", "file GiB", "devices", "loader", "load s", "peak RSS + GiB", "GiB read"], rows))
+                    r = _row(ckpt, loader, mesh_name)
+                    gib = lambda key: f"{r[key] / 2 ** 30:.2f}"  # noqa: E731
+                    rows.append([dtype, f"{size / 2 ** 30:.2f}", mesh_name, name, f"{r['s']:.2f}", gib("rss"),
+                                 gib("devices"), f"{(r['rss'] - r['devices']) / 2 ** 30:.2f}", gib("read")])
+    print(markdown_table(["dtype", "file GiB", "mesh", "loader", "load s", "peak RSS + GiB", "on devices GiB",
+                          "host extra GiB", "GiB read"], rows))
 
 
 if __name__ == "__main__":

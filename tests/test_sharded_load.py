@@ -21,7 +21,7 @@ from esft_jax.checkpoint import mxfp4
 from esft_jax.checkpoint.adapter import load_with_adapter, write_adapter
 from esft_jax.checkpoint.hf import CheckpointError, load_checkpoint, save_checkpoint
 from esft_jax.checkpoint.hf_names import tensor_maps
-from esft_jax.checkpoint.sharded_load import STATS, load_params_sharded
+from esft_jax.checkpoint.sharded_load import STATS, _place, _sharding, load_params_sharded
 from esft_jax.model import init_params
 from esft_jax.model.params import flat_param_specs, param_axes
 from esft_jax.sharding import make_mesh, shard_params
@@ -78,10 +78,32 @@ def _gpt_oss(tmp_path: Path, packed: bool) -> tuple:
 
 @pytest.mark.parametrize("packed", [False, True], ids=["fused", "mxfp4"])
 def test_fused_and_mxfp4_layouts(tmp_path, packed):
+    """Equal, and a fused tensor is read an expert at a time: once per part (gate_up twice), not once
+    per device."""
     cfg, ckpt = _gpt_oss(tmp_path, packed)
     _, want = load_checkpoint(ckpt)
     mesh_shape = {"data": 2, "expert": 4}
     _assert_same(load_params_sharded(ckpt, cfg, make_mesh(mesh_shape)), want, mesh_shape, cfg)
+    gate_up = sum(t.nbytes for k, t in load_file(ckpt / "model.safetensors").items() if ".gate_up_proj" in k)
+    assert STATS["bytes_read"] == _stored_bytes(ckpt / "model.safetensors") + gate_up
+
+
+def test_blocks_are_placed_as_they_are_read(monkeypatch):
+    """Each block is placed on its replicas before the next is read, so the host holds one block at a
+    time, not a leaf's every block (make_array_from_callback reads them all before placing any)."""
+    events = []
+    put = jax.device_put
+    monkeypatch.setattr(jax, "device_put", lambda x, device: events.append("put") or put(x, device))
+
+    def read(index):
+        events.append("read")
+        return np.full([len(range(*s.indices(n))) for s, n in zip(index, (8, 64, 32))], index[0].start, np.float32)
+
+    sharding = _sharding(("expert", None, None), make_mesh({"data": 2, "expert": 4}))
+    array = _place((8, 64, 32), sharding, read)
+    assert events == ["read", "put", "put"] * 4  # 4 distinct blocks, each on its 2 replicas
+    assert array.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(array)[:, 0, 0], np.repeat([0, 2, 4, 6], 2))
 
 
 def test_expert_parallel_load_reads_every_stored_byte_once(tmp_path):

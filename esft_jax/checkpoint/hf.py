@@ -59,6 +59,30 @@ def read_safetensors(path: Path) -> Iterator[TensorFile]:
         yield TensorFile(fh)
 
 
+class OpenFiles:
+    """Opens each safetensors file of a load once, on first use (`open_files(path)`), and closes them
+    all on exit; `bytes_read` is the tensor bytes read from them so far."""
+
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+        self._files: dict[Path, TensorFile] = {}
+
+    def __enter__(self) -> "OpenFiles":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def __call__(self, path: Path) -> TensorFile:
+        if path not in self._files:
+            self._files[path] = self._stack.enter_context(read_safetensors(path))
+        return self._files[path]
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(f.bytes_read for f in self._files.values())
+
+
 def load_config(ckpt_dir: str | Path, **runtime: Any) -> ModelConfig:
     """Our ModelConfig from `<ckpt_dir>/config.json`; `runtime` sets dtype/strategy fields."""
     path = Path(ckpt_dir) / "config.json"
@@ -133,14 +157,16 @@ def _locate(files: dict[str, Path], fam: Family, num_experts: int) -> dict[str, 
     return where
 
 
-def _read(f: Any, use: _Use, files: dict[str, Path]) -> np.ndarray:
+def _read(open_files: OpenFiles, use: _Use, files: dict[str, Path], rows: slice | None = None) -> np.ndarray:
+    """File tensor `use` (MXFP4 blocks and scales dequantised, wherever the scales are), or only
+    `rows` of its leading dim."""
+    def get(file: Path, name: str) -> np.ndarray:
+        return open_files(file).get_tensor(name) if rows is None else open_files(file).get_slice(name)[rows]
+
     if not use.packed:
-        return f.get_tensor(use.key)
+        return get(use.file, use.key)
     blocks, scales = mxfp4.packed_names(use.key)
-    if files[scales] == use.file:
-        return mxfp4.dequantize(f.get_tensor(blocks), f.get_tensor(scales), bfloat16)
-    with read_safetensors(files[scales]) as g:
-        return mxfp4.dequantize(f.get_tensor(blocks), g.get_tensor(scales), bfloat16)
+    return mxfp4.dequantize(get(use.file, blocks), get(files[scales], scales), bfloat16)
 
 
 class Plan(NamedTuple):
@@ -180,10 +206,10 @@ def load_params(ckpt_dir: str | Path, cfg: ModelConfig) -> Params:
         by_file.setdefault(use.file, {}).setdefault(use.key, []).append(m)
     specs = flat_param_specs(cfg)
     params: Params = {}
-    for file, by_key in by_file.items():
-        with read_safetensors(file) as f:
+    with OpenFiles() as open_files:
+        for file, by_key in by_file.items():
             for key_maps in by_key.values():
-                tensor = _read(f, where[key_maps[0].hf_name], files)
+                tensor = _read(open_files, where[key_maps[0].hf_name], files)
                 for m in key_maps:
                     _put(params, specs, m, _part(tensor, where[m.hf_name], file, m))
     return params

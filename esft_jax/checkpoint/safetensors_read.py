@@ -24,10 +24,11 @@ DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dt
 
 class TensorFile:
     """The tensors of one (already validated) safetensors file: `keys()`, `get_tensor(name)`,
-    `get_slice(name)` as safe_open offers them."""
+    `get_slice(name)` as safe_open offers them; `bytes_read` counts the tensor bytes read so far."""
 
     def __init__(self, fh: BinaryIO):
         self._fh = fh
+        self.bytes_read = 0
         (n,) = struct.unpack("<Q", fh.read(8))
         self._header = {k: v for k, v in json.loads(fh.read(n)).items() if k != "__metadata__"}
         self._data_start = 8 + n
@@ -52,6 +53,7 @@ class TensorFile:
         out = np.empty((stop - start, *shape[1:]) if shape else (), dtype)
         self._fh.seek(self._data_start + info["data_offsets"][0] + start * row)
         self._fh.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        self.bytes_read += out.nbytes
         return out
 
 
@@ -63,7 +65,8 @@ class TensorSlice:
         return list(self._file._shape(self._name))
 
     def __getitem__(self, index: Any) -> np.ndarray:
-        """A tuple of slices: the leading one read as a block of rows, the others cut from it."""
+        """A tuple of slices: the leading one read as a block of rows, the others cut from it
+        (so a slice of columns reads whole rows)."""
         index = index if isinstance(index, tuple) else (index,)
         shape = self._file._shape(self._name)
         if not shape:
