@@ -1,6 +1,7 @@
-"""Dataset lines, tokenisation, the byte tokenizer, and malformed routing logs."""
+"""Dataset and eval-set lines, tokenisation, the byte tokenizer, and malformed routing logs."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.data.records import DataError, Sample, read_jsonl
 from esft_jax.data.tokenize import encode
+from esft_jax.eval.tasks import EvalSample, read_eval_jsonl
 from esft_jax.routing.official_logs import read_official_logs
 from esft_jax.routing.sources import load_stats
 
@@ -45,6 +47,20 @@ def test_malformed_lines_name_file_and_line(tmp_path, line, message):
 def test_missing_dataset(tmp_path):
     with pytest.raises(DataError, match="no such dataset file"):
         read_jsonl(tmp_path / "none.jsonl")
+
+
+@pytest.mark.parametrize("line, message", [('{"prompt": "x", "answers": ["a"]', "not valid JSON"),
+                                           ('{"prompt": "x", "answers": []}', "expected {\"prompt\""),
+                                           ('["x"]', "expected {\"prompt\"")])
+def test_eval_sets_read_up_to_the_limit_and_name_bad_lines(tmp_path, line, message):
+    good = [json.dumps({"prompt": f"p{i}", "answers": [f"a{i}"]}) for i in range(3)]
+    path = _write(tmp_path / "eval.jsonl", [good[0], "", *good[1:], line])
+    assert read_eval_jsonl(path, limit=2) == [EvalSample("p0", ["a0"], f"{path}:1"),
+                                              EvalSample("p1", ["a1"], f"{path}:3")]
+    with pytest.raises(DataError, match=rf"eval.jsonl:5: {re.escape(message)}"):
+        read_eval_jsonl(path)
+    with pytest.raises(DataError, match="no such eval file"):
+        read_eval_jsonl(tmp_path / "none.jsonl")
 
 
 def test_encode_marks_the_answer_exactly():

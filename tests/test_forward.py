@@ -1,4 +1,4 @@
-"""Properties of the forward pass: packing, padding, precision, differentiability, RoPE."""
+"""Properties of the forward pass: packing, padding, precision, differentiability, RoPE, masks."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ from numerics import assert_float32_close, model_roundings
 
 from esft_jax.checkpoint.hf_names import config_from_hf
 from esft_jax.model import ModelConfig, forward, forward_cached, init_cache, init_params, segment_positions
+from esft_jax.model.attention import attention_mask, within_window
 from esft_jax.model.rope import inv_freq_and_attention_factor, softmax_scale
 
 _forward = jax.jit(forward, static_argnums=2, static_argnames="return_router_scores")
@@ -94,6 +95,22 @@ def test_layer_loop_equals_layer_scan(model):
     np.testing.assert_array_equal(got[1], want[1])  # the same experts chosen
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # the backward pass doubles the depth
         assert_float32_close(g, w, 2 * model_roundings(loop))
+
+
+@pytest.mark.parametrize("offset,window", [(0, 0), (0, 3), (5, 0), (5, 4)])
+def test_attention_mask_equals_a_loop_over_slots(offset, window):
+    """Queries at slots offset .. offset + T - 1 of a row of S keys: query i sees key j iff j <= its slot,
+    both in one segment, key not padding, and (window > 0) the slot fewer than `window` behind."""
+    keys = np.array([[1, 1, 1, 2, 2, 2, 2, 0, 0, 0], [3, 3, 3, 3, 3, 3, 3, 3, 3, 0]])
+    queries = keys[:, offset:offset + 3]
+    want = np.zeros((2, 1, 3, 10), bool)
+    for b, i, j in np.ndindex(2, 3, 10):
+        slot = offset + i
+        want[b, 0, i, j] = (j <= slot and queries[b, i] == keys[b, j] != 0
+                            and (window == 0 or slot - j < window))
+    mask = attention_mask(jnp.asarray(queries), jnp.asarray(keys), jnp.int32(offset))
+    got = within_window(mask, jnp.int32(offset), jnp.int32(window))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_yarn_matches_transformers_rope_init():

@@ -20,6 +20,7 @@ from esft_jax.checkpoint.hf_names import TensorMap, tensor_maps
 from esft_jax.checkpoint.output_dir import staged_dir
 from esft_jax.jsonio import read_json
 from esft_jax.model.config import ModelConfig
+from esft_jax.tree import get_path, set_path
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -55,20 +56,15 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[s
 
 
 def _slice(params: dict, m: TensorMap) -> np.ndarray:
-    tree = params
-    for key in m.path:
-        tree = tree[key]
-    return tree[m.index] if m.index else tree
+    leaf = get_path(params, m.path)
+    return leaf[m.index] if m.index else leaf
 
 
 def _assign(params: dict, m: TensorMap, value: np.ndarray) -> None:
-    tree = params
-    for key in m.path[:-1]:
-        tree = tree[key]
     if m.index:
-        tree[m.path[-1]][m.index] = value
+        get_path(params, m.path)[m.index] = value
     else:
-        tree[m.path[-1]] = value
+        set_path(params, m.path, value)
 
 
 Update = Callable[[np.ndarray], np.ndarray]  # a tensor's old value -> new value, both in our layout

@@ -33,6 +33,7 @@ from esft_jax.checkpoint.tokenizer import write_tokenizer_files
 from esft_jax.jsonio import read_json
 from esft_jax.model.config import ConfigError, ModelConfig
 from esft_jax.model.params import Params, flat_param_specs
+from esft_jax.tree import get_path, set_path
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +111,6 @@ def _weight_files(ckpt_dir: Path) -> dict[str, Path]:
         raise CheckpointError(f"{ckpt_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
     with read_safetensors(single) as f:
         return {name: single for name in f.keys()}
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: dict, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 class _Use(NamedTuple):
@@ -233,13 +222,13 @@ def ours(m: TensorMap, hf_value: np.ndarray) -> np.ndarray:
 def _put(params: Params, specs: dict, m: TensorMap, hf_value: np.ndarray) -> None:
     value = ours(m, hf_value)
     if not m.index:
-        _set(params, m.path, value)
+        set_path(params, m.path, value)
         return
     try:
-        dest = _get(params, m.path)
+        dest = get_path(params, m.path)
     except KeyError:
         dest = np.empty(specs[m.path].shape, value.dtype)
-        _set(params, m.path, dest)
+        set_path(params, m.path, dest)
     dest[m.index] = value
 
 
@@ -279,7 +268,7 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: Params, *,
     replaceable = export_replaceable(out_dir, overwrite, inputs)
     host = jax.tree.map(np.asarray, params)
     fam = family(cfg.model_type)
-    tensors = _fuse({m.hf_name: m.to_hf(_get(host, m.path)[m.index]) for m in tensor_maps(cfg)}, fam, cfg)
+    tensors = _fuse({m.hf_name: m.to_hf(get_path(host, m.path)[m.index]) for m in tensor_maps(cfg)}, fam, cfg)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, value in tensors.items():

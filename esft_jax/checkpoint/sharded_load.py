@@ -27,6 +27,7 @@ from esft_jax.checkpoint.adapter import Update, adapter_updates, read_adapter
 from esft_jax.checkpoint.hf_names import TensorMap
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.params import Params, flat_param_specs
+from esft_jax.tree import set_path
 
 STATS = {"bytes_read": 0}  # tensor bytes the last load read from the files (for tests and benchmarks)
 
@@ -48,7 +49,7 @@ def load_params_sharded(ckpt_dir: str | Path, cfg: ModelConfig, mesh: Mesh | Non
         for path, spec in flat_param_specs(cfg).items():
             read = lambda index, path=path, shape=spec.shape: _block(  # noqa: E731
                 index, shape, by_path[path], plan, updates, open_files)
-            hf._set(params, path, _place(spec.shape, _sharding(spec.axes, mesh), read))
+            set_path(params, path, _place(spec.shape, _sharding(spec.axes, mesh), read))
         STATS["bytes_read"] = open_files.bytes_read
     return params
 

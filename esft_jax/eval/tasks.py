@@ -7,7 +7,6 @@ where the model should start answering (e.g. "...\\n\\nAssistant:").
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from esft_jax import sharding
 from esft_jax.data.pipeline import eval_batches
-from esft_jax.data.records import DataError, Sample
+from esft_jax.data.records import Sample, parse_jsonl
 from esft_jax.eval.generate import generate_text
 from esft_jax.eval.judge import Judge
 from esft_jax.eval.scorers import SCORERS
@@ -35,28 +34,17 @@ class EvalSample:
     source: str
 
 
+def _eval_sample(obj: Any, source: str) -> EvalSample:
+    answers = obj.get("answers") if isinstance(obj, dict) else None
+    if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(answers, list)
+            and answers and all(isinstance(a, str) for a in answers)):
+        raise ValueError('expected {"prompt": str, "answers": [str, ...]}')
+    return EvalSample(obj["prompt"], answers, source)
+
+
 def read_eval_jsonl(path: str | Path, limit: int = 0) -> list[EvalSample]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such eval file")
-    samples = []
-    for lineno, line in enumerate(path.open(encoding="utf-8"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        answers = obj.get("answers") if isinstance(obj, dict) else None
-        if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(answers, list)
-                and answers and all(isinstance(a, str) for a in answers)):
-            raise DataError(f"{path}:{lineno}: expected {{\"prompt\": str, \"answers\": [str, ...]}}")
-        samples.append(EvalSample(obj["prompt"], answers, f"{path}:{lineno}"))
-        if limit and len(samples) == limit:
-            break
-    if not samples:
-        raise DataError(f"{path}: no samples (the file is empty)")
-    return samples
+    """The first `limit` samples (0: all) of an eval set; a bad line raises DataError naming file and line."""
+    return parse_jsonl(path, _eval_sample, what="eval", limit=limit)[0]
 
 
 def evaluate_task(params: Any, cfg: ModelConfig, tokenizer: Tokenizer, samples: Sequence[EvalSample], *,

@@ -21,21 +21,27 @@ from esft_jax.sharding import constrain
 _MASKED = -1e30  # finite, so a fully masked (padding) row gives a uniform row, not NaN
 
 
-def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
-    """[B, 1, T, T] bool: causal, within one segment, never onto padding (segment id 0)."""
-    t = segment_ids_bt.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-    not_pad = (segment_ids_bt != 0)[:, None, :]
+def attention_mask(query_segments_bt: jax.Array, key_segments_bs: jax.Array,
+                   query_offset: jax.Array | int) -> jax.Array:
+    """[B, 1, T, S] bool: causal, within one segment, never onto padding (segment id 0).
+
+    Without a cache the keys are the queries themselves (S = T, offset 0). With a KV cache they are
+    its S slots and the queries sit at slots query_offset .. query_offset + T - 1.
+    """
+    t, s = query_segments_bt.shape[1], key_segments_bs.shape[1]
+    causal = jnp.arange(s)[None, :] <= query_offset + jnp.arange(t)[:, None]
+    same = query_segments_bt[:, :, None] == key_segments_bs[:, None, :]
+    not_pad = (key_segments_bs != 0)[:, None, :]
     return (causal & same & not_pad)[:, None]
 
 
-def within_window(mask_b1ts: jax.Array, query_slots_t: jax.Array, window: jax.Array) -> jax.Array:
+def within_window(mask_b1ts: jax.Array, query_offset: jax.Array | int, window: jax.Array) -> jax.Array:
     """The mask restricted to keys fewer than `window` slots behind their query (window 0: no limit).
-    Slots are positions in the row (or the cache), so packed segments keep their own windows."""
-    s = mask_b1ts.shape[-1]
-    near = (query_slots_t[:, None] - jnp.arange(s)[None, :]) < jnp.where(window > 0, window, s + 1)
-    return mask_b1ts & near
+    Slots are positions in the row (or the cache; queries from query_offset on, as in
+    `attention_mask`), so packed segments keep their own windows."""
+    t, s = mask_b1ts.shape[-2:]
+    behind_ts = query_offset + jnp.arange(t)[:, None] - jnp.arange(s)[None, :]
+    return mask_b1ts & (behind_ts < jnp.where(window > 0, window, s + 1))
 
 
 def softmax_attention(scores_bhts: jax.Array, mask_b1ts: jax.Array, v_bshv: jax.Array,

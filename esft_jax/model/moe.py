@@ -22,7 +22,7 @@ experts run inside `jax.shard_map`; each device holds E / n_expert experts. Two 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,16 +61,27 @@ def expert_glu(cfg: ModelConfig) -> GLU:
     return GLU(cfg.expert_act, cfg.swiglu_limit, cfg.swiglu_alpha)
 
 
-def _routed(x_btd, ids_btk, w_btk, experts, cfg: ModelConfig):
+def _routed(x_btd, ids_btk, w_btk, experts, cfg: ModelConfig, capacity_factor: float | None):
     """Routed-expert output on one device -> (y [B, T, d] float32, dropped assignments)."""
     b, t, d = x_btd.shape
     y, dropped = routed_experts(x_btd.reshape(b * t, d), ids_btk.reshape(b * t, -1), w_btk.reshape(b * t, -1),
-                                experts, cfg.moe_strategy, cfg.capacity_factor, act=expert_glu(cfg))
+                                experts, cfg.moe_strategy, capacity_factor, act=expert_glu(cfg))
     return y.reshape(b, t, d), dropped
 
 
-def _override_weights(override: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    return {k: v for k, v in override.items() if k != "ids"}
+def _with_overrides(stacked_pass: Callable[[jax.Array], tuple[jax.Array, jax.Array]], x_btd, ids_btk, w_btk,
+                    override: dict[str, jax.Array] | None, cfg: ModelConfig, capacity_factor: float | None):
+    """stacked_pass(ids [B, T, k]) -> (y [B, T, d] float32, dropped) over the stacked experts, plus the
+    overrides' share: their assignments are masked out of the stacked pass (id E) and computed from the
+    override rows instead. Under expert parallelism it runs inside shard_map (overrides replicated):
+    each device adds the overrides' share of its own tokens."""
+    if override is None:
+        return stacked_pass(ids_btk)
+    stacked_ids, slots = _split_overridden(ids_btk, override["ids"], cfg.n_routed_experts)
+    y, dropped = stacked_pass(stacked_ids)
+    rows = {k: v for k, v in override.items() if k != "ids"}
+    y_ov, dropped_ov = _routed(x_btd, slots, w_btk, rows, cfg, capacity_factor)
+    return y + y_ov, dropped + dropped_ov
 
 
 def _on_expert_shards(local, act: P, x_btd, ids_btk, w_btk, experts, override):
@@ -94,15 +105,14 @@ def _expert_parallel(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig,
 
     def local(x, ids, w, p, ov):
         e_local = p["gate"].shape[0]
-        if ov is not None:
-            ids, slots = _split_overridden(ids, ov["ids"], cfg.n_routed_experts)
-        local_ids = ids - jax.lax.axis_index("expert") * e_local
-        local_ids = jnp.where((local_ids >= 0) & (local_ids < e_local), local_ids, e_local)
-        y, dropped = _routed(x, local_ids, w, p, cfg)
-        y, dropped = jax.lax.psum(y, "expert"), jax.lax.psum(dropped, "expert")
-        if ov is not None:
-            y_ov, dropped_ov = _routed(x, slots, w, _override_weights(ov), cfg)
-            y, dropped = y + y_ov, dropped + dropped_ov
+
+        def own_experts_summed(ids_btk):
+            local_ids = ids_btk - jax.lax.axis_index("expert") * e_local
+            local_ids = jnp.where((local_ids >= 0) & (local_ids < e_local), local_ids, e_local)
+            y, dropped = _routed(x, local_ids, w, p, cfg, cfg.capacity_factor)
+            return jax.lax.psum(y, "expert"), jax.lax.psum(dropped, "expert")
+
+        y, dropped = _with_overrides(own_experts_summed, x, ids, w, ov, cfg, cfg.capacity_factor)
         return y, (jax.lax.psum(dropped, batch) if batch else dropped)
 
     return _on_expert_shards(local, P(batch, None, None), x_btd, ids_btk, w_btk, experts, override)
@@ -117,34 +127,37 @@ def _all_to_all(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig, mesh
                          f"{(*batch, 'expert')}; it must divide evenly")
 
     def local(x, ids, w, p, ov):
-        b, t, d = x.shape
-        k, e_local = ids.shape[-1], p["gate"].shape[0]
-        x_nd, ids_a, w_nk = x.reshape(b * t, d), ids.reshape(-1), w.reshape(b * t, k)
-        rows = math.ceil(cfg.capacity_factor * b * t * k / n_shards) if cfg.capacity_factor else b * t * k
-        if ov is not None:
-            stacked, slots = _split_overridden(ids.reshape(b * t, k), ov["ids"], cfg.n_routed_experts)
-            ids_a = stacked.reshape(-1)
-        valid = ids_a < cfg.n_routed_experts
-        dest = jnp.where(valid, ids_a // e_local, n_shards)  # n_shards: overridden, not sent
-        slot = jnp.where(valid, sort_by_expert(dest, n_shards)[2], rows)  # >= rows: dropped
-        tok = jnp.arange(b * t * k) // k
-        send = jnp.zeros((n_shards, rows, d), x.dtype).at[dest, slot].set(x_nd[tok], mode="drop")
-        send_ids = jnp.full((n_shards, rows), e_local, jnp.int32).at[dest, slot].set(ids_a % e_local, mode="drop")
-        recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)
-        recv_ids = jax.lax.all_to_all(send_ids, "expert", 0, 0, tiled=True)
-        y_recv, _ = routed_experts(recv.reshape(-1, d), recv_ids.reshape(-1, 1), jnp.ones((n_shards * rows, 1)), p,
-                                   cfg.moe_strategy, act=expert_glu(cfg))
-        y_back = jax.lax.all_to_all(y_recv.reshape(n_shards, rows, d), "expert", 0, 0, tiled=True)
-        y_a = y_back.at[dest, slot].get(mode="fill", fill_value=0)
-        y = jnp.einsum("nkd,nk->nd", y_a.reshape(b * t, k, d), w_nk.astype(jnp.float32))
-        dropped = jnp.sum(valid & (slot >= rows)).astype(jnp.int32)
-        if ov is not None:
-            y_ov, dropped_ov = routed_experts(x_nd, slots, w_nk, _override_weights(ov), cfg.moe_strategy,
-                                              act=expert_glu(cfg))
-            y, dropped = y + y_ov, dropped + dropped_ov
-        return y.reshape(b, t, d), jax.lax.psum(dropped, (*batch, "expert"))
+        def exchange(ids_btk):
+            return _exchange(x, ids_btk, w, p, cfg, n_shards)
+
+        # The capacity factor sizes the exchange buffers: the expert computations are dropless.
+        y, dropped = _with_overrides(exchange, x, ids, w, ov, cfg, None)
+        return y, jax.lax.psum(dropped, (*batch, "expert"))
 
     return _on_expert_shards(local, P((*batch, "expert"), None, None), x_btd, ids_btk, w_btk, experts, override)
+
+
+def _exchange(x_btd, ids_btk, w_btk, experts, cfg: ModelConfig, n_shards: int):
+    """One device's assignments (id E: not sent) to their experts' devices in fixed-size buffers,
+    through the experts there, and back -> (y [B, T, d] float32, this device's dropped assignments)."""
+    b, t, d = x_btd.shape
+    k, e_local = ids_btk.shape[-1], experts["gate"].shape[0]
+    x_nd, ids_a, w_nk = x_btd.reshape(b * t, d), ids_btk.reshape(-1), w_btk.reshape(b * t, k)
+    rows = math.ceil(cfg.capacity_factor * b * t * k / n_shards) if cfg.capacity_factor else b * t * k
+    valid = ids_a < cfg.n_routed_experts
+    dest = jnp.where(valid, ids_a // e_local, n_shards)  # n_shards: overridden, not sent
+    slot = jnp.where(valid, sort_by_expert(dest, n_shards)[2], rows)  # >= rows: dropped
+    tok = jnp.arange(b * t * k) // k
+    send = jnp.zeros((n_shards, rows, d), x_btd.dtype).at[dest, slot].set(x_nd[tok], mode="drop")
+    send_ids = jnp.full((n_shards, rows), e_local, jnp.int32).at[dest, slot].set(ids_a % e_local, mode="drop")
+    recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)
+    recv_ids = jax.lax.all_to_all(send_ids, "expert", 0, 0, tiled=True)
+    y_recv, _ = routed_experts(recv.reshape(-1, d), recv_ids.reshape(-1, 1), jnp.ones((n_shards * rows, 1)),
+                               experts, cfg.moe_strategy, act=expert_glu(cfg))
+    y_back = jax.lax.all_to_all(y_recv.reshape(n_shards, rows, d), "expert", 0, 0, tiled=True)
+    y_a = y_back.at[dest, slot].get(mode="fill", fill_value=0)
+    y_nd = jnp.einsum("nkd,nk->nd", y_a.reshape(b * t, k, d), w_nk.astype(jnp.float32))
+    return y_nd.reshape(b, t, d), jnp.sum(valid & (slot >= rows)).astype(jnp.int32)
 
 
 def moe_block(p: dict[str, Any], x_btd: jax.Array, cfg: ModelConfig) -> MoEOutput:
@@ -159,13 +172,12 @@ def moe_block(p: dict[str, Any], x_btd: jax.Array, cfg: ModelConfig) -> MoEOutpu
     elif mesh_shape.get("expert", 1) > 1:
         y, dropped = _expert_parallel(x_btd, routing.expert_ids, routing.weights, p["experts"], override, cfg,
                                       mesh_shape)
-    elif override is None:
-        y, dropped = _routed(x_btd, routing.expert_ids, routing.weights, p["experts"], cfg)
     else:
-        ids, slots = _split_overridden(routing.expert_ids, override["ids"], cfg.n_routed_experts)
-        y, dropped = _routed(x_btd, ids, routing.weights, p["experts"], cfg)
-        y_ov, dropped_ov = _routed(x_btd, slots, routing.weights, _override_weights(override), cfg)
-        y, dropped = y + y_ov, dropped + dropped_ov
+        def stacked_pass(ids_btk):
+            return _routed(x_btd, ids_btk, routing.weights, p["experts"], cfg, cfg.capacity_factor)
+
+        y, dropped = _with_overrides(stacked_pass, x_btd, routing.expert_ids, routing.weights, override, cfg,
+                                     cfg.capacity_factor)
     y = y.astype(x_btd.dtype)
     if "shared" in p:
         shared = swiglu(x_btd, p["shared"])

@@ -138,19 +138,16 @@ def _decoder(params, tokens_bt, cfg: ModelConfig, segment_ids_bt, positions_bt, 
     eps = cfg.rms_norm_eps
     t = tokens_bt.shape[1]
     if cache is None:
-        mask, query_slots = attention_mask(segment_ids_bt), jnp.arange(t)
+        key_segments, offset = segment_ids_bt, 0
     else:
-        s = cache.segment_ids.shape[1]
         key_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids_bt, cache.length, axis=1)
-        query_slots = cache.length + jnp.arange(t)
-        causal = jnp.arange(s)[None, :] <= query_slots[:, None]
-        mask = (causal & (segment_ids_bt[:, :, None] == key_segments[:, None, :])
-                & (key_segments[:, None, :] != 0))[:, None]
+        offset = cache.length
+    mask = attention_mask(segment_ids_bt, key_segments, offset)
     attention = mla if cfg.attention == "mla" else gqa
 
     def attend(x, p, window, layer_cache):
         kv_cache = None if layer_cache is None else (*layer_cache, cache.length)
-        layer_mask = mask if window is None else within_window(mask, query_slots, window)
+        layer_mask = mask if window is None else within_window(mask, offset, window)
         out, keys = attention(p["attn"], rms_norm(x, p["attn_norm"], eps), cos, sin, layer_mask, cfg, kv_cache)
         return x + out, (None if layer_cache is None else keys)
 

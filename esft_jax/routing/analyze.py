@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from esft_jax.report import markdown_table
 from esft_jax.routing.scores import expert_scores
 from esft_jax.routing.select import by_threshold
 from esft_jax.routing.stats import RoutingStats
@@ -44,25 +45,35 @@ def report(tasks: dict[str, RoutingStats], p: float = 0.2) -> str:
     scores = {name: expert_scores(s, "token", "pooled") for name, s in tasks.items()}
     first = next(iter(tasks.values()))
     k, e = first.top_k, first.num_experts
-    lines = [f"## Concentration (Token Selection Ratio; uniform routing: top-{k} share {k / e:.3f}, "
-             f"{int(np.ceil(p * e))} experts to reach p={p})", ""]
-    names = list(tasks)
-    lines.append("| layer | " + " | ".join(f"{n}: top-{k} share | {n}: experts to p={p}" for n in names) + " |")
-    lines.append("|---:|" + "---:|---:|" * len(names))
+    text = (f"## Concentration (Token Selection Ratio; uniform routing: top-{k} share {k / e:.3f}, "
+            f"{int(np.ceil(p * e))} experts to reach p={p})\n\n" + _concentration(scores, first.layers, k, p))
+    if len(scores) > 1:
+        text += (f"\n## Overlap between tasks (experts selected at p={p}; routing distributions)\n\n"
+                 + _overlap(scores, p))
+    return text
+
+
+def _concentration(scores: dict[str, np.ndarray], layers: list[int], k: int, p: float) -> str:
+    """Per layer (and the mean), each task's top-k share and experts to reach p."""
+    head = ["layer", *(f"{n}: {col}" for n in scores for col in (f"top-{k} share", f"experts to p={p}"))]
     shares = {n: top_share(s, k) for n, s in scores.items()}
     reach = {n: experts_to_reach(s, p) for n, s in scores.items()}
-    for i, layer in enumerate(first.layers):
-        lines.append(f"| {layer} | " + " | ".join(f"{shares[n][i]:.3f} | {reach[n][i]}" for n in names) + " |")
-    lines.append("| mean | " + " | ".join(f"{shares[n].mean():.3f} | {reach[n].mean():.1f}" for n in names) + " |")
-    if len(names) > 1:
-        lines += ["", f"## Overlap between tasks (experts selected at p={p}; routing distributions)", "",
-                  "| tasks | mean Jaccard of selected sets | min | max | mean distribution overlap |",
-                  "|---|---:|---:|---:|---:|"]
-        for a, b in itertools.combinations(names, 2):
-            jac = jaccard(by_threshold(scores[a], p), by_threshold(scores[b], p))
-            ov = distribution_overlap(scores[a], scores[b])
-            lines.append(f"| {a} / {b} | {jac.mean():.3f} | {jac.min():.3f} | {jac.max():.3f} | {ov.mean():.3f} |")
-    return "\n".join(lines) + "\n"
+    rows = [[str(layer), *(cell for n in scores for cell in (f"{shares[n][i]:.3f}", str(reach[n][i])))]
+            for i, layer in enumerate(layers)]
+    means = (cell for n in scores for cell in (f"{shares[n].mean():.3f}", f"{reach[n].mean():.1f}"))
+    rows.append(["mean", *means])
+    return markdown_table(head, rows)
+
+
+def _overlap(scores: dict[str, np.ndarray], p: float) -> str:
+    """Per pair of tasks, the Jaccard overlap of their selected sets (over layers) and of their routing."""
+    rows = []
+    for a, b in itertools.combinations(scores, 2):
+        jac = jaccard(by_threshold(scores[a], p), by_threshold(scores[b], p))
+        ov = distribution_overlap(scores[a], scores[b])
+        rows.append([f"{a} / {b}", *(f"{v:.3f}" for v in (jac.mean(), jac.min(), jac.max(), ov.mean()))])
+    head = ["tasks", "mean Jaccard of selected sets", "min", "max", "mean distribution overlap"]
+    return markdown_table(head, rows)
 
 
 def heatmap(stats: RoutingStats, path: str | Path, title: str) -> Path:
