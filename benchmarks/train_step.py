@@ -64,7 +64,7 @@ def run_jax(size: str | dict, method: str, batch: int, seq: int, reps: int, scan
     from esft_jax.expert_config import ExpertConfig
     from esft_jax.model import ModelConfig, forward, init_params
     from esft_jax.routing import profile, scores, select
-    from esft_jax.train.adapter import save_adapter
+    from esft_jax.train.method import save_adapter
     from esft_jax.train.loop import make_train_step, tree_bytes
     from esft_jax.train.lora import LoRA
     from esft_jax.train.optimizer import learning_rate, make_optimizer

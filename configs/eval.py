@@ -6,13 +6,14 @@
 Tasks whose data is "" are skipped. Scorers: intent, exact_match, chrf, bleu, rouge_l, judge
 (an OpenAI-compatible endpoint: --config.judge.base_url=http://host:port/v1 --config.judge.model=...).
 Writes <out_dir>/<task>.jsonl (predictions and scores) and <out_dir>/scores.json.
+With checkpoint="random" c.model is the random weights' architecture; with a checkpoint only its
+runtime fields (dtype, moe_strategy, ...) apply and overriding another is an error
+(esft_jax/config_blocks.py).
 """
-
-from pathlib import Path
 
 import ml_collections
 
-from esft_jax.configs import load_file
+from esft_jax import config_blocks as blocks
 
 
 def _task(scorer: str, max_new_tokens: int) -> ml_collections.ConfigDict:
@@ -21,18 +22,15 @@ def _task(scorer: str, max_new_tokens: int) -> ml_collections.ConfigDict:
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.model = load_file(str(Path(__file__).parent / "models" / "tiny.py"))  # the architecture of checkpoint=random
-    c.checkpoint = ""  # a Hugging Face checkpoint directory, or "random" for random weights of c.model
+    c = blocks.model_source(ml_collections.ConfigDict())
     c.adapter = ""  # an adapter applied to the checkpoint (esft train's <workdir>/adapter)
-    c.tokenizer = ""
     c.seed = 0
     c.tasks = ml_collections.ConfigDict(dict(
         intent=_task("intent", 64), law=_task("judge", 256), summary=_task("judge", 256),
         translation=_task("judge", 256)))
     c.perplexity = ml_collections.ConfigDict(dict(data="", seq_len=1024))  # held-out jsonl: general ability
     c.batch_size = 8
-    c.judge = ml_collections.ConfigDict(dict(base_url="", model="", api_key_env="OPENAI_API_KEY", retries=3))
+    c.judge = blocks.judge(retries=3)
     c.out_dir = "runs/eval"
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
+    c.mesh = blocks.mesh()
     return c

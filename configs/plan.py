@@ -5,21 +5,23 @@
     esft plan --config configs/plan.py --config.methods=esft --config.expert_config=runs/intent/token.json
     esft plan --config configs/plan.py --config.topology=v5p:2x2x2 --config.device_memory_gb=95  # needs libtpu
 Nothing is allocated: the step is lowered with abstract arrays on simulated CPU devices, or compiled
-for a TPU slice's chips (no TPU attached) when a topology is named.
+for a TPU slice's chips (no TPU attached) when a topology is named. With a checkpoint only c.model's runtime
+fields apply (esft_jax/config_blocks.py).
 """
 
 from pathlib import Path
 
 import ml_collections
 
+from esft_jax import config_blocks as blocks
 from esft_jax.configs import load_file
 
-PRESETS = tuple(sorted(p.stem for p in (Path(__file__).parent / "models").glob("*.py")))  # the model
+PRESETS = blocks.MODELS  # the model
 
 
 def get_config(model: str = "deepseek_v2_lite") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = load_file(str(Path(__file__).parent / "models" / f"{model}.py"))
+    c.model = blocks.model(model)
     c.model.remat = True  # what one would train a large model with
     c.checkpoint = ""  # else: a Hugging Face directory whose config.json is planned (runtime fields from c.model)
     c.methods = "fft,lora,esft"
@@ -32,5 +34,5 @@ def get_config(model: str = "deepseek_v2_lite") -> ml_collections.ConfigDict:
     c.batch_size = 8  # packed rows per step (global; split over fsdp)
     c.seq_len = 4096
     c.device_memory_gb = 80.0
-    c.optim = load_file(str(Path(__file__).parent / "train.py")).optim
+    c.optim = load_file(str(Path(__file__).with_name("train.py"))).optim
     return c

@@ -3,22 +3,20 @@
     esft profile --config configs/profile.py --config.checkpoint=/models/ESFT-vanilla-lite \
         --config.data=../shared/esft-reference/datasets/train/intent.jsonl --config.out_dir=runs/intent
 Writes <out_dir>/stats.npz, <out_dir>/summary.json and, with official_logs, <out_dir>/logs/.
+With checkpoint="random" c.model is the random weights' architecture; with a checkpoint only its
+runtime fields (dtype, moe_strategy, ...) apply and overriding another is an error
+(esft_jax/config_blocks.py).
 """
-
-from pathlib import Path
 
 import ml_collections
 
-from esft_jax.configs import load_file
+from esft_jax import config_blocks as blocks
 
-PRESETS = tuple(sorted(p.stem for p in (Path(__file__).parent / "models").glob("*.py")))  # the model
+PRESETS = blocks.MODELS  # the model
 
 
 def get_config(model: str = "tiny") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.model = load_file(str(Path(__file__).parent / "models" / f"{model}.py"))  # the architecture of checkpoint=random
-    c.checkpoint = ""  # a Hugging Face checkpoint directory, or "random" for random weights of c.model
-    c.tokenizer = ""  # a directory with tokenizer.json; default: the checkpoint's, else bytes
+    c = blocks.model_source(ml_collections.ConfigDict(), model)
     c.seed = 0
     c.data = ""  # jsonl: ESFT "messages" lines or {"text": ...} lines
     c.skip_invalid = False  # skip (and count) malformed lines instead of stopping
@@ -31,7 +29,6 @@ def get_config(model: str = "tiny") -> ml_collections.ConfigDict:
     c.official_logs = False  # also write expert_weights_<layer>.txt in the official format
     c.out_dir = "runs/profile"
     c.progress = True
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))  # over all processes' devices
-    # multi-process: num_processes > 1 with coordinator "host:port" and process_id, or -1 (auto-detect)
-    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
+    c.mesh = blocks.mesh()
+    c.distributed = blocks.distributed()
     return c

@@ -8,25 +8,23 @@
 
 import ml_collections
 
+from esft_jax import config_blocks as blocks
+
 PRESETS = {"token": ("token", 0.2), "gate": ("gate", 0.1)}  # the paper's ESFT-Token / ESFT-Gate
 
 
 def get_config(preset: str = "token") -> ml_collections.ConfigDict:
     score, p = PRESETS[preset]
-    c = ml_collections.ConfigDict()
+    # score: "token" (Token Selection Ratio) or "gate" (Average Gate Score); norm: "pooled" (official
+    # release) or "paper" (mean of per-sequence means); decimals: round scores (None: exact);
+    # method: "threshold", "top_n" (n), "random" (threshold's counts, seed), "group" (group_size,
+    # grouping: "coactivation" or "contiguous"); shared_experts, non_expert_modules: flags written into
+    # the expert config; shared_only: no routed experts
+    decimals = ml_collections.FieldReference(4, field_type=int)
+    c = blocks.selection(score, p, decimals=decimals, n=4, group_size=2)
     c.stats = ""  # stats.npz / a profile out_dir / an official log directory
     c.top_k = 6  # official logs only: the model's top-k and expert count (DeepSeek-V2-Lite's)
     c.num_experts = 64
-    c.score = score  # "token" (Token Selection Ratio) or "gate" (Average Gate Score)
-    c.norm = "pooled"  # "pooled" (official release) or "paper" (mean of per-sequence means)
-    c.decimals = ml_collections.FieldReference(4, field_type=int)  # round scores; None: exact
-    c.method = "threshold"  # "threshold", "top_n", "random" (threshold's counts), "group"
-    c.p = p
-    c.n = 4  # top_n
-    c.seed = 0  # random
-    c.group_size = 2  # group
-    c.grouping = "coactivation"  # group: "coactivation" or "contiguous"
-    c.shared_experts = False  # flags written into the expert config for training
-    c.non_expert_modules = False
+    c.seed = 0
     c.out = "runs/select/expert_config.json"
     return c

@@ -1,28 +1,28 @@
-"""`esft train`: fine-tune with ESFT (selected experts only), FFT or LoRA.
+"""`esft train`: fine-tune with ESFT (selected experts only), FFT, LoRA or the routers only.
 
     esft train --config configs/train.py:esft --config.checkpoint=/models/ESFT-vanilla-lite \
         --config.expert_config=runs/intent/token.json --config.data.train=data/builtin/train/intent.jsonl
     esft train --config configs/train.py:fft ...      esft train --config configs/train.py:lora ...
+    esft train --config configs/train.py:router ...   (router-only tuning: every MoE layer's router)
 Rerunning the same command resumes from <workdir>/checkpoints (settings that change the result must
 match the saved run's; see esft_jax/train/resume.py). Outputs in <workdir>: config.json,
 metrics.jsonl, checkpoints/, adapter/ (the changed tensors), summary.json.
+With checkpoint="random" c.model is the random weights' architecture; with a checkpoint only its
+runtime fields (dtype, moe_strategy, ...) apply and overriding another is an error
+(esft_jax/config_blocks.py).
 """
-
-from pathlib import Path
 
 import ml_collections
 
-from esft_jax.configs import load_file
+from esft_jax import config_blocks as blocks
 
-PRESETS = ("esft", "fft", "lora")  # the training method
+PRESETS = ("esft", "fft", "lora", "router")  # the training method (esft_jax/train/method.py REGISTRY)
 
 
 def get_config(method: str = "esft") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.method = method  # "esft", "fft" or "lora"
-    c.model = load_file(str(Path(__file__).parent / "models" / "tiny.py"))  # the architecture of checkpoint=random
-    c.checkpoint = ""  # a Hugging Face checkpoint directory, or "random" for random weights of c.model
-    c.tokenizer = ""  # a directory with tokenizer.json; default: the checkpoint's, else bytes
+    c.method = method  # "esft", "fft", "lora" or "router" (router-only tuning)
+    blocks.model_source(c)
     c.expert_config = ""  # esft: the expert config JSON (esft select)
     c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, targets="attention,experts"))
     c.data = ml_collections.ConfigDict(dict(
@@ -48,7 +48,6 @@ def get_config(method: str = "esft") -> ml_collections.ConfigDict:
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
     c.workdir = f"runs/train_{method}"
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))  # over all processes' devices
-    # multi-process: num_processes > 1 with coordinator "host:port" and process_id, or -1 (auto-detect)
-    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
+    c.mesh = blocks.mesh()
+    c.distributed = blocks.distributed()
     return c

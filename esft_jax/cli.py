@@ -16,19 +16,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from esft_jax import configs, experiment, runtime, sharding, validate
+from esft_jax import configs, experiment, report, runtime, sharding, steps, validate
 from esft_jax.builtin import tasks as builtin_tasks
-from esft_jax.checkpoint import CheckpointError, load_config, save_checkpoint
+from esft_jax.checkpoint import CheckpointError, save_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter
-from esft_jax.data.records import DataError, read_jsonl
+from esft_jax.data.records import DataError
 from esft_jax.data.shards import ShardError
-from esft_jax.eval.judge import JudgeError, judge_from_config
-from esft_jax.eval.tasks import evaluate_task, perplexity, read_eval_jsonl
-from esft_jax.expert_config import ExpertConfig, ExpertConfigError
+from esft_jax.eval.judge import JudgeError
+from esft_jax.eval.run import evaluate
+from esft_jax.expert_config import ExpertConfigError
 from esft_jax.model import ConfigError, ModelConfig, forward, param_axes
-from esft_jax.routing import analyze, profile, scores, select
+from esft_jax.routing import analyze
 from esft_jax.routing.load import expert_counts, load_table
-from esft_jax.routing.official_logs import OfficialLogWriter
 from esft_jax.routing.sources import STATS_FILE, load_stats
 from esft_jax.train import loop as train_loop
 from esft_jax.train import plan
@@ -75,52 +74,25 @@ def _timed(step: Callable, params, tokens, cfg):
 
 def cmd_profile(c: ml_collections.ConfigDict) -> None:
     """Profile a model's routing on a task dataset; write stats.npz and summary.json."""
-    runtime.distributed(c)
-    mesh = runtime.mesh(c)
-    cfg, params = runtime.load_model(c, mesh)
-    validate.within_positions(c, "seq_len", cfg)
-    samples, skipped = read_jsonl(c.data, c.skip_invalid)
-    if skipped:
-        print(f"skipped {skipped} malformed lines of {c.data}")
-    tokenizer = runtime.tokenizer(c)
-
-    def read(index: int, count: int) -> list[profile.Sequence]:  # this process's data shards only
-        return profile.sequences(samples, tokenizer, cfg, seq_len=c.seq_len, token_budget=c.token_budget,
-                                 seed=c.seed, count=c.count, shard=(index, count))
-    out = Path(c.out_dir)
-    primary = jax.process_index() == 0  # every process profiles its share of each batch; one writes
-    if c.official_logs and jax.process_count() > 1:
-        raise configs.ConfigFileError("--config.official_logs is single-process only")
-    writer = OfficialLogWriter(out / "logs", list(cfg.moe_layer_ids)) \
-        if c.official_logs else None
-    try:
-        stats = profile.profile(params, cfg, read, batch_size=c.batch_size, seq_len=c.seq_len, mesh=mesh,
-                                shards=c.shards, log_writer=writer, progress=c.progress)
-    finally:
-        if writer is not None:
-            writer.close()
-    if not primary:
+    profiled = steps.profile_routing(c)
+    if profiled.skipped:
+        print(f"skipped {profiled.skipped} malformed lines of {c.data}")
+    if profiled.stats is None:  # not the writing process
         return
-    stats.save(out / STATS_FILE)
-    (out / "summary.json").write_text(json.dumps(scores.official_summary(stats), indent=1) + "\n")
-    print(f"profiled {stats.tokens} tokens in {stats.sequences} sequences of {len(samples)} samples -> "
-          f"{out / STATS_FILE}, {out / 'summary.json'}" + (f", {out / 'logs'}" if writer else ""))
+    out, stats = Path(c.out_dir), profiled.stats
+    print(f"profiled {stats.tokens} tokens in {stats.sequences} sequences of {profiled.samples} samples -> "
+          f"{out / STATS_FILE}, {out / steps.SUMMARY_FILE}" + (f", {out / 'logs'}" * c.official_logs))
 
 
 def cmd_select(c: ml_collections.ConfigDict) -> None:
     """Select experts per layer from routing statistics; write an ESFT expert config."""
     stats = load_stats(c.stats, c.top_k, c.num_experts)
-    s = scores.expert_scores(stats, c.score, c.norm, c.decimals)
-    chosen = select.select(s, c.method, p=c.p, n=c.n, seed=c.seed, group_size=c.group_size,
-                           grouping=c.grouping, coactivation_lee=stats.coactivation)
-    expert_config = ExpertConfig(dict(zip(stats.layers, chosen)), c.shared_experts, c.non_expert_modules)
+    expert_config = steps.select_experts(stats, c, c.seed)
     path = expert_config.save(c.out)
-    counts = [len(ids) for ids in chosen]
+    counts = [len(expert_config.experts[layer]) for layer in stats.layers]
     total = len(stats.layers) * stats.num_experts
-    print("| layer | " + " | ".join(map(str, stats.layers)) + " |")
-    print("|---|" + "---:|" * len(counts))
-    print("| experts | " + " | ".join(map(str, counts)) + " |")
-    print(f"\n{c.method} on {c.score} scores ({c.norm}, decimals={c.decimals}, p={c.p}): "
+    print(report.markdown_table(["layer", *map(str, stats.layers)], [["experts", *map(str, counts)]]))
+    print(f"{c.method} on {c.score} scores ({c.norm}, decimals={c.decimals}, p={c.p}): "
           f"{sum(counts)} of {total} routed experts ({sum(counts) / total:.1%} of routed-expert parameters) "
           f"-> {path}")
 
@@ -153,33 +125,11 @@ def cmd_export(c: ml_collections.ConfigDict) -> None:
 
 def cmd_eval(c: ml_collections.ConfigDict) -> None:
     """Score a model (optionally with an adapter) on eval tasks, and its held-out perplexity."""
-    mesh = runtime.mesh(c)
-    cfg, params = runtime.load_model(c, mesh)
-    if mesh is not None:  # random weights are made on one device
-        params = sharding.shard_params(params, param_axes(cfg), mesh)
-    if c.perplexity.data:
-        validate.within_positions(c, "perplexity.seq_len", cfg)
-    tokenizer = runtime.tokenizer(c)
-    judge = judge_from_config(c.judge)
-    out = Path(c.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    scores: dict[str, float] = {}
-    for name, task in c.tasks.items():
-        if not task.data:
-            continue
-        samples = read_eval_jsonl(task.data, task.limit)
-        mean, records = evaluate_task(params, cfg, tokenizer, samples, scorer=task.scorer,
-                                      max_new_tokens=task.max_new_tokens, stop=[s for s in task.stop.split("|") if s],
-                                      batch_size=c.batch_size, judge=judge, mesh=mesh)
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        scores[name] = mean
-        print(f"{name}: {task.scorer} {mean:.4f} over {len(records)} samples")
-    if c.perplexity.data:
-        held_out, _ = read_jsonl(c.perplexity.data)
-        scores["perplexity"] = perplexity(params, cfg, tokenizer, held_out, seq_len=c.perplexity.seq_len,
-                                          batch_size=c.batch_size, mesh=mesh)
-        print(f"perplexity on {c.perplexity.data}: {scores['perplexity']:.3f}")
-    (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+    evaluation = evaluate(c)
+    for name, n in evaluation.samples.items():
+        print(f"{name}: {c.tasks[name].scorer} {evaluation.scores[name]:.4f} over {n} samples")
+    if "perplexity" in evaluation.scores:
+        print(f"perplexity on {c.perplexity.data}: {evaluation.scores['perplexity']:.3f}")
 
 
 def cmd_plan(c: ml_collections.ConfigDict) -> None:
@@ -190,8 +140,7 @@ def cmd_plan(c: ml_collections.ConfigDict) -> None:
         code = subprocess.call([sys.executable, "-m", "esft_jax.cli", *sys.argv[1:]],
                                env={**os.environ, "XLA_FLAGS": flags})
         raise SystemExit(code)
-    overrides = {k: c.model[k] for k in runtime.RUNTIME_FIELDS if k in c.model}
-    cfg = load_config(c.checkpoint, **overrides) if c.checkpoint else configs.model_config(c.model)
+    cfg = runtime.model_config(c) if c.checkpoint else configs.model_config(c.model)
     print(plan.report(cfg, c.methods.split(","), tuple(c.devices), c.mesh_axis, batch_size=c.batch_size,
                       seq_len=c.seq_len, optim=c.optim, device_memory_gb=c.device_memory_gb,
                       topology=c.topology, expert_fraction=c.expert_fraction, expert_config=c.expert_config,
@@ -228,7 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are --config.KEY=VALUE)")
     try:
-        c = configs.load(args.config, [a.removeprefix("--config.") for a in rest])
+        overrides = [a.removeprefix("--config.") for a in rest]
+        c = configs.load(args.config, overrides)
+        validate.model_overrides(c, overrides)
         validate.check(args.command, c)
         COMMANDS[args.command](c)
     except (configs.ConfigFileError, CheckpointError, ConfigError, DataError, ExpertConfigError, JudgeError,

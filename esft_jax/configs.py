@@ -3,6 +3,9 @@
 `load("configs/route.py:tiny", ["batch_size=8", "mesh.expert=4"])` imports the file, calls
 `get_config("tiny")` (or `get_config()` without an argument) and applies the overrides, each value
 parsed as a Python literal where it is one (`8`, `0.5`, `None`, `'text'`, `True`), else taken as a string.
+
+A path `configs/...` that does not exist relative to the working directory is read from the config
+files shipped with esft_jax (`resolve`), so `esft --config configs/train.py` works from any directory.
 """
 
 from __future__ import annotations
@@ -18,14 +21,35 @@ from esft_jax.checkpoint.families import family
 from esft_jax.model.config import ModelConfig
 
 
+BUNDLED_PREFIX = "configs"  # the first part of a path that names a shipped config file
+
+
 class ConfigFileError(ValueError):
     """A config file or override that cannot be applied; the message names the file and key."""
 
 
-def load_file(spec: str) -> ml_collections.ConfigDict:
-    """'path.py' or 'path.py:arg' -> the ConfigDict its get_config returns."""
-    path, _, arg = spec.partition(":")
+def bundled_dir() -> Path:
+    """The config files shipped with esft_jax: esft_jax/bundled_configs in an installed wheel
+    (pyproject.toml maps the repository's configs/ there), the repository's configs/ in a checkout."""
+    package = Path(__file__).parent
+    installed = package / "bundled_configs"
+    return installed if installed.is_dir() else package.parent / BUNDLED_PREFIX
+
+
+def resolve(path: str | Path) -> Path:
+    """`path` where it names a file (relative to the working directory); else a `configs/...` path
+    inside the shipped config files (bundled_dir), where that file exists; else `path` unchanged."""
     file = Path(path)
+    if file.is_file() or file.is_absolute() or file.parts[:1] != (BUNDLED_PREFIX,):
+        return file
+    bundled = bundled_dir().joinpath(*file.parts[1:])
+    return bundled if bundled.is_file() else file
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+    """'path.py' or 'path.py:arg' -> the ConfigDict its get_config returns (path: see resolve)."""
+    path, _, arg = spec.partition(":")
+    file = resolve(path)
     if not file.is_file():
         raise ConfigFileError(f"{path}: no such config file")
     module_spec = importlib.util.spec_from_file_location(f"_esft_config_{file.stem}", file)

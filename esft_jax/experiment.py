@@ -8,7 +8,9 @@ peak memory) and plots. Ablations are just more selections (threshold p, score f
 experts, expert groups, trainable-module flags). A step whose output exists is skipped, so a rerun
 only does what is missing. Each training runs in a child process (its peak memory is its own; its
 output goes to <workdir>/train.log, whose last lines a failure shows); `c.launch = "print"` stops
-after selection and prints those commands, one per method, for a cluster.
+after selection and prints those commands, one per method, for a cluster. Profiling, selection and
+evaluation are `esft profile` / `select` / `eval`'s own functions (steps.py, eval/run.py) on their
+config files with the study's model source; each evaluation's predictions go to <run_dir>/eval_<method>/.
 
 A config with `c.studies` (name -> study config) is a sweep: each study runs in turn (or prints its
 commands), then one table of all of them (report.aggregate_table) and a trade-off plot.
@@ -25,28 +27,13 @@ from typing import Any
 
 import ml_collections
 
-from esft_jax import report, runtime, sharding
+from esft_jax import configs, report, steps
 from esft_jax.builtin import tasks as builtin_tasks
-from esft_jax.data.records import read_jsonl
-from esft_jax.eval.judge import judge_from_config
-from esft_jax.eval.tasks import evaluate_task, perplexity, read_eval_jsonl
-from esft_jax.expert_config import ExpertConfig
-from esft_jax.model import param_axes
-from esft_jax.routing import analyze, profile, scores, select
+from esft_jax.eval.run import evaluate
+from esft_jax.routing import analyze
 from esft_jax.routing.sources import STATS_FILE, load_stats
 
-
-def selection(score: str = "token", p: float = 0.2, method: str = "threshold", **flags) -> ml_collections.ConfigDict:
-    """One expert selection (see esft_jax/routing/select.py) and the expert config's flags."""
-    return ml_collections.ConfigDict(dict(
-        score=score, norm="pooled", p=p, method=method, group_size=flags.get("group_size", 1),
-        grouping=flags.get("grouping", "coactivation"), shared_experts=flags.get("shared_experts", False),
-        non_expert_modules=flags.get("non_expert_modules", False), shared_only=flags.get("shared_only", False)))
-
-
-def scoring(scorer: str, max_new_tokens: int, stop: str = "") -> ml_collections.ConfigDict:
-    """How a task is scored: a scorer of esft_jax/eval/scorers.py or "judge"; stop strings split by "|"."""
-    return ml_collections.ConfigDict(dict(scorer=scorer, max_new_tokens=max_new_tokens, stop=stop))
+STEP_FIELDS = ("model", "checkpoint", "tokenizer", "seed", "mesh")  # the study's, for each of its steps
 
 
 def _cached(path: Path, compute) -> Any:
@@ -57,32 +44,39 @@ def _cached(path: Path, compute) -> Any:
     return value
 
 
-def _evaluate(c: ml_collections.ConfigDict, suite: Path, adapter: str = "") -> dict:
-    """Task score, general-suite scores and held-out perplexity of the base model (+ adapter)."""
-    model = ml_collections.ConfigDict({**c.to_dict(), "adapter": adapter})
-    mesh = runtime.mesh(c)
-    cfg, params = runtime.load_model(model, mesh)
-    if mesh is not None:  # random weights are made on one device
-        params = sharding.shard_params(params, param_axes(cfg), mesh)
-    tok = runtime.tokenizer(c)
-    judge = judge_from_config(c.judge)
-    out = {}
-    for name in [c.task, *c.general_tasks]:
-        spec = c.scoring[name]
-        samples = read_eval_jsonl(suite / "eval" / f"{name}.jsonl", c.eval.limit)
-        out[name], _ = evaluate_task(params, cfg, tok, samples, scorer=spec.scorer, max_new_tokens=spec.max_new_tokens,
-                                     stop=[s for s in spec.stop.split("|") if s], batch_size=c.eval.batch_size,
-                                     judge=judge, mesh=mesh)
-    if c.perplexity_set:
-        held_out, _ = read_jsonl(suite / "eval" / f"{c.perplexity_set}.jsonl")
-        out["perplexity"] = perplexity(params, cfg, tok, held_out, seq_len=c.eval.seq_len,
-                                       batch_size=c.eval.batch_size, mesh=mesh)
-    return out
+def _step_config(c: ml_collections.ConfigDict, command: str, **fields) -> ml_collections.ConfigDict:
+    """configs/<command>.py with the study's model source and `fields` (step config = the command's)."""
+    step = configs.load_file(f"configs/{command}.py")
+    for key, value in {**{k: c[k] for k in STEP_FIELDS}, **fields}.items():
+        step[key] = value
+    return step
+
+
+def _profile(c: ml_collections.ConfigDict, suite: Path, out: Path) -> None:
+    """`esft profile` of the task's training data into `out`."""
+    steps.profile_routing(_step_config(
+        c, "profile", data=str(suite / "train" / f"{c.task}.jsonl"), token_budget=c.profile.token_budget,
+        seq_len=c.profile.seq_len, batch_size=c.profile.batch_size, out_dir=str(out), progress=False))
+
+
+def _evaluate(c: ml_collections.ConfigDict, suite: Path, out: Path, adapter: str = "") -> dict:
+    """`esft eval` of the base model (+ adapter) into `out`: task score, general-suite scores and
+    held-out perplexity."""
+    eval_dir = suite / "eval"
+    tasks = ml_collections.ConfigDict({
+        name: dict(data=str(eval_dir / f"{name}.jsonl"), limit=c.eval.limit, **c.scoring[name].to_dict())
+        for name in [c.task, *c.general_tasks]})
+    held_out = str(eval_dir / f"{c.perplexity_set}.jsonl") if c.perplexity_set else ""
+    perplexity = ml_collections.ConfigDict(dict(data=held_out, seq_len=c.eval.seq_len))
+    step = _step_config(c, "eval", adapter=adapter, tasks=tasks, perplexity=perplexity, judge=c.judge,
+                        batch_size=c.eval.batch_size, out_dir=str(out))
+    return evaluate(step).scores
 
 
 def _train_command(c: ml_collections.ConfigDict, method: str, run: Path, suite: Path) -> list[str]:
     kind = "esft" if method.startswith("esft_") else method
-    args = [sys.executable, "-m", "esft_jax.cli", "train", "--config", f"configs/train.py:{kind}",
+    train_config = configs.resolve("configs/train.py")
+    args = [sys.executable, "-m", "esft_jax.cli", "train", "--config", f"{train_config}:{kind}",
             f"--config.checkpoint={c.checkpoint}", f"--config.data.train={suite / 'train' / f'{c.task}.jsonl'}",
             f"--config.workdir={run / f'train_{method}'}", f"--config.optim.lr={c.lr.get(method, c.lr.esft)}",
             *(f"--config.mesh.{axis}={size}" for axis, size in c.mesh.items() if size != 1),
@@ -158,31 +152,20 @@ def run_study(c: ml_collections.ConfigDict) -> tuple[Path, report.Study | None]:
         builtin_tasks.write_suite(suite, seed=c.seed)
     print(f"[1/5] profiling routing on {c.task}")
     if not (run_dir / "profile" / STATS_FILE).is_file():
-        mesh = runtime.mesh(c)
-        cfg, params = runtime.load_model(c, mesh)
-        samples, _ = read_jsonl(suite / "train" / f"{c.task}.jsonl")
-        seqs = profile.sequences(samples, runtime.tokenizer(c), cfg, seq_len=c.profile.seq_len,
-                                 token_budget=c.profile.token_budget, seed=c.seed)
-        profile.profile(params, cfg, seqs, batch_size=c.profile.batch_size, seq_len=c.profile.seq_len,
-                        mesh=mesh, progress=False).save(run_dir / "profile" / STATS_FILE)
+        _profile(c, suite, run_dir / "profile")
     stats = load_stats(run_dir / "profile")
 
     print("[2/5] selecting experts")
     for name, spec in c.selections.items():
-        chosen = select.select(scores.expert_scores(stats, spec.score, spec.norm), spec.method, p=spec.p,
-                               seed=c.seed, group_size=spec.group_size, grouping=spec.grouping,
-                               coactivation_lee=stats.coactivation)
-        if spec.shared_only:
-            chosen = [[] for _ in chosen]
-        ExpertConfig(dict(zip(stats.layers, chosen)), spec.shared_experts, spec.non_expert_modules).save(
-            run_dir / f"experts_{name}.json")
+        steps.select_experts(stats, spec, c.seed).save(run_dir / f"experts_{name}.json")
     if c.launch == "print":
         for m in c.methods:
             print(" ".join(_train_command(c, m, run_dir, suite)))
         return run_dir / "results.md", None
 
     print(f"[3/5] vanilla eval of {c.checkpoint}")
-    results = {"vanilla": _cached(run_dir / "eval_vanilla.json", lambda: _evaluate(c, suite))}
+    results = {"vanilla": _cached(run_dir / "eval_vanilla.json",
+                                  lambda: _evaluate(c, suite, run_dir / "eval_vanilla"))}
 
     print(f"[4/5] training {', '.join(c.methods)}")
     summaries = {m: _train_child(c, m, run_dir, suite) for m in c.methods}
@@ -190,7 +173,8 @@ def run_study(c: ml_collections.ConfigDict) -> tuple[Path, report.Study | None]:
     print("[5/5] evaluating the fine-tuned models")
     for m in c.methods:
         adapter = str(run_dir / f"train_{m}" / "adapter")
-        results[m] = _cached(run_dir / f"eval_{m}.json", lambda adapter=adapter: _evaluate(c, suite, adapter))
+        results[m] = _cached(run_dir / f"eval_{m}.json",
+                             lambda m=m, adapter=adapter: _evaluate(c, suite, run_dir / f"eval_{m}", adapter))
     study = report.Study(c.task, tuple(c.general_tasks), results, summaries)
     table = report.study_table(study)
     (run_dir / "results.md").write_text(table)

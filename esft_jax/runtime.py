@@ -2,7 +2,8 @@
 
 Config fields read: `checkpoint` (a Hugging Face directory, or "random" for random weights of `model`:
 asked for by name, so that a forgotten --config.checkpoint is an error, not a random model),
-`model` (model fields; with a checkpoint only the runtime fields (RUNTIME_FIELDS) apply), `seed`,
+`model` (model fields; with a checkpoint only the runtime fields (RUNTIME_FIELDS) apply, and an
+override of another is refused: validate.model_overrides, config_blocks.py), `seed`,
 `tokenizer` (a directory with tokenizer.json), `mesh` (axis sizes over all processes' devices),
 `distributed` (multi-process runs).
 """

@@ -22,7 +22,8 @@ from esft_jax.eval.scorers import SCORERS
 from esft_jax.model import ModelConfig
 from esft_jax.routing.profile import COUNT_MODES
 from esft_jax.routing.select import METHODS as SELECT_METHODS
-from esft_jax.train import METHODS as TRAIN_METHODS
+from esft_jax.runtime import RANDOM_WEIGHTS, RUNTIME_FIELDS
+from esft_jax.train.method import METHODS as TRAIN_METHODS
 
 SCORES, NORMS = ("token", "gate"), ("pooled", "paper")
 
@@ -106,6 +107,27 @@ def within_positions(c: ml_collections.ConfigDict, key: str, cfg: ModelConfig) -
                               f"positions (max_position_embeddings)")
 
 
+def _architecture_override(where: str, key: str, checkpoint: str) -> None:
+    """`key` ("model.FIELD") may be overridden with `checkpoint`: any field without one or with
+    random weights, only the runtime fields with a Hugging Face checkpoint (its config.json has the rest)."""
+    *parents, leaf = key.split(".")
+    if parents[-1:] != ["model"] or leaf in RUNTIME_FIELDS or checkpoint in ("", RANDOM_WEIGHTS):
+        return
+    raise ConfigFileError(f"{where}: {leaf} comes from the checkpoint's config.json ({checkpoint}); "
+                          f"with a checkpoint only model.{{{','.join(RUNTIME_FIELDS)}}} apply")
+
+
+def model_overrides(c: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Raise ConfigFileError for a `--config.[...]model.FIELD=` override that a checkpoint would
+    silently ignore (config_blocks.py: the model contract)."""
+    for item in overrides:
+        key = item.partition("=")[0]
+        parents = key.split(".")[:-2]  # the block holding `model` and its `checkpoint`
+        node = _get(c, ".".join(parents)) if parents else c
+        if isinstance(node, ml_collections.ConfigDict):
+            _architecture_override(f"--config.{key}", key, node.get("checkpoint", ""))
+
+
 def _route(c: ml_collections.ConfigDict) -> None:
     for key in ("batch_size", "seq_len", "top_experts"):
         whole(c, key)
@@ -183,6 +205,8 @@ def _study(c: ml_collections.ConfigDict) -> None:
             raise ConfigFileError(f"--config.scoring: no entry for task {name!r}")
         _scoring(c, f"scoring.{name}", c.judge)
     one_of(c, "launch", ("local", "print"))
+    for override in c.train:  # each `esft train` of the study trains c.checkpoint
+        _architecture_override(f"--config.train: {override!r}", override.partition("=")[0], c.checkpoint)
     for key in ("profile.token_budget", "profile.seq_len", "profile.batch_size", "eval.batch_size", "eval.seq_len"):
         whole(c, key)
     whole(c, "eval.limit", 0)

@@ -36,6 +36,9 @@ def test_profile_select_analyze(tmp_path, capsys):
                      f"--config.out={out}", "--config.shared_experts=True"]) == 0
     cfg = ExpertConfig.load(out, range(1, 4), 32)
     assert cfg.shared_experts and sorted(cfg.experts) == [1, 2, 3] and cfg.num_selected() > 0
+    table = capsys.readouterr().out.splitlines()[:3]  # experts selected per layer
+    assert table[:2] == ["| layer | 1 | 2 | 3 |", "|---|---|---|---|"]
+    assert table[2] == "| experts | " + " | ".join(str(len(cfg.experts[layer])) for layer in (1, 2, 3)) + " |"
     assert cli.main(["select", "--config", "configs/select.py", f"--config.stats={tmp_path / 'a/logs'}",
                      "--config.top_k=4", "--config.num_experts=32", f"--config.out={tmp_path / 'from_logs.json'}"]) == 0
     assert cli.main(["select", "--config", "configs/select.py", f"--config.stats={tmp_path / 'a'}",

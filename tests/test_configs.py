@@ -7,7 +7,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from esft_jax import cli, configs
+from esft_jax import cli, config_blocks, configs, validate
 from esft_jax.checkpoint.hf_names import config_from_hf, config_to_hf
 from esft_jax.model import ConfigError, ModelConfig, abstract_params
 
@@ -93,3 +93,54 @@ def test_mesh_that_does_not_split_the_model_is_one_line(capsys):
                      "--config.mesh.expert=3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--config.mesh.expert=3: does not divide moe_layers/moe/experts/" in err
+
+
+BUILTIN_MODEL = str(Path(cli.__file__).parent / "builtin" / "tiny_moe")
+
+
+@pytest.mark.parametrize("override", ["model.num_hidden_layers=2", "model.param_dtype=bfloat16"])
+def test_architecture_override_with_a_checkpoint_is_one_line_exit_2(override, capsys):
+    """With a checkpoint the architecture is its config.json's: overriding it is refused, not ignored."""
+    assert cli.main(["route", "--config", "configs/route.py", f"--config.checkpoint={BUILTIN_MODEL}",
+                     f"--config.{override}"]) == 2
+    err = capsys.readouterr().err
+    key = override.split("=")[0]
+    field = key.removeprefix("model.")
+    expected = f"esft route: error: --config.{key}: {field} comes from the checkpoint's config.json ({BUILTIN_MODEL})"
+    assert err.count("\n") == 1 and err.startswith(expected), err
+
+
+def test_architecture_override_applies_to_random_weights_and_runtime_fields_to_a_checkpoint(capsys):
+    assert cli.main(["route", "--config", "configs/route.py", "--config.checkpoint=random",
+                     "--config.seq_len=8", "--config.batch_size=1", "--config.model.num_hidden_layers=2"]) == 0
+    assert "2 layers (1 MoE)" in capsys.readouterr().out
+    assert cli.main(["route", "--config", "configs/route.py", f"--config.checkpoint={BUILTIN_MODEL}",
+                     "--config.batch_size=1", "--config.seq_len=8", "--config.model.moe_strategy=dense"]) == 0
+
+
+def test_a_study_training_an_architecture_override_is_refused_before_it_starts(tmp_path):
+    c = configs.load("configs/experiments/builtin.py",
+                     [f"run_dir={tmp_path}", "train=('model.remat=True', 'model.num_hidden_layers=2')"])
+    refused = r"--config.train: 'model.num_hidden_layers=2': num_hidden_layers comes from the checkpoint's"
+    with pytest.raises(configs.ConfigFileError, match=refused):
+        validate.check("run", c)
+    validate.check("run", configs.load("configs/experiments/builtin.py", [f"run_dir={tmp_path}",
+                                                                          "train=('model.remat=True',)"]))
+
+
+def test_every_config_file_shares_the_common_blocks():
+    """The mesh and distributed blocks and the model source: config_blocks' defaults everywhere."""
+    for spec in ("route.py", "profile.py", "eval.py", "train.py", "experiments/builtin.py"):
+        c = configs.load_file(f"configs/{spec}")
+        assert c.mesh.to_dict() == config_blocks.mesh().to_dict(), spec
+        assert (c.tokenizer, c.model.to_dict()) == ("", config_blocks.model("tiny").to_dict()), spec
+        if "distributed" in c:
+            assert c.distributed.to_dict() == config_blocks.distributed().to_dict(), spec
+    assert configs.load_file("configs/plan.py:tiny").model.remat  # a preset's model, plus what plan changes
+
+
+def test_official_study_of_law_loads():
+    """law has training data in the official datasets but is no built-in task (it used to fail to load)."""
+    c = configs.load_file("configs/experiments/official.py:law")
+    assert (c.task, c.run_dir) == ("law", "runs/official_law")
+    assert c.general_tasks == ("intent", "summary", "translation")

@@ -4,7 +4,7 @@ import jax
 import pytest
 from ml_collections import ConfigDict
 
-from esft_jax import cli
+from esft_jax import cli, validate
 from esft_jax.model import ModelConfig
 from esft_jax.train import plan
 
@@ -32,6 +32,17 @@ def test_plan_counts_what_each_method_holds():
     assert esft.trainable == rows * 3 * CFG.hidden_size * CFG.moe_intermediate_size * 4
     assert 0 < esft.optimizer - 2 * esft.trainable <= 16
     assert esft.total < fft.total
+
+
+def test_every_method_plans_through_the_train_factory():
+    lora = plan.method_for(CFG, "lora", lora_rank=4)
+    assert (lora.rank, lora.alpha) == (4, cli.configs.load_file("configs/train.py").lora.alpha)
+    router = plan.plan(CFG, plan.method_for(CFG, "router"), {"data": 1}, batch_size=2, seq_len=32, optim=OPTIM)
+    assert router.trainable == CFG.num_moe_layers * CFG.hidden_size * CFG.n_routed_experts * 4  # float32
+    assert 0 < router.optimizer - 2 * router.trainable <= 16
+    validate.check("plan", cli.configs.load("configs/plan.py", ["methods=router,esft"]))
+    with pytest.raises(ValueError, match="expected one of"):
+        plan.method_for(CFG, "bogus")
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")

@@ -17,6 +17,7 @@ from esft_jax.model import param_axes
 from esft_jax.checkpoint import load_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter, read_adapter
 from esft_jax.train import loop
+from esft_jax.train.method import build_method
 
 
 def _adapter(workdir):
@@ -69,7 +70,7 @@ def test_eight_devices_equal_one(tmp_path):
 
     # The gradients agree to float32 rounding ...
     cfg, frozen = runtime.load_model(one)
-    method = loop.build_method(one, cfg)
+    method = build_method(one, cfg)
     samples, _ = read_jsonl(one.data.train)
     batch = jax.tree.map(jnp.asarray, next(iter(train_batches(samples, runtime.tokenizer(one), cfg, seq_len=64,
                                                                   batch_size=4, seed=0))))

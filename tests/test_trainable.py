@@ -10,7 +10,7 @@ import train_fixtures as fx
 from numerics import assert_adam_close, assert_float32_close, model_roundings
 
 from esft_jax.expert_config import ExpertConfig
-from esft_jax.model import forward, init_params
+from esft_jax.model import forward
 from esft_jax.train.loop import make_train_step, tree_bytes
 from esft_jax.train.lora import LoRA
 from esft_jax.train.trainable import ExpertSubset, FullFineTune, non_expert_part
@@ -18,41 +18,9 @@ from esft_jax.train.trainable import ExpertSubset, FullFineTune, non_expert_part
 CFG = fx.tiny_config()
 
 
-def _batch(seed=0, accum=1, b=4, t=32):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, 256, (accum, b, t)).astype(np.int32)
-    segments = np.ones_like(tokens)
-    segments[:, 1, 20:] = 2
-    segments[:, 2, 25:] = 0
-    positions = np.broadcast_to(np.arange(t), tokens.shape).copy()
-    positions[:, 1, 20:] -= 20
-    return {"tokens": tokens, "segment_ids": segments, "positions": positions,
-            "loss_mask": (rng.random(tokens.shape) < 0.7).astype(np.int32)}
-
-
 @pytest.fixture(scope="module")
 def params():
-    p = init_params(CFG, jax.random.key(0))
-    p["moe_layers"]["moe"]["router"] *= 15
-    return p
-
-
-def _optim(wd=0.1, lr=1e-3):
-    # Adam turns float32 rounding in a near-zero gradient into an update of up to lr (numerics.assert_adam_close).
-    from ml_collections import ConfigDict
-    return ConfigDict(dict(lr=lr, schedule="constant", warmup_steps=0, end_lr_fraction=0.1, steps=10,
-                           adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8, weight_decay=wd, grad_clip=1.0))
-
-
-def _run(method, params, steps, seed=0):
-    from esft_jax.train.optimizer import learning_rate, make_optimizer
-    tx = make_optimizer(_optim())
-    trainable = method.init(params)
-    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
-    step = make_train_step(method, CFG, tx, learning_rate(_optim()))
-    for i in range(steps):
-        state, metrics = step(state, params, jax.tree.map(jnp.asarray, _batch(seed + i)))
-    return state, metrics
+    return fx.tiny_params()
 
 
 def _leaves(tree):
@@ -63,7 +31,7 @@ def _leaves(tree):
 def test_esft_changes_only_what_it_trains(params, shared, non_expert):
     ec = ExpertConfig(fx.EXPERTS.experts, shared_experts=shared, non_expert_modules=non_expert)
     method = ExpertSubset.build(CFG, ec)
-    state, metrics = _run(method, params, 3)
+    state, metrics = fx.run_steps(method, CFG, params, 3)
     assert np.isfinite(float(metrics["loss"]))
     after = method.write_back(params, state["trainable"])
     experts_before, experts_after = params["moe_layers"]["moe"]["experts"], after["moe_layers"]["moe"]["experts"]
@@ -105,7 +73,7 @@ def test_compact_esft_equals_full_size_masked_reference(params):
     from esft_jax.train.optimizer import make_optimizer
 
     method = ExpertSubset.build(CFG, fx.EXPERTS)
-    state, _ = _run(method, params, 5)
+    state, _ = fx.run_steps(method, CFG, params, 5)
     compact = method.write_back(params, state["trainable"])
 
     mask = jax.tree.map(jnp.zeros_like, params)
@@ -114,7 +82,7 @@ def test_compact_esft_equals_full_size_masked_reference(params):
         sel[layer - CFG.first_k_dense_replace, ids] = 1.0
     mask["moe_layers"]["moe"]["experts"] = {k: jnp.broadcast_to(sel, v.shape)
                                             for k, v in params["moe_layers"]["moe"]["experts"].items()}
-    tx = make_optimizer(_optim())
+    tx = make_optimizer(fx.optim())
 
     def loss(p, batch):
         logits, _ = forward(p, batch["tokens"], CFG, segment_ids_bt=batch["segment_ids"], positions_bt=batch["positions"])
@@ -129,9 +97,9 @@ def test_compact_esft_equals_full_size_masked_reference(params):
 
     p, opt_state = params, tx.init(params)
     for i in range(5):
-        p, opt_state = ref_step(p, opt_state, jax.tree.map(lambda x: jnp.asarray(x[0]), _batch(i)))
+        p, opt_state = ref_step(p, opt_state, jax.tree.map(lambda x: jnp.asarray(x[0]), fx.token_batch(i)))
     for a, b in zip(jax.tree.leaves(compact), jax.tree.leaves(p)):
-        assert_adam_close(a, b, model_roundings(CFG), lr=_optim().lr, steps=5)
+        assert_adam_close(a, b, model_roundings(CFG), lr=fx.optim().lr, steps=5)
     assert not np.allclose(compact["moe_layers"]["moe"]["experts"]["gate"], params["moe_layers"]["moe"]["experts"]["gate"])
 
 
@@ -139,27 +107,27 @@ def test_grad_accumulation_equals_one_large_batch(params):
     from esft_jax.train.optimizer import learning_rate, make_optimizer
 
     method = ExpertSubset.build(CFG, fx.EXPERTS)
-    tx = make_optimizer(_optim())
-    step = make_train_step(method, CFG, tx, learning_rate(_optim()))
+    tx = make_optimizer(fx.optim())
+    step = make_train_step(method, CFG, tx, learning_rate(fx.optim()))
     init = {"step": jnp.zeros((), jnp.int32), "trainable": method.init(params)}
     init["opt_state"] = tx.init(init["trainable"])
-    one = _batch(3)
+    one = fx.token_batch(3)
     two = {k: v.reshape(2, 2, -1) for k, v in one.items()}
     s2, m2 = step(jax.tree.map(jnp.copy, init), params, jax.tree.map(jnp.asarray, two))
     s1, m1 = step(jax.tree.map(jnp.copy, init), params, jax.tree.map(jnp.asarray, one))
     assert_float32_close(m1["loss"], m2["loss"], model_roundings(CFG))
     # The summation order differs (micro-batches): see _optim on Adam and rounding.
     for a, b in zip(jax.tree.leaves(s1["trainable"]), jax.tree.leaves(s2["trainable"])):
-        assert_adam_close(a, b, model_roundings(CFG), lr=_optim().lr, steps=1)
+        assert_adam_close(a, b, model_roundings(CFG), lr=fx.optim().lr, steps=1)
 
 
 def test_lora_starts_at_the_base_model_and_trains_only_factors(params):
     method = LoRA(rank=4, alpha=8.0)
-    tokens = jnp.asarray(_batch()["tokens"][0])
+    tokens = jnp.asarray(fx.token_batch()["tokens"][0])
     base, _ = forward(params, tokens, CFG)
     start, _ = forward(method.materialize(params, method.init(params)), tokens, CFG)
     assert_float32_close(start, base, model_roundings(CFG))
-    state, _ = _run(method, params, 2)
+    state, _ = fx.run_steps(method, CFG, params, 2)
     assert all(k.startswith(("dense_layers/attn", "moe_layers/attn", "moe_layers/moe/experts")) for k in state["trainable"])
     after = method.write_back(params, state["trainable"])
     assert not np.array_equal(after["moe_layers"]["attn"]["kv_b"], params["moe_layers"]["attn"]["kv_b"])
@@ -174,12 +142,12 @@ def test_bfloat16_compute_keeps_float32_master_weights(params):
     for dtype in ("float32", "bfloat16"):
         cfg = CFG.replace(dtype=dtype)
         method = ExpertSubset.build(cfg, fx.EXPERTS)
-        tx = make_optimizer(_optim())
+        tx = make_optimizer(fx.optim())
         trainable = method.init(params)
         state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
-        step = make_train_step(method, cfg, tx, learning_rate(_optim()))
+        step = make_train_step(method, cfg, tx, learning_rate(fx.optim()))
         for i in range(2):
-            state, metrics = step(state, params, jax.tree.map(jnp.asarray, _batch(i)))
+            state, metrics = step(state, params, jax.tree.map(jnp.asarray, fx.token_batch(i)))
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["trainable"]))
         losses[dtype] = float(metrics["loss"])
     assert abs(losses["bfloat16"] - losses["float32"]) < 0.02 * losses["float32"]
@@ -189,8 +157,8 @@ def test_bfloat16_compute_keeps_float32_master_weights(params):
                                     LoRA(rank=4), FullFineTune()], ids=["esft+flags", "lora", "fft"])
 def test_written_back_params_compute_what_training_computed(params, method):
     """The export path (write_back) and the training forward (materialize) are the same model."""
-    state, _ = _run(method, params, 2)
-    tokens = jnp.asarray(_batch(9)["tokens"][0])
+    state, _ = fx.run_steps(method, CFG, params, 2)
+    tokens = jnp.asarray(fx.token_batch(9)["tokens"][0])
     trained, _ = forward(method.materialize(params, state["trainable"]), tokens, CFG)
     exported, _ = forward(method.write_back(params, state["trainable"]), tokens, CFG)
     base, _ = forward(params, tokens, CFG)
@@ -201,7 +169,7 @@ def test_written_back_params_compute_what_training_computed(params, method):
 def test_shared_experts_only(params):
     """The paper's "shared experts only" ablation: no routed expert trains."""
     method = ExpertSubset.build(CFG, ExpertConfig({1: [], 2: [], 3: []}, shared_experts=True))
-    state, _ = _run(method, params, 2)
+    state, _ = fx.run_steps(method, CFG, params, 2)
     assert list(state["trainable"]) == ["shared"] and list(state["trainable"]["shared"]) == ["shared"]
     after = method.write_back(params, state["trainable"])
     np.testing.assert_array_equal(after["moe_layers"]["moe"]["experts"]["gate"], params["moe_layers"]["moe"]["experts"]["gate"])

@@ -1,16 +1,21 @@
-"""Shared setup for the training tests: a tiny base checkpoint, a task dataset, an expert config."""
+"""Shared setup for the training tests: a tiny base checkpoint, a task dataset, an expert config,
+token batches and a few train steps of a method."""
 
 import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from ml_collections import ConfigDict
 
 from esft_jax import configs
 from esft_jax.checkpoint import save_checkpoint
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import init_params
+from esft_jax.train.loop import make_train_step
+from esft_jax.train.optimizer import learning_rate, make_optimizer
 
 EXPERTS = ExpertConfig({1: [3, 17, 5], 2: [30], 3: [0, 9]})  # ragged across layers
 
@@ -19,11 +24,16 @@ def tiny_config(**changes):
     return configs.model_config(configs.load_file("configs/models/tiny.py")).replace(**changes)
 
 
-def base_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A tiny random model (router sharpened) with the byte tokenizer, as a HF checkpoint directory."""
-    cfg = tiny_config()
-    params = init_params(cfg, jax.random.key(seed))
+def tiny_params(seed: int = 0) -> dict:
+    """Random params of the tiny model, router sharpened (so that routing discriminates)."""
+    params = init_params(tiny_config(), jax.random.key(seed))
     params["moe_layers"]["moe"]["router"] = params["moe_layers"]["moe"]["router"] * 15
+    return params
+
+
+def base_checkpoint(path: Path, seed: int = 0) -> Path:
+    """tiny_params with the byte tokenizer, as a HF checkpoint directory."""
+    cfg, params = tiny_config(), tiny_params(seed)
     tokenizer_dir = path.with_name(path.name + "-tokenizer")
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     byte_tokenizer().save(str(tokenizer_dir / "tokenizer.json"))
@@ -55,3 +65,34 @@ def train_config(tmp: Path, method: str = "esft", **overrides):
     for key, value in overrides.items():
         configs.apply_overrides(c, [f"{key}={value}"])
     return c
+
+
+def token_batch(seed: int = 0, accum: int = 1, b: int = 4, t: int = 32) -> dict:
+    """Random byte tokens [accum, b, t]: row 1 packs two documents, row 2 ends in padding, ~70% of
+    the tokens in the loss."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 256, (accum, b, t)).astype(np.int32)
+    segments = np.ones_like(tokens)
+    segments[:, 1, 20:] = 2
+    segments[:, 2, 25:] = 0
+    positions = np.broadcast_to(np.arange(t), tokens.shape).copy()
+    positions[:, 1, 20:] -= 20
+    return {"tokens": tokens, "segment_ids": segments, "positions": positions,
+            "loss_mask": (rng.random(tokens.shape) < 0.7).astype(np.int32)}
+
+
+def optim(wd: float = 0.1, lr: float = 1e-3) -> ConfigDict:
+    # Adam turns float32 rounding in a near-zero gradient into an update of up to lr (numerics.assert_adam_close).
+    return ConfigDict(dict(lr=lr, schedule="constant", warmup_steps=0, end_lr_fraction=0.1, steps=10,
+                           adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8, weight_decay=wd, grad_clip=1.0))
+
+
+def run_steps(method, cfg, params: dict, steps: int, seed: int = 0):
+    """(state, last metrics) after `steps` train steps of `method` on token_batch(seed + i)."""
+    tx = make_optimizer(optim())
+    trainable = method.init(params)
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
+    step = make_train_step(method, cfg, tx, learning_rate(optim()))
+    for i in range(steps):
+        state, metrics = step(state, params, jax.tree.map(jnp.asarray, token_batch(seed + i)))
+    return state, metrics

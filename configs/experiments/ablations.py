@@ -12,8 +12,8 @@ from pathlib import Path
 
 import ml_collections
 
+from esft_jax.config_blocks import selection
 from esft_jax.configs import load_file
-from esft_jax.experiment import selection
 
 ABLATIONS = {
     "p_sweep": {f"token_p{round(p * 100):02d}": selection("token", p) for p in (0.05, 0.1, 0.2, 0.3, 0.5)},

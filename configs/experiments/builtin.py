@@ -9,9 +9,9 @@ from pathlib import Path
 import ml_collections
 
 import esft_jax.builtin
+from esft_jax import config_blocks as blocks
 from esft_jax.builtin import tasks as builtin_tasks
-from esft_jax.configs import load_file
-from esft_jax.experiment import scoring, selection
+from esft_jax.config_blocks import scoring, selection
 
 BUILTIN_MODEL = str(Path(esft_jax.builtin.__file__).parent / "tiny_moe")
 
@@ -22,20 +22,19 @@ def get_config(task: str = "intent") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = task
     c.general_tasks = ("facts", "count")  # general ability: formats the base model was pretrained on
+    blocks.model_source(c)  # with a checkpoint: c.model's runtime fields only
     c.checkpoint = BUILTIN_MODEL
-    c.model = load_file(str(Path(__file__).parents[1] / "models" / "tiny.py"))  # runtime fields only
-    c.tokenizer = ""
     c.seed = 0
     c.suite_dir = "runs/builtin_suite"  # train/<task>.jsonl and eval/<task>.jsonl
     c.builtin_suite = True  # write the built-in suite there if it is missing
     c.scoring = ml_collections.ConfigDict({name: scoring(scorer, max_new) for name, (_, scorer, max_new)
                                            in {**builtin_tasks.DOWNSTREAM, **builtin_tasks.GENERAL}.items()})
     c.perplexity_set = "docs"  # held-out text for perplexity: <suite_dir>/eval/<name>.jsonl ("" for none)
-    c.judge = ml_collections.ConfigDict(dict(base_url="", model="", api_key_env="OPENAI_API_KEY"))
+    c.judge = blocks.judge()
     c.run_dir = f"runs/esft_{task}"
     c.selections = ml_collections.ConfigDict(dict(token=selection("token", 0.2), gate=selection("gate", 0.1)))
     c.methods = ("fft", "lora", "esft_token", "esft_gate")  # "esft_<selection>"
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))  # every step's: profile, train, eval
+    c.mesh = blocks.mesh()  # every step's: profile, train, eval
     c.launch = "local"  # or "print": print each method's `esft train` command (for a cluster) and stop
     c.profile = ml_collections.ConfigDict(dict(token_budget=32 * 1024, seq_len=256, batch_size=16))
     # Per-method learning rates (esft: every ESFT variant): few trainable parameters take larger steps.

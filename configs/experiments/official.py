@@ -19,8 +19,9 @@ from pathlib import Path
 
 import ml_collections
 
+from esft_jax import config_blocks as blocks
+from esft_jax.config_blocks import scoring
 from esft_jax.configs import load_file
-from esft_jax.experiment import scoring
 
 TASKS = ("intent", "law", "summary", "translation")  # eval sets; intent and law also have training data
 
@@ -28,9 +29,10 @@ PRESETS = ("intent", "law")  # the tasks with training data
 
 
 def get_config(task: str = "intent") -> ml_collections.ConfigDict:
-    c = load_file(f"{Path(__file__).with_name('builtin.py')}:{task}")
+    c = load_file(str(Path(__file__).with_name("builtin.py")))  # then this task (law is no built-in task)
+    c.task = task
     c.checkpoint = ""  # a Hugging Face checkpoint directory: required
-    c.model = load_file(str(Path(__file__).parents[1] / "models" / "esft_vanilla_lite.py"))
+    c.model = blocks.model("esft_vanilla_lite")  # runtime fields only
     reference = os.environ.get("ESFT_REFERENCE", str(Path(__file__).parents[2] / ".." / "shared" / "esft-reference"))
     c.suite_dir = str(Path(reference) / "datasets")
     c.builtin_suite = False

@@ -1,7 +1,7 @@
-"""`esft train`: one flat loop for ESFT, FFT and LoRA.
+"""`esft train`: one flat loop for every training method (train/method.py: ESFT, FFT, LoRA, router).
 
 State = {step, trainable, opt_state}; the frozen params are a separate, never-differentiated input
-(train/trainable.py). The jitted step accumulates gradients over `grad_accum` micro-batches (token-
+(train/method.py). The jitted step accumulates gradients over `grad_accum` micro-batches (token-
 weighted, so it equals one large batch), clips, applies AdamW, and donates the old state. Every
 `checkpoint_every` steps the state and the data iterator's position are saved with orbax; rerunning
 the same command resumes from the latest checkpoint and reproduces an uninterrupted run exactly
@@ -30,28 +30,15 @@ from esft_jax.checkpoint.train_state import TrainCheckpoints, abstract_like
 from esft_jax.data.pipeline import eval_batches, split_validation, train_batches
 from esft_jax.data.shards import LocalBatches, plan as plan_shards
 from esft_jax.data.records import Sample, read_jsonl
-from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import ModelConfig, forward, param_axes
-from esft_jax.train.adapter import save_adapter
-from esft_jax.train.lora import LoRA
 from esft_jax.model.loss import load_balance_loss, next_token_loss
-from esft_jax.train import METHODS, guard, resume
+from esft_jax.train import guard, resume
+from esft_jax.train.method import TrainingMethod, build_method, save_adapter
 from esft_jax.train.optimizer import learning_rate, make_optimizer
-from esft_jax.train.trainable import ExpertSubset, FullFineTune
 from esft_jax.train.validate import validate
 
 
-def build_method(c: ml_collections.ConfigDict, cfg: ModelConfig):
-    if c.method == "fft":
-        return FullFineTune()
-    if c.method == "lora":
-        return LoRA(rank=c.lora.rank, alpha=c.lora.alpha, targets=tuple(c.lora.targets.split(",")), seed=c.seed)
-    if c.method == "esft":
-        return ExpertSubset.build(cfg, ExpertConfig.load(c.expert_config, cfg.moe_layer_ids, cfg.n_routed_experts))
-    raise ValueError(f"method={c.method!r}: expected one of {METHODS}")
-
-
-def _loss_fn(method, cfg: ModelConfig, aux_loss_alpha: float = 0.0):
+def _loss_fn(method: TrainingMethod, cfg: ModelConfig, aux_loss_alpha: float = 0.0):
     """(sum of token losses [+ alpha * load-balance loss per token], (tokens, dropped assignments))."""
     def loss(trainable, frozen, batch):
         params = method.materialize(frozen, trainable)
@@ -65,8 +52,8 @@ def _loss_fn(method, cfg: ModelConfig, aux_loss_alpha: float = 0.0):
     return loss
 
 
-def make_train_step(method, cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    aux_loss_alpha: float = 0.0) -> Callable:
+def make_train_step(method: TrainingMethod, cfg: ModelConfig, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, aux_loss_alpha: float = 0.0) -> Callable:
     """(state, frozen, batches [A, B, T]) -> (state, metrics); metrics["finite"] says whether the loss,
     the gradient norm and the new parameters are all finite (train/guard.py)."""
     grad_fn = jax.value_and_grad(_loss_fn(method, cfg, aux_loss_alpha), has_aux=True)
@@ -94,7 +81,7 @@ def make_train_step(method, cfg: ModelConfig, tx: optax.GradientTransformation, 
     return jax.jit(step, donate_argnums=0)
 
 
-def make_eval_step(method, cfg: ModelConfig) -> Callable:
+def make_eval_step(method: TrainingMethod, cfg: ModelConfig) -> Callable:
     loss = _loss_fn(method, cfg)
 
     def step(trainable, frozen, batch):
@@ -163,7 +150,7 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
         general, skipped_general = read_jsonl(c.data.general, c.data.skip_invalid)
         skipped += skipped_general
     method = build_method(c, cfg)
-    expert_config = method.expert_config if isinstance(method, ExpertSubset) else None
+    expert_config = method.expert_config
 
     model_axes = param_axes(cfg)
     frozen = _put(frozen, _shardings(model_axes, mesh))

@@ -9,28 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
 
+from esft_jax.checkpoint.adapter import LORA_A, LORA_B
+from esft_jax.checkpoint.hf_names import tensor_maps
+from esft_jax.model.config import ModelConfig
 from esft_jax.model.params import input_dims
-from esft_jax.train.trainable import Params, cast_like
+from esft_jax.sharding import to_host
+from esft_jax.train.trainable import Params, cast_like, overlay
 
 TARGETS = ("attention", "experts", "shared_experts")
-
-
-def _get(tree: Params, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _replace(tree: Params, path: tuple[str, ...], value: Any) -> Params:
-    """A copy of tree (dicts copied along the path only) with the leaf at path replaced."""
-    if not path:
-        return value
-    return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +32,14 @@ class LoRA:
     alpha: float = 16.0
     targets: tuple[str, ...] = ("attention", "experts")
     seed: int = 0
+
+    expert_config = None  # not an ESFT run
+
+    @classmethod
+    def from_config(cls, c: ml_collections.ConfigDict, cfg: ModelConfig) -> "LoRA":
+        """c.lora.rank / alpha / targets (comma-separated), c.seed for the A factors."""
+        targets = tuple(c.lora.targets.split(","))
+        return cls(rank=c.lora.rank, alpha=c.lora.alpha, targets=targets, seed=c.seed)
 
     def __post_init__(self):
         unknown = set(self.targets) - set(TARGETS)
@@ -69,11 +70,11 @@ class LoRA:
         return shape[:n_batch], math.prod(shape[n_batch:n_batch + n_in]), math.prod(shape[n_batch + n_in:])
 
     def init(self, frozen: Params) -> Params:
-        paths = self.target_paths(frozen)
+        paths, leaves = self.target_paths(frozen), traverse_util.flatten_dict(frozen)
         keys = jax.random.split(jax.random.key(self.seed), len(paths))
         trainable = {}
         for (path, n_batch), key in zip(paths, keys):
-            batch, n_in, n_out = self._split(path, _get(frozen, path).shape, n_batch)
+            batch, n_in, n_out = self._split(path, leaves[path].shape, n_batch)
             trainable["/".join(path)] = {
                 "a": jax.random.normal(key, (*batch, n_in, self.rank), jnp.float32) / math.sqrt(n_in),
                 "b": jnp.zeros((*batch, self.rank, n_out), jnp.float32)}
@@ -83,13 +84,25 @@ class LoRA:
         return jax.tree.map(lambda x: (None,) * x.ndim, trainable)  # small: replicated
 
     def materialize(self, frozen: Params, trainable: Params) -> Params:
-        scale = self.alpha / self.rank
-        params = frozen
+        scale, leaves = self.alpha / self.rank, traverse_util.flatten_dict(frozen)
+        merged = {}
         for name, ab in trainable.items():
             path = tuple(name.split("/"))
-            w = _get(frozen, path)
-            params = _replace(params, path, w.astype(jnp.float32) + jnp.matmul(ab["a"], ab["b"]).reshape(w.shape) * scale)
-        return params
+            w = leaves[path]
+            merged[path] = w.astype(jnp.float32) + jnp.matmul(ab["a"], ab["b"]).reshape(w.shape) * scale
+        return overlay(frozen, traverse_util.unflatten_dict(merged))
 
     def write_back(self, frozen: Params, trainable: Params) -> Params:
         return cast_like(self.materialize(frozen, trainable), frozen)
+
+    def adapter_tensors(self, cfg: ModelConfig, frozen: Params, trainable: Params) -> tuple[dict, dict]:
+        """The A [r, in] and B [out, r] factors of every adapted weight (PEFT's names and layout)."""
+        host, tensors = to_host(trainable), {}
+        for m in tensor_maps(cfg):
+            ab = host.get("/".join(m.path))
+            if ab is not None:
+                base = m.hf_name[: -len(".weight")]
+                tensors[base + LORA_A] = np.asarray(ab["a"][m.index]).T
+                tensors[base + LORA_B] = np.asarray(ab["b"][m.index]).T
+        metadata = {"method": "lora", "r": self.rank, "lora_alpha": self.alpha, "targets": list(self.targets)}
+        return tensors, metadata

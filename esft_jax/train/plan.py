@@ -24,14 +24,12 @@ import optax
 from jax.sharding import NamedSharding
 
 from esft_jax import sharding
-from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import ModelConfig
 from esft_jax.model.experts import resolve_strategy
 from esft_jax.model.params import abstract_params, param_axes
-from esft_jax.train.lora import LoRA
 from esft_jax.train.loop import make_train_step
+from esft_jax.train.method import TrainingMethod, build_method
 from esft_jax.train.optimizer import learning_rate, make_optimizer
-from esft_jax.train.trainable import ExpertSubset, FullFineTune
 
 GIB = 1024 ** 3
 
@@ -50,19 +48,13 @@ class Plan:
 
 
 def method_for(cfg: ModelConfig, method: str, expert_fraction: float = 0.1, expert_config: str = "",
-               lora_rank: int = 8):
-    """FFT, LoRA, or ESFT with an expert config file or the first round(fraction * E) experts per layer."""
-    if method == "fft":
-        return FullFineTune()
-    if method == "lora":
-        return LoRA(rank=lora_rank, alpha=2.0 * lora_rank)
-    if method != "esft":
-        raise ValueError(f"method {method!r}: expected fft, lora or esft")
-    layers = cfg.moe_layer_ids
-    if expert_config:
-        return ExpertSubset.build(cfg, ExpertConfig.load(expert_config, layers, cfg.n_routed_experts))
-    m = max(1, round(expert_fraction * cfg.n_routed_experts))
-    return ExpertSubset.build(cfg, ExpertConfig({layer: list(range(m)) for layer in layers}))
+               lora_rank: int = 8, lora_alpha: float = 16.0) -> TrainingMethod:
+    """The method named (train/method.py's factory); esft: an expert config file, or the first
+    round(fraction * E) experts per layer. lora_alpha's default is configs/train.py's."""
+    c = ml_collections.ConfigDict(dict(
+        method=method, seed=0, expert_config=expert_config, expert_fraction=expert_fraction,
+        lora=dict(rank=lora_rank, alpha=lora_alpha, targets="attention,experts")))
+    return build_method(c, cfg)
 
 
 def _per_device(tree: Any) -> int:
@@ -107,8 +99,8 @@ def tpu_devices(topology: str) -> list:
                         "it needs libtpu: pip install 'jax[tpu]'") from e
 
 
-def lower_train_step(cfg: ModelConfig, method, mesh_shape: dict[str, int], *, batch_size: int, seq_len: int,
-                     optim: ml_collections.ConfigDict, devices: list | None = None):
+def lower_train_step(cfg: ModelConfig, method: TrainingMethod, mesh_shape: dict[str, int], *, batch_size: int,
+                     seq_len: int, optim: ml_collections.ConfigDict, devices: list | None = None):
     """(compiled train step, its abstract sharded arguments (state, frozen, batch), compile seconds), on
     the first devices of `devices` (default: jax.devices())."""
     n = math.prod(mesh_shape.values())
@@ -143,8 +135,8 @@ def lower_train_step(cfg: ModelConfig, method, mesh_shape: dict[str, int], *, ba
     return compiled, (state, frozen, batch), time.perf_counter() - start
 
 
-def plan(cfg: ModelConfig, method, mesh_shape: dict[str, int], *, batch_size: int, seq_len: int,
-         optim: ml_collections.ConfigDict, devices: list | None = None) -> Plan:
+def plan(cfg: ModelConfig, method: TrainingMethod, mesh_shape: dict[str, int], *, batch_size: int,
+         seq_len: int, optim: ml_collections.ConfigDict, devices: list | None = None) -> Plan:
     """Compile one train step of `method` on a mesh of simulated, real or TPU-topology devices; read
     its memory."""
     try:

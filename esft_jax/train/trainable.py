@@ -1,11 +1,7 @@
 """What trains: a method splits the model into frozen params and a compact trainable pytree.
 
-Every method has the same three functions over pytrees, so one train loop serves them all:
-- `init(frozen)`: the trainable pytree (float32 master copies), and nothing else: optimizer state
-  exists only for it.
-- `materialize(frozen, trainable)`: the params the forward pass sees. Frozen leaves enter as
-  constants, so no weight gradient is ever computed for them.
-- `write_back(frozen, trainable)`: full params in the frozen dtypes (checkpoints, export).
+Every method follows one protocol (train/method.py: TrainingMethod), so one train loop serves them
+all. This module holds the pytree helpers the methods share, FFT, and ESFT.
 
 ESFT keeps the selected experts' rows compact (weights and, where the experts have them, biases):
 [N, d, f] for the N selected (layer, expert) pairs,
@@ -16,14 +12,18 @@ with no padding. `materialize` gathers them into the model's per-layer expert ov
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from flax import traverse_util
 
+from esft_jax.checkpoint.hf_names import TensorMap, tensor_maps
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.model.config import ModelConfig
+from esft_jax.sharding import to_host
 
 Params = dict[str, Any]
 
@@ -63,7 +63,7 @@ def _shared_part(moe: Params) -> Params:
     return {k: moe[k] for k in SHARED if k in moe}
 
 
-def _float32(tree: Params) -> Params:
+def float32_copy(tree: Params) -> Params:
     """Float32 copies (never aliases of the frozen arrays: the train step donates its state)."""
     return jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), tree)
 
@@ -72,12 +72,27 @@ def cast_like(tree: Params, like: Params) -> Params:
     return jax.tree.map(lambda x, ref: x.astype(ref.dtype), tree, like)
 
 
+def hf_tensors(cfg: ModelConfig, params: Params, changed: Callable[[TensorMap], bool]
+               ) -> dict[str, np.ndarray]:
+    """The whole tensors `changed` picks from full params, in HF layout under their HF names (an
+    adapter's content). Gathers params to the host: in a multi-process run every process calls this."""
+    leaves = traverse_util.flatten_dict(to_host(params))
+    return {m.hf_name: m.to_hf(leaves[m.path][m.index] if m.index else leaves[m.path])
+            for m in tensor_maps(cfg) if changed(m)}
+
+
 @dataclasses.dataclass(frozen=True)
 class FullFineTune:
     """FFT: every parameter trains."""
 
+    expert_config = None  # not an ESFT run
+
+    @classmethod
+    def from_config(cls, c: ml_collections.ConfigDict, cfg: ModelConfig) -> "FullFineTune":
+        return cls()
+
     def init(self, frozen: Params) -> Params:
-        return _float32(frozen)
+        return float32_copy(frozen)
 
     def materialize(self, frozen: Params, trainable: Params) -> Params:
         return trainable
@@ -88,6 +103,10 @@ class FullFineTune:
 
     def write_back(self, frozen: Params, trainable: Params) -> Params:
         return cast_like(trainable, frozen)
+
+    def adapter_tensors(self, cfg: ModelConfig, frozen: Params, trainable: Params) -> tuple[dict, dict]:
+        """Every tensor of the model."""
+        return hf_tensors(cfg, self.write_back(frozen, trainable), lambda m: True), {"method": "fft"}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -112,6 +131,16 @@ class ExpertSubset:
                 rows.append((l, e))
         return cls(cfg, expert_config, np.asarray(rows, np.int32).reshape(-1, 2), slots, slot_ids)
 
+    @classmethod
+    def from_config(cls, c: ml_collections.ConfigDict, cfg: ModelConfig) -> "ExpertSubset":
+        """The experts of the file `c.expert_config`; without one (esft plan), the first
+        round(c.expert_fraction * E) experts of every MoE layer."""
+        layers, n_experts = cfg.moe_layer_ids, cfg.n_routed_experts
+        if c.expert_config:
+            return cls.build(cfg, ExpertConfig.load(c.expert_config, layers, n_experts))
+        first = max(1, round(c.expert_fraction * n_experts))
+        return cls.build(cfg, ExpertConfig({layer: list(range(first)) for layer in layers}))
+
     def init(self, frozen: Params) -> Params:
         experts = frozen["moe_layers"]["moe"]["experts"]
         layer, expert = self.rows[:, 0], self.rows[:, 1]
@@ -119,9 +148,9 @@ class ExpertSubset:
         if self.rows.size:  # no routed expert at all: e.g. the "shared experts only" ablation
             trainable["experts"] = {k: jnp.asarray(w[layer, expert], jnp.float32) for k, w in experts.items()}
         if self.expert_config.shared_experts and "shared" in frozen["moe_layers"]["moe"]:
-            trainable["shared"] = _float32(_shared_part(frozen["moe_layers"]["moe"]))
+            trainable["shared"] = float32_copy(_shared_part(frozen["moe_layers"]["moe"]))
         if self.expert_config.non_expert_modules:
-            trainable["non_expert"] = _float32(non_expert_part(frozen))
+            trainable["non_expert"] = float32_copy(non_expert_part(frozen))
         return trainable
 
     def axes(self, model_axes: Params, trainable: Params) -> Params:
@@ -163,3 +192,18 @@ class ExpertSubset:
         moe_layers = dict(params["moe_layers"])
         moe_layers["moe"] = {**moe_layers["moe"], "experts": experts}
         return {**params, "moe_layers": moe_layers}
+
+    def adapter_tensors(self, cfg: ModelConfig, frozen: Params, trainable: Params) -> tuple[dict, dict]:
+        """The selected experts' tensors (+ the shared experts' / non-expert tensors if flagged)."""
+        selected = set(map(tuple, self.rows.tolist()))  # (moe layer index, expert)
+        ec = self.expert_config
+
+        def changed(m: TensorMap) -> bool:
+            if "experts" in m.path:
+                return m.index in selected
+            if m.path[-1] in ALWAYS_FROZEN:
+                return False
+            return ec.shared_experts if is_shared(m.path) else ec.non_expert_modules
+
+        tensors = hf_tensors(cfg, self.write_back(frozen, trainable), changed)
+        return tensors, {"method": "esft", "expert_config": ec.to_json()}

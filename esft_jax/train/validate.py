@@ -12,7 +12,7 @@ import ml_collections
 from esft_jax import validate as checks
 from esft_jax.configs import ConfigFileError
 from esft_jax.model import ModelConfig
-from esft_jax.train import METHODS
+from esft_jax.train.method import METHODS
 
 AT_LEAST_ONE = ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every",
                 "keep_checkpoints", "data.seq_len")

@@ -1,0 +1,67 @@
+"""The blocks several config files (configs/) share, each defined once (big_vision's configs/common.py).
+
+A config file calls these to add a block's fields; the keys and defaults are the contract the
+commands read (esft_jax/runtime.py: model, checkpoint, tokenizer, mesh, distributed; the study's
+selections and scoring: esft_jax/experiment.py).
+
+The model contract (`model_source`): with `checkpoint="random"`, `model` is the architecture of the
+random weights and every field of it applies. With a Hugging Face checkpoint the architecture comes
+from the checkpoint's config.json and only the runtime fields of `model` apply
+(runtime.RUNTIME_FIELDS: dtype, moe_strategy, capacity_factor, expert_parallel, scan_layers, remat);
+overriding any other `model` field then is an error (validate.model_overrides), not ignored.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from esft_jax import configs
+
+MODELS = tuple(sorted(p.stem for p in (configs.bundled_dir() / "models").glob("*.py")))  # configs/models/
+
+
+def model(name: str) -> ml_collections.ConfigDict:
+    """configs/models/<name>.py: an architecture (the fields of esft_jax.model.ModelConfig)."""
+    return configs.load_file(str(configs.bundled_dir() / "models" / f"{name}.py"))
+
+
+def model_source(c: ml_collections.ConfigDict, name: str = "tiny") -> ml_collections.ConfigDict:
+    """Add where the weights come from: `model` (configs/models/<name>.py; see the module docstring
+    for which of its fields apply), `checkpoint` (a Hugging Face directory, or "random" for seeded
+    random weights of `model`) and `tokenizer` (a directory with tokenizer.json; default: the
+    checkpoint's, else bytes). Returns `c`."""
+    c.model = model(name)
+    c.checkpoint = ""
+    c.tokenizer = ""
+    return c
+
+
+def mesh() -> ml_collections.ConfigDict:
+    """Mesh axis sizes over all processes' devices (esft_jax/sharding.py names the axes)."""
+    return ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
+
+
+def distributed() -> ml_collections.ConfigDict:
+    """Multi-process: num_processes > 1 with coordinator "host:port" and process_id, or -1 (auto-detect)."""
+    return ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
+
+
+def judge(**fields) -> ml_collections.ConfigDict:
+    """An OpenAI-compatible judge endpoint (esft_jax/eval/judge.py); none while base_url is ""."""
+    return ml_collections.ConfigDict(dict(base_url="", model="", api_key_env="OPENAI_API_KEY", **fields))
+
+
+def selection(score: str = "token", p: float = 0.2, method: str = "threshold", *, decimals=None, n: int = 1,
+              group_size: int = 1, grouping: str = "coactivation", shared_experts: bool = False,
+              non_expert_modules: bool = False, shared_only: bool = False) -> ml_collections.ConfigDict:
+    """One expert selection (esft_jax/routing/select.py; decimals: round scores, None: exact) and
+    the flags of the expert config it writes (shared_only: no routed experts at all)."""
+    return ml_collections.ConfigDict(dict(
+        score=score, norm="pooled", decimals=decimals, p=p, method=method, n=n, group_size=group_size,
+        grouping=grouping, shared_experts=shared_experts, non_expert_modules=non_expert_modules,
+        shared_only=shared_only))
+
+
+def scoring(scorer: str, max_new_tokens: int, stop: str = "") -> ml_collections.ConfigDict:
+    """How a task is scored: a scorer of esft_jax/eval/scorers.py or "judge"; stop strings split by "|"."""
+    return ml_collections.ConfigDict(dict(scorer=scorer, max_new_tokens=max_new_tokens, stop=stop))

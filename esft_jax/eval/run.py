@@ -1,0 +1,63 @@
+"""`esft eval` and the evaluations of `esft run`: a model (+ adapter) on eval tasks and held-out text.
+
+The config is configs/eval.py's: the model source (checkpoint, adapter, model, tokenizer, seed,
+mesh), `tasks` (name -> data, scorer, max_new_tokens, limit, stop: strings split by "|"; a task
+without data is skipped), `perplexity` (data, seq_len), batch_size, judge and out_dir.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import ml_collections
+
+from esft_jax import runtime, sharding, validate
+from esft_jax.data.records import read_jsonl
+from esft_jax.eval.judge import judge_from_config
+from esft_jax.eval.tasks import evaluate_task, perplexity, read_eval_jsonl
+from esft_jax.model import param_axes
+
+SCORES_FILE = "scores.json"
+
+
+class Evaluation(NamedTuple):
+    scores: dict[str, float]  # task name (and "perplexity") -> value, as written to scores.json
+    samples: dict[str, int]  # task name -> samples scored
+
+
+def stop_strings(stop: str) -> list[str]:
+    """A config's "a|b" stop field -> ["a", "b"] (empty parts dropped)."""
+    return [s for s in stop.split("|") if s]
+
+
+def evaluate(c: ml_collections.ConfigDict) -> Evaluation:
+    """Score every task with data; write <out_dir>/<task>.jsonl (per-sample predictions and scores)
+    and <out_dir>/scores.json."""
+    mesh = runtime.mesh(c)
+    cfg, params = runtime.load_model(c, mesh)
+    if mesh is not None:  # random weights are made on one device
+        params = sharding.shard_params(params, param_axes(cfg), mesh)
+    if c.perplexity.data:
+        validate.within_positions(c, "perplexity.seq_len", cfg)
+    tokenizer = runtime.tokenizer(c)
+    judge = judge_from_config(c.judge)
+    out = Path(c.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = Evaluation({}, {})
+    for name, task in c.tasks.items():
+        if not task.data:
+            continue
+        samples = read_eval_jsonl(task.data, task.limit)
+        mean, records = evaluate_task(params, cfg, tokenizer, samples, scorer=task.scorer,
+                                      max_new_tokens=task.max_new_tokens, stop=stop_strings(task.stop),
+                                      batch_size=c.batch_size, judge=judge, mesh=mesh)
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        result.scores[name], result.samples[name] = mean, len(records)
+    if c.perplexity.data:
+        held_out, _ = read_jsonl(c.perplexity.data)
+        result.scores["perplexity"] = perplexity(params, cfg, tokenizer, held_out, mesh=mesh,
+                                                 seq_len=c.perplexity.seq_len, batch_size=c.batch_size)
+    (out / SCORES_FILE).write_text(json.dumps(result.scores, indent=1) + "\n")
+    return result

@@ -1,0 +1,68 @@
+"""The routing steps of ESFT from their configs, as `esft profile` / `esft select` run them and
+`esft run` does for each study: profile a model's routing on a task, select experts from it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import ml_collections
+
+from esft_jax import configs, runtime, validate
+from esft_jax.data.records import read_jsonl
+from esft_jax.expert_config import ExpertConfig
+from esft_jax.routing import profile, scores, select
+from esft_jax.routing.official_logs import OfficialLogWriter
+from esft_jax.routing.stats import RoutingStats
+from esft_jax.routing.sources import STATS_FILE
+
+SUMMARY_FILE = "summary.json"
+
+
+class Profiled(NamedTuple):
+    stats: RoutingStats | None  # None on every process but the first (which writes the files)
+    samples: int  # samples in the dataset
+    skipped: int  # malformed lines skipped (c.skip_invalid)
+
+
+def profile_routing(c: ml_collections.ConfigDict) -> Profiled:
+    """Profile c.data's routing (configs/profile.py); write <out_dir>/stats.npz, summary.json and,
+    with c.official_logs, the official logs in <out_dir>/logs."""
+    runtime.distributed(c)
+    mesh = runtime.mesh(c)
+    cfg, params = runtime.load_model(c, mesh)
+    validate.within_positions(c, "seq_len", cfg)
+    samples, skipped = read_jsonl(c.data, c.skip_invalid)
+    tokenizer = runtime.tokenizer(c)
+
+    def read(index: int, count: int) -> list[profile.Sequence]:  # this process's data shards only
+        return profile.sequences(samples, tokenizer, cfg, seq_len=c.seq_len, token_budget=c.token_budget,
+                                 seed=c.seed, count=c.count, shard=(index, count))
+    out = Path(c.out_dir)
+    if c.official_logs and jax.process_count() > 1:
+        raise configs.ConfigFileError("--config.official_logs is single-process only")
+    writer = OfficialLogWriter(out / "logs", list(cfg.moe_layer_ids)) if c.official_logs else None
+    try:
+        stats = profile.profile(params, cfg, read, batch_size=c.batch_size, seq_len=c.seq_len, mesh=mesh,
+                                shards=c.shards, log_writer=writer, progress=c.progress)
+    finally:
+        if writer is not None:
+            writer.close()
+    if jax.process_index() != 0:  # every process profiles its share of each batch; one writes
+        return Profiled(None, len(samples), skipped)
+    stats.save(out / STATS_FILE)
+    (out / SUMMARY_FILE).write_text(json.dumps(scores.official_summary(stats), indent=1) + "\n")
+    return Profiled(stats, len(samples), skipped)
+
+
+def select_experts(stats: RoutingStats, spec: ml_collections.ConfigDict, seed: int) -> ExpertConfig:
+    """The expert config of one selection (config_blocks.selection's fields) from routing statistics."""
+    s = scores.expert_scores(stats, spec.score, spec.norm, spec.decimals)
+    chosen = select.select(s, spec.method, p=spec.p, n=spec.n, seed=seed, group_size=spec.group_size,
+                           grouping=spec.grouping, coactivation_lee=stats.coactivation)
+    if spec.shared_only:
+        chosen = [[] for _ in chosen]
+    return ExpertConfig(dict(zip(stats.layers, chosen)), spec.shared_experts, spec.non_expert_modules)

@@ -1,0 +1,71 @@
+"""The training-method protocol, the one factory from the config, and the adapter a run leaves.
+
+A method splits the model into frozen params and a compact trainable pytree, so one train loop
+(train/loop.py) and one memory planner (train/plan.py) serve every method. A new method is one module
+with a class following `TrainingMethod` and one `REGISTRY` entry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Protocol
+
+import ml_collections
+import numpy as np
+
+from esft_jax.checkpoint.adapter import write_adapter
+from esft_jax.expert_config import ExpertConfig
+from esft_jax.model.config import ModelConfig
+from esft_jax.train.lora import LoRA
+from esft_jax.train.router_only import RouterOnly
+from esft_jax.train.trainable import ExpertSubset, FullFineTune, Params
+
+
+class TrainingMethod(Protocol):
+    """What trains, as pure functions over pytrees (frozen: the params as loaded)."""
+
+    @property
+    def expert_config(self) -> ExpertConfig | None:
+        """The experts an ESFT run trains (its resume check and run files); None for other methods."""
+
+    def init(self, frozen: Params) -> Params:
+        """The trainable pytree (float32 master copies), and nothing else: optimizer state exists only
+        for it."""
+
+    def materialize(self, frozen: Params, trainable: Params) -> Params:
+        """The params the forward pass sees. Frozen leaves enter as constants, so no weight gradient is
+        ever computed for them."""
+
+    def axes(self, model_axes: Params, trainable: Params) -> Params:
+        """Logical axis names of the trainable leaves (param_axes' names: sharded like the model)."""
+
+    def write_back(self, frozen: Params, trainable: Params) -> Params:
+        """Full params in the frozen dtypes (checkpoints, export)."""
+
+    def adapter_tensors(self, cfg: ModelConfig, frozen: Params, trainable: Params
+                        ) -> tuple[dict[str, np.ndarray], dict]:
+        """(the tensors the method changed by HF name, in checkpoint/adapter.py's format; the adapter
+        metadata, "method" included). Gathers to the host: every process of a run calls it."""
+
+
+Constructor = Callable[[ml_collections.ConfigDict, ModelConfig], TrainingMethod]
+REGISTRY: dict[str, Constructor] = {
+    "esft": ExpertSubset.from_config, "fft": FullFineTune.from_config, "lora": LoRA.from_config,
+    "router": RouterOnly.from_config}
+METHODS = tuple(REGISTRY)  # the values of --config.method
+
+
+def build_method(c: ml_collections.ConfigDict, cfg: ModelConfig) -> TrainingMethod:
+    """The method `c.method` names, from its settings in `c` (configs/train.py: lora, expert_config,
+    seed)."""
+    if c.method not in REGISTRY:
+        raise ValueError(f"method={c.method!r}: expected one of {METHODS}")
+    return REGISTRY[c.method](c, cfg)
+
+
+def save_adapter(out_dir: str | Path, cfg: ModelConfig, method: TrainingMethod, frozen: Params,
+                 trainable: Params, write: bool = True) -> Path:
+    """Write the method's adapter. In a multi-process run every process calls this (gathering is
+    collective) and the one with write=True writes."""
+    tensors, metadata = method.adapter_tensors(cfg, frozen, trainable)
+    return write_adapter(out_dir, tensors, {**metadata, "model_type": cfg.model_type}) if write else Path(out_dir)
