@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # On the project's CPU machines this pin takes the CPU wheel that lies on disk; elsewhere choose your build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test test-fast clean
+.PHONY: run test test-fast lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,14 @@ run: $(VENV)/.installed
 # One test worker per core (pytest-xdist); a file's tests stay on one worker, sharing its fixtures.
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n auto --dist loadfile --durations=10
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow"

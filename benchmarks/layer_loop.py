@@ -14,11 +14,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from timing import interleaved_seconds
 from train_step import SIZES, _tokens, step_arguments, step_batch
 
-from esft_jax import configs
+from esft_jax import config_files
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import ModelConfig, init_params
 from esft_jax.report import markdown_table
@@ -34,9 +33,13 @@ def main() -> None:
     params = init_params(base, jax.random.key(0))
     batch = step_batch(_tokens(base.vocab_size, args.batch, args.seq))
     rng = np.random.default_rng(0)
-    experts = ExpertConfig({layer: sorted(rng.choice(base.n_routed_experts, 8, replace=False).tolist())
-                            for layer in base.moe_layer_ids})
-    optim = configs.load_file("configs/train.py").optim
+    experts = ExpertConfig(
+        {
+            layer: sorted(rng.choice(base.n_routed_experts, 8, replace=False).tolist())
+            for layer in base.moe_layer_ids
+        }
+    )
+    optim = config_files.load_file("configs/train.py").optim
     tx, schedule = make_optimizer(optim), learning_rate(optim)
 
     calls, compile_s = {}, {}
@@ -44,10 +47,19 @@ def main() -> None:
         cfg = base.replace(scan_layers=scan)
         for name, method in (("FFT", FullFineTune()), ("ESFT", ExpertSubset.build(cfg, experts))):
             trainable = method.init(params)
-            holder = {"state": {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
-                                "opt_state": tx.init(trainable)}}
+            holder = {
+                "state": {
+                    "step": jnp.zeros((), jnp.int32),
+                    "trainable": trainable,
+                    "opt_state": tx.init(trainable),
+                }
+            }
             start = time.perf_counter()
-            step = make_train_step(method, cfg, tx, schedule).lower(holder["state"], params, batch).compile()
+            step = (
+                make_train_step(method, cfg, tx, schedule)
+                .lower(holder["state"], params, batch)
+                .compile()
+            )
             compile_s[f"{name} {scan}"] = time.perf_counter() - start
 
             def call(step=step, holder=holder):  # the state is donated: carry it from step to step
@@ -57,10 +69,21 @@ def main() -> None:
             calls[f"{name} {scan}"] = call
     seconds = interleaved_seconds(calls, reps=args.reps)
     print(f"size {args.size}, batch {args.batch} x {args.seq}, float32, {args.reps} reps")
-    print(markdown_table(["method", "scan s/step", "loop s/step", "loop / scan", "compile s (scan / loop)"], [
-        [name, f"{seconds[f'{name} True']:.3f}", f"{seconds[f'{name} False']:.3f}",
-         f"{seconds[f'{name} False'] / seconds[f'{name} True']:.2f}",
-         f"{compile_s[f'{name} True']:.1f} / {compile_s[f'{name} False']:.1f}"] for name in ("FFT", "ESFT")]))
+    print(
+        markdown_table(
+            ["method", "scan s/step", "loop s/step", "loop / scan", "compile s (scan / loop)"],
+            [
+                [
+                    name,
+                    f"{seconds[f'{name} True']:.3f}",
+                    f"{seconds[f'{name} False']:.3f}",
+                    f"{seconds[f'{name} False'] / seconds[f'{name} True']:.2f}",
+                    f"{compile_s[f'{name} True']:.1f} / {compile_s[f'{name} False']:.1f}",
+                ]
+                for name in ("FFT", "ESFT")
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

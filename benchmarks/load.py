@@ -1,7 +1,7 @@
 """Checkpoint loading: today's `load_checkpoint` + `shard_params` against `load_params_sharded`
 (checkpoint/sharded_load.py), which builds each device's block straight from the files.
 
-    .venv/bin/python benchmarks/load.py                      # ~1 GiB float32 and bfloat16; 1 device, expert 8, fsdp 8
+    .venv/bin/python benchmarks/load.py  # ~1 GiB float32 and bfloat16; 1 device, expert 8, fsdp 8
     .venv/bin/python benchmarks/load.py --gib 0.25 --dtypes bfloat16
 
 Each row runs in a fresh process (its own device count, its own peak RSS). The checkpoint is a
@@ -31,16 +31,35 @@ MESHES = {"1 device": None, "expert 8": {"expert": 8}, "fsdp 8": {"fsdp": 8}}
 
 def _config(dtype: str, gib: float):
     """The tiny config widened (d 1024, 64 experts of width 512) with as many layers as make ~`gib` GiB."""
-    from esft_jax import configs
+    from esft_jax import config_files
     from esft_jax.model.params import flat_param_specs
 
-    base = configs.model_config(configs.load_file(str(ROOT / "configs/models/tiny.py")))
-    wide = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512,
-                n_routed_experts=64, kv_lora_rank=128, num_attention_heads=8, param_dtype=dtype, dtype=dtype)
-    size = lambda n: sum(math.prod(s.shape) for s in flat_param_specs(base.replace(**wide, num_hidden_layers=n)).values())  # noqa: E731
+    base = config_files.model_config(config_files.load_file(str(ROOT / "configs/models/tiny.py")))
+    wide = dict(
+        vocab_size=8192,
+        hidden_size=1024,
+        intermediate_size=2048,
+        moe_intermediate_size=512,
+        n_routed_experts=64,
+        kv_lora_rank=128,
+        num_attention_heads=8,
+        param_dtype=dtype,
+        dtype=dtype,
+    )
+
+    def size(n: int) -> int:
+        specs = flat_param_specs(base.replace(**wide, num_hidden_layers=n))
+        return sum(math.prod(s.shape) for s in specs.values())
+
     per_layer = size(3) - size(2)
-    layers = max(2, round((gib * 2 ** 30 / (4 if dtype == "float32" else 2) - size(2)) / per_layer) + 2)
+    layers = max(
+        2, round((gib * 2**30 / (4 if dtype == "float32" else 2) - size(2)) / per_layer) + 2
+    )
     return base.replace(**wide, num_hidden_layers=layers)
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f}"
 
 
 def _write(path: Path, dtype: str, gib: float) -> Path:
@@ -74,19 +93,31 @@ def _child(ckpt: str, loader: str, mesh_name: str) -> dict:
         _, params = load_checkpoint(ckpt)
         if mesh is not None:
             params = shard_params(params, param_axes(cfg), mesh)
-        read = (Path(ckpt) / "model.safetensors").stat().st_size  # every tensor, once (and the header)
+        read = (
+            (Path(ckpt) / "model.safetensors").stat().st_size
+        )  # every tensor, once (and the header)
     jax.block_until_ready(params)
     seconds, rss = time.perf_counter() - start, peak_rss_bytes() - rss0
-    on_devices = sum(s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards)
+    on_devices = sum(
+        s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards
+    )
     return {"s": seconds, "rss": rss, "devices": on_devices, "read": read}
 
 
 def _row(ckpt: Path, loader: str, mesh_name: str) -> dict:
     devices = math.prod((MESHES[mesh_name] or {}).values())
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, __file__, "--child", str(ckpt), loader, mesh_name], env=env,
-                         capture_output=True, text=True, check=True).stdout
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "PYTHONPATH": str(ROOT),
+    }
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(ckpt), loader, mesh_name],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -103,7 +134,11 @@ def main() -> None:
         return
     from esft_jax.report import markdown_table
 
-    cpu = " ".join(subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.split())
+    cpu = " ".join(
+        subprocess.run(
+            "lscpu | grep 'Model name'", shell=True, capture_output=True, text=True
+        ).stdout.split()
+    )
     print(f"{cpu}; {os.cpu_count()} cores; simulated CPU devices")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,13 +146,40 @@ def main() -> None:
             ckpt = _write(Path(tmp) / dtype, dtype, args.gib)
             size = (ckpt / "model.safetensors").stat().st_size
             for mesh_name in args.meshes.split(","):
-                for loader, name in (("old", "load_checkpoint + shard_params"), ("new", "load_params_sharded")):
+                for loader, name in (
+                    ("old", "load_checkpoint + shard_params"),
+                    ("new", "load_params_sharded"),
+                ):
                     r = _row(ckpt, loader, mesh_name)
-                    gib = lambda key: f"{r[key] / 2 ** 30:.2f}"  # noqa: E731
-                    rows.append([dtype, f"{size / 2 ** 30:.2f}", mesh_name, name, f"{r['s']:.2f}", gib("rss"),
-                                 gib("devices"), f"{(r['rss'] - r['devices']) / 2 ** 30:.2f}", gib("read")])
-    print(markdown_table(["dtype", "file GiB", "mesh", "loader", "load s", "peak RSS + GiB", "on devices GiB",
-                          "host extra GiB", "GiB read"], rows))
+                    rows.append(
+                        [
+                            dtype,
+                            f"{size / 2**30:.2f}",
+                            mesh_name,
+                            name,
+                            f"{r['s']:.2f}",
+                            _gib(r["rss"]),
+                            _gib(r["devices"]),
+                            f"{(r['rss'] - r['devices']) / 2**30:.2f}",
+                            _gib(r["read"]),
+                        ]
+                    )
+    print(
+        markdown_table(
+            [
+                "dtype",
+                "file GiB",
+                "mesh",
+                "loader",
+                "load s",
+                "peak RSS + GiB",
+                "on devices GiB",
+                "host extra GiB",
+                "GiB read",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Benchmark 1: the routed-expert layer, forward + backward, per MoE strategy.
 
     .venv/bin/python benchmarks/moe_layer.py                 # E in 16, 64, 256 (top-6, width 128)
-    .venv/bin/python benchmarks/moe_layer.py --tokens 4096 --hidden 2048 --width 1408 --dtype bfloat16  # V2-Lite
+    .venv/bin/python benchmarks/moe_layer.py --tokens 4096 --hidden 2048 --width 1408 \
+        --dtype bfloat16                                     # V2-Lite
 
 Routing: uniform random top-k (balanced loads), and, when the ESFT reference data is present
 ($ESFT_REFERENCE, default ../shared/esft-reference), DeepSeek-V2-Lite's real routing of the intent
@@ -14,19 +15,23 @@ routing were free". All numbers come from one run, so the ratios hold on a noisy
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-
 from timing import interleaved_seconds
 
 from esft_jax.model.experts import SPILL_FACTOR, capacity, resolve_strategy, routed_experts
+from esft_jax.report import markdown_table as table
 from esft_jax.routing.official_logs import read_layer_log
 
-REFERENCE = Path(os.environ.get("ESFT_REFERENCE", Path(__file__).resolve().parents[1] / "../shared/esft-reference"))
-from esft_jax.report import markdown_table as table
+REFERENCE = Path(
+    os.environ.get(
+        "ESFT_REFERENCE", Path(__file__).resolve().parents[1] / "../shared/esft-reference"
+    )
+)
 
 
 def _real_routing(n: int, k: int, layer: int):
@@ -43,9 +48,11 @@ def _problem(n: int, d: int, f: int, e: int, k: int, dtype, routing=None):
     keys = jax.random.split(jax.random.key(0), 5)
     x = jax.random.normal(keys[0], (n, d), dtype)
     w, ids = routing or jax.lax.top_k(jax.nn.softmax(jax.random.normal(keys[1], (n, e))), k)
-    p = {"gate": jax.random.normal(keys[2], (e, d, f), dtype) * d ** -0.5,
-         "up": jax.random.normal(keys[3], (e, d, f), dtype) * d ** -0.5,
-         "down": jax.random.normal(keys[4], (e, f, d), dtype) * f ** -0.5}
+    p = {
+        "gate": jax.random.normal(keys[2], (e, d, f), dtype) * d**-0.5,
+        "up": jax.random.normal(keys[3], (e, d, f), dtype) * d**-0.5,
+        "down": jax.random.normal(keys[4], (e, f, d), dtype) * f**-0.5,
+    }
     return x, ids, w, p
 
 
@@ -53,14 +60,17 @@ def _step(strategy: str, cf: float | None, ids, w):
     def loss(p, x):
         y, dropped = routed_experts(x, ids, w, p, strategy, cf)
         return jnp.sum(y.astype(jnp.float32) ** 2), dropped
+
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
 def _dense_reference(x_ad, p):
     """One dense SwiGLU with expert 0's weights on all N*k rows: the same FLOPs as the active experts."""
+
     def loss(p, x):
         h = jax.nn.silu(x @ p["gate"][0]) * (x @ p["up"][0])
         return jnp.sum((h @ p["down"][0]).astype(jnp.float32) ** 2)
+
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (p, x_ad)
 
 
@@ -72,14 +82,18 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=6)
     ap.add_argument("--experts", default="16,64,256")
     ap.add_argument("--strategies", default="dense,capacity,capacity:1.25,blocked,spill,ragged")
-    ap.add_argument("--real-layer", type=int, default=10, help="V2-Lite layer of the real-routing case")
+    ap.add_argument(
+        "--real-layer", type=int, default=10, help="V2-Lite layer of the real-routing case"
+    )
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     n, d, f, k, dtype = args.tokens, args.hidden, args.width, args.topk, jnp.dtype(args.dtype)
     flops = 3 * 2 * n * k * d * f * 3  # three matmuls, backward = 2x forward
-    print(f"{jax.default_backend()} ({jax.devices()[0].device_kind}), N={n} tokens, d={d}, f={f}, top-{k}, "
-          f"{args.dtype}; default strategy here: {resolve_strategy('auto')}")
+    print(
+        f"{jax.default_backend()} ({jax.devices()[0].device_kind}), N={n} tokens, d={d}, f={f}, top-{k}, "
+        f"{args.dtype}; default strategy here: {resolve_strategy('auto')}"
+    )
     cases = [(int(e), "uniform", None) for e in args.experts.split(",")]
     real = _real_routing(n, k, args.real_layer)
     if real is not None:
@@ -95,8 +109,10 @@ def main() -> None:
             if strategy == "ragged" and jax.default_backend() == "cpu" and e > 16:
                 continue  # a dense masked emulation on XLA:CPU: minutes per step at this size
             steps[spec] = _step(strategy, float(cf) if cf else None, ids, w)
-        calls = {spec: (lambda step=step: step(p, x)) for spec, step in steps.items()}
-        secs = interleaved_seconds({"dense reference": lambda: ref_fn(*ref_args), **calls}, reps=args.reps)
+        calls = {spec: functools.partial(step, p, x) for spec, step in steps.items()}
+        secs = interleaved_seconds(
+            {"dense reference": functools.partial(ref_fn, *ref_args), **calls}, reps=args.reps
+        )
         ref_s = secs["dense reference"]
         for spec, step in steps.items():
             strategy, _, cf = spec.partition(":")
@@ -104,11 +120,37 @@ def main() -> None:
             (_, dropped), _ = step(p, x)
             factor = float(cf) if cf else (SPILL_FACTOR if strategy == "spill" else None)
             buffer = f"C={capacity(n, k, e, factor)}" if strategy in ("capacity", "spill") else ""
-            rows.append([str(e), routing_name, skew, spec, buffer, f"{s * 1e3:.1f}", f"{flops / s / 1e9:.1f}",
-                         f"{flops / ref_s / 1e9:.1f}", f"{ref_s / s:.3f}", f"{int(dropped) / (n * k):.1%}"])
-    print(table(["E", "routing", "max load / mean", "strategy", "buffer", "fwd+bwd ms", "active GFLOP/s",
-                 "dense GFLOP/s", "ratio", "dropped"],
-                rows))
+            rows.append(
+                [
+                    str(e),
+                    routing_name,
+                    skew,
+                    spec,
+                    buffer,
+                    f"{s * 1e3:.1f}",
+                    f"{flops / s / 1e9:.1f}",
+                    f"{flops / ref_s / 1e9:.1f}",
+                    f"{ref_s / s:.3f}",
+                    f"{int(dropped) / (n * k):.1%}",
+                ]
+            )
+    print(
+        table(
+            [
+                "E",
+                "routing",
+                "max load / mean",
+                "strategy",
+                "buffer",
+                "fwd+bwd ms",
+                "active GFLOP/s",
+                "dense GFLOP/s",
+                "ratio",
+                "dropped",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -31,25 +31,34 @@ def measure(size: str, method_name: str, batch: int, seq: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from esft_jax import configs
+    from esft_jax import config_files
     from esft_jax.model import ModelConfig, init_params
     from esft_jax.train import plan
     from esft_jax.train.optimizer import make_optimizer
 
     cfg = ModelConfig(model_type="deepseek_v2", **train_step.SIZES[size])
     method = plan.method_for(cfg, method_name)
-    optim = configs.load_file(str(Path(__file__).parents[1] / "configs" / "train.py")).optim
-    compiled, _, _ = plan.lower_train_step(cfg, method, {"data": 1}, batch_size=batch, seq_len=seq, optim=optim)
+    optim = config_files.load_file(str(Path(__file__).parents[1] / "configs" / "train.py")).optim
+    compiled, _, _ = plan.lower_train_step(
+        cfg, method, {"data": 1}, batch_size=batch, seq_len=seq, optim=optim
+    )
     predicted = plan.resident_bytes(compiled)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (VmHWM)
     before = _status_kb("VmRSS")
     frozen = init_params(cfg, jax.random.key(0))
     trainable = method.init(frozen)
-    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
-             "opt_state": make_optimizer(optim).init(trainable)}
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "trainable": trainable,
+        "opt_state": make_optimizer(optim).init(trainable),
+    }
     tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (1, batch, seq)).astype(np.int32)
-    batch_arrays = {"tokens": tokens, "segment_ids": np.ones_like(tokens), "loss_mask": np.ones_like(tokens),
-                    "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), tokens.shape).copy()}
+    batch_arrays = {
+        "tokens": tokens,
+        "segment_ids": np.ones_like(tokens),
+        "loss_mask": np.ones_like(tokens),
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), tokens.shape).copy(),
+    }
     for _ in range(2):
         state, metrics = compiled(state, frozen, batch_arrays)
     jax.block_until_ready(metrics)
@@ -71,13 +80,37 @@ def main() -> None:
 
     rows = []
     for m in args.methods.split(","):
-        out = subprocess.run([sys.executable, __file__, "--one", m, "--size", args.size, "--batch", str(args.batch),
-                              "--seq", str(args.seq)], check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                m,
+                "--size",
+                args.size,
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        rows.append([m, f"{r['predicted'] / 2**20:.0f}", f"{r['measured'] / 2**20:.0f}",
-                     f"{r['predicted'] / r['measured']:.2f}"])
+        rows.append(
+            [
+                m,
+                f"{r['predicted'] / 2**20:.0f}",
+                f"{r['measured'] / 2**20:.0f}",
+                f"{r['predicted'] / r['measured']:.2f}",
+            ]
+        )
     print(f"model {args.size}, batch {args.batch} x {args.seq}, float32, 1 device")
-    print(markdown_table(["method", "planned MiB", "measured MiB", "planned / measured"], rows), end="")
+    print(
+        markdown_table(["method", "planned MiB", "measured MiB", "planned / measured"], rows),
+        end="",
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,13 @@ import sys
 from train_step import SIZES
 
 POINTS = [  # (label, config changes, batch, seq)
-    ("base", {}, 8, 256), ("E=16", {"n_routed_experts": 16}, 8, 256), ("E=256", {"n_routed_experts": 256}, 8, 256),
-    ("seq 512", {}, 8, 512), ("seq 1024", {}, 8, 1024), ("batch 16", {}, 16, 256)]
+    ("base", {}, 8, 256),
+    ("E=16", {"n_routed_experts": 16}, 8, 256),
+    ("E=256", {"n_routed_experts": 256}, 8, 256),
+    ("seq 512", {}, 8, 512),
+    ("seq 1024", {}, 8, 1024),
+    ("batch 16", {}, 16, 256),
+]
 
 
 def main() -> None:
@@ -24,7 +29,11 @@ def main() -> None:
 
         label, method = sys.argv[2], sys.argv[3]
         changes, batch, seq = next((c, b, s) for name, c, b, s in POINTS if name == label)
-        print(json.dumps(train_step.run_jax({**SIZES["issue"], **changes}, method, batch, seq, reps=3)))
+        print(
+            json.dumps(
+                train_step.run_jax({**SIZES["issue"], **changes}, method, batch, seq, reps=3)
+            )
+        )
         return
     from esft_jax.report import markdown_table
 
@@ -32,15 +41,42 @@ def main() -> None:
     for label, changes, batch, seq in POINTS:
         step = {}
         for method in ("fft", "esft_token"):
-            out = subprocess.run([sys.executable, __file__, "--one", label, method], check=True, capture_output=True,
-                                 text=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", label, method],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             step[method] = json.loads(out.strip().splitlines()[-1])["step_s"]
         tokens = batch * seq
-        rows.append([label, str(changes.get("n_routed_experts", 64)), f"{batch} x {seq}", f"{step['fft']:.3f}",
-                     f"{tokens / step['fft']:.0f}", f"{step['esft_token']:.3f}", f"{tokens / step['esft_token']:.0f}",
-                     f"{step['esft_token'] / step['fft']:.2f}"])
-    print(markdown_table(["point", "experts", "batch x seq", "FFT s/step", "FFT tokens/s", "ESFT s/step",
-                          "ESFT tokens/s", "ESFT / FFT"], rows), end="")
+        rows.append(
+            [
+                label,
+                str(changes.get("n_routed_experts", 64)),
+                f"{batch} x {seq}",
+                f"{step['fft']:.3f}",
+                f"{tokens / step['fft']:.0f}",
+                f"{step['esft_token']:.3f}",
+                f"{tokens / step['esft_token']:.0f}",
+                f"{step['esft_token'] / step['fft']:.2f}",
+            ]
+        )
+    print(
+        markdown_table(
+            [
+                "point",
+                "experts",
+                "batch x seq",
+                "FFT s/step",
+                "FFT tokens/s",
+                "ESFT s/step",
+                "ESFT tokens/s",
+                "ESFT / FFT",
+            ],
+            rows,
+        ),
+        end="",
+    )
 
 
 if __name__ == "__main__":

@@ -21,52 +21,84 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 SIZES = {  # Hugging Face DeepseekV2 config fields
-    "issue": dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-                  num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=None,
-                  kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=64,
-                  n_shared_experts=2, num_experts_per_tok=6),
-    "large": dict(vocab_size=4096, hidden_size=512, intermediate_size=1408, moe_intermediate_size=192,
-                  num_hidden_layers=6, first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=None,
-                  kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=64,
-                  n_shared_experts=2, num_experts_per_tok=6),
+    "issue": dict(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        q_lora_rank=None,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+    ),
+    "large": dict(
+        vocab_size=4096,
+        hidden_size=512,
+        intermediate_size=1408,
+        moe_intermediate_size=192,
+        num_hidden_layers=6,
+        first_k_dense_replace=1,
+        num_attention_heads=8,
+        q_lora_rank=None,
+        kv_lora_rank=128,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+    ),
 }
 JAX_METHODS = ("fft", "lora", "esft_token", "esft_gate")
 TORCH_METHODS = ("fft", "experts")
 
 
 def _tokens(vocab: int, batch: int, seq: int):
-    import numpy as np
 
     return np.random.default_rng(0).integers(3, vocab, (batch, seq)).astype(np.int32)
 
 
 def step_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
     """Unpadded rows [B, T] as the one micro-batch [1, B, T] a jitted train step takes."""
-    import numpy as np
 
-    return {"tokens": tokens[None], "segment_ids": np.ones_like(tokens)[None], "loss_mask": np.ones_like(tokens)[None],
-            "positions": np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)[None]}
+    return {
+        "tokens": tokens[None],
+        "segment_ids": np.ones_like(tokens)[None],
+        "loss_mask": np.ones_like(tokens)[None],
+        "positions": np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)[
+            None
+        ],
+    }
 
 
-def run_jax(size: str | dict, method: str, batch: int, seq: int, reps: int, scan_layers: bool = False) -> dict:
+def run_jax(
+    size: str | dict, method: str, batch: int, seq: int, reps: int, scan_layers: bool = False
+) -> dict:
     """One method's step in esft-jax; `size` names SIZES or gives the config fields. A loop over the
     layers by default: with 4-6 layers it compiles as fast as a scan and steps faster (README)."""
     import tempfile
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
-
     from timing import seconds
 
-    from esft_jax import configs
+    from esft_jax import config_files
     from esft_jax.expert_config import ExpertConfig
     from esft_jax.model import ModelConfig, forward, init_params
     from esft_jax.routing import profile, scores, select
-    from esft_jax.train.method import save_adapter
     from esft_jax.train.loop import make_train_step, tree_bytes
     from esft_jax.train.lora import LoRA
+    from esft_jax.train.method import save_adapter
     from esft_jax.train.optimizer import learning_rate, make_optimizer
     from esft_jax.train.trainable import ExpertSubset, FullFineTune
 
@@ -74,20 +106,29 @@ def run_jax(size: str | dict, method: str, batch: int, seq: int, reps: int, scan
     cfg = ModelConfig(model_type="deepseek_v2", scan_layers=scan_layers, **fields)
     params = init_params(cfg, jax.random.key(0))
     tokens = _tokens(cfg.vocab_size, batch, seq)
-    out = {"tokens_per_step": batch * seq, "total_params": int(sum(x.size for x in jax.tree.leaves(params)))}
+    out = {
+        "tokens_per_step": batch * seq,
+        "total_params": int(sum(x.size for x in jax.tree.leaves(params))),
+    }
     if method == "fft":  # the profiling forward pass, measured once
         fwd = jax.jit(lambda p, t: forward(p, t, cfg))
-        out["forward_tokens_per_s"] = batch * seq / seconds(fwd, params, jnp.asarray(tokens), reps=reps)
+        out["forward_tokens_per_s"] = (
+            batch * seq / seconds(fwd, params, jnp.asarray(tokens), reps=reps)
+        )
     if method.startswith("esft_"):
         kind, p = ("token", 0.2) if method == "esft_token" else ("gate", 0.1)
         seqs = [profile.Sequence(row, np.ones(seq, bool)) for row in tokens]
-        stats = profile.profile(params, cfg, seqs, batch_size=batch, seq_len=seq, progress=False)
-        chosen = select.select(scores.expert_scores(stats, kind), "threshold", p=p)
+        stats = profile.collect(params, cfg, seqs, batch_size=batch, seq_len=seq, progress=False)
+        chosen = select.per_layer(scores.expert_scores(stats, kind), "threshold", p=p)
         trainable = ExpertSubset.build(cfg, ExpertConfig(dict(zip(stats.layers, chosen))))
         out["selected_experts"] = f"{sum(map(len, chosen))}/{len(chosen) * cfg.n_routed_experts}"
     else:
-        trainable = FullFineTune() if method == "fft" else LoRA(rank=8, alpha=16.0, targets=("attention", "experts"))
-    optim = configs.load_file(str(Path(__file__).parents[1] / "configs" / "train.py")).optim
+        trainable = (
+            FullFineTune()
+            if method == "fft"
+            else LoRA(rank=8, alpha=16.0, targets=("attention", "experts"))
+        )
+    optim = config_files.load_file(str(Path(__file__).parents[1] / "configs" / "train.py")).optim
     tx, schedule = make_optimizer(optim), learning_rate(optim)
     state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable.init(params)}
     state["opt_state"] = tx.init(state["trainable"])
@@ -100,7 +141,9 @@ def run_jax(size: str | dict, method: str, batch: int, seq: int, reps: int, scan
         return metrics["loss"]
 
     out["step_s"] = seconds(one_step, reps=reps)
-    out["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(holder["state"]["trainable"])))
+    out["trainable_params"] = int(
+        sum(x.size for x in jax.tree.leaves(holder["state"]["trainable"]))
+    )
     out["optimizer_state_bytes"] = tree_bytes(holder["state"]["opt_state"])
     with tempfile.TemporaryDirectory() as tmp:
         adapter = save_adapter(tmp, cfg, trainable, params, holder["state"]["trainable"])
@@ -121,7 +164,10 @@ def run_torch(size: str, method: str, batch: int, seq: int, reps: int, threads: 
     cfg = transformers.DeepseekV2Config(**SIZES[size], max_position_embeddings=4096)
     model = transformers.DeepseekV2ForCausalLM(cfg)
     tokens = torch.as_tensor(_tokens(cfg.vocab_size, batch, seq), dtype=torch.long)
-    out = {"tokens_per_step": batch * seq, "total_params": sum(p.numel() for p in model.parameters())}
+    out = {
+        "tokens_per_step": batch * seq,
+        "total_params": sum(p.numel() for p in model.parameters()),
+    }
     if method == "fft":
         model.eval()
         with torch.no_grad():
@@ -153,20 +199,41 @@ def run_torch(size: str, method: str, batch: int, seq: int, reps: int, threads: 
         times.append(time.perf_counter() - start)
     out["step_s"] = statistics.median(times)
     out["trainable_params"] = sum(p.numel() for p in trainable)
-    out["optimizer_state_bytes"] = sum(t.numel() * t.element_size() for s in opt.state.values()
-                                       for t in s.values() if torch.is_tensor(t))
+    out["optimizer_state_bytes"] = sum(
+        t.numel() * t.element_size()
+        for s in opt.state.values()
+        for t in s.values()
+        if torch.is_tensor(t)
+    )
     return out
 
 
 def _child(args, framework: str, method: str) -> dict:
-    cmd = [sys.executable, __file__, "--one", f"{framework}:{method}", "--size", args.size, "--batch", str(args.batch),
-           "--seq", str(args.seq), "--reps", str(args.reps), "--threads", str(args.threads),
-           *(["--scan-layers"] if args.scan_layers else [])]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        f"{framework}:{method}",
+        "--size",
+        args.size,
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--reps",
+        str(args.reps),
+        "--threads",
+        str(args.threads),
+        *(["--scan-layers"] if args.scan_layers else []),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise RuntimeError(f"{framework}:{method} failed (status {status})")
-    return {**json.loads(proc.stdout.read().strip().splitlines()[-1]), "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {
+        **json.loads(proc.stdout.read().strip().splitlines()[-1]),
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+    }
 
 
 def step_arguments(description: str) -> argparse.ArgumentParser:
@@ -181,9 +248,13 @@ def step_arguments(description: str) -> argparse.ArgumentParser:
 
 def main() -> None:
     ap = step_arguments(__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (XLA:CPU uses every core)")
+    ap.add_argument(
+        "--threads", type=int, default=2, help="torch intra-op threads (XLA:CPU uses every core)"
+    )
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--scan-layers", action="store_true", help="esft-jax: lax.scan over the layers, not a loop")
+    ap.add_argument(
+        "--scan-layers", action="store_true", help="esft-jax: lax.scan over the layers, not a loop"
+    )
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -199,27 +270,76 @@ def main() -> None:
     if not args.no_torch:
         runs.update({("torch", m): _child(args, "torch", m) for m in TORCH_METHODS})
     fft = runs["jax", "fft"]
-    print(f"size {args.size}: {json.dumps(SIZES[args.size])}; batch {args.batch} x {args.seq}, float32, "
-          f"{os.cpu_count()} cores")
+    print(
+        f"size {args.size}: {json.dumps(SIZES[args.size])}; batch {args.batch} x {args.seq}, float32, "
+        f"{os.cpu_count()} cores"
+    )
     rows = []
     for (framework, method), r in runs.items():
-        rows.append([framework, method, r.get("selected_experts", ""), f"{r['step_s']:.3f}",
-                     f"{r['step_s'] / fft['step_s']:.2f}", f"{r['trainable_params']:,}",
-                     f"{r['optimizer_state_bytes'] / 1e6:.2f}",
-                     f"{r['optimizer_state_bytes'] / fft['optimizer_state_bytes']:.1%}",
-                     f"{r['adapter_bytes'] / 1e6:.2f} ({r['adapter_bytes'] / r['checkpoint_bytes']:.1%})"
-                     if "adapter_bytes" in r else "-", f"{r['peak_rss_mb']:.0f}"])
-    print(table(["framework", "method", "experts", "step s", "vs jax fft", "trainable", "optimizer MB",
-                 "optimizer vs fft", "adapter MB (of checkpoint)", "peak RSS MB"], rows))
+        rows.append(
+            [
+                framework,
+                method,
+                r.get("selected_experts", ""),
+                f"{r['step_s']:.3f}",
+                f"{r['step_s'] / fft['step_s']:.2f}",
+                f"{r['trainable_params']:,}",
+                f"{r['optimizer_state_bytes'] / 1e6:.2f}",
+                f"{r['optimizer_state_bytes'] / fft['optimizer_state_bytes']:.1%}",
+                f"{r['adapter_bytes'] / 1e6:.2f} ({r['adapter_bytes'] / r['checkpoint_bytes']:.1%})"
+                if "adapter_bytes" in r
+                else "-",
+                f"{r['peak_rss_mb']:.0f}",
+            ]
+        )
+    print(
+        table(
+            [
+                "framework",
+                "method",
+                "experts",
+                "step s",
+                "vs jax fft",
+                "trainable",
+                "optimizer MB",
+                "optimizer vs fft",
+                "adapter MB (of checkpoint)",
+                "peak RSS MB",
+            ],
+            rows,
+        )
+    )
     if not args.no_torch:
         t_fft, t_exp = runs["torch", "fft"], runs["torch", "experts"]
-        print(table(["measure", "esft-jax", "torch", "torch / esft-jax"], [
-            ["FFT step s", f"{fft['step_s']:.3f}", f"{t_fft['step_s']:.3f}", f"{t_fft['step_s'] / fft['step_s']:.2f}"],
-            *[[f"ESFT step s ({m} vs torch routed experts)", f"{runs['jax', m]['step_s']:.3f}",
-               f"{t_exp['step_s']:.3f}", f"{t_exp['step_s'] / runs['jax', m]['step_s']:.2f}"]
-              for m in ("esft_token", "esft_gate")],
-            ["forward tokens/s", f"{fft['forward_tokens_per_s']:.0f}", f"{t_fft['forward_tokens_per_s']:.0f}",
-             f"{fft['forward_tokens_per_s'] / t_fft['forward_tokens_per_s']:.2f} (esft-jax / torch)"]]))
+        print(
+            table(
+                ["measure", "esft-jax", "torch", "torch / esft-jax"],
+                [
+                    [
+                        "FFT step s",
+                        f"{fft['step_s']:.3f}",
+                        f"{t_fft['step_s']:.3f}",
+                        f"{t_fft['step_s'] / fft['step_s']:.2f}",
+                    ],
+                    *[
+                        [
+                            f"ESFT step s ({m} vs torch routed experts)",
+                            f"{runs['jax', m]['step_s']:.3f}",
+                            f"{t_exp['step_s']:.3f}",
+                            f"{t_exp['step_s'] / runs['jax', m]['step_s']:.2f}",
+                        ]
+                        for m in ("esft_token", "esft_gate")
+                    ],
+                    [
+                        "forward tokens/s",
+                        f"{fft['forward_tokens_per_s']:.0f}",
+                        f"{t_fft['forward_tokens_per_s']:.0f}",
+                        f"{fft['forward_tokens_per_s'] / t_fft['forward_tokens_per_s']:.2f}"
+                        " (esft-jax / torch)",
+                    ],
+                ],
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ REFERENCE = os.environ.get("ESFT_REFERENCE", "../shared/esft-reference")
 def get_config(which: str = "reference") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     if which == "reference":
-        c.tasks = ml_collections.ConfigDict({t: f"{REFERENCE}/results/expert_scores/{t}" for t in ("intent", "law")})
+        c.tasks = ml_collections.ConfigDict(
+            {t: f"{REFERENCE}/results/expert_scores/{t}" for t in ("intent", "law")}
+        )
     else:  # comma-separated name=path pairs
         c.tasks = ml_collections.ConfigDict(dict(pair.split("=", 1) for pair in which.split(",")))
     c.top_k = 6  # official logs only

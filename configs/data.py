@@ -1,4 +1,4 @@
-"""`esft data`: write the built-in task suite (esft_jax/builtin/tasks.py) in ESFT's jsonl formats.
+"""`esft data`: write the built-in task suite (esft_jax/builtin/suite.py) in ESFT's jsonl formats.
 
     esft data --config configs/data.py                 # -> data/builtin/train/<task>.jsonl, eval/<task>.jsonl
 Train sets hold ESFT "messages" lines, eval sets {"prompt", "answers"} lines, eval/docs.jsonl held-out

@@ -17,18 +17,26 @@ from esft_jax import config_blocks as blocks
 
 
 def _task(scorer: str, max_new_tokens: int) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(data="", scorer=scorer, max_new_tokens=max_new_tokens, limit=0,
-                                          stop="\n\nUser:"))  # stop strings, separated by "|"
+    return ml_collections.ConfigDict(
+        dict(data="", scorer=scorer, max_new_tokens=max_new_tokens, limit=0, stop="\n\nUser:")
+    )  # stop strings, separated by "|"
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = blocks.model_source(ml_collections.ConfigDict())
     c.adapter = ""  # an adapter applied to the checkpoint (esft train's <workdir>/adapter)
     c.seed = 0
-    c.tasks = ml_collections.ConfigDict(dict(
-        intent=_task("intent", 64), law=_task("judge", 256), summary=_task("judge", 256),
-        translation=_task("judge", 256)))
-    c.perplexity = ml_collections.ConfigDict(dict(data="", seq_len=1024))  # held-out jsonl: general ability
+    c.tasks = ml_collections.ConfigDict(
+        dict(
+            intent=_task("intent", 64),
+            law=_task("judge", 256),
+            summary=_task("judge", 256),
+            translation=_task("judge", 256),
+        )
+    )
+    c.perplexity = ml_collections.ConfigDict(
+        dict(data="", seq_len=1024)
+    )  # held-out jsonl: general ability
     c.batch_size = 8
     c.judge = blocks.judge(retries=3)
     c.out_dir = "runs/eval"

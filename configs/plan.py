@@ -3,7 +3,8 @@
     esft plan --config configs/plan.py                                  # DeepSeek-V2-Lite, 1/2/4/8 devices
     esft plan --config configs/plan.py --config.checkpoint=/models/X    # a checkpoint's config.json
     esft plan --config configs/plan.py --config.methods=esft --config.expert_config=runs/intent/token.json
-    esft plan --config configs/plan.py --config.topology=v5p:2x2x2 --config.device_memory_gb=95  # needs libtpu
+    esft plan --config configs/plan.py --config.topology=v5p:2x2x2 \
+        --config.device_memory_gb=95                                    # needs libtpu
 Nothing is allocated: the step is lowered with abstract arrays on simulated CPU devices, or compiled
 for a TPU slice's chips (no TPU attached) when a topology is named. With a checkpoint only c.model's runtime
 fields apply (esft_jax/config_blocks.py).
@@ -14,7 +15,7 @@ from pathlib import Path
 import ml_collections
 
 from esft_jax import config_blocks as blocks
-from esft_jax.configs import load_file
+from esft_jax.config_files import load_file
 
 PRESETS = blocks.MODELS  # the model
 
@@ -23,7 +24,9 @@ def get_config(model: str = "deepseek_v2_lite") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = blocks.model(model)
     c.model.remat = True  # what one would train a large model with
-    c.checkpoint = ""  # else: a Hugging Face directory whose config.json is planned (runtime fields from c.model)
+    c.checkpoint = (
+        ""  # else: a Hugging Face directory to plan from its config.json (runtime fields: c.model)
+    )
     c.methods = "fft,lora,esft"
     c.expert_fraction = 0.1  # esft: this share of each layer's experts ...
     c.expert_config = ""  # ... unless an expert config names them

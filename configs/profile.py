@@ -20,12 +20,18 @@ def get_config(model: str = "tiny") -> ml_collections.ConfigDict:
     c.seed = 0
     c.data = ""  # jsonl: ESFT "messages" lines or {"text": ...} lines
     c.skip_invalid = False  # skip (and count) malformed lines instead of stopping
-    c.count = "all"  # which tokens' routing counts: "all" (as the official code), "answer", "prompt"
+    c.count = (
+        "all"  # which tokens' routing counts: "all" (as the official code), "answer", "prompt"
+    )
     c.token_budget = 32 * 4096  # counted tokens to profile (the paper's 32 sequences of 4096)
     c.seq_len = 4096  # longer documents are truncated; rows hold several documents (segment ids)
-    c.batch_size = 8  # batch_size x seq_len token slots a step (short documents: more, shorter packed rows)
-    c.shards = 0  # data shards, each read only by the processes holding its batch rows, with its share of
-                  # the budget (0: one per block of rows a process holds); fixed, any process count agrees
+    c.batch_size = (
+        8  # batch_size x seq_len token slots a step (short documents: more, shorter packed rows)
+    )
+    c.shards = (
+        0  # data shards, each read only by the processes holding its batch rows, with its share of
+    )
+    # the budget (0: one per block of rows a process holds); fixed, any process count agrees
     c.official_logs = False  # also write expert_weights_<layer>.txt in the official format
     c.out_dir = "runs/profile"
     c.progress = True

@@ -16,7 +16,12 @@ import ml_collections
 
 from esft_jax import config_blocks as blocks
 
-PRESETS = ("esft", "fft", "lora", "router")  # the training method (esft_jax/train/method.py REGISTRY)
+PRESETS = (
+    "esft",
+    "fft",
+    "lora",
+    "router",
+)  # the training method (esft_jax/train/method.py REGISTRY)
 
 
 def get_config(method: str = "esft") -> ml_collections.ConfigDict:
@@ -25,23 +30,39 @@ def get_config(method: str = "esft") -> ml_collections.ConfigDict:
     blocks.model_source(c)
     c.expert_config = ""  # esft: the expert config JSON (esft select)
     c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, targets="attention,experts"))
-    c.data = ml_collections.ConfigDict(dict(
-        train="",  # jsonl: ESFT "messages" lines or {"text": ...}
-        general="",  # optional second (general / alignment) dataset mixed in
-        general_ratio=1.0,  # general samples per task sample
-        seq_len=4096,  # packed row length
-        validation_fraction=0.02, max_validation=256,
-        shards=0,  # the global batch = this many shards, each read by the processes holding its rows
-                   # (0: one per block of rows a process holds); fixed, any process count reads the same data
-        skip_invalid=False))
+    c.data = ml_collections.ConfigDict(
+        dict(
+            train="",  # jsonl: ESFT "messages" lines or {"text": ...}
+            general="",  # optional second (general / alignment) dataset mixed in
+            general_ratio=1.0,  # general samples per task sample
+            seq_len=4096,  # packed row length
+            validation_fraction=0.02,
+            max_validation=256,
+            shards=0,  # the global batch = this many shards, each read by the processes holding its rows
+            # (0: one per block of rows a process holds); fixed, any process count reads the same data
+            skip_invalid=False,
+        )
+    )
     c.seed = 0
     c.steps = 500
-    c.extend = False  # resuming with more steps: True keeps the saved LR schedule (the extra steps run at its final lr)
+    # Resuming with more steps: True keeps the saved LR schedule (the extra steps run at its final lr).
+    c.extend = False
     c.batch_size = 32  # packed rows per optimizer step (per micro-batch when grad_accum > 1)
     c.grad_accum = 1
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-5, schedule="cosine", warmup_steps=10, end_lr_fraction=0.1, steps=c.get_ref("steps"),
-        adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=1e-5,
+            schedule="cosine",
+            warmup_steps=10,
+            end_lr_fraction=0.1,
+            steps=c.get_ref("steps"),
+            adam_b1=0.9,
+            adam_b2=0.95,
+            adam_eps=1e-8,
+            weight_decay=0.0,
+            grad_clip=1.0,
+        )
+    )
     c.aux_loss_alpha = 0.0  # load-balancing loss weight (pretraining); ESFT/FFT fine-tuning: 0
     c.log_every = 10
     c.eval_every = 100

@@ -8,16 +8,16 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from esft_jax import configs, experiment, report, runtime, sharding, steps, validate
-from esft_jax.builtin import tasks as builtin_tasks
+from esft_jax import config_files, experiment, report, runtime, sharding, validate
+from esft_jax.builtin import suite as builtin_suite
 from esft_jax.checkpoint import CheckpointError, save_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter
 from esft_jax.data.records import DataError
@@ -27,6 +27,7 @@ from esft_jax.eval.run import evaluate
 from esft_jax.expert_config import ExpertConfigError
 from esft_jax.model import ConfigError, ModelConfig, forward, param_axes
 from esft_jax.routing import analyze
+from esft_jax.routing import run as routing_run
 from esft_jax.routing.load import expert_counts, load_table
 from esft_jax.routing.sources import STATS_FILE, load_stats
 from esft_jax.train import loop as train_loop
@@ -50,8 +51,10 @@ def cmd_route(c: ml_collections.ConfigDict) -> None:
     validate.within_positions(c, "seq_len", cfg)
     tokens = jnp.asarray(_route_tokens(c, cfg))
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"model: {cfg.model_type}, {n_params / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers "
-          f"({cfg.num_moe_layers} MoE), {cfg.n_routed_experts} routed experts, top-{cfg.num_experts_per_tok}")
+    print(
+        f"model: {cfg.model_type}, {n_params / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers "
+        f"({cfg.num_moe_layers} MoE), {cfg.n_routed_experts} routed experts, top-{cfg.num_experts_per_tok}"
+    )
     step = jax.jit(forward, static_argnums=2)
     if mesh is not None:
         params = sharding.shard_params(params, param_axes(cfg), mesh)
@@ -59,8 +62,11 @@ def cmd_route(c: ml_collections.ConfigDict) -> None:
             _, routing, seconds = _timed(step, params, tokens, cfg)
     else:
         _, routing, seconds = _timed(step, params, tokens, cfg)
-    print(f"mesh: {dict(c.mesh)} on {jax.default_backend()}; batch {tokens.shape[0]} x {tokens.shape[1]} tokens; "
-          f"forward {seconds * 1e3:.1f} ms (compiled), dropped assignments: {int(routing.dropped.sum())}\n")
+    print(
+        f"mesh: {dict(c.mesh)} on {jax.default_backend()}; "
+        f"batch {tokens.shape[0]} x {tokens.shape[1]} tokens; "
+        f"forward {seconds * 1e3:.1f} ms (compiled), dropped assignments: {int(routing.dropped.sum())}\n"
+    )
     counts = expert_counts(routing.expert_ids, jnp.ones(tokens.shape, bool), cfg.n_routed_experts)
     print(load_table(np.asarray(counts), cfg.moe_layer_ids, c.top_experts))
 
@@ -74,27 +80,38 @@ def _timed(step: Callable, params, tokens, cfg):
 
 def cmd_profile(c: ml_collections.ConfigDict) -> None:
     """Profile a model's routing on a task dataset; write stats.npz and summary.json."""
-    profiled = steps.profile_routing(c)
+    profiled = routing_run.profile_routing(c)
     if profiled.skipped:
         print(f"skipped {profiled.skipped} malformed lines of {c.data}")
     if profiled.stats is None:  # not the writing process
         return
     out, stats = Path(c.out_dir), profiled.stats
-    print(f"profiled {stats.tokens} tokens in {stats.sequences} sequences of {profiled.samples} samples -> "
-          f"{out / STATS_FILE}, {out / steps.SUMMARY_FILE}" + (f", {out / 'logs'}" * c.official_logs))
+    print(
+        f"profiled {stats.tokens} tokens in {stats.sequences} sequences of {profiled.samples} samples -> "
+        f"{out / STATS_FILE}, {out / routing_run.SUMMARY_FILE}"
+        + (f", {out / 'logs'}" * c.official_logs)
+    )
 
 
 def cmd_select(c: ml_collections.ConfigDict) -> None:
     """Select experts per layer from routing statistics; write an ESFT expert config."""
     stats = load_stats(c.stats, c.top_k, c.num_experts)
-    expert_config = steps.select_experts(stats, c, c.seed)
+    expert_config = routing_run.select_experts(stats, c, c.seed)
     path = expert_config.save(c.out)
     counts = [len(expert_config.experts[layer]) for layer in stats.layers]
     total = len(stats.layers) * stats.num_experts
-    print(report.markdown_table(["layer", *map(str, stats.layers)], [["experts", *map(str, counts)]]))
-    print(f"{c.method} on {c.score} scores ({c.norm}, decimals={c.decimals}, p={c.p}): "
-          f"{sum(counts)} of {total} routed experts ({sum(counts) / total:.1%} of routed-expert parameters) "
-          f"-> {path}")
+    print(
+        report.markdown_table(
+            ["layer", *map(str, stats.layers)],
+            [["experts", *map(str, counts)]],
+            right=[False] + [True] * len(counts),
+        )
+    )
+    print(
+        f"{c.method} on {c.score} scores ({c.norm}, decimals={c.decimals}, p={c.p}): "
+        f"{sum(counts)} of {total} routed experts ({sum(counts) / total:.1%} of routed-expert parameters) "
+        f"-> {path}"
+    )
 
 
 def cmd_analyze(c: ml_collections.ConfigDict) -> None:
@@ -119,7 +136,9 @@ def cmd_export(c: ml_collections.ConfigDict) -> None:
     """Base checkpoint + adapter -> a full Hugging Face checkpoint directory."""
     inputs = (c.checkpoint, c.adapter)
     cfg, params = load_with_adapter(c.checkpoint, c.adapter)
-    out = save_checkpoint(c.out, cfg, params, tokenizer_from=c.checkpoint, overwrite=c.overwrite, inputs=inputs)
+    out = save_checkpoint(
+        c.out, cfg, params, tokenizer_from=c.checkpoint, overwrite=c.overwrite, inputs=inputs
+    )
     print(f"{c.checkpoint} + {c.adapter} -> {out}")
 
 
@@ -135,24 +154,43 @@ def cmd_eval(c: ml_collections.ConfigDict) -> None:
 def cmd_plan(c: ml_collections.ConfigDict) -> None:
     """Per-device memory of a train step for each method and device count (compiled, not run)."""
     need = max(c.devices)
-    if not c.topology and jax.device_count() < need:  # simulate the devices: re-run with XLA's host count set
+    if (
+        not c.topology and jax.device_count() < need
+    ):  # simulate the devices: re-run with XLA's host count set
         flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={need}".strip()
-        code = subprocess.call([sys.executable, "-m", "esft_jax.cli", *sys.argv[1:]],
-                               env={**os.environ, "XLA_FLAGS": flags})
+        code = subprocess.call(
+            [sys.executable, "-m", "esft_jax.cli", *sys.argv[1:]],
+            env={**os.environ, "XLA_FLAGS": flags},
+        )
         raise SystemExit(code)
-    cfg = runtime.model_config(c) if c.checkpoint else configs.model_config(c.model)
-    print(plan.report(cfg, c.methods.split(","), tuple(c.devices), c.mesh_axis, batch_size=c.batch_size,
-                      seq_len=c.seq_len, optim=c.optim, device_memory_gb=c.device_memory_gb,
-                      topology=c.topology, expert_fraction=c.expert_fraction, expert_config=c.expert_config,
-                      lora_rank=c.lora_rank))
+    cfg = runtime.model_config(c) if c.checkpoint else config_files.model_config(c.model)
+    print(
+        plan.report(
+            cfg,
+            c.methods.split(","),
+            tuple(c.devices),
+            c.mesh_axis,
+            batch_size=c.batch_size,
+            seq_len=c.seq_len,
+            optim=c.optim,
+            device_memory_gb=c.device_memory_gb,
+            topology=c.topology,
+            expert_fraction=c.expert_fraction,
+            expert_config=c.expert_config,
+            lora_rank=c.lora_rank,
+        )
+    )
 
 
 def cmd_data(c: ml_collections.ConfigDict) -> None:
     """Write the built-in task suite: <out>/train/<task>.jsonl and <out>/eval/<task>.jsonl."""
     out = Path(c.out)
-    builtin_tasks.write_suite(out, n_train=c.n_train, n_eval=c.n_eval, seed=c.seed, n_docs=c.n_docs)
-    tasks = ", ".join([*builtin_tasks.DOWNSTREAM, *builtin_tasks.GENERAL])
-    print(f"built-in suite ({tasks}: {c.n_train} train / {c.n_eval} eval samples each) -> {out}/train, {out}/eval")
+    builtin_suite.write_suite(out, n_train=c.n_train, n_eval=c.n_eval, seed=c.seed, n_docs=c.n_docs)
+    tasks = ", ".join([*builtin_suite.DOWNSTREAM, *builtin_suite.GENERAL])
+    print(
+        f"built-in suite ({tasks}: {c.n_train} train / {c.n_eval} eval samples each) "
+        f"-> {out}/train, {out}/eval"
+    )
 
 
 def cmd_run(c: ml_collections.ConfigDict) -> None:
@@ -161,29 +199,50 @@ def cmd_run(c: ml_collections.ConfigDict) -> None:
 
 
 COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
-    "route": cmd_route, "profile": cmd_profile, "select": cmd_select, "analyze": cmd_analyze,
-    "train": cmd_train, "export": cmd_export, "eval": cmd_eval, "run": cmd_run, "plan": cmd_plan,
-    "data": cmd_data}
+    "route": cmd_route,
+    "profile": cmd_profile,
+    "select": cmd_select,
+    "analyze": cmd_analyze,
+    "train": cmd_train,
+    "export": cmd_export,
+    "eval": cmd_eval,
+    "run": cmd_run,
+    "plan": cmd_plan,
+    "data": cmd_data,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="esft", description="Expert-Specialized Fine-Tuning in JAX")
+    parser = argparse.ArgumentParser(
+        prog="esft", description="Expert-Specialized Fine-Tuning in JAX"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in COMMANDS.items():
         p = sub.add_parser(name, help=fn.__doc__, description=fn.__doc__)
-        p.add_argument("--config", required=True, help="path.py or path.py:arg, a file with get_config()")
+        p.add_argument(
+            "--config", required=True, help="path.py or path.py:arg, a file with get_config()"
+        )
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are --config.KEY=VALUE)")
     try:
         overrides = [a.removeprefix("--config.") for a in rest]
-        c = configs.load(args.config, overrides)
+        c = config_files.load(args.config, overrides)
         validate.model_overrides(c, overrides)
         validate.check(args.command, c)
         COMMANDS[args.command](c)
-    except (configs.ConfigFileError, CheckpointError, ConfigError, DataError, ExpertConfigError, JudgeError,
-            PlanError, ShardError, experiment.ExperimentError) as e:
+    except (
+        config_files.ConfigFileError,
+        CheckpointError,
+        ConfigError,
+        DataError,
+        ExpertConfigError,
+        JudgeError,
+        PlanError,
+        ShardError,
+        experiment.ExperimentError,
+    ) as e:
         print(f"esft {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the file system refused: a full disk, a read-only or vanished directory

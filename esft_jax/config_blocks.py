@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import ml_collections
 
-from esft_jax import configs
+from esft_jax import config_files
 
-MODELS = tuple(sorted(p.stem for p in (configs.bundled_dir() / "models").glob("*.py")))  # configs/models/
+MODELS = tuple(
+    sorted(p.stem for p in (config_files.bundled_dir() / "models").glob("*.py"))
+)  # configs/models/
 
 
 def model(name: str) -> ml_collections.ConfigDict:
     """configs/models/<name>.py: an architecture (the fields of esft_jax.model.ModelConfig)."""
-    return configs.load_file(str(configs.bundled_dir() / "models" / f"{name}.py"))
+    return config_files.load_file(str(config_files.bundled_dir() / "models" / f"{name}.py"))
 
 
 def model_source(c: ml_collections.ConfigDict, name: str = "tiny") -> ml_collections.ConfigDict:
@@ -48,18 +50,41 @@ def distributed() -> ml_collections.ConfigDict:
 
 def judge(**fields) -> ml_collections.ConfigDict:
     """An OpenAI-compatible judge endpoint (esft_jax/eval/judge.py); none while base_url is ""."""
-    return ml_collections.ConfigDict(dict(base_url="", model="", api_key_env="OPENAI_API_KEY", **fields))
+    return ml_collections.ConfigDict(
+        dict(base_url="", model="", api_key_env="OPENAI_API_KEY", **fields)
+    )
 
 
-def selection(score: str = "token", p: float = 0.2, method: str = "threshold", *, decimals=None, n: int = 1,
-              group_size: int = 1, grouping: str = "coactivation", shared_experts: bool = False,
-              non_expert_modules: bool = False, shared_only: bool = False) -> ml_collections.ConfigDict:
+def selection(
+    score: str = "token",
+    p: float = 0.2,
+    method: str = "threshold",
+    *,
+    decimals=None,
+    n: int = 1,
+    group_size: int = 1,
+    grouping: str = "coactivation",
+    shared_experts: bool = False,
+    non_expert_modules: bool = False,
+    shared_only: bool = False,
+) -> ml_collections.ConfigDict:
     """One expert selection (esft_jax/routing/select.py; decimals: round scores, None: exact) and
     the flags of the expert config it writes (shared_only: no routed experts at all)."""
-    return ml_collections.ConfigDict(dict(
-        score=score, norm="pooled", decimals=decimals, p=p, method=method, n=n, group_size=group_size,
-        grouping=grouping, shared_experts=shared_experts, non_expert_modules=non_expert_modules,
-        shared_only=shared_only))
+    return ml_collections.ConfigDict(
+        dict(
+            score=score,
+            norm="pooled",
+            decimals=decimals,
+            p=p,
+            method=method,
+            n=n,
+            group_size=group_size,
+            grouping=grouping,
+            shared_experts=shared_experts,
+            non_expert_modules=non_expert_modules,
+            shared_only=shared_only,
+        )
+    )
 
 
 def scoring(scorer: str, max_new_tokens: int, stop: str = "") -> ml_collections.ConfigDict:

@@ -9,7 +9,7 @@ experts, expert groups, trainable-module flags). A step whose output exists is s
 only does what is missing. Each training runs in a child process (its peak memory is its own; its
 output goes to <workdir>/train.log, whose last lines a failure shows); `c.launch = "print"` stops
 after selection and prints those commands, one per method, for a cluster. Profiling, selection and
-evaluation are `esft profile` / `select` / `eval`'s own functions (steps.py, eval/run.py) on their
+evaluation are `esft profile` / `select` / `eval`'s own functions (routing/run.py, eval/run.py) on their
 config files with the study's model source; each evaluation's predictions go to <run_dir>/eval_<method>/.
 
 A config with `c.studies` (name -> study config) is a sweep: each study runs in turn (or prints its
@@ -27,13 +27,20 @@ from typing import Any
 
 import ml_collections
 
-from esft_jax import configs, report, steps
-from esft_jax.builtin import tasks as builtin_tasks
+from esft_jax import config_files, report
+from esft_jax.builtin import suite as builtin_suite
 from esft_jax.eval.run import evaluate
 from esft_jax.routing import analyze
+from esft_jax.routing import run as routing_run
 from esft_jax.routing.sources import STATS_FILE, load_stats
 
-STEP_FIELDS = ("model", "checkpoint", "tokenizer", "seed", "mesh")  # the study's, for each of its steps
+STEP_FIELDS = (
+    "model",
+    "checkpoint",
+    "tokenizer",
+    "seed",
+    "mesh",
+)  # the study's, for each of its steps
 
 
 def _cached(path: Path, compute) -> Any:
@@ -46,7 +53,7 @@ def _cached(path: Path, compute) -> Any:
 
 def _step_config(c: ml_collections.ConfigDict, command: str, **fields) -> ml_collections.ConfigDict:
     """configs/<command>.py with the study's model source and `fields` (step config = the command's)."""
-    step = configs.load_file(f"configs/{command}.py")
+    step = config_files.load_file(f"configs/{command}.py")
     for key, value in {**{k: c[k] for k in STEP_FIELDS}, **fields}.items():
         step[key] = value
     return step
@@ -54,33 +61,66 @@ def _step_config(c: ml_collections.ConfigDict, command: str, **fields) -> ml_col
 
 def _profile(c: ml_collections.ConfigDict, suite: Path, out: Path) -> None:
     """`esft profile` of the task's training data into `out`."""
-    steps.profile_routing(_step_config(
-        c, "profile", data=str(suite / "train" / f"{c.task}.jsonl"), token_budget=c.profile.token_budget,
-        seq_len=c.profile.seq_len, batch_size=c.profile.batch_size, out_dir=str(out), progress=False))
+    routing_run.profile_routing(
+        _step_config(
+            c,
+            "profile",
+            data=str(suite / "train" / f"{c.task}.jsonl"),
+            token_budget=c.profile.token_budget,
+            seq_len=c.profile.seq_len,
+            batch_size=c.profile.batch_size,
+            out_dir=str(out),
+            progress=False,
+        )
+    )
 
 
 def _evaluate(c: ml_collections.ConfigDict, suite: Path, out: Path, adapter: str = "") -> dict:
     """`esft eval` of the base model (+ adapter) into `out`: task score, general-suite scores and
     held-out perplexity."""
     eval_dir = suite / "eval"
-    tasks = ml_collections.ConfigDict({
-        name: dict(data=str(eval_dir / f"{name}.jsonl"), limit=c.eval.limit, **c.scoring[name].to_dict())
-        for name in [c.task, *c.general_tasks]})
+    tasks = ml_collections.ConfigDict(
+        {
+            name: dict(
+                data=str(eval_dir / f"{name}.jsonl"),
+                limit=c.eval.limit,
+                **c.scoring[name].to_dict(),
+            )
+            for name in [c.task, *c.general_tasks]
+        }
+    )
     held_out = str(eval_dir / f"{c.perplexity_set}.jsonl") if c.perplexity_set else ""
     perplexity = ml_collections.ConfigDict(dict(data=held_out, seq_len=c.eval.seq_len))
-    step = _step_config(c, "eval", adapter=adapter, tasks=tasks, perplexity=perplexity, judge=c.judge,
-                        batch_size=c.eval.batch_size, out_dir=str(out))
+    step = _step_config(
+        c,
+        "eval",
+        adapter=adapter,
+        tasks=tasks,
+        perplexity=perplexity,
+        judge=c.judge,
+        batch_size=c.eval.batch_size,
+        out_dir=str(out),
+    )
     return evaluate(step).scores
 
 
 def _train_command(c: ml_collections.ConfigDict, method: str, run: Path, suite: Path) -> list[str]:
     kind = "esft" if method.startswith("esft_") else method
-    train_config = configs.resolve("configs/train.py")
-    args = [sys.executable, "-m", "esft_jax.cli", "train", "--config", f"{train_config}:{kind}",
-            f"--config.checkpoint={c.checkpoint}", f"--config.data.train={suite / 'train' / f'{c.task}.jsonl'}",
-            f"--config.workdir={run / f'train_{method}'}", f"--config.optim.lr={c.lr.get(method, c.lr.esft)}",
-            *(f"--config.mesh.{axis}={size}" for axis, size in c.mesh.items() if size != 1),
-            *(f"--config.{override}" for override in c.train)]
+    train_config = config_files.resolve("configs/train.py")
+    args = [
+        sys.executable,
+        "-m",
+        "esft_jax.cli",
+        "train",
+        "--config",
+        f"{train_config}:{kind}",
+        f"--config.checkpoint={c.checkpoint}",
+        f"--config.data.train={suite / 'train' / f'{c.task}.jsonl'}",
+        f"--config.workdir={run / f'train_{method}'}",
+        f"--config.optim.lr={c.lr.get(method, c.lr.esft)}",
+        *(f"--config.mesh.{axis}={size}" for axis, size in c.mesh.items() if size != 1),
+        *(f"--config.{override}" for override in c.train),
+    ]
     if kind == "esft":
         selection = method.removeprefix("esft_")
         args.append(f"--config.expert_config={run / f'experts_{selection}.json'}")
@@ -100,7 +140,9 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     with path.open("rb") as f:
         f.seek(max(0, path.stat().st_size - 64 * 1024))
         text = f.read().decode(errors="replace")
-    return "\n".join([line for line in text.replace("\r", "\n").split("\n") if line.strip()][-lines:])
+    return "\n".join(
+        [line for line in text.replace("\r", "\n").split("\n") if line.strip()][-lines:]
+    )
 
 
 def _train_child(c: ml_collections.ConfigDict, method: str, run: Path, suite: Path) -> dict:
@@ -115,10 +157,14 @@ def _train_child(c: ml_collections.ConfigDict, method: str, run: Path, suite: Pa
     log = workdir / TRAIN_LOG
     start = time.perf_counter()
     with log.open("ab") as out:
-        proc = subprocess.run(_train_command(c, method, run, suite), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            _train_command(c, method, run, suite), stdout=out, stderr=subprocess.STDOUT
+        )
     if proc.returncode != 0 or not (workdir / "summary.json").is_file():
         why = f"exit status {proc.returncode}" if proc.returncode else "no summary.json written"
-        raise ExperimentError(f"training {method} failed ({why}); last lines of {log}:\n{log_tail(log)}")
+        raise ExperimentError(
+            f"training {method} failed ({why}); last lines of {log}:\n{log_tail(log)}"
+        )
     summary = json.loads((workdir / "summary.json").read_text())
     summary.update(wall_seconds=time.perf_counter() - start)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -149,7 +195,7 @@ def run_study(c: ml_collections.ConfigDict) -> tuple[Path, report.Study | None]:
     run_dir.mkdir(parents=True, exist_ok=True)
     suite = Path(c.suite_dir)
     if c.builtin_suite and not (suite / "eval" / "docs.jsonl").is_file():
-        builtin_tasks.write_suite(suite, seed=c.seed)
+        builtin_suite.write_suite(suite, seed=c.seed)
     print(f"[1/5] profiling routing on {c.task}")
     if not (run_dir / "profile" / STATS_FILE).is_file():
         _profile(c, suite, run_dir / "profile")
@@ -157,15 +203,18 @@ def run_study(c: ml_collections.ConfigDict) -> tuple[Path, report.Study | None]:
 
     print("[2/5] selecting experts")
     for name, spec in c.selections.items():
-        steps.select_experts(stats, spec, c.seed).save(run_dir / f"experts_{name}.json")
+        routing_run.select_experts(stats, spec, c.seed).save(run_dir / f"experts_{name}.json")
     if c.launch == "print":
         for m in c.methods:
             print(" ".join(_train_command(c, m, run_dir, suite)))
         return run_dir / "results.md", None
 
     print(f"[3/5] vanilla eval of {c.checkpoint}")
-    results = {"vanilla": _cached(run_dir / "eval_vanilla.json",
-                                  lambda: _evaluate(c, suite, run_dir / "eval_vanilla"))}
+    results = {
+        "vanilla": _cached(
+            run_dir / "eval_vanilla.json", lambda: _evaluate(c, suite, run_dir / "eval_vanilla")
+        )
+    }
 
     print(f"[4/5] training {', '.join(c.methods)}")
     summaries = {m: _train_child(c, m, run_dir, suite) for m in c.methods}
@@ -173,13 +222,19 @@ def run_study(c: ml_collections.ConfigDict) -> tuple[Path, report.Study | None]:
     print("[5/5] evaluating the fine-tuned models")
     for m in c.methods:
         adapter = str(run_dir / f"train_{m}" / "adapter")
-        results[m] = _cached(run_dir / f"eval_{m}.json",
-                             lambda m=m, adapter=adapter: _evaluate(c, suite, run_dir / f"eval_{m}", adapter))
+        results[m] = _cached(
+            run_dir / f"eval_{m}.json",
+            lambda m=m, adapter=adapter: _evaluate(c, suite, run_dir / f"eval_{m}", adapter),
+        )
     study = report.Study(c.task, tuple(c.general_tasks), results, summaries)
     table = report.study_table(study)
     (run_dir / "results.md").write_text(table)
     analyze.heatmap(stats, run_dir / "routing_heatmap.png", c.task)
     report.score_plot(study, run_dir / "score_vs_params.png")
-    print("\n" + table + f"\ntable: {run_dir / 'results.md'}; plots: {run_dir / 'routing_heatmap.png'}, "
-          f"{run_dir / 'score_vs_params.png'}")
+    print(
+        "\n"
+        + table
+        + f"\ntable: {run_dir / 'results.md'}; plots: {run_dir / 'routing_heatmap.png'}, "
+        f"{run_dir / 'score_vs_params.png'}"
+    )
     return run_dir / "results.md", study

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from esft_jax.jsonio import read_json
 
@@ -30,8 +30,13 @@ class ExpertConfig:
         return sum(len(v) for v in self.experts.values())
 
     def to_json(self) -> dict:
-        return {"experts": {str(l): [int(e) for e in ids] for l, ids in sorted(self.experts.items())},
-                "shared_experts": self.shared_experts, "non_expert_modules": self.non_expert_modules}
+        return {
+            "experts": {
+                str(layer): [int(e) for e in ids] for layer, ids in sorted(self.experts.items())
+            },
+            "shared_experts": self.shared_experts,
+            "non_expert_modules": self.non_expert_modules,
+        }
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -40,8 +45,13 @@ class ExpertConfig:
         return path
 
     @classmethod
-    def from_json(cls, obj: object, moe_layers: Sequence[int] | None = None, num_experts: int | None = None,
-                  where: str = "expert config") -> "ExpertConfig":
+    def from_json(
+        cls,
+        obj: object,
+        moe_layers: Sequence[int] | None = None,
+        num_experts: int | None = None,
+        where: str = "expert config",
+    ) -> ExpertConfig:
         """Parse and validate; moe_layers/num_experts (when given) bound the layer keys and ids."""
         if not isinstance(obj, dict) or not isinstance(obj.get("experts"), dict):
             raise ExpertConfigError(f"{where}: expected an object with an 'experts' object")
@@ -61,9 +71,13 @@ class ExpertConfig:
                 raise ExpertConfigError(f"{at}: layer keys must be layer numbers")
             layer = int(key)
             if moe_layers is not None and layer not in moe_layers:
-                raise ExpertConfigError(f"{at}: layer {layer} is not an MoE layer "
-                                        f"(MoE layers are {layer_list(moe_layers)})")
-            if not isinstance(ids, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in ids):
+                raise ExpertConfigError(
+                    f"{at}: layer {layer} is not an MoE layer "
+                    f"(MoE layers are {layer_list(moe_layers)})"
+                )
+            if not isinstance(ids, list) or not all(
+                isinstance(e, int) and not isinstance(e, bool) for e in ids
+            ):
                 raise ExpertConfigError(f"{at}: expected a list of expert ids")
             bad = [e for e in ids if e < 0 or (num_experts is not None and e >= num_experts)]
             if bad:
@@ -73,13 +87,19 @@ class ExpertConfig:
                 raise ExpertConfigError(f"{at}: expert {dup} listed twice")
             experts[layer] = list(ids)
         if not any(experts.values()) and not any(flags.values()):
-            raise ExpertConfigError(f"{where}: selects no expert and neither shared_experts nor "
-                                    f"non_expert_modules: nothing would train")
+            raise ExpertConfigError(
+                f"{where}: selects no expert and neither shared_experts nor "
+                f"non_expert_modules: nothing would train"
+            )
         return cls(experts, **flags)
 
     @classmethod
-    def load(cls, path: str | Path, moe_layers: Sequence[int] | None = None, num_experts: int | None = None
-             ) -> "ExpertConfig":
+    def load(
+        cls,
+        path: str | Path,
+        moe_layers: Sequence[int] | None = None,
+        num_experts: int | None = None,
+    ) -> ExpertConfig:
         obj = read_json(path, ExpertConfigError, "no such expert config")
         return cls.from_json(obj, moe_layers, num_experts, str(path))
 

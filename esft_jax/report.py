@@ -7,8 +7,9 @@ optionally "perplexity"), its summaries {method: esft train's summary.json (+ wa
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 
 class Study(NamedTuple):
@@ -25,8 +26,12 @@ def _row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    return "\n".join([_row(head), "|---" * len(head) + "|", *map(_row, rows)]) + "\n"
+def markdown_table(
+    head: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool] | None = None
+) -> str:
+    """A GitHub markdown table; `right[i]` right-aligns column i (numbers)."""
+    rule = "".join("|---:" if r else "|---" for r in (right or [False] * len(head))) + "|"
+    return "\n".join([_row(head), rule, *map(_row, rows)]) + "\n"
 
 
 def _params_cell(study: Study, method: str) -> str:
@@ -40,18 +45,33 @@ def _params_cell(study: Study, method: str) -> str:
 def study_table(study: Study) -> str:
     """One row per method: task score, general scores and average, perplexity, costs."""
     has_ppl = "perplexity" in study.results["vanilla"]
-    head = ["method", study.task, *study.general_tasks, "general avg", *(["held-out ppl"] * has_ppl),
-            "trainable params", "optimizer state", "adapter", "train s", "peak RSS"]
+    head = [
+        "method",
+        study.task,
+        *study.general_tasks,
+        "general avg",
+        *(["held-out ppl"] * has_ppl),
+        "trainable params",
+        "optimizer state",
+        "adapter",
+        "train s",
+        "peak RSS",
+    ]
     rows = []
     for name, r in study.results.items():
         s = study.summaries.get(name, {})
-        cells = [name, f"{r[study.task]:.3f}", *(f"{r[g]:.3f}" for g in study.general_tasks),
-                 f"{study.general_avg(name):.3f}", *([f"{r['perplexity']:.2f}"] if has_ppl else []),
-                 _params_cell(study, name),
-                 f"{s['optimizer_state_bytes'] / 1e6:.2f} MB" if s else "-",
-                 f"{s['adapter_bytes'] / 1e6:.2f} MB" if s else "-",
-                 f"{s['train_seconds']:.0f}" if s else "-",
-                 f"{s['peak_rss_mb']:.0f} MB" if s.get("peak_rss_mb") else "-"]
+        cells = [
+            name,
+            f"{r[study.task]:.3f}",
+            *(f"{r[g]:.3f}" for g in study.general_tasks),
+            f"{study.general_avg(name):.3f}",
+            *([f"{r['perplexity']:.2f}"] if has_ppl else []),
+            _params_cell(study, name),
+            f"{s['optimizer_state_bytes'] / 1e6:.2f} MB" if s else "-",
+            f"{s['adapter_bytes'] / 1e6:.2f} MB" if s else "-",
+            f"{s['train_seconds']:.0f}" if s else "-",
+            f"{s['peak_rss_mb']:.0f} MB" if s.get("peak_rss_mb") else "-",
+        ]
         rows.append(cells)
     return markdown_table(head, rows)
 
@@ -65,11 +85,18 @@ def aggregate_table(studies: Mapping[str, Study]) -> str:
     for m in methods:
         runs = [s for s in studies.values() if m in s.results]
         task = [s.results[m][s.task] for s in runs]
-        shares = [s.summaries[m]["trainable_params"] / s.summaries["fft"]["trainable_params"]
-                  for s in runs if m in s.summaries and "fft" in s.summaries]
-        cells = [m, *(f"{s.results[m][s.task]:.3f}" if m in s.results else "" for s in studies.values()),
-                 f"{sum(task) / len(task):.3f}", f"{sum(s.general_avg(m) for s in runs) / len(runs):.3f}",
-                 f"{sum(shares) / len(shares):.1%}" if shares else "-"]
+        shares = [
+            s.summaries[m]["trainable_params"] / s.summaries["fft"]["trainable_params"]
+            for s in runs
+            if m in s.summaries and "fft" in s.summaries
+        ]
+        cells = [
+            m,
+            *(f"{s.results[m][s.task]:.3f}" if m in s.results else "" for s in studies.values()),
+            f"{sum(task) / len(task):.3f}",
+            f"{sum(s.general_avg(m) for s in runs) / len(runs):.3f}",
+            f"{sum(shares) / len(shares):.1%}" if shares else "-",
+        ]
         rows.append(cells)
     return markdown_table(head, rows)
 
@@ -104,7 +131,12 @@ def tradeoff_plot(studies: Mapping[str, Study], path: Path) -> None:
     methods = list(dict.fromkeys(m for s in studies.values() for m in s.results))
     for i, m in enumerate(methods):
         runs = [s for s in studies.values() if m in s.results]
-        ax.scatter([s.results[m][s.task] for s in runs], [s.general_avg(m) for s in runs], label=m, color=f"C{i}")
+        ax.scatter(
+            [s.results[m][s.task] for s in runs],
+            [s.general_avg(m) for s in runs],
+            label=m,
+            color=f"C{i}",
+        )
     ax.set_xlabel("task score")
     ax.set_ylabel("general ability (avg)")
     ax.legend(fontsize=7)

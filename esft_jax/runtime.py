@@ -18,7 +18,7 @@ import ml_collections
 from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
-from esft_jax import configs, sharding
+from esft_jax import config_files, sharding
 from esft_jax.checkpoint import load_checkpoint, load_config, load_tokenizer
 from esft_jax.checkpoint.adapter import load_with_adapter
 from esft_jax.checkpoint.sharded_load import load_params_sharded
@@ -26,15 +26,24 @@ from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.model import ModelConfig, init_params
 from esft_jax.model.params import flat_param_specs
 
-RUNTIME_FIELDS = ("dtype", "moe_strategy", "capacity_factor", "expert_parallel", "scan_layers", "remat")
+RUNTIME_FIELDS = (
+    "dtype",
+    "moe_strategy",
+    "capacity_factor",
+    "expert_parallel",
+    "scan_layers",
+    "remat",
+)
 RANDOM_WEIGHTS = "random"  # --config.checkpoint=random: seeded random weights of c.model
 
 
 def _runtime_overrides(c: ml_collections.ConfigDict) -> dict:
     """The runtime fields of c.model, which apply to a checkpoint's model too."""
     if not c.checkpoint:
-        raise configs.ConfigFileError(f"--config.checkpoint: name a Hugging Face checkpoint directory "
-                                      f"(or --config.checkpoint={RANDOM_WEIGHTS} for random weights of --config.model)")
+        raise config_files.ConfigFileError(
+            f"--config.checkpoint: name a Hugging Face checkpoint directory "
+            f"(or --config.checkpoint={RANDOM_WEIGHTS} for random weights of --config.model)"
+        )
     return {k: c.model[k] for k in RUNTIME_FIELDS if k in c.model}
 
 
@@ -42,7 +51,11 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
     """The config of the model load_model(c) loads, without reading any weights (to check a run's
     values against it before the expensive part)."""
     overrides = _runtime_overrides(c)
-    return configs.model_config(c.model) if c.checkpoint == RANDOM_WEIGHTS else load_config(c.checkpoint, **overrides)
+    return (
+        config_files.model_config(c.model)
+        if c.checkpoint == RANDOM_WEIGHTS
+        else load_config(c.checkpoint, **overrides)
+    )
 
 
 def load_model(c: ml_collections.ConfigDict, mesh: Mesh | None = None) -> tuple[ModelConfig, dict]:
@@ -60,7 +73,7 @@ def load_model(c: ml_collections.ConfigDict, mesh: Mesh | None = None) -> tuple[
             cfg, params = load_with_adapter(c.checkpoint, c.adapter, **overrides)
             return cfg, jax.tree.map(jax.numpy.asarray, params)
         return load_checkpoint(c.checkpoint, **overrides)
-    cfg = configs.model_config(c.model)
+    cfg = config_files.model_config(c.model)
     return cfg, init_params(cfg, jax.random.key(c.seed))
 
 
@@ -70,8 +83,10 @@ def _check_fits(cfg: ModelConfig, mesh: Mesh) -> None:
         bad = sharding.indivisible(spec.shape, spec.axes, dict(mesh.shape))
         if bad:
             axis, size, i = bad
-            raise configs.ConfigFileError(f"--config.mesh.{axis}={size}: does not divide {'/'.join(path)}'s "
-                                          f"{spec.axes[i]} axis of {spec.shape[i]}")
+            raise config_files.ConfigFileError(
+                f"--config.mesh.{axis}={size}: does not divide {'/'.join(path)}'s "
+                f"{spec.axes[i]} axis of {spec.shape[i]}"
+            )
 
 
 def tokenizer(c: ml_collections.ConfigDict) -> Tokenizer:
@@ -104,8 +119,12 @@ def peak_rss_bytes() -> int:
         status = Path("/proc/self/status").read_text()
     except OSError:
         import resource
+
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+    return (
+        int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+        * 1024
+    )
 
 
 def mesh(c: ml_collections.ConfigDict) -> Mesh | None:
@@ -113,11 +132,15 @@ def mesh(c: ml_collections.ConfigDict) -> Mesh | None:
     shape = dict(c.mesh)
     for axis, size in shape.items():
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise configs.ConfigFileError(f"--config.mesh.{axis}={size!r}: expected a whole number >= 1")
+            raise config_files.ConfigFileError(
+                f"--config.mesh.{axis}={size!r}: expected a whole number >= 1"
+            )
     n = math.prod(shape.values())
     if n > jax.device_count() or (jax.process_count() > 1 and n != jax.device_count()):
         sizes = " x ".join(f"{axis} {size}" for axis, size in shape.items() if size > 1)
-        raise configs.ConfigFileError(
+        raise config_files.ConfigFileError(
             f"--config.mesh: {sizes} needs {n} devices; this run has {jax.device_count()} "
-            f"({jax.default_backend()}, {jax.process_count()} process(es)); a multi-process mesh spans them all")
+            f"({jax.default_backend()}, {jax.process_count()} process(es)); "
+            "a multi-process mesh spans them all"
+        )
     return sharding.make_mesh(shape, jax.devices()[:n]) if n > 1 else None

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,14 +44,17 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     sizes = tuple(int(shape.get(a, 1)) for a in MESH_AXES)
     devices = list(devices if devices is not None else jax.devices())
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                         f"but {len(devices)} are available")
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+            f"but {len(devices)} are available"
+        )
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)
 
 
-def logical_to_spec(axes: Sequence[str | None], mesh_shape: Mapping[str, int] | None = None
-                    ) -> PartitionSpec:
+def logical_to_spec(
+    axes: Sequence[str | None], mesh_shape: Mapping[str, int] | None = None
+) -> PartitionSpec:
     """PartitionSpec for logical axes. Mesh axes of size 1 are dropped, and a mesh axis is used
     at most once per array (the first logical axis that claims it wins)."""
     used: set[str] = set()
@@ -58,8 +62,9 @@ def logical_to_spec(axes: Sequence[str | None], mesh_shape: Mapping[str, int] | 
     for name in axes:
         target = RULES.get(name) if name else None
         targets = (target,) if isinstance(target, str) else tuple(target or ())
-        keep = tuple(t for t in targets
-                     if t not in used and (mesh_shape is None or mesh_shape.get(t, 1) > 1))
+        keep = tuple(
+            t for t in targets if t not in used and (mesh_shape is None or mesh_shape.get(t, 1) > 1)
+        )
         used.update(keep)
         out.append(None if not keep else keep[0] if len(keep) == 1 else keep)
     return PartitionSpec(*out)
@@ -82,16 +87,23 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 def param_shardings(axes_tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for a pytree of logical-axes tuples (see model.params.param_axes)."""
     shape = dict(mesh.shape)
-    return jax.tree.map(lambda axes: NamedSharding(mesh, logical_to_spec(axes, shape)), axes_tree,
-                        is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(
+        lambda axes: NamedSharding(mesh, logical_to_spec(axes, shape)),
+        axes_tree,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
 
 
-def from_process_rows(tree: Any, rows_sharding: NamedSharding | None, global_shape: tuple[int, ...]) -> Any:
+def from_process_rows(
+    tree: Any, rows_sharding: NamedSharding | None, global_shape: tuple[int, ...]
+) -> Any:
     """Global arrays of `global_shape` from this process's rows of them (numpy leaves); plain device
     arrays when there is no mesh."""
     if rows_sharding is None:
         return jax.tree.map(jnp.asarray, tree)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rows_sharding, x, global_shape), tree)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(rows_sharding, x, global_shape), tree
+    )
 
 
 def to_host(tree: Any) -> Any:
@@ -99,12 +111,19 @@ def to_host(tree: Any) -> Any:
     (a collective: in a multi-process run every process must call this)."""
     from jax.experimental import multihost_utils
 
-    return jax.tree.map(lambda x: np.asarray(x if not isinstance(x, jax.Array) or x.is_fully_addressable
-                                             else multihost_utils.process_allgather(x, tiled=True)), tree)
+    return jax.tree.map(
+        lambda x: np.asarray(
+            x
+            if not isinstance(x, jax.Array) or x.is_fully_addressable
+            else multihost_utils.process_allgather(x, tiled=True)
+        ),
+        tree,
+    )
 
 
-def indivisible(shape: Sequence[int], axes: Sequence[str | None], mesh_shape: Mapping[str, int]
-                ) -> tuple[str, int, int] | None:
+def indivisible(
+    shape: Sequence[int], axes: Sequence[str | None], mesh_shape: Mapping[str, int]
+) -> tuple[str, int, int] | None:
     """(mesh axis, its size, the dim's index) of the first dim its mesh axes do not split evenly."""
     for i, (dim, entry) in enumerate(zip(shape, logical_to_spec(axes, mesh_shape))):
         names = (entry,) if isinstance(entry, str) else tuple(entry or ())
@@ -125,7 +144,9 @@ def rows_multiple(mesh: Mesh | None, expert_parallel: str = "psum") -> int:
     if mesh is None:
         return 1
     shape = dict(mesh.shape)
-    return math.prod(shape[a] for a in BATCH_AXES) * (shape["expert"] if expert_parallel == "all_to_all" else 1)
+    return math.prod(shape[a] for a in BATCH_AXES) * (
+        shape["expert"] if expert_parallel == "all_to_all" else 1
+    )
 
 
 def place_rows(tree: Any, mesh: Mesh | None) -> Any:
@@ -134,8 +155,15 @@ def place_rows(tree: Any, mesh: Mesh | None) -> Any:
     if mesh is None:
         return jax.tree.map(jnp.asarray, tree)
     shape = dict(mesh.shape)
-    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, logical_to_spec(
-        ("act_batch",) + (None,) * (np.ndim(x) - 1), shape))), tree)
+    return jax.tree.map(
+        lambda x: jax.device_put(
+            x,
+            NamedSharding(
+                mesh, logical_to_spec(("act_batch",) + (None,) * (np.ndim(x) - 1), shape)
+            ),
+        ),
+        tree,
+    )
 
 
 def shard_params(params: Any, axes_tree: Any, mesh: Mesh) -> Any:

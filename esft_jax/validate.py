@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import ml_collections
 
-from esft_jax.configs import ConfigFileError
-from esft_jax.builtin.tasks import HELD_OUT_DOCS
+from esft_jax.builtin.suite import HELD_OUT_DOCS
 from esft_jax.checkpoint.output_dir import OutputDirError, export_replaceable
+from esft_jax.config_files import ConfigFileError
 from esft_jax.eval.scorers import SCORERS
 from esft_jax.model import ModelConfig
 from esft_jax.routing.profile import COUNT_MODES
@@ -40,22 +41,37 @@ def whole(c: ml_collections.ConfigDict, key: str, minimum: int = 1) -> None:
         raise ConfigFileError(f"--config.{key}={value!r}: expected a whole number >= {minimum}")
 
 
-def number(c: ml_collections.ConfigDict, key: str, low: float, high: float = math.inf,
-           low_open: bool = False) -> None:
+def number(
+    c: ml_collections.ConfigDict,
+    key: str,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+) -> None:
     """low <= value <= high (low < value when low_open)."""
     value = _get(c, key)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and (value > low if low_open else value >= low) and value <= high
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and value <= high
+    )
     if not ok:
-        where = f"in {'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) \
+        where = (
+            f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+            if math.isfinite(high)
             else f"{'>' if low_open else '>='} {low:g}"
+        )
         raise ConfigFileError(f"--config.{key}={value!r}: expected a number {where}")
 
 
 def one_of(c: ml_collections.ConfigDict, key: str, options: Sequence[str]) -> None:
     value = _get(c, key)
     if value not in options:
-        raise ConfigFileError(f"--config.{key}={value!r}: expected one of {', '.join(map(str, options))}")
+        raise ConfigFileError(
+            f"--config.{key}={value!r}: expected one of {', '.join(map(str, options))}"
+        )
 
 
 def required(c: ml_collections.ConfigDict, key: str, what: str) -> None:
@@ -103,8 +119,10 @@ def within_positions(c: ml_collections.ConfigDict, key: str, cfg: ModelConfig) -
     """A sequence length the model has positions for (checked once the model's config is read)."""
     value = _get(c, key)
     if value > cfg.max_position_embeddings:
-        raise ConfigFileError(f"--config.{key}={value}: longer than the model's {cfg.max_position_embeddings} "
-                              f"positions (max_position_embeddings)")
+        raise ConfigFileError(
+            f"--config.{key}={value}: longer than the model's {cfg.max_position_embeddings} "
+            f"positions (max_position_embeddings)"
+        )
 
 
 def _architecture_override(where: str, key: str, checkpoint: str) -> None:
@@ -113,8 +131,10 @@ def _architecture_override(where: str, key: str, checkpoint: str) -> None:
     *parents, leaf = key.split(".")
     if parents[-1:] != ["model"] or leaf in RUNTIME_FIELDS or checkpoint in ("", RANDOM_WEIGHTS):
         return
-    raise ConfigFileError(f"{where}: {leaf} comes from the checkpoint's config.json ({checkpoint}); "
-                          f"with a checkpoint only model.{{{','.join(RUNTIME_FIELDS)}}} apply")
+    raise ConfigFileError(
+        f"{where}: {leaf} comes from the checkpoint's config.json ({checkpoint}); "
+        f"with a checkpoint only model.{{{','.join(RUNTIME_FIELDS)}}} apply"
+    )
 
 
 def model_overrides(c: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
@@ -151,7 +171,9 @@ def _selection(c: ml_collections.ConfigDict, prefix: str = "") -> None:
 
 
 def _select(c: ml_collections.ConfigDict) -> None:
-    input_path(c, "stats", "routing statistics (esft profile's out_dir, stats.npz or official logs)")
+    input_path(
+        c, "stats", "routing statistics (esft profile's out_dir, stats.npz or official logs)"
+    )
     _selection(c)
     whole(c, "n")
     if c.decimals is not None:
@@ -172,15 +194,19 @@ def _scoring(c: ml_collections.ConfigDict, key: str, judge: ml_collections.Confi
     one_of(c, f"{key}.scorer", ["judge", *SCORERS])
     whole(c, f"{key}.max_new_tokens")
     if _get(c, f"{key}.scorer") == "judge" and not judge.base_url:
-        raise ConfigFileError(f"--config.{key}.scorer=judge: needs an endpoint (--config.judge.base_url, "
-                              f"--config.judge.model)")
+        raise ConfigFileError(
+            f"--config.{key}.scorer=judge: needs an endpoint (--config.judge.base_url, "
+            f"--config.judge.model)"
+        )
 
 
 def _eval(c: ml_collections.ConfigDict) -> None:
     tasks = [name for name, task in c.tasks.items() if task.data]
     if not tasks and not c.perplexity.data:
-        raise ConfigFileError("--config.tasks: no task to evaluate (set --config.tasks.NAME.data or "
-                              "--config.perplexity.data)")
+        raise ConfigFileError(
+            "--config.tasks: no task to evaluate (set --config.tasks.NAME.data or "
+            "--config.perplexity.data)"
+        )
     for name in tasks:
         input_path(c, f"tasks.{name}.data", f"task {name}'s eval jsonl")
         _scoring(c, f"tasks.{name}", c.judge)
@@ -198,16 +224,26 @@ def _study(c: ml_collections.ConfigDict) -> None:
         _selection(c, f"selections.{name}.")
     for method in c.methods:
         if method not in ("fft", "lora") and method.removeprefix("esft_") not in c.selections:
-            raise ConfigFileError(f"--config.methods: {method!r} is neither fft, lora nor esft_<one of "
-                                  f"{', '.join(c.selections)}>")
+            raise ConfigFileError(
+                f"--config.methods: {method!r} is neither fft, lora nor esft_<one of "
+                f"{', '.join(c.selections)}>"
+            )
     for name in [c.task, *c.general_tasks]:
         if name not in c.scoring:
             raise ConfigFileError(f"--config.scoring: no entry for task {name!r}")
         _scoring(c, f"scoring.{name}", c.judge)
     one_of(c, "launch", ("local", "print"))
     for override in c.train:  # each `esft train` of the study trains c.checkpoint
-        _architecture_override(f"--config.train: {override!r}", override.partition("=")[0], c.checkpoint)
-    for key in ("profile.token_budget", "profile.seq_len", "profile.batch_size", "eval.batch_size", "eval.seq_len"):
+        _architecture_override(
+            f"--config.train: {override!r}", override.partition("=")[0], c.checkpoint
+        )
+    for key in (
+        "profile.token_budget",
+        "profile.seq_len",
+        "profile.batch_size",
+        "eval.batch_size",
+        "eval.seq_len",
+    ):
         whole(c, key)
     whole(c, "eval.limit", 0)
     writable_dir(c, "run_dir")
@@ -221,7 +257,9 @@ def _run(c: ml_collections.ConfigDict) -> None:
         try:
             _study(study)
         except ConfigFileError as e:
-            raise ConfigFileError(str(e).replace("--config.", f"--config.studies.{name}.", 1)) from None
+            raise ConfigFileError(
+                str(e).replace("--config.", f"--config.studies.{name}.", 1)
+            ) from None
 
 
 def _export(c: ml_collections.ConfigDict) -> None:
@@ -230,7 +268,12 @@ def _export(c: ml_collections.ConfigDict) -> None:
     required(c, "out", "the directory to write the merged checkpoint to")
     writable_dir(c, "out")
     try:  # before the merge: refusing costs nothing (save_checkpoint checks again when it writes)
-        export_replaceable(Path(c.out), c.overwrite, (c.checkpoint, c.adapter), overwrite_flag="--config.overwrite=True")
+        export_replaceable(
+            Path(c.out),
+            c.overwrite,
+            (c.checkpoint, c.adapter),
+            overwrite_flag="--config.overwrite=True",
+        )
     except OutputDirError as e:
         raise ConfigFileError(f"--config.out: {e}") from None
 
@@ -239,34 +282,52 @@ def _data(c: ml_collections.ConfigDict) -> None:
     for key in ("n_train", "n_eval", "n_docs"):
         whole(c, key)
     if c.n_docs > HELD_OUT_DOCS:
-        raise ConfigFileError(f"--config.n_docs={c.n_docs}: there are {HELD_OUT_DOCS} held-out docs")
+        raise ConfigFileError(
+            f"--config.n_docs={c.n_docs}: there are {HELD_OUT_DOCS} held-out docs"
+        )
     writable_dir(c, "out")
     out = Path(c.out)
     if out.is_dir() and any(out.iterdir()) and not c.overwrite:
-        raise ConfigFileError(f"--config.out={out}: the directory is not empty (choose another, or "
-                              f"--config.overwrite=True)")
+        raise ConfigFileError(
+            f"--config.out={out}: the directory is not empty (choose another, or "
+            f"--config.overwrite=True)"
+        )
 
 
 def _plan(c: ml_collections.ConfigDict) -> None:
     methods = c.methods.split(",")
     for method in methods:
         if method not in TRAIN_METHODS:
-            raise ConfigFileError(f"--config.methods: {method!r} is not one of {', '.join(TRAIN_METHODS)}")
+            raise ConfigFileError(
+                f"--config.methods: {method!r} is not one of {', '.join(TRAIN_METHODS)}"
+            )
     one_of(c, "mesh_axis", ("fsdp", "expert"))
     for key in ("batch_size", "seq_len", "lora_rank"):
         whole(c, key)
     number(c, "device_memory_gb", 0, low_open=True)
     for n in c.devices:
         if not (isinstance(n, int) and n >= 1):
-            raise ConfigFileError(f"--config.devices={tuple(c.devices)}: expected whole numbers >= 1")
+            raise ConfigFileError(
+                f"--config.devices={tuple(c.devices)}: expected whole numbers >= 1"
+            )
         if c.mesh_axis == "fsdp" and c.batch_size % n:
-            raise ConfigFileError(f"--config.batch_size={c.batch_size}: does not split over {n} devices "
-                                  f"(--config.devices={tuple(c.devices)}, mesh_axis fsdp)")
+            raise ConfigFileError(
+                f"--config.batch_size={c.batch_size}: does not split over {n} devices "
+                f"(--config.devices={tuple(c.devices)}, mesh_axis fsdp)"
+            )
 
 
 CHECKS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
-    "route": _route, "profile": _profile, "select": _select, "analyze": _analyze, "eval": _eval,
-    "run": _run, "export": _export, "data": _data, "plan": _plan}
+    "route": _route,
+    "profile": _profile,
+    "select": _select,
+    "analyze": _analyze,
+    "eval": _eval,
+    "run": _run,
+    "export": _export,
+    "data": _data,
+    "plan": _plan,
+}
 
 
 def check(command: str, c: ml_collections.ConfigDict) -> None:

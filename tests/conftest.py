@@ -11,9 +11,14 @@ from pathlib import Path
 # optimisation off, the tiny model's gradient compiles in ~1 s instead of ~6 s, and runs up to 2x
 # slower, which these tests hardly notice (user runs keep XLA's defaults).
 _GIVEN = os.environ.get("XLA_FLAGS", "")
-_FLAGS = ["--xla_force_host_platform_device_count=8", "--xla_cpu_use_fusion_emitters=false",
-          "--xla_backend_optimization_level=0"]
-os.environ["XLA_FLAGS"] = " ".join([_GIVEN, *(f for f in _FLAGS if f.split("=")[0] not in _GIVEN)]).strip()
+_FLAGS = [
+    "--xla_force_host_platform_device_count=8",
+    "--xla_cpu_use_fusion_emitters=false",
+    "--xla_backend_optimization_level=0",
+]
+os.environ["XLA_FLAGS"] = " ".join(
+    [_GIVEN, *(f for f in _FLAGS if f.split("=")[0] not in _GIVEN)]
+).strip()
 # One compilation cache for the session and the processes it starts: a program compiled again
 # (a resumed run, the same CLI command in a child) is read back instead.
 _CACHE = tempfile.mkdtemp(prefix="esft-jax-test-xla-")
@@ -40,7 +45,11 @@ def hf_checkpoint(tmp_path_factory):
     return get
 
 
-REFERENCE = Path(os.environ.get("ESFT_REFERENCE", Path(__file__).resolve().parents[1] / "../shared/esft-reference"))
+REFERENCE = Path(
+    os.environ.get(
+        "ESFT_REFERENCE", Path(__file__).resolve().parents[1] / "../shared/esft-reference"
+    )
+)
 
 
 @pytest.fixture(scope="session")

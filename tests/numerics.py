@@ -36,11 +36,18 @@ def bound(want, n_roundings: float) -> float:
 
 def assert_float32_close(got, want, n_roundings: float, err_msg: str = "") -> None:
     """|got - want| <= bound(want, n_roundings) elementwise."""
-    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64), rtol=0,
-                               atol=bound(want, n_roundings), err_msg=err_msg)
+    np.testing.assert_allclose(
+        np.asarray(got, np.float64),
+        np.asarray(want, np.float64),
+        rtol=0,
+        atol=bound(want, n_roundings),
+        err_msg=err_msg,
+    )
 
 
-def assert_adam_close(got, want, n_roundings: float, lr: float, steps: int, max_fraction: float = 0.01) -> None:
+def assert_adam_close(
+    got, want, n_roundings: float, lr: float, steps: int, max_fraction: float = 0.01
+) -> None:
     """Parameters after `steps` Adam steps computed two ways. Adam divides each gradient by its own
     running magnitude, so where a gradient element is itself at rounding level, rounding alone can
     change that element's update by up to lr a step. So: every element within bound(want,

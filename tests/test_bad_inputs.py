@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import train_fixtures as fx
@@ -40,28 +40,63 @@ class Case:
     names: str  # what the message must name
 
 
-COMMON = "..."  # in an argv: the arguments before it are a valid command's, shown as "..." in the docs
+COMMON = (
+    "..."  # in an argv: the arguments before it are a valid command's, shown as "..." in the docs
+)
 
 
 def _train(f: Files, *extra: str) -> list[str]:
-    return ["train", "--config", "configs/train.py:esft", f"--config.checkpoint={f.base}",
-            f"--config.data.train={f.task}", f"--config.expert_config={f.experts}",
-            f"--config.workdir={f.root / 'workdir'}", "--config.data.seq_len=64", "--config.steps=1", COMMON, *extra]
+    return [
+        "train",
+        "--config",
+        "configs/train.py:esft",
+        f"--config.checkpoint={f.base}",
+        f"--config.data.train={f.task}",
+        f"--config.expert_config={f.experts}",
+        f"--config.workdir={f.root / 'workdir'}",
+        "--config.data.seq_len=64",
+        "--config.steps=1",
+        COMMON,
+        *extra,
+    ]
 
 
 def _eval(f: Files, *extra: str) -> list[str]:
-    return ["eval", "--config", "configs/eval.py", f"--config.checkpoint={f.base}",
-            f"--config.out_dir={f.root / 'eval'}", COMMON, *extra]
+    return [
+        "eval",
+        "--config",
+        "configs/eval.py",
+        f"--config.checkpoint={f.base}",
+        f"--config.out_dir={f.root / 'eval'}",
+        COMMON,
+        *extra,
+    ]
 
 
 def _select(f: Files, *extra: str) -> list[str]:
-    return ["select", "--config", "configs/select.py:token", f"--config.stats={f.root}",
-            f"--config.out={f.root / 'selected.json'}", COMMON, *extra]
+    return [
+        "select",
+        "--config",
+        "configs/select.py:token",
+        f"--config.stats={f.root}",
+        f"--config.out={f.root / 'selected.json'}",
+        COMMON,
+        *extra,
+    ]
 
 
 def _profile(f: Files, *extra: str) -> list[str]:
-    return ["profile", "--config", "configs/profile.py", f"--config.checkpoint={f.base}", f"--config.data={f.task}",
-            "--config.seq_len=64", f"--config.out_dir={f.root / 'profile'}", COMMON, *extra]
+    return [
+        "profile",
+        "--config",
+        "configs/profile.py",
+        f"--config.checkpoint={f.base}",
+        f"--config.data={f.task}",
+        "--config.seq_len=64",
+        f"--config.out_dir={f.root / 'profile'}",
+        COMMON,
+        *extra,
+    ]
 
 
 def _write(path: Path, text: str) -> Path:
@@ -77,7 +112,7 @@ def _truncated_checkpoint(f: Files) -> Path:
         for p in f.base.iterdir():
             (bad / p.name).write_bytes(p.read_bytes())
         weights = (bad / "model.safetensors").read_bytes()
-        (bad / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+        (bad / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     return bad
 
 
@@ -92,75 +127,222 @@ def _corrupt_adapter(f: Files) -> Path:
 
 CASES = [
     # config files and overrides
-    Case("config file that does not exist", lambda f: ["train", "--config", "configs/trian.py"], "configs/trian.py"),
-    Case("unknown preset (train)", lambda f: ["train", "--config", "configs/train.py:esfft"], "'esfft'"),
-    Case("unknown preset (select)", lambda f: ["select", "--config", "configs/select.py:tokn"], "'tokn'"),
-    Case("config file with a syntax error", lambda f: ["route", "--config", str(_write(
-        f.root / "broken.py", "def get_config(:\n"))], "broken.py:1"),
+    Case(
+        "config file that does not exist",
+        lambda f: ["train", "--config", "configs/trian.py"],
+        "configs/trian.py",
+    ),
+    Case(
+        "unknown preset (train)",
+        lambda f: ["train", "--config", "configs/train.py:esfft"],
+        "'esfft'",
+    ),
+    Case(
+        "unknown preset (select)",
+        lambda f: ["select", "--config", "configs/select.py:tokn"],
+        "'tokn'",
+    ),
+    Case(
+        "config file with a syntax error",
+        lambda f: ["route", "--config", str(_write(f.root / "broken.py", "def get_config(:\n"))],
+        "broken.py:1",
+    ),
     Case("unknown config key", lambda f: _train(f, "--config.optim.lrr=0.1"), "--config.optim.lrr"),
-    Case("value of the wrong type", lambda f: _train(f, "--config.batch_size=eight"), "--config.batch_size"),
+    Case(
+        "value of the wrong type",
+        lambda f: _train(f, "--config.batch_size=eight"),
+        "--config.batch_size",
+    ),
     # out-of-range values
     Case("p above 1", lambda f: _select(f, "--config.p=1.5"), "--config.p=1.5"),
     Case("p of 0", lambda f: _select(f, "--config.p=0.0"), "--config.p=0.0"),
     Case("unknown score function", lambda f: _select(f, "--config.score=tokens"), "--config.score"),
     Case("batch_size 0", lambda f: _train(f, "--config.batch_size=0"), "--config.batch_size=0"),
-    Case("checkpoint_every 0", lambda f: _train(f, "--config.checkpoint_every=0"), "--config.checkpoint_every=0"),
+    Case(
+        "checkpoint_every 0",
+        lambda f: _train(f, "--config.checkpoint_every=0"),
+        "--config.checkpoint_every=0",
+    ),
     Case("negative steps", lambda f: _train(f, "--config.steps=-5"), "--config.steps=-5"),
-    Case("negative general_ratio", lambda f: _train(f, "--config.data.general_ratio=-1.0"),
-         "--config.data.general_ratio"),
-    Case("seq_len above the model's positions (train)", lambda f: _train(f, "--config.data.seq_len=100000"),
-         "--config.data.seq_len=100000"),
-    Case("seq_len above the model's positions (profile)", lambda f: _profile(f, "--config.seq_len=100000"),
-         "--config.seq_len=100000"),
-    Case("token_budget 0 (profile)", lambda f: _profile(f, "--config.token_budget=0"), "--config.token_budget=0"),
-    Case("unknown count mode (profile)", lambda f: _profile(f, "--config.count=answers"), "--config.count"),
+    Case(
+        "negative general_ratio",
+        lambda f: _train(f, "--config.data.general_ratio=-1.0"),
+        "--config.data.general_ratio",
+    ),
+    Case(
+        "seq_len above the model's positions (train)",
+        lambda f: _train(f, "--config.data.seq_len=100000"),
+        "--config.data.seq_len=100000",
+    ),
+    Case(
+        "seq_len above the model's positions (profile)",
+        lambda f: _profile(f, "--config.seq_len=100000"),
+        "--config.seq_len=100000",
+    ),
+    Case(
+        "token_budget 0 (profile)",
+        lambda f: _profile(f, "--config.token_budget=0"),
+        "--config.token_budget=0",
+    ),
+    Case(
+        "unknown count mode (profile)",
+        lambda f: _profile(f, "--config.count=answers"),
+        "--config.count",
+    ),
     # missing or empty inputs
-    Case("no --config.checkpoint (random weights not asked for)", lambda f: [
-        "train", "--config", "configs/train.py:fft", f"--config.data.train={f.task}"], "--config.checkpoint"),
-    Case("esft without an expert config", lambda f: _train(f, "--config.expert_config="), "--config.expert_config"),
-    Case("expert config whose experts dict is empty", lambda f: _train(f, "--config.expert_config=" + str(_write(
-        f.root / "empty_experts.json", '{"experts": {}}'))), "empty_experts.json"),
-    Case("empty training data file", lambda f: _train(f, f"--config.data.train={_write(f.root / 'empty.jsonl', '')}"),
-         "empty.jsonl"),
-    Case("training data line that is not JSON", lambda f: _train(
-        f, "--config.data.train=" + str(_write(f.root / "bad.jsonl", '{"text": 1'))), "bad.jsonl:1"),
-    Case("empty profile data file", lambda f: _profile(f, f"--config.data={_write(f.root / 'empty.jsonl', '')}"),
-         "empty.jsonl"),
-    Case("checkpoint directory without config.json", lambda f: _eval(
-        f, f"--config.checkpoint={f.root}", f"--config.perplexity.data={f.task}"), "config.json"),
-    Case("truncated safetensors (model)", lambda f: _eval(
-        f, f"--config.checkpoint={_truncated_checkpoint(f)}", f"--config.perplexity.data={f.task}"),
-        "model.safetensors"),
-    Case("corrupt safetensors (adapter)", lambda f: _eval(
-        f, f"--config.adapter={_corrupt_adapter(f)}", f"--config.perplexity.data={f.task}"), "adapter.safetensors"),
-    Case("select without statistics", lambda f: _select(f, f"--config.stats={f.root / 'none'}"), "--config.stats"),
+    Case(
+        "no --config.checkpoint (random weights not asked for)",
+        lambda f: ["train", "--config", "configs/train.py:fft", f"--config.data.train={f.task}"],
+        "--config.checkpoint",
+    ),
+    Case(
+        "esft without an expert config",
+        lambda f: _train(f, "--config.expert_config="),
+        "--config.expert_config",
+    ),
+    Case(
+        "expert config whose experts dict is empty",
+        lambda f: _train(
+            f,
+            "--config.expert_config="
+            + str(_write(f.root / "empty_experts.json", '{"experts": {}}')),
+        ),
+        "empty_experts.json",
+    ),
+    Case(
+        "empty training data file",
+        lambda f: _train(f, f"--config.data.train={_write(f.root / 'empty.jsonl', '')}"),
+        "empty.jsonl",
+    ),
+    Case(
+        "training data line that is not JSON",
+        lambda f: _train(
+            f, "--config.data.train=" + str(_write(f.root / "bad.jsonl", '{"text": 1'))
+        ),
+        "bad.jsonl:1",
+    ),
+    Case(
+        "empty profile data file",
+        lambda f: _profile(f, f"--config.data={_write(f.root / 'empty.jsonl', '')}"),
+        "empty.jsonl",
+    ),
+    Case(
+        "checkpoint directory without config.json",
+        lambda f: _eval(f, f"--config.checkpoint={f.root}", f"--config.perplexity.data={f.task}"),
+        "config.json",
+    ),
+    Case(
+        "truncated safetensors (model)",
+        lambda f: _eval(
+            f,
+            f"--config.checkpoint={_truncated_checkpoint(f)}",
+            f"--config.perplexity.data={f.task}",
+        ),
+        "model.safetensors",
+    ),
+    Case(
+        "corrupt safetensors (adapter)",
+        lambda f: _eval(
+            f, f"--config.adapter={_corrupt_adapter(f)}", f"--config.perplexity.data={f.task}"
+        ),
+        "adapter.safetensors",
+    ),
+    Case(
+        "select without statistics",
+        lambda f: _select(f, f"--config.stats={f.root / 'none'}"),
+        "--config.stats",
+    ),
     # evaluation
     Case("eval with no tasks", lambda f: _eval(f), "--config.tasks"),
-    Case("judge scorer without an endpoint", lambda f: _eval(f, f"--config.tasks.law.data={f.task}"),
-         "--config.judge.base_url"),
-    Case("unknown scorer", lambda f: _eval(f, f"--config.tasks.intent.data={f.task}",
-                                           "--config.tasks.intent.scorer=bleurt"), "--config.tasks.intent.scorer"),
+    Case(
+        "judge scorer without an endpoint",
+        lambda f: _eval(f, f"--config.tasks.law.data={f.task}"),
+        "--config.judge.base_url",
+    ),
+    Case(
+        "unknown scorer",
+        lambda f: _eval(
+            f, f"--config.tasks.intent.data={f.task}", "--config.tasks.intent.scorer=bleurt"
+        ),
+        "--config.tasks.intent.scorer",
+    ),
     # where outputs go
-    Case("mesh larger than the devices", lambda f: ["route", "--config", "configs/route.py", "--config.checkpoint=random",
-                                                    "--config.mesh.expert=16"], "--config.mesh"),
-    Case("read-only output directory (profile)", lambda f: _profile(f, "--config.out_dir=/sys/esft-profile"),
-         "--config.out_dir=/sys/esft-profile"),
-    Case("output directory that is a file (eval)", lambda f: _eval(
-        f, f"--config.perplexity.data={f.task}", f"--config.out_dir={f.task}"), "--config.out_dir"),
-    Case("export into a directory it did not write", lambda f: [
-        "export", "--config", "configs/export.py", f"--config.checkpoint={f.base}", f"--config.adapter={f.adapter}",
-        f"--config.out={_write(f.root / 'mine' / 'notes.txt', 'keep me').parent}"], "--config.out"),
-    Case("export over its own base checkpoint", lambda f: [
-        "export", "--config", "configs/export.py", f"--config.checkpoint={f.base}", f"--config.adapter={f.adapter}",
-        f"--config.out={f.base}"], "--config.out"),
-    Case("built-in data into a non-empty directory", lambda f: [
-        "data", "--config", "configs/data.py", f"--config.out={_write(f.root / 'mine' / 'notes.txt', 'keep me').parent}"],
-        "--config.out"),
-    Case("plan whose batch does not split over the devices", lambda f: [
-        "plan", "--config", "configs/plan.py", "--config.devices=(1, 3)", "--config.batch_size=8"], "--config.batch_size"),
-    Case("study without a checkpoint (official data)", lambda f: [
-        "run", "--config", "configs/experiments/official.py:intent", f"--config.run_dir={f.root / 'study'}"],
-        "--config.checkpoint"),
+    Case(
+        "mesh larger than the devices",
+        lambda f: [
+            "route",
+            "--config",
+            "configs/route.py",
+            "--config.checkpoint=random",
+            "--config.mesh.expert=16",
+        ],
+        "--config.mesh",
+    ),
+    Case(
+        "read-only output directory (profile)",
+        lambda f: _profile(f, "--config.out_dir=/sys/esft-profile"),
+        "--config.out_dir=/sys/esft-profile",
+    ),
+    Case(
+        "output directory that is a file (eval)",
+        lambda f: _eval(f, f"--config.perplexity.data={f.task}", f"--config.out_dir={f.task}"),
+        "--config.out_dir",
+    ),
+    Case(
+        "export into a directory it did not write",
+        lambda f: [
+            "export",
+            "--config",
+            "configs/export.py",
+            f"--config.checkpoint={f.base}",
+            f"--config.adapter={f.adapter}",
+            f"--config.out={_write(f.root / 'mine' / 'notes.txt', 'keep me').parent}",
+        ],
+        "--config.out",
+    ),
+    Case(
+        "export over its own base checkpoint",
+        lambda f: [
+            "export",
+            "--config",
+            "configs/export.py",
+            f"--config.checkpoint={f.base}",
+            f"--config.adapter={f.adapter}",
+            f"--config.out={f.base}",
+        ],
+        "--config.out",
+    ),
+    Case(
+        "built-in data into a non-empty directory",
+        lambda f: [
+            "data",
+            "--config",
+            "configs/data.py",
+            f"--config.out={_write(f.root / 'mine' / 'notes.txt', 'keep me').parent}",
+        ],
+        "--config.out",
+    ),
+    Case(
+        "plan whose batch does not split over the devices",
+        lambda f: [
+            "plan",
+            "--config",
+            "configs/plan.py",
+            "--config.devices=(1, 3)",
+            "--config.batch_size=8",
+        ],
+        "--config.batch_size",
+    ),
+    Case(
+        "study without a checkpoint (official data)",
+        lambda f: [
+            "run",
+            "--config",
+            "configs/experiments/official.py:intent",
+            f"--config.run_dir={f.root / 'study'}",
+        ],
+        "--config.checkpoint",
+    ),
 ]
 
 
@@ -169,8 +351,13 @@ def files(tmp_path_factory) -> Files:
     root = tmp_path_factory.mktemp("bad_inputs")
     base = fx.base_checkpoint(root / "base")
     adapter = write_adapter(root / "adapter", {}, {"method": "esft", "model_type": "deepseek_v2"})
-    return Files(root, base, fx.task_dataset(root / "task.jsonl", n=16), fx.EXPERTS.save(root / "experts.json"),
-                 adapter)
+    return Files(
+        root,
+        base,
+        fx.task_dataset(root / "task.jsonl", n=16),
+        fx.EXPERTS.save(root / "experts.json"),
+        adapter,
+    )
 
 
 def _tree(root: Path) -> dict[str, int]:
@@ -196,8 +383,11 @@ def _row(case: Case, files: Files, message: str) -> str:
     shown = lambda s: re.sub(r"\s+", " ", s.replace(str(files.root), "<tmp>")).replace("|", "\\|")  # noqa: E731
     argv = case.argv(files)
     if COMMON in argv:
-        argv = [*argv[:3], COMMON, *argv[argv.index(COMMON) + 1:]]
-    return f"| {case.what} | `{shown('esft ' + ' '.join(argv))}` | {shown(message.partition(': error: ')[2])} |"
+        argv = [*argv[:3], COMMON, *argv[argv.index(COMMON) + 1 :]]
+    return (
+        f"| {case.what} | `{shown('esft ' + ' '.join(argv))}` "
+        f"| {shown(message.partition(': error: ')[2])} |"
+    )
 
 
 def test_every_bad_input_is_one_line_and_exit_2(files, capfd):
@@ -208,4 +398,6 @@ def test_every_bad_input_is_one_line_and_exit_2(files, capfd):
         DOC.write_text(f"{head}{BEGIN}\n{table}\n{END}{rest.partition(END)[2]}")
     documented = DOC.read_text().partition(BEGIN)[2].partition(END)[0]
     missing = [case.what for case in CASES if f"| {case.what} |" not in documented]
-    assert not missing, f"docs/reliability.md lacks rows for {missing}: rerun with ESFT_WRITE_DOCS=1"
+    assert not missing, (
+        f"docs/reliability.md lacks rows for {missing}: rerun with ESFT_WRITE_DOCS=1"
+    )

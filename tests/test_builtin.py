@@ -7,20 +7,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from esft_jax.builtin import tasks
+from esft_jax.builtin import suite as builtin_suite
 from esft_jax.data.records import read_jsonl
 from esft_jax.eval import scorers
-from esft_jax.eval.tasks import read_eval_jsonl
+from esft_jax.eval.metrics import read_eval_jsonl
 
-MODEL = Path(tasks.__file__).parent / "tiny_moe"
+MODEL = Path(builtin_suite.__file__).parent / "tiny_moe"
 
 
 def test_suite_is_deterministic_and_well_formed(tmp_path):
-    a, b = tasks.write_suite(tmp_path / "a", 50, 10), tasks.write_suite(tmp_path / "b", 50, 10)
+    a, b = (
+        builtin_suite.write_suite(tmp_path / "a", 50, 10),
+        builtin_suite.write_suite(tmp_path / "b", 50, 10),
+    )
     files = sorted(p.relative_to(a) for p in a.rglob("*.jsonl"))
-    assert [str(f) for f in files] == ["eval/count.jsonl", "eval/docs.jsonl", "eval/facts.jsonl", "eval/intent.jsonl",
-                                       "eval/math.jsonl", "eval/sort.jsonl", "train/count.jsonl", "train/facts.jsonl",
-                                       "train/intent.jsonl", "train/math.jsonl", "train/sort.jsonl"]
+    assert [str(f) for f in files] == [
+        "eval/count.jsonl",
+        "eval/docs.jsonl",
+        "eval/facts.jsonl",
+        "eval/intent.jsonl",
+        "eval/math.jsonl",
+        "eval/sort.jsonl",
+        "train/count.jsonl",
+        "train/facts.jsonl",
+        "train/intent.jsonl",
+        "train/math.jsonl",
+        "train/sort.jsonl",
+    ]
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     for name in ("intent", "math", "sort", "facts", "count"):
         train, _ = read_jsonl(a / "train" / f"{name}.jsonl")
@@ -28,22 +41,35 @@ def test_suite_is_deterministic_and_well_formed(tmp_path):
         assert len(train) == 50 and len(evals) == 10
         assert not {s.prompt for s in train} >= {e.prompt.removeprefix("User: ") for e in evals}
     intent = read_eval_jsonl(a / "eval" / "intent.jsonl")
-    assert all(scorers.intent(e.answers[0], e.answers) == 1.0 for e in intent)  # answers are valid intent JSON
-    assert json.loads(intent[0].answers[0])["intent"] in tasks.ACTIONS.values()
+    assert all(
+        scorers.intent(e.answers[0], e.answers) == 1.0 for e in intent
+    )  # answers are valid intent JSON
+    assert json.loads(intent[0].answers[0])["intent"] in builtin_suite.ACTIONS.values()
 
 
 def test_general_formats_are_pretrained_downstream_formats_are_not():
-    corpus = [r["text"] for r in tasks.pretraining_corpus(300, seed=0)]
+    corpus = [r["text"] for r in builtin_suite.pretraining_corpus(300, seed=0)]
     text = "\n".join(corpus)
     assert "User: Q: What is the" in text and "User: Count the words:" in text
     assert "Parse into JSON" not in text
-    assert not re.search(r"Compute \d+ \+ \d+", text) and not re.search(r"Sort: [a-z]+ [a-z]+", text)
-    held_out = tasks.python_docs()[-tasks.HELD_OUT_DOCS:]
+    assert not re.search(r"Compute \d+ \+ \d+", text) and not re.search(
+        r"Sort: [a-z]+ [a-z]+", text
+    )
+    held_out = builtin_suite.python_docs()[-builtin_suite.HELD_OUT_DOCS :]
     assert not set(held_out) & set(corpus)
-    assert {r["domain"] for r in tasks.pretraining_corpus(1, 0)} == {"home", "math", "words", "facts", "count", "docs"}
+    assert {r["domain"] for r in builtin_suite.pretraining_corpus(1, 0)} == {
+        "home",
+        "math",
+        "words",
+        "facts",
+        "count",
+        "docs",
+    }
 
 
-@pytest.mark.skipif(not (MODEL / "config.json").is_file(), reason="the built-in model is not in this checkout")
+@pytest.mark.skipif(
+    not (MODEL / "config.json").is_file(), reason="the built-in model is not in this checkout"
+)
 def test_builtin_model_loads_in_esft_jax_and_transformers():
     transformers = pytest.importorskip("transformers")
     import jax
@@ -55,12 +81,20 @@ def test_builtin_model_loads_in_esft_jax_and_transformers():
     size = sum(p.stat().st_size for p in MODEL.iterdir())
     assert size <= 25e6
     cfg, params = load_checkpoint(MODEL)
-    assert cfg.first_k_dense_replace >= 1 and cfg.num_hidden_layers >= 4 and cfg.n_routed_experts >= 32
+    assert (
+        cfg.first_k_dense_replace >= 1 and cfg.num_hidden_layers >= 4 and cfg.n_routed_experts >= 32
+    )
     assert cfg.num_experts_per_tok >= 4 and cfg.n_shared_experts in (1, 2)
-    ids = load_tokenizer(MODEL).encode("User: Q: What is the capital of Gosgosland? A:", add_special_tokens=False).ids
+    ids = (
+        load_tokenizer(MODEL)
+        .encode("User: Q: What is the capital of Gosgosland? A:", add_special_tokens=False)
+        .ids
+    )
     tokens = np.asarray([[cfg.bos_token_id, *ids]])
     ours, _ = jax.jit(forward, static_argnums=2)(params, tokens, cfg)
-    model = transformers.AutoModelForCausalLM.from_pretrained(MODEL, attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        MODEL, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         ref = model(input_ids=torch.as_tensor(tokens)).logits.numpy()
     assert np.abs(np.asarray(ours) - ref).max() <= 1e-4 * np.abs(ref).max()

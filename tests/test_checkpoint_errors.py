@@ -23,7 +23,9 @@ def test_missing_directory_or_files(tmp_path, ckpt):
     with pytest.raises(CheckpointError, match=r"nowhere/config.json: no such file"):
         load_checkpoint(tmp_path / "nowhere")
     (ckpt / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="neither model.safetensors nor model.safetensors.index.json"):
+    with pytest.raises(
+        CheckpointError, match="neither model.safetensors nor model.safetensors.index.json"
+    ):
         load_checkpoint(ckpt)
 
 
@@ -44,7 +46,10 @@ def test_missing_tensor_named_with_expected_shape(ckpt):
     tensors = load_file(ckpt / "model.safetensors")
     del tensors["model.layers.2.mlp.experts.7.up_proj.weight"]
     save_file(tensors, ckpt / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"missing tensors .*model\.layers\.2\.mlp\.experts\.7\.up_proj\.weight \[32, 64\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing tensors .*model\.layers\.2\.mlp\.experts\.7\.up_proj\.weight \[32, 64\]",
+    ):
         load_checkpoint(ckpt)
 
 
@@ -52,17 +57,23 @@ def test_misshaped_tensor_named_with_both_shapes(ckpt):
     tensors = load_file(ckpt / "model.safetensors")
     tensors["model.layers.0.self_attn.kv_b_proj.weight"] = np.zeros((3, 16), np.float32)
     save_file(tensors, ckpt / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"kv_b_proj.weight has shape \[3, 16\], expected \[64, 16\]"):
+    with pytest.raises(
+        CheckpointError, match=r"kv_b_proj.weight has shape \[3, 16\], expected \[64, 16\]"
+    ):
         load_checkpoint(ckpt)
 
 
 def test_sharded_index_pointing_at_a_missing_shard(tmp_path):
     cfg = ModelConfig()
-    out = save_checkpoint(tmp_path / "sharded", cfg, init_params(cfg, jax.random.key(0)), max_shard_bytes=100_000)
+    out = save_checkpoint(
+        tmp_path / "sharded", cfg, init_params(cfg, jax.random.key(0)), max_shard_bytes=100_000
+    )
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) > 1
     shards[-1].unlink()
-    with pytest.raises(CheckpointError, match=f"{shards[-1].name}: listed in .*index.json but missing"):
+    with pytest.raises(
+        CheckpointError, match=f"{shards[-1].name}: listed in .*index.json but missing"
+    ):
         load_checkpoint(out)
 
 
@@ -78,7 +89,9 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, ckpt, monkeypatch
     with pytest.raises(OSError):
         save_checkpoint(ckpt, cfg, init_params(cfg, jax.random.key(1)), overwrite=True)
     assert (ckpt / "model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging directory left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt"
+    ]  # no staging directory left behind
 
 
 def test_tokenizer(tmp_path, ckpt):
@@ -93,8 +106,12 @@ def test_tokenizer(tmp_path, ckpt):
     assert load_tokenizer(tmp_path / "tok").encode("hello world again").ids == [1, 2, 0]
     # save_checkpoint carries the tokenizer along.
     cfg = ModelConfig()
-    out = save_checkpoint(tmp_path / "with_tok", cfg, init_params(cfg, jax.random.key(0)),
-                          tokenizer_from=tmp_path / "tok")
+    out = save_checkpoint(
+        tmp_path / "with_tok",
+        cfg,
+        init_params(cfg, jax.random.key(0)),
+        tokenizer_from=tmp_path / "tok",
+    )
     assert load_tokenizer(out).encode("world").ids == [2]
     (tmp_path / "tok" / "tokenizer.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a valid tokenizer.json"):
@@ -115,38 +132,66 @@ def test_unreadable_safetensors_named_in_one_line(tmp_path, ckpt, capsys, how):
     from esft_jax import cli
     from esft_jax.checkpoint.adapter import ADAPTER_FILE, read_adapter, write_adapter
 
-    adapter = write_adapter(tmp_path / "adapter", {"model.layers.1.mlp.experts.0.up_proj.weight": np.ones((32, 64))},
-                            {"method": "esft", "model_type": "deepseek_v2"})
-    sharded = save_checkpoint(tmp_path / "sharded", ModelConfig(), init_params(ModelConfig(), jax.random.key(0)),
-                              max_shard_bytes=100_000)
+    adapter = write_adapter(
+        tmp_path / "adapter",
+        {"model.layers.1.mlp.experts.0.up_proj.weight": np.ones((32, 64))},
+        {"method": "esft", "model_type": "deepseek_v2"},
+    )
+    sharded = save_checkpoint(
+        tmp_path / "sharded",
+        ModelConfig(),
+        init_params(ModelConfig(), jax.random.key(0)),
+        max_shard_bytes=100_000,
+    )
     shard = sorted(sharded.glob("model-*.safetensors"))[1]
-    for path, read in [(ckpt / "model.safetensors", lambda: load_checkpoint(ckpt)),
-                       (shard, lambda: load_checkpoint(sharded)),
-                       (adapter / ADAPTER_FILE, lambda: read_adapter(adapter))]:
+    for path, read in [
+        (ckpt / "model.safetensors", lambda: load_checkpoint(ckpt)),
+        (shard, lambda: load_checkpoint(sharded)),
+        (adapter / ADAPTER_FILE, lambda: read_adapter(adapter)),
+    ]:
         _damage(path, how)
-        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: not a readable safetensors file \(.+\)$"):
+        with pytest.raises(
+            CheckpointError,
+            match=rf"^{re.escape(str(path))}: not a readable safetensors file \(.+\)$",
+        ):
             read()
-    code = cli.main(["export", "--config", "configs/export.py", f"--config.checkpoint={sharded}",
-                     f"--config.adapter={adapter}", f"--config.out={tmp_path / 'out'}"])
+    code = cli.main(
+        [
+            "export",
+            "--config",
+            "configs/export.py",
+            f"--config.checkpoint={sharded}",
+            f"--config.adapter={adapter}",
+            f"--config.out={tmp_path / 'out'}",
+        ]
+    )
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and f"{shard}: not a readable safetensors file" in err, err
+    assert (
+        code == 2 and err.count("\n") == 1 and f"{shard}: not a readable safetensors file" in err
+    ), err
     assert not (tmp_path / "out").exists()
 
 
 def test_malformed_adapter_config_named(tmp_path):
     from esft_jax.checkpoint.adapter import CONFIG_FILE, read_adapter, write_adapter
 
-    adapter = write_adapter(tmp_path / "adapter", {"x.weight": np.ones(2)}, {"method": "lora", "r": 8})
+    adapter = write_adapter(
+        tmp_path / "adapter", {"x.weight": np.ones(2)}, {"method": "lora", "r": 8}
+    )
     config = adapter / CONFIG_FILE
-    for text, message in [('{"method": "lora",\n oops}', rf"{CONFIG_FILE}:2: not valid JSON"),
-                          ("[8]", rf"{CONFIG_FILE}: expected a JSON object"),
-                          ('{"r": "8"}', rf"{CONFIG_FILE}: 'r' must be a positive number, got '8'"),
-                          ('{"r": 8, "lora_alpha": 0}', rf"{CONFIG_FILE}: 'lora_alpha' must be a positive number")]:
+    for text, message in [
+        ('{"method": "lora",\n oops}', rf"{CONFIG_FILE}:2: not valid JSON"),
+        ("[8]", rf"{CONFIG_FILE}: expected a JSON object"),
+        ('{"r": "8"}', rf"{CONFIG_FILE}: 'r' must be a positive number, got '8'"),
+        ('{"r": 8, "lora_alpha": 0}', rf"{CONFIG_FILE}: 'lora_alpha' must be a positive number"),
+    ]:
         config.write_text(text)
         with pytest.raises(CheckpointError, match=rf"^{re.escape(str(adapter))}/{message}"):
             read_adapter(adapter)
     config.unlink()
-    with pytest.raises(CheckpointError, match=rf"{CONFIG_FILE}: no such file \(is .* an adapter directory\?\)"):
+    with pytest.raises(
+        CheckpointError, match=rf"{CONFIG_FILE}: no such file \(is .* an adapter directory\?\)"
+    ):
         read_adapter(adapter)
 
 
@@ -158,7 +203,9 @@ def test_adapter_writer_replaces_only_an_adapter(tmp_path):
     write_adapter(out, {"x.weight": np.zeros(2)}, {"method": "esft"})  # a newer adapter replaces it
     np.testing.assert_array_equal(read_adapter(out)[0]["x.weight"], np.zeros(2))
     (out / "notes.txt").write_text("the user's")
-    with pytest.raises(OutputDirError, match=r"adapter: holds files this writer did not write \(notes.txt\)"):
+    with pytest.raises(
+        OutputDirError, match=r"adapter: holds files this writer did not write \(notes.txt\)"
+    ):
         write_adapter(out, {"x.weight": np.ones(2)}, {"method": "esft"})
     assert (out / "notes.txt").read_text() == "the user's"
     np.testing.assert_array_equal(read_adapter(out)[0]["x.weight"], np.zeros(2))

@@ -9,7 +9,7 @@ import pytest
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.data.records import DataError, Sample, read_jsonl
 from esft_jax.data.tokenize import encode
-from esft_jax.eval.tasks import EvalSample, read_eval_jsonl
+from esft_jax.eval.metrics import EvalSample, read_eval_jsonl
 from esft_jax.routing.official_logs import read_official_logs
 from esft_jax.routing.sources import load_stats
 
@@ -20,7 +20,9 @@ def _write(path, lines):
 
 
 def test_messages_and_text_lines(tmp_path):
-    msg = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yes."}]}
+    msg = {
+        "messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yes."}]
+    }
     path = _write(tmp_path / "d.jsonl", [json.dumps(msg), "", json.dumps({"text": "plain"})])
     samples, skipped = read_jsonl(path)
     assert skipped == 0
@@ -28,13 +30,22 @@ def test_messages_and_text_lines(tmp_path):
     assert samples[1] == Sample("", "plain", f"{path}:3")
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"messages": [{"role": "user", "content": "a"}]', "not valid JSON"),
-    ('{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}', "'messages' must be"),
-    ('{"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "b"}]}', "string 'content'"),
-    ('{"prompt": "x"}', "expected a 'messages' list or a 'text' string"),
-    ('[1, 2]', "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"messages": [{"role": "user", "content": "a"}]', "not valid JSON"),
+        (
+            '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}',
+            "'messages' must be",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "b"}]}',
+            "string 'content'",
+        ),
+        ('{"prompt": "x"}', "expected a 'messages' list or a 'text' string"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
 def test_malformed_lines_name_file_and_line(tmp_path, line, message):
     good = json.dumps({"text": "ok"})
     path = _write(tmp_path / "bad.jsonl", [good, good, line])
@@ -49,14 +60,21 @@ def test_missing_dataset(tmp_path):
         read_jsonl(tmp_path / "none.jsonl")
 
 
-@pytest.mark.parametrize("line, message", [('{"prompt": "x", "answers": ["a"]', "not valid JSON"),
-                                           ('{"prompt": "x", "answers": []}', "expected {\"prompt\""),
-                                           ('["x"]', "expected {\"prompt\"")])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "x", "answers": ["a"]', "not valid JSON"),
+        ('{"prompt": "x", "answers": []}', 'expected {"prompt"'),
+        ('["x"]', 'expected {"prompt"'),
+    ],
+)
 def test_eval_sets_read_up_to_the_limit_and_name_bad_lines(tmp_path, line, message):
     good = [json.dumps({"prompt": f"p{i}", "answers": [f"a{i}"]}) for i in range(3)]
     path = _write(tmp_path / "eval.jsonl", [good[0], "", *good[1:], line])
-    assert read_eval_jsonl(path, limit=2) == [EvalSample("p0", ["a0"], f"{path}:1"),
-                                              EvalSample("p1", ["a1"], f"{path}:3")]
+    assert read_eval_jsonl(path, limit=2) == [
+        EvalSample("p0", ["a0"], f"{path}:1"),
+        EvalSample("p1", ["a1"], f"{path}:3"),
+    ]
     with pytest.raises(DataError, match=rf"eval.jsonl:5: {re.escape(message)}"):
         read_eval_jsonl(path)
     with pytest.raises(DataError, match="no such eval file"):
@@ -78,14 +96,17 @@ def test_official_format_on_the_real_data(reference):
     assert samples[0].prompt.startswith("User: ") and samples[0].prompt.endswith("\n\nAssistant:")
 
 
-@pytest.mark.parametrize("line, message", [
-    ("1\t2\t3", "expected expert ids, an empty field, then gate weights"),
-    ("1\t2\t3\t\t0.1\t0.2", "3 expert ids but 2 gate weights"),
-    ("1\t2\t\t0.1\t0.2", "2 expert ids is not a multiple of top_k=3"),
-    ("1\t2\t99\t\t0.1\t0.2\t0.3", r"expert id 99 out of range \[0, 16\)"),
-    ("1\t2\t2\t\t0.1\t0.2\t0.3", "an expert appears twice"),
-    ("1\tx\t2\t\t0.1\t0.2\t0.3", "invalid literal"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("1\t2\t3", "expected expert ids, an empty field, then gate weights"),
+        ("1\t2\t3\t\t0.1\t0.2", "3 expert ids but 2 gate weights"),
+        ("1\t2\t\t0.1\t0.2", "2 expert ids is not a multiple of top_k=3"),
+        ("1\t2\t99\t\t0.1\t0.2\t0.3", r"expert id 99 out of range \[0, 16\)"),
+        ("1\t2\t2\t\t0.1\t0.2\t0.3", "an expert appears twice"),
+        ("1\tx\t2\t\t0.1\t0.2\t0.3", "invalid literal"),
+    ],
+)
 def test_malformed_logs_name_file_and_line(tmp_path, line, message):
     _write(tmp_path / "expert_weights_1.txt", ["1\t2\t3\t\t0.1\t0.2\t0.3", line])
     with pytest.raises(DataError, match=rf"expert_weights_1.txt:2: {message}"):
@@ -95,10 +116,17 @@ def test_malformed_logs_name_file_and_line(tmp_path, line, message):
 def test_logs_must_agree_across_layers(tmp_path):
     _write(tmp_path / "expert_weights_1.txt", ["1\t2\t3\t\t0.1\t0.2\t0.3"] * 2)
     _write(tmp_path / "expert_weights_2.txt", ["1\t2\t3\t\t0.1\t0.2\t0.3"])
-    with pytest.raises(DataError, match="expert_weights_2.txt: 1 sequences, but expert_weights_1.txt has 2"):
+    with pytest.raises(
+        DataError, match="expert_weights_2.txt: 1 sequences, but expert_weights_1.txt has 2"
+    ):
         read_official_logs(tmp_path, top_k=3, num_experts=16)
-    _write(tmp_path / "expert_weights_2.txt", ["1\t2\t3\t\t0.1\t0.2\t0.3", "1\t2\t3\t4\t5\t6\t\t" + "\t".join(["0.1"] * 6)])
-    with pytest.raises(DataError, match="expert_weights_2.txt:2: 2 tokens, but expert_weights_1.txt has 1"):
+    _write(
+        tmp_path / "expert_weights_2.txt",
+        ["1\t2\t3\t\t0.1\t0.2\t0.3", "1\t2\t3\t4\t5\t6\t\t" + "\t".join(["0.1"] * 6)],
+    )
+    with pytest.raises(
+        DataError, match="expert_weights_2.txt:2: 2 tokens, but expert_weights_1.txt has 1"
+    ):
         read_official_logs(tmp_path, top_k=3, num_experts=16)
     with pytest.raises(DataError, match="no such stats file or log directory"):
         load_stats(tmp_path / "nothing")

@@ -8,23 +8,37 @@ from pathlib import Path
 import pytest
 import train_fixtures as fx
 
-from esft_jax import cli, configs, experiment
-from esft_jax.builtin import tasks as builtin_tasks
+from esft_jax import cli, config_files, experiment
+from esft_jax.builtin import suite as builtin_suite
 from esft_jax.expert_config import ExpertConfig
 
 
 @pytest.mark.slow
 def test_run_pipeline_and_rerun_from_cache(tmp_path):
-    c = configs.load("configs/experiments/builtin.py:math", [
-        f"checkpoint={fx.base_checkpoint(tmp_path / 'base')}", f"run_dir={tmp_path / 'run'}",
-        f"suite_dir={tmp_path / 'suite'}", "eval.limit=4", "eval.batch_size=4", "profile.token_budget=500",
-        "perplexity_set=''",  # 300 held-out documents per model; tests/test_cli.py covers perplexity
-        "train=('steps=2', 'batch_size=2', 'data.seq_len=64', 'log_every=1', 'eval_every=2', 'checkpoint_every=2')"])
+    c = config_files.load(
+        "configs/experiments/builtin.py:math",
+        [
+            f"checkpoint={fx.base_checkpoint(tmp_path / 'base')}",
+            f"run_dir={tmp_path / 'run'}",
+            f"suite_dir={tmp_path / 'suite'}",
+            "eval.limit=4",
+            "eval.batch_size=4",
+            "profile.token_budget=500",
+            "perplexity_set=''",  # 300 held-out documents per model; tests/test_cli.py covers perplexity
+            "train=('steps=2', 'batch_size=2', 'data.seq_len=64', "
+            "'log_every=1', 'eval_every=2', 'checkpoint_every=2')",
+        ],
+    )
     table = experiment.run(c).read_text()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     assert list(rows) == ["vanilla", "fft", "lora", "esft_token", "esft_gate"]
     assert "(100.0%)" in rows["fft"] and "MB" in rows["esft_token"]
-    for name in ("routing_heatmap.png", "score_vs_params.png", "experts_token.json", "experts_gate.json"):
+    for name in (
+        "routing_heatmap.png",
+        "score_vs_params.png",
+        "experts_token.json",
+        "experts_gate.json",
+    ):
         assert (tmp_path / "run" / name).is_file()
     start = time.perf_counter()
     assert experiment.run(c).read_text() == table  # everything cached: nothing recomputed
@@ -33,14 +47,31 @@ def test_run_pipeline_and_rerun_from_cache(tmp_path):
 
 def test_official_study_prints_one_command_per_method(tmp_path, reference, capsys):
     """The official-datasets study on a small model: profile + select run, then the launch commands."""
-    c = configs.load("configs/experiments/official.py:intent", [
-        f"checkpoint={configs.load('configs/experiments/builtin.py').checkpoint}", f"suite_dir={reference / 'datasets'}", f"run_dir={tmp_path}",
-        "launch=print", "profile.token_budget=1000", "profile.seq_len=256", "train=('mesh.expert=8',)"])
+    c = config_files.load(
+        "configs/experiments/official.py:intent",
+        [
+            f"checkpoint={config_files.load('configs/experiments/builtin.py').checkpoint}",
+            f"suite_dir={reference / 'datasets'}",
+            f"run_dir={tmp_path}",
+            "launch=print",
+            "profile.token_budget=1000",
+            "profile.seq_len=256",
+            "train=('mesh.expert=8',)",
+        ],
+    )
     assert c.general_tasks == ("law", "summary", "translation") and c.scoring.law.scorer == "chrf"
     experiment.run(c)
     commands = [line for line in capsys.readouterr().out.splitlines() if " train --config " in line]
-    assert [cmd.split("configs/train.py:")[1].split()[0] for cmd in commands] == ["fft", "lora", "esft", "esft"]
-    assert all(f"--config.data.train={reference / 'datasets' / 'train' / 'intent.jsonl'}" in cmd for cmd in commands)
+    assert [cmd.split("configs/train.py:")[1].split()[0] for cmd in commands] == [
+        "fft",
+        "lora",
+        "esft",
+        "esft",
+    ]
+    assert all(
+        f"--config.data.train={reference / 'datasets' / 'train' / 'intent.jsonl'}" in cmd
+        for cmd in commands
+    )
     assert all("--config.mesh.expert=8" in cmd.split() for cmd in commands)
     for name in ("token", "gate"):
         assert ExpertConfig.load(tmp_path / f"experts_{name}.json").experts  # some experts selected
@@ -48,23 +79,28 @@ def test_official_study_prints_one_command_per_method(tmp_path, reference, capsy
 
 
 def test_main_config_is_every_builtin_task():
-    c = configs.load("configs/experiments/main.py", ["launch=print"])
-    assert list(c.studies) == list(builtin_tasks.DOWNSTREAM)
+    c = config_files.load("configs/experiments/main.py", ["launch=print"])
+    assert list(c.studies) == list(builtin_suite.DOWNSTREAM)
     assert {s.launch for s in c.studies.values()} == {"print"}
     assert len({s.run_dir for s in c.studies.values()}) == 3
 
 
 def _child(monkeypatch, code: str) -> None:
     """Make every training child `python -c code <workdir>` instead of `esft train`."""
-    monkeypatch.setattr(experiment, "_train_command",
-                        lambda c, method, run, suite: [sys.executable, "-c", code, str(run / f"train_{method}")])
+    monkeypatch.setattr(
+        experiment,
+        "_train_command",
+        lambda c, method, run, suite: [sys.executable, "-c", code, str(run / f"train_{method}")],
+    )
 
 
 @pytest.fixture
 def deadline():
     """Fail (instead of hanging the suite) if the test takes over 60 s."""
+
     def expire(*_):
         raise TimeoutError("the training child and the parent blocked each other")
+
     previous = signal.signal(signal.SIGALRM, expire)
     signal.alarm(60)
     yield
@@ -74,29 +110,41 @@ def deadline():
 
 def test_a_child_writing_megabytes_does_not_block_the_study(tmp_path, monkeypatch, deadline):
     """1 MiB of progress bar on stderr, 16 pipe buffers' worth, then the summary: the parent waits it out."""
-    _child(monkeypatch, "import json, pathlib, sys\n"
-                        "for i in range(16384): sys.stderr.write(f'step {i:6d} ' + 51 * '#' + '\\r')\n"
-                        "print('done')\n"
-                        "pathlib.Path(sys.argv[1], 'summary.json').write_text(json.dumps({'steps': 2}))")
+    _child(
+        monkeypatch,
+        "import json, pathlib, sys\n"
+        "for i in range(16384): sys.stderr.write(f'step {i:6d} ' + 51 * '#' + '\\r')\n"
+        "print('done')\n"
+        "pathlib.Path(sys.argv[1], 'summary.json').write_text(json.dumps({'steps': 2}))",
+    )
     summary = experiment._train_child(None, "fft", tmp_path, tmp_path)
     assert summary["steps"] == 2 and summary["wall_seconds"] > 0
     log = tmp_path / "train_fft" / experiment.TRAIN_LOG
     assert log.stat().st_size == 16384 * 64 + len("done\n")
-    assert experiment._train_child(None, "fft", tmp_path, tmp_path) == summary  # cached: no child runs
+    assert (
+        experiment._train_child(None, "fft", tmp_path, tmp_path) == summary
+    )  # cached: no child runs
 
 
 def test_a_failed_child_is_one_error_line_and_its_log_tail(tmp_path, monkeypatch, capsys, deadline):
     """`esft run` exits 2 with the log's path and its last lines, not a traceback of the parent."""
-    _child(monkeypatch, "import sys\n"
-                        "for i in range(200): print(f'line {i}', file=sys.stderr)\n"
-                        "print('ValueError: out of cheese', file=sys.stderr)\n"
-                        "sys.exit(3)")
-    monkeypatch.setattr(experiment, "run", lambda c: experiment._train_child(c, "lora", tmp_path, tmp_path))
+    _child(
+        monkeypatch,
+        "import sys\n"
+        "for i in range(200): print(f'line {i}', file=sys.stderr)\n"
+        "print('ValueError: out of cheese', file=sys.stderr)\n"
+        "sys.exit(3)",
+    )
+    monkeypatch.setattr(
+        experiment, "run", lambda c: experiment._train_child(c, "lora", tmp_path, tmp_path)
+    )
     assert cli.main(["run", "--config", "configs/experiments/builtin.py"]) == 2
     err = capsys.readouterr().err.splitlines()
     log = tmp_path / "train_lora" / experiment.TRAIN_LOG
     assert err[0] == f"esft run: error: training lora failed (exit status 3); last lines of {log}:"
-    tail = [f"line {i}" for i in range(200 - experiment.LOG_TAIL_LINES + 1, 200)] + ["ValueError: out of cheese"]
+    tail = [f"line {i}" for i in range(200 - experiment.LOG_TAIL_LINES + 1, 200)] + [
+        "ValueError: out of cheese"
+    ]
     assert err[1:] == tail
     assert not (tmp_path / "train_lora" / "summary.json").exists()
 
@@ -110,7 +158,17 @@ def test_a_child_reports_its_own_peak_memory_not_its_parents():
     import numpy as np
 
     parent = np.ones(1_500_000_000 // 8)  # 1.5 GB resident in this process
-    code = "import resource, esft_jax.runtime as r; print(r.peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
-    own, inherited = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                             check=True).stdout.split())
-    assert own < parent.nbytes / 2, (own, inherited)  # the child itself holds far less than its parent
+    code = (
+        "import resource, esft_jax.runtime as r; "
+        "print(r.peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
+    own, inherited = map(
+        int,
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split(),
+    )
+    assert own < parent.nbytes / 2, (
+        own,
+        inherited,
+    )  # the child itself holds far less than its parent

@@ -26,8 +26,11 @@ def _problem(seed=0, used_experts=8):
     x = rng.normal(size=(N, D)).astype(np.float32)
     ids = np.stack([rng.choice(used_experts, K, replace=False) for _ in range(N)]).astype(np.int32)
     w = rng.uniform(0.1, 1.0, (N, K)).astype(np.float32)
-    p = {"gate": rng.normal(size=(E, D, F)) / 4, "up": rng.normal(size=(E, D, F)) / 4,
-         "down": rng.normal(size=(E, F, D)) / 4}
+    p = {
+        "gate": rng.normal(size=(E, D, F)) / 4,
+        "up": rng.normal(size=(E, D, F)) / 4,
+        "down": rng.normal(size=(E, F, D)) / 4,
+    }
     return x, ids, w, {k: v.astype(np.float32) for k, v in p.items()}
 
 
@@ -70,7 +73,9 @@ def test_gradients_match_dense(strategy):
     jax.tree.map(lambda a, b: assert_float32_close(a, b, BACKWARD), got, ref)
     unused = np.arange(E) >= 8
     for name in ("gate", "up", "down"):
-        assert np.all(np.asarray(got[2][name])[unused] == 0), "experts with no tokens get zero gradient"
+        assert np.all(np.asarray(got[2][name])[unused] == 0), (
+            "experts with no tokens get zero gradient"
+        )
         assert np.any(np.asarray(got[2][name])[~unused] != 0)
 
 
@@ -85,8 +90,17 @@ def test_sentinel_id_contributes_nothing(strategy):
     assert_float32_close(y, _numpy_reference(x, ids, w, p, keep), FORWARD)
 
 
-@pytest.mark.parametrize("strategy,cf", [("blocked", None), ("spill", 0.1), ("spill", 1.8), ("spill", 100.0),
-                                         ("ragged", None), ("tokamax", None)])
+@pytest.mark.parametrize(
+    "strategy,cf",
+    [
+        ("blocked", None),
+        ("spill", 0.1),
+        ("spill", 1.8),
+        ("spill", 100.0),
+        ("ragged", None),
+        ("tokamax", None),
+    ],
+)
 def test_gradient_for_one_argument_matches_dense(strategy, cf):
     """Differentiating only the input (frozen experts, as in ESFT) or only the experts takes other
     branches of the custom VJP (symbolic zeros); spill factors: all spilled, some, none."""
@@ -98,8 +112,11 @@ def test_gradient_for_one_argument_matches_dense(strategy, cf):
 
     for argnum in (0, 1):
         grad = jax.jit(jax.grad(loss, argnums=argnum), static_argnums=2)
-        jax.tree.map(lambda a, b: assert_float32_close(a, b, BACKWARD),
-                     grad(jnp.asarray(x), p, strategy), grad(jnp.asarray(x), p, "dense"))
+        jax.tree.map(
+            lambda a, b: assert_float32_close(a, b, BACKWARD),
+            grad(jnp.asarray(x), p, strategy),
+            grad(jnp.asarray(x), p, "dense"),
+        )
 
 
 @pytest.mark.parametrize("strategy", ["ragged", "tokamax"])
@@ -113,9 +130,13 @@ def test_grouped_matmuls_skip_frozen_experts_weight_gradients(strategy):
 
     def weight_gradients(argnums) -> int:
         text = str(jax.make_jaxpr(jax.grad(loss, argnums=argnums))(jnp.asarray(x), p))
-        return text.count("lhs_ragged_dimensions=(0,), rhs_group_dimensions=())")  # ragged contraction
+        return text.count(
+            "lhs_ragged_dimensions=(0,), rhs_group_dimensions=())"
+        )  # ragged contraction
 
-    assert weight_gradients(0) == 0 and weight_gradients(1) >= 3  # gate, up, down (tokamax nests its jaxprs)
+    assert (
+        weight_gradients(0) == 0 and weight_gradients(1) >= 3
+    )  # gate, up, down (tokamax nests its jaxprs)
 
 
 @pytest.mark.parametrize("block", [1, 3, 8, 128])
@@ -124,15 +145,22 @@ def test_blocked_any_block_size_matches_numpy_and_dense_gradients(block):
     x, ids, w, p = _problem(seed=4, used_experts=6)
     ids[::4, 0] = E  # some assignments elsewhere
     keep = ids < E
-    y, _ = routed_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(w), p, "blocked", block=block)
+    y, _ = routed_experts(
+        jnp.asarray(x), jnp.asarray(ids), jnp.asarray(w), p, "blocked", block=block
+    )
     assert_float32_close(y, _numpy_reference(x, np.minimum(ids, E - 1), w, p, keep), FORWARD)
 
     def loss(p, x, strategy):
-        return jnp.sum(routed_experts(x, jnp.asarray(ids), jnp.asarray(w), p, strategy, block=block)[0] ** 2)
+        return jnp.sum(
+            routed_experts(x, jnp.asarray(ids), jnp.asarray(w), p, strategy, block=block)[0] ** 2
+        )
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
-    jax.tree.map(lambda a, b: assert_float32_close(a, b, BACKWARD),
-                 grad(p, jnp.asarray(x), "blocked"), grad(p, jnp.asarray(x), "dense"))
+    jax.tree.map(
+        lambda a, b: assert_float32_close(a, b, BACKWARD),
+        grad(p, jnp.asarray(x), "blocked"),
+        grad(p, jnp.asarray(x), "dense"),
+    )
 
 
 def test_capacity_factor_drops_overflow_in_token_order_and_counts_it():

@@ -23,7 +23,9 @@ _forward = jax.jit(forward, static_argnums=2)
 
 def _loss(params, tokens, segments, cfg):
     logits, _ = forward(params, tokens, cfg, segment_ids_bt=segments)
-    return next_token_loss(logits, {"tokens": tokens, "segment_ids": segments, "loss_mask": segments})[0]
+    return next_token_loss(
+        logits, {"tokens": tokens, "segment_ids": segments, "loss_mask": segments}
+    )[0]
 
 
 _grad = jax.jit(jax.grad(_loss), static_argnums=3)
@@ -39,7 +41,9 @@ def test_strategies_agree(family):
         cfg = dense.replace(moe_strategy=strategy)
         logits, routing = _forward(params, tokens, cfg, segment_ids_bt=segments)
         assert_float32_close(logits, ref_logits, n, err_msg=strategy)
-        np.testing.assert_array_equal(np.asarray(routing.expert_ids), np.asarray(ref_routing.expert_ids))
+        np.testing.assert_array_equal(
+            np.asarray(routing.expert_ids), np.asarray(ref_routing.expert_ids)
+        )
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
@@ -67,10 +71,16 @@ def test_sharded_equals_single_device(family):
     sharded = sharding.shard_params(params, param_axes(cfg), mesh)
     for exchange in ("psum", "all_to_all") if family == "gpt_oss" else ("psum",):
         with jax.set_mesh(mesh):
-            logits, routing = _forward(sharded, jax.device_put(tokens, rows), cfg.replace(expert_parallel=exchange),
-                                       segment_ids_bt=jax.device_put(segments, rows))
+            logits, routing = _forward(
+                sharded,
+                jax.device_put(tokens, rows),
+                cfg.replace(expert_parallel=exchange),
+                segment_ids_bt=jax.device_put(segments, rows),
+            )
         assert_float32_close(logits, ref_logits, model_roundings(cfg), err_msg=exchange)
-        np.testing.assert_array_equal(np.asarray(routing.expert_ids), np.asarray(ref_routing.expert_ids))
+        np.testing.assert_array_equal(
+            np.asarray(routing.expert_ids), np.asarray(ref_routing.expert_ids)
+        )
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "glm4_moe"])
@@ -85,14 +95,21 @@ def test_cache_equals_full_forward(family):
     cache, got = init_cache(cfg, 3, 16), []
     for lo, hi in [(0, 8), *((i, i + 1) for i in range(8, 14))]:
         positions = jnp.broadcast_to(jnp.arange(lo, hi), (3, hi - lo))
-        logits, cache = step(params, tokens[:, lo:hi], cfg, cache, segment_ids_bt=segments[:, lo:hi],
-                             positions_bt=positions)
+        logits, cache = step(
+            params,
+            tokens[:, lo:hi],
+            cfg,
+            cache,
+            segment_ids_bt=segments[:, lo:hi],
+            positions_bt=positions,
+        )
         got.append(logits)
     assert_float32_close(jnp.concatenate(got, axis=1), ref, model_roundings(cfg))
 
 
 def _train(method, params, cfg, steps=2):
     import optax
+
     tx = optax.adam(1e-2)
     trainable = method.init(params)
     opt_state = tx.init(trainable)
@@ -100,7 +117,9 @@ def _train(method, params, cfg, steps=2):
 
     @jax.jit
     def step(trainable, opt_state):
-        grads = jax.grad(lambda t: _loss(method.materialize(params, t), tokens, segments, cfg))(trainable)
+        grads = jax.grad(lambda t: _loss(method.materialize(params, t), tokens, segments, cfg))(
+            trainable
+        )
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state
 
@@ -120,19 +139,32 @@ def test_esft_changes_exactly_the_selected_rows(family):
     selected = np.zeros((cfg.num_moe_layers, cfg.n_routed_experts), bool)
     for layer, ids in chosen.items():
         selected[layers.index(layer), ids] = True
-    before_experts, after_experts = params["moe_layers"]["moe"]["experts"], after["moe_layers"]["moe"]["experts"]
+    before_experts, after_experts = (
+        params["moe_layers"]["moe"]["experts"],
+        after["moe_layers"]["moe"]["experts"],
+    )
     assert set(before_experts) == set(after_experts)
     for k in before_experts:  # weights, and biases where the family has them
         a, b = np.asarray(before_experts[k]), np.asarray(after_experts[k])
         np.testing.assert_array_equal(a[~selected], b[~selected], err_msg=k)
-        assert all(not np.array_equal(a[l, e], b[l, e]) for l, e in zip(*np.nonzero(selected))), k
-    rest = [(before, after_) for before, after_ in zip(jax.tree.leaves(non_expert_part(params)),
-                                                        jax.tree.leaves(non_expert_part(after)))]
-    assert all(np.array_equal(a, b) for a, b in rest)  # attention, router (+ biases), norms, embeddings
+        assert all(
+            not np.array_equal(a[li, e], b[li, e]) for li, e in zip(*np.nonzero(selected))
+        ), k
+    rest = [
+        (before, after_)
+        for before, after_ in zip(
+            jax.tree.leaves(non_expert_part(params)), jax.tree.leaves(non_expert_part(after))
+        )
+    ]
+    assert all(
+        np.array_equal(a, b) for a, b in rest
+    )  # attention, router (+ biases), norms, embeddings
     for name in ("shared", "shared_gate", *ALWAYS_FROZEN):
         if name in params["moe_layers"]["moe"]:
-            for a, b in zip(jax.tree.leaves(params["moe_layers"]["moe"][name]),
-                            jax.tree.leaves(after["moe_layers"]["moe"][name])):
+            for a, b in zip(
+                jax.tree.leaves(params["moe_layers"]["moe"][name]),
+                jax.tree.leaves(after["moe_layers"]["moe"][name]),
+            ):
                 np.testing.assert_array_equal(a, b)
 
 
@@ -149,7 +181,14 @@ def test_lora_covers_attention_and_expert_projections(family):
     cfg = fc.config(family)
     params = fc.params(cfg)
     adapted = {path[1:] for path, _ in LoRA(targets=("attention", "experts")).target_paths(params)}
-    attention = {("attn", k) for k in params["moe_layers"]["attn"] if input_dims(("moe_layers", "attn", k)) is not None}
-    assert attention >= ({("attn", w) for w in ("kv_a", "kv_b", "o")} if cfg.attention == "mla" else
-                         {("attn", w) for w in "qkvo"})
+    attention = {
+        ("attn", k)
+        for k in params["moe_layers"]["attn"]
+        if input_dims(("moe_layers", "attn", k)) is not None
+    }
+    assert attention >= (
+        {("attn", w) for w in ("kv_a", "kv_b", "o")}
+        if cfg.attention == "mla"
+        else {("attn", w) for w in "qkvo"}
+    )
     assert adapted == attention | {("moe", "experts", w) for w in ("gate", "up", "down")}

@@ -30,25 +30,78 @@ def test_profile_select_train_export(tmp_path):
     base, cfg = _checkpoint(tmp_path / "base")
     data = fx.task_dataset(tmp_path / "task.jsonl", n=32)
     assert cfg.moe_layer_ids == (1,)
-    assert cli.main(["profile", "--config", "configs/profile.py", f"--config.checkpoint={base}", f"--config.data={data}",
-                     f"--config.out_dir={tmp_path / 'stats'}", "--config.seq_len=64", "--config.token_budget=600",
-                     "--config.progress=False"]) == 0
+    assert (
+        cli.main(
+            [
+                "profile",
+                "--config",
+                "configs/profile.py",
+                f"--config.checkpoint={base}",
+                f"--config.data={data}",
+                f"--config.out_dir={tmp_path / 'stats'}",
+                "--config.seq_len=64",
+                "--config.token_budget=600",
+                "--config.progress=False",
+            ]
+        )
+        == 0
+    )
     assert list(json.loads((tmp_path / "stats/summary.json").read_text())["token_scores"]) == ["1"]
     experts = tmp_path / "experts.json"
-    assert cli.main(["select", "--config", "configs/select.py:token", f"--config.stats={tmp_path / 'stats'}",
-                     f"--config.out={experts}", "--config.p=0.5"]) == 0
+    assert (
+        cli.main(
+            [
+                "select",
+                "--config",
+                "configs/select.py:token",
+                f"--config.stats={tmp_path / 'stats'}",
+                f"--config.out={experts}",
+                "--config.p=0.5",
+            ]
+        )
+        == 0
+    )
     selected = ExpertConfig.load(experts, cfg.moe_layer_ids, cfg.n_routed_experts).experts[1]
     assert 0 < len(selected) < cfg.n_routed_experts
 
     run = tmp_path / "run"
-    assert cli.main(["train", "--config", "configs/train.py:esft", f"--config.checkpoint={base}",
-                     f"--config.data.train={data}", f"--config.expert_config={experts}", f"--config.workdir={run}",
-                     "--config.data.seq_len=64", "--config.batch_size=4", "--config.steps=3", "--config.log_every=1",
-                     "--config.eval_every=3", "--config.checkpoint_every=3", "--config.optim.lr=1e-2",
-                     "--config.optim.warmup_steps=0", "--config.data.validation_fraction=0.1"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--config",
+                "configs/train.py:esft",
+                f"--config.checkpoint={base}",
+                f"--config.data.train={data}",
+                f"--config.expert_config={experts}",
+                f"--config.workdir={run}",
+                "--config.data.seq_len=64",
+                "--config.batch_size=4",
+                "--config.steps=3",
+                "--config.log_every=1",
+                "--config.eval_every=3",
+                "--config.checkpoint_every=3",
+                "--config.optim.lr=1e-2",
+                "--config.optim.warmup_steps=0",
+                "--config.data.validation_fraction=0.1",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "export"
-    assert cli.main(["export", "--config", "configs/export.py", f"--config.checkpoint={base}",
-                     f"--config.adapter={run / 'adapter'}", f"--config.out={out}"]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                "--config",
+                "configs/export.py",
+                f"--config.checkpoint={base}",
+                f"--config.adapter={run / 'adapter'}",
+                f"--config.out={out}",
+            ]
+        )
+        == 0
+    )
 
     _, before = load_checkpoint(base)
     _, after = load_checkpoint(out)
@@ -58,7 +111,14 @@ def test_profile_select_train_export(tmp_path):
         others = np.setdiff1d(np.arange(cfg.n_routed_experts), selected)
         np.testing.assert_array_equal(a[others], b[others])
         assert all(not np.array_equal(a[e], b[e]) for e in selected)
-    flat_before, flat_after = (dict(jax.tree_util.tree_flatten_with_path(p)[0]) for p in (before, after))
-    for path, value in flat_before.items():  # attention, router, shared expert and its gate, norms, embeddings
+    flat_before, flat_after = (
+        dict(jax.tree_util.tree_flatten_with_path(p)[0]) for p in (before, after)
+    )
+    for (
+        path,
+        value,
+    ) in flat_before.items():  # attention, router, shared expert and its gate, norms, embeddings
         if "experts" not in jax.tree_util.keystr(path):
-            np.testing.assert_array_equal(value, flat_after[path], err_msg=jax.tree_util.keystr(path))
+            np.testing.assert_array_equal(
+                value, flat_after[path], err_msg=jax.tree_util.keystr(path)
+            )

@@ -7,7 +7,14 @@ import pytest
 from numerics import assert_float32_close, model_roundings
 
 from esft_jax.checkpoint.hf_names import config_from_hf
-from esft_jax.model import ModelConfig, forward, forward_cached, init_cache, init_params, segment_positions
+from esft_jax.model import (
+    ModelConfig,
+    forward,
+    forward_cached,
+    init_cache,
+    init_params,
+    segment_positions,
+)
 from esft_jax.model.attention import attention_mask, within_window
 from esft_jax.model.rope import inv_freq_and_attention_factor, softmax_scale
 
@@ -51,7 +58,9 @@ def test_bfloat16_compute_stays_close_and_router_stays_float32(model):
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 16)))
     ref, ref_routing = _forward(params, tokens, cfg, return_router_scores=True)
     bf16 = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
-    params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16) if p.dtype == jnp.float32 and p.ndim > 2 else p, params)
+    params16 = jax.tree.map(
+        lambda p: p.astype(jnp.bfloat16) if p.dtype == jnp.float32 and p.ndim > 2 else p, params
+    )
     logits, routing = _forward(params16, tokens, bf16, return_router_scores=True)
     assert routing.router_scores.dtype == jnp.float32 and routing.gate_weights.dtype == jnp.float32
     assert logits.dtype == jnp.float32
@@ -86,14 +95,21 @@ def test_layer_loop_equals_layer_scan(model):
     def run(c):
         loss = lambda p: jnp.sum(forward(p, tokens, c)[0] ** 2)  # noqa: E731
         logits, routing = _forward(params, tokens, c)
-        cached, cache = jax.jit(forward_cached, static_argnums=2)(params, tokens, c, init_cache(c, 2, 16),
-                                                                segment_ids_bt=jnp.ones_like(tokens),
-                                                                positions_bt=segment_positions(jnp.ones_like(tokens)))
+        cached, cache = jax.jit(forward_cached, static_argnums=2)(
+            params,
+            tokens,
+            c,
+            init_cache(c, 2, 16),
+            segment_ids_bt=jnp.ones_like(tokens),
+            positions_bt=segment_positions(jnp.ones_like(tokens)),
+        )
         return logits, routing.expert_ids, jax.jit(jax.grad(loss))(params), cached, cache.kv
 
     got, want = run(loop), run(loop.replace(scan_layers=True))
     np.testing.assert_array_equal(got[1], want[1])  # the same experts chosen
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # the backward pass doubles the depth
+    for g, w in zip(
+        jax.tree.leaves(got), jax.tree.leaves(want)
+    ):  # the backward pass doubles the depth
         assert_float32_close(g, w, 2 * model_roundings(loop))
 
 
@@ -102,12 +118,13 @@ def test_attention_mask_equals_a_loop_over_slots(offset, window):
     """Queries at slots offset .. offset + T - 1 of a row of S keys: query i sees key j iff j <= its slot,
     both in one segment, key not padding, and (window > 0) the slot fewer than `window` behind."""
     keys = np.array([[1, 1, 1, 2, 2, 2, 2, 0, 0, 0], [3, 3, 3, 3, 3, 3, 3, 3, 3, 0]])
-    queries = keys[:, offset:offset + 3]
+    queries = keys[:, offset : offset + 3]
     want = np.zeros((2, 1, 3, 10), bool)
     for b, i, j in np.ndindex(2, 3, 10):
         slot = offset + i
-        want[b, 0, i, j] = (j <= slot and queries[b, i] == keys[b, j] != 0
-                            and (window == 0 or slot - j < window))
+        want[b, 0, i, j] = (
+            j <= slot and queries[b, i] == keys[b, j] != 0 and (window == 0 or slot - j < window)
+        )
     mask = attention_mask(jnp.asarray(queries), jnp.asarray(keys), jnp.int32(offset))
     got = within_window(mask, jnp.int32(offset), jnp.int32(window))
     np.testing.assert_array_equal(got, want)
@@ -117,14 +134,27 @@ def test_yarn_matches_transformers_rope_init():
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
-            "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
-    hf = transformers.DeepseekV2Config(qk_rope_head_dim=64, qk_nope_head_dim=128, rope_parameters=dict(rope),
-                                       max_position_embeddings=163840, num_experts_per_tok=6)
+    rope = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 40.0,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+    }
+    hf = transformers.DeepseekV2Config(
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=128,
+        rope_parameters=dict(rope),
+        max_position_embeddings=163840,
+        num_experts_per_tok=6,
+    )
     ref_inv_freq, ref_factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
     cfg = config_from_hf(hf.to_dict())
     inv_freq, factor = inv_freq_and_attention_factor(cfg)
     np.testing.assert_allclose(inv_freq, ref_inv_freq.numpy(), rtol=1e-6)
     assert factor == pytest.approx(ref_factor)
     # DeepSeek-V2-Lite: mscale = 0.1 * 0.707 * ln(40) + 1, squared into the softmax scale.
-    assert softmax_scale(cfg) == pytest.approx(192 ** -0.5 * (0.1 * 0.707 * np.log(40) + 1) ** 2)
+    assert softmax_scale(cfg) == pytest.approx(192**-0.5 * (0.1 * 0.707 * np.log(40) + 1) ** 2)

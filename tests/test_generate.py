@@ -8,14 +8,30 @@ from numerics import assert_float32_close, model_roundings
 
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.eval.generate import generate, generate_text
-from esft_jax.model import ModelConfig, forward, forward_cached, init_cache, init_params, segment_positions
+from esft_jax.model import (
+    ModelConfig,
+    forward,
+    forward_cached,
+    init_cache,
+    init_params,
+    segment_positions,
+)
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = ModelConfig(vocab_size=260, q_lora_rank=24, n_routed_experts=16, bos_token_id=256, eos_token_id=257,
-                      rope_type="yarn", rope_factor=4.0, rope_original_max_position_embeddings=16,
-                      rope_mscale=0.707, rope_mscale_all_dim=0.707)
+    cfg = ModelConfig(
+        vocab_size=260,
+        q_lora_rank=24,
+        n_routed_experts=16,
+        bos_token_id=256,
+        eos_token_id=257,
+        rope_type="yarn",
+        rope_factor=4.0,
+        rope_original_max_position_embeddings=16,
+        rope_mscale=0.707,
+        rope_mscale_all_dim=0.707,
+    )
     params = init_params(cfg, jax.random.key(3))
     params["moe_layers"]["moe"]["router"] *= 15
     params["lm_head"] *= 20  # confident greedy choices (no near-ties between the two paths)
@@ -31,7 +47,7 @@ def _recompute(params, cfg, prompt, n, eos):
     out = []
     for _ in range(n):
         tokens, segments = np.zeros((1, width), np.int32), np.zeros((1, width), np.int32)
-        tokens[0, :len(seq)], segments[0, :len(seq)] = seq, 1
+        tokens[0, : len(seq)], segments[0, : len(seq)] = seq, 1
         logits, _ = run(params, jnp.asarray(tokens), cfg, segment_ids_bt=jnp.asarray(segments))
         token = int(jnp.argmax(logits[0, len(seq) - 1]))
         if token == eos:
@@ -48,21 +64,40 @@ def test_cached_logits_equal_full_forward(model):
     segments = jnp.ones((2, 12), jnp.int32)
     positions = segment_positions(segments)
     cache = init_cache(cfg, 2, 16)
-    prefix, cache = forward_cached(params, jnp.asarray(tokens[:, :7]), cfg, cache,
-                                   segment_ids_bt=segments[:, :7], positions_bt=positions[:, :7])
+    prefix, cache = forward_cached(
+        params,
+        jnp.asarray(tokens[:, :7]),
+        cfg,
+        cache,
+        segment_ids_bt=segments[:, :7],
+        positions_bt=positions[:, :7],
+    )
     steps = [prefix]
     for t in range(7, 12):
-        logits, cache = forward_cached(params, jnp.asarray(tokens[:, t:t + 1]), cfg, cache,
-                                       segment_ids_bt=segments[:, t:t + 1], positions_bt=positions[:, t:t + 1])
+        logits, cache = forward_cached(
+            params,
+            jnp.asarray(tokens[:, t : t + 1]),
+            cfg,
+            cache,
+            segment_ids_bt=segments[:, t : t + 1],
+            positions_bt=positions[:, t : t + 1],
+        )
         steps.append(logits)
-    assert int(cache.length) == 12 and cache.kv["moe_layers"][0].shape == (2, 2, 16, cfg.kv_lora_rank)
+    assert int(cache.length) == 12 and cache.kv["moe_layers"][0].shape == (
+        2,
+        2,
+        16,
+        cfg.kv_lora_rank,
+    )
     assert_float32_close(np.concatenate(steps, axis=1), full, model_roundings(cfg))
 
 
 def test_batched_cached_generation_equals_recomputation(model):
     cfg, params = model
     rng = np.random.default_rng(1)
-    prompts = [rng.integers(0, 256, n).tolist() for n in (5, 11, 3)]  # different lengths: left padding
+    prompts = [
+        rng.integers(0, 256, n).tolist() for n in (5, 11, 3)
+    ]  # different lengths: left padding
     got = generate(params, cfg, prompts, max_new_tokens=12, eos_id=cfg.eos_token_id, bucket=8)
     for prompt, tokens in zip(prompts, got):
         assert tokens == _recompute(params, cfg, prompt, 12, cfg.eos_token_id)
@@ -77,7 +112,7 @@ def test_generate_text_stops(model):
     stop = full[0][2:4]
     if stop:
         cut = generate_text(params, cfg, tok, ["abc"], max_new_tokens=10, stop=[stop])
-        assert cut[0] == full[0][:full[0].index(stop)]
+        assert cut[0] == full[0][: full[0].index(stop)]
 
 
 def test_generation_on_the_mesh_equals_one_device(model):
@@ -91,6 +126,12 @@ def test_generation_on_the_mesh_equals_one_device(model):
     ref = generate(params, cfg, prompts, max_new_tokens=6, eos_id=cfg.eos_token_id, bucket=8)
     mesh = sharding.make_mesh({"data": 2, "expert": 4}, jax.devices()[:8])
     with jax.set_mesh(mesh):
-        got = generate(sharding.shard_params(params, param_axes(cfg), mesh), cfg, prompts, max_new_tokens=6,
-                       eos_id=cfg.eos_token_id, bucket=8)
+        got = generate(
+            sharding.shard_params(params, param_axes(cfg), mesh),
+            cfg,
+            prompts,
+            max_new_tokens=6,
+            eos_id=cfg.eos_token_id,
+            bucket=8,
+        )
     assert got == ref

@@ -23,7 +23,11 @@ _jit_forward = jax.jit(forward, static_argnums=2, static_argnames="return_router
 # Both expert strategies for DeepSeek, Qwen2-MoE (interleaved layers) and gpt-oss (expert biases); the
 # others with `capacity`, which the export test reuses (its compiled program).
 _BOTH = (*hf_models.DEEPSEEK_VARIANTS, "qwen2_moe", "gpt_oss")
-CASES = [(v, s) for v in hf_models.VARIANTS for s in (("capacity", "ragged") if v in _BOTH else ("capacity",))]
+CASES = [
+    (v, s)
+    for v in hf_models.VARIANTS
+    for s in (("capacity", "ragged") if v in _BOTH else ("capacity",))
+]
 
 
 def _batch(seed=0, batch=3, seq=40, vocab=256):
@@ -43,8 +47,13 @@ def _near_ties(scores_ne, k, tol):
 
 def _forward(params, cfg, tokens_bt, mask_bt):
     """(logits, routing with router scores): one compiled program per config, shared by every test."""
-    return _jit_forward(params, jnp.asarray(tokens_bt), cfg, segment_ids_bt=jnp.asarray(mask_bt),
-                        return_router_scores=True)
+    return _jit_forward(
+        params,
+        jnp.asarray(tokens_bt),
+        cfg,
+        segment_ids_bt=jnp.asarray(mask_bt),
+        return_router_scores=True,
+    )
 
 
 def _rel_err(logits_btv, ref_btv, mask_bt) -> float:
@@ -71,29 +80,44 @@ def test_matches_transformers(hf_checkpoint, variant, strategy):
         ids = np.asarray(routing.expert_ids[layer]).reshape(-1, k)
         w = np.asarray(routing.gate_weights[layer]).reshape(-1, k)
         choice = np.asarray(routing.router_scores[layer]).reshape(keep.size, -1)
-        if "router_correction" in params["moe_layers"]["moe"]:  # noaux_tc chooses by the corrected scores
+        if (
+            "router_correction" in params["moe_layers"]["moe"]
+        ):  # noaux_tc chooses by the corrected scores
             choice = choice + np.asarray(params["moe_layers"]["moe"]["router_correction"][layer])
         excused = _near_ties(choice, k, tol=bound(choice, model_roundings(cfg)))
         ties += int((excused & keep).sum())
         check = keep & ~excused
         # transformers returns the top-k unsorted: compare as sets, weights matched by expert id.
         o_ref, o = np.argsort(ref_ids, axis=1), np.argsort(ids, axis=1)
-        np.testing.assert_array_equal(np.take_along_axis(ids, o, 1)[check],
-                                      np.take_along_axis(ref_ids, o_ref, 1)[check], err_msg=f"layer {layer}")
-        assert_float32_close(np.take_along_axis(w, o, 1)[check], np.take_along_axis(ref_w, o_ref, 1)[check],
-                             model_roundings(cfg), err_msg=f"layer {layer}")
+        np.testing.assert_array_equal(
+            np.take_along_axis(ids, o, 1)[check],
+            np.take_along_axis(ref_ids, o_ref, 1)[check],
+            err_msg=f"layer {layer}",
+        )
+        assert_float32_close(
+            np.take_along_axis(w, o, 1)[check],
+            np.take_along_axis(ref_w, o_ref, 1)[check],
+            model_roundings(cfg),
+            err_msg=f"layer {layer}",
+        )
     print(f"{variant}/{strategy}: logits rel err {rel_err:.2e}, near-tie tokens excused: {ties}")
-    assert ties <= keep.sum() * cfg.num_moe_layers // 20  # ties must stay rare, or the test proves little
+    assert (
+        ties <= keep.sum() * cfg.num_moe_layers // 20
+    )  # ties must stay rare, or the test proves little
 
 
 @pytest.mark.parametrize("variant", ["v2_qlora_yarn", "v3", *hf_models.FAMILY_VARIANTS])
 def test_export_round_trip_loads_in_transformers(hf_checkpoint, tmp_path, variant):
     path, ref_model = hf_checkpoint(variant)
-    cfg, params = load_checkpoint(path, moe_strategy="capacity")  # as a parity case: its compiled program
+    cfg, params = load_checkpoint(
+        path, moe_strategy="capacity"
+    )  # as a parity case: its compiled program
     # Move the weights off the reference's values so that a no-op export could not pass.
     params = jax.tree.map(lambda p: p * 1.01, params)
     out = save_checkpoint(tmp_path / "export", cfg, params, max_shard_bytes=200_000)
-    assert (out / "model.safetensors.index.json").is_file()  # small shards: the sharded layout is exercised
+    assert (
+        out / "model.safetensors.index.json"
+    ).is_file()  # small shards: the sharded layout is exercised
     tokens, mask = _batch(seed=1)
     ref_logits, _ = hf_models.run(hf_models.load(out), tokens, mask)
     logits, _ = _forward(params, cfg, tokens, mask)
@@ -129,8 +153,9 @@ def test_mxfp4_experts_load_as_transformers_dequantises_them(hf_checkpoint, tmp_
         # contiguous: safetensors writes the raw buffer (quantize's scales are a strided view)
         blocks, scales = map(np.ascontiguousarray, mxfp4.quantize(tensors.pop(base)))
         tensors[base + "_blocks"], tensors[base + "_scales"] = blocks, scales
-        dequantised[base] = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
-                                                       dtype=torch.bfloat16)
+        dequantised[base] = convert_moe_packed_tensors(
+            torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.bfloat16
+        )
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     shutil.copy(path / "config.json", tmp_path / "config.json")
     cfg, params = load_checkpoint(tmp_path)
@@ -139,17 +164,26 @@ def test_mxfp4_experts_load_as_transformers_dequantises_them(hf_checkpoint, tmp_
     for layer in range(cfg.num_hidden_layers):
         gate_up = dequantised[f"model.layers.{layer}.mlp.experts.gate_up_proj"]
         down = dequantised[f"model.layers.{layer}.mlp.experts.down_proj"]
-        want = {"gate": gate_up[..., 0::2], "up": gate_up[..., 1::2], "down": down}  # gate/up interleaved
+        want = {
+            "gate": gate_up[..., 0::2],
+            "up": gate_up[..., 1::2],
+            "down": down,
+        }  # gate/up interleaved
         for name, w in want.items():
             assert experts[name].dtype == jnp.bfloat16
-            np.testing.assert_array_equal(np.asarray(experts[name][layer]).view(np.int16),
-                                          w.contiguous().view(torch.int16).numpy(), err_msg=f"{layer} {name}")
+            np.testing.assert_array_equal(
+                np.asarray(experts[name][layer]).view(np.int16),
+                w.contiguous().view(torch.int16).numpy(),
+                err_msg=f"{layer} {name}",
+            )
 
     ref_model = hf_models.load(path)
     with torch.no_grad():
         for layer, module in enumerate(ref_model.model.layers):
             for name in ("gate_up_proj", "down_proj"):
-                getattr(module.mlp.experts, name).copy_(dequantised[f"model.layers.{layer}.mlp.experts.{name}"])
+                getattr(module.mlp.experts, name).copy_(
+                    dequantised[f"model.layers.{layer}.mlp.experts.{name}"]
+                )
     tokens, mask = _batch(seed=3)
     ref_logits, _ = hf_models.run(ref_model, tokens, mask)
     logits, _ = _forward(params, cfg, tokens, mask)

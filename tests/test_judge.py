@@ -21,7 +21,9 @@ class _Server:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append((self.path, dict(self.headers), body))
                 status, text = outer.replies.pop(0)
-                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+                payload = json.dumps(
+                    {"choices": [{"message": {"role": "assistant", "content": text}}]}
+                ).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
@@ -43,14 +45,19 @@ def test_scores_retries_and_sends_the_rubric():
     server = _Server([(503, "busy"), (200, "Mostly right but misses one fact.\nScore: 7")])
     try:
         judge = Judge(server.url, "judge-model", api_key="k", retries=2, backoff_s=0.01)
-        assert judge.score("Summarise X.", "X is big.", ["X is large and old."]) == pytest.approx(0.7)
+        assert judge.score("Summarise X.", "X is big.", ["X is large and old."]) == pytest.approx(
+            0.7
+        )
     finally:
         server.close()
     assert len(server.requests) == 2
     path, headers, body = server.requests[-1]
     assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer k"
     assert body["model"] == "judge-model" and body["temperature"] == 0
-    assert "Score: N" in body["messages"][0]["content"] and "X is large and old." in body["messages"][1]["content"]
+    assert (
+        "Score: N" in body["messages"][0]["content"]
+        and "X is large and old." in body["messages"][1]["content"]
+    )
 
 
 def test_unreachable_and_client_errors_are_clear():

@@ -9,18 +9,26 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from esft_jax.checkpoint.mxfp4 import FP4_MAGNITUDES, dequantize, is_mxfp4, packed_names, quantize
 
 # Dequantised [E, in, out]: gate_up [E, d, 2f], down [E, f, d] (in must be a multiple of 32).
-SHAPES = {"gate_up_2f10_d64": (3, 64, 10), "gate_up_2f64_d96": (3, 96, 64), "down_f32_d96": (3, 32, 96)}
+SHAPES = {
+    "gate_up_2f10_d64": (3, 64, 10),
+    "gate_up_2f64_d96": (3, 96, 64),
+    "down_f32_d96": (3, 32, 96),
+}
 
 
 def _reference(blocks: np.ndarray, scales: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """transformers' own dequantisation (its pure-torch path)."""
-    return convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales), dtype=dtype)
+    return convert_moe_packed_tensors(
+        torch.from_numpy(blocks), torch.from_numpy(scales), dtype=dtype
+    )
 
 
 def _random_weights(shape: tuple[int, ...], seed: int) -> np.ndarray:
     """Normal values with magnitudes spread over many binades, so blocks get different scales."""
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal(shape) * 10.0 ** rng.uniform(-4, 4, shape[:-1] + (1,))).astype(np.float32)
+    return (rng.standard_normal(shape) * 10.0 ** rng.uniform(-4, 4, shape[:-1] + (1,))).astype(
+        np.float32
+    )
 
 
 def _assert_matches_transformers(blocks: np.ndarray, scales: np.ndarray) -> None:
@@ -32,7 +40,9 @@ def _assert_matches_transformers(blocks: np.ndarray, scales: np.ndarray) -> None
     ref16 = _reference(blocks, scales, torch.bfloat16).view(torch.int16).numpy()
     assert ours16.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(ours16.view(np.int16), ref16)
-    np.testing.assert_array_equal(ours16.view(np.int16), ours32.astype(ml_dtypes.bfloat16).view(np.int16))
+    np.testing.assert_array_equal(
+        ours16.view(np.int16), ours32.astype(ml_dtypes.bfloat16).view(np.int16)
+    )
 
 
 @pytest.mark.parametrize("name", SHAPES)
@@ -41,7 +51,11 @@ def test_quantized_tensor_dequantizes_like_transformers(name):
     blocks, scales = quantize(x_eio)
     n_exp, n_in, n_out = x_eio.shape
     assert blocks.dtype == scales.dtype == np.uint8
-    assert blocks.shape == (n_exp, n_out, n_in // 32, 16) and scales.shape == (n_exp, n_out, n_in // 32)
+    assert blocks.shape == (n_exp, n_out, n_in // 32, 16) and scales.shape == (
+        n_exp,
+        n_out,
+        n_in // 32,
+    )
     _assert_matches_transformers(blocks, scales)
 
 

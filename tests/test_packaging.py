@@ -4,32 +4,53 @@ against them when the working directory has none."""
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import setuptools
+import tomllib
 
-from esft_jax import configs
+from esft_jax import config_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_config_path_resolves_in_the_working_directory_first(tmp_path, monkeypatch):
-    assert configs.resolve("configs/train.py") == Path("configs/train.py")  # the tests run at the root
+    assert config_files.resolve("configs/train.py") == Path(
+        "configs/train.py"
+    )  # the tests run at the root
     monkeypatch.chdir(tmp_path)
-    assert configs.resolve("configs/train.py") == ROOT / "configs" / "train.py"  # a checkout's bundled dir
-    assert configs.resolve("configs/nope.py") == Path("configs/nope.py")  # stays missing: the error names it
+    assert (
+        config_files.resolve("configs/train.py") == ROOT / "configs" / "train.py"
+    )  # a checkout's bundled dir
+    assert config_files.resolve("configs/nope.py") == Path(
+        "configs/nope.py"
+    )  # stays missing: the error names it
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "train.py").write_text("")
-    assert configs.resolve("configs/train.py") == Path("configs/train.py")  # a local copy wins
+    assert config_files.resolve("configs/train.py") == Path("configs/train.py")  # a local copy wins
 
 
 def test_esft_runs_from_another_directory(tmp_path):
     """`esft route` reads configs/route.py and its model file from the shipped configs."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "esft_jax.cli", "route", "--config", "configs/route.py:tiny",
-                           "--config.checkpoint=random", "--config.batch_size=1", "--config.seq_len=8"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "esft_jax.cli",
+            "route",
+            "--config",
+            "configs/route.py:tiny",
+            "--config.checkpoint=random",
+            "--config.batch_size=1",
+            "--config.seq_len=8",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "32 routed experts, top-4" in proc.stdout
 
@@ -40,7 +61,10 @@ def test_the_wheel_holds_every_package_and_the_config_files():
     found = {p for p in setuptools.find_packages(str(ROOT), include=["esft_jax*"])}
     assert found <= set(tool["packages"]), found - set(tool["packages"])
     bundled = ROOT / tool["package-dir"]["esft_jax.bundled_configs"]
-    assert bundled == configs.bundled_dir()
-    folders = {p.parent for p in bundled.rglob("*.py")}  # each a package of the wheel, its .py files shipped
-    assert {"esft_jax.bundled_configs" + ".".join(("", *f.relative_to(bundled).parts)) for f in folders} \
-        <= set(tool["packages"])
+    assert bundled == config_files.bundled_dir()
+    folders = {
+        p.parent for p in bundled.rglob("*.py")
+    }  # each a package of the wheel, its .py files shipped
+    assert {
+        "esft_jax.bundled_configs" + ".".join(("", *f.relative_to(bundled).parts)) for f in folders
+    } <= set(tool["packages"])

@@ -4,17 +4,19 @@ import itertools
 
 import numpy as np
 
-from esft_jax import configs
+from esft_jax import config_files
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.data.pipeline import eval_batches, split_validation, train_batches
 from esft_jax.data.records import Sample
 
-CFG = configs.model_config(configs.load_file("configs/models/tiny.py"))
+CFG = config_files.model_config(config_files.load_file("configs/models/tiny.py"))
 TOK = byte_tokenizer()
 
 
 def _samples(tag, n=20):
-    return [Sample(f"User: {tag} q{i}\n\nAssistant:", f" {tag} a{i}", f"{tag}:{i}") for i in range(n)]
+    return [
+        Sample(f"User: {tag} q{i}\n\nAssistant:", f" {tag} a{i}", f"{tag}:{i}") for i in range(n)
+    ]
 
 
 def _take(dataset, n):
@@ -47,7 +49,9 @@ def test_rows_pack_whole_samples_with_answer_only_loss():
 
 def test_shuffling_is_seeded_and_every_epoch_differs():
     def order(seed, n=12):
-        batches = _take(train_batches(_samples("t", 6), TOK, CFG, seq_len=40, batch_size=1, seed=seed), n)
+        batches = _take(
+            train_batches(_samples("t", 6), TOK, CFG, seq_len=40, batch_size=1, seed=seed), n
+        )
         return [d[0].split(" q")[1].split("\n")[0] for b in batches for d in _docs(b)]
 
     a = order(0)
@@ -57,8 +61,18 @@ def test_shuffling_is_seeded_and_every_epoch_differs():
 
 
 def test_general_data_is_mixed_at_the_ratio():
-    it = iter(train_batches(_samples("task", 50), TOK, CFG, seq_len=128, batch_size=4, seed=0,
-                            general=_samples("general", 50), general_ratio=1.0))
+    it = iter(
+        train_batches(
+            _samples("task", 50),
+            TOK,
+            CFG,
+            seq_len=128,
+            batch_size=4,
+            seed=0,
+            general=_samples("general", 50),
+            general_ratio=1.0,
+        )
+    )
     tags = [d[0].split(" ")[1] for b in _take(it, 10) for d in _docs(b)]
     share = tags.count("general") / len(tags)
     assert 0.4 <= share <= 0.6, share
@@ -67,10 +81,18 @@ def test_general_data_is_mixed_at_the_ratio():
 def test_validation_split_and_eval_batches():
     samples = _samples("s", 40)
     train, val = split_validation(samples, 0.1, 100, seed=0)
-    assert len(val) == 4 and len(train) == 36 and not set(s.source for s in val) & set(s.source for s in train)
-    assert split_validation(samples, 0.5, 3, seed=0)[1] == split_validation(samples, 0.5, 3, seed=0)[1]
+    assert (
+        len(val) == 4
+        and len(train) == 36
+        and not set(s.source for s in val) & set(s.source for s in train)
+    )
+    assert (
+        split_validation(samples, 0.5, 3, seed=0)[1] == split_validation(samples, 0.5, 3, seed=0)[1]
+    )
     assert len(split_validation(samples, 0.5, 3, seed=0)[1]) == 3
     batches = eval_batches(val, TOK, CFG, seq_len=64, batch_size=3)
     docs = [d for b in batches for d in _docs(b)]
-    assert sorted(d[0] for d in docs) == sorted(TOK.decode(
-        [CFG.bos_token_id] + TOK.encode(s.prompt + s.answer).ids + [CFG.eos_token_id]) for s in val)
+    assert sorted(d[0] for d in docs) == sorted(
+        TOK.decode([CFG.bos_token_id] + TOK.encode(s.prompt + s.answer).ids + [CFG.eos_token_id])
+        for s in val
+    )

@@ -8,26 +8,59 @@ from esft_jax import cli, validate
 from esft_jax.model import ModelConfig
 from esft_jax.train import plan
 
-CFG = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
-                  num_attention_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-                  n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1)
-OPTIM = ConfigDict(dict(lr=1e-3, schedule="cosine", warmup_steps=1, end_lr_fraction=0.1, steps=10, adam_b1=0.9,
-                        adam_b2=0.95, adam_eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+CFG = ModelConfig(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    n_routed_experts=16,
+    num_experts_per_tok=4,
+    n_shared_experts=1,
+)
+OPTIM = ConfigDict(
+    dict(
+        lr=1e-3,
+        schedule="cosine",
+        warmup_steps=1,
+        end_lr_fraction=0.1,
+        steps=10,
+        adam_b1=0.9,
+        adam_b2=0.95,
+        adam_eps=1e-8,
+        weight_decay=0.0,
+        grad_clip=1.0,
+    )
+)
 
 
 def _n_params(cfg):
     from esft_jax.model.params import abstract_params
+
     return sum(x.size for x in jax.tree.leaves(abstract_params(cfg)))
 
 
 def test_plan_counts_what_each_method_holds():
-    fft = plan.plan(CFG, plan.method_for(CFG, "fft"), {"data": 1}, batch_size=2, seq_len=32, optim=OPTIM)
+    fft = plan.estimate(
+        CFG, plan.method_for(CFG, "fft"), {"data": 1}, batch_size=2, seq_len=32, optim=OPTIM
+    )
     n = _n_params(CFG)
     assert fft.params == fft.trainable == 4 * n  # float32 model and its trained copy
     assert 0 < fft.optimizer - 2 * 4 * n <= 16  # Adam's two moments and step counters
     assert fft.total >= fft.params + fft.trainable + fft.optimizer and fft.temporaries > 0
-    esft = plan.plan(CFG, plan.method_for(CFG, "esft", expert_fraction=0.25), {"data": 1}, batch_size=2, seq_len=32,
-                     optim=OPTIM)
+    esft = plan.estimate(
+        CFG,
+        plan.method_for(CFG, "esft", expert_fraction=0.25),
+        {"data": 1},
+        batch_size=2,
+        seq_len=32,
+        optim=OPTIM,
+    )
     rows = 2 * 4  # two MoE layers x 4 of 16 experts
     assert esft.trainable == rows * 3 * CFG.hidden_size * CFG.moe_intermediate_size * 4
     assert 0 < esft.optimizer - 2 * esft.trainable <= 16
@@ -36,28 +69,48 @@ def test_plan_counts_what_each_method_holds():
 
 def test_every_method_plans_through_the_train_factory():
     lora = plan.method_for(CFG, "lora", lora_rank=4)
-    assert (lora.rank, lora.alpha) == (4, cli.configs.load_file("configs/train.py").lora.alpha)
-    router = plan.plan(CFG, plan.method_for(CFG, "router"), {"data": 1}, batch_size=2, seq_len=32, optim=OPTIM)
-    assert router.trainable == CFG.num_moe_layers * CFG.hidden_size * CFG.n_routed_experts * 4  # float32
+    assert (lora.rank, lora.alpha) == (4, cli.config_files.load_file("configs/train.py").lora.alpha)
+    router = plan.estimate(
+        CFG, plan.method_for(CFG, "router"), {"data": 1}, batch_size=2, seq_len=32, optim=OPTIM
+    )
+    assert (
+        router.trainable == CFG.num_moe_layers * CFG.hidden_size * CFG.n_routed_experts * 4
+    )  # float32
     assert 0 < router.optimizer - 2 * router.trainable <= 16
-    validate.check("plan", cli.configs.load("configs/plan.py", ["methods=router,esft"]))
+    validate.check("plan", cli.config_files.load("configs/plan.py", ["methods=router,esft"]))
     with pytest.raises(ValueError, match="expected one of"):
         plan.method_for(CFG, "bogus")
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
 def test_fsdp_splits_params_and_optimizer_per_device():
-    one = plan.plan(CFG, plan.method_for(CFG, "fft"), {"fsdp": 1}, batch_size=4, seq_len=32, optim=OPTIM)
-    four = plan.plan(CFG, plan.method_for(CFG, "fft"), {"fsdp": 4}, batch_size=4, seq_len=32, optim=OPTIM)
+    one = plan.estimate(
+        CFG, plan.method_for(CFG, "fft"), {"fsdp": 1}, batch_size=4, seq_len=32, optim=OPTIM
+    )
+    four = plan.estimate(
+        CFG, plan.method_for(CFG, "fft"), {"fsdp": 4}, batch_size=4, seq_len=32, optim=OPTIM
+    )
     assert four.params < one.params / 2 and four.optimizer < one.optimizer / 2
     assert four.total < one.total
 
 
 def test_esft_plan_command_prints_a_table(capsys):
-    c = cli.configs.load("configs/plan.py", ["devices=(1,)", "methods=esft,fft", "batch_size=1", "seq_len=16"])
-    for key, value in dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                           num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
-                           qk_rope_head_dim=8, v_head_dim=8, rope_type="default").items():
+    c = cli.config_files.load(
+        "configs/plan.py", ["devices=(1,)", "methods=esft,fft", "batch_size=1", "seq_len=16"]
+    )
+    for key, value in dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        rope_type="default",
+    ).items():
         c.model[key] = value
     cli.cmd_plan(c)
     out = capsys.readouterr().out
@@ -66,26 +119,52 @@ def test_esft_plan_command_prints_a_table(capsys):
 
 
 def test_a_tpu_slice_is_planned_by_the_tpu_compiler():
-    pytest.importorskip("libtpu", reason="TPU ahead-of-time compilation needs libtpu (pip install 'jax[tpu]')")
+    pytest.importorskip(
+        "libtpu", reason="TPU ahead-of-time compilation needs libtpu (pip install 'jax[tpu]')"
+    )
     chips = plan.tpu_devices("v5e:2x2")
     assert len(chips) == 4 and chips[0].platform == "tpu"
-    fft = plan.plan(CFG, plan.method_for(CFG, "fft"), {"fsdp": 4}, batch_size=4, seq_len=512, optim=OPTIM,
-                    devices=chips)
+    fft = plan.estimate(
+        CFG,
+        plan.method_for(CFG, "fft"),
+        {"fsdp": 4},
+        batch_size=4,
+        seq_len=512,
+        optim=OPTIM,
+        devices=chips,
+    )
     n = _n_params(CFG)
     assert fft.params < 4 * n / 2 and fft.optimizer < 2 * 4 * n / 2  # split over the 4 chips
     assert fft.total >= fft.params + fft.trainable + fft.optimizer and fft.temporaries > 0
     # a step too big for a chip's HBM: the TPU compiler refuses it and says how much it would need
-    huge = plan.plan(CFG, plan.method_for(CFG, "fft"), {"fsdp": 1}, batch_size=64, seq_len=8192, optim=OPTIM,
-                     devices=chips)
+    huge = plan.estimate(
+        CFG,
+        plan.method_for(CFG, "fft"),
+        {"fsdp": 1},
+        batch_size=64,
+        seq_len=8192,
+        optim=OPTIM,
+        devices=chips,
+    )
     assert huge.out_of_memory and huge.temporaries > 16e9 and huge.total > huge.temporaries
     with pytest.raises(plan.PlanError, match="v5e:2x2 has 4 chips"):
-        plan.report(CFG, ["fft"], (8,), "fsdp", batch_size=4, seq_len=32, optim=OPTIM, device_memory_gb=16,
-                    topology="v5e:2x2")
+        plan.report(
+            CFG,
+            ["fft"],
+            (8,),
+            "fsdp",
+            batch_size=4,
+            seq_len=32,
+            optim=OPTIM,
+            device_memory_gb=16,
+            topology="v5e:2x2",
+        )
 
 
 def test_a_tpu_slice_without_libtpu_is_a_clear_error():
     try:
         import libtpu  # noqa: F401
+
         pytest.skip("libtpu is installed")
     except ImportError:
         pass

@@ -29,34 +29,60 @@ from pathlib import Path
 import pytest
 
 from esft_jax import cli
-from esft_jax.builtin import tasks as builtin_tasks
+from esft_jax.builtin import suite as builtin_suite
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "/models/ESFT-vanilla-lite"
-TINY_MOE = str(Path(builtin_tasks.__file__).parent / "tiny_moe")
+TINY_MOE = str(Path(builtin_suite.__file__).parent / "tiny_moe")
 SKIP = re.compile(r"<!-- readme-test: skip: (.+\S) -->")
 FENCE = re.compile(r"^```(\w*)\s*$")
 # `esft run`: profile + select, then the training commands (`make run` is the full study; tests/
 # test_experiment.py runs it on a tiny model)
-STUDY = ["--config.launch=print", "--config.profile.token_budget=1024", "--config.profile.seq_len=128"]
+STUDY = [
+    "--config.launch=print",
+    "--config.profile.token_budget=1024",
+    "--config.profile.seq_len=128",
+]
 SMALL = {
     "configs/data.py": ["--config.n_train=64", "--config.n_eval=8", "--config.n_docs=8"],
     "configs/route.py": [],
-    "configs/plan.py": ["--config.devices=(1,)", "--config.methods=esft", "--config.batch_size=1",
-                        "--config.seq_len=32"],
-    "configs/profile.py": ["--config.token_budget=1024", "--config.seq_len=128", "--config.progress=False"],
+    "configs/plan.py": [
+        "--config.devices=(1,)",
+        "--config.methods=esft",
+        "--config.batch_size=1",
+        "--config.seq_len=32",
+    ],
+    "configs/profile.py": [
+        "--config.token_budget=1024",
+        "--config.seq_len=128",
+        "--config.progress=False",
+    ],
     "configs/select.py": [],
     "configs/analyze.py": [],
-    "configs/train.py": ["--config.steps=2", "--config.batch_size=2", "--config.data.seq_len=64",
-                         "--config.log_every=1", "--config.data.validation_fraction=0.0"],
+    "configs/train.py": [
+        "--config.steps=2",
+        "--config.batch_size=2",
+        "--config.data.seq_len=64",
+        "--config.log_every=1",
+        "--config.data.validation_fraction=0.0",
+    ],
     "configs/export.py": [],
-    "configs/eval.py": ["--config.tasks.intent.limit=2", "--config.tasks.intent.max_new_tokens=8",
-                        "--config.batch_size=16", "--config.perplexity.seq_len=64"],
+    "configs/eval.py": [
+        "--config.tasks.intent.limit=2",
+        "--config.tasks.intent.max_new_tokens=8",
+        "--config.batch_size=16",
+        "--config.perplexity.seq_len=64",
+    ],
     "configs/experiments/builtin.py": STUDY,
     "configs/experiments/ablations.py": STUDY,
-    "configs/experiments/main.py": ["--config.launch=print", *(
-        f"--config.studies.{task}.profile.{key}={value}" for task in builtin_tasks.DOWNSTREAM
-        for key, value in (("token_budget", 1024), ("seq_len", 128)))],
+    "configs/experiments/main.py": [
+        "--config.launch=print",
+        *(
+            f"--config.studies.{task}.profile.{key}={value}"
+            for task in builtin_suite.DOWNSTREAM
+            for key, value in (("token_budget", 1024), ("seq_len", 128))
+        ),
+    ],
 }
 
 
@@ -70,7 +96,7 @@ def blocks(text: str) -> list[tuple[str, str, str]]:
             continue
         end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
         skip = SKIP.fullmatch(lines[i - 1].strip()) if i else None
-        found.append((opening[1], "\n".join(lines[i + 1:end]), skip[1] if skip else ""))
+        found.append((opening[1], "\n".join(lines[i + 1 : end]), skip[1] if skip else ""))
         i = end + 1
     return found
 
@@ -83,7 +109,12 @@ def _environment(words: list[str]) -> tuple[list[str], dict[str, str]]:
         name, _, value = words.pop(0).partition("=")
         if name == "XLA_FLAGS":
             names = {flag.split("=")[0] for flag in value.split()}
-            value = " ".join([value, *(f for f in os.environ.get(name, "").split() if f.split("=")[0] not in names)])
+            value = " ".join(
+                [
+                    value,
+                    *(f for f in os.environ.get(name, "").split() if f.split("=")[0] not in names),
+                ]
+            )
         env[name] = value
     return words, env
 
@@ -97,7 +128,9 @@ def commands(body: str) -> list[list[str]]:
             continue
         if "--config" in words:
             config = words[words.index("--config") + 1].partition(":")[0]
-            assert config in SMALL, f"README command with {config}: give it small sizes in SMALL ({line})"
+            assert config in SMALL, (
+                f"README command with {config}: give it small sizes in SMALL ({line})"
+            )
             words += SMALL[config]
         out.append(words)
     return out
@@ -106,9 +139,18 @@ def commands(body: str) -> list[list[str]]:
 def fresh_clone(dest: Path) -> Path:
     """The repository's files without what running it writes (runs/, data/), plus a link to .venv."""
     top_level = {".git", ".venv", "runs", "data", ".pytest_cache"}
-    shutil.copytree(REPO, dest, symlinks=True, ignore=lambda folder, names: {
-        n for n in names if n == "__pycache__" or n.endswith(".egg-info")
-        or (Path(folder) == REPO and n in top_level)})
+    shutil.copytree(
+        REPO,
+        dest,
+        symlinks=True,
+        ignore=lambda folder, names: {
+            n
+            for n in names
+            if n == "__pycache__"
+            or n.endswith(".egg-info")
+            or (Path(folder) == REPO and n in top_level)
+        },
+    )
     (dest / ".venv").symlink_to(sys.prefix)
     return dest
 
@@ -121,8 +163,9 @@ def run_command(argv: list[str], env: dict[str, str], clone: Path, capsys) -> No
         out = capsys.readouterr()
         output = out.out + out.err
     else:
-        proc = subprocess.run(argv, cwd=clone, env={**os.environ, **env}, capture_output=True, text=True,
-                              timeout=600)
+        proc = subprocess.run(
+            argv, cwd=clone, env={**os.environ, **env}, capture_output=True, text=True, timeout=600
+        )
         code, output = proc.returncode, proc.stdout + proc.stderr
     assert code == 0, f"{shlex.join(argv)}\n{output[-3000:]}"
 
@@ -136,8 +179,12 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", f"{venv_bin}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.chdir(clone)
     text = (REPO / "README.md").read_text()
-    markers = [line for line in text.splitlines() if line.startswith("<!--") and "readme-test" in line]
-    assert all(SKIP.fullmatch(line.strip()) for line in markers), markers  # none misspelt, none without a reason
+    markers = [
+        line for line in text.splitlines() if line.startswith("<!--") and "readme-test" in line
+    ]
+    assert all(SKIP.fullmatch(line.strip()) for line in markers), (
+        markers
+    )  # none misspelt, none without a reason
     ran = []
     for language, body, reason in blocks(text):
         if reason or language not in ("python", "bash"):
@@ -156,14 +203,28 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, capsys):
 
 def test_esft_data_writes_every_data_path_the_readme_names_and_never_overwrites(tmp_path, capsys):
     out = tmp_path / "data" / "builtin"
-    assert cli.main(["data", "--config", "configs/data.py", f"--config.out={out}", "--config.n_train=3",
-                     "--config.n_eval=2", "--config.n_docs=2"]) == 0
+    assert (
+        cli.main(
+            [
+                "data",
+                "--config",
+                "configs/data.py",
+                f"--config.out={out}",
+                "--config.n_train=3",
+                "--config.n_eval=2",
+                "--config.n_docs=2",
+            ]
+        )
+        == 0
+    )
     named = set(re.findall(r"data/builtin/[\w/]+\.jsonl", (REPO / "README.md").read_text()))
     assert len(named) >= 4 and all((tmp_path / path).is_file() for path in named), named
     assert len((out / "eval" / "docs.jsonl").read_text().splitlines()) == 2
     before = {p: p.read_bytes() for p in out.rglob("*.jsonl")}
     capsys.readouterr()
     assert cli.main(["data", "--config", "configs/data.py", f"--config.out={out}"]) == 2
-    assert capsys.readouterr().err == (f"esft data: error: --config.out={out}: the directory is not empty "
-                                       "(choose another, or --config.overwrite=True)\n")
+    assert capsys.readouterr().err == (
+        f"esft data: error: --config.out={out}: the directory is not empty "
+        "(choose another, or --config.overwrite=True)\n"
+    )
     assert {p: p.read_bytes() for p in out.rglob("*.jsonl")} == before

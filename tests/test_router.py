@@ -13,7 +13,9 @@ from esft_jax.model.router import route
 def _original_weights(x, w, k, norm, scale, v3):
     """DeepSeek's modeling code for the gate (softmax / sigmoid scores, greedy top-k)."""
     logits = x.astype(np.float64) @ w.astype(np.float64)
-    scores = 1 / (1 + np.exp(-logits)) if v3 else np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    scores = (
+        1 / (1 + np.exp(-logits)) if v3 else np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    )
     top = np.sort(scores, axis=-1)[:, ::-1][:, :k]
     if v3:  # V3: normalise, then scale
         return (top / (top.sum(-1, keepdims=True) + 1e-20) if norm else top) * scale
@@ -24,10 +26,19 @@ def _original_weights(x, w, k, norm, scale, v3):
 @pytest.mark.parametrize("norm", [False, True])
 def test_topk_weights_follow_the_original_code(family, norm):
     v3 = family == "deepseek_v3"
-    cfg = ModelConfig(model_type=family, hidden_size=16, n_routed_experts=8, num_experts_per_tok=3,
-                      norm_topk_prob=norm, routed_scaling_factor=2.5, scale_normalised_weights=v3,
-                      scoring_func="sigmoid" if v3 else "softmax", topk_method="noaux_tc" if v3 else "greedy",
-                      n_group=1 if v3 else None, topk_group=1 if v3 else None)
+    cfg = ModelConfig(
+        model_type=family,
+        hidden_size=16,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        norm_topk_prob=norm,
+        routed_scaling_factor=2.5,
+        scale_normalised_weights=v3,
+        scoring_func="sigmoid" if v3 else "softmax",
+        topk_method="noaux_tc" if v3 else "greedy",
+        n_group=1 if v3 else None,
+        topk_group=1 if v3 else None,
+    )
     rng = np.random.default_rng(0)
     x, w = rng.normal(size=(32, 16)).astype(np.float32), rng.normal(size=(16, 8)).astype(np.float32)
     out = route(jnp.asarray(x), jnp.asarray(w), cfg)

@@ -10,7 +10,7 @@ import train_fixtures as fx
 from flax import traverse_util
 from numerics import assert_float32_close, model_roundings
 
-from esft_jax import configs
+from esft_jax import config_files
 from esft_jax.checkpoint import load_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter, read_adapter
 from esft_jax.model import forward
@@ -29,7 +29,7 @@ def params():
 
 
 def test_the_factory_builds_router_from_the_train_config():
-    c = configs.load_file("configs/train.py")
+    c = config_files.load_file("configs/train.py")
     c.method = "router"
     method = build_method(c, CFG)
     assert isinstance(method, RouterOnly) and method.expert_config is None
@@ -46,7 +46,9 @@ def test_only_the_routers_change(params):
     for path in before:
         assert after[path].dtype == before[path].dtype
         if path == ROUTER:
-            assert np.all(np.any(np.asarray(after[path]) != np.asarray(before[path]), axis=(1, 2)))  # every layer
+            assert np.all(
+                np.any(np.asarray(after[path]) != np.asarray(before[path]), axis=(1, 2))
+            )  # every layer
         else:
             np.testing.assert_array_equal(after[path], before[path], err_msg="/".join(path))
 
@@ -59,8 +61,13 @@ def test_router_gradient_is_the_full_models(params):
     got = jax.jit(jax.grad(lambda t: loss(t, params, batch)[0]))(method.init(params))
 
     def full_loss(p):
-        logits, _ = forward(p, batch["tokens"], CFG, segment_ids_bt=batch["segment_ids"],
-                            positions_bt=batch["positions"])
+        logits, _ = forward(
+            p,
+            batch["tokens"],
+            CFG,
+            segment_ids_bt=batch["segment_ids"],
+            positions_bt=batch["positions"],
+        )
         return next_token_loss(logits, batch)[0]
 
     want = jax.jit(jax.grad(full_loss))(params)["moe_layers"]["moe"]["router"]
@@ -68,7 +75,9 @@ def test_router_gradient_is_the_full_models(params):
     assert_float32_close(got["router"], want, 2 * model_roundings(CFG))
 
 
-@pytest.mark.parametrize("family, trained", [("gpt_oss", {"router", "router_bias"}), ("deepseek_v3", {"router"})])
+@pytest.mark.parametrize(
+    "family, trained", [("gpt_oss", {"router", "router_bias"}), ("deepseek_v3", {"router"})]
+)
 def test_router_bias_trains_and_the_choice_correction_never_does(family, trained):
     cfg = fam.config(family)
     params = fam.params(cfg)
@@ -101,14 +110,18 @@ def test_adapter_holds_exactly_the_routers_and_loads_back(tmp_path):
     _, merged = load_with_adapter(base, tmp_path / "adapter")
     want = method.write_back(frozen, state["trainable"])
     jax.tree.map(np.testing.assert_array_equal, merged, jax.tree.map(np.asarray, want))
-    assert not np.array_equal(merged["moe_layers"]["moe"]["router"], frozen["moe_layers"]["moe"]["router"])
+    assert not np.array_equal(
+        merged["moe_layers"]["moe"]["router"], frozen["moe_layers"]["moe"]["router"]
+    )
 
 
 def test_esft_train_with_router_changes_only_the_routers(tmp_path):
     c = fx.train_config(tmp_path, method="fft", steps=2)
     c.method = "router"
     summary = loop.train(c, progress=False)
-    assert summary["trainable_params"] == CFG.num_moe_layers * CFG.hidden_size * CFG.n_routed_experts
+    assert (
+        summary["trainable_params"] == CFG.num_moe_layers * CFG.hidden_size * CFG.n_routed_experts
+    )
     _, merged = load_with_adapter(c.checkpoint, tmp_path / "run_fft/adapter")
     _, base = load_checkpoint(c.checkpoint)
     merged, base = traverse_util.flatten_dict(merged), traverse_util.flatten_dict(base)

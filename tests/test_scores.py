@@ -30,24 +30,24 @@ def _distinct(rng, popular):
 def _reference(seqs, kind, norm):
     layers = seqs[0][0].shape[0]
     out = np.zeros((layers, E))
-    for l in range(layers):
+    for li in range(layers):
         if norm == "pooled":
             hits, total = np.zeros(E), 0
             for ids, w in seqs:
                 for t in range(ids.shape[1]):
                     for j in range(K):
-                        hits[ids[l, t, j]] += (1.0 / K) if kind == "token" else w[l, t, j]
+                        hits[ids[li, t, j]] += (1.0 / K) if kind == "token" else w[li, t, j]
                 total += ids.shape[1]
-            out[l] = hits / total
+            out[li] = hits / total
         else:  # the paper: mean over sequences of the per-sequence mean over tokens
             per_seq = []
             for ids, w in seqs:
                 hits = np.zeros(E)
                 for t in range(ids.shape[1]):
                     for j in range(K):
-                        hits[ids[l, t, j]] += (1.0 / K) if kind == "token" else w[l, t, j]
+                        hits[ids[li, t, j]] += (1.0 / K) if kind == "token" else w[li, t, j]
                 per_seq.append(hits / ids.shape[1])
-            out[l] = np.mean(per_seq, axis=0)
+            out[li] = np.mean(per_seq, axis=0)
     return out
 
 
@@ -66,7 +66,9 @@ def stats_and_seqs(tmp_path_factory):
 @pytest.mark.parametrize("norm", ["pooled", "paper"])
 def test_scores_match_numpy_reference(stats_and_seqs, kind, norm):
     stats, seqs = stats_and_seqs
-    np.testing.assert_allclose(expert_scores(stats, kind, norm), _reference(seqs, kind, norm), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+        expert_scores(stats, kind, norm), _reference(seqs, kind, norm), rtol=1e-12, atol=1e-15
+    )
     assert stats.layers == [1, 2, 3] and stats.sequences == len(seqs)
 
 
@@ -74,7 +76,9 @@ def test_normalisations_differ_and_rounding(stats_and_seqs):
     stats, _ = stats_and_seqs
     pooled, paper = expert_scores(stats, "token", "pooled"), expert_scores(stats, "token", "paper")
     assert not np.allclose(pooled, paper)  # sequences of different lengths weigh differently
-    np.testing.assert_allclose(pooled.sum(1), 1.0)  # each layer's token scores sum to 1: no cross-layer renormalising
+    np.testing.assert_allclose(
+        pooled.sum(1), 1.0
+    )  # each layer's token scores sum to 1: no cross-layer renormalising
     np.testing.assert_allclose(paper.sum(1), 1.0)
     rounded = expert_scores(stats, "gate", "pooled", decimals=4)
     np.testing.assert_array_equal(rounded, np.round(expert_scores(stats, "gate", "pooled"), 4))
@@ -96,5 +100,9 @@ def test_paper_scores_of_the_real_logs(reference):
             per_seq_token.append(np.bincount(ids, minlength=64) / 6 / n)
             per_seq_gate.append(np.bincount(ids, weights=w, minlength=64) / n)
         i = stats.layers.index(layer)
-        np.testing.assert_allclose(expert_scores(stats, "token", "paper")[i], np.mean(per_seq_token, 0), rtol=1e-12)
-        np.testing.assert_allclose(expert_scores(stats, "gate", "paper")[i], np.mean(per_seq_gate, 0), rtol=1e-12)
+        np.testing.assert_allclose(
+            expert_scores(stats, "token", "paper")[i], np.mean(per_seq_token, 0), rtol=1e-12
+        )
+        np.testing.assert_allclose(
+            expert_scores(stats, "gate", "paper")[i], np.mean(per_seq_gate, 0), rtol=1e-12
+        )

@@ -23,8 +23,11 @@ def test_threshold_ties_and_cumulative_rule():
 def test_random_keeps_counts_and_is_seeded():
     scores = np.random.default_rng(0).dirichlet(np.ones(64) * 0.3, size=5)
     ref = select.by_threshold(scores, 0.2)
-    a, b = select.select(scores, "random", p=0.2, seed=1), select.select(scores, "random", p=0.2, seed=1)
-    assert a == b and a != select.select(scores, "random", p=0.2, seed=2)
+    a, b = (
+        select.per_layer(scores, "random", p=0.2, seed=1),
+        select.per_layer(scores, "random", p=0.2, seed=1),
+    )
+    assert a == b and a != select.per_layer(scores, "random", p=0.2, seed=2)
     assert [len(x) for x in a] == [len(x) for x in ref]
     assert all(len(set(x)) == len(x) for x in a)
 
@@ -50,7 +53,10 @@ def test_expert_config_validation(tmp_path):
     assert cfg.experts == {1: [3, 1], 2: [0]} and cfg.non_expert_modules and cfg.num_selected() == 3
     assert ExpertConfig.load(cfg.save(tmp_path / "c.json")) == cfg
     cases = [
-        ({"experts": {"0": [1]}}, r'experts\["0"\]: layer 0 is not an MoE layer \(MoE layers are 1..3\)'),
+        (
+            {"experts": {"0": [1]}},
+            r'experts\["0"\]: layer 0 is not an MoE layer \(MoE layers are 1..3\)',
+        ),
         ({"experts": {"2": [1, 8]}}, r'experts\["2"\]: expert id 8 out of range \[0, 8\)'),
         ({"experts": {"2": [1, 5, 1]}}, r'experts\["2"\]: expert 1 listed twice'),
         ({"experts": {"x": [1]}}, r'experts\["x"\]: layer keys must be layer numbers'),
@@ -72,8 +78,18 @@ def test_expert_config_validation(tmp_path):
 def test_official_expert_configs_reproduced(reference, tmp_path, task, capsys):
     """ESFT-Token, pooled, rounded to 4 decimals, p = 0.2, from the official logs: the official configs."""
     out = tmp_path / f"{task}.json"
-    assert cli.main(["select", "--config", "configs/select.py:token",
-                     f"--config.stats={reference}/results/expert_scores/{task}", f"--config.out={out}"]) == 0
+    assert (
+        cli.main(
+            [
+                "select",
+                "--config",
+                "configs/select.py:token",
+                f"--config.stats={reference}/results/expert_scores/{task}",
+                f"--config.out={out}",
+            ]
+        )
+        == 0
+    )
     official = json.loads((reference / f"results/expert_configs/{task}.json").read_text())
     ours = json.loads(out.read_text())
     assert ours == official  # same layers, same experts in the same order, same flags

@@ -42,14 +42,19 @@ def _stored_bytes(path: Path) -> int:
 
 def _assert_same(got, want_host, mesh_shape, cfg) -> None:
     """Every leaf of `got` bitwise equal to the reference and sharded as shard_params places it."""
-    want = (shard_params(want_host, param_axes(cfg), make_mesh(mesh_shape)) if mesh_shape
-            else jax.tree.map(jax.numpy.asarray, want_host))
+    want = (
+        shard_params(want_host, param_axes(cfg), make_mesh(mesh_shape))
+        if mesh_shape
+        else jax.tree.map(jax.numpy.asarray, want_host)
+    )
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
         name = jax.tree_util.keystr(path)
         assert g.dtype == w.dtype and g.shape == w.shape, name
         assert g.sharding.is_equivalent_to(w.sharding, g.ndim), (name, g.sharding, w.sharding)
-        np.testing.assert_array_equal(np.asarray(g).view(np.uint8), np.asarray(w).view(np.uint8), err_msg=name)
+        np.testing.assert_array_equal(
+            np.asarray(g).view(np.uint8), np.asarray(w).view(np.uint8), err_msg=name
+        )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -64,13 +69,23 @@ def test_equals_load_checkpoint_then_shard_params(tmp_path, dtype, mesh_shape):
 
 def _gpt_oss(tmp_path: Path, packed: bool) -> tuple:
     """gpt-oss's Hub layout (fused gate_up_proj / down_proj), optionally MXFP4-packed."""
-    cfg = family_configs.config("gpt_oss") if not packed else family_configs.config_from_hf(
-        {**family_configs.HF["gpt_oss"], "hidden_size": 64, "intermediate_size": 32}, param_dtype="bfloat16")
+    cfg = (
+        family_configs.config("gpt_oss")
+        if not packed
+        else family_configs.config_from_hf(
+            {**family_configs.HF["gpt_oss"], "hidden_size": 64, "intermediate_size": 32},
+            param_dtype="bfloat16",
+        )
+    )
     ckpt = save_checkpoint(tmp_path / "fused", cfg, family_configs.params(cfg))
     if packed:
         tensors = load_file(ckpt / "model.safetensors")
-        for base in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
-            blocks, scales = map(np.ascontiguousarray, mxfp4.quantize(tensors.pop(base).astype(np.float32)))
+        for base in [
+            k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))
+        ]:
+            blocks, scales = map(
+                np.ascontiguousarray, mxfp4.quantize(tensors.pop(base).astype(np.float32))
+            )
             tensors[base + "_blocks"], tensors[base + "_scales"] = blocks, scales
         save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
     return cfg, ckpt
@@ -84,7 +99,9 @@ def test_fused_and_mxfp4_layouts(tmp_path, packed):
     _, want = load_checkpoint(ckpt)
     mesh_shape = {"data": 2, "expert": 4}
     _assert_same(load_params_sharded(ckpt, cfg, make_mesh(mesh_shape)), want, mesh_shape, cfg)
-    gate_up = sum(t.nbytes for k, t in load_file(ckpt / "model.safetensors").items() if ".gate_up_proj" in k)
+    gate_up = sum(
+        t.nbytes for k, t in load_file(ckpt / "model.safetensors").items() if ".gate_up_proj" in k
+    )
     assert STATS["bytes_read"] == _stored_bytes(ckpt / "model.safetensors") + gate_up
 
 
@@ -97,7 +114,11 @@ def test_blocks_are_placed_as_they_are_read(monkeypatch):
 
     def read(index):
         events.append("read")
-        return np.full([len(range(*s.indices(n))) for s, n in zip(index, (8, 64, 32))], index[0].start, np.float32)
+        return np.full(
+            [len(range(*s.indices(n))) for s, n in zip(index, (8, 64, 32))],
+            index[0].start,
+            np.float32,
+        )
 
     sharding = _sharding(("expert", None, None), make_mesh({"data": 2, "expert": 4}))
     array = _place((8, 64, 32), sharding, read)
@@ -119,13 +140,19 @@ def test_adapter_equals_load_with_adapter(tmp_path):
     rng = np.random.default_rng(0)
     expert = "model.layers.2.mlp.experts.5.down_proj.weight"  # [d, f]
     lora = "model.layers.1.self_attn.kv_a_proj_with_mqa"  # [kv_lora + rope, d]
-    tensors = {expert: rng.standard_normal((cfg.hidden_size, cfg.moe_intermediate_size), np.float32),
-               f"{lora}.lora_A.weight": rng.standard_normal((2, cfg.hidden_size), np.float32),
-               f"{lora}.lora_B.weight": rng.standard_normal((cfg.kv_lora_rank + cfg.qk_rope_head_dim, 2), np.float32)}
+    tensors = {
+        expert: rng.standard_normal((cfg.hidden_size, cfg.moe_intermediate_size), np.float32),
+        f"{lora}.lora_A.weight": rng.standard_normal((2, cfg.hidden_size), np.float32),
+        f"{lora}.lora_B.weight": rng.standard_normal(
+            (cfg.kv_lora_rank + cfg.qk_rope_head_dim, 2), np.float32
+        ),
+    }
     adapter = write_adapter(tmp_path / "adapter", tensors, {"r": 2, "lora_alpha": 4})
     _, want = load_with_adapter(ckpt, adapter)
     mesh_shape = {"data": 2, "expert": 4}
-    _assert_same(load_params_sharded(ckpt, cfg, make_mesh(mesh_shape), adapter), want, mesh_shape, cfg)
+    _assert_same(
+        load_params_sharded(ckpt, cfg, make_mesh(mesh_shape), adapter), want, mesh_shape, cfg
+    )
 
 
 def test_errors_are_load_checkpoints(tmp_path):
@@ -158,15 +185,30 @@ def test_two_processes_each_read_their_half_of_the_experts(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1"),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, f"127.0.0.1:{port}", str(i), str(ckpt)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1"),
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CHILD, f"127.0.0.1:{port}", str(i), str(ckpt)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     read = [json.loads(out.strip().splitlines()[-1])["bytes_read"] for out in outs]
     tensors, specs = load_file(ckpt / "model.safetensors"), flat_param_specs(cfg)
     # the routed experts and the router [embed, expert] are split over the expert axis
-    expert_bytes = sum(tensors[m.hf_name].nbytes for m in tensor_maps(cfg) if "expert" in specs[m.path].axes)
+    expert_bytes = sum(
+        tensors[m.hf_name].nbytes for m in tensor_maps(cfg) if "expert" in specs[m.path].axes
+    )
     shared = _stored_bytes(ckpt / "model.safetensors") - expert_bytes
     assert read == [shared + expert_bytes // 2] * 2

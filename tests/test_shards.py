@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import train_fixtures as fx
 
-from esft_jax import cli, configs
+from esft_jax import cli, config_files
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.data.pipeline import train_batches
 from esft_jax.data.records import Sample
 from esft_jax.data.shards import DataShards, LocalBatches, ShardError, plan, process_rows
 
-CFG = configs.model_config(configs.load_file("configs/models/tiny.py"))
+CFG = config_files.model_config(config_files.load_file("configs/models/tiny.py"))
 TOK = byte_tokenizer()
 SAMPLES = [Sample(f"q{i:02d}\n", f"a{i:02d}", f"test:{i}") for i in range(24)]
 
@@ -26,8 +26,11 @@ class _FakeSharding:
         self.blocks = blocks
 
     def devices_indices_map(self, shape):
-        return {_Device(p, i): (rows, slice(None))
-                for p, slices in enumerate(self.blocks) for i, rows in enumerate(slices)}
+        return {
+            _Device(p, i): (rows, slice(None))
+            for p, slices in enumerate(self.blocks)
+            for i, rows in enumerate(slices)
+        }
 
 
 def test_replicated_processes_load_the_same_shards():
@@ -37,7 +40,9 @@ def test_replicated_processes_load_the_same_shards():
     assert plan(halves, 8) == DataShards(count=2, local=range(0, 1), rows=4)  # this is process 0
     assert plan(halves, 8, count=4) == DataShards(count=4, local=range(0, 2), rows=2)
     with pytest.raises(ShardError, match="does not fit"):
-        plan(_FakeSharding([[slice(0, 6)]] * 2 + [[slice(6, 12)]] * 2), 12, count=3)  # 4 rows each: 0-4, 4-8, 8-12
+        plan(
+            _FakeSharding([[slice(0, 6)]] * 2 + [[slice(6, 12)]] * 2), 12, count=3
+        )  # 4 rows each: 0-4, 4-8, 8-12
     with pytest.raises(ShardError, match="not a multiple"):
         plan(halves, 8, count=3)
 
@@ -54,12 +59,18 @@ def test_one_process_holds_every_row():
 
 
 def _stream(index, count):
-    return iter(train_batches(SAMPLES, TOK, CFG, seq_len=48, batch_size=2, seed=0, shard=(index, count)))
+    return iter(
+        train_batches(SAMPLES, TOK, CFG, seq_len=48, batch_size=2, seed=0, shard=(index, count))
+    )
 
 
 def _answers(tokens_bt):
     text = "".join(TOK.decode(row.tolist()) for row in tokens_bt)
-    return [int(text[i + 1:i + 3]) for i in range(len(text)) if text[i] == "a" and text[i + 1:i + 3].isdigit()]
+    return [
+        int(text[i + 1 : i + 3])
+        for i in range(len(text))
+        if text[i] == "a" and text[i + 1 : i + 3].isdigit()
+    ]
 
 
 def test_shards_partition_the_samples_and_sit_side_by_side():
@@ -68,7 +79,9 @@ def test_shards_partition_the_samples_and_sit_side_by_side():
     assert batches[0]["tokens"].shape == (1, 4, 48)
     first, second = _stream(0, 2), _stream(1, 2)
     for b in batches[:3]:  # rows 0-1 are shard 0's stream, rows 2-3 shard 1's
-        np.testing.assert_array_equal(b["tokens"][0], np.concatenate([next(first)["tokens"], next(second)["tokens"]]))
+        np.testing.assert_array_equal(
+            b["tokens"][0], np.concatenate([next(first)["tokens"], next(second)["tokens"]])
+        )
     top = [a for b in batches for a in _answers(b["tokens"][0, :2])]
     bottom = [a for b in batches for a in _answers(b["tokens"][0, 2:])]
     assert set(top) == set(range(0, 24, 2)) and set(bottom) == set(range(1, 24, 2))
@@ -90,8 +103,15 @@ def test_positions_resume_every_shard_and_name_a_changed_count():
 
 def test_train_names_a_shard_count_that_does_not_divide_the_batch(tmp_path, capsys):
     data = fx.task_dataset(tmp_path / "task.jsonl", n=8)
-    args = ["train", "--config", "configs/train.py:fft", "--config.checkpoint=random", f"--config.data.train={data}",
-            "--config.batch_size=4",
-            "--config.data.shards=3", f"--config.workdir={tmp_path / 'run'}"]
+    args = [
+        "train",
+        "--config",
+        "configs/train.py:fft",
+        "--config.checkpoint=random",
+        f"--config.data.train={data}",
+        "--config.batch_size=4",
+        "--config.data.shards=3",
+        f"--config.workdir={tmp_path / 'run'}",
+    ]
     assert cli.main(args) == 2
     assert "batch_size=4 is not a multiple of --config.data.shards=3" in capsys.readouterr().err

@@ -10,12 +10,12 @@ import train_fixtures as fx
 from numerics import assert_adam_close, assert_float32_close, model_roundings
 
 from esft_jax import cli, runtime, sharding
+from esft_jax.checkpoint import load_checkpoint
+from esft_jax.checkpoint.adapter import load_with_adapter, read_adapter
 from esft_jax.data.pipeline import train_batches
 from esft_jax.data.records import read_jsonl
 from esft_jax.data.shards import LocalBatches
 from esft_jax.model import param_axes
-from esft_jax.checkpoint import load_checkpoint
-from esft_jax.checkpoint.adapter import load_with_adapter, read_adapter
 from esft_jax.train import loop
 from esft_jax.train.method import build_method
 
@@ -32,13 +32,17 @@ def _metrics(workdir):
 def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
     two_shards = {"data.shards": 2}  # each with its own stream position in the checkpoint
     c = fx.train_config(tmp_path, **two_shards)
-    full = loop.train(fx.train_config(tmp_path, workdir=str(tmp_path / "uninterrupted"), **two_shards),
-                      progress=False)
+    full = loop.train(
+        fx.train_config(tmp_path, workdir=str(tmp_path / "uninterrupted"), **two_shards),
+        progress=False,
+    )
 
     calls = {"n": 0}
     real_take = LocalBatches.take
 
-    def crashing_take(self, n):  # the process dies while fetching the batch of step 4 (checkpoint at 2)
+    def crashing_take(
+        self, n
+    ):  # the process dies while fetching the batch of step 4 (checkpoint at 2)
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt("killed")
@@ -48,14 +52,21 @@ def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         loop.train(c, progress=False)
     monkeypatch.setattr(LocalBatches, "take", real_take)
-    assert max(int(p.name) for p in (tmp_path / "run_esft/checkpoints").iterdir()) == 2  # step 3 was lost
+    assert (
+        max(int(p.name) for p in (tmp_path / "run_esft/checkpoints").iterdir()) == 2
+    )  # step 3 was lost
     resumed = loop.train(c, progress=False)  # the same command again
 
     a, b = _adapter(tmp_path / "uninterrupted"), _adapter(tmp_path / "run_esft")
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("seconds", "tokens_per_s")} for m in ms]  # noqa: E731
+
+    def strip(metrics: list[dict]) -> list[dict]:
+        return [
+            {k: v for k, v in m.items() if k not in ("seconds", "tokens_per_s")} for m in metrics
+        ]
+
     assert strip(_metrics(tmp_path / "uninterrupted")) == strip(_metrics(tmp_path / "run_esft"))
     assert resumed["final_loss"] == full["final_loss"]
 
@@ -65,15 +76,25 @@ def test_eight_devices_equal_one(tmp_path):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
     one = fx.train_config(tmp_path, steps=3, workdir=str(tmp_path / "one"), **{"optim.lr": 1e-3})
-    eight = fx.train_config(tmp_path, steps=3, workdir=str(tmp_path / "eight"), **{"optim.lr": 1e-3})
+    eight = fx.train_config(
+        tmp_path, steps=3, workdir=str(tmp_path / "eight"), **{"optim.lr": 1e-3}
+    )
     eight.mesh.data, eight.mesh.expert = 2, 4
 
     # The gradients agree to float32 rounding ...
     cfg, frozen = runtime.load_model(one)
     method = build_method(one, cfg)
     samples, _ = read_jsonl(one.data.train)
-    batch = jax.tree.map(jnp.asarray, next(iter(train_batches(samples, runtime.tokenizer(one), cfg, seq_len=64,
-                                                                  batch_size=4, seed=0))))
+    batch = jax.tree.map(
+        jnp.asarray,
+        next(
+            iter(
+                train_batches(
+                    samples, runtime.tokenizer(one), cfg, seq_len=64, batch_size=4, seed=0
+                )
+            )
+        ),
+    )
     loss = loop._loss_fn(method, cfg)
     grad = jax.jit(jax.grad(lambda t, f, b: loss(t, f, b)[0]))
     frozen = jax.tree.map(jnp.asarray, frozen)
@@ -104,26 +125,49 @@ def test_esft_adapter_holds_exactly_the_selected_experts_and_exports(tmp_path):
     c = fx.train_config(tmp_path, steps=3)
     summary = loop.train(c, progress=False)
     tensors, meta = read_adapter(tmp_path / "run_esft/adapter")
-    expected = {f"model.layers.{l}.mlp.experts.{e}.{k}_proj.weight"
-                for l, ids in fx.EXPERTS.experts.items() for e in ids for k in ("gate", "up", "down")}
+    expected = {
+        f"model.layers.{layer}.mlp.experts.{e}.{k}_proj.weight"
+        for layer, ids in fx.EXPERTS.experts.items()
+        for e in ids
+        for k in ("gate", "up", "down")
+    }
     assert set(tensors) == expected and meta["method"] == "esft"
     assert meta["expert_config"] == fx.EXPERTS.to_json()
     assert summary["adapter_bytes"] >= sum(t.nbytes for t in tensors.values())
     assert summary["trainable_params"] == fx.EXPERTS.num_selected() * 3 * 64 * 32
 
     out = tmp_path / "exported"
-    assert cli.main(["export", "--config", "configs/export.py", f"--config.checkpoint={c.checkpoint}",
-                     f"--config.adapter={tmp_path / 'run_esft/adapter'}", f"--config.out={out}"]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                "--config",
+                "configs/export.py",
+                f"--config.checkpoint={c.checkpoint}",
+                f"--config.adapter={tmp_path / 'run_esft/adapter'}",
+                f"--config.out={out}",
+            ]
+        )
+        == 0
+    )
     cfg, merged = load_with_adapter(c.checkpoint, tmp_path / "run_esft/adapter")
     _, base = load_checkpoint(c.checkpoint)
     _, exported = load_checkpoint(out)
     jax.tree.map(np.testing.assert_array_equal, exported, merged)
-    changed = np.any(np.asarray(merged["moe_layers"]["moe"]["experts"]["gate"]) != np.asarray(base["moe_layers"]["moe"]["experts"]["gate"]), axis=(2, 3))
+    changed = np.any(
+        np.asarray(merged["moe_layers"]["moe"]["experts"]["gate"])
+        != np.asarray(base["moe_layers"]["moe"]["experts"]["gate"]),
+        axis=(2, 3),
+    )
     assert changed.sum() == fx.EXPERTS.num_selected()
 
     tokens = np.random.default_rng(0).integers(0, 256, (2, 24))
-    ours, _ = jax.jit(loop.forward, static_argnums=2)(jax.tree.map(jax.numpy.asarray, merged), tokens, cfg)
-    model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ours, _ = jax.jit(loop.forward, static_argnums=2)(
+        jax.tree.map(jax.numpy.asarray, merged), tokens, cfg
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        out, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         ref = model(input_ids=torch.as_tensor(tokens)).logits.numpy()
     assert np.abs(np.asarray(ours) - ref).max() <= 1e-4 * np.abs(ref).max()
@@ -138,7 +182,9 @@ def test_baselines_train_and_export(tmp_path, method):
     assert summary["final_loss"] is not None
     cfg, merged = load_with_adapter(c.checkpoint, tmp_path / f"run_{method}/adapter")
     _, base = load_checkpoint(c.checkpoint)
-    assert not np.array_equal(merged["moe_layers"]["attn"]["kv_b"], base["moe_layers"]["attn"]["kv_b"])
+    assert not np.array_equal(
+        merged["moe_layers"]["attn"]["kv_b"], base["moe_layers"]["attn"]["kv_b"]
+    )
     if method == "lora":  # the merged adapter reproduces the trained model's weights
         tensors, meta = read_adapter(tmp_path / "run_lora/adapter")
         assert all(".lora_" in name for name in tensors) and meta["r"] == 8

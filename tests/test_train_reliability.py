@@ -17,18 +17,32 @@ import numpy as np
 import pytest
 import train_fixtures as fx
 
-from esft_jax import cli, configs
+from esft_jax import cli, config_files
 from esft_jax.checkpoint.adapter import read_adapter
 from esft_jax.checkpoint.train_state import TrainCheckpoints
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.train import loop, resume
-from esft_jax.train.validate import validate
+from esft_jax.train.checks import validate
 
 # the reference run: checkpoints after every step, all kept
 RUN = {"steps": 4, "checkpoint_every": 1, "keep_checkpoints": 4, "eval_every": 2}
-CLI_KEYS = ("checkpoint", "data.train", "expert_config", "data.seq_len", "batch_size", "steps",
-            "data.validation_fraction", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-            "optim.lr", "optim.warmup_steps", "optim.weight_decay", "workdir")
+CLI_KEYS = (
+    "checkpoint",
+    "data.train",
+    "expert_config",
+    "data.seq_len",
+    "batch_size",
+    "steps",
+    "data.validation_fraction",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "optim.lr",
+    "optim.warmup_steps",
+    "optim.weight_decay",
+    "workdir",
+)
 
 
 def _get(c, key: str):
@@ -40,7 +54,12 @@ def _get(c, key: str):
 def _args(c, **changes) -> list[str]:
     """The `esft train` command line of config `c`, with `changes`."""
     values = {key: _get(c, key) for key in CLI_KEYS} | changes
-    return ["train", "--config", "configs/train.py:esft", *(f"--config.{k}={v}" for k, v in values.items())]
+    return [
+        "train",
+        "--config",
+        "configs/train.py:esft",
+        *(f"--config.{k}={v}" for k, v in values.items()),
+    ]
 
 
 def _train(c, capsys, **changes) -> tuple[int, str]:
@@ -50,7 +69,9 @@ def _train(c, capsys, **changes) -> tuple[int, str]:
 
 
 def _errors(output: str) -> list[str]:
-    return [ln for ln in output.replace("\r", "\n").splitlines() if "error:" in ln]  # not tqdm's bar
+    return [
+        ln for ln in output.replace("\r", "\n").splitlines() if "error:" in ln
+    ]  # not tqdm's bar
 
 
 def _adapter(workdir: Path) -> dict:
@@ -83,32 +104,43 @@ def finished(tmp_path_factory):
     return c, root / "reference"
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("batch_size", 0, "--config.batch_size=0: expected a whole number >= 1"),
-    ("grad_accum", 0, "--config.grad_accum=0"),
-    ("steps", -5, "--config.steps=-5"),
-    ("checkpoint_every", 0, "--config.checkpoint_every=0"),
-    ("log_every", 0, "--config.log_every=0"),
-    ("eval_every", 0, "--config.eval_every=0"),
-    ("data.seq_len", "2 * positions", "--config.data.seq_len={}: longer than the model's {} positions"),
-    ("optim.lr", -1.0, "--config.optim.lr=-1.0: expected a number >= 0"),
-    ("method", "sft", "--config.method='sft': expected one of esft, fft, lora"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("batch_size", 0, "--config.batch_size=0: expected a whole number >= 1"),
+        ("grad_accum", 0, "--config.grad_accum=0"),
+        ("steps", -5, "--config.steps=-5"),
+        ("checkpoint_every", 0, "--config.checkpoint_every=0"),
+        ("log_every", 0, "--config.log_every=0"),
+        ("eval_every", 0, "--config.eval_every=0"),
+        (
+            "data.seq_len",
+            "2 * positions",
+            "--config.data.seq_len={}: longer than the model's {} positions",
+        ),
+        ("optim.lr", -1.0, "--config.optim.lr=-1.0: expected a number >= 0"),
+        ("method", "sft", "--config.method='sft': expected one of esft, fft, lora"),
+    ],
+)
 def test_out_of_range_values_are_refused(key, value, message):
-    c, cfg = configs.load_file("configs/train.py:esft"), fx.tiny_config()
+    c, cfg = config_files.load_file("configs/train.py:esft"), fx.tiny_config()
     c.expert_config, c.data.seq_len = "experts.json", 64
     if value == "2 * positions":
-        value, message = 2 * cfg.max_position_embeddings, message.format(2 * cfg.max_position_embeddings,
-                                                                           cfg.max_position_embeddings)
-    configs.apply_overrides(c, [f"{key}={value!r}"])
-    with pytest.raises(configs.ConfigFileError, match="^" + re.escape(message)):
+        value, message = (
+            2 * cfg.max_position_embeddings,
+            message.format(2 * cfg.max_position_embeddings, cfg.max_position_embeddings),
+        )
+    config_files.apply_overrides(c, [f"{key}={value!r}"])
+    with pytest.raises(config_files.ConfigFileError, match="^" + re.escape(message)):
         validate(c, cfg)
 
 
 def test_a_refused_value_writes_nothing(tmp_path, capsys):
     c = fx.train_config(tmp_path)
     code, output = _train(c, capsys, batch_size=0)
-    assert code == 2 and _errors(output) == ["esft train: error: --config.batch_size=0: expected a whole number >= 1"]
+    assert code == 2 and _errors(output) == [
+        "esft train: error: --config.batch_size=0: expected a whole number >= 1"
+    ]
     assert not Path(c.workdir).exists()
 
 
@@ -119,77 +151,128 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_finite_checkpoint(t
     code, output = _train(c, capsys, **{"optim.lr": 1e38})
     checkpoints = Path(c.workdir) / "checkpoints"
     assert code == 1
-    assert _errors(output) == ["esft train: error: step 2: loss is nan (grad_norm nan); stopped, the latest "
-                               "checkpoint (step 1) is kept; lower --config.optim.lr"], output
+    assert _errors(output) == [
+        "esft train: error: step 2: loss is nan (grad_norm nan); stopped, the latest "
+        "checkpoint (step 1) is kept; lower --config.optim.lr"
+    ], output
     assert sorted(p.name for p in checkpoints.iterdir()) == ["1"]
-    assert not (Path(c.workdir) / "adapter").exists() and not (Path(c.workdir) / "metrics.jsonl").exists()
+    assert (
+        not (Path(c.workdir) / "adapter").exists()
+        and not (Path(c.workdir) / "metrics.jsonl").exists()
+    )
     latest = TrainCheckpoints(checkpoints, 1, 4)
     step, state, _ = latest.restore(None)
     latest.close()
     assert step == 1 and int(state["step"]) == 1
     assert all(np.isfinite(x).all() for x in _leaves(state))
-    assert np.abs(_leaves(state["trainable"])[0]).max() > 1e37  # the step that was saved is the huge one
+    assert (
+        np.abs(_leaves(state["trainable"])[0]).max() > 1e37
+    )  # the step that was saved is the huge one
 
 
 def test_a_zero_gradient_warns_once(tmp_path, capsys):
-    c = fx.train_config(tmp_path, steps=4, checkpoint_every=4,
-                        **{"optim.lr": 1e9, "optim.weight_decay": 0.0, "optim.schedule": "constant"})
+    c = fx.train_config(
+        tmp_path,
+        steps=4,
+        checkpoint_every=4,
+        **{"optim.lr": 1e9, "optim.weight_decay": 0.0, "optim.schedule": "constant"},
+    )
     loop.train(c, progress=False)
     err = capsys.readouterr().err
     grad_norms = [m["grad_norm"] for m in _metrics(Path(c.workdir))]
     assert grad_norms[0] > 0 and grad_norms[1:] == [0.0] * 3
     warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
-    assert warnings == ["warning: step 2: the gradient norm is exactly 0 at lr 1e+09: training has stopped learning "
-                        "(a too large lr saturates the model); lower --config.optim.lr"]
+    assert warnings == [
+        "warning: step 2: the gradient norm is exactly 0 at lr 1e+09: training has stopped learning "
+        "(a too large lr saturates the model); lower --config.optim.lr"
+    ]
 
 
-def test_resume_refuses_other_settings_and_extends_on_the_saved_schedule(finished, tmp_path, capsys):
+def test_resume_refuses_other_settings_and_extends_on_the_saved_schedule(
+    finished, tmp_path, capsys
+):
     c, reference = finished
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
     saved = (workdir / "config.json").read_bytes()
-    refusal = f"esft train: error: {workdir}/config.json: this workdir holds a run with other settings: "
+    refusal = (
+        f"esft train: error: {workdir}/config.json: this workdir holds a run with other settings: "
+    )
 
     code, output = _train(c, capsys, workdir=workdir, **{"optim.lr": 0.001, "data.seq_len": 32})
-    assert code == 2 and _errors(output) == [refusal + "data.seq_len 64 -> 32, optim.lr 0.01 -> 0.001; "
-                                             "use another --config.workdir"]
+    assert code == 2 and _errors(output) == [
+        refusal + "data.seq_len 64 -> 32, optim.lr 0.01 -> 0.001; use another --config.workdir"
+    ]
     other_experts = fx.EXPERTS.experts | {2: [31]}
     path = ExpertConfig(other_experts).save(tmp_path / "other.json")
     code, output = _train(c, capsys, workdir=workdir, expert_config=path)
-    assert code == 2 and _errors(output) == [refusal + "expert_config layer 2 [30] -> [31]; use another --config.workdir"]
+    assert code == 2 and _errors(output) == [
+        refusal + "expert_config layer 2 [30] -> [31]; use another --config.workdir"
+    ]
     code, output = _train(c, capsys, workdir=workdir, steps=6)
-    assert code == 2 and _errors(output) == [refusal + "steps 4 -> 6, optim.steps 4 -> 6; add --config.extend=True "
-                                             "to train on with the saved schedule, or use another --config.workdir"]
+    assert code == 2 and _errors(output) == [
+        refusal + "steps 4 -> 6, optim.steps 4 -> 6; add --config.extend=True "
+        "to train on with the saved schedule, or use another --config.workdir"
+    ]
     assert (workdir / "config.json").read_bytes() == saved
 
     # the same experts under another path, and settings that do not change the result: resumes
     same = fx.EXPERTS.save(tmp_path / "copy.json")
-    code, output = _train(c, capsys, workdir=workdir, steps=6, extend=True, expert_config=same, log_every=2)
+    code, output = _train(
+        c, capsys, workdir=workdir, steps=6, extend=True, expert_config=same, log_every=2
+    )
     assert code == 0 and f"resuming from step 4 ({workdir}/checkpoints)" in output
     records = _metrics(workdir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 6]
-    final_lr = c.optim.lr * c.optim.end_lr_fraction  # the cosine schedule over the saved 4 steps has ended
+    final_lr = (
+        c.optim.lr * c.optim.end_lr_fraction
+    )  # the cosine schedule over the saved 4 steps has ended
     np.testing.assert_allclose(records[-1]["lr"], final_lr, rtol=1e-6)
     resolved = json.loads((workdir / "config.json").read_text())
     assert (resolved["steps"], resolved["optim"]["steps"]) == (6, 4)
 
 
-@pytest.mark.parametrize("change, refused", [
-    ({"log_every": 7, "checkpoint_every": 3, "keep_checkpoints": 1, "mesh.data": 2, "model.moe_strategy": "dense",
-      "model.scan_layers": True, "distributed.num_processes": 2, "data.shards": 0, "model.hidden_size": 8}, None),
-    ({"seed": 1}, "seed 0 -> 1"),
-    ({"model.dtype": "bfloat16"}, "model.dtype 'float32' -> 'bfloat16'"),
-    ({"data.shards": 3}, "data.shards 2 -> 3"),
-    ({"lora.rank": 4, "optim.schedule": "constant"}, "lora.rank 8 -> 4, optim.schedule 'cosine' -> 'constant'"),
-])
+@pytest.mark.parametrize(
+    "change, refused",
+    [
+        (
+            {
+                "log_every": 7,
+                "checkpoint_every": 3,
+                "keep_checkpoints": 1,
+                "mesh.data": 2,
+                "model.moe_strategy": "dense",
+                "model.scan_layers": True,
+                "distributed.num_processes": 2,
+                "data.shards": 0,
+                "model.hidden_size": 8,
+            },
+            None,
+        ),
+        ({"seed": 1}, "seed 0 -> 1"),
+        ({"model.dtype": "bfloat16"}, "model.dtype 'float32' -> 'bfloat16'"),
+        ({"data.shards": 3}, "data.shards 2 -> 3"),
+        (
+            {"lora.rank": 4, "optim.schedule": "constant"},
+            "lora.rank 8 -> 4, optim.schedule 'cosine' -> 'constant'",
+        ),
+    ],
+)
 def test_which_settings_a_resume_may_change(tmp_path, change, refused):
     saved = fx.train_config(tmp_path, **{"data.shards": 2})
     resume.save_run_files(saved.copy_and_resolve_references(), tmp_path, None)
     new = fx.train_config(tmp_path, **change)
-    if refused is None:  # free settings (with a checkpoint, of model.* only dtype and capacity_factor count)
-        assert resume.resumed_config(new, tmp_path, None).to_dict() == new.copy_and_resolve_references().to_dict()
+    if (
+        refused is None
+    ):  # free settings (with a checkpoint, of model.* only dtype and capacity_factor count)
+        assert (
+            resume.resumed_config(new, tmp_path, None).to_dict()
+            == new.copy_and_resolve_references().to_dict()
+        )
     else:
-        with pytest.raises(configs.ConfigFileError, match=re.escape(f"other settings: {refused}; use another")):
+        with pytest.raises(
+            config_files.ConfigFileError, match=re.escape(f"other settings: {refused}; use another")
+        ):
             resume.resumed_config(new, tmp_path, None)
 
 
@@ -197,7 +280,9 @@ def test_an_unreadable_latest_checkpoint_is_skipped(finished, tmp_path, capsys):
     c, reference = finished
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
-    shutil.rmtree(workdir / "checkpoints" / "4")  # killed after saving step 3 ... whose files are truncated
+    shutil.rmtree(
+        workdir / "checkpoints" / "4"
+    )  # killed after saving step 3 ... whose files are truncated
     for f in (workdir / "checkpoints" / "3").rglob("*"):
         if f.is_file():
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
@@ -205,8 +290,12 @@ def test_an_unreadable_latest_checkpoint_is_skipped(finished, tmp_path, capsys):
     code, output = _train(c, capsys, workdir=workdir)
     assert code == 0
     warning = [ln for ln in output.splitlines() if ln.startswith("warning:")]
-    assert len(warning) == 1 and warning[0].startswith(f"warning: {workdir}/checkpoints/3: cannot read this checkpoint")
-    assert warning[0].endswith(f"resuming from step 2, the unreadable one is kept as {workdir}/checkpoints/3.unreadable")
+    assert len(warning) == 1 and warning[0].startswith(
+        f"warning: {workdir}/checkpoints/3: cannot read this checkpoint"
+    )
+    assert warning[0].endswith(
+        f"resuming from step 2, the unreadable one is kept as {workdir}/checkpoints/3.unreadable"
+    )
     _assert_same_run(workdir, reference)
 
     for f in (workdir / "checkpoints").rglob("*"):  # none readable: one line naming the directory
@@ -214,18 +303,25 @@ def test_an_unreadable_latest_checkpoint_is_skipped(finished, tmp_path, capsys):
             f.write_bytes(b"")
     code, output = _train(c, capsys, workdir=workdir)
     assert code == 2 and len(_errors(output)) == 1
-    assert _errors(output)[0].startswith(f"esft train: error: {workdir}/checkpoints: no checkpoint can be read (step 4: ")
+    assert _errors(output)[0].startswith(
+        f"esft train: error: {workdir}/checkpoints: no checkpoint can be read (step 4: "
+    )
 
 
-def test_a_failed_save_is_one_line_and_the_earlier_checkpoints_resume(finished, tmp_path, capsys, monkeypatch):
+def test_a_failed_save_is_one_line_and_the_earlier_checkpoints_resume(
+    finished, tmp_path, capsys, monkeypatch
+):
     import errno
+
     import orbax.checkpoint as ocp
 
     c, reference = finished
     workdir = tmp_path / "run"
     real = ocp.JsonCheckpointHandler._save_fn
 
-    async def disk_full_at_step_3(self, x, directory):  # the data position of checkpoint 3 is written
+    async def disk_full_at_step_3(
+        self, x, directory
+    ):  # the data position of checkpoint 3 is written
         if Path(str(directory)).parent.name.startswith("3."):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return await real(self, x, directory)
@@ -233,8 +329,10 @@ def test_a_failed_save_is_one_line_and_the_earlier_checkpoints_resume(finished, 
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", disk_full_at_step_3)
     code, output = _train(c, capsys, workdir=workdir)
     assert code == 2 and "Traceback" not in output
-    assert _errors(output) == [f"esft train: error: {workdir}/checkpoints/3: could not write the checkpoint: "
-                               f"[Errno 28] No space left on device; the earlier checkpoints are kept"]
+    assert _errors(output) == [
+        f"esft train: error: {workdir}/checkpoints/3: could not write the checkpoint: "
+        f"[Errno 28] No space left on device; the earlier checkpoints are kept"
+    ]
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", real)
     code, output = _train(c, capsys, workdir=workdir)  # space again: the same command goes on
     assert code == 0 and f"resuming from step 2 ({workdir}/checkpoints)" in output
@@ -248,27 +346,52 @@ def _checkpoint_dirs(workdir: Path) -> tuple[int, bool]:
 
 
 @pytest.mark.slow
-def test_kill_9_anywhere_then_the_same_command_ends_like_an_uninterrupted_run(finished, tmp_path, capsys):
+def test_kill_9_anywhere_then_the_same_command_ends_like_an_uninterrupted_run(
+    finished, tmp_path, capsys
+):
     c, reference = finished
     rng = np.random.default_rng(0)
-    env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # children share every program
+    env = {
+        **os.environ,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }  # children share every program
     # Five runs side by side. Trials 0-3 are killed a random delay after 0-2 committed checkpoints (0:
     # once the run has started, its config.json written); trial 4 the moment a save is in progress.
-    trials = [{"workdir": tmp_path / f"trial{i}", "after": int(rng.integers(0, 3)), "delay": rng.uniform(0.0, 0.2),
-               "start": None, "killed_at": None} for i in range(5)]
+    trials = [
+        {
+            "workdir": tmp_path / f"trial{i}",
+            "after": int(rng.integers(0, 3)),
+            "delay": rng.uniform(0.0, 0.2),
+            "start": None,
+            "killed_at": None,
+        }
+        for i in range(5)
+    ]
     for t in trials:
-        t["child"] = subprocess.Popen([sys.executable, "-m", "esft_jax.cli", *_args(c, workdir=t["workdir"])],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        t["child"] = subprocess.Popen(
+            [sys.executable, "-m", "esft_jax.cli", *_args(c, workdir=t["workdir"])],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
     while any(t["child"].poll() is None and t["killed_at"] is None for t in trials):
         for i, t in enumerate(trials):
             if t["killed_at"] is not None or t["child"].poll() is not None:
                 continue
             committed, saving = _checkpoint_dirs(t["workdir"])
-            if t["start"] is None and (t["workdir"] / "config.json").exists() and committed >= t["after"]:
+            if (
+                t["start"] is None
+                and (t["workdir"] / "config.json").exists()
+                and committed >= t["after"]
+            ):
                 t["start"] = time.monotonic()
-            if t["start"] is not None and (saving if i == 4 else time.monotonic() - t["start"] >= t["delay"]):
+            if t["start"] is not None and (
+                saving if i == 4 else time.monotonic() - t["start"] >= t["delay"]
+            ):
                 os.kill(t["child"].pid, signal.SIGKILL)
-                t["killed_at"] = _checkpoint_dirs(t["workdir"])  # (committed checkpoints, save in progress)
+                t["killed_at"] = _checkpoint_dirs(
+                    t["workdir"]
+                )  # (committed checkpoints, save in progress)
         time.sleep(0.002)
     for i, t in enumerate(trials):
         t["child"].wait()

@@ -24,7 +24,10 @@ def params():
 
 
 def _leaves(tree):
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        jax.tree_util.keystr(k): np.asarray(v)
+        for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 @pytest.mark.parametrize("shared, non_expert", [(False, False), (True, False), (False, True)])
@@ -34,16 +37,24 @@ def test_esft_changes_only_what_it_trains(params, shared, non_expert):
     state, metrics = fx.run_steps(method, CFG, params, 3)
     assert np.isfinite(float(metrics["loss"]))
     after = method.write_back(params, state["trainable"])
-    experts_before, experts_after = params["moe_layers"]["moe"]["experts"], after["moe_layers"]["moe"]["experts"]
+    experts_before, experts_after = (
+        params["moe_layers"]["moe"]["experts"],
+        after["moe_layers"]["moe"]["experts"],
+    )
     selected = np.zeros((CFG.num_moe_layers, CFG.n_routed_experts), bool)
     for layer, ids in ec.experts.items():
         selected[layer - CFG.first_k_dense_replace, ids] = True
     for k in ("gate", "up", "down"):
         a, b = np.asarray(experts_before[k]), np.asarray(experts_after[k])
         np.testing.assert_array_equal(a[~selected], b[~selected])  # bitwise: every other expert row
-        assert all(not np.array_equal(a[l, e], b[l, e]) for l, e in zip(*np.nonzero(selected)))
-    shared_same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params["moe_layers"]["moe"]["shared"]),
-                                                           jax.tree.leaves(after["moe_layers"]["moe"]["shared"])))
+        assert all(not np.array_equal(a[li, e], b[li, e]) for li, e in zip(*np.nonzero(selected)))
+    shared_same = all(
+        np.array_equal(a, b)
+        for a, b in zip(
+            jax.tree.leaves(params["moe_layers"]["moe"]["shared"]),
+            jax.tree.leaves(after["moe_layers"]["moe"]["shared"]),
+        )
+    )
     assert shared_same != shared
     rest_before, rest_after = _leaves(non_expert_part(params)), _leaves(non_expert_part(after))
     changed = [k for k in rest_before if not np.array_equal(rest_before[k], rest_after[k])]
@@ -80,12 +91,19 @@ def test_compact_esft_equals_full_size_masked_reference(params):
     sel = np.zeros((CFG.num_moe_layers, CFG.n_routed_experts, 1, 1), np.float32)
     for layer, ids in fx.EXPERTS.experts.items():
         sel[layer - CFG.first_k_dense_replace, ids] = 1.0
-    mask["moe_layers"]["moe"]["experts"] = {k: jnp.broadcast_to(sel, v.shape)
-                                            for k, v in params["moe_layers"]["moe"]["experts"].items()}
+    mask["moe_layers"]["moe"]["experts"] = {
+        k: jnp.broadcast_to(sel, v.shape) for k, v in params["moe_layers"]["moe"]["experts"].items()
+    }
     tx = make_optimizer(fx.optim())
 
     def loss(p, batch):
-        logits, _ = forward(p, batch["tokens"], CFG, segment_ids_bt=batch["segment_ids"], positions_bt=batch["positions"])
+        logits, _ = forward(
+            p,
+            batch["tokens"],
+            CFG,
+            segment_ids_bt=batch["segment_ids"],
+            positions_bt=batch["positions"],
+        )
         s, n = next_token_loss(logits, batch)
         return s / n
 
@@ -97,10 +115,15 @@ def test_compact_esft_equals_full_size_masked_reference(params):
 
     p, opt_state = params, tx.init(params)
     for i in range(5):
-        p, opt_state = ref_step(p, opt_state, jax.tree.map(lambda x: jnp.asarray(x[0]), fx.token_batch(i)))
+        p, opt_state = ref_step(
+            p, opt_state, jax.tree.map(lambda x: jnp.asarray(x[0]), fx.token_batch(i))
+        )
     for a, b in zip(jax.tree.leaves(compact), jax.tree.leaves(p)):
         assert_adam_close(a, b, model_roundings(CFG), lr=fx.optim().lr, steps=5)
-    assert not np.allclose(compact["moe_layers"]["moe"]["experts"]["gate"], params["moe_layers"]["moe"]["experts"]["gate"])
+    assert not np.allclose(
+        compact["moe_layers"]["moe"]["experts"]["gate"],
+        params["moe_layers"]["moe"]["experts"]["gate"],
+    )
 
 
 def test_grad_accumulation_equals_one_large_batch(params):
@@ -128,11 +151,18 @@ def test_lora_starts_at_the_base_model_and_trains_only_factors(params):
     start, _ = forward(method.materialize(params, method.init(params)), tokens, CFG)
     assert_float32_close(start, base, model_roundings(CFG))
     state, _ = fx.run_steps(method, CFG, params, 2)
-    assert all(k.startswith(("dense_layers/attn", "moe_layers/attn", "moe_layers/moe/experts")) for k in state["trainable"])
+    assert all(
+        k.startswith(("dense_layers/attn", "moe_layers/attn", "moe_layers/moe/experts"))
+        for k in state["trainable"]
+    )
     after = method.write_back(params, state["trainable"])
-    assert not np.array_equal(after["moe_layers"]["attn"]["kv_b"], params["moe_layers"]["attn"]["kv_b"])
+    assert not np.array_equal(
+        after["moe_layers"]["attn"]["kv_b"], params["moe_layers"]["attn"]["kv_b"]
+    )
     np.testing.assert_array_equal(after["embed"], params["embed"])
-    np.testing.assert_array_equal(after["moe_layers"]["moe"]["router"], params["moe_layers"]["moe"]["router"])
+    np.testing.assert_array_equal(
+        after["moe_layers"]["moe"]["router"], params["moe_layers"]["moe"]["router"]
+    )
 
 
 def test_bfloat16_compute_keeps_float32_master_weights(params):
@@ -144,7 +174,11 @@ def test_bfloat16_compute_keeps_float32_master_weights(params):
         method = ExpertSubset.build(cfg, fx.EXPERTS)
         tx = make_optimizer(fx.optim())
         trainable = method.init(params)
-        state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
+        state = {
+            "step": jnp.zeros((), jnp.int32),
+            "trainable": trainable,
+            "opt_state": tx.init(trainable),
+        }
         step = make_train_step(method, cfg, tx, learning_rate(fx.optim()))
         for i in range(2):
             state, metrics = step(state, params, jax.tree.map(jnp.asarray, fx.token_batch(i)))
@@ -153,8 +187,15 @@ def test_bfloat16_compute_keeps_float32_master_weights(params):
     assert abs(losses["bfloat16"] - losses["float32"]) < 0.02 * losses["float32"]
 
 
-@pytest.mark.parametrize("method", [ExpertSubset.build(CFG, ExpertConfig(fx.EXPERTS.experts, True, True)),
-                                    LoRA(rank=4), FullFineTune()], ids=["esft+flags", "lora", "fft"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        ExpertSubset.build(CFG, ExpertConfig(fx.EXPERTS.experts, True, True)),
+        LoRA(rank=4),
+        FullFineTune(),
+    ],
+    ids=["esft+flags", "lora", "fft"],
+)
 def test_written_back_params_compute_what_training_computed(params, method):
     """The export path (write_back) and the training forward (materialize) are the same model."""
     state, _ = fx.run_steps(method, CFG, params, 2)
@@ -170,7 +211,14 @@ def test_shared_experts_only(params):
     """The paper's "shared experts only" ablation: no routed expert trains."""
     method = ExpertSubset.build(CFG, ExpertConfig({1: [], 2: [], 3: []}, shared_experts=True))
     state, _ = fx.run_steps(method, CFG, params, 2)
-    assert list(state["trainable"]) == ["shared"] and list(state["trainable"]["shared"]) == ["shared"]
+    assert list(state["trainable"]) == ["shared"] and list(state["trainable"]["shared"]) == [
+        "shared"
+    ]
     after = method.write_back(params, state["trainable"])
-    np.testing.assert_array_equal(after["moe_layers"]["moe"]["experts"]["gate"], params["moe_layers"]["moe"]["experts"]["gate"])
-    assert not np.array_equal(after["moe_layers"]["moe"]["shared"]["up"], params["moe_layers"]["moe"]["shared"]["up"])
+    np.testing.assert_array_equal(
+        after["moe_layers"]["moe"]["experts"]["gate"],
+        params["moe_layers"]["moe"]["experts"]["gate"],
+    )
+    assert not np.array_equal(
+        after["moe_layers"]["moe"]["shared"]["up"], params["moe_layers"]["moe"]["shared"]["up"]
+    )

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from esft_jax import configs
+from esft_jax import config_files
 from esft_jax.checkpoint import save_checkpoint
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.expert_config import ExpertConfig
@@ -21,7 +21,9 @@ EXPERTS = ExpertConfig({1: [3, 17, 5], 2: [30], 3: [0, 9]})  # ragged across lay
 
 
 def tiny_config(**changes):
-    return configs.model_config(configs.load_file("configs/models/tiny.py")).replace(**changes)
+    return config_files.model_config(config_files.load_file("configs/models/tiny.py")).replace(
+        **changes
+    )
 
 
 def tiny_params(seed: int = 0) -> dict:
@@ -47,15 +49,30 @@ def task_dataset(path: Path, n: int = 64, seed: int = 0) -> Path:
     with path.open("w") as f:
         for _ in range(n):
             w = list(rng.choice(words, int(rng.integers(2, 5))))
-            f.write(json.dumps({"messages": [{"role": "user", "content": " ".join(w)},
-                                             {"role": "assistant", "content": " ".join(reversed(w))}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": " ".join(w)},
+                            {"role": "assistant", "content": " ".join(reversed(w))},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
 def train_config(tmp: Path, method: str = "esft", **overrides):
-    c = configs.load_file(f"configs/train.py:{method}")
-    c.checkpoint = str(base_checkpoint(tmp / "base")) if not (tmp / "base").exists() else str(tmp / "base")
-    c.data.train = str(task_dataset(tmp / "task.jsonl")) if not (tmp / "task.jsonl").exists() else str(tmp / "task.jsonl")
+    c = config_files.load_file(f"configs/train.py:{method}")
+    c.checkpoint = (
+        str(base_checkpoint(tmp / "base")) if not (tmp / "base").exists() else str(tmp / "base")
+    )
+    c.data.train = (
+        str(task_dataset(tmp / "task.jsonl"))
+        if not (tmp / "task.jsonl").exists()
+        else str(tmp / "task.jsonl")
+    )
     c.expert_config = str(EXPERTS.save(tmp / "experts.json"))
     c.data.seq_len, c.batch_size, c.steps = 64, 4, 6
     c.data.validation_fraction = 0.1
@@ -63,7 +80,7 @@ def train_config(tmp: Path, method: str = "esft", **overrides):
     c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 1e-2, 0, 0.1
     c.workdir = str(tmp / f"run_{method}")
     for key, value in overrides.items():
-        configs.apply_overrides(c, [f"{key}={value}"])
+        config_files.apply_overrides(c, [f"{key}={value}"])
     return c
 
 
@@ -77,21 +94,42 @@ def token_batch(seed: int = 0, accum: int = 1, b: int = 4, t: int = 32) -> dict:
     segments[:, 2, 25:] = 0
     positions = np.broadcast_to(np.arange(t), tokens.shape).copy()
     positions[:, 1, 20:] -= 20
-    return {"tokens": tokens, "segment_ids": segments, "positions": positions,
-            "loss_mask": (rng.random(tokens.shape) < 0.7).astype(np.int32)}
+    return {
+        "tokens": tokens,
+        "segment_ids": segments,
+        "positions": positions,
+        "loss_mask": (rng.random(tokens.shape) < 0.7).astype(np.int32),
+    }
 
 
 def optim(wd: float = 0.1, lr: float = 1e-3) -> ConfigDict:
-    # Adam turns float32 rounding in a near-zero gradient into an update of up to lr (numerics.assert_adam_close).
-    return ConfigDict(dict(lr=lr, schedule="constant", warmup_steps=0, end_lr_fraction=0.1, steps=10,
-                           adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8, weight_decay=wd, grad_clip=1.0))
+    # Adam turns float32 rounding in a near-zero gradient into an update of up to lr
+    # (numerics.assert_adam_close).
+    return ConfigDict(
+        dict(
+            lr=lr,
+            schedule="constant",
+            warmup_steps=0,
+            end_lr_fraction=0.1,
+            steps=10,
+            adam_b1=0.9,
+            adam_b2=0.95,
+            adam_eps=1e-8,
+            weight_decay=wd,
+            grad_clip=1.0,
+        )
+    )
 
 
 def run_steps(method, cfg, params: dict, steps: int, seed: int = 0):
     """(state, last metrics) after `steps` train steps of `method` on token_batch(seed + i)."""
     tx = make_optimizer(optim())
     trainable = method.init(params)
-    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "trainable": trainable,
+        "opt_state": tx.init(trainable),
+    }
     step = make_train_step(method, cfg, tx, learning_rate(optim()))
     for i in range(steps):
         state, metrics = step(state, params, jax.tree.map(jnp.asarray, token_batch(seed + i)))

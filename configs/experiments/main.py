@@ -9,8 +9,8 @@ from pathlib import Path
 
 import ml_collections
 
-from esft_jax.builtin import tasks
-from esft_jax.configs import load_file
+from esft_jax.builtin import suite as builtin_suite
+from esft_jax.config_files import load_file
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -18,7 +18,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.run_dir = "runs/main"
     c.launch = "local"
     c.studies = ml_collections.ConfigDict(
-        {task: load_file(f"{Path(__file__).with_name('builtin.py')}:{task}") for task in tasks.DOWNSTREAM})
+        {
+            task: load_file(f"{Path(__file__).with_name('builtin.py')}:{task}")
+            for task in builtin_suite.DOWNSTREAM
+        }
+    )
     for study in c.studies.values():  # `--config.launch=print` reaches every study
         study.launch = c.get_ref("launch")
     return c

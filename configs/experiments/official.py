@@ -21,23 +21,34 @@ import ml_collections
 
 from esft_jax import config_blocks as blocks
 from esft_jax.config_blocks import scoring
-from esft_jax.configs import load_file
+from esft_jax.config_files import load_file
 
-TASKS = ("intent", "law", "summary", "translation")  # eval sets; intent and law also have training data
+TASKS = (
+    "intent",
+    "law",
+    "summary",
+    "translation",
+)  # eval sets; intent and law also have training data
 
 PRESETS = ("intent", "law")  # the tasks with training data
 
 
 def get_config(task: str = "intent") -> ml_collections.ConfigDict:
-    c = load_file(str(Path(__file__).with_name("builtin.py")))  # then this task (law is no built-in task)
+    c = load_file(
+        str(Path(__file__).with_name("builtin.py"))
+    )  # then this task (law is no built-in task)
     c.task = task
     c.checkpoint = ""  # a Hugging Face checkpoint directory: required
     c.model = blocks.model("esft_vanilla_lite")  # runtime fields only
-    reference = os.environ.get("ESFT_REFERENCE", str(Path(__file__).parents[2] / ".." / "shared" / "esft-reference"))
+    reference = os.environ.get(
+        "ESFT_REFERENCE", str(Path(__file__).parents[2] / ".." / "shared" / "esft-reference")
+    )
     c.suite_dir = str(Path(reference) / "datasets")
     c.builtin_suite = False
     c.general_tasks = tuple(t for t in TASKS if t != task)
-    c.scoring = ml_collections.ConfigDict({t: scoring("chrf", 256, stop="\n\nUser:") for t in TASKS})
+    c.scoring = ml_collections.ConfigDict(
+        {t: scoring("chrf", 256, stop="\n\nUser:") for t in TASKS}
+    )
     c.scoring.intent = scoring("intent", 128, stop="\n\nUser:")
     c.perplexity_set = ""
     c.run_dir = f"runs/official_{task}"

@@ -9,14 +9,38 @@ import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        model_type="olmoe", attention="gqa",
-        vocab_size=50304, hidden_size=2048, intermediate_size=1024, moe_intermediate_size=1024,
-        num_hidden_layers=16, first_k_dense_replace=0, num_attention_heads=16, num_key_value_heads=16,
-        head_dim=128, qk_norm="full", clip_qkv=None, rope_interleave=False,
-        n_routed_experts=64, num_experts_per_tok=8, norm_topk_prob=False, n_shared_experts=0,
-        rope_theta=10000.0, max_position_embeddings=4096, rms_norm_eps=1e-5,
-        bos_token_id=None, eos_token_id=50279, pad_token_id=1,
-        param_dtype="bfloat16", dtype="bfloat16", moe_strategy="auto", capacity_factor=None,
-        expert_parallel="psum", scan_layers=True, remat=False,
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            model_type="olmoe",
+            attention="gqa",
+            vocab_size=50304,
+            hidden_size=2048,
+            intermediate_size=1024,
+            moe_intermediate_size=1024,
+            num_hidden_layers=16,
+            first_k_dense_replace=0,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            head_dim=128,
+            qk_norm="full",
+            clip_qkv=None,
+            rope_interleave=False,
+            n_routed_experts=64,
+            num_experts_per_tok=8,
+            norm_topk_prob=False,
+            n_shared_experts=0,
+            rope_theta=10000.0,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            bos_token_id=None,
+            eos_token_id=50279,
+            pad_token_id=1,
+            param_dtype="bfloat16",
+            dtype="bfloat16",
+            moe_strategy="auto",
+            capacity_factor=None,
+            expert_parallel="psum",
+            scan_layers=True,
+            remat=False,
+        )
+    )

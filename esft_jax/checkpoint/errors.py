@@ -1,4 +1,5 @@
-"""The checkpoint package's one user-facing error (its own module, so every writer and reader can raise it)."""
+"""The checkpoint package's one user-facing error (its own module, so every writer and reader
+can raise it)."""
 
 
 class CheckpointError(ValueError):

@@ -13,8 +13,9 @@ import contextlib
 import json
 import logging
 import re
+from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any, Collection, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -27,8 +28,8 @@ from esft_jax.checkpoint.errors import CheckpointError
 from esft_jax.checkpoint.families import Family, family
 from esft_jax.checkpoint.families.base import Fused
 from esft_jax.checkpoint.hf_names import TensorMap, config_from_hf, config_to_hf, tensor_maps
-from esft_jax.checkpoint.safetensors_read import TensorFile
 from esft_jax.checkpoint.output_dir import export_replaceable, staged_dir, write_marker
+from esft_jax.checkpoint.safetensors_read import TensorFile
 from esft_jax.checkpoint.tokenizer import write_tokenizer_files
 from esft_jax.jsonio import read_json
 from esft_jax.model.config import ConfigError, ModelConfig
@@ -39,8 +40,11 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_FLOAT32_PATHS = {("moe_layers", "moe", "router"), ("moe_layers", "moe", "router_bias"),
-                  ("moe_layers", "moe", "router_correction")}
+_FLOAT32_PATHS = {
+    ("moe_layers", "moe", "router"),
+    ("moe_layers", "moe", "router_bias"),
+    ("moe_layers", "moe", "router_correction"),
+}
 _LAYER_NAME = re.compile(r"(model\.layers\.\d+\.)(.+)")
 # Tensors a checkpoint may hold that the model does not use: rotary caches of old checkpoints.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -68,7 +72,7 @@ class OpenFiles:
         self._stack = contextlib.ExitStack()
         self._files: dict[Path, TensorFile] = {}
 
-    def __enter__(self) -> "OpenFiles":
+    def __enter__(self) -> OpenFiles:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -87,7 +91,9 @@ class OpenFiles:
 def load_config(ckpt_dir: str | Path, **runtime: Any) -> ModelConfig:
     """Our ModelConfig from `<ckpt_dir>/config.json`; `runtime` sets dtype/strategy fields."""
     path = Path(ckpt_dir) / "config.json"
-    hf = read_json(path, CheckpointError, f"no such file (is {ckpt_dir} a Hugging Face checkpoint directory?)")
+    hf = read_json(
+        path, CheckpointError, f"no such file (is {ckpt_dir} a Hugging Face checkpoint directory?)"
+    )
     try:
         return config_from_hf(hf, **runtime)
     except (ConfigError, TypeError) as e:
@@ -116,6 +122,7 @@ def _weight_files(ckpt_dir: Path) -> dict[str, Path]:
 class _Use(NamedTuple):
     """Where a canonical tensor is in the files: file tensor `key` (MXFP4 base name if packed),
     and for a fused tensor, expert `expert`'s part `part`."""
+
     file: Path
     key: str
     packed: bool = False
@@ -126,8 +133,11 @@ class _Use(NamedTuple):
 
 def _locate(files: dict[str, Path], fam: Family, num_experts: int) -> dict[str, _Use]:
     """Canonical tensor name -> where it is, for every tensor the files hold in any known layout."""
-    packed = {n.removesuffix("_blocks") for n in files
-              if n.endswith("_blocks") and mxfp4.is_mxfp4(files, n.removesuffix("_blocks"))}
+    packed = {
+        n.removesuffix("_blocks")
+        for n in files
+        if n.endswith("_blocks") and mxfp4.is_mxfp4(files, n.removesuffix("_blocks"))
+    }
     fused = {fz.name: fz for fz in fam.read_fused}
     where: dict[str, _Use] = {}
     for key in [*files, *packed]:
@@ -142,15 +152,24 @@ def _locate(files: dict[str, Path], fam: Family, num_experts: int) -> dict[str, 
             fz = fused[suffix]
             for e in range(num_experts):
                 for i, part in enumerate(fz.parts):
-                    where[prefix + part.format(e=e)] = where[key]._replace(fused=fz, expert=e, part=i)
+                    where[prefix + part.format(e=e)] = where[key]._replace(
+                        fused=fz, expert=e, part=i
+                    )
     return where
 
 
-def _read(open_files: OpenFiles, use: _Use, files: dict[str, Path], rows: slice | None = None) -> np.ndarray:
+def _read(
+    open_files: OpenFiles, use: _Use, files: dict[str, Path], rows: slice | None = None
+) -> np.ndarray:
     """File tensor `use` (MXFP4 blocks and scales dequantised, wherever the scales are), or only
     `rows` of its leading dim."""
+
     def get(file: Path, name: str) -> np.ndarray:
-        return open_files(file).get_tensor(name) if rows is None else open_files(file).get_slice(name)[rows]
+        return (
+            open_files(file).get_tensor(name)
+            if rows is None
+            else open_files(file).get_slice(name)[rows]
+        )
 
     if not use.packed:
         return get(use.file, use.key)
@@ -161,6 +180,7 @@ def _read(open_files: OpenFiles, use: _Use, files: dict[str, Path], rows: slice 
 class Plan(NamedTuple):
     """What a load reads: the file of each file tensor, where each canonical tensor is, and the
     model's TensorMaps (every one of them located)."""
+
     files: dict[str, Path]
     where: dict[str, _Use]
     maps: list[TensorMap]
@@ -179,10 +199,18 @@ def plan(ckpt_dir: str | Path, cfg: ModelConfig) -> Plan:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{ckpt_dir}: missing tensors (expected shape): {shown}{more}")
     used = {where[m.hf_name].key for m in maps}
-    extra = [n for n in files if n.removesuffix("_blocks").removesuffix("_scales") not in used
-             and not _IGNORED.match(n)]
+    extra = [
+        n
+        for n in files
+        if n.removesuffix("_blocks").removesuffix("_scales") not in used and not _IGNORED.match(n)
+    ]
     if extra:  # e.g. DeepSeek-V3's multi-token-prediction layers
-        log.warning("%s: ignoring %d tensors the model does not use, e.g. %s", ckpt_dir, len(extra), extra[0])
+        log.warning(
+            "%s: ignoring %d tensors the model does not use, e.g. %s",
+            ckpt_dir,
+            len(extra),
+            extra[0],
+        )
     return Plan(files, where, maps)
 
 
@@ -209,7 +237,9 @@ def _part(tensor: np.ndarray, use: _Use, file: Path, m: TensorMap) -> np.ndarray
     value = tensor if use.fused is None else use.fused.split(tensor[use.expert])[use.part]
     if tuple(value.shape) != m.hf_shape:
         shown = m.hf_name if use.fused is None else f"{m.hf_name} (from {use.key})"
-        raise CheckpointError(f"{file}: tensor {shown} has shape {list(value.shape)}, expected {list(m.hf_shape)}")
+        raise CheckpointError(
+            f"{file}: tensor {shown} has shape {list(value.shape)}, expected {list(m.hf_shape)}"
+        )
     return value
 
 
@@ -237,7 +267,10 @@ def _fuse(tensors: dict[str, np.ndarray], fam: Family, cfg: ModelConfig) -> dict
     for layer in cfg.moe_layer_ids:
         prefix = f"model.layers.{layer}."
         for fz in fam.write_fused:
-            names = [[prefix + part.format(e=e) for part in fz.parts] for e in range(cfg.n_routed_experts)]
+            names = [
+                [prefix + part.format(e=e) for part in fz.parts]
+                for e in range(cfg.n_routed_experts)
+            ]
             if names[0][0] not in tensors:
                 continue
             experts = [fz.join(tuple(tensors.pop(n) for n in row)) for row in names]
@@ -252,9 +285,16 @@ def load_checkpoint(ckpt_dir: str | Path, **runtime: Any) -> tuple[ModelConfig, 
     return cfg, jax.tree.map(jax.numpy.asarray, load_params(ckpt_dir, cfg))
 
 
-def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: Params, *,
-                    tokenizer_from: str | Path | None = None, max_shard_bytes: int = 4 << 30,
-                    overwrite: bool = False, inputs: Collection[str | Path] = ()) -> Path:
+def save_checkpoint(
+    out_dir: str | Path,
+    cfg: ModelConfig,
+    params: Params,
+    *,
+    tokenizer_from: str | Path | None = None,
+    max_shard_bytes: int = 4 << 30,
+    overwrite: bool = False,
+    inputs: Collection[str | Path] = (),
+) -> Path:
     """Write params as a Hugging Face checkpoint directory that transformers loads and generates from
     as esft does (tokenizer files: checkpoint/tokenizer.py), with a marker listing what it wrote.
 
@@ -268,7 +308,9 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: Params, *,
     replaceable = export_replaceable(out_dir, overwrite, inputs)
     host = jax.tree.map(np.asarray, params)
     fam = family(cfg.model_type)
-    tensors = _fuse({m.hf_name: m.to_hf(get_path(host, m.path)[m.index]) for m in tensor_maps(cfg)}, fam, cfg)
+    tensors = _fuse(
+        {m.hf_name: m.to_hf(get_path(host, m.path)[m.index]) for m in tensor_maps(cfg)}, fam, cfg
+    )
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, value in tensors.items():
@@ -287,8 +329,9 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: Params, *,
                 save_file(shard, tmp / name, metadata={"format": "pt"})
                 weight_map.update({k: name for k in shard})
             total = sum(v.nbytes for s in shards for v in s.values())
-            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
-                                                      "weight_map": weight_map}, indent=2))
+            (tmp / INDEX_FILE).write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
         write_tokenizer_files(tokenizer_from, tmp, cfg)
         write_marker(tmp, "esft_jax.checkpoint.save_checkpoint")

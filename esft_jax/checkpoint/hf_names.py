@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,11 @@ from esft_jax.checkpoint.families import family
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.params import flat_param_specs, input_dims
 
-_TOP = {("embed",): "model.embed_tokens.weight", ("final_norm",): "model.norm.weight", ("lm_head",): "lm_head.weight"}
+_TOP = {
+    ("embed",): "model.embed_tokens.weight",
+    ("final_norm",): "model.norm.weight",
+    ("lm_head",): "lm_head.weight",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +32,9 @@ class TensorMap:
     path: tuple[str, ...]  # key path into our params
     index: tuple[int, ...]  # position inside the stacked array: (layer,) or (layer, expert)
     shape: tuple[int, ...]  # our shape of this slice
-    n_in: int | None  # leading input dims of a linear weight; 0: copied as is; None: a vector, flattened
+    n_in: (
+        int | None
+    )  # leading input dims of a linear weight; 0: copied as is; None: a vector, flattened
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -35,7 +42,7 @@ class TensorMap:
             return (math.prod(self.shape),)
         if self.n_in == 0:
             return self.shape
-        return (math.prod(self.shape[self.n_in:]), math.prod(self.shape[:self.n_in]))
+        return (math.prod(self.shape[self.n_in :]), math.prod(self.shape[: self.n_in]))
 
     def from_hf(self, hf: np.ndarray) -> np.ndarray:
         return hf.reshape(self.shape) if not self.n_in else hf.T.reshape(self.shape)
@@ -62,8 +69,10 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
         for i, layer in enumerate(layer_ids[group]):
             prefix = f"model.layers.{layer}."
             if per_expert:
-                maps += [TensorMap(prefix + suffix.format(e=e), path, (i, e), inner, input_dims(path))
-                         for e in range(spec.shape[1])]
+                maps += [
+                    TensorMap(prefix + suffix.format(e=e), path, (i, e), inner, input_dims(path))
+                    for e in range(spec.shape[1])
+                ]
             else:
                 maps.append(TensorMap(prefix + suffix, path, (i,), inner, input_dims(path)))
     return sorted(maps, key=lambda m: _layer_of(m.hf_name))

@@ -15,7 +15,7 @@ bit for bit (an exact ldexp of the FP4 value; bf16 is the float32 result rounded
 
 from __future__ import annotations
 
-from typing import Collection
+from collections.abc import Collection
 
 import numpy as np
 
@@ -25,7 +25,9 @@ SCALE_BIAS = 127
 FP4_MAGNITUDES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
 FP4_VALUES = np.concatenate([FP4_MAGNITUDES, -FP4_MAGNITUDES])
 # byte -> (value of its low nibble, value of its high nibble): one lookup decodes both.
-_BYTE_PAIRS = np.stack([FP4_VALUES[np.arange(256) & 0x0F], FP4_VALUES[np.arange(256) >> 4]], axis=-1)
+_BYTE_PAIRS = np.stack(
+    [FP4_VALUES[np.arange(256) & 0x0F], FP4_VALUES[np.arange(256) >> 4]], axis=-1
+)
 _MIDPOINTS = (FP4_MAGNITUDES[1:] + FP4_MAGNITUDES[:-1]) / 2
 
 
@@ -39,17 +41,22 @@ def is_mxfp4(names: Collection[str], base: str) -> bool:
     return all(n in names for n in packed_names(base))
 
 
-def _dequantize_rows(blocks_ergb: np.ndarray, scales_erg: np.ndarray, compute: np.dtype) -> np.ndarray:
+def _dequantize_rows(
+    blocks_ergb: np.ndarray, scales_erg: np.ndarray, compute: np.dtype
+) -> np.ndarray:
     """[e, R, G, 16] bytes and [e, R, G] exponents -> values [e, R, G*32] in `compute` dtype."""
-    values = np.take(_BYTE_PAIRS.astype(compute), blocks_ergb, axis=0)  # [e, R, G, 16, 2]: low nibble first
+    values = np.take(
+        _BYTE_PAIRS.astype(compute), blocks_ergb, axis=0
+    )  # [e, R, G, 16, 2]: low nibble first
     exps = scales_erg.astype(np.int32)[..., None, None] - SCALE_BIAS
     with np.errstate(over="ignore"):  # exponent 128 overflows to inf, as in transformers
         np.ldexp(values, exps, out=values)
     return values.reshape(*scales_erg.shape[:2], -1)
 
 
-def dequantize(blocks: np.ndarray, scales: np.ndarray, dtype=np.float32, *,
-               chunk_values: int = 1 << 24) -> np.ndarray:
+def dequantize(
+    blocks: np.ndarray, scales: np.ndarray, dtype=np.float32, *, chunk_values: int = 1 << 24
+) -> np.ndarray:
     """blocks [E, out, G, 16] uint8, scales [E, out, G] uint8 -> weights [E, in=G*32, out] in `dtype`.
 
     Experts are decoded a few at a time (about `chunk_values` values each, at least one expert) so the
@@ -57,23 +64,29 @@ def dequantize(blocks: np.ndarray, scales: np.ndarray, dtype=np.float32, *,
     Values are computed in float32 (float64 if asked for) and then cast, so bf16 = float32 rounded.
     """
     if blocks.ndim != 4 or blocks.shape[-1] != BLOCK // 2 or blocks.shape[:-1] != scales.shape:
-        raise ValueError(f"MXFP4 blocks {list(blocks.shape)} and scales {list(scales.shape)} are not "
-                         f"[E, out, G, {BLOCK // 2}] and [E, out, G]")
+        raise ValueError(
+            f"MXFP4 blocks {list(blocks.shape)} and scales {list(scales.shape)} are not "
+            f"[E, out, G, {BLOCK // 2}] and [E, out, G]"
+        )
     if blocks.dtype != np.uint8 or scales.dtype != np.uint8:
-        raise ValueError(f"MXFP4 blocks and scales must be uint8, not {blocks.dtype} and {scales.dtype}")
+        raise ValueError(
+            f"MXFP4 blocks and scales must be uint8, not {blocks.dtype} and {scales.dtype}"
+        )
     n_exp, n_out, n_groups, _ = blocks.shape
     compute = np.promote_types(dtype, np.float32)
     out_eio = np.empty((n_exp, n_groups * BLOCK, n_out), dtype)
     step = max(1, chunk_values // max(1, n_out * n_groups * BLOCK))
     for e0 in range(0, n_exp, step):
-        rows_eoi = _dequantize_rows(blocks[e0:e0 + step], scales[e0:e0 + step], compute)
-        out_eio[e0:e0 + step] = rows_eoi.transpose(0, 2, 1)
+        rows_eoi = _dequantize_rows(blocks[e0 : e0 + step], scales[e0 : e0 + step], compute)
+        out_eio[e0 : e0 + step] = rows_eoi.transpose(0, 2, 1)
     return out_eio
 
 
 def _block_exponents(amax: np.ndarray) -> np.ndarray:
     """Smallest e with amax <= 6 * 2^e (so no value clips), clamped to E8M0's finite range [-127, 127]."""
-    mant, exp = np.frexp(amax)  # amax = mant * 2^exp, mant in [0.5, 1); 6 * 2^(exp-3) = 0.75 * 2^exp
+    mant, exp = np.frexp(
+        amax
+    )  # amax = mant * 2^exp, mant in [0.5, 1); 6 * 2^(exp-3) = 0.75 * 2^exp
     return np.clip(exp - 3 + (mant > 0.75), -SCALE_BIAS, SCALE_BIAS)
 
 
@@ -87,17 +100,26 @@ def _nearest_codes(y: np.ndarray) -> np.ndarray:
 
 
 def quantize(x_eio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reference quantiser (for tests): x [E, in, out] -> (blocks [E, out, in/32, 16], scales [E, out, in/32]).
+    """Reference quantiser (for tests): x [E, in, out] -> (blocks [E, out, in/32, 16],
+    scales [E, out, in/32]).
 
     Each block of 32 input-axis values gets the smallest power-of-two scale that fits its largest
     magnitude within 6, then each value is rounded to the nearest E2M1 value (the inverse of `dequantize`).
     """
     n_exp, n_in, n_out = x_eio.shape
     if n_in % BLOCK:
-        raise ValueError(f"input dimension {n_in} is not a multiple of the MXFP4 block size {BLOCK}")
-    x_eogb = np.asarray(x_eio, np.float64).transpose(0, 2, 1).reshape(n_exp, n_out, n_in // BLOCK, BLOCK)
+        raise ValueError(
+            f"input dimension {n_in} is not a multiple of the MXFP4 block size {BLOCK}"
+        )
+    x_eogb = (
+        np.asarray(x_eio, np.float64).transpose(0, 2, 1).reshape(n_exp, n_out, n_in // BLOCK, BLOCK)
+    )
     exps_eog = _block_exponents(np.abs(x_eogb).max(axis=-1))
-    codes = _nearest_codes(np.ldexp(x_eogb, -exps_eog[..., None])).reshape(*exps_eog.shape, BLOCK // 2, 2)
+    codes = _nearest_codes(np.ldexp(x_eogb, -exps_eog[..., None])).reshape(
+        *exps_eog.shape, BLOCK // 2, 2
+    )
     blocks = codes[..., 0] | (codes[..., 1] << 4)
     # C-contiguous: safetensors writes an array's raw buffer
-    return np.ascontiguousarray(blocks, np.uint8), np.ascontiguousarray(exps_eog + SCALE_BIAS, np.uint8)
+    return np.ascontiguousarray(blocks, np.uint8), np.ascontiguousarray(
+        exps_eog + SCALE_BIAS, np.uint8
+    )

@@ -17,9 +17,20 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
-DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-          "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
-          "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 class TensorFile:
@@ -36,7 +47,7 @@ class TensorFile:
     def keys(self) -> list[str]:
         return list(self._header)
 
-    def get_slice(self, name: str) -> "TensorSlice":
+    def get_slice(self, name: str) -> TensorSlice:
         return TensorSlice(self, name)
 
     def get_tensor(self, name: str) -> np.ndarray:

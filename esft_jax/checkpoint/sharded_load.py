@@ -3,19 +3,20 @@
 Each parameter is built with its final sharding, one device's block at a time: the block (a tuple
 of slices of the global shape) is assembled on the host from only the canonical tensors inside it,
 placed on its devices and dropped, so an expert-parallel process never reads the experts other processes
-hold, and the host holds one block beyond the placed arrays, not the whole model. Where a tensor's block is a plain
-slice of its file tensor (no fused or MXFP4 layout, no adapter) only that slice is read (a slice of
-columns reads whole rows); a fused [E, ...] tensor (MXFP4 or not) is read one expert's rows at a time,
-once per part it holds (gate_up twice: gate and up are separate leaves). Locating,
-reading, splitting and converting tensors is checkpoint/hf.py's code; adapters are checkpoint/adapter.py's.
+hold, and the host holds one block beyond the placed arrays, not the whole model. Where a tensor's
+block is a plain slice of its file tensor (no fused or MXFP4 layout, no adapter) only that slice is
+read (a slice of columns reads whole rows); a fused [E, ...] tensor (MXFP4 or not) is read one
+expert's rows at a time, once per part it holds (gate_up twice: gate and up are separate leaves).
+Locating, reading, splitting and converting tensors is checkpoint/hf.py's code; adapters are
+checkpoint/adapter.py's.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -29,13 +30,19 @@ from esft_jax.model.config import ModelConfig
 from esft_jax.model.params import Params, flat_param_specs
 from esft_jax.tree import set_path
 
-STATS = {"bytes_read": 0}  # tensor bytes the last load read from the files (for tests and benchmarks)
+STATS = {
+    "bytes_read": 0
+}  # tensor bytes the last load read from the files (for tests and benchmarks)
 
 Index = tuple[slice, ...]
 
 
-def load_params_sharded(ckpt_dir: str | Path, cfg: ModelConfig, mesh: Mesh | None = None,
-                        adapter: str | Path | None = None) -> Params:
+def load_params_sharded(
+    ckpt_dir: str | Path,
+    cfg: ModelConfig,
+    mesh: Mesh | None = None,
+    adapter: str | Path | None = None,
+) -> Params:
     """Params as jax arrays sharded by their logical axes over `mesh` (one device when None), with
     the adapter directory `adapter` (if any) applied; equal to `load_checkpoint` (+ `load_with_adapter`)
     placed with `shard_params`. Errors are hf.py's and adapter.py's."""
@@ -48,13 +55,16 @@ def load_params_sharded(ckpt_dir: str | Path, cfg: ModelConfig, mesh: Mesh | Non
     with hf.OpenFiles() as open_files:
         for path, spec in flat_param_specs(cfg).items():
             read = lambda index, path=path, shape=spec.shape: _block(  # noqa: E731
-                index, shape, by_path[path], plan, updates, open_files)
+                index, shape, by_path[path], plan, updates, open_files
+            )
             set_path(params, path, _place(spec.shape, _sharding(spec.axes, mesh), read))
         STATS["bytes_read"] = open_files.bytes_read
     return params
 
 
-def _place(shape: tuple[int, ...], sharding: Sharding, read: Callable[[Index], np.ndarray]) -> jax.Array:
+def _place(
+    shape: tuple[int, ...], sharding: Sharding, read: Callable[[Index], np.ndarray]
+) -> jax.Array:
     """The array of `shape` with `sharding`, each device's block from `read(index)`. Unlike
     `jax.make_array_from_callback`, which reads every block before placing any, each block is placed
     as it is read and dropped once its last replica is placed, so the host holds one block at a time."""
@@ -63,7 +73,9 @@ def _place(shape: tuple[int, ...], sharding: Sharding, read: Callable[[Index], n
     replicas_left = collections.Counter(key(index) for index in indices.values())
     blocks: dict[tuple, np.ndarray] = {}
     shards = []
-    for device, index in sorted(indices.items(), key=lambda item: key(item[1])):  # replicas together
+    for device, index in sorted(
+        indices.items(), key=lambda item: key(item[1])
+    ):  # replicas together
         k = key(index)
         if k not in blocks:
             blocks[k] = read(index)
@@ -92,12 +104,18 @@ def _updates_by_name(cfg: ModelConfig, adapter: str | Path | None) -> dict[str, 
     return out
 
 
-def _block(index: Index, shape: tuple[int, ...], maps: list[TensorMap], plan: hf.Plan,
-           updates: dict[str, list[Update]], open_files: hf.OpenFiles) -> np.ndarray:
+def _block(
+    index: Index,
+    shape: tuple[int, ...],
+    maps: list[TensorMap],
+    plan: hf.Plan,
+    updates: dict[str, list[Update]],
+    open_files: hf.OpenFiles,
+) -> np.ndarray:
     """One device's block of a leaf: the TensorMaps whose (layer[, expert]) fall in the block's
     stacked dims, each cut to the block's inner dims."""
-    stacked = [range(*s.indices(n)) for s, n in zip(index, shape[:len(maps[0].index)])]
-    inner = index[len(stacked):]
+    stacked = [range(*s.indices(n)) for s, n in zip(index, shape[: len(maps[0].index)])]
+    inner = index[len(stacked) :]
     block_shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
     block = None
     for m in maps:
@@ -111,15 +129,18 @@ def _block(index: Index, shape: tuple[int, ...], maps: list[TensorMap], plan: hf
     return block
 
 
-def _tensor_block(m: TensorMap, inner: Index, plan: hf.Plan, updates: list[Update], open_files: hf.OpenFiles
-                  ) -> np.ndarray:
+def _tensor_block(
+    m: TensorMap, inner: Index, plan: hf.Plan, updates: list[Update], open_files: hf.OpenFiles
+) -> np.ndarray:
     """Tensor `m` in our layout and dtype, restricted to `inner`, adapter updates applied."""
     use = plan.where[m.hf_name]
     hf_index = None if updates else _direct_index(m, use, inner)
     if hf_index is not None:
         stored = open_files(use.file).get_slice(use.key)
         # hf._part's shape check, on a stand-in of the stored shape that holds no data
-        hf._part(np.broadcast_to(np.zeros((), np.uint8), tuple(stored.get_shape())), use, use.file, m)
+        hf._part(
+            np.broadcast_to(np.zeros((), np.uint8), tuple(stored.get_shape())), use, use.file, m
+        )
         value = stored[hf_index]
         block_shape = tuple(len(range(*s.indices(n))) for s, n in zip(inner, m.shape))
         return hf.ours(dataclasses.replace(m, shape=block_shape), value)
@@ -144,4 +165,3 @@ def _direct_index(m: TensorMap, use: hf._Use, inner: Index) -> tuple[slice, ...]
     if m.n_in == 1 and len(m.shape) == 2:
         return inner[::-1]
     return None
-

@@ -19,14 +19,21 @@ from esft_jax.model.config import ModelConfig
 
 TOKENIZER_FILE, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
 GENERATION_CONFIG = "generation_config.json"
-COPIED_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG, "special_tokens_map.json", "chat_template.jinja", GENERATION_CONFIG)
+COPIED_FILES = (
+    TOKENIZER_FILE,
+    TOKENIZER_CONFIG,
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    GENERATION_CONFIG,
+)
 # ESFT's training format (esft_jax/data/records.py): "User: {u}\n\nAssistant:" + " {a}" + EOS, after BOS.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
     "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
     "{% else %}{{ raise_exception('ESFT chats hold only user and assistant messages') }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 
 
 def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
@@ -53,17 +60,40 @@ def write_tokenizer_files(src: str | Path | None, dst: Path, cfg: ModelConfig) -
         if tokenizer.post_processor is None and cfg.bos_token_id is not None:
             bos = _token(tokenizer, cfg.bos_token_id, "bos_token_id")
             tokenizer.post_processor = processors.TemplateProcessing(
-                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, cfg.bos_token_id)])
+                single=f"{bos}:0 $A:0",
+                pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                special_tokens=[(bos, cfg.bos_token_id)],
+            )
             tokenizer.save(str(dst / TOKENIZER_FILE))
-        specials = {f"{kind}_token": _token(tokenizer, token_id, f"{kind}_token_id")
-                    for kind, token_id in (("bos", cfg.bos_token_id), ("eos", cfg.eos_token_id),
-                                           ("pad", cfg.pad_token_id)) if token_id is not None}
-        _write_json(dst / TOKENIZER_CONFIG, {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
-                                             "add_bos_token": cfg.bos_token_id is not None, "add_eos_token": False,
-                                             "chat_template": CHAT_TEMPLATE})
+        specials = {
+            f"{kind}_token": _token(tokenizer, token_id, f"{kind}_token_id")
+            for kind, token_id in (
+                ("bos", cfg.bos_token_id),
+                ("eos", cfg.eos_token_id),
+                ("pad", cfg.pad_token_id),
+            )
+            if token_id is not None
+        }
+        _write_json(
+            dst / TOKENIZER_CONFIG,
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                **specials,
+                "add_bos_token": cfg.bos_token_id is not None,
+                "add_eos_token": False,
+                "chat_template": CHAT_TEMPLATE,
+            },
+        )
     if not (dst / GENERATION_CONFIG).is_file():
-        ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
-        _write_json(dst / GENERATION_CONFIG, {**{k: v for k, v in ids.items() if v is not None}, "do_sample": False})
+        ids = {
+            "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_id,
+            "pad_token_id": cfg.pad_token_id,
+        }
+        _write_json(
+            dst / GENERATION_CONFIG,
+            {**{k: v for k, v in ids.items() if v is not None}, "do_sample": False},
+        )
 
 
 def _token(tokenizer: Tokenizer, token_id: int, key: str) -> str:

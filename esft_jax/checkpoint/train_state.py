@@ -44,8 +44,11 @@ def _hold_back_background_noise() -> None:
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:
-        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == \
-            "Event loop is closed" and unraisable.object is None
+        closed_loop = (
+            isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"
+            and unraisable.object is None
+        )
         if not closed_loop:
             previous(unraisable)
 
@@ -70,8 +73,12 @@ def reason(error: BaseException) -> str:
 class TrainCheckpoints:
     def __init__(self, directory: str | Path, save_every: int, keep: int):
         self.directory = Path(directory).resolve()
-        options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep, create=True,
-                                               cleanup_tmp_directories=True)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_every,
+            max_to_keep=keep,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
         _hold_back_background_noise()
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._in_flight: int | None = None  # the step whose background save may still be running
@@ -84,8 +91,13 @@ class TrainCheckpoints:
         """Start saving `state` and the data position as `step` (in the background)."""
         self._wait()
         try:
-            self._manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+                ),
+                force=True,
+            )
         except Exception as e:  # orbax and tensorstore raise their own types for an I/O failure
             raise self._write_error(step, e) from None
         self._in_flight = step
@@ -101,16 +113,24 @@ class TrainCheckpoints:
         unreadable: list[tuple[int, str]] = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-            except Exception as e:  # truncated or garbled files: orbax, tensorstore and json each raise theirs
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                    ),
+                )
+            except (
+                Exception
+            ) as e:  # truncated or garbled files: orbax, tensorstore and json each raise theirs
                 unreadable.append((step, reason(e)))
                 continue
             self._set_aside(unreadable, step)
             return step, restored["state"], restored["data"]
         listed = "; ".join(f"step {s}: {why}" for s, why in unreadable) or "there is none"
-        raise CheckpointError(f"{self.directory}: no checkpoint can be read ({listed}); delete the directory "
-                              f"to start over, or use another --config.workdir")
+        raise CheckpointError(
+            f"{self.directory}: no checkpoint can be read ({listed}); delete the directory "
+            f"to start over, or use another --config.workdir"
+        )
 
     def close(self) -> None:
         self._wait()
@@ -123,8 +143,10 @@ class TrainCheckpoints:
             raise self._write_error(self._in_flight, e) from None
 
     def _write_error(self, step: int | None, error: Exception) -> CheckpointError:
-        return CheckpointError(f"{self.directory}/{step}: could not write the checkpoint: {reason(error)}; "
-                               f"the earlier checkpoints are kept")
+        return CheckpointError(
+            f"{self.directory}/{step}: could not write the checkpoint: {reason(error)}; "
+            f"the earlier checkpoints are kept"
+        )
 
     def _set_aside(self, unreadable: list[tuple[int, str]], restored: int) -> None:
         """Move the unreadable checkpoints newer than `restored` out of orbax's way (kept for a look)."""
@@ -132,8 +154,11 @@ class TrainCheckpoints:
             names = (self.directory / f"{step}.unreadable{i or ''}" for i in itertools.count())
             aside = next(name for name in names if not name.exists())
             os.replace(self.directory / str(step), aside)
-            print(f"warning: {self.directory}/{step}: cannot read this checkpoint ({why}); resuming from "
-                  f"step {restored}, the unreadable one is kept as {aside}", file=sys.stderr)
+            print(
+                f"warning: {self.directory}/{step}: cannot read this checkpoint ({why}); resuming from "
+                f"step {restored}, the unreadable one is kept as {aside}",
+                file=sys.stderr,
+            )
         if unreadable:
             ocp.multihost.sync_global_processes("esft_checkpoints_set_aside")
             self._manager.reload()

@@ -22,7 +22,11 @@ def byte_tokenizer() -> Tokenizer:
 
 def _byte_of(ch: str) -> int:
     """The byte that GPT-2's byte-to-unicode table maps to `ch`."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     if ord(ch) in printable:
         return ord(ch)
     others = [b for b in range(256) if b not in printable]

@@ -5,15 +5,16 @@ Two line formats:
   rendered as the official training template: prompt "User: {u}\\n\\nAssistant:", answer " {a}".
 - plain text: {"text": t}: no prompt, the whole text is the answer.
 
-`parse_jsonl` is the line reader under both this and the eval sets (eval/tasks.py).
+`parse_jsonl` is the line reader under both this and the eval sets (eval/metrics.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 PROMPT_TEMPLATE = "User: {user}\n\nAssistant:"
 ANSWER_TEMPLATE = " {assistant}"
@@ -36,14 +37,21 @@ def _sample(obj: object, source: str) -> Sample:
         raise ValueError("expected a JSON object")
     if "messages" in obj:
         messages = obj["messages"]
-        if (not isinstance(messages, list) or len(messages) != 2
-                or not all(isinstance(m, dict) for m in messages)
-                or [m.get("role") for m in messages] != ["user", "assistant"]):
-            raise ValueError("'messages' must be [{'role': 'user', ...}, {'role': 'assistant', ...}]")
+        if (
+            not isinstance(messages, list)
+            or len(messages) != 2
+            or not all(isinstance(m, dict) for m in messages)
+            or [m.get("role") for m in messages] != ["user", "assistant"]
+        ):
+            raise ValueError(
+                "'messages' must be [{'role': 'user', ...}, {'role': 'assistant', ...}]"
+            )
         user, assistant = (m.get("content") for m in messages)
         if not isinstance(user, str) or not isinstance(assistant, str):
             raise ValueError("each message needs a string 'content'")
-        return Sample(PROMPT_TEMPLATE.format(user=user), ANSWER_TEMPLATE.format(assistant=assistant), source)
+        return Sample(
+            PROMPT_TEMPLATE.format(user=user), ANSWER_TEMPLATE.format(assistant=assistant), source
+        )
     if "text" in obj:
         if not isinstance(obj["text"], str):
             raise ValueError("'text' must be a string")
@@ -54,8 +62,14 @@ def _sample(obj: object, source: str) -> Sample:
 T = TypeVar("T")
 
 
-def parse_jsonl(path: str | Path, parse: Callable[[Any, str], T], *, what: str, skip_invalid: bool = False,
-                limit: int = 0) -> tuple[list[T], int]:
+def parse_jsonl(
+    path: str | Path,
+    parse: Callable[[Any, str], T],
+    *,
+    what: str,
+    skip_invalid: bool = False,
+    limit: int = 0,
+) -> tuple[list[T], int]:
     """(parse(json, "file:line") of each line, the first `limit` of them if limit > 0; lines skipped).
     Blank lines are ignored; a line that is not JSON, or that `parse` rejects with a ValueError, raises
     DataError naming file and line, or is skipped and counted when skip_invalid. A missing file
@@ -83,7 +97,9 @@ def parse_jsonl(path: str | Path, parse: Callable[[Any, str], T], *, what: str, 
                 raise DataError(error)
             skipped += 1
     if not items:
-        raise DataError(f"{path}: no samples ({'every line malformed' if skipped else 'the file is empty'})")
+        raise DataError(
+            f"{path}: no samples ({'every line malformed' if skipped else 'the file is empty'})"
+        )
     return items, skipped
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -38,7 +39,9 @@ def process_rows(rows_sharding: Sharding | None, batch_rows: int) -> dict[int, t
     for process, rows in held.items():
         start, stop = min(rows), max(rows) + 1
         if len(rows) != stop - start:
-            raise ShardError(f"process {process} holds batch rows {sorted(rows)}, not one contiguous block")
+            raise ShardError(
+                f"process {process} holds batch rows {sorted(rows)}, not one contiguous block"
+            )
         ranges[process] = (start, stop)
     return ranges
 
@@ -50,8 +53,12 @@ class DataShards:
     rows: int  # rows per shard
 
 
-def plan(rows_sharding: Sharding | None, batch_rows: int, count: int = 0,
-         key: str = "--config.data.shards") -> DataShards:
+def plan(
+    rows_sharding: Sharding | None,
+    batch_rows: int,
+    count: int = 0,
+    key: str = "--config.data.shards",
+) -> DataShards:
     """This process's shards of a global batch of `batch_rows` rows cut into `count` shards
     (0: one per distinct block of rows that a process holds); errors name the config `key`."""
     rows = process_rows(rows_sharding, batch_rows)
@@ -61,12 +68,16 @@ def plan(rows_sharding: Sharding | None, batch_rows: int, count: int = 0,
         raise ShardError(f"batch_size={batch_rows} is not a multiple of {key}={count}")
     per = batch_rows // count
     if any(start % per or stop % per for start, stop in blocks):
-        raise ShardError(f"{key}={count} ({per} rows each) does not fit the processes' blocks of rows "
-                         f"{blocks}; use a multiple of {len(blocks)} that divides batch_size={batch_rows}")
+        raise ShardError(
+            f"{key}={count} ({per} rows each) does not fit the processes' blocks of rows "
+            f"{blocks}; use a multiple of {len(blocks)} that divides batch_size={batch_rows}"
+        )
     mine = rows.get(jax.process_index())
     if mine is None:
-        raise ShardError(f"process {jax.process_index()} holds no device of the mesh; the mesh must span "
-                         "every process's devices")
+        raise ShardError(
+            f"process {jax.process_index()} holds no device of the mesh; the mesh must span "
+            "every process's devices"
+        )
     start, stop = mine
     return DataShards(count, range(start // per, stop // per), per)
 
@@ -82,7 +93,10 @@ class LocalBatches:
     def take(self, n: int) -> Batch:
         """The next n batches of this process's rows, stacked: [n, len(local) * rows, T]."""
         parts = [[next(s) for _ in range(n)] for s in self._streams.values()]
-        return {k: np.stack([np.concatenate([p[j][k] for p in parts]) for j in range(n)]) for k in parts[0][0]}
+        return {
+            k: np.stack([np.concatenate([p[j][k] for p in parts]) for j in range(n)])
+            for k in parts[0][0]
+        }
 
     def get_state(self) -> dict[str, Any]:
         """Every shard's stream position, gathered from all processes (a collective when there are
@@ -92,8 +106,10 @@ class LocalBatches:
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("count") != self.shards.count:
-            raise ShardError(f"the checkpoint's data position is for --config.data.shards={state.get('count')}, "
-                             f"this run has {self.shards.count}; resume with that count")
+            raise ShardError(
+                f"the checkpoint's data position is for --config.data.shards={state.get('count')}, "
+                f"this run has {self.shards.count}; resume with that count"
+            )
         missing = [i for i in self._streams if str(i) not in state["streams"]]
         if missing:
             raise ShardError(f"the checkpoint's data position lacks shards {missing}")
@@ -115,7 +131,7 @@ def _gather(local: dict[str, Any]) -> dict[str, Any]:
     text = np.frombuffer(json.dumps(local).encode(), np.uint8)
     sizes = multihost_utils.process_allgather(np.array([text.size]))
     padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:text.size] = text
+    padded[: text.size] = text
     everyone = multihost_utils.process_allgather(padded)
     merged: dict[str, Any] = {}
     for row, size in zip(everyone, sizes.ravel()):

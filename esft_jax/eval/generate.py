@@ -13,7 +13,7 @@ run expert-parallel, as in training: the same tokens as on one device.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,9 @@ def _greedy(params, tokens_bp, segments_bp, cfg: ModelConfig, max_new_tokens: in
     b, p = tokens_bp.shape
     cache = init_cache(cfg, b, p + max_new_tokens)
     positions = segment_positions(segments_bp)
-    logits, cache = forward_cached(params, tokens_bp, cfg, cache, segment_ids_bt=segments_bp, positions_bt=positions)
+    logits, cache = forward_cached(
+        params, tokens_bp, cfg, cache, segment_ids_bt=segments_bp, positions_bt=positions
+    )
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     out = jnp.full((b, max_new_tokens), eos_id, jnp.int32)
 
@@ -42,8 +44,14 @@ def _greedy(params, tokens_bp, segments_bp, cfg: ModelConfig, max_new_tokens: in
         i, token, pos, done, out, cache = carry
         out = out.at[:, i].set(jnp.where(done, eos_id, token))
         done = done | (token == eos_id)
-        logits, cache = forward_cached(params, token[:, None], cfg, cache, segment_ids_bt=jnp.ones((b, 1), jnp.int32),
-                                       positions_bt=pos[:, None])
+        logits, cache = forward_cached(
+            params,
+            token[:, None],
+            cfg,
+            cache,
+            segment_ids_bt=jnp.ones((b, 1), jnp.int32),
+            positions_bt=pos[:, None],
+        )
         return i + 1, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), pos + 1, done, out, cache
 
     empty = ~jnp.any(segments_bp != 0, axis=1)  # a padding row (no prompt) is done from the start
@@ -51,8 +59,16 @@ def _greedy(params, tokens_bp, segments_bp, cfg: ModelConfig, max_new_tokens: in
     return jax.lax.while_loop(cond, body, start)[4]
 
 
-def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             eos_id: int, bucket: int = 64, mesh: Mesh | None = None) -> list[list[int]]:
+def generate(
+    params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    bucket: int = 64,
+    mesh: Mesh | None = None,
+) -> list[list[int]]:
     """Greedy continuations (up to and excluding EOS) of one batch of token-id prompts."""
     width = -(-max(len(p) for p in prompts) // bucket) * bucket
     multiple = sharding.rows_multiple(mesh, cfg.expert_parallel)
@@ -60,25 +76,39 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     tokens = np.zeros((rows, width), np.int32)
     segments = np.zeros((rows, width), np.int32)
     for row, prompt in enumerate(prompts):
-        tokens[row, width - len(prompt):], segments[row, width - len(prompt):] = prompt, 1
+        tokens[row, width - len(prompt) :], segments[row, width - len(prompt) :] = prompt, 1
     tokens_bp, segments_bp = sharding.place_rows((tokens, segments), mesh)
     with sharding.on_mesh(mesh):
         out = np.asarray(_greedy(params, tokens_bp, segments_bp, cfg, max_new_tokens, eos_id))
     results = []
-    for row in out[:len(prompts)].tolist():
-        results.append(row[:row.index(eos_id)] if eos_id in row else row)
+    for row in out[: len(prompts)].tolist():
+        results.append(row[: row.index(eos_id)] if eos_id in row else row)
     return results
 
 
-def generate_text(params, cfg: ModelConfig, tokenizer: Tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
-                  stop: Sequence[str] = (), batch_size: int = 8, mesh: Mesh | None = None) -> list[str]:
+def generate_text(
+    params,
+    cfg: ModelConfig,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    batch_size: int = 8,
+    mesh: Mesh | None = None,
+) -> list[str]:
     """Greedy completions of text prompts (BOS prepended), cut at the first stop string."""
     bos = [cfg.bos_token_id] if cfg.bos_token_id is not None else []
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else -1
     texts = []
     for start in range(0, len(prompts), batch_size):
-        batch = [bos + tokenizer.encode(p, add_special_tokens=False).ids for p in prompts[start:start + batch_size]]
-        for ids in generate(params, cfg, batch, max_new_tokens=max_new_tokens, eos_id=eos, mesh=mesh):
+        batch = [
+            bos + tokenizer.encode(p, add_special_tokens=False).ids
+            for p in prompts[start : start + batch_size]
+        ]
+        for ids in generate(
+            params, cfg, batch, max_new_tokens=max_new_tokens, eos_id=eos, mesh=mesh
+        ):
             text = tokenizer.decode(ids)
             cut = min([text.index(s) for s in stop if s in text], default=len(text))
             texts.append(text[:cut])

@@ -13,12 +13,13 @@ import re
 import time
 import urllib.error
 import urllib.request
-from typing import Sequence
+from collections.abc import Sequence
 
 RUBRIC = (
     "You are grading an answer to a task against reference answers. Judge correctness and "
     "completeness relative to the references; ignore style. Reply with a one-sentence reason, then "
-    "a final line 'Score: N' with N an integer from 0 (wrong or empty) to 10 (as good as a reference).")
+    "a final line 'Score: N' with N an integer from 0 (wrong or empty) to 10 (as good as a reference)."
+)
 
 
 class JudgeError(RuntimeError):
@@ -37,8 +38,15 @@ def parse_score(reply: str) -> float:
 
 
 class Judge:
-    def __init__(self, base_url: str, model: str, api_key: str = "", retries: int = 3, timeout_s: float = 60.0,
-                 backoff_s: float = 1.0):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str = "",
+        retries: int = 3,
+        timeout_s: float = 60.0,
+        backoff_s: float = 1.0,
+    ):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.retries = model, api_key, retries
         self.timeout_s, self.backoff_s = timeout_s, backoff_s
@@ -47,7 +55,9 @@ class Judge:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, json.dumps(payload).encode(), headers, method="POST")
+        request = urllib.request.Request(
+            self.url, json.dumps(payload).encode(), headers, method="POST"
+        )
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
@@ -56,22 +66,39 @@ class Judge:
             except urllib.error.HTTPError as e:
                 last = e
                 if e.code < 500 and e.code != 429:  # a client error will not go away by retrying
-                    raise JudgeError(f"judge at {self.url} refused the request: HTTP {e.code} {e.reason}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
+                    raise JudgeError(
+                        f"judge at {self.url} refused the request: HTTP {e.code} {e.reason}"
+                    ) from None
+            except (
+                urllib.error.URLError,
+                TimeoutError,
+                ConnectionError,
+                json.JSONDecodeError,
+            ) as e:
                 last = e
             if attempt < self.retries:
-                time.sleep(self.backoff_s * 2 ** attempt)
+                time.sleep(self.backoff_s * 2**attempt)
         raise JudgeError(f"judge at {self.url} unreachable after {self.retries + 1} tries: {last}")
 
     def score(self, question: str, prediction: str, answers: Sequence[str]) -> float:
         references = "\n".join(f"- {a}" for a in answers)
         content = f"Task:\n{question}\n\nReference answers:\n{references}\n\nAnswer to grade:\n{prediction}"
-        reply = self._post({"model": self.model, "temperature": 0,
-                            "messages": [{"role": "system", "content": RUBRIC}, {"role": "user", "content": content}]})
+        reply = self._post(
+            {
+                "model": self.model,
+                "temperature": 0,
+                "messages": [
+                    {"role": "system", "content": RUBRIC},
+                    {"role": "user", "content": content},
+                ],
+            }
+        )
         try:
             text = reply["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise JudgeError(f"judge at {self.url} answered without choices[0].message.content") from None
+            raise JudgeError(
+                f"judge at {self.url} answered without choices[0].message.content"
+            ) from None
         return parse_score(text)
 
 

@@ -16,7 +16,7 @@ import ml_collections
 from esft_jax import runtime, sharding, validate
 from esft_jax.data.records import read_jsonl
 from esft_jax.eval.judge import judge_from_config
-from esft_jax.eval.tasks import evaluate_task, perplexity, read_eval_jsonl
+from esft_jax.eval.metrics import evaluate_task, perplexity, read_eval_jsonl
 from esft_jax.model import param_axes
 
 SCORES_FILE = "scores.json"
@@ -50,14 +50,32 @@ def evaluate(c: ml_collections.ConfigDict) -> Evaluation:
         if not task.data:
             continue
         samples = read_eval_jsonl(task.data, task.limit)
-        mean, records = evaluate_task(params, cfg, tokenizer, samples, scorer=task.scorer,
-                                      max_new_tokens=task.max_new_tokens, stop=stop_strings(task.stop),
-                                      batch_size=c.batch_size, judge=judge, mesh=mesh)
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        mean, records = evaluate_task(
+            params,
+            cfg,
+            tokenizer,
+            samples,
+            scorer=task.scorer,
+            max_new_tokens=task.max_new_tokens,
+            stop=stop_strings(task.stop),
+            batch_size=c.batch_size,
+            judge=judge,
+            mesh=mesh,
+        )
+        (out / f"{name}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        )
         result.scores[name], result.samples[name] = mean, len(records)
     if c.perplexity.data:
         held_out, _ = read_jsonl(c.perplexity.data)
-        result.scores["perplexity"] = perplexity(params, cfg, tokenizer, held_out, mesh=mesh,
-                                                 seq_len=c.perplexity.seq_len, batch_size=c.batch_size)
+        result.scores["perplexity"] = perplexity(
+            params,
+            cfg,
+            tokenizer,
+            held_out,
+            mesh=mesh,
+            seq_len=c.perplexity.seq_len,
+            batch_size=c.batch_size,
+        )
     (out / SCORES_FILE).write_text(json.dumps(result.scores, indent=1) + "\n")
     return result

@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 Scorer = Callable[[str, Sequence[str]], float]
 
@@ -36,8 +37,11 @@ def intent(prediction: str, answers: Sequence[str]) -> float:
         return 0.0
     for answer in answers:
         ref = _parse_intent(answer)
-        if isinstance(ref, dict) and pred.get("intent") == ref.get("intent") \
-                and _slots(pred.get("slots")) == _slots(ref.get("slots")):
+        if (
+            isinstance(ref, dict)
+            and pred.get("intent") == ref.get("intent")
+            and _slots(pred.get("slots")) == _slots(ref.get("slots"))
+        ):
             return 1.0
     return 0.0
 
@@ -87,5 +91,10 @@ def rouge_l(prediction: str, answers: Sequence[str]) -> float:
     return best
 
 
-SCORERS: dict[str, Scorer] = {"intent": intent, "exact_match": exact_match, "chrf": chrf, "bleu": bleu,
-                              "rouge_l": rouge_l}
+SCORERS: dict[str, Scorer] = {
+    "intent": intent,
+    "exact_match": exact_match,
+    "chrf": chrf,
+    "bleu": bleu,
+    "rouge_l": rouge_l,
+}

@@ -2,7 +2,26 @@
 
 from esft_jax.model.config import ConfigError, ModelConfig
 from esft_jax.model.params import abstract_params, init_params, param_axes, param_specs
-from esft_jax.model.transformer import KVCache, Routing, forward, forward_cached, init_cache, segment_positions
+from esft_jax.model.transformer import (
+    KVCache,
+    Routing,
+    forward,
+    forward_cached,
+    init_cache,
+    segment_positions,
+)
 
-__all__ = ["ConfigError", "KVCache", "ModelConfig", "Routing", "abstract_params", "forward", "forward_cached",
-           "init_cache", "init_params", "param_axes", "param_specs", "segment_positions"]
+__all__ = [
+    "ConfigError",
+    "KVCache",
+    "ModelConfig",
+    "Routing",
+    "abstract_params",
+    "forward",
+    "forward_cached",
+    "init_cache",
+    "init_params",
+    "param_axes",
+    "param_specs",
+    "segment_positions",
+]

@@ -21,8 +21,9 @@ from esft_jax.sharding import constrain
 _MASKED = -1e30  # finite, so a fully masked (padding) row gives a uniform row, not NaN
 
 
-def attention_mask(query_segments_bt: jax.Array, key_segments_bs: jax.Array,
-                   query_offset: jax.Array | int) -> jax.Array:
+def attention_mask(
+    query_segments_bt: jax.Array, key_segments_bs: jax.Array, query_offset: jax.Array | int
+) -> jax.Array:
     """[B, 1, T, S] bool: causal, within one segment, never onto padding (segment id 0).
 
     Without a cache the keys are the queries themselves (S = T, offset 0). With a KV cache they are
@@ -35,7 +36,9 @@ def attention_mask(query_segments_bt: jax.Array, key_segments_bs: jax.Array,
     return (causal & same & not_pad)[:, None]
 
 
-def within_window(mask_b1ts: jax.Array, query_offset: jax.Array | int, window: jax.Array) -> jax.Array:
+def within_window(
+    mask_b1ts: jax.Array, query_offset: jax.Array | int, window: jax.Array
+) -> jax.Array:
     """The mask restricted to keys fewer than `window` slots behind their query (window 0: no limit).
     Slots are positions in the row (or the cache; queries from query_offset on, as in
     `attention_mask`), so packed segments keep their own windows."""
@@ -44,8 +47,12 @@ def within_window(mask_b1ts: jax.Array, query_offset: jax.Array | int, window: j
     return mask_b1ts & (behind_ts < jnp.where(window > 0, window, s + 1))
 
 
-def softmax_attention(scores_bhts: jax.Array, mask_b1ts: jax.Array, v_bshv: jax.Array,
-                      sinks_h: jax.Array | None = None) -> jax.Array:
+def softmax_attention(
+    scores_bhts: jax.Array,
+    mask_b1ts: jax.Array,
+    v_bshv: jax.Array,
+    sinks_h: jax.Array | None = None,
+) -> jax.Array:
     """softmax(scores) @ v over the unmasked keys -> [B, T, H, v]. scores are float32 and already scaled.
 
     Sinks (gpt-oss): a per-head logit that joins every row's softmax and takes its share of the
@@ -55,17 +62,27 @@ def softmax_attention(scores_bhts: jax.Array, mask_b1ts: jax.Array, v_bshv: jax.
     if sinks_h is None:
         probs = jax.nn.softmax(scores, axis=-1)
     else:
-        sink = jnp.broadcast_to(sinks_h.astype(jnp.float32)[None, :, None, None], (*scores.shape[:-1], 1))
+        sink = jnp.broadcast_to(
+            sinks_h.astype(jnp.float32)[None, :, None, None], (*scores.shape[:-1], 1)
+        )
         probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
     return jnp.einsum("bhts,bshv->bthv", probs.astype(v_bshv.dtype), v_bshv)
 
 
-LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # the two cached arrays of one layer, write offset
+LayerCache = tuple[
+    jax.Array, jax.Array, jax.Array
+]  # the two cached arrays of one layer, write offset
 
 
-def mla(p: dict[str, Any], x_btd: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array,
-        mask_b1ts: jax.Array, cfg: ModelConfig, cache: LayerCache | None = None
-        ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def mla(
+    p: dict[str, Any],
+    x_btd: jax.Array,
+    cos_btr: jax.Array,
+    sin_btr: jax.Array,
+    mask_b1ts: jax.Array,
+    cfg: ModelConfig,
+    cache: LayerCache | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """x [B, T, d] (already normed) -> (attention output [B, T, d], (latent, k_pe) of the keys).
 
     Without a cache the keys are x's own tokens (mask [B, 1, T, T]). With MLA's compressed cache
@@ -83,20 +100,25 @@ def mla(p: dict[str, Any], x_btd: jax.Array, cos_btr: jax.Array, sin_btr: jax.Ar
     q_nope, q_pe = q_bthk[..., :nope], q_bthk[..., nope:]
 
     kv_a = x_btd @ p["kv_a"].astype(dt)
-    c_btr = rms_norm(kv_a[..., :cfg.kv_lora_rank], p["kv_a_norm"], eps)
-    k_pe = kv_a[..., cfg.kv_lora_rank:][:, :, None, :]  # [B, T, 1, rope]: one head, shared
+    c_btr = rms_norm(kv_a[..., : cfg.kv_lora_rank], p["kv_a_norm"], eps)
+    k_pe = kv_a[..., cfg.kv_lora_rank :][:, :, None, :]  # [B, T, 1, rope]: one head, shared
     q_nope = constrain(q_nope, ("act_batch", None, "act_heads", None))
 
     q_pe = apply_rope(q_pe, cos_btr, sin_btr, cfg.rope_interleave)
     k_pe = apply_rope(k_pe, cos_btr, sin_btr, cfg.rope_interleave)[:, :, 0]
     if cache is not None:
         latent, cached_pe, offset = cache
-        c_btr = jax.lax.dynamic_update_slice_in_dim(latent, c_btr.astype(latent.dtype), offset, axis=1)
-        k_pe = jax.lax.dynamic_update_slice_in_dim(cached_pe, k_pe.astype(cached_pe.dtype), offset, axis=1)
+        c_btr = jax.lax.dynamic_update_slice_in_dim(
+            latent, c_btr.astype(latent.dtype), offset, axis=1
+        )
+        k_pe = jax.lax.dynamic_update_slice_in_dim(
+            cached_pe, k_pe.astype(cached_pe.dtype), offset, axis=1
+        )
 
     kv_bshk = jnp.einsum("bsr,rhk->bshk", c_btr.astype(dt), p["kv_b"].astype(dt))
     k_nope, v_bshv = kv_bshk[..., :nope], kv_bshk[..., nope:]
-    scores = (jnp.einsum("bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
-              + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe.astype(dt), preferred_element_type=jnp.float32))
+    scores = jnp.einsum(
+        "bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32
+    ) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe.astype(dt), preferred_element_type=jnp.float32)
     out_bthv = softmax_attention(scores * softmax_scale(cfg), mask_b1ts, v_bshv)
     return jnp.einsum("bthv,hvd->btd", out_bthv, p["o"].astype(dt)), (c_btr, k_pe)

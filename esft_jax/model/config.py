@@ -10,7 +10,8 @@ Field names follow the Hugging Face configs where one exists.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 MOE_STRATEGIES = ("auto", "dense", "capacity", "blocked", "spill", "ragged", "tokamax")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -59,20 +60,27 @@ class ModelConfig:
     n_routed_experts: int = 16
     num_experts_per_tok: int = 4
     scoring_func: str = "softmax"  # "softmax" or "sigmoid"
-    topk_method: str = "greedy"  # "greedy" | "group_limited_greedy" | "noaux_tc" (choice bias, groups)
+    topk_method: str = (
+        "greedy"  # "greedy" | "group_limited_greedy" | "noaux_tc" (choice bias, groups)
+    )
     n_group: int | None = None
     topk_group: int | None = None
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
-    scale_normalised_weights: bool = True  # False: normalise *or* scale (DeepSeek-V2's original gate)
+    scale_normalised_weights: bool = (
+        True  # False: normalise *or* scale (DeepSeek-V2's original gate)
+    )
     router_bias: bool = False  # a learned bias added to the router logits
     # Experts.
-    expert_act: str = "swiglu"  # or "clamped_swiglu": clamp at swiglu_limit, gate * sigmoid(alpha gate) * (up + 1)
+    # "swiglu", or "clamped_swiglu": clamp at swiglu_limit, gate * sigmoid(alpha gate) * (up + 1)
+    expert_act: str = "swiglu"
     expert_bias: bool = False
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
     n_shared_experts: int = 2
-    shared_expert_intermediate_size: int | None = None  # None: n_shared_experts * moe_intermediate_size
+    shared_expert_intermediate_size: int | None = (
+        None  # None: n_shared_experts * moe_intermediate_size
+    )
     shared_expert_gate: bool = False  # scale the shared experts' output by sigmoid(x @ w) [d, 1]
     # RoPE; rope_type "default" or "yarn".
     rope_theta: float = 10000.0
@@ -85,7 +93,9 @@ class ModelConfig:
     rope_mscale_all_dim: float | None = None
     rope_attention_factor: float | None = None  # None: YaRN's own from factor (and mscales)
     rope_truncate: bool = True  # YaRN: round the correction range to whole dims
-    rope_interleave: bool = True  # rotate adjacent pairs (x0, x1), ...; False: halves (x_i, x_{i+r/2})
+    rope_interleave: bool = (
+        True  # rotate adjacent pairs (x0, x1), ...; False: halves (x_i, x_{i+r/2})
+    )
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
@@ -97,12 +107,21 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; router scores are always float32
     moe_strategy: str = "auto"  # "auto" picks per backend, see model/moe.py
     capacity_factor: float | None = None  # capacity buffers and all_to_all exchange; None: dropless
-    expert_parallel: str = "psum"  # how tokens meet experts on an `expert` mesh axis: psum | all_to_all
-    scan_layers: bool = True  # lax.scan over the stacked layers (compiles one layer); False: a Python loop
-    remat: bool = False  # recompute each layer in the backward pass: activations of one layer, not all
+    expert_parallel: str = (
+        "psum"  # how tokens meet experts on an `expert` mesh axis: psum | all_to_all
+    )
+    scan_layers: bool = (
+        True  # lax.scan over the stacked layers (compiles one layer); False: a Python loop
+    )
+    remat: bool = (
+        False  # recompute each layer in the backward pass: activations of one layer, not all
+    )
 
     def __post_init__(self) -> None:
-        for name in ("mlp_only_layers", "sliding_window_layers"):  # lists from JSON / ml_collections
+        for name in (
+            "mlp_only_layers",
+            "sliding_window_layers",
+        ):  # lists from JSON / ml_collections
             object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
 
         def check(ok: bool, msg: str) -> None:
@@ -110,7 +129,10 @@ class ModelConfig:
                 raise ConfigError(msg)
 
         def one_of(name: str, allowed: tuple) -> None:
-            check(getattr(self, name) in allowed, f"{name} {getattr(self, name)!r}; expected one of {allowed}")
+            check(
+                getattr(self, name) in allowed,
+                f"{name} {getattr(self, name)!r}; expected one of {allowed}",
+            )
 
         one_of("moe_strategy", MOE_STRATEGIES)
         one_of("expert_parallel", ("psum", "all_to_all"))
@@ -123,22 +145,35 @@ class ModelConfig:
         one_of("topk_method", ("greedy", "group_limited_greedy", "noaux_tc"))
         one_of("rope_type", ("default", "yarn"))
         layers = range(self.num_hidden_layers)
-        check(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
-              "first_k_dense_replace must lie in [0, num_hidden_layers]")
+        check(
+            0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            "first_k_dense_replace must lie in [0, num_hidden_layers]",
+        )
         check(self.moe_layer_step >= 1, "moe_layer_step must be at least 1")
-        check(all(l in layers for l in self.mlp_only_layers + self.sliding_window_layers),
-              f"mlp_only_layers / sliding_window_layers must lie in [0, {self.num_hidden_layers})")
-        check(not self.sliding_window_layers or (self.sliding_window or 0) > 0,
-              "sliding_window_layers needs a positive sliding_window")
-        check(1 <= self.num_experts_per_tok <= self.n_routed_experts,
-              "num_experts_per_tok must lie in [1, n_routed_experts]")
+        check(
+            all(layer in layers for layer in self.mlp_only_layers + self.sliding_window_layers),
+            f"mlp_only_layers / sliding_window_layers must lie in [0, {self.num_hidden_layers})",
+        )
+        check(
+            not self.sliding_window_layers or (self.sliding_window or 0) > 0,
+            "sliding_window_layers needs a positive sliding_window",
+        )
+        check(
+            1 <= self.num_experts_per_tok <= self.n_routed_experts,
+            "num_experts_per_tok must lie in [1, n_routed_experts]",
+        )
         check(self.rotary_dim % 2 == 0, f"the rotated head dim ({self.rotary_dim}) must be even")
         if self.attention == "gqa":
-            check(self.num_attention_heads % self.kv_heads == 0,
-                  f"num_key_value_heads={self.kv_heads} must divide num_attention_heads={self.num_attention_heads}")
+            check(
+                self.num_attention_heads % self.kv_heads == 0,
+                f"num_key_value_heads={self.kv_heads} must divide "
+                f"num_attention_heads={self.num_attention_heads}",
+            )
         if self.topk_method != "greedy":
-            check(self.n_group is not None and self.topk_group is not None,
-                  f"topk_method {self.topk_method!r} needs n_group and topk_group")
+            check(
+                self.n_group is not None and self.topk_group is not None,
+                f"topk_method {self.topk_method!r} needs n_group and topk_group",
+            )
             check(self.n_routed_experts % self.n_group == 0, "n_group must divide n_routed_experts")
             check(1 <= self.topk_group <= self.n_group, "topk_group must lie in [1, n_group]")
 
@@ -146,14 +181,18 @@ class ModelConfig:
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:
         """Model layer index of every MoE layer, ascending (the keys of an expert config)."""
-        return tuple(l for l in range(self.num_hidden_layers)
-                     if l >= self.first_k_dense_replace and (l + 1) % self.moe_layer_step == 0
-                     and l not in self.mlp_only_layers)
+        return tuple(
+            layer
+            for layer in range(self.num_hidden_layers)
+            if layer >= self.first_k_dense_replace
+            and (layer + 1) % self.moe_layer_step == 0
+            and layer not in self.mlp_only_layers
+        )
 
     @property
     def dense_layer_ids(self) -> tuple[int, ...]:
         moe = set(self.moe_layer_ids)
-        return tuple(l for l in range(self.num_hidden_layers) if l not in moe)
+        return tuple(layer for layer in range(self.num_hidden_layers) if layer not in moe)
 
     @property
     def num_moe_layers(self) -> int:
@@ -171,7 +210,11 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         """Width of one head's query/key."""
-        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention == "mla" else self.gqa_head_dim
+        return (
+            self.qk_nope_head_dim + self.qk_rope_head_dim
+            if self.attention == "mla"
+            else self.gqa_head_dim
+        )
 
     @property
     def rotary_dim(self) -> int:
@@ -187,11 +230,11 @@ class ModelConfig:
             return self.shared_expert_intermediate_size
         return self.moe_intermediate_size * self.n_shared_experts
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         """From a flat dict of our own field names (e.g. an ml_collections config's `to_dict()`)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)

@@ -42,12 +42,15 @@ from jax.custom_derivatives import SymbolicZero
 
 from esft_jax.model.grouped import grouped_mlp
 
-ExpertWeights = dict[str, jax.Array]  # gate, up [E, d, f]; down [E, f, d]; optional gate_bias, up_bias [E, f], down_bias [E, d]
+ExpertWeights = dict[
+    str, jax.Array
+]  # gate, up [E, d, f]; down [E, f, d]; optional gate_bias, up_bias [E, f], down_bias [E, d]
 BIASES = ("gate_bias", "up_bias", "down_bias")
 
 
 class GLU(NamedTuple):
     """The experts' gated activation of a = x @ gate and c = x @ up (hashable: a static argument)."""
+
     kind: str = "swiglu"  # silu(a) * c; "clamped_swiglu" (gpt-oss): a <= limit, |c| <= limit,
     limit: float = 7.0  # a * sigmoid(alpha * a) * (c + 1)
     alpha: float = 1.702
@@ -57,6 +60,9 @@ class GLU(NamedTuple):
             return jax.nn.silu(a) * c
         a, c = jnp.minimum(a, self.limit), jnp.clip(c, -self.limit, self.limit)
         return a * jax.nn.sigmoid(self.alpha * a) * (c + 1)
+
+
+SWIGLU = GLU()  # the default activation: silu(a) * c
 
 
 def _biases(p: ExpertWeights) -> tuple[jax.Array, jax.Array, jax.Array] | None:
@@ -116,7 +122,9 @@ def _capacity(x_nd, ids_nk, w_nk, p: ExpertWeights, act: GLU, capacity_factor: f
     _, _, slot_a = sort_by_expert(ids_a, e)
     tok_a = jnp.arange(n * k) // k
     # Out-of-range rows (slot >= C, or id == E: not on this shard) are dropped by the scatter.
-    buf_ecd = jnp.zeros((e, c, x_nd.shape[1]), x_nd.dtype).at[ids_a, slot_a].set(x_nd[tok_a], mode="drop")
+    buf_ecd = (
+        jnp.zeros((e, c, x_nd.shape[1]), x_nd.dtype).at[ids_a, slot_a].set(x_nd[tok_a], mode="drop")
+    )
     out_ecd = _batched_mlp(buf_ecd, p, act)
     y_ad = out_ecd.at[ids_a, slot_a].get(mode="fill", fill_value=0)
     y = jnp.einsum("nkd,nk->nd", y_ad.reshape(n, k, -1).astype(jnp.float32), w_nk)
@@ -136,7 +144,9 @@ def _block_layout(ids_a: jax.Array, num_experts: int, block: int):
     num_blocks = ids_a.shape[0] // block + num_experts
     valid = ids_a < num_experts
     row_a = jnp.where(valid, (ends - padded)[jnp.where(valid, ids_a, 0)] + rank, num_blocks * block)
-    expert_b = jnp.searchsorted(ends, jnp.arange(num_blocks) * block, side="right")  # E past the last one
+    expert_b = jnp.searchsorted(
+        ends, jnp.arange(num_blocks) * block, side="right"
+    )  # E past the last one
     return row_a, expert_b, num_blocks
 
 
@@ -148,6 +158,7 @@ def _used_blocks(expert_b: jax.Array, num_experts: int) -> jax.Array:
 def _mlp_blocks_fwd_loop(act, x_bcd, expert_b, g, u, dn, b, keep_pre: bool = False):
     """-> y [B, C, d], and with keep_pre the pre-activations a, c [B, C, f] (for the backward pass,
     which then needs no recomputation). b: the biases (gate, up, down) or None."""
+
     def body(blk, out):
         i, x_cd = expert_b[blk], x_bcd[blk]
         a, c = x_cd @ g[i], x_cd @ u[i]
@@ -155,7 +166,9 @@ def _mlp_blocks_fwd_loop(act, x_bcd, expert_b, g, u, dn, b, keep_pre: bool = Fal
             a, c = a + b[0][i], c + b[1][i]
         y = act(a, c) @ dn[i]
         out = {**out, "y": out["y"].at[blk].set(y if b is None else y + b[2][i])}
-        return {**out, "a": out["a"].at[blk].set(a), "c": out["c"].at[blk].set(c)} if keep_pre else out
+        return (
+            {**out, "a": out["a"].at[blk].set(a), "c": out["c"].at[blk].set(c)} if keep_pre else out
+        )
 
     out = {"y": jnp.zeros((*x_bcd.shape[:2], dn.shape[2]), x_bcd.dtype)}
     if keep_pre:
@@ -196,7 +209,9 @@ def _mlp_blocks_bwd(act, res, dy_bcd):
             out["u"] = grads["u"].at[i].add(x_cd.T @ dc)
             out["dn"] = grads["dn"].at[i].add(h.T @ dy_cd)
             if b is not None:
-                out["b"] = tuple(gb.at[i].add(d.sum(0)) for gb, d in zip(grads["b"], (da, dc, dy_cd)))
+                out["b"] = tuple(
+                    gb.at[i].add(d.sum(0)) for gb, d in zip(grads["b"], (da, dc, dy_cd))
+                )
         if want_x:
             out["x"] = grads["x"].at[blk].set(da @ g[i].T + dc @ u[i].T)
         return out
@@ -221,10 +236,20 @@ def _blocked(x_nd, ids_nk, w_nk, p: ExpertWeights, act: GLU, block: int):
     e = p["gate"].shape[0]
     ids_a = ids_nk.reshape(-1)
     row_a, expert_b, num_blocks = _block_layout(ids_a, e, block)
-    rows_rd = jnp.zeros((num_blocks * block, x_nd.shape[1]), x_nd.dtype).at[row_a].set(
-        x_nd[jnp.arange(n * k) // k], mode="drop")
-    out_rd = _mlp_blocks(act, rows_rd.reshape(num_blocks, block, -1), expert_b, p["gate"], p["up"], p["down"],
-                         _biases(p))
+    rows_rd = (
+        jnp.zeros((num_blocks * block, x_nd.shape[1]), x_nd.dtype)
+        .at[row_a]
+        .set(x_nd[jnp.arange(n * k) // k], mode="drop")
+    )
+    out_rd = _mlp_blocks(
+        act,
+        rows_rd.reshape(num_blocks, block, -1),
+        expert_b,
+        p["gate"],
+        p["up"],
+        p["down"],
+        _biases(p),
+    )
     y_ad = out_rd.reshape(num_blocks * block, -1).at[row_a].get(mode="fill", fill_value=0)
     y = jnp.einsum("nkd,nk->nd", y_ad.reshape(n, k, -1).astype(jnp.float32), w_nk)
     return y, jnp.zeros((), jnp.int32)
@@ -261,19 +286,37 @@ def _grouped(x_nd, ids_nk, w_nk, p: ExpertWeights, act: GLU, impl: str):
     e = p["gate"].shape[0]
     ids_a = ids_nk.reshape(-1)
     order, counts, _ = sort_by_expert(ids_a, e)
-    x_ad = x_nd[order // k]  # rows sorted by expert; assignments to id E come last, outside all groups
+    x_ad = x_nd[
+        order // k
+    ]  # rows sorted by expert; assignments to id E come last, outside all groups
     expert_a = jnp.minimum(ids_a[order], e - 1)  # rows outside all groups get weight 0 below
-    out_sorted = grouped_mlp(impl, act, x_ad, counts[:e].astype(jnp.int32), expert_a, p["gate"], p["up"],
-                             p["down"], _biases(p))
+    out_sorted = grouped_mlp(
+        impl,
+        act,
+        x_ad,
+        counts[:e].astype(jnp.int32),
+        expert_a,
+        p["gate"],
+        p["up"],
+        p["down"],
+        _biases(p),
+    )
     out_ad = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
     w_nk = jnp.where(ids_nk < e, w_nk, 0.0)
     y = jnp.einsum("nkd,nk->nd", out_ad.reshape(n, k, -1).astype(jnp.float32), w_nk)
     return y, jnp.zeros((), jnp.int32)
 
 
-def routed_experts(x_nd: jax.Array, ids_nk: jax.Array, weights_nk: jax.Array, p: ExpertWeights,
-                   strategy: str = "auto", capacity_factor: float | None = None, block: int = BLOCK,
-                   act: GLU = GLU()) -> tuple[jax.Array, jax.Array]:
+def routed_experts(
+    x_nd: jax.Array,
+    ids_nk: jax.Array,
+    weights_nk: jax.Array,
+    p: ExpertWeights,
+    strategy: str = "auto",
+    capacity_factor: float | None = None,
+    block: int = BLOCK,
+    act: GLU = SWIGLU,
+) -> tuple[jax.Array, jax.Array]:
     """x [N, d], ids/weights [N, k] -> (y [N, d] float32, dropped assignments: int32 scalar)."""
     p = {name: jnp.asarray(w, x_nd.dtype) for name, w in p.items()}
     weights_nk = weights_nk.astype(jnp.float32)
@@ -287,5 +330,7 @@ def routed_experts(x_nd: jax.Array, ids_nk: jax.Array, weights_nk: jax.Array, p:
     if strategy == "spill":
         return _spill(x_nd, ids_nk, weights_nk, p, act, block, capacity_factor or SPILL_FACTOR)
     if strategy in ("ragged", "tokamax"):
-        return _grouped(x_nd, ids_nk, weights_nk, p, act, "lax" if strategy == "ragged" else "tokamax")
+        return _grouped(
+            x_nd, ids_nk, weights_nk, p, act, "lax" if strategy == "ragged" else "tokamax"
+        )
     raise ValueError(f"unknown MoE strategy {strategy!r}")

@@ -31,21 +31,33 @@ def _project(x_btd: jax.Array, p: dict[str, Any], name: str, cfg: ModelConfig) -
         y = rms_norm(y, p[f"{name}_norm"], cfg.rms_norm_eps)
     elif name != "v" and cfg.qk_norm == "full":
         b, t, h, k = y.shape
-        y = rms_norm(y.reshape(b, t, h * k), p[f"{name}_norm"].reshape(-1), cfg.rms_norm_eps).reshape(y.shape)
+        y = rms_norm(
+            y.reshape(b, t, h * k), p[f"{name}_norm"].reshape(-1), cfg.rms_norm_eps
+        ).reshape(y.shape)
     if cfg.clip_qkv is not None:
         y = jnp.clip(y, -cfg.clip_qkv, cfg.clip_qkv)
     return y
 
 
-def _rotate(x_bthk: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array, cfg: ModelConfig) -> jax.Array:
+def _rotate(
+    x_bthk: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array, cfg: ModelConfig
+) -> jax.Array:
     r = cfg.rotary_dim
     rotated = apply_rope(x_bthk[..., :r], cos_btr, sin_btr, cfg.rope_interleave)
-    return rotated if r == x_bthk.shape[-1] else jnp.concatenate([rotated, x_bthk[..., r:]], axis=-1)
+    return (
+        rotated if r == x_bthk.shape[-1] else jnp.concatenate([rotated, x_bthk[..., r:]], axis=-1)
+    )
 
 
-def gqa(p: dict[str, Any], x_btd: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array,
-        mask_b1ts: jax.Array, cfg: ModelConfig, cache: LayerCache | None = None
-        ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def gqa(
+    p: dict[str, Any],
+    x_btd: jax.Array,
+    cos_btr: jax.Array,
+    sin_btr: jax.Array,
+    mask_b1ts: jax.Array,
+    cfg: ModelConfig,
+    cache: LayerCache | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """x [B, T, d] (already normed) -> (output [B, T, d], (keys, values) [B, S, KV, hd]).
 
     With a cache (rotated keys and values of S slots), x's keys and values are written at the
@@ -65,7 +77,7 @@ def gqa(p: dict[str, Any], x_btd: jax.Array, cos_btr: jax.Array, sin_btr: jax.Ar
     # Each KV head serves h // kv consecutive query heads: expand keys/values to every query head.
     k_bshk = jnp.repeat(k.astype(dt), h // kv, axis=2)
     v_bshk = jnp.repeat(v.astype(dt), h // kv, axis=2)
-    scores = jnp.einsum("bthk,bshk->bhts", q, k_bshk, preferred_element_type=jnp.float32) * hd ** -0.5
+    scores = jnp.einsum("bthk,bshk->bhts", q, k_bshk, preferred_element_type=jnp.float32) * hd**-0.5
     out_bthk = softmax_attention(scores, mask_b1ts, v_bshk, p.get("sinks"))
     out = jnp.einsum("bthk,hkd->btd", out_bthk, p["o"].astype(dt))
     if cfg.o_bias:

@@ -14,7 +14,7 @@ weights being differentiated: ESFT's frozen stacked experts cost the backward pa
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,17 +23,22 @@ from jax.lax import RaggedDotDimensionNumbers
 
 Biases = tuple[jax.Array, jax.Array, jax.Array] | None  # gate [E, f], up [E, f], down [E, d]
 # sum over the rows of each group: x [A, d], dy [A, f] -> [E, d, f]
-_PER_GROUP_OUTER = RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
-                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+_PER_GROUP_OUTER = RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(((0,), (0,)), ((), ())),
+    lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[],
+)
 
 
 def _tokamax():
     """tokamax, with absl's flags marked parsed first: its config reads absl flags, which would
     otherwise parse sys.argv (an esft or pytest command line) and fail."""
     from absl import flags
+
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     import tokamax
+
     return tokamax
 
 
@@ -60,8 +65,17 @@ def _forward(impl, act, x_ad, group_sizes, expert_a, g, u, dn, b: Biases):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def grouped_mlp(impl: str, act: Callable, x_ad: jax.Array, group_sizes: jax.Array, expert_a: jax.Array,
-                g: jax.Array, u: jax.Array, dn: jax.Array, b: Biases) -> jax.Array:
+def grouped_mlp(
+    impl: str,
+    act: Callable,
+    x_ad: jax.Array,
+    group_sizes: jax.Array,
+    expert_a: jax.Array,
+    g: jax.Array,
+    u: jax.Array,
+    dn: jax.Array,
+    b: Biases,
+) -> jax.Array:
     """down(act(x @ gate + b_gate, x @ up + b_up)) + b_down per row, with row a's expert's weights.
     expert_a [A]: each row's expert (clamped into [0, E): the biases are gathered with it)."""
     return _forward(impl, act, x_ad, group_sizes, expert_a, g, u, dn, b)[0]
@@ -84,14 +98,19 @@ def _grouped_mlp_bwd(impl, act, res, dy_ad):
     da, dc = act_vjp(_gmm(impl, dy_ad, jnp.swapaxes(dn, 1, 2), group_sizes))
     dx = None
     if want_x:
-        dx = _gmm(impl, da, jnp.swapaxes(g, 1, 2), group_sizes) + _gmm(impl, dc, jnp.swapaxes(u, 1, 2), group_sizes)
+        dx = _gmm(impl, da, jnp.swapaxes(g, 1, 2), group_sizes) + _gmm(
+            impl, dc, jnp.swapaxes(u, 1, 2), group_sizes
+        )
     dg = du = ddn = db = None
     if want_w:
         dg, du = _tgmm(impl, x_ad, da, group_sizes), _tgmm(impl, x_ad, dc, group_sizes)
         ddn = _tgmm(impl, h, dy_ad, group_sizes)
         if b is not None:
-            # rows past the groups carry zero gradient (their combine weight is 0), so clamped ids are harmless
-            db = tuple(jax.ops.segment_sum(d, expert_a, num_segments=g.shape[0]) for d in (da, dc, dy_ad))
+            # rows past the groups carry zero gradient (their combine weight is 0),
+            # so clamped ids are harmless
+            db = tuple(
+                jax.ops.segment_sum(d, expert_a, num_segments=g.shape[0]) for d in (da, dc, dy_ad)
+            )
     elif b is not None:
         db = (None,) * 3
     return dx, None, None, dg, du, ddn, db

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 
 
-def next_token_loss(logits_btv: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def next_token_loss(
+    logits_btv: jax.Array, batch: dict[str, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
     """(sum of losses, number of predicted tokens). Position t predicts token t+1 when both lie in
     the same (non-padding) segment and token t+1 is an answer token."""
     seg = batch["segment_ids"]
@@ -16,7 +18,9 @@ def next_token_loss(logits_btv: jax.Array, batch: dict[str, jax.Array]) -> tuple
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
 
 
-def load_balance_loss(expert_ids_lbtk: jax.Array, router_scores_lbte: jax.Array, mask_bt: jax.Array) -> jax.Array:
+def load_balance_loss(
+    expert_ids_lbtk: jax.Array, router_scores_lbte: jax.Array, mask_bt: jax.Array
+) -> jax.Array:
     """Switch-style auxiliary loss, averaged over layers: E * sum_e f_e * P_e, where f_e is the share
     of top-k assignments to expert e and P_e its mean router score over the masked tokens (1 when
     routing is uniform). Used in pretraining to keep experts in use."""

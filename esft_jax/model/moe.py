@@ -2,8 +2,9 @@
 (optionally behind a sigmoid gate).
 
 Expert overrides: `p["override"] = {"ids": [S] int32, "gate"/"up": [S, d, f], "down": [S, f, d]}`
-(+ the biases, where the experts have them) gives S experts of the layer (ids; -1 = an unused slot) weights that replace their rows of the
-stacked `experts`. Tokens routed to an overridden expert are computed with the override weights,
+(+ the biases, where the experts have them) gives S experts of the layer (ids; -1 = an unused slot)
+weights that replace their rows of the stacked `experts`. Tokens routed to an overridden expert are
+computed with the override weights,
 the rest with the stacked ones; routing is unchanged. Fine-tuning a few experts differentiates only
 the small override arrays: the stacked experts stay constants, so no weight gradient is computed
 for them (see train/trainable.py).
@@ -22,7 +23,8 @@ experts run inside `jax.shard_map`; each device holds E / n_expert experts. Two 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,13 +66,27 @@ def expert_glu(cfg: ModelConfig) -> GLU:
 def _routed(x_btd, ids_btk, w_btk, experts, cfg: ModelConfig, capacity_factor: float | None):
     """Routed-expert output on one device -> (y [B, T, d] float32, dropped assignments)."""
     b, t, d = x_btd.shape
-    y, dropped = routed_experts(x_btd.reshape(b * t, d), ids_btk.reshape(b * t, -1), w_btk.reshape(b * t, -1),
-                                experts, cfg.moe_strategy, capacity_factor, act=expert_glu(cfg))
+    y, dropped = routed_experts(
+        x_btd.reshape(b * t, d),
+        ids_btk.reshape(b * t, -1),
+        w_btk.reshape(b * t, -1),
+        experts,
+        cfg.moe_strategy,
+        capacity_factor,
+        act=expert_glu(cfg),
+    )
     return y.reshape(b, t, d), dropped
 
 
-def _with_overrides(stacked_pass: Callable[[jax.Array], tuple[jax.Array, jax.Array]], x_btd, ids_btk, w_btk,
-                    override: dict[str, jax.Array] | None, cfg: ModelConfig, capacity_factor: float | None):
+def _with_overrides(
+    stacked_pass: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+    x_btd,
+    ids_btk,
+    w_btk,
+    override: dict[str, jax.Array] | None,
+    cfg: ModelConfig,
+    capacity_factor: float | None,
+):
     """stacked_pass(ids [B, T, k]) -> (y [B, T, d] float32, dropped) over the stacked experts, plus the
     overrides' share: their assignments are masked out of the stacked pass (id E) and computed from the
     override rows instead. Under expert parallelism it runs inside shard_map (overrides replicated):
@@ -89,18 +105,26 @@ def _on_expert_shards(local, act: P, x_btd, ids_btk, w_btk, experts, override):
     `act`, experts over `expert`, overrides replicated; y comes back split as `act`, dropped replicated.
     check_vma=False: the block loops start from fresh zeros (and `spill` may return them)."""
     ov_specs = None if override is None else {k: P() for k in override}
-    fn = jax.shard_map(local, in_specs=(act, act, act, {k: P("expert") for k in experts}, ov_specs),
-                       out_specs=(act, P()), check_vma=False)
+    fn = jax.shard_map(
+        local,
+        in_specs=(act, act, act, {k: P("expert") for k in experts}, ov_specs),
+        out_specs=(act, P()),
+        check_vma=False,
+    )
     return fn(x_btd, ids_btk, w_btk, experts, override)
 
 
-def _expert_parallel(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig, mesh_shape: dict[str, int]):
+def _expert_parallel(
+    x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig, mesh_shape: dict[str, int]
+):
     """Routed experts with the expert axis split over the mesh's `expert` axis (shard_map + psum).
     Overrides are few: every device holds them all and adds their (identical) share after the psum."""
     n_shards = mesh_shape["expert"]
     if cfg.n_routed_experts % n_shards:
-        raise ValueError(f"n_routed_experts={cfg.n_routed_experts} is not divisible by the "
-                         f"expert mesh axis ({n_shards})")
+        raise ValueError(
+            f"n_routed_experts={cfg.n_routed_experts} is not divisible by the "
+            f"expert mesh axis ({n_shards})"
+        )
     batch = tuple(a for a in sharding.BATCH_AXES if mesh_shape.get(a, 1) > 1) or None
 
     def local(x, ids, w, p, ov):
@@ -118,13 +142,17 @@ def _expert_parallel(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig,
     return _on_expert_shards(local, P(batch, None, None), x_btd, ids_btk, w_btk, experts, override)
 
 
-def _all_to_all(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig, mesh_shape: dict[str, int]):
+def _all_to_all(
+    x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig, mesh_shape: dict[str, int]
+):
     """Expert parallelism by token exchange: see the module docstring."""
     n_shards = mesh_shape["expert"]
     batch = tuple(a for a in sharding.BATCH_AXES if mesh_shape.get(a, 1) > 1)
     if x_btd.shape[0] % math.prod([mesh_shape[a] for a in batch] + [n_shards]):
-        raise ValueError(f"expert_parallel='all_to_all' splits the batch ({x_btd.shape[0]} rows) over "
-                         f"{(*batch, 'expert')}; it must divide evenly")
+        raise ValueError(
+            f"expert_parallel='all_to_all' splits the batch ({x_btd.shape[0]} rows) over "
+            f"{(*batch, 'expert')}; it must divide evenly"
+        )
 
     def local(x, ids, w, p, ov):
         def exchange(ids_btk):
@@ -134,7 +162,9 @@ def _all_to_all(x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig, mesh
         y, dropped = _with_overrides(exchange, x, ids, w, ov, cfg, None)
         return y, jax.lax.psum(dropped, (*batch, "expert"))
 
-    return _on_expert_shards(local, P((*batch, "expert"), None, None), x_btd, ids_btk, w_btk, experts, override)
+    return _on_expert_shards(
+        local, P((*batch, "expert"), None, None), x_btd, ids_btk, w_btk, experts, override
+    )
 
 
 def _exchange(x_btd, ids_btk, w_btk, experts, cfg: ModelConfig, n_shards: int):
@@ -143,17 +173,29 @@ def _exchange(x_btd, ids_btk, w_btk, experts, cfg: ModelConfig, n_shards: int):
     b, t, d = x_btd.shape
     k, e_local = ids_btk.shape[-1], experts["gate"].shape[0]
     x_nd, ids_a, w_nk = x_btd.reshape(b * t, d), ids_btk.reshape(-1), w_btk.reshape(b * t, k)
-    rows = math.ceil(cfg.capacity_factor * b * t * k / n_shards) if cfg.capacity_factor else b * t * k
+    rows = (
+        math.ceil(cfg.capacity_factor * b * t * k / n_shards) if cfg.capacity_factor else b * t * k
+    )
     valid = ids_a < cfg.n_routed_experts
     dest = jnp.where(valid, ids_a // e_local, n_shards)  # n_shards: overridden, not sent
     slot = jnp.where(valid, sort_by_expert(dest, n_shards)[2], rows)  # >= rows: dropped
     tok = jnp.arange(b * t * k) // k
     send = jnp.zeros((n_shards, rows, d), x_btd.dtype).at[dest, slot].set(x_nd[tok], mode="drop")
-    send_ids = jnp.full((n_shards, rows), e_local, jnp.int32).at[dest, slot].set(ids_a % e_local, mode="drop")
+    send_ids = (
+        jnp.full((n_shards, rows), e_local, jnp.int32)
+        .at[dest, slot]
+        .set(ids_a % e_local, mode="drop")
+    )
     recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)
     recv_ids = jax.lax.all_to_all(send_ids, "expert", 0, 0, tiled=True)
-    y_recv, _ = routed_experts(recv.reshape(-1, d), recv_ids.reshape(-1, 1), jnp.ones((n_shards * rows, 1)),
-                               experts, cfg.moe_strategy, act=expert_glu(cfg))
+    y_recv, _ = routed_experts(
+        recv.reshape(-1, d),
+        recv_ids.reshape(-1, 1),
+        jnp.ones((n_shards * rows, 1)),
+        experts,
+        cfg.moe_strategy,
+        act=expert_glu(cfg),
+    )
     y_back = jax.lax.all_to_all(y_recv.reshape(n_shards, rows, d), "expert", 0, 0, tiled=True)
     y_a = y_back.at[dest, slot].get(mode="fill", fill_value=0)
     y_nd = jnp.einsum("nkd,nk->nd", y_a.reshape(b * t, k, d), w_nk.astype(jnp.float32))
@@ -163,21 +205,34 @@ def _exchange(x_btd, ids_btk, w_btk, experts, cfg: ModelConfig, n_shards: int):
 def moe_block(p: dict[str, Any], x_btd: jax.Array, cfg: ModelConfig) -> MoEOutput:
     """x [B, T, d] (already normed) -> routed + shared expert output [B, T, d], and the routing."""
     b, t, d = x_btd.shape
-    r = route(x_btd.reshape(b * t, d), p["router"], cfg, p.get("router_bias"), p.get("router_correction"))
+    r = route(
+        x_btd.reshape(b * t, d), p["router"], cfg, p.get("router_bias"), p.get("router_correction")
+    )
     routing = RouterOutput(*(a.reshape(b, t, -1) for a in r))
     mesh_shape = sharding.current_mesh_shape()
     override = p.get("override")
     if mesh_shape.get("expert", 1) > 1 and cfg.expert_parallel == "all_to_all":
-        y, dropped = _all_to_all(x_btd, routing.expert_ids, routing.weights, p["experts"], override, cfg, mesh_shape)
+        y, dropped = _all_to_all(
+            x_btd, routing.expert_ids, routing.weights, p["experts"], override, cfg, mesh_shape
+        )
     elif mesh_shape.get("expert", 1) > 1:
-        y, dropped = _expert_parallel(x_btd, routing.expert_ids, routing.weights, p["experts"], override, cfg,
-                                      mesh_shape)
+        y, dropped = _expert_parallel(
+            x_btd, routing.expert_ids, routing.weights, p["experts"], override, cfg, mesh_shape
+        )
     else:
+
         def stacked_pass(ids_btk):
             return _routed(x_btd, ids_btk, routing.weights, p["experts"], cfg, cfg.capacity_factor)
 
-        y, dropped = _with_overrides(stacked_pass, x_btd, routing.expert_ids, routing.weights, override, cfg,
-                                     cfg.capacity_factor)
+        y, dropped = _with_overrides(
+            stacked_pass,
+            x_btd,
+            routing.expert_ids,
+            routing.weights,
+            override,
+            cfg,
+            cfg.capacity_factor,
+        )
     y = y.astype(x_btd.dtype)
     if "shared" in p:
         shared = swiglu(x_btd, p["shared"])

@@ -23,7 +23,8 @@ Layout (nested dicts; weights stored as `x @ w`, i.e. [in, out]; `L` = stacked l
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,12 @@ def _is_spec(x: Any) -> bool:
     return isinstance(x, ParamSpec)
 
 
-_VECTORS = ("norm", "bias", "correction", "sinks")  # name endings of the leaves that are not linear weights
+_VECTORS = (
+    "norm",
+    "bias",
+    "correction",
+    "sinks",
+)  # name endings of the leaves that are not linear weights
 
 
 def input_dims(path: tuple[str, ...]) -> int | None:
@@ -64,8 +70,10 @@ def _mla_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     specs = {
         "kv_a": ParamSpec((d, cfg.kv_lora_rank + cfg.qk_rope_head_dim), ("embed", "kv_lora")),
         "kv_a_norm": ParamSpec((cfg.kv_lora_rank,), ("norm",), "ones"),
-        "kv_b": ParamSpec((cfg.kv_lora_rank, h, cfg.qk_nope_head_dim + cfg.v_head_dim),
-                        ("kv_lora", "heads", "head_dim")),
+        "kv_b": ParamSpec(
+            (cfg.kv_lora_rank, h, cfg.qk_nope_head_dim + cfg.v_head_dim),
+            ("kv_lora", "heads", "head_dim"),
+        ),
         "o": ParamSpec((h, cfg.v_head_dim, d), ("heads", "head_dim", "embed")),
     }
     if cfg.q_lora_rank is None:
@@ -73,55 +81,73 @@ def _mla_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     else:
         specs["q_a"] = ParamSpec((d, cfg.q_lora_rank), ("embed", "q_lora"))
         specs["q_a_norm"] = ParamSpec((cfg.q_lora_rank,), ("norm",), "ones")
-        specs["q_b"] = ParamSpec((cfg.q_lora_rank, h, cfg.qk_head_dim), ("q_lora", "heads", "head_dim"))
+        specs["q_b"] = ParamSpec(
+            (cfg.q_lora_rank, h, cfg.qk_head_dim), ("q_lora", "heads", "head_dim")
+        )
     return specs
 
 
 def _gqa_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.gqa_head_dim
-    specs = {"q": ParamSpec((d, h, hd), ("embed", "heads", "head_dim")),
-             "k": ParamSpec((d, kv, hd), ("embed", "kv_heads", "head_dim")),
-             "v": ParamSpec((d, kv, hd), ("embed", "kv_heads", "head_dim")),
-             "o": ParamSpec((h, hd, d), ("heads", "head_dim", "embed"))}
+    specs = {
+        "q": ParamSpec((d, h, hd), ("embed", "heads", "head_dim")),
+        "k": ParamSpec((d, kv, hd), ("embed", "kv_heads", "head_dim")),
+        "v": ParamSpec((d, kv, hd), ("embed", "kv_heads", "head_dim")),
+        "o": ParamSpec((h, hd, d), ("heads", "head_dim", "embed")),
+    }
     if cfg.qkv_bias:
-        specs.update(q_bias=ParamSpec((h, hd), ("heads", "head_dim"), "zeros"),
-                     k_bias=ParamSpec((kv, hd), ("kv_heads", "head_dim"), "zeros"),
-                     v_bias=ParamSpec((kv, hd), ("kv_heads", "head_dim"), "zeros"))
+        specs.update(
+            q_bias=ParamSpec((h, hd), ("heads", "head_dim"), "zeros"),
+            k_bias=ParamSpec((kv, hd), ("kv_heads", "head_dim"), "zeros"),
+            v_bias=ParamSpec((kv, hd), ("kv_heads", "head_dim"), "zeros"),
+        )
     if cfg.o_bias:
         specs["o_bias"] = ParamSpec((d,), ("embed",), "zeros")
     if cfg.qk_norm == "head":
-        specs.update(q_norm=ParamSpec((hd,), ("norm",), "ones"), k_norm=ParamSpec((hd,), ("norm",), "ones"))
+        specs.update(
+            q_norm=ParamSpec((hd,), ("norm",), "ones"), k_norm=ParamSpec((hd,), ("norm",), "ones")
+        )
     elif cfg.qk_norm == "full":
-        specs.update(q_norm=ParamSpec((h, hd), ("heads", "head_dim"), "ones"),
-                     k_norm=ParamSpec((kv, hd), ("kv_heads", "head_dim"), "ones"))
+        specs.update(
+            q_norm=ParamSpec((h, hd), ("heads", "head_dim"), "ones"),
+            k_norm=ParamSpec((kv, hd), ("kv_heads", "head_dim"), "ones"),
+        )
     if cfg.attention_sinks:
         specs["sinks"] = ParamSpec((h,), ("heads",), "zeros", dtype="float32")
     return specs
 
 
 def _mlp_specs(d: int, f: int, mlp_axis: str) -> dict[str, ParamSpec]:
-    return {"gate": ParamSpec((d, f), ("embed", mlp_axis)),
-            "up": ParamSpec((d, f), ("embed", mlp_axis)),
-            "down": ParamSpec((f, d), (mlp_axis, "embed"))}
+    return {
+        "gate": ParamSpec((d, f), ("embed", mlp_axis)),
+        "up": ParamSpec((d, f), ("embed", mlp_axis)),
+        "down": ParamSpec((f, d), (mlp_axis, "embed")),
+    }
 
 
 def _expert_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     """Stacked routed experts: gate, up [E, d, f]; down [E, f, d]; biases [E, f] / [E, d]."""
     d, e, f = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
-    specs = {"gate": ParamSpec((e, d, f), ("expert", "embed", "expert_mlp")),
-             "up": ParamSpec((e, d, f), ("expert", "embed", "expert_mlp")),
-             "down": ParamSpec((e, f, d), ("expert", "expert_mlp", "embed"))}
+    specs = {
+        "gate": ParamSpec((e, d, f), ("expert", "embed", "expert_mlp")),
+        "up": ParamSpec((e, d, f), ("expert", "embed", "expert_mlp")),
+        "down": ParamSpec((e, f, d), ("expert", "expert_mlp", "embed")),
+    }
     if cfg.expert_bias:
-        specs.update(gate_bias=ParamSpec((e, f), ("expert", "expert_mlp"), "zeros"),
-                     up_bias=ParamSpec((e, f), ("expert", "expert_mlp"), "zeros"),
-                     down_bias=ParamSpec((e, d), ("expert", "embed"), "zeros"))
+        specs.update(
+            gate_bias=ParamSpec((e, f), ("expert", "expert_mlp"), "zeros"),
+            up_bias=ParamSpec((e, f), ("expert", "expert_mlp"), "zeros"),
+            down_bias=ParamSpec((e, d), ("expert", "embed"), "zeros"),
+        )
     return specs
 
 
 def _moe_specs(cfg: ModelConfig) -> dict[str, Any]:
     d, e = cfg.hidden_size, cfg.n_routed_experts
-    moe: dict[str, Any] = {"router": ParamSpec((d, e), ("embed", "expert"), dtype="float32"),  # as the reference
-                           "experts": _expert_specs(cfg)}
+    moe: dict[str, Any] = {
+        "router": ParamSpec((d, e), ("embed", "expert"), dtype="float32"),  # as the reference
+        "experts": _expert_specs(cfg),
+    }
     if cfg.router_bias:
         moe["router_bias"] = ParamSpec((e,), ("expert",), "zeros", dtype="float32")
     if cfg.topk_method == "noaux_tc":
@@ -135,8 +161,11 @@ def _moe_specs(cfg: ModelConfig) -> dict[str, Any]:
 
 def _stack(specs: dict[str, Any], n: int) -> dict[str, Any]:
     """Prefix every spec with a `layers` axis of size n."""
-    return jax.tree.map(lambda s: dataclasses.replace(s, shape=(n, *s.shape), axes=("layers", *s.axes)),
-                        specs, is_leaf=_is_spec)
+    return jax.tree.map(
+        lambda s: dataclasses.replace(s, shape=(n, *s.shape), axes=("layers", *s.axes)),
+        specs,
+        is_leaf=_is_spec,
+    )
 
 
 def param_specs(cfg: ModelConfig) -> dict[str, Any]:
@@ -169,8 +198,11 @@ def param_axes(cfg: ModelConfig) -> dict[str, Any]:
 
 def abstract_params(cfg: ModelConfig) -> dict[str, Any]:
     """jax.ShapeDtypeStruct leaves: the params without allocating them."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype or cfg.param_dtype)),
-                        param_specs(cfg), is_leaf=_is_spec)
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype or cfg.param_dtype)),
+        param_specs(cfg),
+        is_leaf=_is_spec,
+    )
 
 
 _INITS: dict[str, Callable[[jax.Array, tuple[int, ...], Any], jax.Array]] = {
@@ -184,5 +216,8 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     """Random params (normal std 0.02 for matrices, ones for norms), one key per leaf."""
     leaves, treedef = jax.tree.flatten(param_specs(cfg), is_leaf=_is_spec)
     keys = jax.random.split(key, len(leaves))
-    arrays = [_INITS[s.init](k, s.shape, jnp.dtype(s.dtype or cfg.param_dtype)) for s, k in zip(leaves, keys)]
+    arrays = [
+        _INITS[s.init](k, s.shape, jnp.dtype(s.dtype or cfg.param_dtype))
+        for s, k in zip(leaves, keys)
+    ]
     return jax.tree.unflatten(treedef, arrays)

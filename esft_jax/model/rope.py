@@ -30,7 +30,9 @@ def inv_freq_and_attention_factor(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     if cfg.rope_attention_factor is not None:
         attention_factor = cfg.rope_attention_factor
     elif cfg.rope_mscale and cfg.rope_mscale_all_dim:
-        attention_factor = _yarn_mscale(factor, cfg.rope_mscale) / _yarn_mscale(factor, cfg.rope_mscale_all_dim)
+        attention_factor = _yarn_mscale(factor, cfg.rope_mscale) / _yarn_mscale(
+            factor, cfg.rope_mscale_all_dim
+        )
     else:
         attention_factor = _yarn_mscale(factor)
 
@@ -51,7 +53,7 @@ def inv_freq_and_attention_factor(cfg: ModelConfig) -> tuple[np.ndarray, float]:
 
 def softmax_scale(cfg: ModelConfig) -> float:
     """1/sqrt(qk_head_dim), times YaRN's mscale(factor, mscale_all_dim)**2."""
-    scale = cfg.qk_head_dim ** -0.5
+    scale = cfg.qk_head_dim**-0.5
     if cfg.rope_type == "yarn" and cfg.rope_mscale_all_dim:
         scale *= _yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim) ** 2
     return scale
@@ -64,7 +66,9 @@ def rope_cos_sin(positions_bt: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, 
     return jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
 
 
-def apply_rope(x_bthr: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array, interleave: bool) -> jax.Array:
+def apply_rope(
+    x_bthr: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array, interleave: bool
+) -> jax.Array:
     """Rotate x [B, T, H, r] by position; pairs are (2i, 2i+1) if interleave else (i, i + r/2).
 
     Rotated in float32, returned in x's dtype. The output keeps the input's pair layout; queries and

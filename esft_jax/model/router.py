@@ -1,8 +1,9 @@
 """Top-k routing of tokens to experts, always in float32.
 
 The logits are x @ router (+ a bias, gpt-oss). Then:
-- softmax scores (DeepSeek-V2, Qwen-MoE, OLMoE, Mixtral, gpt-oss); `greedy` top-k, or `group_limited_greedy` (keep the `topk_group` groups with the
-  highest max score, zero the rest, then top-k).
+- softmax scores (DeepSeek-V2, Qwen-MoE, OLMoE, Mixtral, gpt-oss); `greedy` top-k, or
+  `group_limited_greedy` (keep the `topk_group` groups with the highest max score, zero the rest,
+  then top-k).
 - `noaux_tc` (DeepSeek-V3, GLM-4-MoE): sigmoid scores; a per-expert correction is added for
   *choosing* experts only. Groups are ranked by the sum of their two best biased scores; the gate
   weights are the unbiased scores of the chosen experts.
@@ -40,8 +41,13 @@ def _group_mask(choice_ne: jax.Array, cfg: ModelConfig, reduce: str) -> jax.Arra
     return jnp.repeat(keep_ng, e // cfg.n_group, axis=1)
 
 
-def route(x_nd: jax.Array, router_de: jax.Array, cfg: ModelConfig, bias_e: jax.Array | None = None,
-          correction_e: jax.Array | None = None) -> RouterOutput:
+def route(
+    x_nd: jax.Array,
+    router_de: jax.Array,
+    cfg: ModelConfig,
+    bias_e: jax.Array | None = None,
+    correction_e: jax.Array | None = None,
+) -> RouterOutput:
     """Route N tokens x [N, d] with router weights [d, E], logit bias and choice correction [E]."""
     logits = x_nd.astype(jnp.float32) @ router_de.astype(jnp.float32)
     if bias_e is not None:

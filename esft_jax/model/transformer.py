@@ -10,7 +10,9 @@ which profiling consumes directly (no hooks).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import operator
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,7 @@ _ACT = ("act_batch", None, None)
 
 class Routing(NamedTuple):
     """Routing of every MoE layer (L = num_moe_layers; row l is model layer cfg.moe_layer_ids[l])."""
+
     expert_ids: jax.Array  # [L, B, T, k] int32
     gate_weights: jax.Array  # [L, B, T, k] float32
     router_scores: jax.Array | None  # [L, B, T, E] float32, only if asked for
@@ -38,8 +41,13 @@ def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
     """Position of each token within its segment (restarting at every change of segment id)."""
     t = segment_ids_bt.shape[1]
     idx = jnp.broadcast_to(jnp.arange(t), segment_ids_bt.shape)
-    starts = jnp.concatenate([jnp.ones_like(segment_ids_bt[:, :1], bool),
-                              segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1)
+    starts = jnp.concatenate(
+        [
+            jnp.ones_like(segment_ids_bt[:, :1], bool),
+            segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1],
+        ],
+        axis=1,
+    )
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
@@ -47,6 +55,7 @@ class KVCache(NamedTuple):
     """Per layer group ("dense_layers", "moe_layers"), the attention kind's two cached arrays:
     MLA's compressed cache (normed latents [L, B, S, kv_lora_rank], rotated shared keys [L, B, S, rope]),
     GQA's rotated keys and values ([L, B, S, KV, head_dim] each). Under a mesh, split over the batch."""
+
     kv: dict[str, tuple[jax.Array, jax.Array]]
     segment_ids: jax.Array  # [B, S]: 0 marks padding and unfilled slots
     length: jax.Array  # int32 scalar: slots filled so far
@@ -59,11 +68,22 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
     else:
         shapes = ((cfg.kv_heads, cfg.gqa_head_dim),) * 2
     groups = {"dense_layers": len(cfg.dense_layer_ids), "moe_layers": cfg.num_moe_layers}
-    def zeros(shape: tuple[int, ...], dtype) -> jax.Array:  # split over the batch like the activations
-        axes = (None, "act_batch") + (None,) * (len(shape) - 2) if len(shape) > 2 else ("act_batch", None)
+
+    def zeros(
+        shape: tuple[int, ...], dtype
+    ) -> jax.Array:  # split over the batch like the activations
+        axes = (
+            (None, "act_batch") + (None,) * (len(shape) - 2)
+            if len(shape) > 2
+            else ("act_batch", None)
+        )
         return constrain(jnp.zeros(shape, dtype), axes)
 
-    kv = {g: tuple(zeros((n, batch, max_len, *shape), dt) for shape in shapes) for g, n in groups.items() if n}
+    kv = {
+        g: tuple(zeros((n, batch, max_len, *shape), dt) for shape in shapes)
+        for g, n in groups.items()
+        if n
+    }
     return KVCache(kv, zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
@@ -85,14 +105,26 @@ def layer_runs(cfg: ModelConfig) -> list[tuple[str, int, int]]:
 def _windows(cfg: ModelConfig) -> dict[str, jax.Array]:
     """Per layer group, each layer's sliding window [L] int32 (0: full attention)."""
     sliding = set(cfg.sliding_window_layers)
-    windows = {"dense_layers": [cfg.sliding_window if l in sliding else 0 for l in cfg.dense_layer_ids],
-               "moe_layers": [cfg.sliding_window if l in sliding else 0 for l in cfg.moe_layer_ids]}
+    windows = {
+        "dense_layers": [
+            cfg.sliding_window if layer in sliding else 0 for layer in cfg.dense_layer_ids
+        ],
+        "moe_layers": [
+            cfg.sliding_window if layer in sliding else 0 for layer in cfg.moe_layer_ids
+        ],
+    }
     return {g: jnp.asarray(w, jnp.int32) for g, w in windows.items() if w}
 
 
-def forward(params: dict[str, Any], tokens_bt: jax.Array, cfg: ModelConfig, *,
-            segment_ids_bt: jax.Array | None = None, positions_bt: jax.Array | None = None,
-            return_router_scores: bool = False) -> tuple[jax.Array, Routing]:
+def forward(
+    params: dict[str, Any],
+    tokens_bt: jax.Array,
+    cfg: ModelConfig,
+    *,
+    segment_ids_bt: jax.Array | None = None,
+    positions_bt: jax.Array | None = None,
+    return_router_scores: bool = False,
+) -> tuple[jax.Array, Routing]:
     """tokens [B, T] int -> (logits [B, T, V] float32, Routing).
 
     segment_ids [B, T]: tokens attend only within their segment; 0 marks padding. Default: all 1.
@@ -102,12 +134,21 @@ def forward(params: dict[str, Any], tokens_bt: jax.Array, cfg: ModelConfig, *,
         segment_ids_bt = jnp.ones(tokens_bt.shape, jnp.int32)
     if positions_bt is None:
         positions_bt = segment_positions(segment_ids_bt)
-    logits, routing, _ = _decoder(params, tokens_bt, cfg, segment_ids_bt, positions_bt, return_router_scores)
+    logits, routing, _ = _decoder(
+        params, tokens_bt, cfg, segment_ids_bt, positions_bt, return_router_scores
+    )
     return logits, routing
 
 
-def forward_cached(params: dict[str, Any], tokens_bt: jax.Array, cfg: ModelConfig, cache: KVCache, *,
-                   segment_ids_bt: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, KVCache]:
+def forward_cached(
+    params: dict[str, Any],
+    tokens_bt: jax.Array,
+    cfg: ModelConfig,
+    cache: KVCache,
+    *,
+    segment_ids_bt: jax.Array,
+    positions_bt: jax.Array,
+) -> tuple[jax.Array, KVCache]:
     """Append T tokens to the cache (at slots length .. length + T) and return their logits.
     Each token attends to the filled slots of its own segment up to itself."""
     logits, _, cache = _decoder(params, tokens_bt, cfg, segment_ids_bt, positions_bt, False, cache)
@@ -131,8 +172,15 @@ def _concat(trees: list[Any]) -> Any:
     return trees[0] if len(trees) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *trees)
 
 
-def _decoder(params, tokens_bt, cfg: ModelConfig, segment_ids_bt, positions_bt, return_router_scores: bool,
-             cache: KVCache | None = None):
+def _decoder(
+    params,
+    tokens_bt,
+    cfg: ModelConfig,
+    segment_ids_bt,
+    positions_bt,
+    return_router_scores: bool,
+    cache: KVCache | None = None,
+):
     dt = jnp.dtype(cfg.dtype)
     cos, sin = rope_cos_sin(positions_bt, cfg)
     eps = cfg.rms_norm_eps
@@ -140,7 +188,9 @@ def _decoder(params, tokens_bt, cfg: ModelConfig, segment_ids_bt, positions_bt, 
     if cache is None:
         key_segments, offset = segment_ids_bt, 0
     else:
-        key_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids_bt, cache.length, axis=1)
+        key_segments = jax.lax.dynamic_update_slice_in_dim(
+            cache.segment_ids, segment_ids_bt, cache.length, axis=1
+        )
         offset = cache.length
     mask = attention_mask(segment_ids_bt, key_segments, offset)
     attention = mla if cfg.attention == "mla" else gqa
@@ -148,7 +198,9 @@ def _decoder(params, tokens_bt, cfg: ModelConfig, segment_ids_bt, positions_bt, 
     def attend(x, p, window, layer_cache):
         kv_cache = None if layer_cache is None else (*layer_cache, cache.length)
         layer_mask = mask if window is None else within_window(mask, offset, window)
-        out, keys = attention(p["attn"], rms_norm(x, p["attn_norm"], eps), cos, sin, layer_mask, cfg, kv_cache)
+        out, keys = attention(
+            p["attn"], rms_norm(x, p["attn_norm"], eps), cos, sin, layer_mask, cfg, kv_cache
+        )
         return x + out, (None if layer_cache is None else keys)
 
     def dense_layer(x, xs):
@@ -162,7 +214,9 @@ def _decoder(params, tokens_bt, cfg: ModelConfig, segment_ids_bt, positions_bt, 
         x, keys = attend(x, p, window, layer_cache)
         out = moe_block(p["moe"], rms_norm(x, p["mlp_norm"], eps), cfg)
         r = out.routing
-        routing = Routing(r.expert_ids, r.weights, r.scores if return_router_scores else None, out.dropped)
+        routing = Routing(
+            r.expert_ids, r.weights, r.scores if return_router_scores else None, out.dropped
+        )
         return constrain(x + out.y_btd, _ACT), (routing, keys)
 
     if cfg.remat:  # keep only each layer's input for the backward pass
@@ -173,17 +227,24 @@ def _decoder(params, tokens_bt, cfg: ModelConfig, segment_ids_bt, positions_bt, 
     layers = jax.lax.scan if cfg.scan_layers else _loop_layers
     outputs: dict[str, list] = {"dense_layers": [], "moe_layers": []}
     for group, first, end in layer_runs(cfg):
-        take = lambda a: a[first:end]  # noqa: E731 -- one run's slice of a stack
-        xs = (jax.tree.map(take, params[group]), windows[group][first:end] if windows else None,
-              None if cache is None else jax.tree.map(take, cache.kv[group]))
+        take = operator.itemgetter(slice(first, end))  # one run's slice of a stack
+        xs = (
+            jax.tree.map(take, params[group]),
+            windows[group][first:end] if windows else None,
+            None if cache is None else jax.tree.map(take, cache.kv[group]),
+        )
         x, out = layers(dense_layer if group == "dense_layers" else moe_layer, x, xs)
         outputs[group].append(out)
     if outputs["moe_layers"]:
         routing, moe_keys = _concat(outputs["moe_layers"])
     else:
         b, k = tokens_bt.shape[0], cfg.num_experts_per_tok
-        routing = Routing(jnp.zeros((0, b, t, k), jnp.int32), jnp.zeros((0, b, t, k)), None,
-                          jnp.zeros((0,), jnp.int32))
+        routing = Routing(
+            jnp.zeros((0, b, t, k), jnp.int32),
+            jnp.zeros((0, b, t, k)),
+            None,
+            jnp.zeros((0,), jnp.int32),
+        )
     x = rms_norm(x, params["final_norm"], eps)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)

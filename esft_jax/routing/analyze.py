@@ -45,24 +45,34 @@ def report(tasks: dict[str, RoutingStats], p: float = 0.2) -> str:
     scores = {name: expert_scores(s, "token", "pooled") for name, s in tasks.items()}
     first = next(iter(tasks.values()))
     k, e = first.top_k, first.num_experts
-    text = (f"## Concentration (Token Selection Ratio; uniform routing: top-{k} share {k / e:.3f}, "
-            f"{int(np.ceil(p * e))} experts to reach p={p})\n\n" + _concentration(scores, first.layers, k, p))
+    text = (
+        f"## Concentration (Token Selection Ratio; uniform routing: top-{k} share {k / e:.3f}, "
+        f"{int(np.ceil(p * e))} experts to reach p={p})\n\n"
+        + _concentration(scores, first.layers, k, p)
+    )
     if len(scores) > 1:
-        text += (f"\n## Overlap between tasks (experts selected at p={p}; routing distributions)\n\n"
-                 + _overlap(scores, p))
+        text += (
+            f"\n## Overlap between tasks (experts selected at p={p}; routing distributions)\n\n"
+            + _overlap(scores, p)
+        )
     return text
 
 
 def _concentration(scores: dict[str, np.ndarray], layers: list[int], k: int, p: float) -> str:
     """Per layer (and the mean), each task's top-k share and experts to reach p."""
-    head = ["layer", *(f"{n}: {col}" for n in scores for col in (f"top-{k} share", f"experts to p={p}"))]
+    head = [
+        "layer",
+        *(f"{n}: {col}" for n in scores for col in (f"top-{k} share", f"experts to p={p}")),
+    ]
     shares = {n: top_share(s, k) for n, s in scores.items()}
     reach = {n: experts_to_reach(s, p) for n, s in scores.items()}
-    rows = [[str(layer), *(cell for n in scores for cell in (f"{shares[n][i]:.3f}", str(reach[n][i])))]
-            for i, layer in enumerate(layers)]
+    rows = [
+        [str(layer), *(cell for n in scores for cell in (f"{shares[n][i]:.3f}", str(reach[n][i])))]
+        for i, layer in enumerate(layers)
+    ]
     means = (cell for n in scores for cell in (f"{shares[n].mean():.3f}", f"{reach[n].mean():.1f}"))
     rows.append(["mean", *means])
-    return markdown_table(head, rows)
+    return markdown_table(head, rows, right=[True] * len(head))
 
 
 def _overlap(scores: dict[str, np.ndarray], p: float) -> str:
@@ -71,9 +81,11 @@ def _overlap(scores: dict[str, np.ndarray], p: float) -> str:
     for a, b in itertools.combinations(scores, 2):
         jac = jaccard(by_threshold(scores[a], p), by_threshold(scores[b], p))
         ov = distribution_overlap(scores[a], scores[b])
-        rows.append([f"{a} / {b}", *(f"{v:.3f}" for v in (jac.mean(), jac.min(), jac.max(), ov.mean()))])
+        rows.append(
+            [f"{a} / {b}", *(f"{v:.3f}" for v in (jac.mean(), jac.min(), jac.max(), ov.mean()))]
+        )
     head = ["tasks", "mean Jaccard of selected sets", "min", "max", "mean distribution overlap"]
-    return markdown_table(head, rows)
+    return markdown_table(head, rows, right=[False] + [True] * 4)
 
 
 def heatmap(stats: RoutingStats, path: str | Path, title: str) -> Path:
@@ -84,11 +96,13 @@ def heatmap(stats: RoutingStats, path: str | Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     scores = expert_scores(stats, "token", "pooled")
-    fig, ax = plt.subplots(figsize=(max(6.0, stats.num_experts / 6), max(3.0, len(stats.layers) / 4)))
+    fig, ax = plt.subplots(
+        figsize=(max(6.0, stats.num_experts / 6), max(3.0, len(stats.layers) / 4))
+    )
     im = ax.imshow(scores, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
-    ax.set_yticks(range(len(stats.layers)), [str(l) for l in stats.layers], fontsize=6)
+    ax.set_yticks(range(len(stats.layers)), [str(layer) for layer in stats.layers], fontsize=6)
     ax.set_title(f"{title}: Token Selection Ratio ({stats.tokens} tokens)")
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +16,24 @@ def expert_counts(expert_ids_lbtk: jax.Array, mask_bt: jax.Array, num_experts: i
 
 
 def load_table(counts_le: np.ndarray, layer_ids: Sequence[int], top: int = 4) -> str:
-    """A markdown table: per MoE layer (row l is model layer layer_ids[l]), the busiest experts, how many were used, imbalance and entropy."""
+    """A markdown table: per MoE layer (row li is model layer layer_ids[li]), the busiest experts,
+    how many were used, imbalance and entropy."""
     counts_le = np.asarray(counts_le, np.float64)
     num_experts = counts_le.shape[1]
-    rows = ["| layer | busiest experts (share of assignments) | experts used | max/mean load | "
-            "entropy / log E |", "|---:|---|---:|---:|---:|"]
-    for l, counts in enumerate(counts_le):
+    rows = [
+        "| layer | busiest experts (share of assignments) | experts used | max/mean load | "
+        "entropy / log E |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for li, counts in enumerate(counts_le):
         share = counts / max(counts.sum(), 1.0)
         busiest = np.argsort(-share, kind="stable")[:top]
         nonzero = share[share > 0]
         entropy = float(-(nonzero * np.log(nonzero)).sum() / np.log(num_experts))
-        rows.append(f"| {layer_ids[l]} | " + ", ".join(f"{e} ({share[e]:.1%})" for e in busiest)
-                    + f" | {int((counts > 0).sum())}/{num_experts} | {share.max() * num_experts:.2f} | {entropy:.3f} |")
+        rows.append(
+            f"| {layer_ids[li]} | "
+            + ", ".join(f"{e} ({share[e]:.1%})" for e in busiest)
+            + f" | {int((counts > 0).sum())}/{num_experts}"
+            + f" | {share.max() * num_experts:.2f} | {entropy:.3f} |"
+        )
     return "\n".join(rows)

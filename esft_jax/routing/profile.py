@@ -19,7 +19,8 @@ processes, and so do the statistics.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grain
 import jax
@@ -30,8 +31,9 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from esft_jax import sharding
-from esft_jax.data.shards import global_max, plan as plan_shards
 from esft_jax.data.records import Sample
+from esft_jax.data.shards import global_max
+from esft_jax.data.shards import plan as plan_shards
 from esft_jax.data.tokenize import encode
 from esft_jax.model import ModelConfig, forward, param_axes
 from esft_jax.routing.official_logs import OfficialLogWriter
@@ -46,9 +48,17 @@ class Sequence:
     counted: np.ndarray  # [n] bool: tokens whose routing is counted
 
 
-def sequences(samples: list[Sample], tokenizer: Tokenizer, cfg: ModelConfig, *, seq_len: int,
-              token_budget: int, seed: int = 0, count: str = "all", shard: tuple[int, int] = (0, 1)
-              ) -> list[Sequence]:
+def sequences(
+    samples: list[Sample],
+    tokenizer: Tokenizer,
+    cfg: ModelConfig,
+    *,
+    seq_len: int,
+    token_budget: int,
+    seed: int = 0,
+    count: str = "all",
+    shard: tuple[int, int] = (0, 1),
+) -> list[Sequence]:
     """Shuffled, tokenised, truncated documents holding exactly `token_budget` counted tokens
     (or all the data's, if it holds fewer). shard = (index, n): only every n-th shuffled document from
     `index` on, and that shard's part of the budget (data/shards.py)."""
@@ -110,18 +120,25 @@ def _rows(packed: list[list[Sequence]], rows: int, row_len: int) -> tuple[np.nda
         start = 0
         for segment, seq in enumerate(docs, 1):
             span = slice(start, start + seq.ids.size)
-            tokens[row, span], segments[row, span], counted[row, span] = seq.ids, segment, seq.counted
+            tokens[row, span], segments[row, span], counted[row, span] = (
+                seq.ids,
+                segment,
+                seq.counted,
+            )
             start = span.stop
     return tokens, segments, counted
 
 
-def _local_batches(local: dict[int, list[list[Sequence]]], rows: int, row_len: int
-                   ) -> Iterator[tuple[np.ndarray, ...]]:
+def _local_batches(
+    local: dict[int, list[list[Sequence]]], rows: int, row_len: int
+) -> Iterator[tuple[np.ndarray, ...]]:
     """This process's rows of each batch: its shards' packed rows side by side, `rows` per shard, for
     as many batches as the longest shard of any process needs."""
     n_batches = global_max(max(-(-len(packed) // rows) for packed in local.values()))
     for b in range(n_batches):
-        parts = [_rows(packed[b * rows:(b + 1) * rows], rows, row_len) for packed in local.values()]
+        parts = [
+            _rows(packed[b * rows : (b + 1) * rows], rows, row_len) for packed in local.values()
+        ]
         yield tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
 
@@ -129,8 +146,12 @@ def _step(params, tokens, segments, counted, cfg: ModelConfig, max_docs: int, wi
     _, routing = forward(params, tokens, cfg, segment_ids_bt=segments)
     e = cfg.n_routed_experts
     mask = counted.astype(jnp.float32)
-    doc_bts = jax.nn.one_hot(segments - 1, max_docs, dtype=jnp.float32) * mask[..., None]  # padding: no slot
-    chosen_lbte = gate_lbte = 0.0  # summed over the k choices one at a time: no [L, B, T, k, E] array
+    doc_bts = (
+        jax.nn.one_hot(segments - 1, max_docs, dtype=jnp.float32) * mask[..., None]
+    )  # padding: no slot
+    chosen_lbte = gate_lbte = (
+        0.0  # summed over the k choices one at a time: no [L, B, T, k, E] array
+    )
     for j in range(cfg.num_experts_per_tok):
         hot = jax.nn.one_hot(routing.expert_ids[..., j], e, dtype=jnp.float32)
         chosen_lbte = chosen_lbte + hot
@@ -140,16 +161,32 @@ def _step(params, tokens, segments, counted, cfg: ModelConfig, max_docs: int, wi
         "tokens_bs": doc_bts.sum(1),
         "counts_bsle": jnp.einsum("lbte,bts->bsle", chosen_lbte, doc_bts, precision=exact),
         "gates_bsle": jnp.einsum("lbte,bts->bsle", gate_lbte, doc_bts, precision=exact),
-        "coact_lee": jnp.einsum("lbte,lbtf,bt->lef", chosen_lbte, chosen_lbte, mask, precision=exact),
+        "coact_lee": jnp.einsum(
+            "lbte,lbtf,bt->lef", chosen_lbte, chosen_lbte, mask, precision=exact
+        ),
     }
     if with_routing:
         out.update(expert_ids=routing.expert_ids, gate_weights=routing.gate_weights)
     return out
 
 
-def profile(params: Any, cfg: ModelConfig, seqs: list[Sequence] | Callable[[int, int], list[Sequence]], *,
-            batch_size: int, seq_len: int, mesh: Mesh | None = None, shards: int = 0,
-            log_writer: OfficialLogWriter | None = None, progress: bool = True) -> RoutingStats:
+def _per_doc(x_bs: np.ndarray) -> np.ndarray:
+    """[B, S, ...] -> [B * S, ...]: one row per packed document slot."""
+    return x_bs.reshape(x_bs.shape[0] * x_bs.shape[1], *x_bs.shape[2:])
+
+
+def collect(
+    params: Any,
+    cfg: ModelConfig,
+    seqs: list[Sequence] | Callable[[int, int], list[Sequence]],
+    *,
+    batch_size: int,
+    seq_len: int,
+    mesh: Mesh | None = None,
+    shards: int = 0,
+    log_writer: OfficialLogWriter | None = None,
+    progress: bool = True,
+) -> RoutingStats:
     """Routing statistics on `mesh` (batch over data/fsdp, experts over expert) if given. `seqs`: all
     the sequences, or a reader of shard (index, count) (`sequences(..., shard=...)`); with a reader each
     process reads only the data shards under its batch rows (`shards` of them, 0: one per block of
@@ -161,28 +198,45 @@ def profile(params: Any, cfg: ModelConfig, seqs: list[Sequence] | Callable[[int,
     rows_sharding = None
     if mesh is not None:
         params = sharding.shard_params(params, param_axes(cfg), mesh)
-        rows_sharding = NamedSharding(mesh, sharding.logical_to_spec(("act_batch", None), dict(mesh.shape)))
-    plan = plan_shards(rows_sharding, batch_size, 1 if isinstance(seqs, list) else shards, key="--config.shards")
+        rows_sharding = NamedSharding(
+            mesh, sharding.logical_to_spec(("act_batch", None), dict(mesh.shape))
+        )
+    plan = plan_shards(
+        rows_sharding, batch_size, 1 if isinstance(seqs, list) else shards, key="--config.shards"
+    )
     local = {0: seqs} if isinstance(seqs, list) else {i: seqs(i, plan.count) for i in plan.local}
     # every process packs alike: the row length and the slots per row are maxima over all processes
     row_len = global_max(row_length([s for part in local.values() for s in part], seq_len))
     packed = {i: pack(part, row_len) for i, part in local.items()}
     max_docs = global_max(max((len(docs) for part in packed.values() for docs in part), default=1))
     rows_per_seq_len = seq_len // row_len
-    bar = tqdm(total=sum(int(s.counted.sum()) for part in local.values() for s in part), unit="tok",
-               desc="profiling", disable=not progress)
+    bar = tqdm(
+        total=sum(int(s.counted.sum()) for part in local.values() for s in part),
+        unit="tok",
+        desc="profiling",
+        disable=not progress,
+    )
     with sharding.on_mesh(mesh):
-        for tokens, segments, counted in _local_batches(packed, plan.rows * rows_per_seq_len, row_len):
-            batch = sharding.from_process_rows((tokens, segments, counted), rows_sharding,
-                                               (batch_size * rows_per_seq_len, row_len))
+        for tokens, segments, counted in _local_batches(
+            packed, plan.rows * rows_per_seq_len, row_len
+        ):
+            batch = sharding.from_process_rows(
+                (tokens, segments, counted), rows_sharding, (batch_size * rows_per_seq_len, row_len)
+            )
             out = sharding.to_host(step(params, *batch, cfg, max_docs, log_writer is not None))
             n_s = out["tokens_bs"].reshape(-1)
-            per_doc = lambda x: x.reshape(n_s.size, *x.shape[2:])  # noqa: E731  [B, S, ...] -> [B * S, ...]
-            stats.add(np.rint(per_doc(out["counts_bsle"])), per_doc(out["gates_bsle"]), n_s, np.rint(out["coact_lee"]))
+            stats.add(
+                np.rint(_per_doc(out["counts_bsle"])),
+                _per_doc(out["gates_bsle"]),
+                n_s,
+                np.rint(out["coact_lee"]),
+            )
             if log_writer is not None:  # single-process: `counted` holds every row
                 for row, segment in zip(*np.nonzero(out["tokens_bs"])):
                     keep = counted[row] & (segments[row] == segment + 1)
-                    log_writer.add(out["expert_ids"][:, row][:, keep], out["gate_weights"][:, row][:, keep])
+                    log_writer.add(
+                        out["expert_ids"][:, row][:, keep], out["gate_weights"][:, row][:, keep]
+                    )
             bar.update(int(counted.sum()))
     bar.close()
     return stats

@@ -22,14 +22,19 @@ KINDS = ("token", "gate")
 NORMS = ("pooled", "paper")
 
 
-def expert_scores(stats: RoutingStats, kind: str = "token", norm: str = "pooled",
-                  decimals: int | None = None) -> np.ndarray:
+def expert_scores(
+    stats: RoutingStats, kind: str = "token", norm: str = "pooled", decimals: int | None = None
+) -> np.ndarray:
     if kind not in KINDS or norm not in NORMS:
         raise ValueError(f"score kind {kind!r} / norm {norm!r}: expected one of {KINDS} / {NORMS}")
     if stats.tokens == 0:
         raise ValueError("routing statistics hold no tokens")
     if norm == "pooled":
-        scores = stats.counts / (stats.top_k * stats.tokens) if kind == "token" else stats.gate_sum / stats.tokens
+        scores = (
+            stats.counts / (stats.top_k * stats.tokens)
+            if kind == "token"
+            else stats.gate_sum / stats.tokens
+        )
     else:
         frac = stats.seq_count_frac / stats.top_k if kind == "token" else stats.seq_gate_frac
         scores = frac / stats.sequences
@@ -41,8 +46,15 @@ def official_summary(stats: RoutingStats, decimals: int | None = 4) -> dict:
 
     def by_layer(kind: str) -> dict:
         s = expert_scores(stats, kind, "pooled", decimals)
-        return {str(layer): {str(e): float(s[i, e]) for e in range(stats.num_experts)}
-                for i, layer in enumerate(stats.layers)}
+        return {
+            str(layer): {str(e): float(s[i, e]) for e in range(stats.num_experts)}
+            for i, layer in enumerate(stats.layers)
+        }
 
-    return {"token_scores": by_layer("token"), "gate_scores": by_layer("gate"),
-            "tokens": stats.tokens, "sequences": stats.sequences, "top_k": stats.top_k}
+    return {
+        "token_scores": by_layer("token"),
+        "gate_scores": by_layer("gate"),
+        "tokens": stats.tokens,
+        "sequences": stats.sequences,
+        "top_k": stats.top_k,
+    }

@@ -41,7 +41,9 @@ def random_like(reference: list[list[int]], num_experts: int, seed: int) -> list
     return [rng.choice(num_experts, len(ids), replace=False).tolist() for ids in reference]
 
 
-def group_experts(scores_e: np.ndarray, coactivation_ee: np.ndarray | None, size: int) -> list[list[int]]:
+def group_experts(
+    scores_e: np.ndarray, coactivation_ee: np.ndarray | None, size: int
+) -> list[list[int]]:
     """Partition E experts into groups of `size`: contiguous ids when coactivation is None, else
     greedily: seed a group with the best-scoring free expert, then add the free expert most often
     co-activated with the group's members (ties: higher score, then lower id)."""
@@ -63,8 +65,9 @@ def group_experts(scores_e: np.ndarray, coactivation_ee: np.ndarray | None, size
     return groups
 
 
-def by_group_threshold(scores_le: np.ndarray, groups_per_layer: list[list[list[int]]], p: float
-                       ) -> list[list[int]]:
+def by_group_threshold(
+    scores_le: np.ndarray, groups_per_layer: list[list[list[int]]], p: float
+) -> list[list[int]]:
     """Whole groups in descending summed score (ties: lower first member) until the sum reaches p."""
     selected = []
     for scores, groups in zip(np.asarray(scores_le, np.float64), groups_per_layer):
@@ -84,9 +87,17 @@ METHODS = ("threshold", "top_n", "random", "group")
 GROUPINGS = ("coactivation", "contiguous")
 
 
-def select(scores_le: np.ndarray, method: str = "threshold", *, p: float = 0.2, n: int = 1, seed: int = 0,
-           group_size: int = 1, grouping: str = "coactivation",
-           coactivation_lee: np.ndarray | None = None) -> list[list[int]]:
+def per_layer(
+    scores_le: np.ndarray,
+    method: str = "threshold",
+    *,
+    p: float = 0.2,
+    n: int = 1,
+    seed: int = 0,
+    group_size: int = 1,
+    grouping: str = "coactivation",
+    coactivation_lee: np.ndarray | None = None,
+) -> list[list[int]]:
     """One entry point for every method (names in METHODS); `random` draws as many experts per
     layer as `threshold` would select at p."""
     if method == "threshold":
@@ -98,7 +109,9 @@ def select(scores_le: np.ndarray, method: str = "threshold", *, p: float = 0.2, 
     if method == "group":
         if grouping not in GROUPINGS:
             raise ValueError(f"grouping={grouping!r}: expected one of {GROUPINGS}")
-        groups = [group_experts(s, None if grouping == "contiguous" else coactivation_lee[l], group_size)
-                  for l, s in enumerate(scores_le)]
+        groups = [
+            group_experts(s, None if grouping == "contiguous" else coactivation_lee[li], group_size)
+            for li, s in enumerate(scores_le)
+        ]
         return by_group_threshold(scores_le, groups, p)
     raise ValueError(f"method={method!r}: expected one of {METHODS}")

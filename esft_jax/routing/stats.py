@@ -32,13 +32,26 @@ class RoutingStats:
     sequences: int = 0
 
     @classmethod
-    def empty(cls, layers: list[int], num_experts: int, top_k: int) -> "RoutingStats":
+    def empty(cls, layers: list[int], num_experts: int, top_k: int) -> RoutingStats:
         le = (len(layers), num_experts)
-        return cls(list(layers), num_experts, top_k, np.zeros(le, np.int64), np.zeros(le), np.zeros(le),
-                   np.zeros(le), np.zeros((*le, num_experts), np.int64))
+        return cls(
+            list(layers),
+            num_experts,
+            top_k,
+            np.zeros(le, np.int64),
+            np.zeros(le),
+            np.zeros(le),
+            np.zeros(le),
+            np.zeros((*le, num_experts), np.int64),
+        )
 
-    def add(self, counts_sle: np.ndarray, gate_sle: np.ndarray, tokens_s: np.ndarray,
-            coactivation_lee: np.ndarray) -> None:
+    def add(
+        self,
+        counts_sle: np.ndarray,
+        gate_sle: np.ndarray,
+        tokens_s: np.ndarray,
+        coactivation_lee: np.ndarray,
+    ) -> None:
         """Add S sequences: their per-sequence counts and gate sums [S, L, E] and token counts [S];
         sequences with no counted token are ignored."""
         keep = np.asarray(tokens_s) > 0
@@ -64,8 +77,13 @@ class RoutingStats:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "RoutingStats":
+    def load(cls, path: str | Path) -> RoutingStats:
         with np.load(path) as z:
             d = {k: z[k] for k in z.files}
         scalars = {"num_experts", "top_k", "tokens", "sequences"}
-        return cls(**{k: (int(v) if k in scalars else v.tolist() if k == "layers" else v) for k, v in d.items()})
+        return cls(
+            **{
+                k: (int(v) if k in scalars else v.tolist() if k == "layers" else v)
+                for k, v in d.items()
+            }
+        )

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,18 +38,29 @@ def _what_went_wrong(m: dict) -> str:
         return f"loss is {m['loss']:g} (grad_norm {m['grad_norm']:g})"
     if not math.isfinite(m["grad_norm"]):
         return f"grad_norm is {m['grad_norm']:g} (loss {m['loss']:g})"
-    return f"the update made the trainable parameters non-finite (loss {m['loss']:g}, grad_norm {m['grad_norm']:g})"
+    return (
+        "the update made the trainable parameters non-finite "
+        f"(loss {m['loss']:g}, grad_norm {m['grad_norm']:g})"
+    )
 
 
-def check(recent: list[tuple[int, dict]], latest_checkpoint: Callable[[], int | None]) -> list[tuple[int, dict]]:
+def check(
+    recent: list[tuple[int, dict]], latest_checkpoint: Callable[[], int | None]
+) -> list[tuple[int, dict]]:
     """Fetch `recent` (step number, device metrics) to the host; DivergedError at the first
     non-finite step, naming it and the checkpoint kept."""
     fetched = jax.device_get(recent)
     for step, m in fetched:
         if not m["finite"]:
             kept = latest_checkpoint()
-            where = "no checkpoint was saved" if kept is None else f"the latest checkpoint (step {kept}) is kept"
-            raise DivergedError(f"step {step}: {_what_went_wrong(m)}; stopped, {where}; lower --config.optim.lr")
+            where = (
+                "no checkpoint was saved"
+                if kept is None
+                else f"the latest checkpoint (step {kept}) is kept"
+            )
+            raise DivergedError(
+                f"step {step}: {_what_went_wrong(m)}; stopped, {where}; lower --config.optim.lr"
+            )
     return fetched
 
 
@@ -57,6 +69,9 @@ def warn_if_stalled(step: int, m: dict, warned: bool) -> bool:
     positive lr; returns whether it has warned."""
     if warned or step <= 1 or m["lr"] <= 0 or m["grad_norm"] != 0:
         return warned
-    print(f"warning: step {step}: the gradient norm is exactly 0 at lr {m['lr']:g}: training has stopped "
-          "learning (a too large lr saturates the model); lower --config.optim.lr", file=sys.stderr)
+    print(
+        f"warning: step {step}: the gradient norm is exactly 0 at lr {m['lr']:g}: training has stopped "
+        "learning (a too large lr saturates the model); lower --config.optim.lr",
+        file=sys.stderr,
+    )
     return True

@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,35 +26,51 @@ from jax.sharding import Mesh, NamedSharding
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from esft_jax import configs, runtime, sharding
+from esft_jax import config_files, runtime, sharding
 from esft_jax.checkpoint.train_state import TrainCheckpoints, abstract_like
 from esft_jax.data.pipeline import eval_batches, split_validation, train_batches
-from esft_jax.data.shards import LocalBatches, plan as plan_shards
 from esft_jax.data.records import Sample, read_jsonl
+from esft_jax.data.shards import LocalBatches
+from esft_jax.data.shards import plan as plan_shards
 from esft_jax.model import ModelConfig, forward, param_axes
 from esft_jax.model.loss import load_balance_loss, next_token_loss
 from esft_jax.train import guard, resume
+from esft_jax.train.checks import validate
 from esft_jax.train.method import TrainingMethod, build_method, save_adapter
 from esft_jax.train.optimizer import learning_rate, make_optimizer
-from esft_jax.train.validate import validate
 
 
 def _loss_fn(method: TrainingMethod, cfg: ModelConfig, aux_loss_alpha: float = 0.0):
     """(sum of token losses [+ alpha * load-balance loss per token], (tokens, dropped assignments))."""
+
     def loss(trainable, frozen, batch):
         params = method.materialize(frozen, trainable)
-        logits, routing = forward(params, batch["tokens"], cfg, segment_ids_bt=batch["segment_ids"],
-                                  positions_bt=batch["positions"], return_router_scores=aux_loss_alpha > 0)
+        logits, routing = forward(
+            params,
+            batch["tokens"],
+            cfg,
+            segment_ids_bt=batch["segment_ids"],
+            positions_bt=batch["positions"],
+            return_router_scores=aux_loss_alpha > 0,
+        )
         loss_sum, count = next_token_loss(logits, batch)
         if aux_loss_alpha > 0:
-            aux = load_balance_loss(routing.expert_ids, routing.router_scores, batch["segment_ids"] != 0)
+            aux = load_balance_loss(
+                routing.expert_ids, routing.router_scores, batch["segment_ids"] != 0
+            )
             loss_sum = loss_sum + aux_loss_alpha * aux * count
         return loss_sum, (count, routing.dropped.sum())
+
     return loss
 
 
-def make_train_step(method: TrainingMethod, cfg: ModelConfig, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, aux_loss_alpha: float = 0.0) -> Callable:
+def make_train_step(
+    method: TrainingMethod,
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    aux_loss_alpha: float = 0.0,
+) -> Callable:
     """(state, frozen, batches [A, B, T]) -> (state, metrics); metrics["finite"] says whether the loss,
     the gradient norm and the new parameters are all finite (train/guard.py)."""
     grad_fn = jax.value_and_grad(_loss_fn(method, cfg, aux_loss_alpha), has_aux=True)
@@ -64,8 +81,12 @@ def make_train_step(method: TrainingMethod, cfg: ModelConfig, tx: optax.Gradient
             (loss_sum, (n, d)), g = grad_fn(state["trainable"], frozen, batch)
             return (jax.tree.map(jnp.add, grads, g), loss + loss_sum, count + n, dropped + d), None
 
-        if jax.tree.leaves(batches)[0].shape[0] == 1:  # one micro-batch: no accumulator to zero and add
-            (loss, (count, dropped)), grads = grad_fn(state["trainable"], frozen, jax.tree.map(lambda b: b[0], batches))
+        if (
+            jax.tree.leaves(batches)[0].shape[0] == 1
+        ):  # one micro-batch: no accumulator to zero and add
+            (loss, (count, dropped)), grads = grad_fn(
+                state["trainable"], frozen, jax.tree.map(lambda b: b[0], batches)
+            )
         else:
             zero = (jax.tree.map(jnp.zeros_like, state["trainable"]), 0.0, 0, 0)
             (grads, loss, count, dropped), _ = jax.lax.scan(micro, zero, batches)
@@ -74,8 +95,14 @@ def make_train_step(method: TrainingMethod, cfg: ModelConfig, tx: optax.Gradient
         trainable = optax.apply_updates(state["trainable"], updates)
         new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
         loss, grad_norm = loss / jnp.maximum(count, 1), optax.tree.norm(grads)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "tokens": count,
-                   "dropped": dropped, "finite": guard.finite(loss, grad_norm, trainable)}
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": schedule(state["step"]),
+            "tokens": count,
+            "dropped": dropped,
+            "finite": guard.finite(loss, grad_norm, trainable),
+        }
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0)
@@ -106,18 +133,41 @@ def _batch_sharding(mesh: Mesh | None, ndim: int):
     return NamedSharding(mesh, sharding.logical_to_spec(axes, dict(mesh.shape)))
 
 
-def _local_batches(c: ml_collections.ConfigDict, rows_sharding: Any, samples: list[Sample],
-                   general: list[Sample] | None, tokenizer: Tokenizer, cfg: ModelConfig,
-                   data_state: dict | None) -> LocalBatches:
+def _local_batches(
+    c: ml_collections.ConfigDict,
+    rows_sharding: Any,
+    samples: list[Sample],
+    general: list[Sample] | None,
+    tokenizer: Tokenizer,
+    cfg: ModelConfig,
+    data_state: dict | None,
+) -> LocalBatches:
     """This process's shards of the training batches (data/shards.py), at `data_state` if resuming;
     without --config.data.shards a resumed run keeps its checkpoint's shard count."""
-    shards = plan_shards(rows_sharding, c.batch_size, c.data.shards or (data_state or {}).get("count", 0))
+    shards = plan_shards(
+        rows_sharding, c.batch_size, c.data.shards or (data_state or {}).get("count", 0)
+    )
     if len(samples) < shards.count:
-        raise configs.ConfigFileError(f"--config.data.train: {len(samples)} training samples cannot fill "
-                                      f"{shards.count} data shards")
-    data = LocalBatches(shards, lambda index, count: iter(train_batches(
-        samples, tokenizer, cfg, seq_len=c.data.seq_len, batch_size=shards.rows, seed=c.seed,
-        general=general, general_ratio=c.data.general_ratio, shard=(index, count))))
+        raise config_files.ConfigFileError(
+            f"--config.data.train: {len(samples)} training samples cannot fill "
+            f"{shards.count} data shards"
+        )
+    data = LocalBatches(
+        shards,
+        lambda index, count: iter(
+            train_batches(
+                samples,
+                tokenizer,
+                cfg,
+                seq_len=c.data.seq_len,
+                batch_size=shards.rows,
+                seed=c.seed,
+                general=general,
+                general_ratio=c.data.general_ratio,
+                shard=(index, count),
+            )
+        ),
+    )
     if data_state is not None:
         data.set_state(data_state)
     return data
@@ -132,98 +182,100 @@ def tree_bytes(tree: Any) -> int:
     return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
 
 
-def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
-    """Run (or resume) the training described by `c` (configs/train.py); returns a summary ({} on the
-    non-primary processes of a multi-process run, which compute but write nothing but checkpoint shards).
-    Nothing is written before the values are checked and a resumed run's settings match the saved ones."""
-    runtime.distributed(c)
-    primary = jax.process_index() == 0  # in a multi-process run, one process writes the files
-    workdir = Path(c.workdir)
-    validate(c, runtime.model_config(c))  # before the weights are read
-    mesh = runtime.mesh(c)
-    cfg, frozen = runtime.load_model(c, mesh)
-    tokenizer = runtime.tokenizer(c)
+class _Data(NamedTuple):
+    train: list[Sample]
+    validation: list[Sample]
+    general: list[Sample] | None  # mixed in at c.data.general_ratio
+    skipped: int  # malformed lines skipped (c.data.skip_invalid)
+
+
+def _read_data(c: ml_collections.ConfigDict) -> _Data:
     samples, skipped = read_jsonl(c.data.train, c.data.skip_invalid)
-    train_samples, val_samples = split_validation(samples, c.data.validation_fraction, c.data.max_validation, c.seed)
+    train_samples, validation = split_validation(
+        samples, c.data.validation_fraction, c.data.max_validation, c.seed
+    )
     general = None
     if c.data.general:
         general, skipped_general = read_jsonl(c.data.general, c.data.skip_invalid)
         skipped += skipped_general
-    method = build_method(c, cfg)
-    expert_config = method.expert_config
+    return _Data(train_samples, validation, general, skipped)
 
-    model_axes = param_axes(cfg)
-    frozen = _put(frozen, _shardings(model_axes, mesh))
-    trainable = method.init(frozen)
-    trainable = _put(trainable, _shardings(method.axes(model_axes, trainable), mesh))
-    checkpoints = TrainCheckpoints(workdir / "checkpoints", c.checkpoint_every, c.keep_checkpoints)
-    with contextlib.closing(checkpoints):
-        resuming = checkpoints.latest_step() is not None
-        c = resume.resumed_config(c, workdir, expert_config) if resuming else c.copy_and_resolve_references()
-        tx, schedule = make_optimizer(c.optim), learning_rate(c.optim)
-        state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
-        start, data_state = 0, None
-        if resuming:
-            start, state, data_state = checkpoints.restore(abstract_like(state))
-        batch_sharding, eval_sharding = _batch_sharding(mesh, 3), _batch_sharding(mesh, 2)
-        data = _local_batches(c, eval_sharding, train_samples, general, tokenizer, cfg, data_state)
-        global_shape = (c.grad_accum, c.batch_size, c.data.seq_len)
 
-        metrics_path = workdir / "metrics.jsonl"
-        if primary:  # the run has really started: its files
-            resume.save_run_files(c, workdir, expert_config)
-            if resuming:
-                resume.truncate_metrics(metrics_path, start)
-                print(f"resuming from step {start} ({checkpoints.directory})")
-            else:
-                metrics_path.unlink(missing_ok=True)
+def _start(
+    c: ml_collections.ConfigDict,
+    workdir: Path,
+    checkpoints: TrainCheckpoints,
+    method: TrainingMethod,
+    trainable: Any,
+) -> tuple[ml_collections.ConfigDict, optax.GradientTransformation, optax.Schedule, dict, int, Any]:
+    """(the run's config, optimizer, schedule, state, first step, data position): a new run's, or a
+    resumed one's from its latest checkpoint (with the saved settings: train/resume.py)."""
+    resuming = checkpoints.latest_step() is not None
+    if resuming:
+        c = resume.resumed_config(c, workdir, method.expert_config)
+    else:
+        c = c.copy_and_resolve_references()
+    tx, schedule = make_optimizer(c.optim), learning_rate(c.optim)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "trainable": trainable,
+        "opt_state": tx.init(trainable),
+    }
+    if not resuming:
+        return c, tx, schedule, state, 0, None
+    start, state, data_state = checkpoints.restore(abstract_like(state))
+    return c, tx, schedule, state, start, data_state
 
-        train_step = make_train_step(method, cfg, tx, schedule, c.aux_loss_alpha)
-        eval_step = make_eval_step(method, cfg)
-        val = eval_batches(val_samples, tokenizer, cfg, seq_len=c.data.seq_len, batch_size=c.batch_size)
 
-        def evaluate(trainable) -> float:
-            total, count = 0.0, 0
-            for b in val:
-                loss_sum, n = eval_step(trainable, frozen, _put(b, eval_sharding))
-                total, count = total + float(loss_sum), count + int(n)
-            return total / max(count, 1)
+def _open_metrics(
+    c: ml_collections.ConfigDict,
+    workdir: Path,
+    method: TrainingMethod,
+    start: int,
+    checkpoints: TrainCheckpoints,
+) -> Path:
+    """The run files, and metrics.jsonl cut back to the resumed step (or emptied): the primary's."""
+    metrics_path = workdir / "metrics.jsonl"
+    resume.save_run_files(c, workdir, method.expert_config)
+    if start:
+        resume.truncate_metrics(metrics_path, start)
+        print(f"resuming from step {start} ({checkpoints.directory})")
+    else:
+        metrics_path.unlink(missing_ok=True)
+    return metrics_path
 
-        timer, recent, warned = time.perf_counter(), [], False  # recent: (step, device metrics) since the last log
-        with tqdm(total=c.steps, initial=start, desc=f"train {c.method}", unit="step", disable=not progress) as bar, \
-                sharding.on_mesh(mesh):
-            for step in range(start, c.steps):
-                batch = sharding.from_process_rows(data.take(c.grad_accum), batch_sharding, global_shape)
-                state, metrics = train_step(state, frozen, batch)
-                done = step + 1
-                recent.append((done, metrics))
-                evaluate_now = bool(val) and (done % c.eval_every == 0 or done == c.steps)
-                if evaluate_now or done % c.log_every == 0 or done == c.steps:
-                    fetched = guard.check(recent, checkpoints.latest_step)
-                    metrics = {k: float(v) for k, v in fetched[-1][1].items() if k != "finite"}
-                    warned = guard.warn_if_stalled(done, metrics, warned)
-                    elapsed = time.perf_counter() - timer
-                    tokens = int(sum(m["tokens"] for _, m in fetched))
-                    record = {"step": done, **metrics, "seconds": elapsed,
-                              "tokens_per_s": tokens / max(elapsed, 1e-9)}
-                    if evaluate_now:
-                        record["val_loss"] = evaluate(state["trainable"])
-                    if primary:
-                        _append_metrics(metrics_path, record)
-                    bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val_loss") if k in record})
-                    timer, recent = time.perf_counter(), []
-                if checkpoints.due(done, force=done == c.steps):
-                    guard.check(recent, checkpoints.latest_step)  # never save a state that followed a bad step
-                    checkpoints.save(done, state, data.get_state())
-                bar.update(1)
-        checkpoints.latest_step()  # the last save has committed (or its failure is raised) before the adapter
 
-    adapter_dir = save_adapter(workdir / "adapter", cfg, method, frozen, state["trainable"], write=primary)
-    if not primary:
-        return {}
+def _log_record(done: int, fetched: list[tuple[int, dict]], since: float) -> dict:
+    """One metrics.jsonl line: the last step's metrics, the seconds since the last log, tokens/s."""
+    metrics = {k: float(v) for k, v in fetched[-1][1].items() if k != "finite"}
+    elapsed = time.perf_counter() - since
+    tokens = int(sum(m["tokens"] for _, m in fetched))
+    return {
+        "step": done,
+        **metrics,
+        "seconds": elapsed,
+        "tokens_per_s": tokens / max(elapsed, 1e-9),
+    }
+
+
+def _validation_loss(
+    eval_step: Callable, batches: list, trainable: Any, frozen: Any, rows_sharding: Any
+) -> float:
+    total, count = 0.0, 0
+    for b in batches:
+        loss_sum, n = eval_step(trainable, frozen, _put(b, rows_sharding))
+        total, count = total + float(loss_sum), count + int(n)
+    return total / max(count, 1)
+
+
+def _summary(
+    c: ml_collections.ConfigDict, state: dict, metrics_path: Path, adapter_dir: Path, skipped: int
+) -> dict:
     history = [json.loads(ln) for ln in metrics_path.read_text().splitlines()]
-    summary = {
-        "method": c.method, "steps": c.steps, "skipped_lines": skipped,
+    return {
+        "method": c.method,
+        "steps": c.steps,
+        "skipped_lines": skipped,
         "final_loss": history[-1]["loss"] if history else None,
         "val_loss": next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None),
         "trainable_params": int(sum(x.size for x in jax.tree.leaves(state["trainable"]))),
@@ -232,5 +284,88 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
         "train_seconds": sum(h["seconds"] for h in history),
         "peak_rss_mb": runtime.peak_rss_bytes() / 1e6,
     }
+
+
+def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
+    """Run (or resume) the training described by `c` (configs/train.py); returns a summary ({} on the
+    non-primary processes of a multi-process run, which compute but write nothing but checkpoint
+    shards). Nothing is written before the values are checked and a resumed run's settings match the
+    saved ones."""
+    runtime.distributed(c)
+    primary = jax.process_index() == 0  # in a multi-process run, one process writes the files
+    workdir = Path(c.workdir)
+    validate(c, runtime.model_config(c))  # before the weights are read
+    mesh = runtime.mesh(c)
+    cfg, frozen = runtime.load_model(c, mesh)
+    tokenizer = runtime.tokenizer(c)
+    data_in = _read_data(c)
+    method = build_method(c, cfg)
+    model_axes = param_axes(cfg)
+    frozen = _put(frozen, _shardings(model_axes, mesh))
+    trainable = method.init(frozen)
+    trainable = _put(trainable, _shardings(method.axes(model_axes, trainable), mesh))
+    checkpoints = TrainCheckpoints(workdir / "checkpoints", c.checkpoint_every, c.keep_checkpoints)
+    with contextlib.closing(checkpoints):
+        c, tx, schedule, state, start, data_state = _start(
+            c, workdir, checkpoints, method, trainable
+        )
+        batch_sharding, eval_sharding = _batch_sharding(mesh, 3), _batch_sharding(mesh, 2)
+        data = _local_batches(
+            c, eval_sharding, data_in.train, data_in.general, tokenizer, cfg, data_state
+        )
+        global_shape = (c.grad_accum, c.batch_size, c.data.seq_len)
+        metrics_path = _open_metrics(c, workdir, method, start, checkpoints) if primary else None
+        train_step = make_train_step(method, cfg, tx, schedule, c.aux_loss_alpha)
+        eval_step = make_eval_step(method, cfg)
+        val = eval_batches(
+            data_in.validation, tokenizer, cfg, seq_len=c.data.seq_len, batch_size=c.batch_size
+        )
+        since, recent, warned = (
+            time.perf_counter(),
+            [],
+            False,
+        )  # recent: (step, metrics) since the last log
+        bar = tqdm(
+            total=c.steps,
+            initial=start,
+            desc=f"train {c.method}",
+            unit="step",
+            disable=not progress,
+        )
+        with bar, sharding.on_mesh(mesh):
+            for step in range(start, c.steps):
+                batch = sharding.from_process_rows(
+                    data.take(c.grad_accum), batch_sharding, global_shape
+                )
+                state, metrics = train_step(state, frozen, batch)
+                done = step + 1
+                recent.append((done, metrics))
+                evaluate_now = bool(val) and (done % c.eval_every == 0 or done == c.steps)
+                if evaluate_now or done % c.log_every == 0 or done == c.steps:
+                    record = _log_record(done, guard.check(recent, checkpoints.latest_step), since)
+                    warned = guard.warn_if_stalled(done, record, warned)
+                    if evaluate_now:
+                        record["val_loss"] = _validation_loss(
+                            eval_step, val, state["trainable"], frozen, eval_sharding
+                        )
+                    if primary:
+                        _append_metrics(metrics_path, record)
+                    bar.set_postfix(
+                        {k: f"{record[k]:.4f}" for k in ("loss", "val_loss") if k in record}
+                    )
+                    since, recent = time.perf_counter(), []
+                if checkpoints.due(done, force=done == c.steps):
+                    guard.check(
+                        recent, checkpoints.latest_step
+                    )  # never save a state after a bad step
+                    checkpoints.save(done, state, data.get_state())
+                bar.update(1)
+        checkpoints.latest_step()  # the last save has committed (or raised) before the adapter is written
+    adapter_dir = save_adapter(
+        workdir / "adapter", cfg, method, frozen, state["trainable"], write=primary
+    )
+    if not primary:
+        return {}
+    summary = _summary(c, state, metrics_path, adapter_dir, data_in.skipped)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

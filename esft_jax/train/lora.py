@@ -36,7 +36,7 @@ class LoRA:
     expert_config = None  # not an ESFT run
 
     @classmethod
-    def from_config(cls, c: ml_collections.ConfigDict, cfg: ModelConfig) -> "LoRA":
+    def from_config(cls, c: ml_collections.ConfigDict, cfg: ModelConfig) -> LoRA:
         """c.lora.rank / alpha / targets (comma-separated), c.seed for the A factors."""
         targets = tuple(c.lora.targets.split(","))
         return cls(rank=c.lora.rank, alpha=c.lora.alpha, targets=targets, seed=c.seed)
@@ -53,12 +53,18 @@ class LoRA:
             if group not in frozen:
                 continue
             if "attention" in self.targets:
-                paths += [((group, "attn", name), 1) for name in frozen[group]["attn"]
-                          if input_dims((group, "attn", name)) is not None]
+                paths += [
+                    ((group, "attn", name), 1)
+                    for name in frozen[group]["attn"]
+                    if input_dims((group, "attn", name)) is not None
+                ]
             moe = frozen[group].get("moe", {})
             if "experts" in self.targets and "experts" in moe:
-                paths += [((group, "moe", "experts", k), 2) for k in moe["experts"]
-                          if input_dims((group, "moe", "experts", k)) is not None]
+                paths += [
+                    ((group, "moe", "experts", k), 2)
+                    for k in moe["experts"]
+                    if input_dims((group, "moe", "experts", k)) is not None
+                ]
             if "shared_experts" in self.targets and "shared" in moe:
                 paths += [((group, "moe", "shared", k), 1) for k in moe["shared"]]
         return paths
@@ -67,7 +73,11 @@ class LoRA:
     def _split(path: tuple[str, ...], shape: tuple[int, ...], n_batch: int):
         """(batch dims, fan-in, fan-out) of the weight at path (path[0] is the layer group)."""
         n_in = input_dims(path)
-        return shape[:n_batch], math.prod(shape[n_batch:n_batch + n_in]), math.prod(shape[n_batch + n_in:])
+        return (
+            shape[:n_batch],
+            math.prod(shape[n_batch : n_batch + n_in]),
+            math.prod(shape[n_batch + n_in :]),
+        )
 
     def init(self, frozen: Params) -> Params:
         paths, leaves = self.target_paths(frozen), traverse_util.flatten_dict(frozen)
@@ -76,8 +86,10 @@ class LoRA:
         for (path, n_batch), key in zip(paths, keys):
             batch, n_in, n_out = self._split(path, leaves[path].shape, n_batch)
             trainable["/".join(path)] = {
-                "a": jax.random.normal(key, (*batch, n_in, self.rank), jnp.float32) / math.sqrt(n_in),
-                "b": jnp.zeros((*batch, self.rank, n_out), jnp.float32)}
+                "a": jax.random.normal(key, (*batch, n_in, self.rank), jnp.float32)
+                / math.sqrt(n_in),
+                "b": jnp.zeros((*batch, self.rank, n_out), jnp.float32),
+            }
         return trainable
 
     def axes(self, model_axes: Params, trainable: Params) -> Params:
@@ -89,13 +101,17 @@ class LoRA:
         for name, ab in trainable.items():
             path = tuple(name.split("/"))
             w = leaves[path]
-            merged[path] = w.astype(jnp.float32) + jnp.matmul(ab["a"], ab["b"]).reshape(w.shape) * scale
+            merged[path] = (
+                w.astype(jnp.float32) + jnp.matmul(ab["a"], ab["b"]).reshape(w.shape) * scale
+            )
         return overlay(frozen, traverse_util.unflatten_dict(merged))
 
     def write_back(self, frozen: Params, trainable: Params) -> Params:
         return cast_like(self.materialize(frozen, trainable), frozen)
 
-    def adapter_tensors(self, cfg: ModelConfig, frozen: Params, trainable: Params) -> tuple[dict, dict]:
+    def adapter_tensors(
+        self, cfg: ModelConfig, frozen: Params, trainable: Params
+    ) -> tuple[dict, dict]:
         """The A [r, in] and B [out, r] factors of every adapted weight (PEFT's names and layout)."""
         host, tensors = to_host(trainable), {}
         for m in tensor_maps(cfg):
@@ -104,5 +120,10 @@ class LoRA:
                 base = m.hf_name[: -len(".weight")]
                 tensors[base + LORA_A] = np.asarray(ab["a"][m.index]).T
                 tensors[base + LORA_B] = np.asarray(ab["b"][m.index]).T
-        metadata = {"method": "lora", "r": self.rank, "lora_alpha": self.alpha, "targets": list(self.targets)}
+        metadata = {
+            "method": "lora",
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "targets": list(self.targets),
+        }
         return tensors, metadata

@@ -7,8 +7,9 @@ with a class following `TrainingMethod` and one `REGISTRY` entry.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import ml_collections
 import numpy as np
@@ -42,16 +43,20 @@ class TrainingMethod(Protocol):
     def write_back(self, frozen: Params, trainable: Params) -> Params:
         """Full params in the frozen dtypes (checkpoints, export)."""
 
-    def adapter_tensors(self, cfg: ModelConfig, frozen: Params, trainable: Params
-                        ) -> tuple[dict[str, np.ndarray], dict]:
+    def adapter_tensors(
+        self, cfg: ModelConfig, frozen: Params, trainable: Params
+    ) -> tuple[dict[str, np.ndarray], dict]:
         """(the tensors the method changed by HF name, in checkpoint/adapter.py's format; the adapter
         metadata, "method" included). Gathers to the host: every process of a run calls it."""
 
 
 Constructor = Callable[[ml_collections.ConfigDict, ModelConfig], TrainingMethod]
 REGISTRY: dict[str, Constructor] = {
-    "esft": ExpertSubset.from_config, "fft": FullFineTune.from_config, "lora": LoRA.from_config,
-    "router": RouterOnly.from_config}
+    "esft": ExpertSubset.from_config,
+    "fft": FullFineTune.from_config,
+    "lora": LoRA.from_config,
+    "router": RouterOnly.from_config,
+}
 METHODS = tuple(REGISTRY)  # the values of --config.method
 
 
@@ -63,9 +68,19 @@ def build_method(c: ml_collections.ConfigDict, cfg: ModelConfig) -> TrainingMeth
     return REGISTRY[c.method](c, cfg)
 
 
-def save_adapter(out_dir: str | Path, cfg: ModelConfig, method: TrainingMethod, frozen: Params,
-                 trainable: Params, write: bool = True) -> Path:
+def save_adapter(
+    out_dir: str | Path,
+    cfg: ModelConfig,
+    method: TrainingMethod,
+    frozen: Params,
+    trainable: Params,
+    write: bool = True,
+) -> Path:
     """Write the method's adapter. In a multi-process run every process calls this (gathering is
     collective) and the one with write=True writes."""
     tensors, metadata = method.adapter_tensors(cfg, frozen, trainable)
-    return write_adapter(out_dir, tensors, {**metadata, "model_type": cfg.model_type}) if write else Path(out_dir)
+    return (
+        write_adapter(out_dir, tensors, {**metadata, "model_type": cfg.model_type})
+        if write
+        else Path(out_dir)
+    )

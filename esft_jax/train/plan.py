@@ -31,29 +31,46 @@ from esft_jax.train.loop import make_train_step
 from esft_jax.train.method import TrainingMethod, build_method
 from esft_jax.train.optimizer import learning_rate, make_optimizer
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Bytes per device (the largest shard when shards differ)."""
+
     mesh: dict[str, int]
     params: int  # the model as loaded (frozen copy)
     trainable: int  # the trained copy (float32 master weights / expert rows / LoRA factors)
     optimizer: int
     temporaries: int  # activations, gradients, workspace: the compiled step's temp buffers
-    total: int  # what the step needs resident: arguments + outputs not aliased to them + temporaries
+    total: (
+        int  # what the step needs resident: arguments + outputs not aliased to them + temporaries
+    )
     compile_seconds: float
-    out_of_memory: bool = False  # the compiler refused it (then temporaries is its figure, total a lower bound)
+    out_of_memory: bool = (
+        False  # the compiler refused it (then temporaries is its figure, total a lower bound)
+    )
 
 
-def method_for(cfg: ModelConfig, method: str, expert_fraction: float = 0.1, expert_config: str = "",
-               lora_rank: int = 8, lora_alpha: float = 16.0) -> TrainingMethod:
+def method_for(
+    cfg: ModelConfig,
+    method: str,
+    expert_fraction: float = 0.1,
+    expert_config: str = "",
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+) -> TrainingMethod:
     """The method named (train/method.py's factory); esft: an expert config file, or the first
     round(fraction * E) experts per layer. lora_alpha's default is configs/train.py's."""
-    c = ml_collections.ConfigDict(dict(
-        method=method, seed=0, expert_config=expert_config, expert_fraction=expert_fraction,
-        lora=dict(rank=lora_rank, alpha=lora_alpha, targets="attention,experts")))
+    c = ml_collections.ConfigDict(
+        dict(
+            method=method,
+            seed=0,
+            expert_config=expert_config,
+            expert_fraction=expert_fraction,
+            lora=dict(rank=lora_rank, alpha=lora_alpha, targets="attention,experts"),
+        )
+    )
     return build_method(c, cfg)
 
 
@@ -67,7 +84,9 @@ def _per_device(tree: Any) -> int:
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 class PlanError(ValueError):
@@ -82,7 +101,7 @@ class OutOfMemory(Exception):
         self.arguments, self.seconds = arguments, seconds
         # the compiler's own figure where it gives one: "... required for HLO temporaries (297.49G) ..."
         found = re.search(r"HLO temporaries \(([\d.]+)([KMGT]?)\)", message)
-        scale = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+        scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
         self.temporaries = int(float(found[1]) * scale[found[2]]) if found else 0
 
 
@@ -95,18 +114,30 @@ def tpu_devices(topology: str) -> list:
     try:
         return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
     except Exception as e:  # jax raises RuntimeError / ValueError / XlaRuntimeError, by version
-        raise PlanError(f"--config.topology={topology}: cannot describe this TPU slice ({str(e).splitlines()[0]}); "
-                        "it needs libtpu: pip install 'jax[tpu]'") from e
+        raise PlanError(
+            f"--config.topology={topology}: cannot describe this TPU slice ({str(e).splitlines()[0]}); "
+            "it needs libtpu: pip install 'jax[tpu]'"
+        ) from e
 
 
-def lower_train_step(cfg: ModelConfig, method: TrainingMethod, mesh_shape: dict[str, int], *, batch_size: int,
-                     seq_len: int, optim: ml_collections.ConfigDict, devices: list | None = None):
+def lower_train_step(
+    cfg: ModelConfig,
+    method: TrainingMethod,
+    mesh_shape: dict[str, int],
+    *,
+    batch_size: int,
+    seq_len: int,
+    optim: ml_collections.ConfigDict,
+    devices: list | None = None,
+):
     """(compiled train step, its abstract sharded arguments (state, frozen, batch), compile seconds), on
     the first devices of `devices` (default: jax.devices())."""
     n = math.prod(mesh_shape.values())
     mesh = sharding.make_mesh(mesh_shape, (devices or jax.devices())[:n])
     # the MoE strategy the target would pick ("auto" means the backend that runs, not the one tracing)
-    cfg = dataclasses.replace(cfg, moe_strategy=resolve_strategy(cfg.moe_strategy, mesh.devices.flat[0].platform))
+    cfg = dataclasses.replace(
+        cfg, moe_strategy=resolve_strategy(cfg.moe_strategy, mesh.devices.flat[0].platform)
+    )
     axes = param_axes(cfg)
     frozen = _abstract(abstract_params(cfg), sharding.param_shardings(axes, mesh))
     trainable_shape = jax.eval_shape(method.init, frozen)
@@ -116,52 +147,103 @@ def lower_train_step(cfg: ModelConfig, method: TrainingMethod, mesh_shape: dict[
     replicated = NamedSharding(mesh, jax.P())
     # optimizer moments are sharded like the parameters they belong to; counters are replicated
     opt_state = optax.tree_map_params(
-        tx, lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), jax.eval_shape(tx.init, trainable),
-        trainable_shardings, transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated))
-    state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-             "trainable": trainable, "opt_state": opt_state}
-    batch_spec = NamedSharding(mesh, sharding.logical_to_spec((None, "act_batch", None), dict(mesh.shape)))
-    batch = {k: jax.ShapeDtypeStruct((1, batch_size, seq_len), np.int32, sharding=batch_spec)
-             for k in ("tokens", "segment_ids", "positions", "loss_mask")}
+        tx,
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(tx.init, trainable),
+        trainable_shardings,
+        transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+    )
+    state = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        "trainable": trainable,
+        "opt_state": opt_state,
+    }
+    batch_spec = NamedSharding(
+        mesh, sharding.logical_to_spec((None, "act_batch", None), dict(mesh.shape))
+    )
+    batch = {
+        k: jax.ShapeDtypeStruct((1, batch_size, seq_len), np.int32, sharding=batch_spec)
+        for k in ("tokens", "segment_ids", "positions", "loss_mask")
+    }
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         lowered = make_train_step(method, cfg, tx, schedule).lower(state, frozen, batch)
         try:
             compiled = lowered.compile()
-        except jax.errors.JaxRuntimeError as e:  # an accelerator's compiler checks its device memory
+        except (
+            jax.errors.JaxRuntimeError
+        ) as e:  # an accelerator's compiler checks its device memory
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
             raise OutOfMemory(str(e), (state, frozen, batch), time.perf_counter() - start) from e
     return compiled, (state, frozen, batch), time.perf_counter() - start
 
 
-def plan(cfg: ModelConfig, method: TrainingMethod, mesh_shape: dict[str, int], *, batch_size: int,
-         seq_len: int, optim: ml_collections.ConfigDict, devices: list | None = None) -> Plan:
+def estimate(
+    cfg: ModelConfig,
+    method: TrainingMethod,
+    mesh_shape: dict[str, int],
+    *,
+    batch_size: int,
+    seq_len: int,
+    optim: ml_collections.ConfigDict,
+    devices: list | None = None,
+) -> Plan:
     """Compile one train step of `method` on a mesh of simulated, real or TPU-topology devices; read
     its memory."""
     try:
-        compiled, arguments, seconds = lower_train_step(cfg, method, mesh_shape, batch_size=batch_size,
-                                                        seq_len=seq_len, optim=optim, devices=devices)
-        temporaries, total = int(compiled.memory_analysis().temp_size_in_bytes), resident_bytes(compiled)
+        compiled, arguments, seconds = lower_train_step(
+            cfg,
+            method,
+            mesh_shape,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            optim=optim,
+            devices=devices,
+        )
+        temporaries, total = (
+            int(compiled.memory_analysis().temp_size_in_bytes),
+            resident_bytes(compiled),
+        )
     except OutOfMemory as e:  # total: a lower bound, what is held plus the compiler's temporaries
         arguments, seconds, temporaries, total = e.arguments, e.seconds, e.temporaries, None
     state, frozen, _ = arguments
     held = [_per_device(frozen), _per_device(state["trainable"]), _per_device(state["opt_state"])]
-    return Plan(dict(mesh_shape), *held, temporaries, sum(held) + temporaries if total is None else total, seconds,
-                out_of_memory=total is None)
+    return Plan(
+        dict(mesh_shape),
+        *held,
+        temporaries,
+        sum(held) + temporaries if total is None else total,
+        seconds,
+        out_of_memory=total is None,
+    )
 
 
 def resident_bytes(compiled) -> int:
     """What a compiled executable needs resident per device: arguments, outputs not aliased to them
     (donated state is updated in place), temporaries."""
     mem = compiled.memory_analysis()
-    return int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-               + mem.temp_size_in_bytes)
+    return int(
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
 
 
-def report(cfg: ModelConfig, methods: list[str], devices: tuple[int, ...], mesh_axis: str, *, batch_size: int,
-           seq_len: int, optim: ml_collections.ConfigDict, device_memory_gb: float, topology: str = "",
-           **method_args) -> str:
+def report(
+    cfg: ModelConfig,
+    methods: list[str],
+    devices: tuple[int, ...],
+    mesh_axis: str,
+    *,
+    batch_size: int,
+    seq_len: int,
+    optim: ml_collections.ConfigDict,
+    device_memory_gb: float,
+    topology: str = "",
+    **method_args,
+) -> str:
     """A markdown table of plans (GiB per device) for each method x device count on a 1-axis mesh,
     and the smallest device count on which each method fits `device_memory_gb`; compiled for the TPU
     slice `topology` if given (its first n chips)."""
@@ -169,25 +251,58 @@ def report(cfg: ModelConfig, methods: list[str], devices: tuple[int, ...], mesh_
 
     targets = tpu_devices(topology) if topology else None
     if targets is not None and max(devices) > len(targets):
-        raise PlanError(f"--config.devices: {max(devices)} devices, but {topology} has {len(targets)} chips")
+        raise PlanError(
+            f"--config.devices: {max(devices)} devices, but {topology} has {len(targets)} chips"
+        )
     rows, smallest = [], {}
     for name in methods:
         method = method_for(cfg, name, **method_args)
         for n in devices:
-            p = plan(cfg, method, {mesh_axis: n}, batch_size=batch_size, seq_len=seq_len, optim=optim,
-                     devices=targets)
-            fits = p.total <= device_memory_gb * 1e9 and not p.out_of_memory  # memory is sold in decimal GB
+            p = estimate(
+                cfg,
+                method,
+                {mesh_axis: n},
+                batch_size=batch_size,
+                seq_len=seq_len,
+                optim=optim,
+                devices=targets,
+            )
+            fits = (
+                p.total <= device_memory_gb * 1e9 and not p.out_of_memory
+            )  # memory is sold in decimal GB
             if fits:
                 smallest.setdefault(name, n)
-            gib = [f"{b / GIB:.2f}" for b in (p.params, p.trainable, p.optimizer, p.temporaries, p.total)]
+            gib = [
+                f"{b / GIB:.2f}"
+                for b in (p.params, p.trainable, p.optimizer, p.temporaries, p.total)
+            ]
             verdict = "yes" if fits else "no (compiler)" if p.out_of_memory else "no"
             rows.append([name, str(n), *gib, verdict, f"{p.compile_seconds:.0f}"])
-    head = ["method", "devices", "params", "trainable", "optimizer", "temporaries", "total",
-            f"fits {device_memory_gb:g} GB ({device_memory_gb * 1e9 / GIB:.1f} GiB)", "compile s"]
-    lines = [f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts, hidden {cfg.hidden_size}, {cfg.dtype}; "
-             f"batch {batch_size} x {seq_len}, remat={cfg.remat}; GiB per device, mesh axis {mesh_axis}, "
-             f"compiled for {topology or jax.default_backend()}",
-             markdown_table(head, rows).rstrip()]
-    lines += [f"{name}: " + (f"fits on {smallest[name]} device(s)" if name in smallest
-                             else f"does not fit on {max(devices)} devices") for name in methods]
+    head = [
+        "method",
+        "devices",
+        "params",
+        "trainable",
+        "optimizer",
+        "temporaries",
+        "total",
+        f"fits {device_memory_gb:g} GB ({device_memory_gb * 1e9 / GIB:.1f} GiB)",
+        "compile s",
+    ]
+    lines = [
+        f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts, "
+        f"hidden {cfg.hidden_size}, {cfg.dtype}; "
+        f"batch {batch_size} x {seq_len}, remat={cfg.remat}; GiB per device, mesh axis {mesh_axis}, "
+        f"compiled for {topology or jax.default_backend()}",
+        markdown_table(head, rows).rstrip(),
+    ]
+    lines += [
+        f"{name}: "
+        + (
+            f"fits on {smallest[name]} device(s)"
+            if name in smallest
+            else f"does not fit on {max(devices)} devices"
+        )
+        for name in methods
+    ]
     return "\n".join(lines)

@@ -27,15 +27,28 @@ from typing import Any
 
 import ml_collections
 
-from esft_jax.configs import ConfigFileError
-from esft_jax.runtime import RANDOM_WEIGHTS, RUNTIME_FIELDS
+from esft_jax.config_files import ConfigFileError
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.jsonio import read_json
+from esft_jax.runtime import RANDOM_WEIGHTS, RUNTIME_FIELDS
 
 CONFIG_FILE, EXPERTS_FILE = "config.json", "expert_config.json"
-FREE = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "workdir", "extend", "expert_config",
-        "mesh.", "distributed.", "data.skip_invalid", "model.moe_strategy", "model.expert_parallel",
-        "model.scan_layers", "model.remat")
+FREE = (
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "workdir",
+    "extend",
+    "expert_config",
+    "mesh.",
+    "distributed.",
+    "data.skip_invalid",
+    "model.moe_strategy",
+    "model.expert_parallel",
+    "model.scan_layers",
+    "model.remat",
+)
 PATHS = ("checkpoint", "tokenizer", "data.train", "data.general")  # compared as absolute paths
 
 
@@ -57,7 +70,10 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _is_free(key: str, checkpoint: str) -> bool:
-    if key.startswith("model.") and checkpoint not in ("", RANDOM_WEIGHTS):  # the checkpoint's model is used
+    if key.startswith("model.") and checkpoint not in (
+        "",
+        RANDOM_WEIGHTS,
+    ):  # the checkpoint's model is used
         return key.removeprefix("model.") not in RUNTIME_FIELDS or _is_free(key, "")
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE)
 
@@ -69,7 +85,9 @@ def _comparable(key: str, value: Any) -> Any:
 def _changed(saved: dict[str, Any], new: dict[str, Any], checkpoint: str) -> list[str]:
     """The keys (flattened) that differ and change the result, in the config's order."""
     keys = [*new, *(k for k in saved if k not in new)]
-    keys = [k for k in keys if not (_is_free(k, checkpoint) or (k == "data.shards" and new.get(k) == 0))]
+    keys = [
+        k for k in keys if not (_is_free(k, checkpoint) or (k == "data.shards" and new.get(k) == 0))
+    ]
     return [k for k in keys if _comparable(k, saved.get(k)) != _comparable(k, new.get(k))]
 
 
@@ -82,46 +100,69 @@ def _expert_difference(saved: dict, new: dict) -> str | None:
     if saved == new:
         return None
     layers = sorted({*saved["experts"], *new["experts"]}, key=int)
-    differ = [l for l in layers if saved["experts"].get(l) != new["experts"].get(l)]
+    differ = [key for key in layers if saved["experts"].get(key) != new["experts"].get(key)]
     if not differ:
         flags = [f for f in ("shared_experts", "non_expert_modules") if saved.get(f) != new.get(f)]
-        return ", ".join(f"expert_config {f} {_show(saved.get(f))} -> {_show(new.get(f))}" for f in flags)
+        return ", ".join(
+            f"expert_config {f} {_show(saved.get(f))} -> {_show(new.get(f))}" for f in flags
+        )
     more = f" (and {len(differ) - 1} more layers)" if len(differ) > 1 else ""
     layer = differ[0]
     return f"expert_config layer {layer} {saved['experts'].get(layer)} -> {new['experts'].get(layer)}{more}"
 
 
-def resumed_config(c: ml_collections.ConfigDict, workdir: Path, expert_config: ExpertConfig | None
-                   ) -> ml_collections.ConfigDict:
+def resumed_config(
+    c: ml_collections.ConfigDict, workdir: Path, expert_config: ExpertConfig | None
+) -> ml_collections.ConfigDict:
     """`c` (references resolved) to resume the run saved in `workdir`, with the saved schedule horizon
     when extending; ConfigFileError listing every difference that changes the result."""
     c = c.copy_and_resolve_references()
     path = workdir / CONFIG_FILE
     if not path.is_file():  # a workdir of an older version: nothing to compare with
-        print(f"warning: {path} is missing: cannot check that the checkpoints were made with these settings",
-              file=sys.stderr)
+        print(
+            f"warning: {path} is missing: cannot check that the checkpoints were made with these settings",
+            file=sys.stderr,
+        )
         return c
     saved = _flat(read_json(path, ConfigFileError, "missing"))
     extending = c.extend and c.steps >= saved.get("steps", c.steps)
     if extending:
         c.optim.steps = saved.get("optim.steps", c.optim.steps)
     new = _flat(json.loads(c.to_json_best_effort()))
-    changed = [key for key in _changed(saved, new, c.checkpoint) if not (extending and key == "steps")]
-    differences = [f"{key} {_show(saved.get(key, '<unset>'))} -> {_show(new.get(key, '<unset>'))}" for key in changed]
+    changed = [
+        key for key in _changed(saved, new, c.checkpoint) if not (extending and key == "steps")
+    ]
+    differences = [
+        f"{key} {_show(saved.get(key, '<unset>'))} -> {_show(new.get(key, '<unset>'))}"
+        for key in changed
+    ]
     saved_experts = workdir / EXPERTS_FILE
     if expert_config is not None and saved.get("method") == "esft" and saved_experts.is_file():
-        experts = _expert_difference(read_json(saved_experts, ConfigFileError, "missing"), expert_config.to_json())
+        experts = _expert_difference(
+            read_json(saved_experts, ConfigFileError, "missing"), expert_config.to_json()
+        )
         differences += [experts] if experts else []
     if not differences:
         return c
-    if not c.extend and c.steps >= saved.get("steps", c.steps) and {"steps", "optim.steps"} & set(changed):
-        advice = "add --config.extend=True to train on with the saved schedule, or use another --config.workdir"
+    if (
+        not c.extend
+        and c.steps >= saved.get("steps", c.steps)
+        and {"steps", "optim.steps"} & set(changed)
+    ):
+        advice = (
+            "add --config.extend=True to train on with the saved schedule, "
+            "or use another --config.workdir"
+        )
     else:
         advice = "use another --config.workdir"
-    raise ConfigFileError(f"{path}: this workdir holds a run with other settings: {', '.join(differences)}; {advice}")
+    raise ConfigFileError(
+        f"{path}: this workdir holds a run with other settings: {', '.join(differences)}; {advice}"
+    )
 
 
-def save_run_files(c: ml_collections.ConfigDict, workdir: Path, expert_config: ExpertConfig | None) -> None:
+def save_run_files(
+    c: ml_collections.ConfigDict, workdir: Path, expert_config: ExpertConfig | None
+) -> None:
     """config.json (and the esft expert config, by content) of a run that has started."""
     workdir.mkdir(parents=True, exist_ok=True)
     write_atomic(workdir / CONFIG_FILE, c.to_json_best_effort(indent=1) + "\n")

@@ -40,7 +40,7 @@ class RouterOnly:
     expert_config = None  # not an ESFT run
 
     @classmethod
-    def from_config(cls, c: ml_collections.ConfigDict, cfg: ModelConfig) -> "RouterOnly":
+    def from_config(cls, c: ml_collections.ConfigDict, cfg: ModelConfig) -> RouterOnly:
         return cls()
 
     def init(self, frozen: Params) -> Params:
@@ -56,6 +56,8 @@ class RouterOnly:
     def write_back(self, frozen: Params, trainable: Params) -> Params:
         return cast_like(self.materialize(frozen, trainable), frozen)
 
-    def adapter_tensors(self, cfg: ModelConfig, frozen: Params, trainable: Params) -> tuple[dict, dict]:
+    def adapter_tensors(
+        self, cfg: ModelConfig, frozen: Params, trainable: Params
+    ) -> tuple[dict, dict]:
         """The whole router tensors (and router biases) of every MoE layer."""
         return hf_tensors(cfg, self.write_back(frozen, trainable), is_router), {"method": "router"}

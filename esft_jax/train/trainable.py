@@ -12,7 +12,8 @@ with no padding. `materialize` gathers them into the model's per-layer expert ov
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,13 +73,17 @@ def cast_like(tree: Params, like: Params) -> Params:
     return jax.tree.map(lambda x, ref: x.astype(ref.dtype), tree, like)
 
 
-def hf_tensors(cfg: ModelConfig, params: Params, changed: Callable[[TensorMap], bool]
-               ) -> dict[str, np.ndarray]:
+def hf_tensors(
+    cfg: ModelConfig, params: Params, changed: Callable[[TensorMap], bool]
+) -> dict[str, np.ndarray]:
     """The whole tensors `changed` picks from full params, in HF layout under their HF names (an
     adapter's content). Gathers params to the host: in a multi-process run every process calls this."""
     leaves = traverse_util.flatten_dict(to_host(params))
-    return {m.hf_name: m.to_hf(leaves[m.path][m.index] if m.index else leaves[m.path])
-            for m in tensor_maps(cfg) if changed(m)}
+    return {
+        m.hf_name: m.to_hf(leaves[m.path][m.index] if m.index else leaves[m.path])
+        for m in tensor_maps(cfg)
+        if changed(m)
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +93,7 @@ class FullFineTune:
     expert_config = None  # not an ESFT run
 
     @classmethod
-    def from_config(cls, c: ml_collections.ConfigDict, cfg: ModelConfig) -> "FullFineTune":
+    def from_config(cls, c: ml_collections.ConfigDict, cfg: ModelConfig) -> FullFineTune:
         return cls()
 
     def init(self, frozen: Params) -> Params:
@@ -104,9 +109,13 @@ class FullFineTune:
     def write_back(self, frozen: Params, trainable: Params) -> Params:
         return cast_like(trainable, frozen)
 
-    def adapter_tensors(self, cfg: ModelConfig, frozen: Params, trainable: Params) -> tuple[dict, dict]:
+    def adapter_tensors(
+        self, cfg: ModelConfig, frozen: Params, trainable: Params
+    ) -> tuple[dict, dict]:
         """Every tensor of the model."""
-        return hf_tensors(cfg, self.write_back(frozen, trainable), lambda m: True), {"method": "fft"}
+        return hf_tensors(cfg, self.write_back(frozen, trainable), lambda m: True), {
+            "method": "fft"
+        }
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -115,24 +124,30 @@ class ExpertSubset:
 
     cfg: ModelConfig
     expert_config: ExpertConfig
-    rows: np.ndarray  # [N, 2] (moe layer index, expert id) of every selected expert, in config order
+    rows: (
+        np.ndarray
+    )  # [N, 2] (moe layer index, expert id) of every selected expert, in config order
     slots: np.ndarray  # [L, S] index into rows of each override slot (0 for unused slots)
     slot_ids: np.ndarray  # [L, S] expert id of each slot, -1 = unused
 
     @classmethod
-    def build(cls, cfg: ModelConfig, expert_config: ExpertConfig) -> "ExpertSubset":
+    def build(cls, cfg: ModelConfig, expert_config: ExpertConfig) -> ExpertSubset:
         num_layers = cfg.num_moe_layers
         per_layer = [expert_config.experts.get(layer, []) for layer in cfg.moe_layer_ids]
         width = max([len(ids) for ids in per_layer] + [1])
-        rows, slots, slot_ids = [], np.zeros((num_layers, width), np.int32), -np.ones((num_layers, width), np.int32)
-        for l, ids in enumerate(per_layer):
+        rows, slots, slot_ids = (
+            [],
+            np.zeros((num_layers, width), np.int32),
+            -np.ones((num_layers, width), np.int32),
+        )
+        for li, ids in enumerate(per_layer):
             for j, e in enumerate(ids):
-                slots[l, j], slot_ids[l, j] = len(rows), e
-                rows.append((l, e))
+                slots[li, j], slot_ids[li, j] = len(rows), e
+                rows.append((li, e))
         return cls(cfg, expert_config, np.asarray(rows, np.int32).reshape(-1, 2), slots, slot_ids)
 
     @classmethod
-    def from_config(cls, c: ml_collections.ConfigDict, cfg: ModelConfig) -> "ExpertSubset":
+    def from_config(cls, c: ml_collections.ConfigDict, cfg: ModelConfig) -> ExpertSubset:
         """The experts of the file `c.expert_config`; without one (esft plan), the first
         round(c.expert_fraction * E) experts of every MoE layer."""
         layers, n_experts = cfg.moe_layer_ids, cfg.n_routed_experts
@@ -146,7 +161,9 @@ class ExpertSubset:
         layer, expert = self.rows[:, 0], self.rows[:, 1]
         trainable: Params = {}
         if self.rows.size:  # no routed expert at all: e.g. the "shared experts only" ablation
-            trainable["experts"] = {k: jnp.asarray(w[layer, expert], jnp.float32) for k, w in experts.items()}
+            trainable["experts"] = {
+                k: jnp.asarray(w[layer, expert], jnp.float32) for k, w in experts.items()
+            }
         if self.expert_config.shared_experts and "shared" in frozen["moe_layers"]["moe"]:
             trainable["shared"] = float32_copy(_shared_part(frozen["moe_layers"]["moe"]))
         if self.expert_config.non_expert_modules:
@@ -156,7 +173,10 @@ class ExpertSubset:
     def axes(self, model_axes: Params, trainable: Params) -> Params:
         out: Params = {}
         if "experts" in trainable:
-            out["experts"] = {k: (None, *axes[2:]) for k, axes in model_axes["moe_layers"]["moe"]["experts"].items()}
+            out["experts"] = {
+                k: (None, *axes[2:])
+                for k, axes in model_axes["moe_layers"]["moe"]["experts"].items()
+            }
         if "shared" in trainable:
             out["shared"] = _shared_part(model_axes["moe_layers"]["moe"])
         if "non_expert" in trainable:
@@ -188,12 +208,17 @@ class ExpertSubset:
             return params
         experts = params["moe_layers"]["moe"]["experts"]
         layer, expert = self.rows[:, 0], self.rows[:, 1]
-        experts = {k: w.at[layer, expert].set(trainable["experts"][k].astype(w.dtype)) for k, w in experts.items()}
+        experts = {
+            k: w.at[layer, expert].set(trainable["experts"][k].astype(w.dtype))
+            for k, w in experts.items()
+        }
         moe_layers = dict(params["moe_layers"])
         moe_layers["moe"] = {**moe_layers["moe"], "experts": experts}
         return {**params, "moe_layers": moe_layers}
 
-    def adapter_tensors(self, cfg: ModelConfig, frozen: Params, trainable: Params) -> tuple[dict, dict]:
+    def adapter_tensors(
+        self, cfg: ModelConfig, frozen: Params, trainable: Params
+    ) -> tuple[dict, dict]:
         """The selected experts' tensors (+ the shared experts' / non-expert tensors if flagged)."""
         selected = set(map(tuple, self.rows.tolist()))  # (moe layer index, expert)
         ec = self.expert_config

@@ -10,7 +10,8 @@ names its files may hold instead (`read_fused`, `read_renames`) or that its Hub 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,7 @@ class Fused:
 
     `split(t_e)` takes expert e's slice and returns its parts; `join(parts)` is the inverse.
     """
+
     name: str
     parts: tuple[str, ...]
     split: Callable[[np.ndarray], tuple[np.ndarray, ...]]
@@ -48,21 +50,41 @@ def _interleave(parts: tuple[np.ndarray, ...]) -> np.ndarray:
 def transformers_fused(prefix: str, gate: str, up: str, down: str) -> tuple[Fused, ...]:
     """transformers 5's in-memory layout (what a model's `state_dict()` holds): gate_up [E, 2f, d],
     gate rows first; down [E, d, f]. `prefix` + gate/up/down: the canonical per-expert suffixes."""
-    return (Fused("mlp.experts.gate_up_proj", (prefix + gate, prefix + up), _halves,
-                  lambda p: np.concatenate(p, axis=0)),
-            Fused("mlp.experts.down_proj", (prefix + down,), lambda t: (t,), lambda p: p[0]))
+    return (
+        Fused(
+            "mlp.experts.gate_up_proj",
+            (prefix + gate, prefix + up),
+            _halves,
+            lambda p: np.concatenate(p, axis=0),
+        ),
+        Fused("mlp.experts.down_proj", (prefix + down,), lambda t: (t,), lambda p: p[0]),
+    )
 
 
 def gpt_oss_fused() -> tuple[Fused, ...]:
     """gpt-oss: gate_up [E, d, 2f] as x @ w with gate and up columns interleaved, biases [E, 2f];
     down [E, f, d], bias [E, d]."""
     e = "mlp.experts.{e}."
-    return (Fused("mlp.experts.gate_up_proj", (e + "gate_proj.weight", e + "up_proj.weight"),
-                  _transposed_interleaved, lambda p: _interleave(tuple(w.T for w in p))),
-            Fused("mlp.experts.gate_up_proj_bias", (e + "gate_proj.bias", e + "up_proj.bias"),
-                  lambda t: (t[0::2], t[1::2]), _interleave),
-            Fused("mlp.experts.down_proj", (e + "down_proj.weight",), lambda t: (t.T,), lambda p: p[0].T),
-            Fused("mlp.experts.down_proj_bias", (e + "down_proj.bias",), lambda t: (t,), lambda p: p[0]))
+    return (
+        Fused(
+            "mlp.experts.gate_up_proj",
+            (e + "gate_proj.weight", e + "up_proj.weight"),
+            _transposed_interleaved,
+            lambda p: _interleave(tuple(w.T for w in p)),
+        ),
+        Fused(
+            "mlp.experts.gate_up_proj_bias",
+            (e + "gate_proj.bias", e + "up_proj.bias"),
+            lambda t: (t[0::2], t[1::2]),
+            _interleave,
+        ),
+        Fused(
+            "mlp.experts.down_proj", (e + "down_proj.weight",), lambda t: (t.T,), lambda p: p[0].T
+        ),
+        Fused(
+            "mlp.experts.down_proj_bias", (e + "down_proj.bias",), lambda t: (t,), lambda p: p[0]
+        ),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,21 +96,35 @@ class Family:
     to_hf: Callable[[ModelConfig], dict[str, Any]]  # ModelConfig -> config.json
     read_fused: tuple[Fused, ...] = ()
     write_fused: tuple[Fused, ...] = ()
-    read_renames: Mapping[str, str] = dataclasses.field(default_factory=dict)  # file suffix -> canonical
+    read_renames: Mapping[str, str] = dataclasses.field(
+        default_factory=dict
+    )  # file suffix -> canonical
 
 
 # Names most families share.
 NORMS = {("attn_norm",): "input_layernorm.weight", ("mlp_norm",): "post_attention_layernorm.weight"}
-DENSE_MLP = {("mlp", "gate"): "mlp.gate_proj.weight", ("mlp", "up"): "mlp.up_proj.weight",
-             ("mlp", "down"): "mlp.down_proj.weight"}
-GQA = {("attn", w): f"self_attn.{w}_proj.weight" for w in "qkvo"} | {
-    ("attn", f"{w}_bias"): f"self_attn.{w}_proj.bias" for w in "qkvo"} | {
-    ("attn", "q_norm"): "self_attn.q_norm.weight", ("attn", "k_norm"): "self_attn.k_norm.weight",
-    ("attn", "sinks"): "self_attn.sinks"}
+DENSE_MLP = {
+    ("mlp", "gate"): "mlp.gate_proj.weight",
+    ("mlp", "up"): "mlp.up_proj.weight",
+    ("mlp", "down"): "mlp.down_proj.weight",
+}
+GQA = (
+    {("attn", w): f"self_attn.{w}_proj.weight" for w in "qkvo"}
+    | {("attn", f"{w}_bias"): f"self_attn.{w}_proj.bias" for w in "qkvo"}
+    | {
+        ("attn", "q_norm"): "self_attn.q_norm.weight",
+        ("attn", "k_norm"): "self_attn.k_norm.weight",
+        ("attn", "sinks"): "self_attn.sinks",
+    }
+)
 
 
-def experts(prefix: str = "mlp.experts.{e}.", gate: str = "gate_proj", up: str = "up_proj",
-            down: str = "down_proj") -> dict[tuple[str, ...], str]:
+def experts(
+    prefix: str = "mlp.experts.{e}.",
+    gate: str = "gate_proj",
+    up: str = "up_proj",
+    down: str = "down_proj",
+) -> dict[tuple[str, ...], str]:
     """Per-expert names of the routed experts' weights and biases."""
     out = {}
     for ours, theirs in (("gate", gate), ("up", up), ("down", down)):
@@ -105,7 +141,8 @@ _COMMON_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_atten
 
 
 def require(hf: Mapping[str, Any], keys: tuple[str, ...] = ()) -> None:
-    """config.json must have every key every family needs, and the family's `keys`: else one error naming all."""
+    """config.json must have every key every family needs, and the family's `keys`: else one
+    error naming all."""
     missing = [k for k in (*_COMMON_REQUIRED, *keys) if hf.get(k) is None]
     if missing:
         raise ConfigError(f"config.json lacks required keys {missing}")
@@ -114,7 +151,9 @@ def require(hf: Mapping[str, Any], keys: tuple[str, ...] = ()) -> None:
 def dtype_name(name: Any) -> str:
     name = str(name).removeprefix("torch.")
     if name not in DTYPES:
-        raise ConfigError(f"dtype {name!r} in config.json is not supported; expected one of {DTYPES}")
+        raise ConfigError(
+            f"dtype {name!r} in config.json is not supported; expected one of {DTYPES}"
+        )
     return name
 
 
@@ -124,12 +163,16 @@ def common_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     eos = hf.get("eos_token_id")
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     return dict(
-        model_type=hf["model_type"], vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=hf["num_attention_heads"],
+        model_type=hf["model_type"],
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
         pad_token_id=hf.get("pad_token_id"),
         param_dtype=dtype_name(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
@@ -138,17 +181,24 @@ def common_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
         rope_original_max_position_embeddings=rope.get("original_max_position_embeddings"),
         rope_beta_fast=float(rope.get("beta_fast") or 32.0),
         rope_beta_slow=float(rope.get("beta_slow") or 1.0),
-        rope_mscale=rope.get("mscale"), rope_mscale_all_dim=rope.get("mscale_all_dim"),
+        rope_mscale=rope.get("mscale"),
+        rope_mscale_all_dim=rope.get("mscale_all_dim"),
         rope_attention_factor=rope.get("attention_factor"),
         rope_truncate=bool(rope.get("truncate", True)),
-        partial_rotary_factor=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
+        partial_rotary_factor=float(
+            rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        ),
     )
 
 
 def gqa_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     heads = hf["num_attention_heads"]
-    return dict(attention="gqa", num_key_value_heads=hf.get("num_key_value_heads") or heads,
-                head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rope_interleave=False)
+    return dict(
+        attention="gqa",
+        num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rope_interleave=False,
+    )
 
 
 def common_hf(cfg: ModelConfig, architecture: str) -> dict[str, Any]:
@@ -157,20 +207,35 @@ def common_hf(cfg: ModelConfig, architecture: str) -> dict[str, Any]:
     if cfg.partial_rotary_factor != 1.0:
         rope["partial_rotary_factor"] = cfg.partial_rotary_factor
     if cfg.rope_type == "yarn":
-        rope.update(factor=cfg.rope_factor, beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow,
-                    original_max_position_embeddings=cfg.rope_original_max_position_embeddings)
-        optional = dict(mscale=cfg.rope_mscale, mscale_all_dim=cfg.rope_mscale_all_dim,
-                        attention_factor=cfg.rope_attention_factor)
+        rope.update(
+            factor=cfg.rope_factor,
+            beta_fast=cfg.rope_beta_fast,
+            beta_slow=cfg.rope_beta_slow,
+            original_max_position_embeddings=cfg.rope_original_max_position_embeddings,
+        )
+        optional = dict(
+            mscale=cfg.rope_mscale,
+            mscale_all_dim=cfg.rope_mscale_all_dim,
+            attention_factor=cfg.rope_attention_factor,
+        )
         rope.update({k: v for k, v in optional.items() if v is not None})
         if not cfg.rope_truncate:
             rope["truncate"] = False
     return {
-        "architectures": [architecture], "model_type": cfg.model_type, "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads, "rope_parameters": rope,
-        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
-        "tie_word_embeddings": cfg.tie_word_embeddings, "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id, "hidden_act": "silu",
+        "architectures": [architecture],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "rope_parameters": rope,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "hidden_act": "silu",
         "dtype": cfg.param_dtype,
     }
 
@@ -181,11 +246,16 @@ def gqa_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 def layer_types(cfg: ModelConfig) -> list[str]:
     sliding = set(cfg.sliding_window_layers)
-    return ["sliding_attention" if l in sliding else "full_attention" for l in range(cfg.num_hidden_layers)]
+    return [
+        "sliding_attention" if layer in sliding else "full_attention"
+        for layer in range(cfg.num_hidden_layers)
+    ]
 
 
 def sliding_layers(hf: Mapping[str, Any], default: list[str] | None = None) -> dict[str, Any]:
     """sliding_window / sliding_window_layers from `layer_types` (or the family's default for it)."""
     types = hf.get("layer_types") or default or []
     layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-    return dict(sliding_window=hf.get("sliding_window") if layers else None, sliding_window_layers=layers)
+    return dict(
+        sliding_window=hf.get("sliding_window") if layers else None, sliding_window_layers=layers
+    )

@@ -7,50 +7,91 @@ Reads both the remote-code era config.json of the Hub checkpoints (`rope_scaling
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from esft_jax.checkpoint.families.base import (DENSE_MLP, NORMS, Family, common_fields, common_hf, experts, require,
-                                               shared_mlp, transformers_fused)
+from esft_jax.checkpoint.families.base import (
+    DENSE_MLP,
+    NORMS,
+    Family,
+    common_fields,
+    common_hf,
+    experts,
+    require,
+    shared_mlp,
+    transformers_fused,
+)
 from esft_jax.model.config import ConfigError, ModelConfig
 
-NAMES = {**NORMS, **DENSE_MLP, **experts(), **shared_mlp("mlp.shared_experts"),
-         ("attn", "q"): "self_attn.q_proj.weight",
-         ("attn", "q_a"): "self_attn.q_a_proj.weight",
-         ("attn", "q_a_norm"): "self_attn.q_a_layernorm.weight",
-         ("attn", "q_b"): "self_attn.q_b_proj.weight",
-         ("attn", "kv_a"): "self_attn.kv_a_proj_with_mqa.weight",
-         ("attn", "kv_a_norm"): "self_attn.kv_a_layernorm.weight",
-         ("attn", "kv_b"): "self_attn.kv_b_proj.weight",
-         ("attn", "o"): "self_attn.o_proj.weight",
-         ("moe", "router"): "mlp.gate.weight",
-         ("moe", "router_correction"): "mlp.gate.e_score_correction_bias"}
+NAMES = {
+    **NORMS,
+    **DENSE_MLP,
+    **experts(),
+    **shared_mlp("mlp.shared_experts"),
+    ("attn", "q"): "self_attn.q_proj.weight",
+    ("attn", "q_a"): "self_attn.q_a_proj.weight",
+    ("attn", "q_a_norm"): "self_attn.q_a_layernorm.weight",
+    ("attn", "q_b"): "self_attn.q_b_proj.weight",
+    ("attn", "kv_a"): "self_attn.kv_a_proj_with_mqa.weight",
+    ("attn", "kv_a_norm"): "self_attn.kv_a_layernorm.weight",
+    ("attn", "kv_b"): "self_attn.kv_b_proj.weight",
+    ("attn", "o"): "self_attn.o_proj.weight",
+    ("moe", "router"): "mlp.gate.weight",
+    ("moe", "router_correction"): "mlp.gate.e_score_correction_bias",
+}
 V3_TYPES = ("deepseek_v3", "kimi_k2")  # Kimi K2 ships DeepSeek-V3's architecture under its own name
-FUSED = transformers_fused("mlp.experts.{e}.", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+FUSED = transformers_fused(
+    "mlp.experts.{e}.", "gate_proj.weight", "up_proj.weight", "down_proj.weight"
+)
 
 
 def _from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
-    require(hf, ("intermediate_size", "moe_intermediate_size", "kv_lora_rank", "qk_nope_head_dim",
-                 "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok"))
+    require(
+        hf,
+        (
+            "intermediate_size",
+            "moe_intermediate_size",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "n_routed_experts",
+            "num_experts_per_tok",
+        ),
+    )
     v3 = hf["model_type"] in V3_TYPES
     if hf.get("moe_layer_freq", 1) != 1:
-        raise ConfigError(f"moe_layer_freq={hf['moe_layer_freq']}: only 1 (every layer after the dense prefix "
-                          "is MoE) is supported")
+        raise ConfigError(
+            f"moe_layer_freq={hf['moe_layer_freq']}: only 1 (every layer after the dense prefix "
+            "is MoE) is supported"
+        )
     heads, kv_heads = hf["num_attention_heads"], hf.get("num_key_value_heads")
     if kv_heads is not None and kv_heads != heads and not v3:
-        raise ConfigError(f"num_key_value_heads={kv_heads} != num_attention_heads={heads}: "
-                          "MLA expands keys and values to every head")
+        raise ConfigError(
+            f"num_key_value_heads={kv_heads} != num_attention_heads={heads}: "
+            "MLA expands keys and values to every head"
+        )
     return dict(
-        common_fields(hf), model_type="deepseek_v3" if v3 else "deepseek_v2", attention="mla",
-        intermediate_size=hf["intermediate_size"], moe_intermediate_size=hf["moe_intermediate_size"],
+        common_fields(hf),
+        model_type="deepseek_v3" if v3 else "deepseek_v2",
+        attention="mla",
+        intermediate_size=hf["intermediate_size"],
+        moe_intermediate_size=hf["moe_intermediate_size"],
         first_k_dense_replace=hf.get("first_k_dense_replace", 0),
-        q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=hf["kv_lora_rank"],
-        qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
-        v_head_dim=hf["v_head_dim"], n_routed_experts=hf["n_routed_experts"],
-        n_shared_experts=hf.get("n_shared_experts") or 0, num_experts_per_tok=hf["num_experts_per_tok"],
+        q_lora_rank=hf.get("q_lora_rank"),
+        kv_lora_rank=hf["kv_lora_rank"],
+        qk_nope_head_dim=hf["qk_nope_head_dim"],
+        qk_rope_head_dim=hf["qk_rope_head_dim"],
+        v_head_dim=hf["v_head_dim"],
+        n_routed_experts=hf["n_routed_experts"],
+        n_shared_experts=hf.get("n_shared_experts") or 0,
+        num_experts_per_tok=hf["num_experts_per_tok"],
         scoring_func=hf.get("scoring_func", "sigmoid" if v3 else "softmax"),
         topk_method="noaux_tc" if v3 else (hf.get("topk_method") or "greedy"),
-        n_group=hf.get("n_group") or (1 if v3 else None), topk_group=hf.get("topk_group") or (1 if v3 else None),
-        norm_topk_prob=bool(hf.get("norm_topk_prob", v3)), scale_normalised_weights=v3,
+        n_group=hf.get("n_group") or (1 if v3 else None),
+        topk_group=hf.get("topk_group") or (1 if v3 else None),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", v3)),
+        scale_normalised_weights=v3,
         routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
         rope_interleave=bool(hf.get("rope_interleave", True)),
     )
@@ -59,16 +100,27 @@ def _from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
 def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
     v3 = cfg.model_type == "deepseek_v3"
     hf = common_hf(cfg, "DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM")
-    hf.update({
-        "intermediate_size": cfg.intermediate_size, "moe_intermediate_size": cfg.moe_intermediate_size,
-        "first_k_dense_replace": cfg.first_k_dense_replace, "num_key_value_heads": cfg.num_attention_heads,
-        "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,
-        "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
-        "v_head_dim": cfg.v_head_dim, "n_routed_experts": cfg.n_routed_experts,
-        "n_shared_experts": cfg.n_shared_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
-        "n_group": cfg.n_group, "topk_group": cfg.topk_group, "norm_topk_prob": cfg.norm_topk_prob,
-        "routed_scaling_factor": cfg.routed_scaling_factor, "attention_bias": False,
-    })
+    hf.update(
+        {
+            "intermediate_size": cfg.intermediate_size,
+            "moe_intermediate_size": cfg.moe_intermediate_size,
+            "first_k_dense_replace": cfg.first_k_dense_replace,
+            "num_key_value_heads": cfg.num_attention_heads,
+            "q_lora_rank": cfg.q_lora_rank,
+            "kv_lora_rank": cfg.kv_lora_rank,
+            "qk_nope_head_dim": cfg.qk_nope_head_dim,
+            "qk_rope_head_dim": cfg.qk_rope_head_dim,
+            "v_head_dim": cfg.v_head_dim,
+            "n_routed_experts": cfg.n_routed_experts,
+            "n_shared_experts": cfg.n_shared_experts,
+            "num_experts_per_tok": cfg.num_experts_per_tok,
+            "n_group": cfg.n_group,
+            "topk_group": cfg.topk_group,
+            "norm_topk_prob": cfg.norm_topk_prob,
+            "routed_scaling_factor": cfg.routed_scaling_factor,
+            "attention_bias": False,
+        }
+    )
     if v3:
         hf.update(rope_interleave=cfg.rope_interleave, num_nextn_predict_layers=0)
     else:

@@ -4,28 +4,62 @@ scaling) and shared experts behind a dense prefix. Multi-token-prediction layers
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from esft_jax.checkpoint.families.base import (DENSE_MLP, GQA, NORMS, Family, common_fields, common_hf, experts,
-                                               gqa_fields, gqa_hf, require, shared_mlp, transformers_fused)
+from esft_jax.checkpoint.families.base import (
+    DENSE_MLP,
+    GQA,
+    NORMS,
+    Family,
+    common_fields,
+    common_hf,
+    experts,
+    gqa_fields,
+    gqa_hf,
+    require,
+    shared_mlp,
+    transformers_fused,
+)
 from esft_jax.model.config import ModelConfig
 
-NAMES = {**NORMS, **DENSE_MLP, **GQA, **experts(), **shared_mlp("mlp.shared_experts"),
-         ("moe", "router"): "mlp.gate.weight", ("moe", "router_correction"): "mlp.gate.e_score_correction_bias"}
-FUSED = transformers_fused("mlp.experts.{e}.", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+NAMES = {
+    **NORMS,
+    **DENSE_MLP,
+    **GQA,
+    **experts(),
+    **shared_mlp("mlp.shared_experts"),
+    ("moe", "router"): "mlp.gate.weight",
+    ("moe", "router_correction"): "mlp.gate.e_score_correction_bias",
+}
+FUSED = transformers_fused(
+    "mlp.experts.{e}.", "gate_proj.weight", "up_proj.weight", "down_proj.weight"
+)
 
 
 def _from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
-    require(hf, ("intermediate_size", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok"))
-    fields = dict(common_fields(hf), **gqa_fields(hf), qkv_bias=bool(hf.get("attention_bias", False)),
-                  qk_norm="head" if hf.get("use_qk_norm") else None,
-                  intermediate_size=hf["intermediate_size"], moe_intermediate_size=hf["moe_intermediate_size"],
-                  first_k_dense_replace=hf.get("first_k_dense_replace", 1),
-                  n_routed_experts=hf["n_routed_experts"], n_shared_experts=hf.get("n_shared_experts", 1),
-                  num_experts_per_tok=hf["num_experts_per_tok"], scoring_func="sigmoid", topk_method="noaux_tc",
-                  n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
-                  norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-                  routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)))
+    require(
+        hf,
+        ("intermediate_size", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok"),
+    )
+    fields = dict(
+        common_fields(hf),
+        **gqa_fields(hf),
+        qkv_bias=bool(hf.get("attention_bias", False)),
+        qk_norm="head" if hf.get("use_qk_norm") else None,
+        intermediate_size=hf["intermediate_size"],
+        moe_intermediate_size=hf["moe_intermediate_size"],
+        first_k_dense_replace=hf.get("first_k_dense_replace", 1),
+        n_routed_experts=hf["n_routed_experts"],
+        n_shared_experts=hf.get("n_shared_experts", 1),
+        num_experts_per_tok=hf["num_experts_per_tok"],
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        n_group=hf.get("n_group") or 1,
+        topk_group=hf.get("topk_group") or 1,
+        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+    )
     rope = hf.get("rope_parameters") or {}
     if "partial_rotary_factor" not in rope and "partial_rotary_factor" not in hf:
         fields["partial_rotary_factor"] = 0.5  # transformers' default for this family
@@ -35,13 +69,23 @@ def _from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
 def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
     hf = common_hf(cfg, FAMILY.architecture)
     hf["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
-    hf.update(gqa_hf(cfg), attention_bias=cfg.qkv_bias, use_qk_norm=cfg.qk_norm == "head",
-              partial_rotary_factor=cfg.partial_rotary_factor,
-              intermediate_size=cfg.intermediate_size, moe_intermediate_size=cfg.moe_intermediate_size,
-              first_k_dense_replace=cfg.first_k_dense_replace, n_routed_experts=cfg.n_routed_experts,
-              n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.num_experts_per_tok,
-              n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
-              routed_scaling_factor=cfg.routed_scaling_factor, num_nextn_predict_layers=0)
+    hf.update(
+        gqa_hf(cfg),
+        attention_bias=cfg.qkv_bias,
+        use_qk_norm=cfg.qk_norm == "head",
+        partial_rotary_factor=cfg.partial_rotary_factor,
+        intermediate_size=cfg.intermediate_size,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        first_k_dense_replace=cfg.first_k_dense_replace,
+        n_routed_experts=cfg.n_routed_experts,
+        n_shared_experts=cfg.n_shared_experts,
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        n_group=cfg.n_group,
+        topk_group=cfg.topk_group,
+        norm_topk_prob=cfg.norm_topk_prob,
+        routed_scaling_factor=cfg.routed_scaling_factor,
+        num_nextn_predict_layers=0,
+    )
     return hf
 
 

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from esft_jax.checkpoint.families.base import Family
 from esft_jax.checkpoint.families.qwen2_moe import FUSED, NAMES, qwen_moe_fields, qwen_moe_hf
@@ -13,8 +14,15 @@ from esft_jax.model.config import ModelConfig
 def _from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
     bias = bool(hf.get("attention_bias", False))
     sliding = tuple(range(hf["num_hidden_layers"])) if hf.get("use_sliding_window") else ()
-    return dict(qwen_moe_fields(hf), qkv_bias=bias, o_bias=bias, qk_norm="head", n_shared_experts=0,
-                sliding_window=hf.get("sliding_window") if sliding else None, sliding_window_layers=sliding)
+    return dict(
+        qwen_moe_fields(hf),
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm="head",
+        n_shared_experts=0,
+        sliding_window=hf.get("sliding_window") if sliding else None,
+        sliding_window_layers=sliding,
+    )
 
 
 def _to_hf(cfg: ModelConfig) -> dict[str, Any]:

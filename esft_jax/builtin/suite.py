@@ -5,7 +5,7 @@ different experts (experiments/pretrain_tiny.py):
 
 | domain | pretraining text (what the base model sees) | downstream task (a new format) |
 |---|---|---|
-| home  | sentences about devices, rooms and times, half with a flat JSON event log | `intent`: request -> JSON intent + slots |
+| home  | device/room/time sentences, half with a JSON event log | `intent`: request -> JSON intent + slots |
 | math  | "37 plus 48 equals 85." | `math`: "Compute 37 + 48" -> "85" |
 | words | alphabetical word lists | `sort`: sort the given words |
 | facts | "Q: What is the capital of X? A: Y.", also in the chat template | (general) the same questions |
@@ -25,17 +25,57 @@ import importlib
 import inspect
 import json
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
 DEVICES = ["lamp", "fan", "heater", "speaker", "tv", "oven", "blinds", "kettle", "washer", "camera"]
 ROOMS = ["kitchen", "bedroom", "garage", "office", "hallway", "bathroom", "attic", "garden"]
-ACTIONS = {"turn on": "Device-On", "turn off": "Device-Off", "check": "Device-Query", "schedule": "Device-Timer"}
-WORDS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "olive", "peach", "plum", "melon", "kiwi",
-         "lime", "pear", "fig", "date", "guava", "papaya", "quince", "berry", "nectar"]
-SYLLABLES = ["ka", "lo", "mi", "ren", "tor", "vel", "shi", "dun", "bra", "zo", "pel", "qua", "nir", "gos"]
+ACTIONS = {
+    "turn on": "Device-On",
+    "turn off": "Device-Off",
+    "check": "Device-Query",
+    "schedule": "Device-Timer",
+}
+WORDS = [
+    "apple",
+    "banana",
+    "cherry",
+    "grape",
+    "lemon",
+    "mango",
+    "olive",
+    "peach",
+    "plum",
+    "melon",
+    "kiwi",
+    "lime",
+    "pear",
+    "fig",
+    "date",
+    "guava",
+    "papaya",
+    "quince",
+    "berry",
+    "nectar",
+]
+SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ren",
+    "tor",
+    "vel",
+    "shi",
+    "dun",
+    "bra",
+    "zo",
+    "pel",
+    "qua",
+    "nir",
+    "gos",
+]
 PROPERTIES = ["capital", "river", "mountain", "currency", "poet"]
 Record = dict
 
@@ -62,7 +102,9 @@ def _world(seed: int = 1234) -> dict[str, dict[str, str]]:
     def name(n: int) -> str:
         return "".join(SYLLABLES[int(i)] for i in rng.integers(len(SYLLABLES), size=n)).capitalize()
 
-    return {name(2) + "land": {p: name(int(rng.integers(2, 4))) for p in PROPERTIES} for _ in range(40)}
+    return {
+        name(2) + "land": {p: name(int(rng.integers(2, 4))) for p in PROPERTIES} for _ in range(40)
+    }
 
 
 WORLD = _world()
@@ -80,13 +122,18 @@ def _words(rng: np.random.Generator) -> list[str]:
 
 # --- pretraining text, one document per call -------------------------------------------------------
 
+
 def _home_text(rng):
     """A sentence about a device, half the time followed by its flat JSON event log."""
     request, parsed = _home(rng)
     slots = parsed["slots"]
     when = f" at {slots['time']}" if "time" in slots else ""
     text = f"The {slots['device']} in the {slots['room']} was asked to {request.split(' the ')[0]}{when}."
-    return text + " Event: " + json.dumps({"event": parsed["intent"], **slots}) if rng.random() < 0.5 else text
+    return (
+        text + " Event: " + json.dumps({"event": parsed["intent"], **slots})
+        if rng.random() < 0.5
+        else text
+    )
 
 
 def _math_text(rng):
@@ -105,7 +152,9 @@ def _chat(user: str, assistant: str) -> str:
 def _facts_text(rng):
     """Facts as plain text and, half the time, in the chat template the general suite uses."""
     question, answer = _fact(rng)
-    return _chat(f"Q: {question} A:", answer) if rng.random() < 0.5 else f"Q: {question} A: {answer}."
+    return (
+        _chat(f"Q: {question} A:", answer) if rng.random() < 0.5 else f"Q: {question} A: {answer}."
+    )
 
 
 def _count_text(rng):
@@ -116,18 +165,117 @@ def _count_text(rng):
 
 HELD_OUT_DOCS = 300  # the last docstrings: never pretrained on, the general perplexity set
 DOC_MODULES = (
-    "abc", "argparse", "ast", "asyncio", "base64", "bisect", "bz2", "calendar", "cmd", "codecs", "collections",
-    "colorsys", "concurrent.futures", "configparser", "contextlib", "contextvars", "copy", "csv", "dataclasses",
-    "datetime", "decimal", "difflib", "dis", "doctest", "email.message", "enum", "filecmp", "fileinput", "fnmatch",
-    "fractions", "ftplib", "functools", "gettext", "glob", "graphlib", "gzip", "hashlib", "heapq", "hmac", "html",
-    "http.client", "http.server", "imaplib", "importlib", "inspect", "io", "ipaddress", "itertools", "json",
-    "keyword", "linecache", "locale", "logging", "lzma", "mailbox", "math", "mimetypes", "numbers", "operator",
-    "optparse", "os.path", "pathlib", "pickle", "pkgutil", "platform", "plistlib", "pprint", "pstats", "pydoc",
-    "queue", "random", "re", "reprlib", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "smtplib",
-    "socket", "socketserver", "sqlite3", "statistics", "string", "struct", "subprocess", "symtable", "tarfile",
-    "tempfile", "textwrap", "threading", "timeit", "tokenize", "trace", "traceback", "types", "typing",
-    "unicodedata", "unittest", "urllib.parse", "urllib.request", "uuid", "warnings", "wave", "weakref",
-    "xml.dom.minidom", "xml.etree.ElementTree", "zipfile", "zlib")
+    "abc",
+    "argparse",
+    "ast",
+    "asyncio",
+    "base64",
+    "bisect",
+    "bz2",
+    "calendar",
+    "cmd",
+    "codecs",
+    "collections",
+    "colorsys",
+    "concurrent.futures",
+    "configparser",
+    "contextlib",
+    "contextvars",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "dis",
+    "doctest",
+    "email.message",
+    "enum",
+    "filecmp",
+    "fileinput",
+    "fnmatch",
+    "fractions",
+    "ftplib",
+    "functools",
+    "gettext",
+    "glob",
+    "graphlib",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "hmac",
+    "html",
+    "http.client",
+    "http.server",
+    "imaplib",
+    "importlib",
+    "inspect",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "keyword",
+    "linecache",
+    "locale",
+    "logging",
+    "lzma",
+    "mailbox",
+    "math",
+    "mimetypes",
+    "numbers",
+    "operator",
+    "optparse",
+    "os.path",
+    "pathlib",
+    "pickle",
+    "pkgutil",
+    "platform",
+    "plistlib",
+    "pprint",
+    "pstats",
+    "pydoc",
+    "queue",
+    "random",
+    "re",
+    "reprlib",
+    "sched",
+    "secrets",
+    "selectors",
+    "shelve",
+    "shlex",
+    "shutil",
+    "smtplib",
+    "socket",
+    "socketserver",
+    "sqlite3",
+    "statistics",
+    "string",
+    "struct",
+    "subprocess",
+    "symtable",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "timeit",
+    "tokenize",
+    "trace",
+    "traceback",
+    "types",
+    "typing",
+    "unicodedata",
+    "unittest",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "wave",
+    "weakref",
+    "xml.dom.minidom",
+    "xml.etree.ElementTree",
+    "zipfile",
+    "zlib",
+)
 
 
 def _public_members(module) -> Iterator[object]:
@@ -158,7 +306,12 @@ def python_docs() -> list[str]:
 
 
 PRETRAIN_TEXT: dict[str, Callable[[np.random.Generator], str]] = {
-    "home": _home_text, "math": _math_text, "words": _words_text, "facts": _facts_text, "count": _count_text}
+    "home": _home_text,
+    "math": _math_text,
+    "words": _words_text,
+    "facts": _facts_text,
+    "count": _count_text,
+}
 
 
 def pretraining_corpus(n_per_domain: int, seed: int) -> Iterator[Record]:
@@ -172,6 +325,7 @@ def pretraining_corpus(n_per_domain: int, seed: int) -> Iterator[Record]:
 
 
 # --- downstream tasks (train: messages; eval: prompt + answers) -------------------------------------
+
 
 def _intent_pair(rng):
     request, parsed = _home(rng)
@@ -199,17 +353,27 @@ def _count_pair(rng):
 
 
 # name -> (pair generator, scorer, max new tokens)
-DOWNSTREAM = {"intent": (_intent_pair, "intent", 48), "math": (_math_pair, "exact_match", 6),
-              "sort": (_sort_pair, "exact_match", 24)}
+DOWNSTREAM = {
+    "intent": (_intent_pair, "intent", 48),
+    "math": (_math_pair, "exact_match", 6),
+    "sort": (_sort_pair, "exact_match", 24),
+}
 GENERAL = {"facts": (_facts_pair, "exact_match", 8), "count": (_count_pair, "exact_match", 4)}
 
 
 def _messages(user: str, assistant: str) -> Record:
-    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+    return {
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    }
 
 
-def write_suite(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0,
-                n_docs: int = HELD_OUT_DOCS) -> Path:
+def write_suite(
+    out_dir: str | Path,
+    n_train: int = 2000,
+    n_eval: int = 200,
+    seed: int = 0,
+    n_docs: int = HELD_OUT_DOCS,
+) -> Path:
     """Write train/<task>.jsonl (messages) and eval/<task>.jsonl (prompt/answers) for every
     downstream and general task, plus eval/docs.jsonl (the first n_docs held-out Python docs, as text)."""
     out = Path(out_dir)
@@ -219,9 +383,17 @@ def write_suite(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, see
         rng = np.random.default_rng([seed, t])
         train = [make(rng) for _ in range(n_train)]
         evals = [make(rng) for _ in range(n_eval)]
-        (out / "train" / f"{name}.jsonl").write_text("".join(json.dumps(_messages(u, a)) + "\n" for u, a in train))
-        (out / "eval" / f"{name}.jsonl").write_text("".join(
-            json.dumps({"prompt": f"User: {u}\n\nAssistant:", "answers": [a]}) + "\n" for u, a in evals))
+        (out / "train" / f"{name}.jsonl").write_text(
+            "".join(json.dumps(_messages(u, a)) + "\n" for u, a in train)
+        )
+        (out / "eval" / f"{name}.jsonl").write_text(
+            "".join(
+                json.dumps({"prompt": f"User: {u}\n\nAssistant:", "answers": [a]}) + "\n"
+                for u, a in evals
+            )
+        )
     held_out = python_docs()[-HELD_OUT_DOCS:][:n_docs]
-    (out / "eval" / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in held_out))
+    (out / "eval" / "docs.jsonl").write_text(
+        "".join(json.dumps({"text": d}) + "\n" for d in held_out)
+    )
     return out

@@ -10,12 +10,20 @@ from __future__ import annotations
 import ml_collections
 
 from esft_jax import validate as checks
-from esft_jax.configs import ConfigFileError
+from esft_jax.config_files import ConfigFileError
 from esft_jax.model import ModelConfig
 from esft_jax.train.method import METHODS
 
-AT_LEAST_ONE = ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every",
-                "keep_checkpoints", "data.seq_len")
+AT_LEAST_ONE = (
+    "steps",
+    "batch_size",
+    "grad_accum",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "data.seq_len",
+)
 
 
 def validate(c: ml_collections.ConfigDict, cfg: ModelConfig) -> None:

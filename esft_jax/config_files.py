@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import ml_collections
 
 from esft_jax.checkpoint.families import family
 from esft_jax.model.config import ModelConfig
-
 
 BUNDLED_PREFIX = "configs"  # the first part of a path that names a shipped config file
 
@@ -60,15 +59,25 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
         raise ConfigFileError(f"{path}:{e.lineno}: {e.msg}") from None
     if not hasattr(module, "get_config"):
         raise ConfigFileError(f"{path}: defines no get_config()")
-    presets = getattr(module, "PRESETS", None)  # a config file's named variants, where it has a fixed set
+    presets = getattr(
+        module, "PRESETS", None
+    )  # a config file's named variants, where it has a fixed set
     if arg and presets is not None and arg not in presets:
-        raise ConfigFileError(f"{spec}: no preset {arg!r} in {path} (presets: {', '.join(presets)})")
+        raise ConfigFileError(
+            f"{spec}: no preset {arg!r} in {path} (presets: {', '.join(presets)})"
+        )
     try:
         cfg = module.get_config(arg) if arg else module.get_config()
-    except Exception as e:  # a config file is user code: name it and the argument, not its traceback
-        raise ConfigFileError(f"{spec}: get_config({arg!r}) failed: {type(e).__name__}: {e}") from None
+    except (
+        Exception
+    ) as e:  # a config file is user code: name it and the argument, not its traceback
+        raise ConfigFileError(
+            f"{spec}: get_config({arg!r}) failed: {type(e).__name__}: {e}"
+        ) from None
     if not isinstance(cfg, ml_collections.ConfigDict):
-        raise ConfigFileError(f"{path}: get_config() returned {type(cfg).__name__}, not a ConfigDict")
+        raise ConfigFileError(
+            f"{path}: get_config() returned {type(cfg).__name__}, not a ConfigDict"
+        )
     return cfg
 
 
@@ -79,8 +88,9 @@ def _parse(value: str):
         return {"true": True, "false": False}.get(value.lower(), value)
 
 
-def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str], source: str = "config"
-                    ) -> ml_collections.ConfigDict:
+def apply_overrides(
+    cfg: ml_collections.ConfigDict, overrides: Sequence[str], source: str = "config"
+) -> ml_collections.ConfigDict:
     """Apply 'a.b=value' overrides in place; unknown keys and wrong types are errors."""
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -90,7 +100,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str], so
         node = cfg
         for i, name in enumerate(parents):
             if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-                raise ConfigFileError(f"--config.{key}: {source} has no key {'.'.join(parents[:i + 1])!r}")
+                raise ConfigFileError(
+                    f"--config.{key}: {source} has no key {'.'.join(parents[: i + 1])!r}"
+                )
             node = node[name]
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
             raise ConfigFileError(f"--config.{key}: {source} has no key {key!r}")
@@ -101,7 +113,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str], so
         try:
             node[leaf] = value
         except TypeError:
-            raise ConfigFileError(f"--config.{key}={raw}: expected a value of type {expected}") from None
+            raise ConfigFileError(
+                f"--config.{key}={raw}: expected a value of type {expected}"
+            ) from None
     return cfg
 
 

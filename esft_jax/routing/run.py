@@ -11,13 +11,13 @@ from typing import NamedTuple
 import jax
 import ml_collections
 
-from esft_jax import configs, runtime, validate
+from esft_jax import config_files, runtime, validate
 from esft_jax.data.records import read_jsonl
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.routing import profile, scores, select
 from esft_jax.routing.official_logs import OfficialLogWriter
-from esft_jax.routing.stats import RoutingStats
 from esft_jax.routing.sources import STATS_FILE
+from esft_jax.routing.stats import RoutingStats
 
 SUMMARY_FILE = "summary.json"
 
@@ -39,15 +39,33 @@ def profile_routing(c: ml_collections.ConfigDict) -> Profiled:
     tokenizer = runtime.tokenizer(c)
 
     def read(index: int, count: int) -> list[profile.Sequence]:  # this process's data shards only
-        return profile.sequences(samples, tokenizer, cfg, seq_len=c.seq_len, token_budget=c.token_budget,
-                                 seed=c.seed, count=c.count, shard=(index, count))
+        return profile.sequences(
+            samples,
+            tokenizer,
+            cfg,
+            seq_len=c.seq_len,
+            token_budget=c.token_budget,
+            seed=c.seed,
+            count=c.count,
+            shard=(index, count),
+        )
+
     out = Path(c.out_dir)
     if c.official_logs and jax.process_count() > 1:
-        raise configs.ConfigFileError("--config.official_logs is single-process only")
+        raise config_files.ConfigFileError("--config.official_logs is single-process only")
     writer = OfficialLogWriter(out / "logs", list(cfg.moe_layer_ids)) if c.official_logs else None
     try:
-        stats = profile.profile(params, cfg, read, batch_size=c.batch_size, seq_len=c.seq_len, mesh=mesh,
-                                shards=c.shards, log_writer=writer, progress=c.progress)
+        stats = profile.collect(
+            params,
+            cfg,
+            read,
+            batch_size=c.batch_size,
+            seq_len=c.seq_len,
+            mesh=mesh,
+            shards=c.shards,
+            log_writer=writer,
+            progress=c.progress,
+        )
     finally:
         if writer is not None:
             writer.close()
@@ -61,8 +79,18 @@ def profile_routing(c: ml_collections.ConfigDict) -> Profiled:
 def select_experts(stats: RoutingStats, spec: ml_collections.ConfigDict, seed: int) -> ExpertConfig:
     """The expert config of one selection (config_blocks.selection's fields) from routing statistics."""
     s = scores.expert_scores(stats, spec.score, spec.norm, spec.decimals)
-    chosen = select.select(s, spec.method, p=spec.p, n=spec.n, seed=seed, group_size=spec.group_size,
-                           grouping=spec.grouping, coactivation_lee=stats.coactivation)
+    chosen = select.per_layer(
+        s,
+        spec.method,
+        p=spec.p,
+        n=spec.n,
+        seed=seed,
+        group_size=spec.group_size,
+        grouping=spec.grouping,
+        coactivation_lee=stats.coactivation,
+    )
     if spec.shared_only:
         chosen = [[] for _ in chosen]
-    return ExpertConfig(dict(zip(stats.layers, chosen)), spec.shared_experts, spec.non_expert_modules)
+    return ExpertConfig(
+        dict(zip(stats.layers, chosen)), spec.shared_experts, spec.non_expert_modules
+    )
