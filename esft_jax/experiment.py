@@ -33,6 +33,7 @@ from esft_jax.eval.run import evaluate
 from esft_jax.routing import analyze
 from esft_jax.routing import run as routing_run
 from esft_jax.routing.sources import STATS_FILE, load_stats
+from esft_jax.runtime import RUNTIME_FIELDS
 
 STEP_FIELDS = (
     "model",
@@ -119,6 +120,8 @@ def _train_command(c: ml_collections.ConfigDict, method: str, run: Path, suite: 
         f"--config.workdir={run / f'train_{method}'}",
         f"--config.optim.lr={c.lr.get(method, c.lr.esft)}",
         *(f"--config.mesh.{axis}={size}" for axis, size in c.mesh.items() if size != 1),
+        # the study's runtime model fields (dtype, strategy, ...), so training runs the model it profiles
+        *(f"--config.model.{k}={c.model[k]}" for k in RUNTIME_FIELDS if k in c.model),
         *(f"--config.{override}" for override in c.train),
     ]
     if kind == "esft":

@@ -11,6 +11,7 @@ import train_fixtures as fx
 from esft_jax import cli, config_files, experiment
 from esft_jax.builtin import suite as builtin_suite
 from esft_jax.expert_config import ExpertConfig
+from esft_jax.runtime import RUNTIME_FIELDS
 
 
 @pytest.mark.slow
@@ -83,6 +84,16 @@ def test_main_config_is_every_builtin_task():
     assert list(c.studies) == list(builtin_suite.DOWNSTREAM)
     assert {s.launch for s in c.studies.values()} == {"print"}
     assert len({s.run_dir for s in c.studies.values()}) == 3
+
+
+@pytest.mark.parametrize("spec", ["builtin.py:intent", "official.py:intent"])
+def test_training_children_run_the_studys_runtime_model_fields(tmp_path, spec):
+    """official.py's model is bfloat16 with scanned layers; configs/train.py's default is not."""
+    c = config_files.load(f"configs/experiments/{spec}", ["model.moe_strategy=dense"])
+    args = experiment._train_command(c, "esft_token", tmp_path, tmp_path)
+    at = args.index("--config")
+    child = config_files.load(args[at + 1], [a.removeprefix("--config.") for a in args[at + 2 :]])
+    assert {k: child.model[k] for k in RUNTIME_FIELDS} == {k: c.model[k] for k in RUNTIME_FIELDS}
 
 
 def _child(monkeypatch, code: str) -> None:

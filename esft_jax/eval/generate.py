@@ -59,6 +59,13 @@ def _greedy(params, tokens_bp, segments_bp, cfg: ModelConfig, max_new_tokens: in
     return jax.lax.while_loop(cond, body, start)[4]
 
 
+def padded_rows(n: int, cfg: ModelConfig, mesh: Mesh | None) -> int:
+    """The batch rows `generate` runs for n prompts: a multiple of the mesh's batch split (the padding
+    rows have no prompt and are done from the start)."""
+    multiple = sharding.rows_multiple(mesh, cfg.expert_parallel)
+    return -(-n // multiple) * multiple
+
+
 def generate(
     params,
     cfg: ModelConfig,
@@ -71,8 +78,7 @@ def generate(
 ) -> list[list[int]]:
     """Greedy continuations (up to and excluding EOS) of one batch of token-id prompts."""
     width = -(-max(len(p) for p in prompts) // bucket) * bucket
-    multiple = sharding.rows_multiple(mesh, cfg.expert_parallel)
-    rows = -(-len(prompts) // multiple) * multiple  # padding rows: no prompt, done from the start
+    rows = padded_rows(len(prompts), cfg, mesh)
     tokens = np.zeros((rows, width), np.int32)
     segments = np.zeros((rows, width), np.int32)
     for row, prompt in enumerate(prompts):

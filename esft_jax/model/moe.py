@@ -7,7 +7,9 @@ weights that replace their rows of the stacked `experts`. Tokens routed to an ov
 computed with the override weights,
 the rest with the stacked ones; routing is unchanged. Fine-tuning a few experts differentiates only
 the small override arrays: the stacked experts stay constants, so no weight gradient is computed
-for them (see train/trainable.py).
+for them (see train/trainable.py). Serving several adapters in one batch, the override holds A
+sets: `"ids"` [A, S], the weights [A, S, ...], and `"adapter"` [B] names each batch row's set
+(serve/bank.py).
 
 Expert parallelism: under a mesh (`jax.set_mesh`) whose `expert` axis is larger than 1, the routed
 experts run inside `jax.shard_map`; each device holds E / n_expert experts. Two exchanges
@@ -51,12 +53,27 @@ def swiglu(x: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
 
 def _split_overridden(ids_btk: jax.Array, override_ids_s: jax.Array, num_stacked: int):
     """(ids for the stacked experts, overridden ones set to `num_stacked`: "elsewhere";
-    override slot of each assignment, S where the expert is not overridden)."""
+    override slot of each assignment, S where the expert is not overridden). The override ids are
+    [S], or [B, 1, 1, S]: one set per batch row."""
     match = ids_btk[..., None] == override_ids_s  # [B, T, k, S]
     overridden = match.any(-1)
     stacked = jnp.where(overridden, num_stacked, ids_btk)
-    slots = jnp.where(overridden, jnp.argmax(match, -1), override_ids_s.shape[0]).astype(jnp.int32)
+    slots = jnp.where(overridden, jnp.argmax(match, -1), override_ids_s.shape[-1]).astype(jnp.int32)
     return stacked, slots
+
+
+def _override_slots(ids_btk: jax.Array, override: dict[str, jax.Array], num_stacked: int):
+    """(stacked ids, override slot of each assignment (the row count: none), the override rows).
+    With per-row sets (`override["adapter"]` [B]) row b looks up set adapter[b], and the sets' rows
+    [A, S, ...] are one list of A * S rows."""
+    rows = {k: v for k, v in override.items() if k not in ("ids", "adapter")}
+    if "adapter" not in override:
+        return (*_split_overridden(ids_btk, override["ids"], num_stacked), rows)
+    set_b, ids_as = override["adapter"], override["ids"]
+    n_sets, s = ids_as.shape
+    stacked, slot = _split_overridden(ids_btk, ids_as[set_b][:, None, None, :], num_stacked)
+    slots = jnp.where(slot < s, set_b[:, None, None] * s + slot, n_sets * s).astype(jnp.int32)
+    return stacked, slots, {k: v.reshape(n_sets * s, *v.shape[2:]) for k, v in rows.items()}
 
 
 def expert_glu(cfg: ModelConfig) -> GLU:
@@ -93,18 +110,20 @@ def _with_overrides(
     each device adds the overrides' share of its own tokens."""
     if override is None:
         return stacked_pass(ids_btk)
-    stacked_ids, slots = _split_overridden(ids_btk, override["ids"], cfg.n_routed_experts)
+    stacked_ids, slots, rows = _override_slots(ids_btk, override, cfg.n_routed_experts)
     y, dropped = stacked_pass(stacked_ids)
-    rows = {k: v for k, v in override.items() if k != "ids"}
     y_ov, dropped_ov = _routed(x_btd, slots, w_btk, rows, cfg, capacity_factor)
     return y + y_ov, dropped + dropped_ov
 
 
 def _on_expert_shards(local, act: P, x_btd, ids_btk, w_btk, experts, override):
     """local(x, ids, w, experts, override) -> (y, dropped) inside shard_map: activations split as
-    `act`, experts over `expert`, overrides replicated; y comes back split as `act`, dropped replicated.
+    `act`, experts over `expert`, overrides replicated (a per-row set index split like the rows); y
+    comes back split as `act`, dropped replicated.
     check_vma=False: the block loops start from fresh zeros (and `spill` may return them)."""
-    ov_specs = None if override is None else {k: P() for k in override}
+    ov_specs = (
+        None if override is None else {k: P(act[0]) if k == "adapter" else P() for k in override}
+    )
     fn = jax.shard_map(
         local,
         in_specs=(act, act, act, {k: P("expert") for k in experts}, ov_specs),

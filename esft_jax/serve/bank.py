@@ -1,0 +1,102 @@
+"""The adapter bank: every served ESFT adapter's trained expert rows, beside one base model.
+
+An ESFT adapter replaces whole rows of the stacked experts (its selected (layer, expert) pairs), so
+N adapters need the base once plus their rows, not N merged copies. The bank stacks them as the
+model's expert overrides with one set per adapter (model/moe.py): ids [L, A, S] (-1: an unused
+slot) and weights [L, A, S, ...], where set 0 is the base model (no overrides) and set i the i-th
+adapter. A batch row picks its set with an index, so one compiled step serves any mix of adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from esft_jax.checkpoint.adapter import adapter_updates, read_adapter
+from esft_jax.checkpoint.errors import CheckpointError
+from esft_jax.model.config import ModelConfig
+from esft_jax.model.params import Params
+
+BASE = 0  # the set index of the base model
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterBank:
+    names: tuple[str, ...]  # set i + 1 is adapter names[i]
+    override: dict[str, np.ndarray]  # ids [L, A, S]; the expert leaves [L, A, S, ...]
+    experts: tuple[
+        dict[int, list[int]], ...
+    ]  # per adapter: MoE layer index -> the experts it trained
+
+    def index(self, name: str | None) -> int:
+        """The set of adapter `name` (None: the base model)."""
+        if name is None:
+            return BASE
+        if name not in self.names:
+            raise KeyError(f"no adapter {name!r}; served: {', '.join(self.names) or 'none'}")
+        return self.names.index(name) + 1
+
+    def params_for(self, params: Params, sets_b: np.ndarray) -> Params:
+        """The base params with the bank's overrides, batch row b using set sets_b[b]."""
+        num_layers = self.override["ids"].shape[0]
+        override = {k: jnp.asarray(v) for k, v in self.override.items()}
+        override["adapter"] = jnp.broadcast_to(
+            jnp.asarray(sets_b, jnp.int32), (num_layers, len(sets_b))
+        )
+        moe_layers = dict(params["moe_layers"])
+        moe_layers["moe"] = {**moe_layers["moe"], "override": override}
+        return {**params, "moe_layers": moe_layers}
+
+
+def _expert_rows(
+    cfg: ModelConfig, experts: Params, adapter_dir: Path
+) -> dict[tuple[int, int], dict]:
+    """(MoE layer index, expert) -> every expert leaf's row with the adapter applied (the base row
+    where the adapter leaves a leaf of that expert unchanged)."""
+    tensors, metadata = read_adapter(adapter_dir)
+    rows: dict[tuple[int, int], dict] = {}
+    for m, update in adapter_updates(cfg, tensors, metadata, str(adapter_dir)):
+        if m.path[:3] != ("moe_layers", "moe", "experts"):
+            raise CheckpointError(
+                f"{adapter_dir}: {m.hf_name} is not a routed expert's tensor; the bank serves "
+                "adapters of expert rows only (serve this one merged: esft export)"
+            )
+        row = rows.setdefault(m.index, {k: np.asarray(w[m.index]) for k, w in experts.items()})
+        row[m.path[-1]] = update(row[m.path[-1]])
+    return rows
+
+
+def build_bank(cfg: ModelConfig, params: Params, adapters: Mapping[str, str | Path]) -> AdapterBank:
+    """The bank of the adapters `adapters` (name -> adapter directory) over `params` (the base)."""
+    experts = jax.tree.map(np.asarray, params["moe_layers"]["moe"]["experts"])
+    per_adapter = [_expert_rows(cfg, experts, Path(d)) for d in adapters.values()]
+    num_layers, num_sets = cfg.num_moe_layers, len(per_adapter) + 1
+    width = max(
+        [1]
+        + [
+            sum(li == layer for li, _ in rows)
+            for rows in per_adapter
+            for layer in range(num_layers)
+        ]
+    )
+    ids = np.full((num_layers, num_sets, width), -1, np.int32)
+    leaves = {
+        k: np.zeros((num_layers, num_sets, width, *w.shape[2:]), w.dtype)
+        for k, w in experts.items()
+    }
+    trained = []
+    for a, rows in enumerate(per_adapter, start=1):
+        by_layer: dict[int, list[int]] = {}
+        for li, e in sorted(rows):
+            slot = len(by_layer.setdefault(li, []))
+            by_layer[li].append(e)
+            ids[li, a, slot] = e
+            for k, value in rows[li, e].items():
+                leaves[k][li, a, slot] = value
+        trained.append(by_layer)
+    return AdapterBank(tuple(adapters), {"ids": ids, **leaves}, tuple(trained))

@@ -1,0 +1,57 @@
+"""Greedy generation for a batch of requests over any mix of adapters and the base model.
+
+Every request names its model (an adapter of the bank, or None for the base); the batch runs as one
+generation (eval/generate.py: KV cache, one compiled decode step) whose params carry the bank's
+expert overrides and each row's set index, so a request gets exactly what it gets alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from jax.sharding import Mesh
+
+from esft_jax.eval.generate import generate, padded_rows
+from esft_jax.model.config import ModelConfig
+from esft_jax.model.params import Params
+from esft_jax.serve.bank import BASE, AdapterBank, build_bank
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    prompt: Sequence[int]  # token ids, BOS included where the model has one
+    model: str | None = None  # an adapter's name; None: the base model
+    max_tokens: int = 64
+
+
+class Engine:
+    """One base model (`params`, on `mesh` if given) and the adapters `adapters` (name -> directory)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: Params,
+        adapters: Mapping[str, str | Path],
+        *,
+        mesh: Mesh | None = None,
+    ):
+        self.cfg, self.params, self.mesh = cfg, params, mesh
+        self.bank: AdapterBank = build_bank(cfg, params, adapters)
+
+    def generate(self, requests: Sequence[Request]) -> list[list[int]]:
+        """Each request's greedy continuation (up to and excluding EOS, at most its max_tokens)."""
+        sets_b = np.full(padded_rows(len(requests), self.cfg, self.mesh), BASE, np.int32)
+        sets_b[: len(requests)] = [self.bank.index(r.model) for r in requests]
+        eos = self.cfg.eos_token_id if self.cfg.eos_token_id is not None else -1
+        outs = generate(
+            self.bank.params_for(self.params, sets_b),
+            self.cfg,
+            [r.prompt for r in requests],
+            max_new_tokens=max(r.max_tokens for r in requests),
+            eos_id=eos,
+            mesh=self.mesh,
+        )
+        return [out[: r.max_tokens] for out, r in zip(outs, requests)]

@@ -1,0 +1,127 @@
+"""Serving adapters from one base model: a mixed batch gives every request what the merged model
+(load_with_adapter: base + adapter written into one checkpoint) gives it alone."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import train_fixtures as fx
+
+from esft_jax import sharding
+from esft_jax.checkpoint import load_checkpoint
+from esft_jax.checkpoint.adapter import load_with_adapter, write_adapter
+from esft_jax.checkpoint.errors import CheckpointError
+from esft_jax.eval.generate import generate
+from esft_jax.model import forward, param_axes
+from esft_jax.serve.bank import build_bank
+from esft_jax.serve.engine import Engine, Request
+
+# (HF layer, expert, projections) each adapter changes; "partial" leaves up_proj as the base's
+ADAPTERS = {
+    "wide": [(1, e, ("gate_proj", "up_proj", "down_proj")) for e in range(0, 32, 2)],
+    "two_layers": [(2, 3, ("gate_proj", "up_proj", "down_proj")), (3, 9, ("up_proj",))]
+    + [(3, e, ("down_proj",)) for e in (0, 17)],
+    "partial": [(2, e, ("gate_proj", "down_proj")) for e in (3, 5)],
+}
+
+
+def _adapter(base_tensors: dict, rows, out, seed: int):
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer, expert, projections in rows:
+        for proj in projections:
+            name = f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+            w = base_tensors[name]
+            tensors[name] = (w + 2.0 * w.std() * rng.standard_normal(w.shape)).astype(w.dtype)
+    return write_adapter(out, tensors, {"method": "esft", "model_type": "deepseek_v2"})
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from safetensors.numpy import load_file
+
+    root = tmp_path_factory.mktemp("serve")
+    base = fx.base_checkpoint(root / "base")
+    tensors = load_file(base / "model.safetensors")
+    adapters = {
+        name: _adapter(tensors, rows, root / name, seed)
+        for seed, (name, rows) in enumerate(ADAPTERS.items())
+    }
+    cfg, params = load_checkpoint(base)
+    return cfg, params, base, adapters
+
+
+def _requests(n: int = 7):
+    names = [None, *ADAPTERS]
+    rng = np.random.default_rng(0)
+    return [
+        Request(
+            rng.integers(1, 256, 3 + 2 * i).tolist(), names[i % len(names)], max_tokens=4 + i % 3
+        )
+        for i in range(n)
+    ]
+
+
+def _alone(cfg, params, base, adapters, request):
+    """The request's greedy tokens from the merged model of its adapter (the base for None)."""
+    merged = (
+        params if request.model is None else load_with_adapter(base, adapters[request.model])[1]
+    )
+    eos = cfg.eos_token_id
+    return generate(merged, cfg, [request.prompt], max_new_tokens=request.max_tokens, eos_id=eos)[0]
+
+
+def test_mixed_batch_equals_each_merged_model_alone(served):
+    cfg, params, base, adapters = served
+    requests = _requests()
+    want = [_alone(cfg, params, base, adapters, r) for r in requests]
+    as_base = [
+        _alone(cfg, params, base, adapters, dataclasses.replace(r, model=None)) for r in requests
+    ]
+    assert any(w != b for w, b in zip(want, as_base)), "the adapters must change some outputs"
+    assert Engine(cfg, params, adapters).generate(requests) == want
+
+
+def test_bank_logits_equal_merged_logits(served):
+    """Row by row, the bank's forward pass equals the merged model's (float32 rounding)."""
+    cfg, params, base, adapters = served
+    bank = build_bank(cfg, params, adapters)
+    tokens = np.random.default_rng(1).integers(1, 256, (4, 24))
+    sets = np.array([bank.index(n) for n in ("two_layers", None, "wide", "partial")])
+    got, _ = forward(bank.params_for(params, sets), tokens, cfg)
+    for row, name in enumerate(("two_layers", None, "wide", "partial")):
+        merged = params if name is None else load_with_adapter(base, adapters[name])[1]
+        want, _ = forward(merged, tokens[row : row + 1], cfg)
+        np.testing.assert_allclose(got[row], want[0], rtol=0, atol=2e-5 * float(np.abs(want).max()))
+    assert bank.experts[bank.index("two_layers") - 1] == {
+        1: [3],
+        2: [0, 9, 17],
+    }  # MoE layer index -> experts
+
+
+def test_an_adapter_of_other_tensors_is_refused(served, tmp_path):
+    from safetensors.numpy import load_file
+
+    cfg, params, base, adapters = served
+    name = "model.layers.1.self_attn.o_proj.weight"
+    attention = {name: load_file(base / "model.safetensors")[name] * 2}
+    attn = write_adapter(tmp_path / "attn", attention, {"method": "fft"})
+    with pytest.raises(CheckpointError, match=r"o_proj.weight is not a routed expert's tensor"):
+        build_bank(cfg, params, {**adapters, "attn": attn})
+    with pytest.raises(KeyError, match="no adapter 'nope'"):
+        Engine(cfg, params, adapters).generate([Request([1, 2], "nope")])
+
+
+@pytest.mark.parametrize("exchange", ["psum", "all_to_all"])
+def test_mixed_batch_on_the_mesh_equals_one_device(served, exchange):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    cfg, params, _, adapters = served
+    cfg = cfg.replace(expert_parallel=exchange)
+    requests = _requests(5)
+    want = Engine(cfg, params, adapters).generate(requests)
+    mesh = sharding.make_mesh({"data": 2, "expert": 4}, jax.devices()[:8])
+    with jax.set_mesh(mesh):
+        on_mesh = sharding.shard_params(params, param_axes(cfg), mesh)
+        assert Engine(cfg, on_mesh, adapters, mesh=mesh).generate(requests) == want
