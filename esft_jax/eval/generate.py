@@ -22,18 +22,27 @@ from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
 from esft_jax import sharding
+from esft_jax.eval.sampling import Sampling, next_tokens, sampling_for
 from esft_jax.model import ModelConfig, forward_cached, init_cache, segment_positions
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _greedy(params, tokens_bp, segments_bp, cfg: ModelConfig, max_new_tokens: int, eos_id: int):
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _decode(
+    params,
+    tokens_bp,
+    segments_bp,
+    sampling: Sampling | None,
+    cfg: ModelConfig,
+    max_new_tokens: int,
+    eos_id: int,
+):
     b, p = tokens_bp.shape
     cache = init_cache(cfg, b, p + max_new_tokens)
     positions = segment_positions(segments_bp)
     logits, cache = forward_cached(
         params, tokens_bp, cfg, cache, segment_ids_bt=segments_bp, positions_bt=positions
     )
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    first = next_tokens(logits[:, -1], sampling, jnp.zeros((), jnp.int32))
     out = jnp.full((b, max_new_tokens), eos_id, jnp.int32)
 
     def cond(carry):
@@ -52,7 +61,8 @@ def _greedy(params, tokens_bp, segments_bp, cfg: ModelConfig, max_new_tokens: in
             segment_ids_bt=jnp.ones((b, 1), jnp.int32),
             positions_bt=pos[:, None],
         )
-        return i + 1, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), pos + 1, done, out, cache
+        token = next_tokens(logits[:, 0], sampling, i + 1)
+        return i + 1, token, pos + 1, done, out, cache
 
     empty = ~jnp.any(segments_bp != 0, axis=1)  # a padding row (no prompt) is done from the start
     start = (jnp.zeros((), jnp.int32), first, positions[:, -1] + 1, empty, out, cache)
@@ -75,8 +85,10 @@ def generate(
     eos_id: int,
     bucket: int = 64,
     mesh: Mesh | None = None,
+    sampling: Sequence[tuple[float, float, int]] | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations (up to and excluding EOS) of one batch of token-id prompts."""
+    """Continuations (up to and excluding EOS) of one batch of token-id prompts: greedy, or with
+    `sampling` one (temperature, top_p, seed) per prompt (eval/sampling.py; temperature 0: greedy)."""
     width = -(-max(len(p) for p in prompts) // bucket) * bucket
     rows = padded_rows(len(prompts), cfg, mesh)
     tokens = np.zeros((rows, width), np.int32)
@@ -84,8 +96,14 @@ def generate(
     for row, prompt in enumerate(prompts):
         tokens[row, width - len(prompt) :], segments[row, width - len(prompt) :] = prompt, 1
     tokens_bp, segments_bp = sharding.place_rows((tokens, segments), mesh)
+    per_row = None
+    if sampling is not None:
+        settings = list(sampling) + [(0.0, 1.0, 0)] * (rows - len(prompts))  # padding rows: greedy
+        per_row = sampling_for(*zip(*settings))
     with sharding.on_mesh(mesh):
-        out = np.asarray(_greedy(params, tokens_bp, segments_bp, cfg, max_new_tokens, eos_id))
+        out = np.asarray(
+            _decode(params, tokens_bp, segments_bp, per_row, cfg, max_new_tokens, eos_id)
+        )
     results = []
     for row in out[: len(prompts)].tolist():
         results.append(row[: row.index(eos_id)] if eos_id in row else row)

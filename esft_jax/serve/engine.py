@@ -25,6 +25,9 @@ class Request:
     prompt: Sequence[int]  # token ids, BOS included where the model has one
     model: str | None = None  # an adapter's name; None: the base model
     max_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
 
 
 class Engine:
@@ -42,7 +45,8 @@ class Engine:
         self.bank: AdapterBank = build_bank(cfg, params, adapters)
 
     def generate(self, requests: Sequence[Request]) -> list[list[int]]:
-        """Each request's greedy continuation (up to and excluding EOS, at most its max_tokens)."""
+        """Each request's continuation (up to and excluding EOS, at most its max_tokens): greedy, or
+        sampled with its temperature, top_p and seed (the same tokens whatever shares the batch)."""
         sets_b = np.full(padded_rows(len(requests), self.cfg, self.mesh), BASE, np.int32)
         sets_b[: len(requests)] = [self.bank.index(r.model) for r in requests]
         eos = self.cfg.eos_token_id if self.cfg.eos_token_id is not None else -1
@@ -53,5 +57,6 @@ class Engine:
             max_new_tokens=max(r.max_tokens for r in requests),
             eos_id=eos,
             mesh=self.mesh,
+            sampling=[(r.temperature, r.top_p, r.seed) for r in requests],
         )
         return [out[: r.max_tokens] for out, r in zip(outs, requests)]
