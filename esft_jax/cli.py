@@ -30,6 +30,7 @@ from esft_jax.routing import analyze
 from esft_jax.routing import run as routing_run
 from esft_jax.routing.load import expert_counts, load_table
 from esft_jax.routing.sources import STATS_FILE, load_stats
+from esft_jax.serve import http as serve_http
 from esft_jax.train import loop as train_loop
 from esft_jax.train import plan
 from esft_jax.train.guard import DivergedError
@@ -198,6 +199,11 @@ def cmd_run(c: ml_collections.ConfigDict) -> None:
     experiment.run(c)
 
 
+def cmd_serve(c: ml_collections.ConfigDict) -> None:
+    """Serve the base model and its adapters over an OpenAI-compatible HTTP API."""
+    serve_http.serve(c)
+
+
 COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "route": cmd_route,
     "profile": cmd_profile,
@@ -209,6 +215,7 @@ COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "run": cmd_run,
     "plan": cmd_plan,
     "data": cmd_data,
+    "serve": cmd_serve,
 }
 
 

@@ -317,6 +317,20 @@ def _plan(c: ml_collections.ConfigDict) -> None:
             )
 
 
+def _serve(c: ml_collections.ConfigDict) -> None:
+    required(c, "checkpoint", "the base model's Hugging Face checkpoint directory")
+    for name in c.adapters:
+        input_path(
+            c, f"adapters.{name}", f"adapter {name}'s directory (esft train's <workdir>/adapter)"
+        )
+    required(c, "host", "the address to bind (127.0.0.1: this machine only)")
+    whole(c, "port", 0)
+    if c.port > 65535:
+        raise ConfigFileError(f"--config.port={c.port}: expected a port number <= 65535")
+    whole(c, "max_batch")
+    number(c, "batch_window_ms", 0)
+
+
 CHECKS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "route": _route,
     "profile": _profile,
@@ -327,6 +341,7 @@ CHECKS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "export": _export,
     "data": _data,
     "plan": _plan,
+    "serve": _serve,
 }
 
 

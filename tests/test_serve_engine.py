@@ -1,8 +1,6 @@
 """Serving adapters from one base model: a mixed batch gives every request what the merged model
 (load_with_adapter: base + adapter written into one checkpoint) gives it alone."""
 
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
@@ -63,23 +61,30 @@ def _requests(n: int = 7):
     ]
 
 
+_forward = jax.jit(forward, static_argnums=2)
+MAX_TOKENS = 6  # every request's max_tokens is at most this: one compilation serves them all
+
+
 def _alone(cfg, params, base, adapters, request):
     """The request's greedy tokens from the merged model of its adapter (the base for None)."""
     merged = (
         params if request.model is None else load_with_adapter(base, adapters[request.model])[1]
     )
-    eos = cfg.eos_token_id
-    return generate(merged, cfg, [request.prompt], max_new_tokens=request.max_tokens, eos_id=eos)[0]
+    out = generate(
+        merged, cfg, [request.prompt], max_new_tokens=MAX_TOKENS, eos_id=cfg.eos_token_id
+    )
+    return out[0][: request.max_tokens]
 
 
 def test_mixed_batch_equals_each_merged_model_alone(served):
     cfg, params, base, adapters = served
     requests = _requests()
     want = [_alone(cfg, params, base, adapters, r) for r in requests]
-    as_base = [
-        _alone(cfg, params, base, adapters, dataclasses.replace(r, model=None)) for r in requests
-    ]
-    assert any(w != b for w, b in zip(want, as_base)), "the adapters must change some outputs"
+    prompts = [r.prompt for r in requests]
+    as_base = generate(params, cfg, prompts, max_new_tokens=MAX_TOKENS, eos_id=cfg.eos_token_id)
+    assert any(w != b[: len(w)] for w, b in zip(want, as_base)), (
+        "the adapters must change some outputs"
+    )
     assert Engine(cfg, params, adapters).generate(requests) == want
 
 
@@ -89,10 +94,10 @@ def test_bank_logits_equal_merged_logits(served):
     bank = build_bank(cfg, params, adapters)
     tokens = np.random.default_rng(1).integers(1, 256, (4, 24))
     sets = np.array([bank.index(n) for n in ("two_layers", None, "wide", "partial")])
-    got, _ = forward(bank.params_for(params, sets), tokens, cfg)
+    got, _ = _forward(bank.params_for(params, sets), tokens, cfg)
     for row, name in enumerate(("two_layers", None, "wide", "partial")):
         merged = params if name is None else load_with_adapter(base, adapters[name])[1]
-        want, _ = forward(merged, tokens[row : row + 1], cfg)
+        want, _ = _forward(merged, tokens[row : row + 1], cfg)
         np.testing.assert_allclose(got[row], want[0], rtol=0, atol=2e-5 * float(np.abs(want).max()))
     assert bank.experts[bank.index("two_layers") - 1] == {
         1: [3],
@@ -117,11 +122,41 @@ def test_an_adapter_of_other_tensors_is_refused(served, tmp_path):
 def test_mixed_batch_on_the_mesh_equals_one_device(served, exchange):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
-    cfg, params, _, adapters = served
+    cfg, params, base, adapters = served
     cfg = cfg.replace(expert_parallel=exchange)
-    requests = _requests(5)
-    want = Engine(cfg, params, adapters).generate(requests)
+    requests = _requests()
+    want = [_alone(cfg, params, base, adapters, r) for r in requests]
     mesh = sharding.make_mesh({"data": 2, "expert": 4}, jax.devices()[:8])
     with jax.set_mesh(mesh):
         on_mesh = sharding.shard_params(params, param_axes(cfg), mesh)
         assert Engine(cfg, on_mesh, adapters, mesh=mesh).generate(requests) == want
+
+
+def test_coverage_is_the_gate_mass_on_the_adapters_experts(served):
+    """Against a float64 loop over each request's own forward pass (alone, unpadded)."""
+    cfg, params, _, adapters = served
+    engine = Engine(cfg, params, adapters)
+    requests = _requests()
+    outputs = engine.generate(requests)
+    got = engine.coverage(requests, outputs)
+    trained = {None: {}, **{name: {} for name in ADAPTERS}}
+    for name, rows in ADAPTERS.items():
+        for layer, expert, _ in rows:
+            trained[name].setdefault(cfg.moe_layer_ids.index(layer), set()).add(expert)
+    for r, out, cov in zip(requests, outputs, got):
+        n = len(r.prompt) + len(
+            out
+        )  # right-padded to one width: causal, so the n tokens route alike
+        _, routing = _forward(params, np.asarray([[*r.prompt, *out] + [0] * (32 - n)]), cfg)
+        ids = np.asarray(routing.expert_ids)[:, 0, :n]
+        w = np.asarray(routing.gate_weights, np.float64)[:, 0, :n]
+        hit = [
+            sum(w[li][ids[li] == e].sum() for e in trained[r.model].get(li, ()))
+            for li in range(len(ids))
+        ]
+        mass = w.sum(axis=(1, 2))
+        np.testing.assert_allclose(cov.per_layer, np.array(hit) / mass, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(cov.total, sum(hit) / mass.sum(), rtol=1e-6, atol=1e-9)
+    assert (
+        got[0].total == 0.0 and got[1].per_layer[0] > 0.2
+    )  # the base; "wide" trains half of layer 1

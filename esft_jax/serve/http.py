@@ -1,0 +1,337 @@
+"""`esft serve`: an OpenAI-compatible HTTP API (starlette + uvicorn) over one base model and its
+ESFT adapters, any mix of them in one batch (serve/engine.py, serve/batcher.py).
+
+Endpoints: GET /v1/models (the base model and every adapter), POST /v1/completions and POST
+/v1/chat/completions with `model` (the base's name or an adapter's), `prompt` (a string) or
+`messages` (user and assistant turns, formatted as ESFT trains: data/records.py's templates),
+`max_tokens` (default 16), `stop` (a string or a list: the text is cut at the first), `temperature`
+(default 1.0, OpenAI's), `top_p`, `seed` and `stream`. Prompts are BOS + the tokenizer's ids, as
+`esft eval` encodes them. `stream=True` answers in OpenAI's server-sent chunks ending with
+`data: [DONE]`; in this increment the chunks are sent once the request's generation has finished
+(a whole batch runs as one compiled generation), one per token of the text.
+
+A bad request gets a 4xx with OpenAI's {"error": {"message", "type", "code"}} and the server goes on:
+400 for malformed JSON, a missing or wrong field, max_tokens <= 0 or a prompt longer than the
+model's context minus max_tokens; 401 for a missing or wrong API key (when one is configured);
+404 for an unknown model. A client that disconnects before its batch starts is dropped from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from starlette.applications import Starlette
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from tokenizers import Tokenizer
+
+from esft_jax import runtime, sharding
+from esft_jax.data.records import ANSWER_TEMPLATE, PROMPT_TEMPLATE, Sample
+from esft_jax.data.tokenize import encode
+from esft_jax.model import param_axes
+from esft_jax.serve.batcher import Batcher
+from esft_jax.serve.engine import Engine, Request
+
+DEFAULT_MAX_TOKENS = 16
+
+
+class APIError(Exception):
+    """A request the server refuses: the HTTP status and OpenAI's error type and code."""
+
+    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.code, self.kind = status, code, kind
+
+    def response(self) -> JSONResponse:
+        error = {"message": str(self), "type": self.kind, "param": None, "code": self.code}
+        return JSONResponse({"error": error}, status_code=self.status)
+
+
+def _bad(message: str) -> APIError:
+    return APIError(400, message, "invalid_request")
+
+
+def _field(body: dict, key: str, kinds: tuple[type, ...], default: Any = ...) -> Any:
+    """body[key] of one of `kinds` (bool is no number), or `default` where absent or null."""
+    value = body.get(key)
+    if value is None:
+        if default is ...:
+            raise _bad(f"'{key}' is required")
+        return default
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise _bad(f"'{key}': expected {names}, got {json.dumps(value)[:80]}")
+    return value
+
+
+def _stops(body: dict) -> list[str]:
+    stop = _field(body, "stop", (str, list), [])
+    stops = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(s, str) and s for s in stops):
+        raise _bad("'stop': expected a non-empty string or a list of them")
+    return stops
+
+
+def _chat_ids(tokenizer: Tokenizer, messages: Any, bos: int | None, eos: int | None) -> list[int]:
+    """BOS + each (user, assistant) turn as ESFT trains on it (data/tokenize.py: prompt and answer
+    encoded apart, EOS after the answer) + the last user turn's prompt; what CHAT_TEMPLATE renders."""
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages': expected a non-empty list of {'role', 'content'} objects")
+    roles = ["user", "assistant"] * len(messages)
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages) or [
+        m.get("role") for m in messages
+    ] != roles[: len(messages) - 1] + ["user"]:
+        raise _bad(
+            "'messages': ESFT chats alternate user and assistant messages with string content, "
+            "starting and ending with a user message"
+        )
+    ids = []
+    for i in range(0, len(messages), 2):
+        user = PROMPT_TEMPLATE.format(user=messages[i]["content"])
+        answer = messages[i + 1]["content"] if i + 1 < len(messages) else None
+        sample = Sample(
+            user, "" if answer is None else ANSWER_TEMPLATE.format(assistant=answer), ""
+        )
+        turn, _ = encode(
+            tokenizer, sample, bos if i == 0 else None, None if answer is None else eos
+        )
+        ids += turn.tolist()
+    return ids
+
+
+def _pieces(tokenizer: Tokenizer, ids: Sequence[int], text: str) -> Iterator[str]:
+    """`text` (the decoded, stop-cut `ids`) in one piece per token where the decoding allows."""
+    sent = 0
+    for n in range(1, len(ids) + 1):
+        prefix = tokenizer.decode(ids[:n])[: len(text)]
+        if len(prefix) > sent and text.startswith(prefix):
+            yield text[sent : len(prefix)]
+            sent = len(prefix)
+    if sent < len(text):
+        yield text[sent:]
+
+
+class Server:
+    """The API's state: the engine and its batcher, the tokenizer, the served names, the API key."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Tokenizer,
+        batcher: Batcher,
+        *,
+        base_name: str,
+        api_key: str = "",
+    ):
+        if base_name in engine.bank.names:
+            raise ValueError(f"adapter {base_name!r} has the base model's name")
+        self.engine, self.tokenizer, self.batcher = engine, tokenizer, batcher
+        self.base_name, self.api_key = base_name, api_key
+        cfg = engine.cfg
+        self.bos, self.eos = cfg.bos_token_id, cfg.eos_token_id
+
+    def authorize(self, request: HTTPRequest) -> None:
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if self.api_key and not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise APIError(
+                401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key"
+            )
+
+    def adapter(self, body: dict) -> str | None:
+        """The request's adapter (None: the base model); 404 for a name not served."""
+        name = _field(body, "model", (str,))
+        if name != self.base_name and name not in self.engine.bank.names:
+            served = ", ".join([self.base_name, *self.engine.bank.names])
+            raise APIError(
+                404, f"model {name!r} does not exist; served: {served}", "model_not_found"
+            )
+        return None if name == self.base_name else name
+
+    def prompt_ids(self, body: dict, chat: bool) -> list[int]:
+        if chat:
+            return _chat_ids(self.tokenizer, body.get("messages"), self.bos, self.eos)
+        text = _field(body, "prompt", (str,))
+        bos = [self.bos] if self.bos is not None else []
+        return bos + self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def request(self, body: dict, chat: bool) -> Request:
+        """The engine request of a completion body; APIError for what the model cannot serve."""
+        model = self.adapter(body)
+        max_tokens = _field(body, "max_tokens", (int,), None)
+        if chat and max_tokens is None:
+            max_tokens = _field(body, "max_completion_tokens", (int,), None)
+        max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        if max_tokens <= 0:
+            raise _bad(f"'max_tokens': expected a whole number >= 1, got {max_tokens}")
+        if _field(body, "n", (int,), 1) != 1:
+            raise _bad("'n': only 1 completion per request is served")
+        temperature = _field(body, "temperature", (int, float), 1.0)
+        top_p = _field(body, "top_p", (int, float), 1.0)
+        if not (0 <= temperature <= 2 and 0 < top_p <= 1):
+            raise _bad("'temperature' must lie in [0, 2] and 'top_p' in (0, 1]")
+        seed = _field(body, "seed", (int,), None)
+        ids = self.prompt_ids(body, chat)
+        context = self.engine.cfg.max_position_embeddings
+        if not ids:
+            raise _bad("the prompt is empty")
+        if len(ids) > context - max_tokens:
+            raise _bad(
+                f"the prompt's {len(ids)} tokens + max_tokens {max_tokens} exceed the model's "
+                f"context of {context} tokens"
+            )
+        seed = secrets.randbits(31) if seed is None else seed
+        return Request(ids, model, max_tokens, float(temperature), float(top_p), seed)
+
+    async def generated(self, http: HTTPRequest, request: Request) -> list[int] | None:
+        """The request's tokens from the batcher, or None when the client disconnected first (its
+        request is then dropped if its batch has not started)."""
+        future = self.batcher.submit(request)
+        result = asyncio.wrap_future(future)
+        gone = asyncio.ensure_future(_disconnect(http))
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not result.done():
+            future.cancel()
+            return None
+        try:
+            return result.result()
+        except Exception as e:  # the batch failed; the server goes on
+            raise APIError(500, f"generation failed: {e}", "server_error", "server_error") from e
+
+    async def models(self, http: HTTPRequest) -> Response:
+        self.authorize(http)
+        created = int(time.time())
+        models = [
+            {"id": name, "object": "model", "created": created, "owned_by": "esft"}
+            for name in [self.base_name, *self.engine.bank.names]
+        ]
+        return JSONResponse({"object": "list", "data": models})
+
+    async def complete(self, http: HTTPRequest, chat: bool) -> Response:
+        self.authorize(http)
+        body = await _json_body(http)
+        request = self.request(body, chat)
+        stops, stream = _stops(body), _field(body, "stream", (bool,), False)
+        ids = await self.generated(http, request)
+        if ids is None:
+            return Response(status_code=499)  # the client has gone: nobody reads it
+        whole = self.tokenizer.decode(ids)
+        text = whole[: min([whole.index(s) for s in stops if s in whole], default=len(whole))]
+        stopped = len(text) < len(whole) or len(ids) < request.max_tokens  # a stop string or EOS
+        head = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": body["model"],
+        }
+        finish = "stop" if stopped else "length"
+        if stream:
+            pieces = _pieces(self.tokenizer, ids, text)
+            events = _events(head, chat, pieces, finish)
+            return StreamingResponse(events, media_type="text/event-stream")
+        n_prompt = len(request.prompt)
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": len(ids)}
+        usage["total_tokens"] = n_prompt + len(ids)
+        obj = "chat.completion" if chat else "text_completion"
+        choices = [_choice(chat, text, finish, delta=False)]
+        return JSONResponse({**head, "object": obj, "choices": choices, "usage": usage})
+
+
+async def _json_body(http: HTTPRequest) -> dict:
+    try:
+        body = json.loads(await http.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _bad(f"the body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise _bad("the body must be a JSON object")
+    return body
+
+
+async def _disconnect(http: HTTPRequest) -> None:
+    """Returns when the client disconnects (the body has been read: nothing else arrives)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _choice(chat: bool, text: str | None, finish: str | None, delta: bool) -> dict:
+    """One choice of a response (delta: of a stream chunk; text None: the chunk's end, no text)."""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+    if not chat:
+        return {**choice, "text": text or "", "logprobs": None}
+    message = {} if text is None else {"role": "assistant", "content": text}
+    return {**choice, ("delta" if delta else "message"): message}
+
+
+def _events(head: dict, chat: bool, pieces: Iterator[str], finish: str) -> Iterator[str]:
+    """The server-sent events of a streamed completion: a chunk per piece, then the finish reason."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    for piece in [*pieces, None]:
+        choice = _choice(chat, piece, None if piece is not None else finish, delta=True)
+        yield f"data: {json.dumps({**head, 'object': obj, 'choices': [choice]})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def app(server: Server) -> Starlette:
+    """The starlette app of `server`'s endpoints; an APIError becomes its JSON error response."""
+
+    def handler(fn):
+        async def endpoint(http: HTTPRequest) -> Response:
+            try:
+                return await fn(http)
+            except APIError as e:
+                return e.response()
+
+        return endpoint
+
+    routes = [
+        Route("/v1/models", handler(server.models), methods=["GET"]),
+        Route(
+            "/v1/completions", handler(lambda h: server.complete(h, chat=False)), methods=["POST"]
+        ),
+        Route(
+            "/v1/chat/completions",
+            handler(lambda h: server.complete(h, chat=True)),
+            methods=["POST"],
+        ),
+    ]
+    return Starlette(routes=routes)
+
+
+def base_name(checkpoint: str) -> str:
+    """The name the base model is served under: its checkpoint directory's."""
+    return Path(checkpoint).resolve().name if checkpoint != runtime.RANDOM_WEIGHTS else checkpoint
+
+
+def serve(c: ml_collections.ConfigDict) -> None:
+    """Load c's model and adapters, and serve them on c.host:c.port until interrupted."""
+    import uvicorn
+
+    mesh = runtime.mesh(c)
+    cfg, params = runtime.load_model(c, mesh)
+    if mesh is not None:  # random weights are made on one device
+        params = sharding.shard_params(params, param_axes(cfg), mesh)
+    engine = Engine(cfg, params, dict(c.adapters), mesh=mesh)
+
+    def generate(requests: Sequence[Request]) -> list[list[int]]:
+        with sharding.on_mesh(mesh):
+            return engine.generate(requests)
+
+    batcher = Batcher(generate, max_batch=c.max_batch, window_s=c.batch_window_ms / 1000)
+    server = Server(
+        engine, runtime.tokenizer(c), batcher, base_name=base_name(c.checkpoint), api_key=c.api_key
+    )
+    names = ", ".join([server.base_name, *engine.bank.names])
+    print(f"serving {names} on http://{c.host}:{c.port}/v1", flush=True)
+    try:
+        uvicorn.run(app(server), host=c.host, port=c.port, log_level="warning")
+    finally:
+        batcher.close()
