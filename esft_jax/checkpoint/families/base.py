@@ -61,6 +61,12 @@ def transformers_fused(prefix: str, gate: str, up: str, down: str) -> tuple[Fuse
     )
 
 
+# The fused layout of every family whose experts are mlp.experts.{e}.{gate,up,down}_proj.
+MLP_FUSED = transformers_fused(
+    "mlp.experts.{e}.", "gate_proj.weight", "up_proj.weight", "down_proj.weight"
+)
+
+
 def gpt_oss_fused() -> tuple[Fused, ...]:
     """gpt-oss: gate_up [E, d, 2f] as x @ w with gate and up columns interleaved, biases [E, 2f];
     down [E, f, d], bias [E, d]."""
@@ -242,6 +248,39 @@ def common_hf(cfg: ModelConfig, architecture: str) -> dict[str, Any]:
 
 def gqa_hf(cfg: ModelConfig) -> dict[str, Any]:
     return {"num_key_value_heads": cfg.kv_heads, "head_dim": cfg.gqa_head_dim}
+
+
+def gqa_moe_fields(hf: Mapping[str, Any], experts_key: str = "num_local_experts") -> dict[str, Any]:
+    """Our fields of a model whose every layer is GQA and MoE, without shared experts (Mixtral, OLMoE,
+    gpt-oss): `common_fields`, GQA's, and the routed experts (width, count under `experts_key`,
+    top-k), whose keys are required."""
+    require(hf, ("intermediate_size", experts_key, "num_experts_per_tok"))
+    return dict(
+        common_fields(hf),
+        **gqa_fields(hf),
+        intermediate_size=hf["intermediate_size"],
+        moe_intermediate_size=hf["intermediate_size"],
+        first_k_dense_replace=0,
+        n_routed_experts=hf[experts_key],
+        num_experts_per_tok=hf["num_experts_per_tok"],
+        n_shared_experts=0,
+    )
+
+
+def gqa_moe_hf(
+    cfg: ModelConfig, architecture: str, experts_key: str = "num_local_experts", **extra: Any
+) -> dict[str, Any]:
+    """`common_hf` + GQA + the routed experts (width, count under `experts_key`, top-k) + `extra`:
+    the config.json of a model whose every layer is GQA and MoE (Mixtral, OLMoE, gpt-oss)."""
+    hf = common_hf(cfg, architecture)
+    hf.update(
+        gqa_hf(cfg),
+        intermediate_size=cfg.moe_intermediate_size,
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        **{experts_key: cfg.n_routed_experts},
+        **extra,
+    )
+    return hf
 
 
 def layer_types(cfg: ModelConfig) -> list[str]:

@@ -10,24 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from esft_jax.checkpoint.families.base import (
-    DENSE_MLP,
-    NORMS,
-    Family,
-    common_fields,
-    common_hf,
-    experts,
-    require,
-    shared_mlp,
-    transformers_fused,
-)
+from esft_jax.checkpoint.families import base
 from esft_jax.model.config import ConfigError, ModelConfig
 
 NAMES = {
-    **NORMS,
-    **DENSE_MLP,
-    **experts(),
-    **shared_mlp("mlp.shared_experts"),
+    **base.NORMS,
+    **base.DENSE_MLP,
+    **base.experts(),
+    **base.shared_mlp("mlp.shared_experts"),
     ("attn", "q"): "self_attn.q_proj.weight",
     ("attn", "q_a"): "self_attn.q_a_proj.weight",
     ("attn", "q_a_norm"): "self_attn.q_a_layernorm.weight",
@@ -40,13 +30,11 @@ NAMES = {
     ("moe", "router_correction"): "mlp.gate.e_score_correction_bias",
 }
 V3_TYPES = ("deepseek_v3", "kimi_k2")  # Kimi K2 ships DeepSeek-V3's architecture under its own name
-FUSED = transformers_fused(
-    "mlp.experts.{e}.", "gate_proj.weight", "up_proj.weight", "down_proj.weight"
-)
+FUSED = base.MLP_FUSED
 
 
 def _from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
-    require(
+    base.require(
         hf,
         (
             "intermediate_size",
@@ -72,7 +60,7 @@ def _from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
             "MLA expands keys and values to every head"
         )
     return dict(
-        common_fields(hf),
+        base.common_fields(hf),
         model_type="deepseek_v3" if v3 else "deepseek_v2",
         attention="mla",
         intermediate_size=hf["intermediate_size"],
@@ -99,7 +87,7 @@ def _from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
     v3 = cfg.model_type == "deepseek_v3"
-    hf = common_hf(cfg, "DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM")
+    hf = base.common_hf(cfg, "DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM")
     hf.update(
         {
             "intermediate_size": cfg.intermediate_size,
@@ -128,6 +116,6 @@ def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return hf
 
 
-V2 = Family("deepseek_v2", "DeepseekV2ForCausalLM", NAMES, _from_hf, _to_hf, read_fused=FUSED)
-V3 = Family("deepseek_v3", "DeepseekV3ForCausalLM", NAMES, _from_hf, _to_hf, read_fused=FUSED)
-KIMI_K2 = Family("kimi_k2", "DeepseekV3ForCausalLM", NAMES, _from_hf, _to_hf, read_fused=FUSED)
+V2 = base.Family("deepseek_v2", "DeepseekV2ForCausalLM", NAMES, _from_hf, _to_hf, read_fused=FUSED)
+V3 = base.Family("deepseek_v3", "DeepseekV3ForCausalLM", NAMES, _from_hf, _to_hf, read_fused=FUSED)
+KIMI_K2 = base.Family("kimi_k2", "DeepseekV3ForCausalLM", NAMES, _from_hf, _to_hf, read_fused=FUSED)

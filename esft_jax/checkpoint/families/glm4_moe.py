@@ -7,44 +7,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from esft_jax.checkpoint.families.base import (
-    DENSE_MLP,
-    GQA,
-    NORMS,
-    Family,
-    common_fields,
-    common_hf,
-    experts,
-    gqa_fields,
-    gqa_hf,
-    require,
-    shared_mlp,
-    transformers_fused,
-)
+from esft_jax.checkpoint.families import base
 from esft_jax.model.config import ModelConfig
 
 NAMES = {
-    **NORMS,
-    **DENSE_MLP,
-    **GQA,
-    **experts(),
-    **shared_mlp("mlp.shared_experts"),
+    **base.NORMS,
+    **base.DENSE_MLP,
+    **base.GQA,
+    **base.experts(),
+    **base.shared_mlp("mlp.shared_experts"),
     ("moe", "router"): "mlp.gate.weight",
     ("moe", "router_correction"): "mlp.gate.e_score_correction_bias",
 }
-FUSED = transformers_fused(
-    "mlp.experts.{e}.", "gate_proj.weight", "up_proj.weight", "down_proj.weight"
-)
+FUSED = base.MLP_FUSED
 
 
 def _from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
-    require(
+    base.require(
         hf,
         ("intermediate_size", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok"),
     )
     fields = dict(
-        common_fields(hf),
-        **gqa_fields(hf),
+        base.common_fields(hf),
+        **base.gqa_fields(hf),
         qkv_bias=bool(hf.get("attention_bias", False)),
         qk_norm="head" if hf.get("use_qk_norm") else None,
         intermediate_size=hf["intermediate_size"],
@@ -67,10 +52,10 @@ def _from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    hf = common_hf(cfg, FAMILY.architecture)
+    hf = base.common_hf(cfg, FAMILY.architecture)
     hf["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
     hf.update(
-        gqa_hf(cfg),
+        base.gqa_hf(cfg),
         attention_bias=cfg.qkv_bias,
         use_qk_norm=cfg.qk_norm == "head",
         partial_rotary_factor=cfg.partial_rotary_factor,
@@ -89,4 +74,4 @@ def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return hf
 
 
-FAMILY = Family("glm4_moe", "Glm4MoeForCausalLM", NAMES, _from_hf, _to_hf, read_fused=FUSED)
+FAMILY = base.Family("glm4_moe", "Glm4MoeForCausalLM", NAMES, _from_hf, _to_hf, read_fused=FUSED)

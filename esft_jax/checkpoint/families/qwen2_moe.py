@@ -7,48 +7,31 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from esft_jax.checkpoint.families.base import (
-    DENSE_MLP,
-    GQA,
-    NORMS,
-    Family,
-    common_fields,
-    common_hf,
-    experts,
-    gqa_fields,
-    gqa_hf,
-    layer_types,
-    require,
-    shared_mlp,
-    sliding_layers,
-    transformers_fused,
-)
+from esft_jax.checkpoint.families import base
 from esft_jax.model.config import ModelConfig
 
 NAMES = {
-    **NORMS,
-    **DENSE_MLP,
-    **GQA,
-    **experts(),
-    **shared_mlp("mlp.shared_expert"),
+    **base.NORMS,
+    **base.DENSE_MLP,
+    **base.GQA,
+    **base.experts(),
+    **base.shared_mlp("mlp.shared_expert"),
     ("moe", "router"): "mlp.gate.weight",
     ("moe", "shared_gate"): "mlp.shared_expert_gate.weight",
 }
-FUSED = transformers_fused(
-    "mlp.experts.{e}.", "gate_proj.weight", "up_proj.weight", "down_proj.weight"
-)
+FUSED = base.MLP_FUSED
 
 
 def qwen_moe_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     """What Qwen2-MoE and Qwen3-MoE share: the layer pattern and the softmax top-k router.
     The expert count is `num_experts` on the Hub, `num_local_experts` in transformers 5's Qwen3-MoE."""
     hf = {**hf, "num_experts": hf.get("num_experts", hf.get("num_local_experts"))}
-    require(
+    base.require(
         hf, ("intermediate_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok")
     )
     return dict(
-        common_fields(hf),
-        **gqa_fields(hf),
+        base.common_fields(hf),
+        **base.gqa_fields(hf),
         intermediate_size=hf["intermediate_size"],
         moe_intermediate_size=hf["moe_intermediate_size"],
         first_k_dense_replace=0,
@@ -61,9 +44,9 @@ def qwen_moe_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def qwen_moe_hf(cfg: ModelConfig, architecture: str) -> dict[str, Any]:
-    hf = common_hf(cfg, architecture)
+    hf = base.common_hf(cfg, architecture)
     hf.update(
-        gqa_hf(cfg),
+        base.gqa_hf(cfg),
         intermediate_size=cfg.intermediate_size,
         moe_intermediate_size=cfg.moe_intermediate_size,
         decoder_sparse_step=cfg.moe_layer_step,
@@ -73,13 +56,13 @@ def qwen_moe_hf(cfg: ModelConfig, architecture: str) -> dict[str, Any]:
         norm_topk_prob=cfg.norm_topk_prob,
         use_sliding_window=bool(cfg.sliding_window_layers),
         sliding_window=cfg.sliding_window,
-        layer_types=layer_types(cfg),
+        layer_types=base.layer_types(cfg),
     )
     return hf
 
 
 def _from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
-    require(hf, ("shared_expert_intermediate_size",))
+    base.require(hf, ("shared_expert_intermediate_size",))
     n = hf["num_hidden_layers"]
     window_layers = hf.get("max_window_layers", n)
     default_types = (
@@ -92,7 +75,7 @@ def _from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
     )
     return dict(
         qwen_moe_fields(hf),
-        **sliding_layers(hf, default_types),
+        **base.sliding_layers(hf, default_types),
         qkv_bias=bool(hf.get("qkv_bias", True)),
         n_shared_experts=0,
         shared_expert_intermediate_size=hf["shared_expert_intermediate_size"],
@@ -108,4 +91,4 @@ def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
     )
 
 
-FAMILY = Family("qwen2_moe", "Qwen2MoeForCausalLM", NAMES, _from_hf, _to_hf, read_fused=FUSED)
+FAMILY = base.Family("qwen2_moe", "Qwen2MoeForCausalLM", NAMES, _from_hf, _to_hf, read_fused=FUSED)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from esft_jax.checkpoint.families.base import Family
+from esft_jax.checkpoint.families import base
 from esft_jax.checkpoint.families.qwen2_moe import FUSED, NAMES, qwen_moe_fields, qwen_moe_hf
 from esft_jax.model.config import ModelConfig
 
@@ -31,4 +31,4 @@ def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return hf
 
 
-FAMILY = Family("qwen3_moe", "Qwen3MoeForCausalLM", NAMES, _from_hf, _to_hf, read_fused=FUSED)
+FAMILY = base.Family("qwen3_moe", "Qwen3MoeForCausalLM", NAMES, _from_hf, _to_hf, read_fused=FUSED)
