@@ -18,9 +18,12 @@ from esft_jax import config_blocks as blocks
 def get_config(adapters: str = "") -> ml_collections.ConfigDict:
     c = blocks.model_source(ml_collections.ConfigDict())
     c.seed = 0  # random weights (checkpoint="random") only
-    c.adapters = ml_collections.ConfigDict(
-        dict(pair.split("=", 1) for pair in adapters.split(",") if pair)
-    )  # name -> adapter directory (esft train's <workdir>/adapter)
+    pairs = [pair for pair in adapters.split(",") if pair]
+    bad = [pair for pair in pairs if "=" not in pair]
+    if bad:
+        raise ValueError(f"expected NAME=DIR pairs after ':', got {bad[0]!r}")
+    # name -> adapter directory (esft train's <workdir>/adapter)
+    c.adapters = ml_collections.ConfigDict(dict(pair.split("=", 1) for pair in pairs))
     c.host = "127.0.0.1"
     c.port = 8000
     c.api_key = ""

@@ -28,7 +28,7 @@ BASE = 0  # the set index of the base model
 @dataclasses.dataclass(frozen=True)
 class AdapterBank:
     names: tuple[str, ...]  # set i + 1 is adapter names[i]
-    override: dict[str, np.ndarray]  # ids [L, A, S]; the expert leaves [L, A, S, ...]
+    override: dict[str, jax.Array]  # ids [L, A, S]; the expert leaves [L, A, S, ...]
     experts: tuple[
         dict[int, list[int]], ...
     ]  # per adapter: MoE layer index -> the experts it trained
@@ -44,7 +44,7 @@ class AdapterBank:
     def params_for(self, params: Params, sets_b: np.ndarray) -> Params:
         """The base params with the bank's overrides, batch row b using set sets_b[b]."""
         num_layers = self.override["ids"].shape[0]
-        override = {k: jnp.asarray(v) for k, v in self.override.items()}
+        override = dict(self.override)
         override["adapter"] = jnp.broadcast_to(
             jnp.asarray(sets_b, jnp.int32), (num_layers, len(sets_b))
         )
@@ -99,4 +99,5 @@ def build_bank(cfg: ModelConfig, params: Params, adapters: Mapping[str, str | Pa
             for k, value in rows[li, e].items():
                 leaves[k][li, a, slot] = value
         trained.append(by_layer)
-    return AdapterBank(tuple(adapters), {"ids": ids, **leaves}, tuple(trained))
+    override = {k: jnp.asarray(v) for k, v in {"ids": ids, **leaves}.items()}  # on device once
+    return AdapterBank(tuple(adapters), override, tuple(trained))

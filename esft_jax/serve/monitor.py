@@ -30,7 +30,7 @@ class Coverage(NamedTuple):
 
 def trained_experts(bank: AdapterBank, num_experts: int) -> np.ndarray:
     """[A, L, E] bool: set a trained expert e of MoE layer l (set 0, the base, trains none)."""
-    ids_las = bank.override["ids"]
+    ids_las = np.asarray(bank.override["ids"])
     mask = np.zeros((ids_las.shape[1], ids_las.shape[0], num_experts + 1), bool)
     layers, sets, _ = np.indices(ids_las.shape)
     mask[sets, layers, np.where(ids_las >= 0, ids_las, num_experts)] = True
