@@ -1,8 +1,10 @@
 """`esft run` end to end on a tiny random model: every step, the table, the plots, and the cache."""
 
 import signal
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,17 @@ from esft_jax.expert_config import ExpertConfig
 from esft_jax.runtime import RUNTIME_FIELDS
 
 
+def _train_here(argv: list[str], **_) -> subprocess.CompletedProcess:
+    """subprocess.run of a training child's `python -m esft_jax.cli ...` as cli.main in this process
+    (the child process itself: test_a_child_* below), sharing this process's compiled programs."""
+    assert argv[:3] == [sys.executable, "-m", "esft_jax.cli"], argv
+    return subprocess.CompletedProcess(argv, cli.main(argv[3:]))
+
+
 @pytest.mark.slow
-def test_run_pipeline_and_rerun_from_cache(tmp_path):
+def test_run_pipeline_and_rerun_from_cache(tmp_path, monkeypatch):
+    here = types.SimpleNamespace(run=_train_here, STDOUT=subprocess.STDOUT)
+    monkeypatch.setattr(experiment, "subprocess", here)  # experiment's name only
     c = config_files.load(
         "configs/experiments/builtin.py:math",
         [
@@ -164,8 +175,6 @@ def test_a_failed_child_is_one_error_line_and_its_log_tail(tmp_path, monkeypatch
 def test_a_child_reports_its_own_peak_memory_not_its_parents():
     """getrusage's ru_maxrss carries a parent's peak across fork + exec; the summary's peak RSS
     (runtime.peak_rss_bytes) is the training process's own."""
-    import subprocess
-
     import numpy as np
 
     parent = np.ones(1_500_000_000 // 8)  # 1.5 GB resident in this process

@@ -56,7 +56,8 @@ def _run_two_processes(args: list[str]) -> None:
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     # one process reads both data shards; each of the two processes reads only its own (data.shards=0)
-    one = fx.train_config(tmp_path, "esft", workdir=tmp_path / "one", **{"data.shards": 2})
+    # 4 steps: checkpoints at 2 and 4, validation at 3 and 4
+    one = fx.train_config(tmp_path, "esft", workdir=tmp_path / "one", steps=4, **{"data.shards": 2})
     loop.train(one, progress=False)
 
     base = [
@@ -100,7 +101,7 @@ def test_two_processes_train_like_one(tmp_path):
     # 2 shards) and finishes like the single-process run.
     shutil.copytree(tmp_path / "two", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(one.steps))
-    resumed = fx.train_config(tmp_path, "esft", workdir=tmp_path / "resumed")
+    resumed = fx.train_config(tmp_path, "esft", workdir=tmp_path / "resumed", steps=one.steps)
     loop.train(resumed, progress=False)
     c = load_file(tmp_path / "resumed" / "adapter" / "adapter.safetensors")
     for name in a:

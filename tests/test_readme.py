@@ -1,12 +1,14 @@
-"""Every command block of README.md runs as written on a fresh clone (one slow test, ~100 s).
+"""Every command block of README.md runs as written on a fresh clone (one slow test, ~60 s).
 
 How: README.md is split into fenced blocks. Each ```bash block's commands (`\\` continuations
 joined, comments dropped, leading VAR=value words set in the environment) run one by one, and each
 ```python block as a script, in a copy of the repository without runs/ and data/ (what a fresh
-clone holds) with `.venv` (what `make test` installs) linked in and its bin/ first on PATH. A plain
-`esft ...` runs in this process through cli.main, what the `esft` script calls (saving a start-up
-and sharing compiled programs); the rest run as child processes. Adjustments that keep it offline
-and short:
+clone holds) with `.venv` (what `make test` installs) linked in and its bin/ first on PATH.
+`esft ...` (or that script's path) runs in this process through cli.main, what the `esft` script
+calls, when the variables it sets already have their values here (the 8 simulated devices of
+tests/conftest.py), and a python block runs here through runpy (saving a start-up each and
+sharing compiled programs); the rest run as child processes. Adjustments that keep it offline and
+short:
 - MODEL: `/models/ESFT-vanilla-lite`, not on this machine, becomes the built-in pretrained tiny MoE;
 - SMALL: each command gets small sizes appended as overrides, chosen by its config file (a later
   override wins); a command whose config file SMALL does not list fails the test, so a new README
@@ -20,6 +22,7 @@ A command that exits non-zero fails the test, with its output.
 
 import os
 import re
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -155,9 +158,28 @@ def fresh_clone(dest: Path) -> Path:
     return dest
 
 
+def _in_process(argv: list[str], env: dict[str, str], clone: Path) -> bool:
+    """Whether a command is the venv's `esft` script (`esft` or a path to it) with every variable it
+    sets already so in this process (XLA_FLAGS compared as a set of flags)."""
+    script = Path(sys.executable).parent / "esft"
+    if argv[0] != "esft" and (clone / argv[0]).resolve() != script.resolve():
+        return False
+    return all(
+        set(value.split()) == set(os.environ.get(name, "").split())
+        if name == "XLA_FLAGS"
+        else value == os.environ.get(name)
+        for name, value in env.items()
+    )
+
+
 def run_command(argv: list[str], env: dict[str, str], clone: Path, capsys) -> None:
-    """Run one command in the clone (in this process if it is a plain `esft ...`); fail on an error."""
-    if argv[0] == "esft" and not env:
+    """Run one command in the clone (in this process if it is the `esft` script with nothing to
+    change in the environment, or a python block); fail on an error."""
+    if argv[0] == sys.executable and not env:  # a python block, as __main__
+        capsys.readouterr()
+        runpy.run_path(argv[1], run_name="__main__")
+        code, output = 0, ""
+    elif _in_process(argv, env, clone):
         capsys.readouterr()
         code = cli.main(argv[1:])
         out = capsys.readouterr()

@@ -28,14 +28,25 @@ def _metrics(workdir):
     return [json.loads(ln) for ln in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+# One ESFT run on one device that three tests share: the uninterrupted run a killed run must match,
+# the one-device side of 8 devices == 1, and the adapter that is exported. Two data shards, each with
+# its own stream position in the checkpoint; checkpoints at steps 2 and 4.
+SHARED = {"steps": 4, "data.shards": 2, "optim.lr": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    """(config, workdir, summary) of the shared uninterrupted run."""
+    root = tmp_path_factory.mktemp("train_loop")
+    c = fx.train_config(root, workdir=str(root / "uninterrupted"), **SHARED)
+    return c, root / "uninterrupted", loop.train(c, progress=False)
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
-    two_shards = {"data.shards": 2}  # each with its own stream position in the checkpoint
-    c = fx.train_config(tmp_path, **two_shards)
-    full = loop.train(
-        fx.train_config(tmp_path, workdir=str(tmp_path / "uninterrupted"), **two_shards),
-        progress=False,
-    )
+def test_killed_run_resumes_exactly(shared_run, tmp_path, monkeypatch):
+    c_full, uninterrupted, full = shared_run
+    # the same base checkpoint and data (train_config reuses those it finds in its folder)
+    c = fx.train_config(uninterrupted.parent, workdir=str(tmp_path / "run_esft"), **SHARED)
 
     calls = {"n": 0}
     real_take = LocalBatches.take
@@ -57,7 +68,7 @@ def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
     )  # step 3 was lost
     resumed = loop.train(c, progress=False)  # the same command again
 
-    a, b = _adapter(tmp_path / "uninterrupted"), _adapter(tmp_path / "run_esft")
+    a, b = _adapter(uninterrupted), _adapter(tmp_path / "run_esft")
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
@@ -67,18 +78,16 @@ def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
             {k: v for k, v in m.items() if k not in ("seconds", "tokens_per_s")} for m in metrics
         ]
 
-    assert strip(_metrics(tmp_path / "uninterrupted")) == strip(_metrics(tmp_path / "run_esft"))
+    assert strip(_metrics(uninterrupted)) == strip(_metrics(tmp_path / "run_esft"))
     assert resumed["final_loss"] == full["final_loss"]
 
 
 @pytest.mark.slow
-def test_eight_devices_equal_one(tmp_path):
+def test_eight_devices_equal_one(shared_run, tmp_path):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
-    one = fx.train_config(tmp_path, steps=3, workdir=str(tmp_path / "one"), **{"optim.lr": 1e-3})
-    eight = fx.train_config(
-        tmp_path, steps=3, workdir=str(tmp_path / "eight"), **{"optim.lr": 1e-3}
-    )
+    one, one_dir, _ = shared_run
+    eight = fx.train_config(one_dir.parent, workdir=str(tmp_path / "eight"), **SHARED)
     eight.mesh.data, eight.mesh.expert = 2, 4
 
     # The gradients agree to float32 rounding ...
@@ -107,24 +116,22 @@ def test_eight_devices_equal_one(tmp_path):
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)):
         assert_float32_close(b, a, n_roundings)
 
-    # ... and so do 3 steps of the whole loop, up to Adam's amplification of rounding-level
+    # ... and so do 4 steps of the whole loop, up to Adam's amplification of rounding-level
     # gradients (tests/numerics.py).
-    loop.train(one, progress=False)
     loop.train(eight, progress=False)
-    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "eight")
+    a, b = _adapter(one_dir), _adapter(tmp_path / "eight")
     for name in a:
         assert_adam_close(b[name], a[name], n_roundings, lr=one.optim.lr, steps=one.steps)
-    la, lb = _metrics(tmp_path / "one"), _metrics(tmp_path / "eight")
+    la, lb = _metrics(one_dir), _metrics(tmp_path / "eight")
     assert_float32_close([m["loss"] for m in lb], [m["loss"] for m in la], n_roundings)
 
 
-def test_esft_adapter_holds_exactly_the_selected_experts_and_exports(tmp_path):
+def test_esft_adapter_holds_exactly_the_selected_experts_and_exports(shared_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     import torch
 
-    c = fx.train_config(tmp_path, steps=3)
-    summary = loop.train(c, progress=False)
-    tensors, meta = read_adapter(tmp_path / "run_esft/adapter")
+    c, workdir, summary = shared_run
+    tensors, meta = read_adapter(workdir / "adapter")
     expected = {
         f"model.layers.{layer}.mlp.experts.{e}.{k}_proj.weight"
         for layer, ids in fx.EXPERTS.experts.items()
@@ -144,13 +151,13 @@ def test_esft_adapter_holds_exactly_the_selected_experts_and_exports(tmp_path):
                 "--config",
                 "configs/export.py",
                 f"--config.checkpoint={c.checkpoint}",
-                f"--config.adapter={tmp_path / 'run_esft/adapter'}",
+                f"--config.adapter={workdir / 'adapter'}",
                 f"--config.out={out}",
             ]
         )
         == 0
     )
-    cfg, merged = load_with_adapter(c.checkpoint, tmp_path / "run_esft/adapter")
+    cfg, merged = load_with_adapter(c.checkpoint, workdir / "adapter")
     _, base = load_checkpoint(c.checkpoint)
     _, exported = load_checkpoint(out)
     jax.tree.map(np.testing.assert_array_equal, exported, merged)
@@ -177,7 +184,8 @@ def test_esft_adapter_holds_exactly_the_selected_experts_and_exports(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "fft"])
 def test_baselines_train_and_export(tmp_path, method):
-    c = fx.train_config(tmp_path, method=method, steps=3)
+    # no validation split to evaluate (what is checked here is what trains and what is exported)
+    c = fx.train_config(tmp_path, method=method, steps=3, **{"data.validation_fraction": 0.0})
     summary = loop.train(c, progress=False)
     assert summary["final_loss"] is not None
     cfg, merged = load_with_adapter(c.checkpoint, tmp_path / f"run_{method}/adapter")

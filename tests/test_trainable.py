@@ -191,7 +191,7 @@ def test_bfloat16_compute_keeps_float32_master_weights(params):
     "method",
     [
         ExpertSubset.build(CFG, ExpertConfig(fx.EXPERTS.experts, True, True)),
-        LoRA(rank=4),
+        LoRA(rank=4, alpha=8.0),  # test_lora_starts_...'s: its compiled train step is reused
         FullFineTune(),
     ],
     ids=["esft+flags", "lora", "fft"],
