@@ -1,18 +1,21 @@
 """`esft serve`: an OpenAI-compatible HTTP server over one base model and any number of ESFT adapters.
 
-    esft serve --config configs/serve.py:intent=runs/intent-esft/adapter,law=runs/law-esft/adapter \
-        --config.checkpoint=/models/ESFT-vanilla-lite
+    esft serve --config configs/serve.py --config.checkpoint=/models/ESFT-vanilla-lite \
+        --config.adapters.intent=runs/intent-esft/adapter --config.adapters.law=runs/law-esft/adapter
+    esft serve --config configs/serve.py:intent=runs/intent-esft/adapter,law=... (the same)
 
-The argument after ":" names the adapters (name=directory pairs, comma-separated); a request's
-`model` is an adapter's name, or the base model's (its checkpoint directory's name). Binds
-127.0.0.1 unless --config.host says otherwise; with --config.api_key set, requests must send
-`Authorization: Bearer KEY`. Requests arriving within batch_window_ms of each other (at most
-max_batch) share one generation (esft_jax/serve/batcher.py).
+Each `adapters.NAME=DIR` (or NAME=DIR pair after ":") serves an adapter; a request's `model` is an
+adapter's name, or the base model's (its checkpoint directory's name). Binds 127.0.0.1 unless
+--config.host says otherwise; with --config.api_key set, requests must send
+`Authorization: Bearer KEY`. Up to `slots` requests decode together, each of at most max_len
+tokens (prompt + max_tokens; 0: the model's context); more wait for a free slot
+(esft_jax/serve/scheduler.py).
 """
 
 import ml_collections
 
 from esft_jax import config_blocks as blocks
+from esft_jax.config_files import OpenConfigDict
 
 
 def get_config(adapters: str = "") -> ml_collections.ConfigDict:
@@ -23,11 +26,18 @@ def get_config(adapters: str = "") -> ml_collections.ConfigDict:
     if bad:
         raise ValueError(f"expected NAME=DIR pairs after ':', got {bad[0]!r}")
     # name -> adapter directory (esft train's <workdir>/adapter)
-    c.adapters = ml_collections.ConfigDict(dict(pair.split("=", 1) for pair in pairs))
+    c.adapters = OpenConfigDict(dict(pair.split("=", 1) for pair in pairs))
     c.host = "127.0.0.1"
     c.port = 8000
     c.api_key = ""
-    c.max_batch = 8
-    c.batch_window_ms = 10
+    c.slots = 8  # requests decoding together (their KV cache rows)
+    c.max_len = 0  # tokens per slot (prompt + max_tokens); 0: the model's context
+    # The routing monitor (esft_jax/serve/monitor.py): a request whose coverage falls below
+    # ood_ratio x its adapter's profiled coverage is flagged out-of-domain; with fallback=True it is
+    # answered by the base model instead. audit_log: a jsonl file, one line per request ("" for none),
+    # without prompt text unless log_prompts.
+    c.monitor = ml_collections.ConfigDict(
+        dict(ood_ratio=0.5, fallback=False, audit_log="", log_prompts=False)
+    )
     c.mesh = blocks.mesh()
     return c

@@ -66,6 +66,10 @@ def get_config(method: str = "esft") -> ml_collections.ConfigDict:
     c.aux_loss_alpha = 0.0  # load-balancing loss weight (pretraining); ESFT/FFT fine-tuning: 0
     c.log_every = 10
     c.eval_every = 100
+    # esft with a selected expert config: the trained adapter's coverage on this many prompt tokens
+    # of the task data becomes its routing profile, what `esft serve`'s monitor compares requests
+    # with (esft_jax/train/routing_profile.py); 0 keeps the selection's profile
+    c.profile_tokens = 16384
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
     c.workdir = f"runs/train_{method}"

@@ -27,6 +27,11 @@ class ConfigFileError(ValueError):
     """A config file or override that cannot be applied; the message names the file and key."""
 
 
+class OpenConfigDict(ml_collections.ConfigDict):
+    """A ConfigDict whose keys are the user's (e.g. serve's adapters: name -> directory), so an
+    override may add one: `--config.adapters.intent=runs/intent/adapter` (the value as text)."""
+
+
 def bundled_dir() -> Path:
     """The config files shipped with esft_jax: esft_jax/bundled_configs in an installed wheel
     (pyproject.toml maps the repository's configs/ there), the repository's configs/ in a checkout."""
@@ -104,6 +109,9 @@ def apply_overrides(
                     f"--config.{key}: {source} has no key {'.'.join(parents[: i + 1])!r}"
                 )
             node = node[name]
+        if isinstance(node, OpenConfigDict) and leaf and leaf not in node:
+            node[leaf] = raw
+            continue
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
             raise ConfigFileError(f"--config.{key}: {source} has no key {key!r}")
         value = _parse(raw)

@@ -4,6 +4,9 @@
 
 Layer keys are model layer numbers as strings; experts are listed in selection order. Written by
 `esft select`, read by training. Validated on read, with errors naming the file and the key.
+`esft select` adds the selection's routing profile (routing/expected.py), "profile": {"layers",
+"per_layer", "total", "tokens"}, which training copies into the adapter for the server's routing
+monitor; a file without one (the official release's) reads as before.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from esft_jax.jsonio import read_json
+from esft_jax.routing.expected import check_profile
 
 
 class ExpertConfigError(ValueError):
@@ -25,18 +29,20 @@ class ExpertConfig:
     experts: dict[int, list[int]]  # model layer -> selected expert ids, in selection order
     shared_experts: bool = False  # also train the shared experts
     non_expert_modules: bool = False  # also train attention, norms, embeddings, head, router
+    profile: dict | None = None  # the selection's expected coverage (routing/expected.py)
 
     def num_selected(self) -> int:
         return sum(len(v) for v in self.experts.values())
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "experts": {
                 str(layer): [int(e) for e in ids] for layer, ids in sorted(self.experts.items())
             },
             "shared_experts": self.shared_experts,
             "non_expert_modules": self.non_expert_modules,
         }
+        return out if self.profile is None else {**out, "profile": self.profile}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -55,7 +61,7 @@ class ExpertConfig:
         """Parse and validate; moe_layers/num_experts (when given) bound the layer keys and ids."""
         if not isinstance(obj, dict) or not isinstance(obj.get("experts"), dict):
             raise ExpertConfigError(f"{where}: expected an object with an 'experts' object")
-        unknown = sorted(set(obj) - {"experts", "shared_experts", "non_expert_modules"})
+        unknown = sorted(set(obj) - {"experts", "shared_experts", "non_expert_modules", "profile"})
         if unknown:
             raise ExpertConfigError(f"{where}: unknown keys {unknown}")
         flags = {}
@@ -91,7 +97,20 @@ class ExpertConfig:
                 f"{where}: selects no expert and neither shared_experts nor "
                 f"non_expert_modules: nothing would train"
             )
-        return cls(experts, **flags)
+        profile = None
+        if obj.get("profile") is not None:
+            profile = check_profile(obj["profile"], f"{where}: profile", None, ExpertConfigError)
+            unprofiled = sorted(set(experts) - set(profile["layers"]))
+            if moe_layers is not None and sorted(profile["layers"]) != sorted(moe_layers):
+                raise ExpertConfigError(
+                    f"{where}: profile: layers {profile['layers']} are not the MoE layers "
+                    f"({layer_list(moe_layers)})"
+                )
+            if unprofiled:
+                raise ExpertConfigError(
+                    f"{where}: profile: layer {unprofiled[0]} selects experts but is not profiled"
+                )
+        return cls(experts, **flags, profile=profile)
 
     @classmethod
     def load(

@@ -327,8 +327,9 @@ def _serve(c: ml_collections.ConfigDict) -> None:
     whole(c, "port", 0)
     if c.port > 65535:
         raise ConfigFileError(f"--config.port={c.port}: expected a port number <= 65535")
-    whole(c, "max_batch")
-    number(c, "batch_window_ms", 0)
+    whole(c, "slots")
+    whole(c, "max_len", 0)
+    number(c, "monitor.ood_ratio", 0)
 
 
 CHECKS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {

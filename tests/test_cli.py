@@ -120,8 +120,14 @@ def test_profile_select_analyze(tmp_path, capsys):
         )
         == 0
     )
-    # token scores come from counts, which the logs keep exactly: both sources select the same experts
-    assert (tmp_path / "from_logs.json").read_text() == (tmp_path / "from_stats.json").read_text()
+    # token scores come from counts, which the logs keep exactly: both sources select the same
+    # experts; the profiles' gate sums agree to the logs' rounding of the gate weights
+    from_logs, from_stats = (
+        json.loads((tmp_path / f"from_{source}.json").read_text()) for source in ("logs", "stats")
+    )
+    logs_profile, stats_profile = from_logs.pop("profile"), from_stats.pop("profile")
+    assert from_logs == from_stats
+    np.testing.assert_allclose(logs_profile["per_layer"], stats_profile["per_layer"], rtol=1e-3)
 
     report_dir = tmp_path / "report"
     assert (

@@ -84,10 +84,17 @@ def test_profile_select_train_export(tmp_path):
                 "--config.optim.lr=1e-2",
                 "--config.optim.warmup_steps=0",
                 "--config.data.validation_fraction=0.1",
+                "--config.profile_tokens=300",
             ]
         )
         == 0
     )
+    # the routing profile esft serve's monitor reads: the trained adapter's, on 300 prompt tokens
+    # (tests/test_serve_monitor.py checks the measure), not the selection's on all tokens
+    written = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    profile = written["routing_profile"]
+    assert profile["tokens"] == 300 and profile["layers"] == list(cfg.moe_layer_ids)
+    assert ExpertConfig.load(experts).profile["tokens"] > 300
     out = tmp_path / "export"
     assert (
         cli.main(

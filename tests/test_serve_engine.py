@@ -66,12 +66,18 @@ MAX_TOKENS = 6  # every request's max_tokens is at most this: one compilation se
 
 
 def _alone(cfg, params, base, adapters, request):
-    """The request's greedy tokens from the merged model of its adapter (the base for None)."""
+    """The request's tokens from the merged model of its adapter (the base for None), generated
+    alone (eval/generate.py: its own batch and cache), with its sampling settings."""
     merged = (
         params if request.model is None else load_with_adapter(base, adapters[request.model])[1]
     )
     out = generate(
-        merged, cfg, [request.prompt], max_new_tokens=MAX_TOKENS, eos_id=cfg.eos_token_id
+        merged,
+        cfg,
+        [request.prompt],
+        max_new_tokens=MAX_TOKENS,
+        eos_id=cfg.eos_token_id,
+        sampling=[(request.temperature, request.top_p, request.seed)],
     )
     return out[0][: request.max_tokens]
 
@@ -133,8 +139,9 @@ def test_mixed_batch_on_the_mesh_equals_one_device(served, exchange):
 
 
 def test_coverage_is_the_gate_mass_on_the_adapters_experts(served):
-    """Against a float64 loop over each request's own forward pass (alone, unpadded)."""
-    cfg, params, _, adapters = served
+    """Against a float64 loop over each request's own forward pass through its merged model
+    (alone, unpadded): past the first MoE layer the base router reads the adapter's outputs."""
+    cfg, params, base, adapters = served
     engine = Engine(cfg, params, adapters)
     requests = _requests()
     outputs = engine.generate(requests)
@@ -147,7 +154,8 @@ def test_coverage_is_the_gate_mass_on_the_adapters_experts(served):
         n = len(r.prompt) + len(
             out
         )  # right-padded to one width: causal, so the n tokens route alike
-        _, routing = _forward(params, np.asarray([[*r.prompt, *out] + [0] * (32 - n)]), cfg)
+        merged = params if r.model is None else load_with_adapter(base, adapters[r.model])[1]
+        _, routing = _forward(merged, np.asarray([[*r.prompt, *out] + [0] * (32 - n)]), cfg)
         ids = np.asarray(routing.expert_ids)[:, 0, :n]
         w = np.asarray(routing.gate_weights, np.float64)[:, 0, :n]
         hit = [
@@ -160,3 +168,63 @@ def test_coverage_is_the_gate_mass_on_the_adapters_experts(served):
     assert (
         got[0].total == 0.0 and got[1].per_layer[0] > 0.2
     )  # the base; "wide" trains half of layer 1
+
+
+def test_requests_joining_a_running_decode_get_what_they_get_alone(served):
+    """Two slots for nine requests (greedy and sampled): requests join as others leave, each
+    at its own cache length, and every one gets exactly its tokens alone."""
+    cfg, params, base, adapters = served
+    sampled = [
+        Request(r.prompt, r.model, MAX_TOKENS, temperature=0.9, top_p=0.95, seed=7 + i)
+        for i, r in enumerate(_requests(2))
+    ]
+    requests = _requests() + sampled
+    want = [_alone(cfg, params, base, adapters, r) for r in requests]
+    engine = Engine(cfg, params, adapters, slots=2, max_len=32)
+    finished = engine.run(requests)
+    assert [f.tokens for f in finished] == want
+    assert not engine.busy
+    reasons = {f.reason for f in finished}
+    assert reasons <= {"stop", "length"} and "length" in reasons
+
+
+def test_live_coverage_equals_a_separate_forward_pass(served):
+    """The coverage summed while decoding equals monitor.coverage over the tokens the model read:
+    the prompt and every output token but a last one cut by max_tokens (float32 sums)."""
+    cfg, params, _, adapters = served
+    engine = Engine(cfg, params, adapters, slots=4, max_len=32)
+    requests = _requests()
+    finished = engine.run(requests)
+    read = [f.tokens[:-1] if f.reason == "length" else f.tokens for f in finished]
+    for f, want in zip(finished, engine.coverage(requests, read)):
+        np.testing.assert_allclose(f.coverage.per_layer, want.per_layer, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(f.coverage.total, want.total, rtol=1e-5, atol=1e-7)
+    assert finished[1].coverage.total > 0 and finished[0].coverage.total == 0.0
+
+
+def test_a_cancelled_request_frees_its_slot(served):
+    """With one slot, a long request cancelled after two tokens makes room for the next, which
+    still gets its tokens alone; nothing is reported for the cancelled one after its cancel."""
+    cfg, params, base, adapters = served
+    engine = Engine(cfg, params, adapters, slots=1, max_len=32)
+    assert engine.rows == 1
+    long = engine.submit(Request([5, 6, 7], "wide", max_tokens=20))
+    later = Request([9, 10, 11, 12], "partial", max_tokens=MAX_TOKENS)
+    waiting = engine.submit(later)
+    first = engine.step()  # the long one joins (its first token) and decodes one more
+    assert [e.id for e in first] == [long, long] and first[-1].finished is None
+    assert engine.cancel(long) and not engine.cancel(long)
+    events = []
+    while engine.busy:
+        events += engine.step()
+    assert {e.id for e in events} == {waiting}
+    assert events[-1].finished.tokens == _alone(cfg, params, base, adapters, later)
+
+
+def test_a_request_longer_than_a_slot_is_refused(served):
+    cfg, params, _, adapters = served
+    engine = Engine(cfg, params, adapters, slots=2, max_len=16)
+    with pytest.raises(ValueError, match="exceed the 16 tokens a request may hold"):
+        engine.submit(Request(list(range(1, 12)), None, max_tokens=6))
+    with pytest.raises(KeyError, match="no adapter 'nope'"):
+        engine.submit(Request([1, 2], "nope"))

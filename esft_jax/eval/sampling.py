@@ -41,14 +41,16 @@ def _nucleus(logits_v: jax.Array, top_p: jax.Array) -> jax.Array:
 
 def next_tokens(logits_bv: jax.Array, sampling: Sampling | None, step: jax.Array) -> jax.Array:
     """[B] int32: argmax where greedy, else a draw from softmax(logits / T) within the nucleus, with
-    the row's key folded with `step` (the index of the token being chosen)."""
+    the row's key folded with `step`, the index of the token being chosen (a scalar, or one per row
+    [B] when rows are at different points of their requests)."""
     greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     if sampling is None:
         return greedy
 
-    def draw(logits_v, temperature, top_p, key):
+    def draw(logits_v, temperature, top_p, key, step):
         scaled = logits_v.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
         return jax.random.categorical(jax.random.fold_in(key, step), _nucleus(scaled, top_p))
 
-    sampled = jax.vmap(draw)(logits_bv, *sampling).astype(jnp.int32)
+    step_b = jnp.broadcast_to(step, greedy.shape)
+    sampled = jax.vmap(draw)(logits_bv, *sampling, step_b).astype(jnp.int32)
     return jnp.where(sampling.temperature_b > 0, sampled, greedy)

@@ -27,10 +27,12 @@ def attention_mask(
     """[B, 1, T, S] bool: causal, within one segment, never onto padding (segment id 0).
 
     Without a cache the keys are the queries themselves (S = T, offset 0). With a KV cache they are
-    its S slots and the queries sit at slots query_offset .. query_offset + T - 1.
+    its S slots and row b's queries sit at slots offset .. offset + T - 1, the offset a scalar or
+    one per row [B] (continuous batching: every row at its own length).
     """
     t, s = query_segments_bt.shape[1], key_segments_bs.shape[1]
-    causal = jnp.arange(s)[None, :] <= query_offset + jnp.arange(t)[:, None]
+    query_bt1 = _offset_b11(query_offset) + jnp.arange(t)[None, :, None]
+    causal = jnp.arange(s)[None, None, :] <= query_bt1
     same = query_segments_bt[:, :, None] == key_segments_bs[:, None, :]
     not_pad = (key_segments_bs != 0)[:, None, :]
     return (causal & same & not_pad)[:, None]
@@ -43,8 +45,23 @@ def within_window(
     Slots are positions in the row (or the cache; queries from query_offset on, as in
     `attention_mask`), so packed segments keep their own windows."""
     t, s = mask_b1ts.shape[-2:]
-    behind_ts = query_offset + jnp.arange(t)[:, None] - jnp.arange(s)[None, :]
-    return mask_b1ts & (behind_ts < jnp.where(window > 0, window, s + 1))
+    behind_bts = (
+        _offset_b11(query_offset) + jnp.arange(t)[None, :, None] - jnp.arange(s)[None, None, :]
+    )
+    return mask_b1ts & (behind_bts < jnp.where(window > 0, window, s + 1))[:, None]
+
+
+def _offset_b11(query_offset: jax.Array | int) -> jax.Array:
+    return jnp.reshape(jnp.asarray(query_offset), (-1, 1, 1))
+
+
+def write_rows(cached_bs: jax.Array, new_bt: jax.Array, offset_b: jax.Array) -> jax.Array:
+    """cached [B, S, ...] with row b's new [T, ...] written at slots offset_b[b] .. + T - 1."""
+
+    def write(cached, new, offset):
+        return jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), offset, 0)
+
+    return jax.vmap(write)(cached_bs, new_bt, offset_b)
 
 
 def softmax_attention(
@@ -71,7 +88,7 @@ def softmax_attention(
 
 LayerCache = tuple[
     jax.Array, jax.Array, jax.Array
-]  # the two cached arrays of one layer, write offset
+]  # the two cached arrays of one layer, each row's write offset [B]
 
 
 def mla(
@@ -86,7 +103,7 @@ def mla(
     """x [B, T, d] (already normed) -> (attention output [B, T, d], (latent, k_pe) of the keys).
 
     Without a cache the keys are x's own tokens (mask [B, 1, T, T]). With MLA's compressed cache
-    (latents and rotated shared keys of S positions), x's latents are written at the offset and the
+    (latents and rotated shared keys of S positions), row b's latents are written at its offset and the
     queries attend over all S cached positions (mask [B, 1, T, S]).
     """
     dt, eps = x_btd.dtype, 1e-6  # the reference builds q_a/kv_a norms with the default eps
@@ -107,13 +124,8 @@ def mla(
     q_pe = apply_rope(q_pe, cos_btr, sin_btr, cfg.rope_interleave)
     k_pe = apply_rope(k_pe, cos_btr, sin_btr, cfg.rope_interleave)[:, :, 0]
     if cache is not None:
-        latent, cached_pe, offset = cache
-        c_btr = jax.lax.dynamic_update_slice_in_dim(
-            latent, c_btr.astype(latent.dtype), offset, axis=1
-        )
-        k_pe = jax.lax.dynamic_update_slice_in_dim(
-            cached_pe, k_pe.astype(cached_pe.dtype), offset, axis=1
-        )
+        latent, cached_pe, offset_b = cache
+        c_btr, k_pe = write_rows(latent, c_btr, offset_b), write_rows(cached_pe, k_pe, offset_b)
 
     kv_bshk = jnp.einsum("bsr,rhk->bshk", c_btr.astype(dt), p["kv_b"].astype(dt))
     k_nope, v_bshv = kv_bshk[..., :nope], kv_bshk[..., nope:]

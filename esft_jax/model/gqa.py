@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from esft_jax.model.attention import LayerCache, softmax_attention
+from esft_jax.model.attention import LayerCache, softmax_attention, write_rows
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.norm import rms_norm
 from esft_jax.model.rope import apply_rope
@@ -60,7 +60,7 @@ def gqa(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """x [B, T, d] (already normed) -> (output [B, T, d], (keys, values) [B, S, KV, hd]).
 
-    With a cache (rotated keys and values of S slots), x's keys and values are written at the
+    With a cache (rotated keys and values of S slots), row b's keys and values are written at its
     offset and the queries attend over all S slots (mask [B, 1, T, S]).
     """
     dt = x_btd.dtype
@@ -69,9 +69,8 @@ def gqa(
     v = _project(x_btd, p, "v", cfg)
     q = constrain(q, ("act_batch", None, "act_heads", None))
     if cache is not None:
-        cached_k, cached_v, offset = cache
-        k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), offset, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), offset, axis=1)
+        cached_k, cached_v, offset_b = cache
+        k, v = write_rows(cached_k, k, offset_b), write_rows(cached_v, v, offset_b)
     b, t, h, hd = q.shape
     kv = k.shape[2]
     # Each KV head serves h // kv consecutive query heads: expand keys/values to every query head.

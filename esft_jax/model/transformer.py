@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from esft_jax.model.attention import attention_mask, mla, within_window
+from esft_jax.model.attention import attention_mask, mla, within_window, write_rows
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.gqa import gqa
 from esft_jax.model.moe import moe_block, swiglu
@@ -58,7 +58,7 @@ class KVCache(NamedTuple):
 
     kv: dict[str, tuple[jax.Array, jax.Array]]
     segment_ids: jax.Array  # [B, S]: 0 marks padding and unfilled slots
-    length: jax.Array  # int32 scalar: slots filled so far
+    length: jax.Array  # [B] int32: each row's slots filled so far (its next write offset)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
@@ -69,22 +69,16 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
         shapes = ((cfg.kv_heads, cfg.gqa_head_dim),) * 2
     groups = {"dense_layers": len(cfg.dense_layer_ids), "moe_layers": cfg.num_moe_layers}
 
-    def zeros(
-        shape: tuple[int, ...], dtype
-    ) -> jax.Array:  # split over the batch like the activations
-        axes = (
-            (None, "act_batch") + (None,) * (len(shape) - 2)
-            if len(shape) > 2
-            else ("act_batch", None)
-        )
-        return constrain(jnp.zeros(shape, dtype), axes)
+    def zeros(shape: tuple[int, ...], dtype) -> jax.Array:  # split over the batch like activations
+        axes = (None, "act_batch") if len(shape) > 2 else ("act_batch",)
+        return constrain(jnp.zeros(shape, dtype), axes + (None,) * (len(shape) - len(axes)))
 
     kv = {
         g: tuple(zeros((n, batch, max_len, *shape), dt) for shape in shapes)
         for g, n in groups.items()
         if n
     }
-    return KVCache(kv, zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+    return KVCache(kv, zeros((batch, max_len), jnp.int32), zeros((batch,), jnp.int32))
 
 
 def layer_runs(cfg: ModelConfig) -> list[tuple[str, int, int]]:
@@ -148,11 +142,15 @@ def forward_cached(
     *,
     segment_ids_bt: jax.Array,
     positions_bt: jax.Array,
-) -> tuple[jax.Array, KVCache]:
-    """Append T tokens to the cache (at slots length .. length + T) and return their logits.
-    Each token attends to the filled slots of its own segment up to itself."""
-    logits, _, cache = _decoder(params, tokens_bt, cfg, segment_ids_bt, positions_bt, False, cache)
-    return logits, cache
+    with_routing: bool = False,
+) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, Routing]:
+    """Append row b's T tokens to the cache (at its slots length[b] .. length[b] + T) and return
+    their logits (and, with_routing, their Routing). Each token attends to the filled slots of its
+    own segment up to itself."""
+    logits, routing, cache = _decoder(
+        params, tokens_bt, cfg, segment_ids_bt, positions_bt, False, cache
+    )
+    return (logits, cache, routing) if with_routing else (logits, cache)
 
 
 def _loop_layers(body: Callable, x: jax.Array, xs: Any) -> tuple[jax.Array, Any]:
@@ -188,9 +186,7 @@ def _decoder(
     if cache is None:
         key_segments, offset = segment_ids_bt, 0
     else:
-        key_segments = jax.lax.dynamic_update_slice_in_dim(
-            cache.segment_ids, segment_ids_bt, cache.length, axis=1
-        )
+        key_segments = write_rows(cache.segment_ids, segment_ids_bt, cache.length)
         offset = cache.length
     mask = attention_mask(segment_ids_bt, key_segments, offset)
     attention = mla if cfg.attention == "mla" else gqa

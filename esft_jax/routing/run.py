@@ -15,6 +15,7 @@ from esft_jax import config_files, runtime, validate
 from esft_jax.data.records import read_jsonl
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.routing import profile, scores, select
+from esft_jax.routing.expected import expected_coverage
 from esft_jax.routing.official_logs import OfficialLogWriter
 from esft_jax.routing.sources import STATS_FILE
 from esft_jax.routing.stats import RoutingStats
@@ -77,7 +78,8 @@ def profile_routing(c: ml_collections.ConfigDict) -> Profiled:
 
 
 def select_experts(stats: RoutingStats, spec: ml_collections.ConfigDict, seed: int) -> ExpertConfig:
-    """The expert config of one selection (config_blocks.selection's fields) from routing statistics."""
+    """The expert config of one selection (config_blocks.selection's fields) from routing statistics,
+    with its routing profile (the coverage the selection has on those statistics' data)."""
     s = scores.expert_scores(stats, spec.score, spec.norm, spec.decimals)
     chosen = select.per_layer(
         s,
@@ -91,6 +93,10 @@ def select_experts(stats: RoutingStats, spec: ml_collections.ConfigDict, seed: i
     )
     if spec.shared_only:
         chosen = [[] for _ in chosen]
+    experts = dict(zip(stats.layers, chosen))
     return ExpertConfig(
-        dict(zip(stats.layers, chosen)), spec.shared_experts, spec.non_expert_modules
+        experts,
+        spec.shared_experts,
+        spec.non_expert_modules,
+        profile=expected_coverage(stats, experts),
     )

@@ -5,6 +5,8 @@ N adapters need the base once plus their rows, not N merged copies. The bank sta
 model's expert overrides with one set per adapter (model/moe.py): ids [L, A, S] (-1: an unused
 slot) and weights [L, A, S, ...], where set 0 is the base model (no overrides) and set i the i-th
 adapter. A batch row picks its set with an index, so one compiled step serves any mix of adapters.
+Each adapter's routing profile (adapter_config.json's "routing_profile", written by esft train from
+the expert config: routing/expected.py) is kept for the routing monitor (serve/monitor.py).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from esft_jax.checkpoint.adapter import adapter_updates, read_adapter
+from esft_jax.checkpoint.adapter import CONFIG_FILE, adapter_updates, read_adapter
 from esft_jax.checkpoint.errors import CheckpointError
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.params import Params
+from esft_jax.routing.expected import check_profile
 
 BASE = 0  # the set index of the base model
 
@@ -32,6 +35,8 @@ class AdapterBank:
     experts: tuple[
         dict[int, list[int]], ...
     ]  # per adapter: MoE layer index -> the experts it trained
+    # per adapter: its routing profile (routing/expected.py), None for one trained without
+    profiles: tuple[dict | None, ...]
 
     def index(self, name: str | None) -> int:
         """The set of adapter `name` (None: the base model)."""
@@ -40,6 +45,10 @@ class AdapterBank:
         if name not in self.names:
             raise KeyError(f"no adapter {name!r}; served: {', '.join(self.names) or 'none'}")
         return self.names.index(name) + 1
+
+    def profile(self, name: str | None) -> dict | None:
+        """Adapter `name`'s routing profile (None for the base model or an adapter without one)."""
+        return None if name is None else self.profiles[self.index(name) - 1]
 
     def params_for(self, params: Params, sets_b: np.ndarray) -> Params:
         """The base params with the bank's overrides, batch row b using set sets_b[b]."""
@@ -54,11 +63,10 @@ class AdapterBank:
 
 
 def _expert_rows(
-    cfg: ModelConfig, experts: Params, adapter_dir: Path
+    cfg: ModelConfig, experts: Params, adapter_dir: Path, tensors: dict, metadata: dict
 ) -> dict[tuple[int, int], dict]:
     """(MoE layer index, expert) -> every expert leaf's row with the adapter applied (the base row
     where the adapter leaves a leaf of that expert unchanged)."""
-    tensors, metadata = read_adapter(adapter_dir)
     rows: dict[tuple[int, int], dict] = {}
     for m, update in adapter_updates(cfg, tensors, metadata, str(adapter_dir)):
         if m.path[:3] != ("moe_layers", "moe", "experts"):
@@ -74,7 +82,11 @@ def _expert_rows(
 def build_bank(cfg: ModelConfig, params: Params, adapters: Mapping[str, str | Path]) -> AdapterBank:
     """The bank of the adapters `adapters` (name -> adapter directory) over `params` (the base)."""
     experts = jax.tree.map(np.asarray, params["moe_layers"]["moe"]["experts"])
-    per_adapter = [_expert_rows(cfg, experts, Path(d)) for d in adapters.values()]
+    per_adapter, profiles = [], []
+    for d in map(Path, adapters.values()):  # one adapter's tensors in memory at a time
+        tensors, metadata = read_adapter(d)
+        profiles.append(_profile(cfg, d / CONFIG_FILE, metadata))
+        per_adapter.append(_expert_rows(cfg, experts, d, tensors, metadata))
     num_layers, num_sets = cfg.num_moe_layers, len(per_adapter) + 1
     width = max(
         [1]
@@ -100,4 +112,12 @@ def build_bank(cfg: ModelConfig, params: Params, adapters: Mapping[str, str | Pa
                 leaves[k][li, a, slot] = value
         trained.append(by_layer)
     override = {k: jnp.asarray(v) for k, v in {"ids": ids, **leaves}.items()}  # on device once
-    return AdapterBank(tuple(adapters), override, tuple(trained))
+    return AdapterBank(tuple(adapters), override, tuple(trained), tuple(profiles))
+
+
+def _profile(cfg: ModelConfig, config_file: Path, metadata: dict) -> dict | None:
+    """The adapter's "routing_profile", checked against the model's MoE layers (None if absent)."""
+    if metadata.get("routing_profile") is None:
+        return None
+    where = f"{config_file}: routing_profile"
+    return check_profile(metadata["routing_profile"], where, cfg.moe_layer_ids, CheckpointError)

@@ -1,24 +1,35 @@
-"""Greedy generation for a batch of requests over any mix of adapters and the base model.
+"""Continuous batching over one base model and any mix of its adapters: requests join and leave a
+running decode at every step (serve/slots.py holds the device state).
 
-Every request names its model (an adapter of the bank, or None for the base); the batch runs as one
-generation (eval/generate.py: KV cache, one compiled decode step) whose params carry the bank's
-expert overrides and each row's set index, so a request gets exactly what it gets alone.
+Every request names its model (an adapter of the bank, or None for the base). `submit` queues it;
+each `step` first prefills the queued requests that fit into free slots (together, one call), then
+decodes one token for every live slot, and reports each new token and each finished request. A
+request leaves at EOS, at its max_tokens, or when cancelled, and its slot is free for the next
+step's joiners. Rows and prefill groups are rounded up to powers of two and prompts to a bucket, so
+a few compilations serve every mix; a request gets exactly the tokens it gets alone.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from esft_jax.eval.generate import generate, padded_rows
+from esft_jax import sharding
+from esft_jax.eval.generate import padded_rows
+from esft_jax.eval.sampling import sampling_for
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.params import Params
+from esft_jax.serve import slots as slot_state
 from esft_jax.serve.bank import BASE, AdapterBank, build_bank
-from esft_jax.serve.monitor import Coverage, coverage
+from esft_jax.serve.monitor import Coverage, coverage, trained_experts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +42,29 @@ class Request:
     seed: int = 0
 
 
+class Finished(NamedTuple):
+    tokens: list[int]  # the continuation, EOS excluded
+    reason: str  # "stop" (EOS), "length" (max_tokens) or "cancelled"
+    coverage: Coverage  # over the tokens the model read (prompt and all but the last output)
+
+
+class Event(NamedTuple):
+    id: int  # the request's, from submit
+    token: int | None  # a new token (None when the event only finishes the request)
+    finished: Finished | None  # set on the request's last event
+    prompt_coverage: Coverage | None = None  # set on its first event: the prompt's coverage
+
+
+@dataclasses.dataclass
+class _Live:
+    id: int
+    request: Request
+    tokens: list[int]
+
+
 class Engine:
-    """One base model (`params`, on `mesh` if given) and the adapters `adapters` (name -> directory)."""
+    """One base model (`params`, on `mesh` if given), the adapters `adapters` (name -> directory),
+    `slots` concurrent requests of at most `max_len` tokens each (default: the model's context)."""
 
     def __init__(
         self,
@@ -41,37 +73,179 @@ class Engine:
         adapters: Mapping[str, str | Path],
         *,
         mesh: Mesh | None = None,
+        slots: int = 8,
+        max_len: int | None = None,
+        bucket: int = 64,
     ):
-        self.cfg, self.params, self.mesh = cfg, params, mesh
+        self.cfg, self.params, self.mesh, self.bucket = cfg, params, mesh, bucket
         self.bank: AdapterBank = build_bank(cfg, params, adapters)
+        self.rows = padded_rows(_power_of_two(slots), cfg, mesh)
+        self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.eos = cfg.eos_token_id if cfg.eos_token_id is not None else -1
+        self._trained_ale = jnp.asarray(trained_experts(self.bank, cfg.n_routed_experts))
+        self._queue: collections.deque[tuple[int, Request]] = collections.deque()
+        self._live: dict[int, _Live] = {}  # slot row -> its request
+        self._ids = itertools.count()
+        self._slots: slot_state.Slots | None = None  # made on first use
+
+    def check(self, request: Request) -> None:
+        """ValueError for a request the engine cannot serve (KeyError for an unknown model)."""
+        self.bank.index(request.model)
+        if not request.prompt:
+            raise ValueError("the prompt is empty")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if len(request.prompt) + request.max_tokens > self.max_len:
+            raise ValueError(
+                f"the prompt's {len(request.prompt)} tokens + max_tokens {request.max_tokens} "
+                f"exceed the {self.max_len} tokens a request may hold"
+            )
+
+    def submit(self, request: Request) -> int:
+        """Queue a request (checked: see `check`); its id names it in `step`'s events."""
+        self.check(request)
+        rid = next(self._ids)
+        self._queue.append((rid, request))
+        return rid
+
+    def cancel(self, rid: int) -> bool:
+        """Drop a queued or live request (its slot is free for the next step); False if unknown."""
+        for item in self._queue:
+            if item[0] == rid:
+                self._queue.remove(item)
+                return True
+        row = next((row for row, live in self._live.items() if live.id == rid), None)
+        return row is not None and self._live.pop(row) is not None
+
+    def clear(self) -> None:
+        """Drop every queued and live request and the device state (after a failed step)."""
+        self._queue.clear()
+        self._live.clear()
+        self._slots = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request is queued or live."""
+        return bool(self._queue or self._live)
+
+    def step(self) -> list[Event]:
+        """Admit what fits, decode one token for every live request; the events, in slot order."""
+        with sharding.on_mesh(self.mesh):
+            if self._slots is None:
+                self._slots = slot_state.empty(self.cfg, self.rows, self.max_len)
+            events = self._admit()
+            if self._live:
+                events += self._decode()
+        return events
 
     def generate(self, requests: Sequence[Request]) -> list[list[int]]:
         """Each request's continuation (up to and excluding EOS, at most its max_tokens): greedy, or
-        sampled with its temperature, top_p and seed (the same tokens whatever shares the batch)."""
-        # Rows and new tokens rounded up to powers of two: a few compilations serve every batch.
-        rows = padded_rows(_power_of_two(len(requests)), self.cfg, self.mesh)
-        empty = rows - len(requests)  # rows without a prompt: done from the start
-        sets_b = np.array([self.bank.index(r.model) for r in requests] + [BASE] * empty, np.int32)
-        eos = self.cfg.eos_token_id if self.cfg.eos_token_id is not None else -1
-        outs = generate(
-            self.bank.params_for(self.params, sets_b),
-            self.cfg,
-            [r.prompt for r in requests] + [[]] * empty,
-            max_new_tokens=_power_of_two(max(r.max_tokens for r in requests)),
-            eos_id=eos,
-            mesh=self.mesh,
-            sampling=[(r.temperature, r.top_p, r.seed) for r in requests] + [(0.0, 1.0, 0)] * empty,
-        )
-        return [out[: r.max_tokens] for out, r in zip(outs, requests)]
+        sampled with its temperature, top_p and seed; the same tokens whatever shares the batch."""
+        return [f.tokens for f in self.run(requests)]
+
+    def run(self, requests: Sequence[Request]) -> list[Finished]:
+        """Submit the requests and step until all have finished (requests already queued or live
+        are served alongside)."""
+        ids = [self.submit(r) for r in requests]
+        done: dict[int, Finished] = {}
+        while not all(i in done for i in ids):
+            done.update((e.id, e.finished) for e in self.step() if e.finished is not None)
+        return [done[i] for i in ids]
 
     def coverage(
         self, requests: Sequence[Request], outputs: Sequence[Sequence[int]]
     ) -> list[Coverage]:
-        """Per request, the share of its routed gate mass (prompt and output) on its adapter's
-        trained experts (serve/monitor.py); 0 for the base model."""
+        """Per request, the coverage of its prompt and output in one separate forward pass
+        (serve/monitor.py; the reference of the live coverage in `Finished`)."""
         sets = [self.bank.index(r.model) for r in requests]
         sequences = [[*r.prompt, *out] for r, out in zip(requests, outputs)]
         return coverage(self.params, self.cfg, self.bank, sets, sequences, self.mesh)
+
+    def _admit(self) -> list[Event]:
+        free = [row for row in range(self.rows) if row not in self._live]
+        joining = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
+        if not joining:
+            return []
+        n = len(joining)
+        group = padded_rows(_power_of_two(n), self.cfg, self.mesh)
+        longest = max(len(r.prompt) for _, r in joining)
+        width = min(-(-longest // self.bucket) * self.bucket, self.max_len)
+        tokens, segments = np.zeros((group, width), np.int32), np.zeros((group, width), np.int32)
+        for i, (_, r) in enumerate(joining):  # right-padded: each row continues at its own length
+            tokens[i, : len(r.prompt)], segments[i, : len(r.prompt)] = r.prompt, 1
+        lengths = np.array([len(r.prompt) for _, r in joining] + [0] * (group - n), np.int32)
+        sets = np.array([self.bank.index(r.model) for _, r in joining] + [BASE] * (group - n))
+        settings = [(r.temperature, r.top_p, r.seed) for _, r in joining]
+        sampling = sampling_for(*zip(*(settings + [(0.0, 1.0, 0)] * (group - n))))
+        tokens_np, segments_np = sharding.place_rows((tokens, segments), self.mesh)
+        new = slot_state.prefill(
+            self.bank.params_for(self.params, sets),
+            tokens_np,
+            segments_np,
+            jnp.asarray(lengths),
+            sampling,
+            self._trained_ale,
+            jnp.asarray(sets, jnp.int32),
+            self.cfg,
+            self.max_len,
+        )
+        rows = np.array(free[:n] + [self.rows] * (group - n), np.int32)  # padding: dropped
+        self._slots = slot_state.insert(self._slots, new, jnp.asarray(rows))
+        first = np.asarray(new.token_b)
+        for i, (rid, r) in enumerate(joining):
+            self._live[int(rows[i])] = _Live(rid, r, [])
+        prompt = self._coverage([int(row) for row in rows[:n]])
+        return self._emit({int(rows[i]): int(first[i]) for i in range(n)}, prompt)
+
+    def _decode(self) -> list[Event]:
+        sets = np.full(self.rows, BASE, np.int32)
+        active = np.zeros(self.rows, bool)
+        for row, live in self._live.items():
+            sets[row], active[row] = self.bank.index(live.request.model), True
+        self._slots = slot_state.step(
+            self.bank.params_for(self.params, sets),
+            self._slots,
+            self._trained_ale,
+            jnp.asarray(sets),
+            jnp.asarray(active),
+            self.cfg,
+        )
+        chosen = np.asarray(self._slots.token_b)
+        return self._emit({row: int(chosen[row]) for row in sorted(self._live)})
+
+    def _coverage(self, rows: Sequence[int]) -> dict[int, Coverage]:
+        """The coverage so far of the requests in `rows` (the slots' live sums)."""
+        hit_lb = np.asarray(self._slots.hit_lb, np.float64)
+        mass_lb = np.asarray(self._slots.mass_lb, np.float64)
+        out = {}
+        for row in rows:
+            hit, mass = hit_lb[:, row], np.maximum(mass_lb[:, row], np.finfo(np.float32).tiny)
+            out[row] = Coverage(float(hit.sum() / mass.sum()), tuple((hit / mass).tolist()))
+        return out
+
+    def _emit(
+        self, chosen: dict[int, int], prompt: dict[int, Coverage] | None = None
+    ) -> list[Event]:
+        """Events of each row's newly chosen token (the first ones with their prompt's coverage);
+        rows whose request ends are freed."""
+        prompt = prompt or {}
+        events, ending = [], []
+        for row, token in chosen.items():
+            live = self._live[row]
+            if token == self.eos:
+                ending.append((row, None, "stop"))
+                continue
+            live.tokens.append(token)
+            if len(live.tokens) == live.request.max_tokens:
+                ending.append((row, token, "length"))
+            else:
+                events.append(Event(live.id, token, None, prompt.get(row)))
+        final = self._coverage([row for row, _, _ in ending]) if ending else {}
+        for row, token, reason in ending:
+            live = self._live.pop(row)
+            finished = Finished(live.tokens, reason, final[row])
+            events.append(Event(live.id, token, finished, prompt.get(row)))
+        return events
 
 
 def _power_of_two(n: int) -> int:

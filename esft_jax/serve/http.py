@@ -1,5 +1,5 @@
 """`esft serve`: an OpenAI-compatible HTTP API (starlette + uvicorn) over one base model and its
-ESFT adapters, any mix of them in one batch (serve/engine.py, serve/batcher.py).
+ESFT adapters, any mix of them decoding together (continuous batching: serve/scheduler.py).
 
 Endpoints: GET /v1/models (the base model and every adapter), POST /v1/completions and POST
 /v1/chat/completions with `model` (the base's name or an adapter's), `prompt` (a string) or
@@ -7,13 +7,14 @@ Endpoints: GET /v1/models (the base model and every adapter), POST /v1/completio
 `max_tokens` (default 16), `stop` (a string or a list: the text is cut at the first), `temperature`
 (default 1.0, OpenAI's), `top_p`, `seed` and `stream`. Prompts are BOS + the tokenizer's ids, as
 `esft eval` encodes them. `stream=True` answers in OpenAI's server-sent chunks ending with
-`data: [DONE]`; in this increment the chunks are sent once the request's generation has finished
-(a whole batch runs as one compiled generation), one per token of the text.
+`data: [DONE]`, each piece of text sent the step its token is chosen. Every response carries the
+routing monitor's verdict in an "esft" field (on a stream: its last chunk); GET /v1/routing (JSON)
+and GET /metrics (Prometheus) show the monitor's live statistics per model (serve/monitor.py).
 
 A bad request gets a 4xx with OpenAI's {"error": {"message", "type", "code"}} and the server goes on:
 400 for malformed JSON, a missing or wrong field, max_tokens <= 0 or a prompt longer than the
-model's context minus max_tokens; 401 for a missing or wrong API key (when one is configured);
-404 for an unknown model. A client that disconnects before its batch starts is dropped from it.
+model's context (or a slot) minus max_tokens; 401 for a missing or wrong API key (when one is
+configured); 404 for an unknown model. A client that disconnects frees its request's slot.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,10 @@ from esft_jax import runtime, sharding
 from esft_jax.data.records import ANSWER_TEMPLATE, PROMPT_TEMPLATE, Sample
 from esft_jax.data.tokenize import encode
 from esft_jax.model import param_axes
-from esft_jax.serve.batcher import Batcher
+from esft_jax.serve.completion import Completion
 from esft_jax.serve.engine import Engine, Request
+from esft_jax.serve.monitor import Monitor
+from esft_jax.serve.scheduler import Scheduler
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -109,35 +112,26 @@ def _chat_ids(tokenizer: Tokenizer, messages: Any, bos: int | None, eos: int | N
     return ids
 
 
-def _pieces(tokenizer: Tokenizer, ids: Sequence[int], text: str) -> Iterator[str]:
-    """`text` (the decoded, stop-cut `ids`) in one piece per token where the decoding allows."""
-    sent = 0
-    for n in range(1, len(ids) + 1):
-        prefix = tokenizer.decode(ids[:n])[: len(text)]
-        if len(prefix) > sent and text.startswith(prefix):
-            yield text[sent : len(prefix)]
-            sent = len(prefix)
-    if sent < len(text):
-        yield text[sent:]
-
-
 class Server:
-    """The API's state: the engine and its batcher, the tokenizer, the served names, the API key."""
+    """The API's state: the scheduler (and its engine), the tokenizer, the routing monitor, the
+    served names, the API key and the fallback policy."""
 
     def __init__(
         self,
-        engine: Engine,
+        scheduler: Scheduler,
         tokenizer: Tokenizer,
-        batcher: Batcher,
+        monitor: Monitor,
         *,
         base_name: str,
         api_key: str = "",
+        fallback: bool = False,
     ):
-        if base_name in engine.bank.names:
+        self.engine = scheduler.engine
+        if base_name in self.engine.bank.names:
             raise ValueError(f"adapter {base_name!r} has the base model's name")
-        self.engine, self.tokenizer, self.batcher = engine, tokenizer, batcher
-        self.base_name, self.api_key = base_name, api_key
-        cfg = engine.cfg
+        self.scheduler, self.tokenizer, self.monitor = scheduler, tokenizer, monitor
+        self.base_name, self.api_key, self.fallback = base_name, api_key, fallback
+        cfg = self.engine.cfg
         self.bos, self.eos = cfg.bos_token_id, cfg.eos_token_id
 
     def authorize(self, request: HTTPRequest) -> None:
@@ -182,31 +176,18 @@ class Server:
         seed = _field(body, "seed", (int,), None)
         ids = self.prompt_ids(body, chat)
         context = self.engine.cfg.max_position_embeddings
-        if not ids:
-            raise _bad("the prompt is empty")
-        if len(ids) > context - max_tokens:
+        if ids and len(ids) > context - max_tokens:
             raise _bad(
                 f"the prompt's {len(ids)} tokens + max_tokens {max_tokens} exceed the model's "
                 f"context of {context} tokens"
             )
         seed = secrets.randbits(31) if seed is None else seed
-        return Request(ids, model, max_tokens, float(temperature), float(top_p), seed)
-
-    async def generated(self, http: HTTPRequest, request: Request) -> list[int] | None:
-        """The request's tokens from the batcher, or None when the client disconnected first (its
-        request is then dropped if its batch has not started)."""
-        future = self.batcher.submit(request)
-        result = asyncio.wrap_future(future)
-        gone = asyncio.ensure_future(_disconnect(http))
-        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
-        if not result.done():
-            future.cancel()
-            return None
+        request = Request(ids, model, max_tokens, float(temperature), float(top_p), seed)
         try:
-            return result.result()
-        except Exception as e:  # the batch failed; the server goes on
-            raise APIError(500, f"generation failed: {e}", "server_error", "server_error") from e
+            self.engine.check(request)
+        except ValueError as e:
+            raise _bad(str(e)) from None
+        return request
 
     async def models(self, http: HTTPRequest) -> Response:
         self.authorize(http)
@@ -217,33 +198,80 @@ class Server:
         ]
         return JSONResponse({"object": "list", "data": models})
 
+    async def routing(self, http: HTTPRequest) -> Response:
+        """The routing monitor's live statistics per served model (Monitor.snapshot)."""
+        self.authorize(http)
+        return JSONResponse(self.monitor.snapshot())
+
+    async def metrics(self, http: HTTPRequest) -> Response:
+        """The same in Prometheus' text format."""
+        self.authorize(http)
+        return Response(self.monitor.prometheus(), media_type="text/plain; version=0.0.4")
+
     async def complete(self, http: HTTPRequest, chat: bool) -> Response:
         self.authorize(http)
         body = await _json_body(http)
         request = self.request(body, chat)
         stops, stream = _stops(body), _field(body, "stream", (bool,), False)
-        ids = await self.generated(http, request)
-        if ids is None:
-            return Response(status_code=499)  # the client has gone: nobody reads it
-        whole = self.tokenizer.decode(ids)
-        text = whole[: min([whole.index(s) for s in stops if s in whole], default=len(whole))]
-        stopped = len(text) < len(whole) or len(ids) < request.max_tokens  # a stop string or EOS
+        run = Completion(
+            self.scheduler, self.tokenizer, self.monitor, request, stops, self.fallback
+        )
+        try:
+            verdict = await _unless_gone(http, run.start(), run)
+            if verdict is None:
+                return Response(status_code=499)  # the client has gone: nobody reads it
+        except Exception as e:  # the step failed; the server goes on
+            raise APIError(500, f"generation failed: {e}", "server_error", "server_error") from e
         head = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "created": int(time.time()),
             "model": body["model"],
         }
-        finish = "stop" if stopped else "length"
         if stream:
-            pieces = _pieces(self.tokenizer, ids, text)
-            events = _events(head, chat, pieces, finish)
+            events = _events(head, chat, run, self._metadata)
             return StreamingResponse(events, media_type="text/event-stream")
+        text = await _unless_gone(http, run.text(), run)
+        if text is None:
+            return Response(status_code=499)
         n_prompt = len(request.prompt)
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": len(ids)}
-        usage["total_tokens"] = n_prompt + len(ids)
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": len(run.tokens)}
+        usage["total_tokens"] = n_prompt + len(run.tokens)
         obj = "chat.completion" if chat else "text_completion"
-        choices = [_choice(chat, text, finish, delta=False)]
-        return JSONResponse({**head, "object": obj, "choices": choices, "usage": usage})
+        choices = [_choice(chat, text, run.finish_reason, delta=False)]
+        response = {**head, "object": obj, "choices": choices, "usage": usage}
+        return JSONResponse({**response, "esft": self._metadata(run)})
+
+    def _metadata(self, run: Completion) -> dict:
+        """The response's "esft" field: the routing monitor's verdict on the request."""
+        v = run.verdict
+        profile = self.engine.bank.profile(v.adapter)
+        final = v.coverage or v.prompt_coverage
+
+        def name(model: str | None) -> str:
+            return self.base_name if model is None else model
+
+        return {
+            "adapter": name(v.adapter),
+            "served_by": name(v.served_by),
+            "coverage": final.total,
+            "coverage_per_layer": list(final.per_layer),
+            "prompt_coverage": v.prompt_coverage.total,
+            "profiled_coverage": None if profile is None else profile["total"],
+            "flagged": v.flagged,
+        }
+
+
+async def _unless_gone(http: HTTPRequest, work, run: Completion):
+    """`work`'s result, or None (the run cancelled) when the client disconnects first."""
+    result = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(http))
+    await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not result.done():
+        result.cancel()
+        run.cancel()
+        return None
+    return result.result()
 
 
 async def _json_body(http: HTTPRequest) -> dict:
@@ -271,12 +299,17 @@ def _choice(chat: bool, text: str | None, finish: str | None, delta: bool) -> di
     return {**choice, ("delta" if delta else "message"): message}
 
 
-def _events(head: dict, chat: bool, pieces: Iterator[str], finish: str) -> Iterator[str]:
-    """The server-sent events of a streamed completion: a chunk per piece, then the finish reason."""
+async def _events(
+    head: dict, chat: bool, run: Completion, metadata: Callable[[Completion], dict]
+) -> AsyncIterator[str]:
+    """The server-sent events of a streamed completion: a chunk per piece of text as it is
+    generated, then the finish reason (with the monitor's "esft" metadata) and [DONE]."""
     obj = "chat.completion.chunk" if chat else "text_completion"
-    for piece in [*pieces, None]:
-        choice = _choice(chat, piece, None if piece is not None else finish, delta=True)
+    async for piece in run.pieces():
+        choice = _choice(chat, piece, None, delta=True)
         yield f"data: {json.dumps({**head, 'object': obj, 'choices': [choice]})}\n\n"
+    last = {**head, "object": obj, "choices": [_choice(chat, None, run.finish_reason, True)]}
+    yield f"data: {json.dumps({**last, 'esft': metadata(run)})}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -294,6 +327,8 @@ def app(server: Server) -> Starlette:
 
     routes = [
         Route("/v1/models", handler(server.models), methods=["GET"]),
+        Route("/v1/routing", handler(server.routing), methods=["GET"]),
+        Route("/metrics", handler(server.metrics), methods=["GET"]),
         Route(
             "/v1/completions", handler(lambda h: server.complete(h, chat=False)), methods=["POST"]
         ),
@@ -319,19 +354,28 @@ def serve(c: ml_collections.ConfigDict) -> None:
     cfg, params = runtime.load_model(c, mesh)
     if mesh is not None:  # random weights are made on one device
         params = sharding.shard_params(params, param_axes(cfg), mesh)
-    engine = Engine(cfg, params, dict(c.adapters), mesh=mesh)
-
-    def generate(requests: Sequence[Request]) -> list[list[int]]:
-        with sharding.on_mesh(mesh):
-            return engine.generate(requests)
-
-    batcher = Batcher(generate, max_batch=c.max_batch, window_s=c.batch_window_ms / 1000)
+    engine = Engine(
+        cfg, params, dict(c.adapters), mesh=mesh, slots=c.slots, max_len=c.max_len or None
+    )
+    name = base_name(c.checkpoint)
+    m = c.monitor
+    monitor = Monitor(
+        engine.bank,
+        ood_ratio=m.ood_ratio,
+        audit_log=m.audit_log or None,
+        log_prompts=m.log_prompts,
+        base_name=name,
+        layers=cfg.moe_layer_ids,
+    )
+    scheduler = Scheduler(engine)
+    tokenizer = runtime.tokenizer(c)
     server = Server(
-        engine, runtime.tokenizer(c), batcher, base_name=base_name(c.checkpoint), api_key=c.api_key
+        scheduler, tokenizer, monitor, base_name=name, api_key=c.api_key, fallback=m.fallback
     )
     names = ", ".join([server.base_name, *engine.bank.names])
     print(f"serving {names} on http://{c.host}:{c.port}/v1", flush=True)
     try:
         uvicorn.run(app(server), host=c.host, port=c.port, log_level="warning")
     finally:
-        batcher.close()
+        scheduler.close()
+        monitor.close()

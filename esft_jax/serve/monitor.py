@@ -3,13 +3,26 @@ experts ("coverage").
 
 An ESFT adapter changes only the experts its task routes to; a request whose tokens go elsewhere
 is served mostly by the base model's experts, a sign that it is outside the adapter's domain.
-Coverage is computed from the request's prompt and generated tokens in one forward pass (the
-router is the base model's: ESFT never trains it), per MoE layer and over all layers.
+Coverage is the routing the request was served with: the router is the base model's (ESFT never
+trains it), but from the second MoE layer on it reads what the adapter's experts made of the
+earlier layers, so it is measured in the adapter's own forward pass (the engine sums it while
+decoding; `coverage` recomputes it in one pass), per MoE layer and over all layers.
+
+`Monitor` compares it with the adapter's routing profile (its coverage on its own task's profiled
+data: routing/expected.py): a request whose coverage in some layer falls below ood_ratio x that
+layer's profiled coverage is flagged out-of-domain. It keeps per-model live statistics
+(`snapshot`, `prometheus`) and writes an audit log, one JSON line per request.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import threading
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -17,10 +30,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from esft_jax import sharding
+from esft_jax.config_files import ConfigFileError
 from esft_jax.eval.generate import padded_rows
 from esft_jax.model import ModelConfig, forward
 from esft_jax.model.params import Params
-from esft_jax.serve.bank import AdapterBank
+from esft_jax.serve.bank import BASE, AdapterBank
 
 
 class Coverage(NamedTuple):
@@ -48,16 +62,18 @@ def coverage(
     sequences: Sequence[Sequence[int]],
     mesh: Mesh | None = None,
 ) -> list[Coverage]:
-    """Coverage of each token sequence (a request's prompt + output) under its set `sets[i]` (params
-    on `mesh`, if given: the rows are split over its batch axes, as in generation)."""
+    """Coverage of each token sequence (a request's prompt + output) served by set `sets[i]` of the
+    bank (params on `mesh`, if given: the rows are split over its batch axes, as in generation)."""
     width = max(len(s) for s in sequences)
     rows = padded_rows(len(sequences), cfg, mesh)
     tokens, segments = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
     for row, seq in enumerate(sequences):
         tokens[row, : len(seq)], segments[row, : len(seq)] = seq, 1
     tokens_bt, segments_bt = sharding.place_rows((tokens, segments), mesh)
+    sets_b = np.array([*sets] + [BASE] * (rows - len(sets)), np.int32)
     with sharding.on_mesh(mesh):
-        _, routing = _forward(params, tokens_bt, cfg, segment_ids_bt=segments_bt)
+        served = bank.params_for(params, sets_b)
+        _, routing = _forward(served, tokens_bt, cfg, segment_ids_bt=segments_bt)
     ids_lbtk, w_lbtk = np.asarray(routing.expert_ids), np.asarray(routing.gate_weights, np.float64)
     w_lbtk = w_lbtk * segments[None, :, :, None]  # padding carries no mass
     trained = trained_experts(bank, cfg.n_routed_experts)
@@ -69,3 +85,207 @@ def coverage(
         hit_l = (w_lbtk[:, row] * on_trained).sum(axis=(1, 2))
         out.append(Coverage(float(hit_l.sum() / mass_l.sum()), tuple((hit_l / mass_l).tolist())))
     return out
+
+
+class MonitorError(ConfigFileError):
+    """A monitor setting that cannot be used (an audit log that cannot be written, a bad ratio)."""
+
+
+@dataclasses.dataclass
+class _Live:
+    """One served model's running sums."""
+
+    requests: int = 0
+    flagged: int = 0
+    fallback: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    coverage: float = 0.0  # sum of coverage totals
+    per_layer: np.ndarray | None = None  # [L] sum of per-layer coverage
+
+
+class Monitor:
+    """Flags out-of-domain requests, keeps live routing statistics per served model and writes
+    the audit log. Thread-safe: every method may be called from any thread.
+
+    Models are named as in requests: an adapter of `bank`, or None for the base model (shown as
+    `base_name` in the snapshot, the metrics and the log). `layers` labels the per-layer values
+    (the model's MoE layer numbers, cfg.moe_layer_ids; default: MoE layer indices 0, 1, ...).
+    """
+
+    def __init__(
+        self,
+        bank: AdapterBank,
+        *,
+        ood_ratio: float = 0.5,
+        audit_log: str | Path | None = None,
+        log_prompts: bool = False,
+        base_name: str = "base",
+        layers: Sequence[int] | None = None,
+    ):
+        if isinstance(ood_ratio, bool) or not isinstance(ood_ratio, (int, float)):
+            raise MonitorError(f"monitor.ood_ratio: expected a number, got {ood_ratio!r}")
+        if not (math.isfinite(ood_ratio) and ood_ratio >= 0):
+            raise MonitorError(f"monitor.ood_ratio: must be >= 0, got {ood_ratio!r}")
+        num_layers = int(bank.override["ids"].shape[0])
+        self.layers = list(range(num_layers)) if layers is None else [int(x) for x in layers]
+        if len(self.layers) != num_layers:
+            raise ValueError(f"{len(self.layers)} layer labels for {num_layers} MoE layers")
+        self.bank, self.ood_ratio, self.log_prompts = bank, float(ood_ratio), log_prompts
+        self.base_name = base_name
+        self._lock = threading.Lock()
+        self._live = {name: _Live() for name in (None, *bank.names)}
+        self._log = _open_log(Path(audit_log)) if audit_log else None
+
+    def _name(self, name: str | None) -> str:
+        return self.base_name if name is None else name
+
+    def flagged(self, name: str | None, coverage: Coverage) -> bool:
+        """Whether a request to model `name` with this coverage is out-of-domain: in some MoE
+        layer below ood_ratio x the adapter's profiled coverage of that layer (layers where the
+        adapter trains no expert do not count). Never for the base model or an unprofiled adapter.
+
+        Per layer, not over all layers: the tokens every prompt shares (BOS, the chat template)
+        route alike whatever the task and lift the total; a foreign task shows as a layer whose
+        task experts it passes by (docs/monitor.md)."""
+        profile = self.bank.profile(name)
+        if profile is None:
+            return False
+        pairs = zip(coverage.per_layer, profile["per_layer"], strict=True)
+        return any(got < self.ood_ratio * want for got, want in pairs if want > 0)
+
+    def record(
+        self,
+        name: str | None,
+        coverage: Coverage,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        latency_s: float,
+        flagged: bool,
+        fallback: bool,
+        prompt: str | None = None,
+    ) -> None:
+        """Count one served request to model `name` (the model it asked for: its coverage is on
+        that adapter's experts, even when `fallback` answered it with the base model) and append
+        its audit line (with `prompt` only when log_prompts)."""
+        self.bank.index(name)  # KeyError for a model the bank does not serve
+        per_layer = np.asarray(coverage.per_layer, np.float64)
+        if per_layer.shape != (len(self.layers),):
+            raise ValueError(
+                f"coverage of {per_layer.size} layers; the model has {len(self.layers)}"
+            )
+        line = {
+            "time": time.time(),
+            "adapter": self._name(name),
+            "prompt_tokens": int(prompt_tokens),
+            "completion_tokens": int(completion_tokens),
+            "coverage": float(coverage.total),
+            "per_layer": per_layer.tolist(),
+            "flagged": bool(flagged),
+            "fallback": bool(fallback),
+            "latency_s": float(latency_s),
+        }
+        if self.log_prompts and prompt is not None:
+            line["prompt"] = prompt
+        with self._lock:
+            live = self._live[name]
+            live.requests += 1
+            live.flagged += bool(flagged)
+            live.fallback += bool(fallback)
+            live.prompt_tokens += int(prompt_tokens)
+            live.completion_tokens += int(completion_tokens)
+            live.latency_s += float(latency_s)
+            live.coverage += float(coverage.total)
+            live.per_layer = per_layer if live.per_layer is None else live.per_layer + per_layer
+            if self._log is not None:
+                self._log.write(json.dumps(line) + "\n")
+                self._log.flush()
+
+    def snapshot(self) -> dict:
+        """What /v1/routing returns: {"ood_ratio", "layers", "models": {name: {"requests",
+        "flagged", "fallback", "coverage" (mean total), "per_layer" (mean per layer), "profiled"
+        (the profile's total), "profiled_per_layer", "prompt_tokens", "completion_tokens",
+        "tokens", "mean_latency_s"}}}, means null before a model's first request, profiles null
+        for the base model and unprofiled adapters."""
+        with self._lock:
+            live = {name: dataclasses.replace(v) for name, v in self._live.items()}
+        models = {}
+        for name, v in live.items():
+            profile = self.bank.profile(name)
+            n = v.requests
+            models[self._name(name)] = {
+                "requests": n,
+                "flagged": v.flagged,
+                "fallback": v.fallback,
+                "coverage": v.coverage / n if n else None,
+                "per_layer": (v.per_layer / n).tolist() if n else None,
+                "profiled": None if profile is None else profile["total"],
+                "profiled_per_layer": None if profile is None else profile["per_layer"],
+                "prompt_tokens": v.prompt_tokens,
+                "completion_tokens": v.completion_tokens,
+                "tokens": v.prompt_tokens + v.completion_tokens,
+                "mean_latency_s": v.latency_s / n if n else None,
+            }
+        return {"ood_ratio": self.ood_ratio, "layers": list(self.layers), "models": models}
+
+    def prometheus(self) -> str:
+        """The snapshot in Prometheus' text exposition format (for /metrics): counters and gauges
+        labelled with `adapter` (and `layer` for the per-layer coverage); means before a model's
+        first request are left out."""
+        snap = self.snapshot()
+        out: list[str] = []
+        for metric, kind, key, doc in _METRICS:
+            out += [f"# HELP {metric} {doc}", f"# TYPE {metric} {kind}"]
+            for name, m in snap["models"].items():
+                if m[key] is not None:
+                    out.append(f'{metric}{{adapter="{_label(name)}"}} {_number(m[key])}')
+        for metric, key, doc in _LAYER_METRICS:
+            out += [f"# HELP {metric} {doc}", f"# TYPE {metric} gauge"]
+            for name, m in snap["models"].items():
+                for layer, value in zip(snap["layers"], m[key] or []):
+                    labels = f'adapter="{_label(name)}",layer="{layer}"'
+                    out.append(f"{metric}{{{labels}}} {_number(value)}")
+        return "\n".join(out) + "\n"
+
+    def close(self) -> None:
+        with self._lock:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+
+
+_METRICS = (  # (metric, type, snapshot key, help)
+    ("esft_requests_total", "counter", "requests", "Requests served, by the model asked for."),
+    ("esft_requests_flagged_total", "counter", "flagged", "Requests flagged out-of-domain."),
+    ("esft_requests_fallback_total", "counter", "fallback", "Requests answered by the base model."),
+    ("esft_prompt_tokens_total", "counter", "prompt_tokens", "Prompt tokens served."),
+    ("esft_completion_tokens_total", "counter", "completion_tokens", "Tokens generated."),
+    ("esft_coverage_mean", "gauge", "coverage", "Mean share of gate mass on trained experts."),
+    ("esft_coverage_profiled", "gauge", "profiled", "The adapter's coverage on its own task."),
+    ("esft_request_latency_seconds_mean", "gauge", "mean_latency_s", "Mean request latency."),
+)
+_LAYER_METRICS = (
+    ("esft_coverage_layer_mean", "per_layer", "Mean coverage per MoE layer."),
+    ("esft_coverage_layer_profiled", "profiled_per_layer", "Profiled coverage per MoE layer."),
+)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def _open_log(path: Path):
+    """`path` opened for appending (its directory created), or a one-line MonitorError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("a", encoding="utf-8")
+    except OSError as e:
+        raise MonitorError(
+            f"monitor.audit_log: {path}: cannot write the audit log ({e.strerror or e})"
+        ) from None

@@ -34,7 +34,7 @@ from esft_jax.data.shards import LocalBatches
 from esft_jax.data.shards import plan as plan_shards
 from esft_jax.model import ModelConfig, forward, param_axes
 from esft_jax.model.loss import load_balance_loss, next_token_loss
-from esft_jax.train import guard, resume
+from esft_jax.train import guard, resume, routing_profile
 from esft_jax.train.checks import validate
 from esft_jax.train.method import TrainingMethod, build_method, save_adapter
 from esft_jax.train.optimizer import learning_rate, make_optimizer
@@ -361,8 +361,25 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
                     checkpoints.save(done, state, data.get_state())
                 bar.update(1)
         checkpoints.latest_step()  # the last save has committed (or raised) before the adapter is written
+    ec = method.expert_config
+    profile = None
+    if c.profile_tokens and ec is not None and ec.profile is not None:  # one from esft select
+        with sharding.on_mesh(mesh):
+            served = method.write_back(frozen, state["trainable"])
+        profile = routing_profile.measure(
+            served,
+            cfg,
+            ec.experts,
+            data_in.train,
+            tokenizer,
+            tokens=c.profile_tokens,
+            seq_len=c.data.seq_len,
+            batch_size=c.batch_size,
+            seed=c.seed,
+            mesh=mesh,
+        )
     adapter_dir = save_adapter(
-        workdir / "adapter", cfg, method, frozen, state["trainable"], write=primary
+        workdir / "adapter", cfg, method, frozen, state["trainable"], primary, profile
     )
     if not primary:
         return {}

@@ -4,10 +4,11 @@ A rerun resumes from <workdir>/checkpoints only if every setting that changes th
 the saved run's: the method and its settings (lora.*, and for esft the selected experts, compared by
 content rather than by the expert config's path), the model, checkpoint and tokenizer, the data, the
 seed, the batch and the optimizer with its schedule. Settings that only change how or where the run
-goes may differ (FREE): the logging, evaluation and checkpoint intervals, keep_checkpoints, the
-workdir, the mesh, the process layout (distributed, data.shards=0 keeps the checkpoint's shards), the
-MoE strategy, scan_layers and remat; the mesh and the MoE strategy change only float rounding. With
-a checkpoint, the model is the checkpoint's: of `model.*` only dtype and capacity_factor count.
+goes may differ (FREE): the logging, evaluation and checkpoint intervals, keep_checkpoints,
+profile_tokens (measured after training), the workdir, the mesh, the process layout (distributed,
+data.shards=0 keeps the checkpoint's shards), the MoE strategy, scan_layers and remat; the mesh and
+the MoE strategy change only float rounding. With a checkpoint, the model is the checkpoint's: of
+`model.*` only dtype and capacity_factor count.
 
 `steps` may grow only with `extend=True`, which keeps the saved schedule: `optim.steps`, the
 schedule's horizon, stays the saved one, so a cosine schedule has reached its final lr there and the
@@ -38,6 +39,7 @@ FREE = (
     "eval_every",
     "checkpoint_every",
     "keep_checkpoints",
+    "profile_tokens",
     "workdir",
     "extend",
     "expert_config",

@@ -219,7 +219,8 @@ class ExpertSubset:
     def adapter_tensors(
         self, cfg: ModelConfig, frozen: Params, trainable: Params
     ) -> tuple[dict, dict]:
-        """The selected experts' tensors (+ the shared experts' / non-expert tensors if flagged)."""
+        """The selected experts' tensors (+ the shared experts' / non-expert tensors if flagged); the
+        metadata holds the expert config and, when it has one, its profile as "routing_profile"."""
         selected = set(map(tuple, self.rows.tolist()))  # (moe layer index, expert)
         ec = self.expert_config
 
@@ -231,4 +232,11 @@ class ExpertSubset:
             return ec.shared_experts if is_shared(m.path) else ec.non_expert_modules
 
         tensors = hf_tensors(cfg, self.write_back(frozen, trainable), changed)
-        return tensors, {"method": "esft", "expert_config": ec.to_json()}
+        # the routing profile once, where the server's monitor reads it (serve/bank.py)
+        metadata = {
+            "method": "esft",
+            "expert_config": dataclasses.replace(ec, profile=None).to_json(),
+        }
+        if ec.profile is not None:
+            metadata["routing_profile"] = ec.profile
+        return tensors, metadata

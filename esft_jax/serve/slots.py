@@ -1,0 +1,139 @@
+"""The device state of continuous batching: B rows ("slots") of KV cache, each holding one request at
+its own length, stepped together one token per call while requests join and leave.
+
+A request joins by being prefilled alone or with others that join at the same step (`prefill`: a
+fresh cache of the slots' length, its prompt left-padded to a bucket), then copied into a free row
+(`insert`). `step` feeds every row its last chosen token at the row's own position and chooses the
+next; a row whose request has left is inactive and keeps its state until the next insert replaces it.
+Each row also sums, per MoE layer, the routed gate mass of the tokens it has read, and the part of it
+on its adapter's trained experts (the routing monitor's coverage, live).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from esft_jax.eval.sampling import Sampling, next_tokens, sampling_for
+from esft_jax.model import (
+    ModelConfig,
+    Routing,
+    forward_cached,
+    init_cache,
+    segment_positions,
+)
+from esft_jax.model.transformer import KVCache
+
+
+class Slots(NamedTuple):
+    cache: KVCache  # kv [L, B, S, ...]; segment_ids [B, S]; length [B]
+    token_b: jax.Array  # [B] int32: the last chosen token (the next input)
+    position_b: jax.Array  # [B] int32: its rotary position
+    count_b: jax.Array  # [B] int32: tokens chosen so far (the sampling step of the next one)
+    sampling: Sampling  # [B] rows
+    hit_lb: jax.Array  # [L, B] float32: routed gate mass on the row's adapter's trained experts
+    mass_lb: jax.Array  # [L, B] float32: all routed gate mass of the tokens read
+
+
+def _gate_mass(
+    routing: Routing, trained_ale: jax.Array, sets_b: jax.Array, read_bt: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """([L, B] mass on trained experts, [L, B] all mass) of the tokens with read_bt set."""
+    w_lbtk = routing.gate_weights.astype(jnp.float32) * read_bt[None, :, :, None]
+    layers = jnp.arange(w_lbtk.shape[0])[:, None, None, None]
+    on_trained = trained_ale[sets_b[None, :, None, None], layers, routing.expert_ids]
+    return (w_lbtk * on_trained).sum(axis=(2, 3)), w_lbtk.sum(axis=(2, 3))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def empty(cfg: ModelConfig, rows: int, max_len: int) -> Slots:
+    """`rows` inactive slots of `max_len` tokens each."""
+    zeros_b, zeros_lb = jnp.zeros((rows,), jnp.int32), jnp.zeros((cfg.num_moe_layers, rows))
+    greedy = sampling_for([0.0] * rows, [1.0] * rows, [0] * rows)
+    cache = init_cache(cfg, rows, max_len)
+    return Slots(cache, zeros_b, zeros_b, zeros_b, greedy, zeros_lb, zeros_lb)
+
+
+@functools.partial(jax.jit, static_argnums=(7, 8))
+def prefill(
+    params,
+    tokens_np: jax.Array,
+    segments_np: jax.Array,
+    lengths_n: jax.Array,
+    sampling: Sampling,
+    trained_ale: jax.Array,
+    sets_n: jax.Array,
+    cfg: ModelConfig,
+    max_len: int,
+) -> Slots:
+    """N joining rows as slots of `max_len` tokens, their first token chosen. Row n's prompt fills
+    its first lengths_n[n] tokens (right-padded: segment 0 after it, overwritten as it decodes).
+    params carry the bank's overrides with row n on set sets_n[n]."""
+    n = tokens_np.shape[0]
+    positions = segment_positions(segments_np)
+    cache = init_cache(cfg, n, max_len)
+    logits, cache, routing = forward_cached(
+        params,
+        tokens_np,
+        cfg,
+        cache,
+        segment_ids_bt=segments_np,
+        positions_bt=positions,
+        with_routing=True,
+    )
+    hit, mass = _gate_mass(routing, trained_ale, sets_n, segments_np != 0)
+    last = jnp.maximum(lengths_n - 1, 0)
+    first = next_tokens(logits[jnp.arange(n), last], sampling, jnp.zeros((n,), jnp.int32))
+    one = jnp.ones((n,), jnp.int32)
+    return Slots(cache._replace(length=lengths_n), first, lengths_n, one, sampling, hit, mass)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def insert(slots: Slots, joining: Slots, rows_n: jax.Array) -> Slots:
+    """`slots` with row rows_n[n] replaced by joining row n (the rows of `slots` are donated)."""
+
+    def put(axis: int):  # the batch axis: 1 for [L, B, ...] arrays, 0 for the rest
+        return lambda whole, part: whole.at[(slice(None),) * axis + (rows_n,)].set(part)
+
+    kv = jax.tree.map(put(1), slots.cache.kv, joining.cache.kv)
+    cache = KVCache(kv, *jax.tree.map(put(0), slots.cache[1:], joining.cache[1:]))
+    per_row = jax.tree.map(put(0), slots[1:5], joining[1:5])
+    return Slots(cache, *per_row, *jax.tree.map(put(1), slots[5:], joining[5:]))
+
+
+@functools.partial(jax.jit, static_argnums=5, donate_argnums=1)
+def step(
+    params,
+    slots: Slots,
+    trained_ale: jax.Array,
+    sets_b: jax.Array,
+    active_b: jax.Array,
+    cfg: ModelConfig,
+) -> Slots:
+    """Every active row reads its last token and chooses the next; inactive rows stay as they are.
+    params carry the bank's overrides with row b on set sets_b[b]."""
+    logits, cache, routing = forward_cached(
+        params,
+        slots.token_b[:, None],
+        cfg,
+        slots.cache,
+        segment_ids_bt=jnp.ones_like(slots.token_b)[:, None],
+        positions_bt=slots.position_b[:, None],
+        with_routing=True,
+    )
+    hit, mass = _gate_mass(routing, trained_ale, sets_b, active_b[:, None])
+    token = next_tokens(logits[:, 0], slots.sampling, slots.count_b)
+    cache = cache._replace(length=jnp.where(active_b, cache.length, slots.cache.length))
+    advance = active_b.astype(jnp.int32)
+    return Slots(
+        cache,
+        jnp.where(active_b, token, slots.token_b),
+        slots.position_b + advance,
+        slots.count_b + advance,
+        slots.sampling,
+        slots.hit_lb + hit,
+        slots.mass_lb + mass,
+    )
