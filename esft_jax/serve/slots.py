@@ -2,9 +2,10 @@
 its own length, stepped together one token per call while requests join and leave.
 
 A request joins by being prefilled alone or with others that join at the same step (`prefill`: a
-fresh cache of the slots' length, its prompt left-padded to a bucket), then copied into a free row
-(`insert`). `step` feeds every row its last chosen token at the row's own position and chooses the
-next; a row whose request has left is inactive and keeps its state until the next insert replaces it.
+fresh cache of the slots' length, its prompt right-padded to a bucket, the row's length its own),
+then copied into a free row (`insert`). `step` feeds every row its last chosen token at the row's
+own position and chooses the next; a row whose request has left is inactive and keeps its state
+until the next insert replaces it.
 Each row also sums, per MoE layer, the routed gate mass of the tokens it has read, and the part of it
 on its adapter's trained experts (the routing monitor's coverage, live).
 """
