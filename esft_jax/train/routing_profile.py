@@ -36,10 +36,20 @@ def measure(
 ) -> dict:
     """The profile (routing/expected.py's format) of `experts` under `params` (the trained model)
     on up to `tokens` prompt tokens of `samples`."""
-    seqs = profile.sequences(
-        samples, tokenizer, cfg, seq_len=seq_len, token_budget=tokens, seed=seed, count="prompt"
-    )
+
+    def read(index: int, count: int) -> list[profile.Sequence]:  # each process its data shards
+        return profile.sequences(
+            samples,
+            tokenizer,
+            cfg,
+            seq_len=seq_len,
+            token_budget=tokens,
+            seed=seed,
+            count="prompt",
+            shard=(index, count),
+        )
+
     stats = profile.collect(
-        params, cfg, seqs, batch_size=batch_size, seq_len=seq_len, mesh=mesh, progress=False
+        params, cfg, read, batch_size=batch_size, seq_len=seq_len, mesh=mesh, progress=False
     )
     return expected_coverage(stats, experts)
