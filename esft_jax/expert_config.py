@@ -99,13 +99,10 @@ class ExpertConfig:
             )
         profile = None
         if obj.get("profile") is not None:
-            profile = check_profile(obj["profile"], f"{where}: profile", None, ExpertConfigError)
+            profile = check_profile(
+                obj["profile"], f"{where}: profile", moe_layers, ExpertConfigError
+            )
             unprofiled = sorted(set(experts) - set(profile["layers"]))
-            if moe_layers is not None and sorted(profile["layers"]) != sorted(moe_layers):
-                raise ExpertConfigError(
-                    f"{where}: profile: layers {profile['layers']} are not the MoE layers "
-                    f"({layer_list(moe_layers)})"
-                )
             if unprofiled:
                 raise ExpertConfigError(
                     f"{where}: profile: layer {unprofiled[0]} selects experts but is not profiled"

@@ -215,13 +215,8 @@ class Engine:
 
     def _coverage(self, rows: Sequence[int]) -> dict[int, Coverage]:
         """The coverage so far of the requests in `rows` (the slots' live sums)."""
-        hit_lb = np.asarray(self._slots.hit_lb, np.float64)
-        mass_lb = np.asarray(self._slots.mass_lb, np.float64)
-        out = {}
-        for row in rows:
-            hit, mass = hit_lb[:, row], np.maximum(mass_lb[:, row], np.finfo(np.float32).tiny)
-            out[row] = Coverage(float(hit.sum() / mass.sum()), tuple((hit / mass).tolist()))
-        return out
+        hit_lb, mass_lb = np.asarray(self._slots.hit_lb), np.asarray(self._slots.mass_lb)
+        return {row: Coverage.of(hit_lb[:, row], mass_lb[:, row]) for row in rows}
 
     def _emit(
         self, chosen: dict[int, int], prompt: dict[int, Coverage] | None = None

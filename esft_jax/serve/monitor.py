@@ -41,6 +41,13 @@ class Coverage(NamedTuple):
     total: float  # share of the gate mass of every routed assignment on trained experts
     per_layer: tuple[float, ...]  # the same per MoE layer (cfg.moe_layer_ids order)
 
+    @classmethod
+    def of(cls, hit_l: np.ndarray, mass_l: np.ndarray) -> Coverage:
+        """From per-layer sums: gate mass on trained experts [L] and all routed gate mass [L]."""
+        hit_l, mass_l = np.asarray(hit_l, np.float64), np.asarray(mass_l, np.float64)
+        mass_l = np.maximum(mass_l, np.finfo(np.float32).tiny)  # a layer nothing was routed in
+        return cls(float(hit_l.sum() / mass_l.sum()), tuple((hit_l / mass_l).tolist()))
+
 
 def trained_experts(bank: AdapterBank, num_experts: int) -> np.ndarray:
     """[A, L, E] bool: set a trained expert e of MoE layer l (set 0, the base, trains none)."""
@@ -83,7 +90,7 @@ def coverage(
         on_trained = trained[s][layers, ids_lbtk[:, row]]  # [L, T, k]
         mass_l = w_lbtk[:, row].sum(axis=(1, 2))
         hit_l = (w_lbtk[:, row] * on_trained).sum(axis=(1, 2))
-        out.append(Coverage(float(hit_l.sum() / mass_l.sum()), tuple((hit_l / mass_l).tolist())))
+        out.append(Coverage.of(hit_l, mass_l))
     return out
 
 
