@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from esft_jax.builtin.suite import write_suite
 from esft_jax.checkpoint import load_checkpoint, load_tokenizer
-from esft_jax.data.records import read_jsonl
+from esft_jax.data.sources import read_samples
 from esft_jax.report import markdown_table
 from esft_jax.routing import profile
 
@@ -36,7 +36,7 @@ BATCH = 8
 
 def _documents(data: str, seq_len: int, budget: int):
     cfg, params = load_checkpoint(MODEL)
-    samples, _ = read_jsonl(data, False)
+    samples, _ = read_samples(data, False)
     return (
         cfg,
         params,

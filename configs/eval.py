@@ -18,14 +18,26 @@ from esft_jax import config_blocks as blocks
 
 def _task(scorer: str, max_new_tokens: int) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
-        dict(data="", scorer=scorer, max_new_tokens=max_new_tokens, limit=0, stop="\n\nUser:")
-    )  # stop strings, separated by "|"
+        dict(
+            data="",
+            format="auto",  # of data: auto (by extension or folder), jsonl, json, parquet, arrow
+            scorer=scorer,
+            max_new_tokens=max_new_tokens,
+            limit=0,
+            stop="\n\nUser:",  # stop strings, separated by "|"
+        )
+    )
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = blocks.model_source(ml_collections.ConfigDict())
     c.adapter = ""  # an adapter applied to the checkpoint (esft train's <workdir>/adapter)
+    # apply an adapter whose recorded base (adapter_config.json) is another checkpoint
+    c.allow_other_base = False
     c.seed = 0
+    # {"messages"} eval prompts' and held-out chats' format, as esft train's data.template:
+    # "model" (the checkpoint's chat template, else ESFT's), "esft" or a PATH.jinja
+    c.template = "model"
     c.tasks = ml_collections.ConfigDict(
         dict(
             intent=_task("intent", 64),
@@ -35,8 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
     c.perplexity = ml_collections.ConfigDict(
-        dict(data="", seq_len=1024)
-    )  # held-out jsonl: general ability
+        dict(data="", format="auto", seq_len=1024)
+    )  # held-out text (any format, as the tasks'): general ability
     c.batch_size = 8
     c.judge = blocks.judge(retries=3)
     c.out_dir = "runs/eval"

@@ -18,8 +18,11 @@ PRESETS = blocks.MODELS  # the model
 def get_config(model: str = "tiny") -> ml_collections.ConfigDict:
     c = blocks.model_source(ml_collections.ConfigDict(), model)
     c.seed = 0
-    c.data = ""  # jsonl: ESFT "messages" lines or {"text": ...} lines
-    c.skip_invalid = False  # skip (and count) malformed lines instead of stopping
+    c.data = ""  # a dataset file or folder (README: Your own data)
+    c.data_format = "auto"  # of data: auto (by extension or folder), jsonl, json, parquet, arrow
+    # conversations' format, as esft train's data.template: "model", "esft" or a PATH.jinja
+    c.template = "model"
+    c.skip_invalid = False  # skip (and count) malformed rows instead of stopping
     c.count = (
         "all"  # which tokens' routing counts: "all" (as the official code), "answer", "prompt"
     )

@@ -27,6 +27,11 @@ def get_config(adapters: str = "") -> ml_collections.ConfigDict:
         raise ValueError(f"expected NAME=DIR pairs after ':', got {bad[0]!r}")
     # name -> adapter directory (esft train's <workdir>/adapter)
     c.adapters = OpenConfigDict(dict(pair.split("=", 1) for pair in pairs))
+    # serve adapters whose recorded base (adapter_config.json) is another checkpoint
+    c.allow_other_base = False
+    # chat requests' format: "model" (the checkpoint's chat template, else ESFT's), "esft" or a
+    # PATH.jinja (esft_jax/data/chat.py)
+    c.template = "model"
     c.host = "127.0.0.1"
     c.port = 8000
     c.api_key = ""

@@ -32,8 +32,13 @@ def get_config(method: str = "esft") -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, targets="attention,experts"))
     c.data = ml_collections.ConfigDict(
         dict(
-            train="",  # jsonl: ESFT "messages" lines or {"text": ...}
+            train="",  # a dataset file or folder (README: Your own data)
             general="",  # optional second (general / alignment) dataset mixed in
+            format="auto",  # of both: auto (each by extension or folder), jsonl, json, parquet, arrow
+            # conversations' format: "model" (the checkpoint's chat template, else ESFT's), "esft"
+            # (ESFT's official one) or a PATH.jinja (esft_jax/data/chat.py)
+            template="model",
+            loss_on="assistant",  # trained tokens: "assistant" turns, "last_assistant", "all"
             general_ratio=1.0,  # general samples per task sample
             seq_len=4096,  # packed row length
             validation_fraction=0.02,

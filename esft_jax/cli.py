@@ -136,9 +136,16 @@ def cmd_train(c: ml_collections.ConfigDict) -> None:
 def cmd_export(c: ml_collections.ConfigDict) -> None:
     """Base checkpoint + adapter -> a full Hugging Face checkpoint directory."""
     inputs = (c.checkpoint, c.adapter)
+    runtime.check_adapter_base(c, c.adapter)
     cfg, params = load_with_adapter(c.checkpoint, c.adapter)
     out = save_checkpoint(
-        c.out, cfg, params, tokenizer_from=c.checkpoint, overwrite=c.overwrite, inputs=inputs
+        c.out,
+        cfg,
+        params,
+        tokenizer_from=c.checkpoint,
+        overwrite=c.overwrite,
+        inputs=inputs,
+        dtype=None if c.dtype == "auto" else c.dtype,
     )
     print(f"{c.checkpoint} + {c.adapter} -> {out}")
 

@@ -29,6 +29,7 @@ import ml_collections
 
 from esft_jax import config_files, report
 from esft_jax.builtin import suite as builtin_suite
+from esft_jax.data.sources import EXTENSIONS
 from esft_jax.eval.run import evaluate
 from esft_jax.routing import analyze
 from esft_jax.routing import run as routing_run
@@ -39,6 +40,7 @@ STEP_FIELDS = (
     "model",
     "checkpoint",
     "tokenizer",
+    "template",
     "seed",
     "mesh",
 )  # the study's, for each of its steps
@@ -60,13 +62,21 @@ def _step_config(c: ml_collections.ConfigDict, command: str, **fields) -> ml_col
     return step
 
 
+def _data(directory: Path, name: str) -> str:
+    """The suite's data set `name` in `directory`: the first of <name>.jsonl, .ndjson, .json,
+    .parquet, .arrow or a folder <name> that exists (<name>.jsonl, for the error, if none does)."""
+    found = [directory / f"{name}{ext}" for ext in EXTENSIONS] + [directory / name]
+    return str(next((p for p in found if p.exists()), found[0]))
+
+
 def _profile(c: ml_collections.ConfigDict, suite: Path, out: Path) -> None:
     """`esft profile` of the task's training data into `out`."""
     routing_run.profile_routing(
         _step_config(
             c,
             "profile",
-            data=str(suite / "train" / f"{c.task}.jsonl"),
+            data=_data(suite / "train", c.task),
+            data_format=c.data_format,
             token_budget=c.profile.token_budget,
             seq_len=c.profile.seq_len,
             batch_size=c.profile.batch_size,
@@ -83,15 +93,18 @@ def _evaluate(c: ml_collections.ConfigDict, suite: Path, out: Path, adapter: str
     tasks = ml_collections.ConfigDict(
         {
             name: dict(
-                data=str(eval_dir / f"{name}.jsonl"),
+                data=_data(eval_dir, name),
+                format=c.data_format,
                 limit=c.eval.limit,
                 **c.scoring[name].to_dict(),
             )
             for name in [c.task, *c.general_tasks]
         }
     )
-    held_out = str(eval_dir / f"{c.perplexity_set}.jsonl") if c.perplexity_set else ""
-    perplexity = ml_collections.ConfigDict(dict(data=held_out, seq_len=c.eval.seq_len))
+    held_out = _data(eval_dir, c.perplexity_set) if c.perplexity_set else ""
+    perplexity = ml_collections.ConfigDict(
+        dict(data=held_out, format=c.data_format, seq_len=c.eval.seq_len)
+    )
     step = _step_config(
         c,
         "eval",
@@ -116,14 +129,18 @@ def _train_command(c: ml_collections.ConfigDict, method: str, run: Path, suite: 
         "--config",
         f"{train_config}:{kind}",
         f"--config.checkpoint={c.checkpoint}",
-        f"--config.data.train={suite / 'train' / f'{c.task}.jsonl'}",
+        f"--config.data.train={_data(suite / 'train', c.task)}",
         f"--config.workdir={run / f'train_{method}'}",
         f"--config.optim.lr={c.lr.get(method, c.lr.esft)}",
+        f"--config.data.template={c.template}",
+        f"--config.data.loss_on={c.loss_on}",
         *(f"--config.mesh.{axis}={size}" for axis, size in c.mesh.items() if size != 1),
         # the study's runtime model fields (dtype, strategy, ...), so training runs the model it profiles
         *(f"--config.model.{k}={c.model[k]}" for k in RUNTIME_FIELDS if k in c.model),
         *(f"--config.{override}" for override in c.train),
     ]
+    if c.data_format != "auto":
+        args.append(f"--config.data.format={c.data_format}")
     if kind == "esft":
         selection = method.removeprefix("esft_")
         args.append(f"--config.expert_config={run / f'experts_{selection}.json'}")

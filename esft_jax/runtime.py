@@ -19,10 +19,20 @@ from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
 from esft_jax import config_files, sharding
-from esft_jax.checkpoint import load_checkpoint, load_config, load_tokenizer
-from esft_jax.checkpoint.adapter import load_with_adapter
+from esft_jax.checkpoint import CheckpointError, load_checkpoint, load_config, load_tokenizer
+from esft_jax.checkpoint.adapter import CONFIG_FILE, load_with_adapter
+from esft_jax.checkpoint.fingerprint import (
+    base_metadata,
+    check_base,
+    checkpoint_fingerprint,
+    random_fingerprint,
+)
+from esft_jax.checkpoint.hf_names import config_to_hf
 from esft_jax.checkpoint.sharded_load import load_params_sharded
+from esft_jax.data import tokenize
 from esft_jax.data.byte_tokenizer import byte_tokenizer
+from esft_jax.data.chat import ChatTemplate
+from esft_jax.jsonio import read_json
 from esft_jax.model import ModelConfig, init_params
 from esft_jax.model.params import flat_param_specs
 
@@ -63,6 +73,8 @@ def load_model(c: ml_collections.ConfigDict, mesh: Mesh | None = None) -> tuple[
     `c.model` (seeded by c.seed) when it is "random". With a mesh, a checkpoint is read straight onto
     it (checkpoint/sharded_load.py: each process reads only the blocks its devices hold)."""
     overrides = _runtime_overrides(c)
+    if c.get("adapter"):
+        check_adapter_base(c, c.adapter)
     if mesh is not None:
         _check_fits(model_config(c), mesh)
     if c.checkpoint != RANDOM_WEIGHTS and mesh is not None:
@@ -75,6 +87,28 @@ def load_model(c: ml_collections.ConfigDict, mesh: Mesh | None = None) -> tuple[
         return load_checkpoint(c.checkpoint, **overrides)
     cfg = config_files.model_config(c.model)
     return cfg, init_params(cfg, jax.random.key(c.seed))
+
+
+def base_fingerprint(c: ml_collections.ConfigDict) -> str:
+    """The fingerprint of the base weights c names (checkpoint/fingerprint.py)."""
+    if c.checkpoint == RANDOM_WEIGHTS:
+        return random_fingerprint(config_to_hf(model_config(c)), c.seed)
+    return checkpoint_fingerprint(c.checkpoint)
+
+
+def adapter_base(c: ml_collections.ConfigDict) -> dict[str, str]:
+    """What an adapter trained from c's base records of it (adapter_config.json entries)."""
+    return base_metadata(c.checkpoint, base_fingerprint(c))
+
+
+def check_adapter_base(c: ml_collections.ConfigDict, adapter_dir: str | Path) -> None:
+    """Refuse (one line) an adapter trained on another base than c's, unless
+    c.allow_other_base; reads only the adapter's config and the base's headers."""
+    path = Path(adapter_dir) / CONFIG_FILE
+    metadata = read_json(path, CheckpointError, f"no such file (is {adapter_dir} an adapter?)")
+    if isinstance(metadata, dict):  # else read_adapter's own message, when the adapter is read
+        fingerprint = base_fingerprint(c)
+        check_base(path, metadata, fingerprint, c.checkpoint, c.get("allow_other_base", False))
 
 
 def _check_fits(cfg: ModelConfig, mesh: Mesh) -> None:
@@ -94,6 +128,18 @@ def tokenizer(c: ml_collections.ConfigDict) -> Tokenizer:
     if c.tokenizer or c.checkpoint != RANDOM_WEIGHTS:
         return load_tokenizer(c.tokenizer or c.checkpoint)
     return byte_tokenizer()
+
+
+def chat_template(
+    c: ml_collections.ConfigDict, key: str, tokenizer: Tokenizer, cfg: ModelConfig
+) -> ChatTemplate:
+    """The chat template `--config.KEY` chooses ("model", "esft" or a .jinja file: data/chat.py)
+    for c's tokenizer; "model" reads c.tokenizer's, else the checkpoint's, template files."""
+    choice = c
+    for name in key.split("."):
+        choice = choice[name]
+    directory = c.tokenizer or (c.checkpoint if c.checkpoint != RANDOM_WEIGHTS else None)
+    return tokenize.chat_template(tokenizer, cfg, choice, directory, f"--config.{key}")
 
 
 def distributed(c: ml_collections.ConfigDict) -> None:

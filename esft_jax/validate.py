@@ -19,8 +19,11 @@ import ml_collections
 from esft_jax.builtin.suite import HELD_OUT_DOCS
 from esft_jax.checkpoint.output_dir import OutputDirError, export_replaceable
 from esft_jax.config_files import ConfigFileError
+from esft_jax.data.chat import LOSS_ON, TEMPLATES
+from esft_jax.data.sources import FORMATS
 from esft_jax.eval.scorers import SCORERS
 from esft_jax.model import ModelConfig
+from esft_jax.model.config import DTYPES
 from esft_jax.routing.profile import COUNT_MODES
 from esft_jax.routing.select import METHODS as SELECT_METHODS
 from esft_jax.runtime import RANDOM_WEIGHTS, RUNTIME_FIELDS
@@ -72,6 +75,19 @@ def one_of(c: ml_collections.ConfigDict, key: str, options: Sequence[str]) -> No
         raise ConfigFileError(
             f"--config.{key}={value!r}: expected one of {', '.join(map(str, options))}"
         )
+
+
+def template(c: ml_collections.ConfigDict, key: str) -> None:
+    """A chat template choice (data/chat.py): model, esft or an existing .jinja file."""
+    value = _get(c, key)
+    if value in TEMPLATES:
+        return
+    if not (isinstance(value, str) and value.endswith(".jinja")):
+        raise ConfigFileError(
+            f"--config.{key}={value!r}: expected {', '.join(TEMPLATES)} or a path ending in .jinja"
+        )
+    if not Path(value).is_file():
+        raise ConfigFileError(f"--config.{key}={value}: no such file")
 
 
 def required(c: ml_collections.ConfigDict, key: str, what: str) -> None:
@@ -154,7 +170,9 @@ def _route(c: ml_collections.ConfigDict) -> None:
 
 
 def _profile(c: ml_collections.ConfigDict) -> None:
-    input_path(c, "data", "a jsonl dataset to profile")
+    input_path(c, "data", "a dataset to profile")
+    one_of(c, "data_format", FORMATS)
+    template(c, "template")
     for key in ("token_budget", "seq_len", "batch_size"):
         whole(c, key)
     whole(c, "shards", 0)
@@ -208,12 +226,15 @@ def _eval(c: ml_collections.ConfigDict) -> None:
             "--config.perplexity.data)"
         )
     for name in tasks:
-        input_path(c, f"tasks.{name}.data", f"task {name}'s eval jsonl")
+        input_path(c, f"tasks.{name}.data", f"task {name}'s eval set")
+        one_of(c, f"tasks.{name}.format", FORMATS)
         _scoring(c, f"tasks.{name}", c.judge)
         whole(c, f"tasks.{name}.limit", 0)
     if c.perplexity.data:
-        input_path(c, "perplexity.data", "a held-out jsonl")
+        input_path(c, "perplexity.data", "a held-out dataset")
+        one_of(c, "perplexity.format", FORMATS)
         whole(c, "perplexity.seq_len", 2)
+    template(c, "template")
     whole(c, "batch_size")
     writable_dir(c, "out_dir")
 
@@ -233,6 +254,9 @@ def _study(c: ml_collections.ConfigDict) -> None:
             raise ConfigFileError(f"--config.scoring: no entry for task {name!r}")
         _scoring(c, f"scoring.{name}", c.judge)
     one_of(c, "launch", ("local", "print"))
+    one_of(c, "data_format", FORMATS)
+    template(c, "template")
+    one_of(c, "loss_on", LOSS_ON)
     for override in c.train:  # each `esft train` of the study trains c.checkpoint
         _architecture_override(
             f"--config.train: {override!r}", override.partition("=")[0], c.checkpoint
@@ -267,6 +291,7 @@ def _export(c: ml_collections.ConfigDict) -> None:
     input_path(c, "adapter", "the adapter directory (esft train's <workdir>/adapter)")
     required(c, "out", "the directory to write the merged checkpoint to")
     writable_dir(c, "out")
+    one_of(c, "dtype", ("auto", *DTYPES))
     try:  # before the merge: refusing costs nothing (save_checkpoint checks again when it writes)
         export_replaceable(
             Path(c.out),
@@ -329,6 +354,7 @@ def _serve(c: ml_collections.ConfigDict) -> None:
         raise ConfigFileError(f"--config.port={c.port}: expected a port number <= 65535")
     whole(c, "slots")
     whole(c, "max_len", 0)
+    template(c, "template")
     number(c, "monitor.ood_ratio", 0)
 
 

@@ -8,10 +8,15 @@ ones or zeros), so that a model ignoring one of them would not match.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
+from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
 
 _BASE = dict(
     vocab_size=256,
@@ -251,3 +256,79 @@ def run(model: transformers.PreTrainedModel, tokens, attention_mask):
         for h in hooks:
             h.remove()
     return out.logits.float().numpy(), [(ids.numpy(), w.float().numpy()) for ids, w in captured]
+
+
+# Small, not square: a tiny model's matrices span several blocks, partial ones among them.
+FP8_BLOCK = (16, 32)
+
+
+def _padded(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """w [..., out, in] zero-padded to whole blocks (as float32: torch pads no FP8)."""
+    rows, cols = w.shape[-2:]
+    return torch.nn.functional.pad(w.float(), (0, -cols % block[1], 0, -rows % block[0]))
+
+
+def fp8_quantize(
+    w: torch.Tensor, block: tuple[int, int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' Fp8Quantize of w [..., out, in] -> (FP8 weight, float32 scales [..., ceil(out/bo),
+    ceil(in/bi)]). It quantises only whole blocks, so w is zero-padded to them first (zeros change
+    no block's max, hence no scale) and cut back after."""
+    rows, cols = w.shape[-2:]
+    config = transformers.FineGrainedFP8Config(weight_block_size=block)
+    padded = _padded(w, block) if block else w.float()
+    out = Fp8Quantize(SimpleNamespace(quantization_config=config)).convert({"w.weight": padded})
+    return out["w.weight"][..., :rows, :cols].contiguous(), out["w.weight_scale_inv"]
+
+
+def fp8_dequantize(
+    w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """transformers' Fp8Dequantize of (w, scale) into `dtype`. It takes the block size from the scale
+    grid (out / rows of scales), right only for whole blocks: w is zero-padded to them first."""
+    rows, cols = w.shape[-2:]
+    padded = _padded(w, block).to(w.dtype) if block else w
+    return Fp8Dequantize(None)._dequantize_one(padded, scale, dtype)[..., :rows, :cols].contiguous()
+
+
+def fp8_checkpoint(
+    src: Path, dst: Path, block: tuple[int, int] | None = FP8_BLOCK
+) -> dict[str, torch.Tensor]:
+    """`src` (a save_pretrained directory) as the Hub's FP8 checkpoints store it in `dst`: every
+    matrix of the layers (attention, experts, shared and dense MLPs; not the router, embeddings or
+    lm_head) FP8 with its `_scale_inv`, and config.json's fp8 quantization_config.
+    -> transformers' bfloat16 dequantisation of each quantised tensor, by name."""
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(src / "model.safetensors")
+    dequantised = {}
+    quantised = [
+        n
+        for n, t in tensors.items()
+        if n.startswith("model.layers.") and t.ndim == 2 and not n.endswith("mlp.gate.weight")
+    ]
+    for name in quantised:
+        w, scale = fp8_quantize(tensors[name], block)
+        tensors[name], tensors[name + "_scale_inv"] = w, scale
+        dequantised[name] = fp8_dequantize(w, scale, block, torch.bfloat16)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "weight_block_size": list(block) if block else None,
+    }
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.copy(src / "generation_config.json", dst / "generation_config.json")
+    return dequantised
+
+
+def with_weights(src: Path, dst: Path, weights: dict[str, torch.Tensor]) -> Path:
+    """A copy of checkpoint `src` in `dst` with the tensors `weights` replaced (for a reference model
+    run on dequantised weights)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = {**load_file(src / "model.safetensors"), **weights}
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(src / name, dst / name)
+    return dst

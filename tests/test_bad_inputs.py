@@ -9,16 +9,22 @@ Without ESFT_WRITE_DOCS the test checks that every case here has its row there.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import torch
 import train_fixtures as fx
+from safetensors.torch import load_file, save_file
 
 from esft_jax import cli
 from esft_jax.checkpoint.adapter import write_adapter
+from esft_jax.checkpoint.fingerprint import base_metadata, checkpoint_fingerprint
 
 DOC = Path(__file__).parents[1] / "docs" / "reliability.md"
 BEGIN, END = "<!-- bad-inputs:begin (tests/test_bad_inputs.py) -->", "<!-- bad-inputs:end -->"
@@ -105,6 +111,26 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def _foreign_adapter(f: Files) -> Path:
+    """An adapter recorded as trained on another base (same architecture, other weights)."""
+    adapter = f.root / "foreign_adapter"
+    if not adapter.exists():
+        other = fx.base_checkpoint(f.root / "other_base", seed=1)
+        base = base_metadata(str(other), checkpoint_fingerprint(other))
+        write_adapter(adapter, {}, {"method": "esft", "model_type": "deepseek_v2", **base})
+    return adapter
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _parquet(path: Path, **columns: list) -> Path:
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
 def _truncated_checkpoint(f: Files) -> Path:
     bad = f.root / "truncated"
     if not bad.exists():
@@ -122,6 +148,25 @@ def _corrupt_adapter(f: Files) -> Path:
         bad.mkdir()
         (bad / "adapter_config.json").write_text((f.adapter / "adapter_config.json").read_text())
         (bad / "adapter.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    return bad
+
+
+def _quantised_checkpoint(f: Files, method: str) -> Path:
+    """The base with config.json's quantization_config of `method`; for "fp8", one tensor stored as
+    FP8 without the scales that would make it readable."""
+    bad = f.root / f"quantised_{method}"
+    if not bad.exists():
+        bad.mkdir()
+        for p in f.base.iterdir():
+            (bad / p.name).write_bytes(p.read_bytes())
+        config = json.loads((bad / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": method, "weight_block_size": [128, 128]}
+        (bad / "config.json").write_text(json.dumps(config))
+        if method == "fp8":
+            tensors = load_file(bad / "model.safetensors")
+            name = "model.layers.1.self_attn.o_proj.weight"
+            tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+            save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     return bad
 
 
@@ -227,6 +272,68 @@ CASES = [
         "empty.jsonl",
     ),
     Case(
+        "training data of an unknown format",
+        lambda f: _train(f, "--config.data.train=" + str(_write(f.root / "data.csv", "text\nx\n"))),
+        "data.csv: unknown data format",
+    ),
+    Case(
+        "unknown data format name",
+        lambda f: _train(f, "--config.data.format=csv"),
+        "--config.data.format",
+    ),
+    Case(
+        "unknown chat template name",
+        lambda f: _train(f, "--config.data.template=chatml"),
+        "--config.data.template='chatml': expected model, esft or a path ending in .jinja",
+    ),
+    Case(
+        "chat template that is not Jinja",
+        lambda f: _train(
+            f, f"--config.data.template={_write(f.root / 'broken.jinja', '{% if %}')}"
+        ),
+        "broken.jinja:1: not a Jinja template",
+    ),
+    Case(
+        "chat template that refuses the data",
+        lambda f: _train(
+            f,
+            "--config.data.template="
+            + str(_write(f.root / "refuse.jinja", "{{ raise_exception('no chats here') }}")),
+        ),
+        "task.jsonl:1: chat template",
+    ),
+    Case(
+        "unknown loss_on",
+        lambda f: _train(f, "--config.data.loss_on=prompt"),
+        "--config.data.loss_on",
+    ),
+    Case(
+        "parquet without a known column set",
+        lambda f: _train(
+            f, f"--config.data.train={_parquet(f.root / 'columns.parquet', a=[1], b=['x'])}"
+        ),
+        "found: a, b",
+    ),
+    Case(
+        "training data that is not UTF-8",
+        lambda f: _train(
+            f,
+            "--config.data.train="
+            + str(_write_bytes(f.root / "latin1.jsonl", b'{"text": "caf\xe9"}\n')),
+        ),
+        "latin1.jsonl:1",
+    ),
+    Case(
+        "seq_len too short for any answer (train)",
+        lambda f: _train(f, "--config.data.seq_len=16"),
+        "--config.data.seq_len=16",
+    ),
+    Case(
+        "seq_len too short for any answer (profile, count=answer)",
+        lambda f: _profile(f, "--config.seq_len=16", "--config.count=answer"),
+        "--config.seq_len=16",
+    ),
+    Case(
         "checkpoint directory without config.json",
         lambda f: _eval(f, f"--config.checkpoint={f.root}", f"--config.perplexity.data={f.task}"),
         "config.json",
@@ -246,6 +353,24 @@ CASES = [
             f, f"--config.adapter={_corrupt_adapter(f)}", f"--config.perplexity.data={f.task}"
         ),
         "adapter.safetensors",
+    ),
+    Case(
+        "quantised checkpoint esft cannot read (GPTQ)",
+        lambda f: _eval(
+            f,
+            f"--config.checkpoint={_quantised_checkpoint(f, 'gptq')}",
+            f"--config.perplexity.data={f.task}",
+        ),
+        "config.json: quantization_config has quant_method 'gptq'",
+    ),
+    Case(
+        "FP8 tensor without its scales",
+        lambda f: _eval(
+            f,
+            f"--config.checkpoint={_quantised_checkpoint(f, 'fp8')}",
+            f"--config.perplexity.data={f.task}",
+        ),
+        "o_proj.weight is stored as F8_E4M3 without scales",
     ),
     Case(
         "select without statistics",
@@ -311,6 +436,18 @@ CASES = [
             f"--config.out={f.base}",
         ],
         "--config.out",
+    ),
+    Case(
+        "adapter trained on another base (export)",
+        lambda f: [
+            "export",
+            "--config",
+            "configs/export.py",
+            f"--config.checkpoint={f.base}",
+            f"--config.adapter={_foreign_adapter(f)}",
+            f"--config.out={f.root / 'exported'}",
+        ],
+        "allow_other_base",
     ),
     Case(
         "built-in data into a non-empty directory",

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from esft_jax.builtin import suite as builtin_suite
-from esft_jax.data.records import read_jsonl
+from esft_jax.data.sources import read_samples
 from esft_jax.eval import scorers
-from esft_jax.eval.metrics import read_eval_jsonl
+from esft_jax.eval.metrics import read_eval_set
 
 MODEL = Path(builtin_suite.__file__).parent / "tiny_moe"
 
@@ -36,11 +36,12 @@ def test_suite_is_deterministic_and_well_formed(tmp_path):
     ]
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     for name in ("intent", "math", "sort", "facts", "count"):
-        train, _ = read_jsonl(a / "train" / f"{name}.jsonl")
-        evals = read_eval_jsonl(a / "eval" / f"{name}.jsonl")
+        train, _ = read_samples(a / "train" / f"{name}.jsonl")
+        evals = read_eval_set(a / "eval" / f"{name}.jsonl")
         assert len(train) == 50 and len(evals) == 10
-        assert not {s.prompt for s in train} >= {e.prompt.removeprefix("User: ") for e in evals}
-    intent = read_eval_jsonl(a / "eval" / "intent.jsonl")
+        asked = {f"User: {s.messages[0]['content']}\n\nAssistant:" for s in train}
+        assert not asked >= {e.prompt for e in evals}  # held-out prompts
+    intent = read_eval_set(a / "eval" / "intent.jsonl")
     assert all(
         scorers.intent(e.answers[0], e.answers) == 1.0 for e in intent
     )  # answers are valid intent JSON

@@ -80,12 +80,12 @@ def test_sharded_index_pointing_at_a_missing_shard(tmp_path):
 def test_interrupted_save_leaves_previous_checkpoint(tmp_path, ckpt, monkeypatch):
     cfg = ModelConfig()
     before = (ckpt / "model.safetensors").read_bytes()
-    import esft_jax.checkpoint.hf as hf
+    import esft_jax.checkpoint.hf_export as hf_export
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf, "save_file", boom)
+    monkeypatch.setattr(hf_export, "save_file", boom)
     with pytest.raises(OSError):
         save_checkpoint(ckpt, cfg, init_params(cfg, jax.random.key(1)), overwrite=True)
     assert (ckpt / "model.safetensors").read_bytes() == before

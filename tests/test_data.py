@@ -1,17 +1,22 @@
 """Dataset and eval-set lines, tokenisation, the byte tokenizer, and malformed routing logs."""
 
+import dataclasses
 import json
 import re
 
 import numpy as np
 import pytest
 
+from esft_jax import config_files
 from esft_jax.data.byte_tokenizer import byte_tokenizer
-from esft_jax.data.records import DataError, Sample, read_jsonl
+from esft_jax.data.records import DataError, Sample
+from esft_jax.data.sources import read_samples
 from esft_jax.data.tokenize import encode
-from esft_jax.eval.metrics import EvalSample, read_eval_jsonl
+from esft_jax.eval.metrics import EvalSample, read_eval_set
 from esft_jax.routing.official_logs import read_official_logs
 from esft_jax.routing.sources import load_stats
+
+CFG = config_files.model_config(config_files.load_file("configs/models/tiny.py"))
 
 
 def _write(path, lines):
@@ -19,30 +24,40 @@ def _write(path, lines):
     return path
 
 
-def test_messages_and_text_lines(tmp_path):
-    msg = {
-        "messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yes."}]
-    }
-    path = _write(tmp_path / "d.jsonl", [json.dumps(msg), "", json.dumps({"text": "plain"})])
-    samples, skipped = read_jsonl(path)
+def test_messages_completion_and_text_lines(tmp_path):
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Yes.", "reasoning_content": None},
+    ]
+    lines = [
+        json.dumps({"messages": turns, "tools": [{"type": "function"}]}),
+        "",
+        json.dumps({"text": "plain"}),
+        json.dumps({"prompt": "p", "completion": "c"}),
+    ]
+    samples, skipped = read_samples(_write(tmp_path / "d.jsonl", lines))
+    path = tmp_path / "d.jsonl"
     assert skipped == 0
-    assert samples[0] == Sample("User: Hi?\n\nAssistant:", " Yes.", f"{path}:1")
+    assert samples[0] == Sample("", "", f"{path}:1", tuple(turns), ({"type": "function"},))
     assert samples[1] == Sample("", "plain", f"{path}:3")
+    assert samples[2] == Sample("p", "c", f"{path}:4")
 
 
 @pytest.mark.parametrize(
     "line, message",
     [
         ('{"messages": [{"role": "user", "content": "a"}]', "not valid JSON"),
-        (
-            '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}',
-            "'messages' must be",
-        ),
+        ('{"messages": [{"role": "user", "content": "a"}]}', "no assistant message"),
+        ('{"messages": []}', "'messages' must be a non-empty list"),
+        ('{"messages": [{"content": "a"}]}', r"messages\[0\]: expected an object with a 'role'"),
         (
             '{"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "b"}]}',
-            "string 'content'",
+            r"messages\[0\]: 'content' must be a string",
         ),
-        ('{"prompt": "x"}', "expected a 'messages' list or a 'text' string"),
+        ('{"messages": [{"role": "assistant", "content": "a"}], "tools": 3}', "'tools' must be"),
+        ('{"prompt": "x", "completion": 1}', "'prompt' and 'completion' must be strings"),
+        ('{"prompt": "x"}', "expected a 'messages' list, 'prompt' and 'completion'"),
         ("[1, 2]", "expected a JSON object"),
     ],
 )
@@ -50,14 +65,14 @@ def test_malformed_lines_name_file_and_line(tmp_path, line, message):
     good = json.dumps({"text": "ok"})
     path = _write(tmp_path / "bad.jsonl", [good, good, line])
     with pytest.raises(DataError, match=rf"bad.jsonl:3: .*{message}"):
-        read_jsonl(path)
-    samples, skipped = read_jsonl(path, skip_invalid=True)
+        read_samples(path)
+    samples, skipped = read_samples(path, skip_invalid=True)
     assert (len(samples), skipped) == (2, 1)
 
 
 def test_missing_dataset(tmp_path):
     with pytest.raises(DataError, match="no such dataset file"):
-        read_jsonl(tmp_path / "none.jsonl")
+        read_samples(tmp_path / "none.jsonl")
 
 
 @pytest.mark.parametrize(
@@ -71,19 +86,20 @@ def test_missing_dataset(tmp_path):
 def test_eval_sets_read_up_to_the_limit_and_name_bad_lines(tmp_path, line, message):
     good = [json.dumps({"prompt": f"p{i}", "answers": [f"a{i}"]}) for i in range(3)]
     path = _write(tmp_path / "eval.jsonl", [good[0], "", *good[1:], line])
-    assert read_eval_jsonl(path, limit=2) == [
+    assert read_eval_set(path, limit=2) == [
         EvalSample("p0", ["a0"], f"{path}:1"),
         EvalSample("p1", ["a1"], f"{path}:3"),
     ]
     with pytest.raises(DataError, match=rf"eval.jsonl:5: {re.escape(message)}"):
-        read_eval_jsonl(path)
+        read_eval_set(path)
     with pytest.raises(DataError, match="no such eval file"):
-        read_eval_jsonl(tmp_path / "none.jsonl")
+        read_eval_set(tmp_path / "none.jsonl")
 
 
 def test_encode_marks_the_answer_exactly():
     tok = byte_tokenizer()
-    ids, answer = encode(tok, Sample("User: é\n\nAssistant:", " ok", "t"), 256, 257)
+    cfg = dataclasses.replace(CFG, bos_token_id=256, eos_token_id=257)
+    [(ids, answer)] = encode(tok, Sample("User: é\n\nAssistant:", " ok", "t"), cfg)
     prompt_bytes = list("User: é\n\nAssistant:".encode())
     assert ids.tolist() == [256, *prompt_bytes, *b" ok", 257]
     assert answer.tolist() == [False] * (1 + len(prompt_bytes)) + [True] * 4
@@ -91,9 +107,9 @@ def test_encode_marks_the_answer_exactly():
 
 
 def test_official_format_on_the_real_data(reference):
-    samples, skipped = read_jsonl(reference / "datasets/train/law.jsonl")
+    samples, skipped = read_samples(reference / "datasets/train/law.jsonl")
     assert skipped == 0 and len(samples) == 927
-    assert samples[0].prompt.startswith("User: ") and samples[0].prompt.endswith("\n\nAssistant:")
+    assert [m["role"] for m in samples[0].messages] == ["user", "assistant"]
 
 
 @pytest.mark.parametrize(

@@ -14,10 +14,10 @@ from esft_jax.builtin import suite as builtin_suite
 from esft_jax.checkpoint import load_checkpoint, load_tokenizer
 from esft_jax.checkpoint.adapter import write_adapter
 from esft_jax.checkpoint.output_dir import MARKER
-from esft_jax.data.records import ANSWER_TEMPLATE, PROMPT_TEMPLATE, Sample
+from esft_jax.data.records import Sample
 from esft_jax.data.tokenize import encode
 from esft_jax.eval.generate import generate, generate_text
-from esft_jax.eval.metrics import read_eval_jsonl
+from esft_jax.eval.metrics import read_eval_set
 
 BUILTIN = Path(builtin_suite.__file__).parent / "tiny_moe"
 
@@ -145,7 +145,7 @@ def test_export_writes_the_tokenizer_files_transformers_needs(capsys, inputs, tm
     )
     user, assistant = "turn on the fan", '{"intent": "Device-On"}'
     chat = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    prompt, answer = PROMPT_TEMPLATE.format(user=user), ANSWER_TEMPLATE.format(assistant=assistant)
+    prompt, answer = f"User: {user}\n\nAssistant:", f" {assistant}"  # ESFT's training format
     assert (
         hf.apply_chat_template(chat, tokenize=False)
         == hf.bos_token + prompt + answer + hf.eos_token
@@ -154,7 +154,7 @@ def test_export_writes_the_tokenizer_files_transformers_needs(capsys, inputs, tm
         hf.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
         == hf.bos_token + prompt
     )
-    ids, _ = encode(ours, Sample(prompt, answer, "test"), cfg.bos_token_id, cfg.eos_token_id)
+    [(ids, _)] = encode(ours, Sample("", "", "test", tuple(chat)), cfg)
     assert (
         list(hf.apply_chat_template(chat, tokenize=True)["input_ids"]) == ids.tolist()
     )  # the training tokens
@@ -171,9 +171,7 @@ def test_transformers_generates_what_esft_eval_generates(capsys, tmp_path):
     adapter = fake_esft_adapter(base, tmp_path / "adapter")
     assert export(capsys, base, adapter, tmp_path / "export") == (0, "")
     suite = builtin_suite.write_suite(tmp_path / "suite", n_train=1, n_eval=2)
-    evals = {
-        name: read_eval_jsonl(suite / "eval" / f"{name}.jsonl") for name in ("intent", "facts")
-    }
+    evals = {name: read_eval_set(suite / "eval" / f"{name}.jsonl") for name in ("intent", "facts")}
     prompts = [
         s.prompt for s in evals["intent"][:1] + evals["facts"]
     ]  # runs to max_new; stop at EOS

@@ -14,8 +14,7 @@ from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as save_torch_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from esft_jax.checkpoint import mxfp4
-from esft_jax.checkpoint.hf import load_checkpoint, save_checkpoint
+from esft_jax.checkpoint import load_checkpoint, mxfp4, save_checkpoint
 from esft_jax.model import forward
 
 _jit_forward = jax.jit(forward, static_argnums=2, static_argnames="return_router_scores")

@@ -290,7 +290,7 @@ def test_the_trained_adapters_profile_is_its_prompts_coverage(served, tmp_path):
     import jax
 
     from esft_jax.checkpoint.adapter import load_with_adapter
-    from esft_jax.data.records import read_jsonl
+    from esft_jax.data.sources import read_samples
     from esft_jax.data.tokenize import encode
     from esft_jax.model import forward
     from esft_jax.train import routing_profile
@@ -298,7 +298,7 @@ def test_the_trained_adapters_profile_is_its_prompts_coverage(served, tmp_path):
     cfg, params, _, selected, _, _, adapters = served
     base = adapters["task"].parent / "base"  # the fixture's checkpoint
     _, merged = load_with_adapter(base, adapters["task"])
-    samples, _ = read_jsonl(str(fx.task_dataset(tmp_path / "task.jsonl", n=12)), False)
+    samples, _ = read_samples(str(fx.task_dataset(tmp_path / "task.jsonl", n=12)), False)
     tokenizer = load_tokenizer(base)
     got = routing_profile.measure(
         merged, cfg, selected.experts, samples, tokenizer, tokens=10**6, seq_len=64, batch_size=4
@@ -306,7 +306,7 @@ def test_the_trained_adapters_profile_is_its_prompts_coverage(served, tmp_path):
     trained = {cfg.moe_layer_ids.index(layer): e for layer, e in selected.experts.items()}
     hit, mass, tokens = np.zeros(cfg.num_moe_layers), np.zeros(cfg.num_moe_layers), 0
     for sample in samples:
-        ids, answer = encode(tokenizer, sample, cfg.bos_token_id, cfg.eos_token_id)
+        [(ids, answer)] = encode(tokenizer, sample, cfg)
         _, routing = jax.jit(forward, static_argnums=2)(merged, ids[None], cfg)
         w = np.asarray(routing.gate_weights, np.float64)[:, 0] * ~answer[None, :, None]
         on = np.asarray(routing.expert_ids)[:, 0]

@@ -17,9 +17,8 @@ import pytest
 import train_fixtures as fx
 from safetensors.numpy import load_file, save_file
 
-from esft_jax.checkpoint import mxfp4
+from esft_jax.checkpoint import CheckpointError, load_checkpoint, mxfp4, save_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter, write_adapter
-from esft_jax.checkpoint.hf import CheckpointError, load_checkpoint, save_checkpoint
 from esft_jax.checkpoint.hf_names import tensor_maps
 from esft_jax.checkpoint.sharded_load import STATS, _place, _sharding, load_params_sharded
 from esft_jax.model import init_params

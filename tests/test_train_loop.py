@@ -12,9 +12,10 @@ from numerics import assert_adam_close, assert_float32_close, model_roundings
 from esft_jax import cli, runtime, sharding
 from esft_jax.checkpoint import load_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter, read_adapter
+from esft_jax.checkpoint.fingerprint import checkpoint_fingerprint
 from esft_jax.data.pipeline import train_batches
-from esft_jax.data.records import read_jsonl
 from esft_jax.data.shards import LocalBatches
+from esft_jax.data.sources import read_samples
 from esft_jax.model import param_axes
 from esft_jax.train import loop
 from esft_jax.train.method import build_method
@@ -93,7 +94,7 @@ def test_eight_devices_equal_one(shared_run, tmp_path):
     # The gradients agree to float32 rounding ...
     cfg, frozen = runtime.load_model(one)
     method = build_method(one, cfg)
-    samples, _ = read_jsonl(one.data.train)
+    samples, _ = read_samples(one.data.train)
     batch = jax.tree.map(
         jnp.asarray,
         next(
@@ -140,6 +141,7 @@ def test_esft_adapter_holds_exactly_the_selected_experts_and_exports(shared_run,
     }
     assert set(tensors) == expected and meta["method"] == "esft"
     assert meta["expert_config"] == fx.EXPERTS.to_json()
+    assert meta["base_model_fingerprint"] == checkpoint_fingerprint(c.checkpoint)
     assert summary["adapter_bytes"] >= sum(t.nbytes for t in tensors.values())
     assert summary["trainable_params"] == fx.EXPERTS.num_selected() * 3 * 64 * 32
 
@@ -179,6 +181,19 @@ def test_esft_adapter_holds_exactly_the_selected_experts_and_exports(shared_run,
         ref = model(input_ids=torch.as_tensor(tokens)).logits.numpy()
     assert np.abs(np.asarray(ours) - ref).max() <= 1e-4 * np.abs(ref).max()
     assert (out / "tokenizer.json").is_file()
+
+    # The merged export is another base (same architecture, other weights): the adapter is refused
+    # on it, unless asked for.
+    again = [
+        "export",
+        "--config",
+        "configs/export.py",
+        f"--config.checkpoint={out}",
+        f"--config.adapter={workdir / 'adapter'}",
+        f"--config.out={tmp_path / 'twice'}",
+    ]
+    assert cli.main(again) == 2
+    assert cli.main([*again, "--config.allow_other_base=True"]) == 0
 
 
 @pytest.mark.slow

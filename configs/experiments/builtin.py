@@ -28,7 +28,13 @@ def get_config(task: str = "intent") -> ml_collections.ConfigDict:
     blocks.model_source(c)  # with a checkpoint: c.model's runtime fields only
     c.checkpoint = BUILTIN_MODEL
     c.seed = 0
-    c.suite_dir = "runs/builtin_suite"  # train/<task>.jsonl and eval/<task>.jsonl
+    c.suite_dir = "runs/builtin_suite"  # train/<task>.jsonl and eval/<task>.jsonl (or .json,
+    # .parquet, .arrow, a parquet or `datasets` folder <task>)
+    c.data_format = "auto"  # of the suite's data: auto (by extension), jsonl, json, parquet, arrow
+    # conversations' format in every step (profile, train, eval): "model" (the checkpoint's chat
+    # template, else ESFT's), "esft" or a PATH.jinja; loss_on: the trained tokens (esft train's)
+    c.template = "model"
+    c.loss_on = "assistant"
     c.builtin_suite = True  # write the built-in suite there if it is missing
     c.scoring = ml_collections.ConfigDict(
         {
@@ -40,7 +46,7 @@ def get_config(task: str = "intent") -> ml_collections.ConfigDict:
         }
     )
     c.perplexity_set = (
-        "docs"  # held-out text for perplexity: <suite_dir>/eval/<name>.jsonl ("" for none)
+        "docs"  # held-out text for perplexity: <suite_dir>/eval/<name>.jsonl, ... ("" for none)
     )
     c.judge = blocks.judge()
     c.run_dir = f"runs/esft_{task}"

@@ -40,6 +40,7 @@ def get_config(task: str = "intent") -> ml_collections.ConfigDict:
     c.task = task
     c.checkpoint = ""  # a Hugging Face checkpoint directory: required
     c.model = blocks.model("esft_vanilla_lite")  # runtime fields only
+    c.template = "esft"  # the official training format, whatever template the checkpoint carries
     reference = os.environ.get(
         "ESFT_REFERENCE", str(Path(__file__).parents[2] / ".." / "shared" / "esft-reference")
     )

@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
             max_position_embeddings=131072,
             rms_norm_eps=1e-5,
             eos_token_id=151329,
+            eos_token_ids=(151329, 151336, 151338),  # <|endoftext|>, <|user|>, <|observation|>
             pad_token_id=151329,
             param_dtype="bfloat16",
             dtype="bfloat16",

@@ -5,8 +5,8 @@ from esft_jax.checkpoint.hf import (
     load_checkpoint,
     load_config,
     load_params,
-    save_checkpoint,
 )
+from esft_jax.checkpoint.hf_export import save_checkpoint
 from esft_jax.checkpoint.tokenizer import load_tokenizer
 
 __all__ = [

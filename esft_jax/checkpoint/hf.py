@@ -1,19 +1,19 @@
-"""Read and write Hugging Face checkpoint directories (config.json + safetensors, one or sharded).
+"""Read Hugging Face checkpoint directories (config.json + safetensors, one or sharded).
 
 Tensors are streamed one file tensor at a time from the safetensors files into our stacked layout
 (no PyTorch model is ever built) and keep the file's dtype; the router is kept in float32, as the
 reference does. Reading accepts the family's canonical per-expert names and the fused layouts it
-declares (checkpoint/families), MXFP4-packed tensors dequantised to bfloat16 (checkpoint/mxfp4.py);
-writing produces the layout of the family's Hub checkpoints.
+declares (checkpoint/families), MXFP4-packed and FP8 tensors dequantised to bfloat16
+(checkpoint/mxfp4.py, checkpoint/fp8.py), and refuses any other non-float tensor. Writing:
+checkpoint/hf_export.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,16 +21,13 @@ import jax
 import numpy as np
 from ml_dtypes import bfloat16
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
-from esft_jax.checkpoint import mxfp4
+from esft_jax.checkpoint import fp8, mxfp4
 from esft_jax.checkpoint.errors import CheckpointError
 from esft_jax.checkpoint.families import Family, family
 from esft_jax.checkpoint.families.base import Fused
-from esft_jax.checkpoint.hf_names import TensorMap, config_from_hf, config_to_hf, tensor_maps
-from esft_jax.checkpoint.output_dir import export_replaceable, staged_dir, write_marker
+from esft_jax.checkpoint.hf_names import TensorMap, config_from_hf, tensor_maps
 from esft_jax.checkpoint.safetensors_read import TensorFile
-from esft_jax.checkpoint.tokenizer import write_tokenizer_files
 from esft_jax.jsonio import read_json
 from esft_jax.model.config import ConfigError, ModelConfig
 from esft_jax.model.params import Params, flat_param_specs
@@ -48,6 +45,8 @@ _FLOAT32_PATHS = {
 _LAYER_NAME = re.compile(r"(model\.layers\.\d+\.)(.+)")
 # Tensors a checkpoint may hold that the model does not use: rotary caches of old checkpoints.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+_FLOATS = ("F64", "F32", "F16", "BF16")  # stored dtypes read as they are
+DEQUANTIZED = bfloat16  # MXFP4 and FP8 tensors load in the dtype the Hub's models run them in
 
 
 @contextlib.contextmanager
@@ -120,12 +119,13 @@ def _weight_files(ckpt_dir: Path) -> dict[str, Path]:
 
 
 class _Use(NamedTuple):
-    """Where a canonical tensor is in the files: file tensor `key` (MXFP4 base name if packed),
-    and for a fused tensor, expert `expert`'s part `part`."""
+    """Where a canonical tensor is in the files: file tensor `key` (MXFP4 base name if packed; its
+    FP8 scales `scale` if it has any), and for a fused tensor, expert `expert`'s part `part`."""
 
     file: Path
     key: str
     packed: bool = False
+    scale: str | None = None
     fused: Fused | None = None
     expert: int = 0
     part: int = 0
@@ -141,7 +141,10 @@ def _locate(files: dict[str, Path], fam: Family, num_experts: int) -> dict[str, 
     fused = {fz.name: fz for fz in fam.read_fused}
     where: dict[str, _Use] = {}
     for key in [*files, *packed]:
-        where[key] = _Use(files[key + "_blocks" if key in packed else key], key, key in packed)
+        scale = fp8.scale_name(key) if fp8.scale_name(key) in files else None
+        where[key] = _Use(
+            files[key + "_blocks" if key in packed else key], key, key in packed, scale
+        )
         match = _LAYER_NAME.fullmatch(key)
         if not match:
             continue
@@ -158,32 +161,69 @@ def _locate(files: dict[str, Path], fam: Family, num_experts: int) -> dict[str, 
     return where
 
 
-def _read(
-    open_files: OpenFiles, use: _Use, files: dict[str, Path], rows: slice | None = None
-) -> np.ndarray:
-    """File tensor `use` (MXFP4 blocks and scales dequantised, wherever the scales are), or only
-    `rows` of its leading dim."""
-
-    def get(file: Path, name: str) -> np.ndarray:
-        return (
-            open_files(file).get_tensor(name)
-            if rows is None
-            else open_files(file).get_slice(name)[rows]
-        )
-
-    if not use.packed:
-        return get(use.file, use.key)
-    blocks, scales = mxfp4.packed_names(use.key)
-    return mxfp4.dequantize(get(use.file, blocks), get(files[scales], scales), bfloat16)
-
-
 class Plan(NamedTuple):
-    """What a load reads: the file of each file tensor, where each canonical tensor is, and the
-    model's TensorMaps (every one of them located)."""
+    """What a load reads: the file of each file tensor, where each canonical tensor is, the
+    model's TensorMaps (every one of them located) and the block of its FP8 scales (if any)."""
 
     files: dict[str, Path]
     where: dict[str, _Use]
     maps: list[TensorMap]
+    fp8_block: fp8.Block = None
+
+
+def _read(open_files: OpenFiles, plan: Plan, use: _Use, rows: slice | None = None) -> np.ndarray:
+    """File tensor `use` (MXFP4 or FP8 dequantised, wherever their scales are), or only `rows` (a
+    contiguous slice) of its leading dim. A tensor stored in another form than a float is refused."""
+
+    def get(name: str, index: slice | None = rows) -> np.ndarray:
+        stored = open_files(plan.files[name]).get_slice(name)
+        return stored[slice(None) if index is None else index]
+
+    if use.packed:
+        blocks, scales = mxfp4.packed_names(use.key)
+        try:
+            return mxfp4.dequantize(get(blocks), get(scales), DEQUANTIZED)
+        except ValueError as e:
+            raise CheckpointError(f"{use.file}: tensor {use.key}: {e}") from None
+    dtype = open_files(use.file).get_slice(use.key).get_dtype()
+    if use.scale is None:
+        if dtype not in _FLOATS:
+            raise CheckpointError(
+                f"{use.file}: tensor {use.key} is stored as {dtype} without scales, not as a float: "
+                "a quantisation esft cannot read; dequantise the checkpoint to bf16 first"
+            )
+        return get(use.key)
+    shape = _check_fp8(open_files, plan, use, dtype)
+    if rows is None or len(shape) > 2:  # all rows, or some experts of a fused [E, out, in]
+        return fp8.dequantize(get(use.key), get(use.scale), plan.fp8_block, DEQUANTIZED)
+    rows = slice(*rows.indices(shape[0])[:2])
+    scale = get(use.scale, fp8.scale_rows(rows, plan.fp8_block))
+    return fp8.dequantize(
+        get(use.key, rows), scale, plan.fp8_block, DEQUANTIZED, first_row=rows.start
+    )
+
+
+def _check_fp8(open_files: OpenFiles, plan: Plan, use: _Use, dtype: str) -> tuple[int, ...]:
+    """The stored shape of FP8 tensor `use`, once its dtype and its scales' dtype and shape are
+    checked (CheckpointError naming the file and tensor)."""
+    shape = tuple(open_files(use.file).get_slice(use.key).get_shape())
+    scale = open_files(plan.files[use.scale]).get_slice(use.scale)
+    if dtype not in fp8.DTYPES:
+        raise CheckpointError(
+            f"{use.file}: tensor {use.key} has FP8 scales ({use.scale}) but is stored as {dtype}, "
+            f"not as FP8 {fp8.DTYPES}; dequantise the checkpoint to bf16 first"
+        )
+    try:
+        grid = fp8.scale_shape(shape, plan.fp8_block)
+    except ValueError as e:
+        raise CheckpointError(f"{use.file}: tensor {use.key}: {e}") from None
+    if scale.get_dtype() not in _FLOATS or tuple(scale.get_shape()) != grid:
+        raise CheckpointError(
+            f"{plan.files[use.scale]}: tensor {use.scale} is {scale.get_dtype()} "
+            f"{scale.get_shape()}, expected a float tensor of shape {list(grid)}: the scales of "
+            f"{use.key} {list(shape)} in blocks of {plan.fp8_block or 'the whole matrix'}"
+        )
+    return shape
 
 
 def plan(ckpt_dir: str | Path, cfg: ModelConfig) -> Plan:
@@ -202,7 +242,9 @@ def plan(ckpt_dir: str | Path, cfg: ModelConfig) -> Plan:
     extra = [
         n
         for n in files
-        if n.removesuffix("_blocks").removesuffix("_scales") not in used and not _IGNORED.match(n)
+        if n.removesuffix("_blocks").removesuffix("_scales").removesuffix(fp8.SCALE_SUFFIX)
+        not in used
+        and not _IGNORED.match(n)
     ]
     if extra:  # e.g. DeepSeek-V3's multi-token-prediction layers
         log.warning(
@@ -211,12 +253,29 @@ def plan(ckpt_dir: str | Path, cfg: ModelConfig) -> Plan:
             len(extra),
             extra[0],
         )
-    return Plan(files, where, maps)
+    scaled = sorted({where[m.hf_name].key for m in maps if where[m.hf_name].scale})
+    return Plan(files, where, maps, _fp8_block(ckpt_dir, scaled[0]) if scaled else None)
+
+
+def _fp8_block(ckpt_dir: Path, example: str) -> fp8.Block:
+    """The block of the FP8 scales, from config.json's quantization_config (which must be fp8's)."""
+    path = ckpt_dir / "config.json"
+    quant = read_json(path, CheckpointError, "no such file").get("quantization_config")
+    if not isinstance(quant, dict) or quant.get("quant_method") != "fp8":
+        raise CheckpointError(
+            f"{path}: tensors have FP8 scales (e.g. {fp8.scale_name(example)}) but there is no "
+            "quantization_config with quant_method 'fp8' to say their block size"
+        )
+    try:
+        return fp8.block_size(quant)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def load_params(ckpt_dir: str | Path, cfg: ModelConfig) -> Params:
     """Read every tensor the model needs into a numpy params pytree (stacked layout)."""
-    files, where, maps = plan(ckpt_dir, cfg)
+    located = plan(ckpt_dir, cfg)
+    where, maps = located.where, located.maps
     by_file: dict[Path, dict[str, list[TensorMap]]] = {}  # each file tensor is read once
     for m in maps:
         use = where[m.hf_name]
@@ -226,7 +285,7 @@ def load_params(ckpt_dir: str | Path, cfg: ModelConfig) -> Params:
     with OpenFiles() as open_files:
         for file, by_key in by_file.items():
             for key_maps in by_key.values():
-                tensor = _read(open_files, where[key_maps[0].hf_name], files)
+                tensor = _read(open_files, located, where[key_maps[0].hf_name])
                 for m in key_maps:
                     _put(params, specs, m, _part(tensor, where[m.hf_name], file, m))
     return params
@@ -262,77 +321,7 @@ def _put(params: Params, specs: dict, m: TensorMap, hf_value: np.ndarray) -> Non
     dest[m.index] = value
 
 
-def _fuse(tensors: dict[str, np.ndarray], fam: Family, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Canonical per-expert tensors joined into the family's fused Hub layout (if it has one)."""
-    for layer in cfg.moe_layer_ids:
-        prefix = f"model.layers.{layer}."
-        for fz in fam.write_fused:
-            names = [
-                [prefix + part.format(e=e) for part in fz.parts]
-                for e in range(cfg.n_routed_experts)
-            ]
-            if names[0][0] not in tensors:
-                continue
-            experts = [fz.join(tuple(tensors.pop(n) for n in row)) for row in names]
-            # C order: np.stack keeps transposed parts' F order, and safetensors writes the raw buffer.
-            tensors[prefix + fz.name] = np.ascontiguousarray(np.stack(experts))
-    return tensors
-
-
 def load_checkpoint(ckpt_dir: str | Path, **runtime: Any) -> tuple[ModelConfig, Params]:
     """(config, params as jax arrays) from a Hugging Face checkpoint directory."""
     cfg = load_config(ckpt_dir, **runtime)
     return cfg, jax.tree.map(jax.numpy.asarray, load_params(ckpt_dir, cfg))
-
-
-def save_checkpoint(
-    out_dir: str | Path,
-    cfg: ModelConfig,
-    params: Params,
-    *,
-    tokenizer_from: str | Path | None = None,
-    max_shard_bytes: int = 4 << 30,
-    overwrite: bool = False,
-    inputs: Collection[str | Path] = (),
-) -> Path:
-    """Write params as a Hugging Face checkpoint directory that transformers loads and generates from
-    as esft does (tokenizer files: checkpoint/tokenizer.py), with a marker listing what it wrote.
-
-    Destroys nothing: `out_dir` must be new or empty, or with `overwrite` a previous export holding
-    only its own files, and must not overlap `tokenizer_from` or `inputs` (else OutputDirError, before
-    any work). Files are staged beside `out_dir` and moved into place when complete, so an interrupted
-    save leaves `out_dir` as it was.
-    """
-    out_dir = Path(out_dir)
-    inputs = [*inputs, *([tokenizer_from] if tokenizer_from is not None else [])]
-    replaceable = export_replaceable(out_dir, overwrite, inputs)
-    host = jax.tree.map(np.asarray, params)
-    fam = family(cfg.model_type)
-    tensors = _fuse(
-        {m.hf_name: m.to_hf(get_path(host, m.path)[m.index]) for m in tensor_maps(cfg)}, fam, cfg
-    )
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, value in tensors.items():
-        if size and size + value.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = value
-        size += value.nbytes
-    with staged_dir(out_dir, replaceable=replaceable, inputs=inputs) as tmp:
-        if len(shards) == 1:
-            save_file(shards[0], tmp / SINGLE_FILE, metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / name, metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(v.nbytes for s in shards for v in s.values())
-            (tmp / INDEX_FILE).write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-            )
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
-        write_tokenizer_files(tokenizer_from, tmp, cfg)
-        write_marker(tmp, "esft_jax.checkpoint.save_checkpoint")
-    return out_dir

@@ -15,10 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from esft_jax.checkpoint import fp8
 from esft_jax.checkpoint.families import family
-from esft_jax.model.config import ModelConfig
+from esft_jax.model.config import ConfigError, ModelConfig
 from esft_jax.model.params import flat_param_specs, input_dims
 
+# The quantisations read (dequantised on load: checkpoint/fp8.py, checkpoint/mxfp4.py).
+QUANT_METHODS = ("fp8", "mxfp4")
 _TOP = {
     ("embed",): "model.embed_tokens.weight",
     ("final_norm",): "model.norm.weight",
@@ -84,10 +87,27 @@ def _layer_of(name: str) -> int:
 
 
 def config_from_hf(hf: Mapping[str, Any], **runtime: Any) -> ModelConfig:
-    """ModelConfig from a config.json dict of any supported family; `runtime` sets dtype/strategy fields."""
+    """ModelConfig from a config.json dict of any supported family; `runtime` sets dtype/strategy fields.
+    A `quantization_config` other than QUANT_METHODS' is refused (ConfigError)."""
+    _check_quantization(hf.get("quantization_config"))
     return ModelConfig(**{**family(hf.get("model_type")).from_hf(hf), **runtime})
 
 
+def _check_quantization(quant: Any) -> None:
+    if quant is None:
+        return
+    method = quant.get("quant_method") if isinstance(quant, Mapping) else None
+    if method not in QUANT_METHODS:
+        raise ConfigError(
+            f"quantization_config has quant_method {method!r}, which esft cannot read (it reads "
+            f"unquantised weights and {' or '.join(QUANT_METHODS)}): dequantise the checkpoint "
+            "to bf16 first"
+        )
+    if method == "fp8":
+        fp8.block_size(quant)
+
+
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """The transformers 5 `config.json` dict for this model."""
+    """The transformers 5 `config.json` dict for this model (of unquantised weights: whatever the
+    checkpoint it was read from held, no quantization_config)."""
     return family(cfg.model_type).to_hf(cfg)

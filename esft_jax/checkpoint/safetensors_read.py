@@ -53,6 +53,17 @@ class TensorFile:
     def get_tensor(self, name: str) -> np.ndarray:
         return self._rows(name, 0, self._shape(name)[0] if self._shape(name) else 1)
 
+    def edges(self, name: str, n: int) -> bytes:
+        """The dtype, shape and the first and last `n` bytes of tensor `name`'s data (a sample
+        of it that tells weights apart: checkpoint/fingerprint.py)."""
+        info = self._header[name]
+        start, stop = (self._data_start + o for o in info["data_offsets"])
+        head = f"{info['dtype']}{self._shape(name)}".encode()
+        self._fh.seek(start)
+        first = self._fh.read(min(n, stop - start))
+        self._fh.seek(max(start, stop - n))
+        return head + first + self._fh.read(min(n, stop - start))
+
     def _shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._header[name]["shape"])
 
@@ -74,6 +85,10 @@ class TensorSlice:
 
     def get_shape(self) -> list[int]:
         return list(self._file._shape(self._name))
+
+    def get_dtype(self) -> str:
+        """The stored dtype's safetensors name (e.g. "BF16", "F8_E4M3"), which may lie outside DTYPES."""
+        return self._file._header[self._name]["dtype"]
 
     def __getitem__(self, index: Any) -> np.ndarray:
         """A tuple of slices: the leading one read as a block of rows, the others cut from it

@@ -5,8 +5,9 @@ of slices of the global shape) is assembled on the host from only the canonical 
 placed on its devices and dropped, so an expert-parallel process never reads the experts other processes
 hold, and the host holds one block beyond the placed arrays, not the whole model. Where a tensor's
 block is a plain slice of its file tensor (no fused or MXFP4 layout, no adapter) only that slice is
-read (a slice of columns reads whole rows); a fused [E, ...] tensor (MXFP4 or not) is read one
-expert's rows at a time, once per part it holds (gate_up twice: gate and up are separate leaves).
+read (a slice of columns reads whole rows; of an FP8 matrix, those rows and their scales' block rows,
+dequantised); a fused [E, ...] tensor (MXFP4, FP8 or neither) is read one expert's rows at a time,
+once per part it holds (gate_up twice: gate and up are separate leaves).
 Locating, reading, splitting and converting tensors is checkpoint/hf.py's code; adapters are
 checkpoint/adapter.py's.
 """
@@ -141,13 +142,13 @@ def _tensor_block(
         hf._part(
             np.broadcast_to(np.zeros((), np.uint8), tuple(stored.get_shape())), use, use.file, m
         )
-        value = stored[hf_index]
+        value = hf._read(open_files, plan, use, rows=hf_index[0])[(slice(None), *hf_index[1:])]
         block_shape = tuple(len(range(*s.indices(n))) for s, n in zip(inner, m.shape))
         return hf.ours(dataclasses.replace(m, shape=block_shape), value)
     if use.fused is None:
-        tensor = hf._read(open_files, use, plan.files)
+        tensor = hf._read(open_files, plan, use)
     else:  # only this expert's rows of the fused [E, ...] tensor
-        tensor = hf._read(open_files, use, plan.files, rows=slice(use.expert, use.expert + 1))
+        tensor = hf._read(open_files, plan, use, rows=slice(use.expert, use.expert + 1))
         use = use._replace(expert=0)
     value = hf.ours(m, hf._part(tensor, use, use.file, m))
     for update in updates:

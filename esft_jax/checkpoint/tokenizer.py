@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, processors
 
 from esft_jax.checkpoint.errors import CheckpointError
+from esft_jax.data.chat import ESFT_TEMPLATE
 from esft_jax.model.config import ModelConfig
 
 TOKENIZER_FILE, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
@@ -26,14 +27,8 @@ COPIED_FILES = (
     "chat_template.jinja",
     GENERATION_CONFIG,
 )
-# ESFT's training format (esft_jax/data/records.py): "User: {u}\n\nAssistant:" + " {a}" + EOS, after BOS.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
-    "{% else %}{{ raise_exception('ESFT chats hold only user and assistant messages') }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
+# Written where the source tokenizer has no template: ESFT's training format (data/chat.py).
+CHAT_TEMPLATE = ESFT_TEMPLATE
 
 
 def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
@@ -87,7 +82,7 @@ def write_tokenizer_files(src: str | Path | None, dst: Path, cfg: ModelConfig) -
     if not (dst / GENERATION_CONFIG).is_file():
         ids = {
             "bos_token_id": cfg.bos_token_id,
-            "eos_token_id": cfg.eos_token_id,
+            "eos_token_id": list(cfg.eos_token_ids) or cfg.eos_token_id,  # generation stops at any
             "pad_token_id": cfg.pad_token_id,
         }
         _write_json(

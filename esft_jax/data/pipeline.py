@@ -1,6 +1,8 @@
 """Training batches: tokenise, mix a general dataset in, pack to fixed length, batch (grain).
 
-Each sample becomes {"tokens", "loss"} (loss: 1 on answer tokens). Samples are shuffled with a seed
+Each sample becomes one or more documents {"tokens", "loss"} (loss: 1 on trained tokens; a
+conversation's assistant turns, its chat template's rendering: data/tokenize.py, data/chat.py; a
+template that rewrites earlier turns makes a document per turn). Samples are shuffled with a seed
 (reshuffled every epoch), optionally mixed with a second dataset at `general_ratio` general samples
 per task sample (the paper mixes task and alignment data 1:1), packed first-fit into rows of
 `seq_len` tokens with segment ids (no attention across samples), and batched. The iterator's
@@ -13,6 +15,7 @@ import grain
 import numpy as np
 from tokenizers import Tokenizer
 
+from esft_jax.data.chat import ChatTemplate
 from esft_jax.data.records import Sample
 from esft_jax.data.tokenize import encode
 from esft_jax.model.config import ModelConfig
@@ -30,12 +33,33 @@ def split_validation(
     return ([s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)])
 
 
-def _encoder(tokenizer: Tokenizer, cfg: ModelConfig, seq_len: int):
-    def fn(sample: Sample) -> dict[str, np.ndarray]:
-        ids, answer = encode(tokenizer, sample, cfg.bos_token_id, cfg.eos_token_id)
-        return {"tokens": ids[:seq_len], "loss": answer[:seq_len].astype(np.int32)}
+def _encoder(
+    tokenizer: Tokenizer,
+    cfg: ModelConfig,
+    seq_len: int,
+    template: ChatTemplate | None,
+    loss_on: str,
+):
+    def fn(sample: Sample) -> list[dict[str, np.ndarray]]:
+        return [
+            {"tokens": ids[:seq_len], "loss": trained[:seq_len].astype(np.int32)}
+            for ids, trained in encode(tokenizer, sample, cfg, template, loss_on)
+        ]
 
     return fn
+
+
+class _Documents(grain.experimental.FlatMapTransform):
+    """A sample's documents (the lists `_encoder` makes), one element each."""
+
+    max_fan_out = 1 << 16
+
+    def flat_map(self, documents: list) -> list:
+        return documents
+
+
+def _documents(dataset: grain.MapDataset) -> grain.IterDataset:
+    return grain.experimental.FlatMapIterDataset(dataset.to_iter_dataset(), _Documents())
 
 
 def _to_batch(packed: dict[str, np.ndarray]) -> Batch:
@@ -75,24 +99,33 @@ def train_batches(
     general: list[Sample] | None = None,
     general_ratio: float = 1.0,
     shard: tuple[int, int] = (0, 1),
+    template: ChatTemplate | None = None,
+    loss_on: str = "assistant",
 ) -> grain.IterDataset:
     """An endless, resumable dataset of packed batches over `shard` = (index, count): the samples
-    index, index + count, ... of each dataset (data/shards.py)."""
-    encode_fn = _encoder(tokenizer, cfg, seq_len)
+    index, index + count, ... of each dataset (data/shards.py); conversations rendered by
+    `template` (None: ESFT's format), `loss_on` their trained tokens (data/chat.py LOSS_ON)."""
+    encode_fn = _encoder(tokenizer, cfg, seq_len, template, loss_on)
     task = _shard(samples, *shard).shuffle(seed=seed).repeat().map(encode_fn)
     if general:
         other = _shard(general, *shard).shuffle(seed=seed + 1).repeat().map(encode_fn)
         task = grain.MapDataset.mix([task, other], weights=[1.0, general_ratio])
-    return _packed(task.to_iter_dataset(), seq_len, batch_size, seed)
+    return _packed(_documents(task), seq_len, batch_size, seed)
 
 
 def eval_batches(
-    samples: list[Sample], tokenizer: Tokenizer, cfg: ModelConfig, *, seq_len: int, batch_size: int
+    samples: list[Sample],
+    tokenizer: Tokenizer,
+    cfg: ModelConfig,
+    *,
+    seq_len: int,
+    batch_size: int,
+    template: ChatTemplate | None = None,
+    loss_on: str = "assistant",
 ) -> list[Batch]:
     """Every sample once, packed in order; the last batch padded with empty rows."""
-    dataset = (
-        grain.MapDataset.source(samples).map(_encoder(tokenizer, cfg, seq_len)).to_iter_dataset()
-    )
+    encode_fn = _encoder(tokenizer, cfg, seq_len, template, loss_on)
+    dataset = _documents(grain.MapDataset.source(samples).map(encode_fn))
     packed = grain.experimental.FirstFitPackIterDataset(
         dataset,
         length_struct={"tokens": seq_len, "loss": seq_len},

@@ -1,108 +1,74 @@
-"""Reading task datasets (jsonl) into prompt/answer samples, with errors that name file and line.
+"""Task dataset rows (data/sources.py reads the files, in any format) as training samples.
 
-Two line formats:
-- ESFT's SFT format: {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]},
-  rendered as the official training template: prompt "User: {u}\\n\\nAssistant:", answer " {a}".
-- plain text: {"text": t}: no prompt, the whole text is the answer.
+Three row shapes (data/canonical.py brings ShareGPT and Alpaca rows to the first):
+- a conversation: {"messages": [{"role": str, "content": str, ...}, ...], "tools"?: [...]}, any
+  roles and turns the chat template accepts, at least one assistant message; rendered by the chat
+  template (data/chat.py), the assistant turns trained. ESFT's SFT files are such rows (user, assistant).
+- prompt/completion: {"prompt": str, "completion": str}: plain text, the completion trained.
+- plain text: {"text": str}: all of it trained.
 
-`parse_jsonl` is the line reader under both this and the eval sets (eval/metrics.py).
+data/sources.py reads both these and the eval sets (eval/metrics.py), naming file and row in errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
-
-PROMPT_TEMPLATE = "User: {user}\n\nAssistant:"
-ANSWER_TEMPLATE = " {assistant}"
+from typing import Any
 
 
 class DataError(ValueError):
-    """A malformed dataset line; the message starts with 'file:line:'."""
+    """A malformed dataset row or file; the message starts with where ('file:line:', 'file:row N:')."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    prompt: str  # context the model reads but is not scored on ("" for plain text)
-    answer: str
+    prompt: str  # plain context the model reads but is not scored on ("" for text and chats)
+    answer: str  # plain text the model is scored on ("" for chats)
     source: str  # "file:line", for messages about this sample
+    messages: tuple[dict[str, Any], ...] = ()  # a conversation, for the chat template
+    tools: tuple[dict[str, Any], ...] | None = None  # tool schemas the template may show
+
+
+def messages(value: Any, key: str = "messages") -> tuple[dict[str, Any], ...]:
+    """A conversation as chat templates read it: a non-empty list of {"role": str, "content": str
+    or a list of parts, ...}, content null or absent only beside "tool_calls"; ValueError else."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"'{key}' must be a non-empty list of {{'role', 'content'}} objects")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
+            raise ValueError(f"{key}[{i}]: expected an object with a 'role' string")
+        content = m.get("content")
+        if not (isinstance(content, (str, list)) or (content is None and m.get("tool_calls"))):
+            raise ValueError(f"{key}[{i}]: 'content' must be a string (or a list of parts)")
+    return tuple(value)
+
+
+def tools(value: Any) -> tuple[dict[str, Any], ...] | None:
+    """A row's "tools" (JSON schemas for the template), None where it has none."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ValueError("'tools' must be a list of objects (JSON schemas)")
+    return tuple(value)
 
 
 def _sample(obj: object, source: str) -> Sample:
-    """One line's JSON as a Sample; ValueError saying what is wrong."""
+    """One row as a Sample; ValueError saying what is wrong."""
     if not isinstance(obj, dict):
         raise ValueError("expected a JSON object")
     if "messages" in obj:
-        messages = obj["messages"]
-        if (
-            not isinstance(messages, list)
-            or len(messages) != 2
-            or not all(isinstance(m, dict) for m in messages)
-            or [m.get("role") for m in messages] != ["user", "assistant"]
-        ):
-            raise ValueError(
-                "'messages' must be [{'role': 'user', ...}, {'role': 'assistant', ...}]"
-            )
-        user, assistant = (m.get("content") for m in messages)
-        if not isinstance(user, str) or not isinstance(assistant, str):
-            raise ValueError("each message needs a string 'content'")
-        return Sample(
-            PROMPT_TEMPLATE.format(user=user), ANSWER_TEMPLATE.format(assistant=assistant), source
-        )
+        chat = messages(obj["messages"])
+        if not any(m["role"] == "assistant" for m in chat):
+            raise ValueError("'messages' has no assistant message to train on")
+        return Sample("", "", source, chat, tools(obj.get("tools")))
+    if "prompt" in obj and "completion" in obj:
+        if not isinstance(obj["prompt"], str) or not isinstance(obj["completion"], str):
+            raise ValueError("'prompt' and 'completion' must be strings")
+        return Sample(obj["prompt"], obj["completion"], source)
     if "text" in obj:
         if not isinstance(obj["text"], str):
             raise ValueError("'text' must be a string")
         return Sample("", obj["text"], source)
-    raise ValueError("expected a 'messages' list or a 'text' string")
-
-
-T = TypeVar("T")
-
-
-def parse_jsonl(
-    path: str | Path,
-    parse: Callable[[Any, str], T],
-    *,
-    what: str,
-    skip_invalid: bool = False,
-    limit: int = 0,
-) -> tuple[list[T], int]:
-    """(parse(json, "file:line") of each line, the first `limit` of them if limit > 0; lines skipped).
-    Blank lines are ignored; a line that is not JSON, or that `parse` rejects with a ValueError, raises
-    DataError naming file and line, or is skipped and counted when skip_invalid. A missing file
-    ("no such <what> file") or one without items raises."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such {what} file")
-    items, skipped = [], 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = parse(json.loads(line), f"{path}:{lineno}")
-            except json.JSONDecodeError as e:
-                error = f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})"
-            except ValueError as e:
-                error = f"{path}:{lineno}: {e}"
-            else:
-                items.append(item)
-                if len(items) == limit:
-                    break
-                continue
-            if not skip_invalid:
-                raise DataError(error)
-            skipped += 1
-    if not items:
-        raise DataError(
-            f"{path}: no samples ({'every line malformed' if skipped else 'the file is empty'})"
-        )
-    return items, skipped
-
-
-def read_jsonl(path: str | Path, skip_invalid: bool = False) -> tuple[list[Sample], int]:
-    """(samples, number of skipped lines) of a training dataset; errors and skip_invalid: `parse_jsonl`."""
-    return parse_jsonl(path, _sample, what="dataset", skip_invalid=skip_invalid)
+    raise ValueError(
+        "expected a 'messages' list, 'prompt' and 'completion' strings or a 'text' string"
+    )

@@ -2,8 +2,9 @@
 
 Prompts are left-padded to a common length (padding has segment id 0, so it is never attended to),
 prefilled in one pass, then decoded one token per step inside a `jax.lax.while_loop` that stops when
-every row has produced EOS or `max_new_tokens` tokens. The prompt length is rounded up to a
-multiple of `bucket` so that batches of similar prompts share one compilation.
+every row has produced an EOS id (any of them, where the model has several) or `max_new_tokens`
+tokens. The prompt length is rounded up to a multiple of `bucket` so that batches of similar prompts
+share one compilation.
 
 With a mesh, params are expected sharded on it (sharding.shard_params); rows and the KV cache are
 split over its batch axes (the batch padded with empty prompts to a multiple of them) and the experts
@@ -34,7 +35,7 @@ def _decode(
     sampling: Sampling | None,
     cfg: ModelConfig,
     max_new_tokens: int,
-    eos_id: int,
+    eos_ids: tuple[int, ...],
 ):
     b, p = tokens_bp.shape
     cache = init_cache(cfg, b, p + max_new_tokens)
@@ -43,7 +44,7 @@ def _decode(
         params, tokens_bp, cfg, cache, segment_ids_bt=segments_bp, positions_bt=positions
     )
     first = next_tokens(logits[:, -1], sampling, jnp.zeros((), jnp.int32))
-    out = jnp.full((b, max_new_tokens), eos_id, jnp.int32)
+    out = jnp.full((b, max_new_tokens), eos_ids[0], jnp.int32)
 
     def cond(carry):
         i, _, _, done, _, _ = carry
@@ -51,8 +52,8 @@ def _decode(
 
     def body(carry):
         i, token, pos, done, out, cache = carry
-        out = out.at[:, i].set(jnp.where(done, eos_id, token))
-        done = done | (token == eos_id)
+        out = out.at[:, i].set(jnp.where(done, eos_ids[0], token))
+        done = done | jnp.isin(token, jnp.asarray(eos_ids, jnp.int32))
         logits, cache = forward_cached(
             params,
             token[:, None],
@@ -82,13 +83,15 @@ def generate(
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     bucket: int = 64,
     mesh: Mesh | None = None,
     sampling: Sequence[tuple[float, float, int]] | None = None,
 ) -> list[list[int]]:
     """Continuations (up to and excluding EOS) of one batch of token-id prompts: greedy, or with
-    `sampling` one (temperature, top_p, seed) per prompt (eval/sampling.py; temperature 0: greedy)."""
+    `sampling` one (temperature, top_p, seed) per prompt (eval/sampling.py; temperature 0: greedy).
+    `eos_id`: the id that ends a row, or several (`cfg.stop_token_ids`: any ends it); -1: none."""
+    eos_ids = tuple(int(i) for i in np.atleast_1d(eos_id)) or (-1,)
     width = -(-max(len(p) for p in prompts) // bucket) * bucket
     rows = padded_rows(len(prompts), cfg, mesh)
     tokens = np.zeros((rows, width), np.int32)
@@ -102,11 +105,11 @@ def generate(
         per_row = sampling_for(*zip(*settings))
     with sharding.on_mesh(mesh):
         out = np.asarray(
-            _decode(params, tokens_bp, segments_bp, per_row, cfg, max_new_tokens, eos_id)
+            _decode(params, tokens_bp, segments_bp, per_row, cfg, max_new_tokens, eos_ids)
         )
     results = []
     for row in out[: len(prompts)].tolist():
-        results.append(row[: row.index(eos_id)] if eos_id in row else row)
+        results.append(row[: next((i for i, t in enumerate(row) if t in eos_ids), len(row))])
     return results
 
 
@@ -114,20 +117,21 @@ def generate_text(
     params,
     cfg: ModelConfig,
     tokenizer: Tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Sequence[int]],
     *,
     max_new_tokens: int,
     stop: Sequence[str] = (),
     batch_size: int = 8,
     mesh: Mesh | None = None,
 ) -> list[str]:
-    """Greedy completions of text prompts (BOS prepended), cut at the first stop string."""
+    """Greedy completions of text prompts (BOS prepended) or token-id prompts (a chat template's:
+    data/tokenize.py prompt_ids), cut at the first stop string."""
     bos = [cfg.bos_token_id] if cfg.bos_token_id is not None else []
-    eos = cfg.eos_token_id if cfg.eos_token_id is not None else -1
+    eos = cfg.stop_token_ids or -1
     texts = []
     for start in range(0, len(prompts), batch_size):
         batch = [
-            bos + tokenizer.encode(p, add_special_tokens=False).ids
+            bos + tokenizer.encode(p, add_special_tokens=False).ids if isinstance(p, str) else p
             for p in prompts[start : start + batch_size]
         ]
         for ids in generate(

@@ -1,8 +1,8 @@
 """`esft eval` and the evaluations of `esft run`: a model (+ adapter) on eval tasks and held-out text.
 
 The config is configs/eval.py's: the model source (checkpoint, adapter, model, tokenizer, seed,
-mesh), `tasks` (name -> data, scorer, max_new_tokens, limit, stop: strings split by "|"; a task
-without data is skipped), `perplexity` (data, seq_len), batch_size, judge and out_dir.
+mesh), `tasks` (name -> data, format, scorer, max_new_tokens, limit, stop: strings split by "|"; a task
+without data is skipped), `perplexity` (data, format, seq_len), batch_size, judge and out_dir.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import NamedTuple
 import ml_collections
 
 from esft_jax import runtime, sharding, validate
-from esft_jax.data.records import read_jsonl
+from esft_jax.data.sources import read_samples
 from esft_jax.eval.judge import judge_from_config
-from esft_jax.eval.metrics import evaluate_task, perplexity, read_eval_jsonl
+from esft_jax.eval.metrics import evaluate_task, perplexity, read_eval_set
 from esft_jax.model import param_axes
 
 SCORES_FILE = "scores.json"
@@ -42,6 +42,7 @@ def evaluate(c: ml_collections.ConfigDict) -> Evaluation:
     if c.perplexity.data:
         validate.within_positions(c, "perplexity.seq_len", cfg)
     tokenizer = runtime.tokenizer(c)
+    template = runtime.chat_template(c, "template", tokenizer, cfg)
     judge = judge_from_config(c.judge)
     out = Path(c.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,7 @@ def evaluate(c: ml_collections.ConfigDict) -> Evaluation:
     for name, task in c.tasks.items():
         if not task.data:
             continue
-        samples = read_eval_jsonl(task.data, task.limit)
+        samples = read_eval_set(task.data, task.limit, task.format)
         mean, records = evaluate_task(
             params,
             cfg,
@@ -61,13 +62,14 @@ def evaluate(c: ml_collections.ConfigDict) -> Evaluation:
             batch_size=c.batch_size,
             judge=judge,
             mesh=mesh,
+            template=template,
         )
         (out / f"{name}.jsonl").write_text(
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         )
         result.scores[name], result.samples[name] = mean, len(records)
     if c.perplexity.data:
-        held_out, _ = read_jsonl(c.perplexity.data)
+        held_out, _ = read_samples(c.perplexity.data, format=c.perplexity.format)
         result.scores["perplexity"] = perplexity(
             params,
             cfg,
@@ -76,6 +78,7 @@ def evaluate(c: ml_collections.ConfigDict) -> Evaluation:
             mesh=mesh,
             seq_len=c.perplexity.seq_len,
             batch_size=c.batch_size,
+            template=template,
         )
     (out / SCORES_FILE).write_text(json.dumps(result.scores, indent=1) + "\n")
     return result

@@ -100,7 +100,10 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | None = None  # the one training appends after an answer
+    # config.json's list of EOS ids, where it has one (GLM-4.5: three), eos_token_id its first; a
+    # generation stops at any of them (`stop_token_ids`).
+    eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     # Runtime choices (not part of the checkpoint).
     param_dtype: str = "float32"
@@ -121,6 +124,7 @@ class ModelConfig:
         for name in (
             "mlp_only_layers",
             "sliding_window_layers",
+            "eos_token_ids",
         ):  # lists from JSON / ml_collections
             object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
 
@@ -144,6 +148,11 @@ class ModelConfig:
         one_of("scoring_func", ("softmax", "sigmoid"))
         one_of("topk_method", ("greedy", "group_limited_greedy", "noaux_tc"))
         one_of("rope_type", ("default", "yarn"))
+        check(
+            not self.eos_token_ids or self.eos_token_ids[0] == self.eos_token_id,
+            f"eos_token_id {self.eos_token_id} must be the first of eos_token_ids "
+            f"{list(self.eos_token_ids)}",
+        )
         layers = range(self.num_hidden_layers)
         check(
             0 <= self.first_k_dense_replace <= self.num_hidden_layers,
@@ -197,6 +206,13 @@ class ModelConfig:
     @property
     def num_moe_layers(self) -> int:
         return len(self.moe_layer_ids)
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """The ids that end a generation: eos_token_ids, or eos_token_id alone (none if unset)."""
+        if self.eos_token_ids:
+            return self.eos_token_ids
+        return () if self.eos_token_id is None else (self.eos_token_id,)
 
     # Derived sizes.
     @property

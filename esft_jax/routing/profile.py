@@ -31,6 +31,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from esft_jax import sharding
+from esft_jax.data.chat import ChatTemplate
 from esft_jax.data.records import Sample
 from esft_jax.data.shards import global_max
 from esft_jax.data.shards import plan as plan_shards
@@ -58,23 +59,27 @@ def sequences(
     seed: int = 0,
     count: str = "all",
     shard: tuple[int, int] = (0, 1),
+    template: ChatTemplate | None = None,
 ) -> list[Sequence]:
     """Shuffled, tokenised, truncated documents holding exactly `token_budget` counted tokens
     (or all the data's, if it holds fewer). shard = (index, n): only every n-th shuffled document from
-    `index` on, and that shard's part of the budget (data/shards.py)."""
+    `index` on, and that shard's part of the budget (data/shards.py). Conversations are rendered by
+    `template` (None: ESFT's format) as training renders them, "answer" their assistant turns."""
     if count not in COUNT_MODES:
         raise ValueError(f"count={count!r}: expected one of {COUNT_MODES}")
     index, n = shard
     token_budget = token_budget * (index + 1) // n - token_budget * index // n
 
-    def tokenise(sample: Sample) -> Sequence:
-        ids, answer = encode(tokenizer, sample, cfg.bos_token_id, cfg.eos_token_id)
-        counted = {"all": np.ones_like(answer), "answer": answer, "prompt": ~answer}[count]
-        return Sequence(ids[:seq_len], counted[:seq_len])
+    def tokenise(sample: Sample) -> list[Sequence]:
+        documents = []
+        for ids, answer in encode(tokenizer, sample, cfg, template):
+            counted = {"all": np.ones_like(answer), "answer": answer, "prompt": ~answer}[count]
+            documents.append(Sequence(ids[:seq_len], counted[:seq_len]))
+        return documents
 
     dataset = grain.MapDataset.source(samples).shuffle(seed=seed)[index::n].map(tokenise)
     out, remaining = [], token_budget
-    for seq in dataset:
+    for seq in (seq for documents in dataset for seq in documents):
         if remaining <= 0:
             break
         if not seq.counted.any():  # nothing to count (e.g. an answer cut off by seq_len)

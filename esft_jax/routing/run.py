@@ -12,7 +12,8 @@ import jax
 import ml_collections
 
 from esft_jax import config_files, runtime, validate
-from esft_jax.data.records import read_jsonl
+from esft_jax.data.records import DataError
+from esft_jax.data.sources import read_samples
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.routing import profile, scores, select
 from esft_jax.routing.expected import expected_coverage
@@ -26,7 +27,7 @@ SUMMARY_FILE = "summary.json"
 class Profiled(NamedTuple):
     stats: RoutingStats | None  # None on every process but the first (which writes the files)
     samples: int  # samples in the dataset
-    skipped: int  # malformed lines skipped (c.skip_invalid)
+    skipped: int  # malformed rows skipped (c.skip_invalid)
 
 
 def profile_routing(c: ml_collections.ConfigDict) -> Profiled:
@@ -36,8 +37,16 @@ def profile_routing(c: ml_collections.ConfigDict) -> Profiled:
     mesh = runtime.mesh(c)
     cfg, params = runtime.load_model(c, mesh)
     validate.within_positions(c, "seq_len", cfg)
-    samples, skipped = read_jsonl(c.data, c.skip_invalid)
+    samples, skipped = read_samples(c.data, c.skip_invalid, c.data_format)
     tokenizer = runtime.tokenizer(c)
+    template = runtime.chat_template(c, "template", tokenizer, cfg)
+    if not profile.sequences(  # the first document with a counted token, if any has one
+        samples, tokenizer, cfg, seq_len=c.seq_len, token_budget=1, count=c.count, template=template
+    ):
+        raise DataError(
+            f"{c.data}: no sample has a token to count (--config.count={c.count}) within "
+            f"--config.seq_len={c.seq_len} tokens; nothing would be profiled"
+        )
 
     def read(index: int, count: int) -> list[profile.Sequence]:  # this process's data shards only
         return profile.sequences(
@@ -49,6 +58,7 @@ def profile_routing(c: ml_collections.ConfigDict) -> Profiled:
             seed=c.seed,
             count=c.count,
             shard=(index, count),
+            template=template,
         )
 
     out = Path(c.out_dir)

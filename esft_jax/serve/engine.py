@@ -4,9 +4,10 @@ running decode at every step (serve/slots.py holds the device state).
 Every request names its model (an adapter of the bank, or None for the base). `submit` queues it;
 each `step` first prefills the queued requests that fit into free slots (together, one call), then
 decodes one token for every live slot, and reports each new token and each finished request. A
-request leaves at EOS, at its max_tokens, or when cancelled, and its slot is free for the next
-step's joiners. Rows and prefill groups are rounded up to powers of two and prompts to a bucket, so
-a few compilations serve every mix; a request gets exactly the tokens it gets alone.
+request leaves at EOS (any of the model's EOS ids), at its max_tokens, or when cancelled, and its
+slot is free for the next step's joiners. Rows and prefill groups are rounded up to powers of two
+and prompts to a bucket, so a few compilations serve every mix; a request gets exactly the tokens it
+gets alone.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class Engine:
         self.bank: AdapterBank = build_bank(cfg, params, adapters)
         self.rows = padded_rows(_power_of_two(slots), cfg, mesh)
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.eos = cfg.eos_token_id if cfg.eos_token_id is not None else -1
+        self.stop_ids = frozenset(cfg.stop_token_ids)  # a request ends at any of them
         self._trained_ale = jnp.asarray(trained_experts(self.bank, cfg.n_routed_experts))
         self._queue: collections.deque[tuple[int, Request]] = collections.deque()
         self._live: dict[int, _Live] = {}  # slot row -> its request
@@ -227,7 +228,7 @@ class Engine:
         events, ending = [], []
         for row, token in chosen.items():
             live = self._live[row]
-            if token == self.eos:
+            if token in self.stop_ids:
                 ending.append((row, None, "stop"))
                 continue
             live.tokens.append(token)

@@ -3,13 +3,15 @@ ESFT adapters, any mix of them decoding together (continuous batching: serve/sch
 
 Endpoints: GET /v1/models (the base model and every adapter), POST /v1/completions and POST
 /v1/chat/completions with `model` (the base's name or an adapter's), `prompt` (a string) or
-`messages` (user and assistant turns, formatted as ESFT trains: data/records.py's templates),
-`max_tokens` (default 16), `stop` (a string or a list: the text is cut at the first), `temperature`
-(default 1.0, OpenAI's), `top_p`, `seed` and `stream`. Prompts are BOS + the tokenizer's ids, as
-`esft eval` encodes them. `stream=True` answers in OpenAI's server-sent chunks ending with
-`data: [DONE]`, each piece of text sent the step its token is chosen. Every response carries the
-routing monitor's verdict in an "esft" field (on a stream: its last chunk); GET /v1/routing (JSON)
-and GET /metrics (Prometheus) show the monitor's live statistics per model (serve/monitor.py).
+`messages` (any turns and roles the chat template accepts, system and tool messages too) and
+`tools`, rendered by the served chat template with its generation prompt as training renders them
+(data/chat.py), `max_tokens` (default 16), `stop` (a string or a list: the text is cut at the
+first), `temperature` (default 1.0, OpenAI's), `top_p`, `seed` and `stream`. Text prompts are BOS
++ the tokenizer's ids, as `esft eval` encodes them. `stream=True` answers in OpenAI's server-sent
+chunks ending with `data: [DONE]`, each piece of text sent the step its token is chosen. Every
+response carries the routing monitor's verdict in an "esft" field (on a stream: its last chunk);
+GET /v1/routing (JSON) and GET /metrics (Prometheus) show the monitor's live statistics per model
+(serve/monitor.py).
 
 A bad request gets a 4xx with OpenAI's {"error": {"message", "type", "code"}} and the server goes on:
 400 for malformed JSON, a missing or wrong field, max_tokens <= 0 or a prompt longer than the
@@ -37,8 +39,9 @@ from starlette.routing import Route
 from tokenizers import Tokenizer
 
 from esft_jax import runtime, sharding
-from esft_jax.data.records import ANSWER_TEMPLATE, PROMPT_TEMPLATE, Sample
-from esft_jax.data.tokenize import encode
+from esft_jax.data import records
+from esft_jax.data.chat import ChatTemplate
+from esft_jax.data.tokenize import chat_template, prompt_ids
 from esft_jax.model import param_axes
 from esft_jax.serve.completion import Completion
 from esft_jax.serve.engine import Engine, Request
@@ -85,31 +88,19 @@ def _stops(body: dict) -> list[str]:
     return stops
 
 
-def _chat_ids(tokenizer: Tokenizer, messages: Any, bos: int | None, eos: int | None) -> list[int]:
-    """BOS + each (user, assistant) turn as ESFT trains on it (data/tokenize.py: prompt and answer
-    encoded apart, EOS after the answer) + the last user turn's prompt; what CHAT_TEMPLATE renders."""
-    if not isinstance(messages, list) or not messages:
-        raise _bad("'messages': expected a non-empty list of {'role', 'content'} objects")
-    roles = ["user", "assistant"] * len(messages)
-    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages) or [
-        m.get("role") for m in messages
-    ] != roles[: len(messages) - 1] + ["user"]:
-        raise _bad(
-            "'messages': ESFT chats alternate user and assistant messages with string content, "
-            "starting and ending with a user message"
+def _chat_ids(tokenizer: Tokenizer, template: ChatTemplate, body: dict) -> list[int]:
+    """The ids of a chat request's `messages` (and `tools`) + the generation prompt, rendered by the
+    served chat template as training renders them (data/tokenize.py prompt_ids); 400 where the
+    messages are malformed or the template refuses them."""
+    try:
+        return prompt_ids(
+            tokenizer,
+            template,
+            records.messages(body.get("messages")),
+            records.tools(body.get("tools")),
         )
-    ids = []
-    for i in range(0, len(messages), 2):
-        user = PROMPT_TEMPLATE.format(user=messages[i]["content"])
-        answer = messages[i + 1]["content"] if i + 1 < len(messages) else None
-        sample = Sample(
-            user, "" if answer is None else ANSWER_TEMPLATE.format(assistant=answer), ""
-        )
-        turn, _ = encode(
-            tokenizer, sample, bos if i == 0 else None, None if answer is None else eos
-        )
-        ids += turn.tolist()
-    return ids
+    except ValueError as e:
+        raise _bad(str(e)) from None
 
 
 class Server:
@@ -125,14 +116,15 @@ class Server:
         base_name: str,
         api_key: str = "",
         fallback: bool = False,
+        template: ChatTemplate | None = None,
     ):
         self.engine = scheduler.engine
         if base_name in self.engine.bank.names:
             raise ValueError(f"adapter {base_name!r} has the base model's name")
         self.scheduler, self.tokenizer, self.monitor = scheduler, tokenizer, monitor
+        self.template = template or chat_template(tokenizer, self.engine.cfg)
         self.base_name, self.api_key, self.fallback = base_name, api_key, fallback
-        cfg = self.engine.cfg
-        self.bos, self.eos = cfg.bos_token_id, cfg.eos_token_id
+        self.bos = self.engine.cfg.bos_token_id
 
     def authorize(self, request: HTTPRequest) -> None:
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -153,7 +145,7 @@ class Server:
 
     def prompt_ids(self, body: dict, chat: bool) -> list[int]:
         if chat:
-            return _chat_ids(self.tokenizer, body.get("messages"), self.bos, self.eos)
+            return _chat_ids(self.tokenizer, self.template, body)
         text = _field(body, "prompt", (str,))
         bos = [self.bos] if self.bos is not None else []
         return bos + self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -351,6 +343,10 @@ def serve(c: ml_collections.ConfigDict) -> None:
     import uvicorn
 
     mesh = runtime.mesh(c)
+    tokenizer = runtime.tokenizer(c)
+    template = runtime.chat_template(c, "template", tokenizer, runtime.model_config(c))
+    for adapter_dir in c.adapters.values():
+        runtime.check_adapter_base(c, adapter_dir)
     cfg, params = runtime.load_model(c, mesh)
     if mesh is not None:  # random weights are made on one device
         params = sharding.shard_params(params, param_axes(cfg), mesh)
@@ -368,9 +364,14 @@ def serve(c: ml_collections.ConfigDict) -> None:
         layers=cfg.moe_layer_ids,
     )
     scheduler = Scheduler(engine)
-    tokenizer = runtime.tokenizer(c)
     server = Server(
-        scheduler, tokenizer, monitor, base_name=name, api_key=c.api_key, fallback=m.fallback
+        scheduler,
+        tokenizer,
+        monitor,
+        base_name=name,
+        api_key=c.api_key,
+        fallback=m.fallback,
+        template=template,
     )
     names = ", ".join([server.base_name, *engine.bank.names])
     print(f"serving {names} on http://{c.host}:{c.port}/v1", flush=True)

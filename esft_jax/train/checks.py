@@ -11,6 +11,8 @@ import ml_collections
 
 from esft_jax import validate as checks
 from esft_jax.config_files import ConfigFileError
+from esft_jax.data.chat import LOSS_ON
+from esft_jax.data.sources import FORMATS
 from esft_jax.model import ModelConfig
 from esft_jax.train.method import METHODS
 
@@ -41,6 +43,9 @@ def validate(c: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
     checks.number(c, "data.validation_fraction", 0, 0.5)
     if not isinstance(c.extend, bool):
         raise ConfigFileError(f"--config.extend={c.extend!r}: expected True or False")
-    checks.input_path(c, "data.train", "a jsonl training set")
+    checks.input_path(c, "data.train", "a training set")
+    checks.one_of(c, "data.format", FORMATS)
+    checks.template(c, "data.template")
+    checks.one_of(c, "data.loss_on", LOSS_ON)
     if c.data.general:
-        checks.input_path(c, "data.general", "a jsonl general dataset")
+        checks.input_path(c, "data.general", "a general dataset")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,10 +28,12 @@ from tqdm import tqdm
 
 from esft_jax import config_files, runtime, sharding
 from esft_jax.checkpoint.train_state import TrainCheckpoints, abstract_like
-from esft_jax.data.pipeline import eval_batches, split_validation, train_batches
-from esft_jax.data.records import Sample, read_jsonl
+from esft_jax.data.chat import ChatTemplate
+from esft_jax.data.pipeline import _encoder, eval_batches, split_validation, train_batches
+from esft_jax.data.records import DataError, Sample
 from esft_jax.data.shards import LocalBatches
 from esft_jax.data.shards import plan as plan_shards
+from esft_jax.data.sources import read_samples
 from esft_jax.model import ModelConfig, forward, param_axes
 from esft_jax.model.loss import load_balance_loss, next_token_loss
 from esft_jax.train import guard, resume, routing_profile
@@ -136,11 +138,12 @@ def _batch_sharding(mesh: Mesh | None, ndim: int):
 def _local_batches(
     c: ml_collections.ConfigDict,
     rows_sharding: Any,
-    samples: list[Sample],
-    general: list[Sample] | None,
+    samples: Sequence[Sample],
+    general: Sequence[Sample] | None,
     tokenizer: Tokenizer,
     cfg: ModelConfig,
     data_state: dict | None,
+    template: ChatTemplate,
 ) -> LocalBatches:
     """This process's shards of the training batches (data/shards.py), at `data_state` if resuming;
     without --config.data.shards a resumed run keeps its checkpoint's shard count."""
@@ -165,6 +168,8 @@ def _local_batches(
                 general=general,
                 general_ratio=c.data.general_ratio,
                 shard=(index, count),
+                template=template,
+                loss_on=c.data.loss_on,
             )
         ),
     )
@@ -183,22 +188,34 @@ def tree_bytes(tree: Any) -> int:
 
 
 class _Data(NamedTuple):
-    train: list[Sample]
-    validation: list[Sample]
-    general: list[Sample] | None  # mixed in at c.data.general_ratio
-    skipped: int  # malformed lines skipped (c.data.skip_invalid)
+    train: Sequence[Sample]  # read on access (data/sources.py)
+    validation: Sequence[Sample]
+    general: Sequence[Sample] | None  # mixed in at c.data.general_ratio
+    skipped: int  # malformed rows skipped (c.data.skip_invalid)
 
 
-def _read_data(c: ml_collections.ConfigDict) -> _Data:
-    samples, skipped = read_jsonl(c.data.train, c.data.skip_invalid)
-    train_samples, validation = split_validation(
-        samples, c.data.validation_fraction, c.data.max_validation, c.seed
+def _read_data(
+    c: ml_collections.ConfigDict, tokenizer: Tokenizer, cfg: ModelConfig, template: ChatTemplate
+) -> _Data:
+    """The data sets, refused (DataError) if the task's would train no token: with every answer
+    cut off by seq_len, a run would save an untrained adapter."""
+    samples, skipped = read_samples(c.data.train, c.data.skip_invalid, c.data.format)
+    # split the positions, not the samples: both parts stay lazy
+    train_at, validation_at = split_validation(
+        range(len(samples)), c.data.validation_fraction, c.data.max_validation, c.seed
     )
+    train = samples.subset(train_at)
+    encode = _encoder(tokenizer, cfg, c.data.seq_len, template, c.data.loss_on)
+    if not any(doc["loss"].any() for sample in train for doc in encode(sample)):
+        raise DataError(
+            f"{c.data.train}: no training sample has an answer token within "
+            f"--config.data.seq_len={c.data.seq_len} tokens; nothing would train"
+        )
     general = None
     if c.data.general:
-        general, skipped_general = read_jsonl(c.data.general, c.data.skip_invalid)
+        general, skipped_general = read_samples(c.data.general, c.data.skip_invalid, c.data.format)
         skipped += skipped_general
-    return _Data(train_samples, validation, general, skipped)
+    return _Data(train, samples.subset(validation_at), general, skipped)
 
 
 def _start(
@@ -298,7 +315,8 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     mesh = runtime.mesh(c)
     cfg, frozen = runtime.load_model(c, mesh)
     tokenizer = runtime.tokenizer(c)
-    data_in = _read_data(c)
+    template = runtime.chat_template(c, "data.template", tokenizer, cfg)
+    data_in = _read_data(c, tokenizer, cfg, template)
     method = build_method(c, cfg)
     model_axes = param_axes(cfg)
     frozen = _put(frozen, _shardings(model_axes, mesh))
@@ -311,14 +329,20 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
         )
         batch_sharding, eval_sharding = _batch_sharding(mesh, 3), _batch_sharding(mesh, 2)
         data = _local_batches(
-            c, eval_sharding, data_in.train, data_in.general, tokenizer, cfg, data_state
+            c, eval_sharding, data_in.train, data_in.general, tokenizer, cfg, data_state, template
         )
         global_shape = (c.grad_accum, c.batch_size, c.data.seq_len)
         metrics_path = _open_metrics(c, workdir, method, start, checkpoints) if primary else None
         train_step = make_train_step(method, cfg, tx, schedule, c.aux_loss_alpha)
         eval_step = make_eval_step(method, cfg)
         val = eval_batches(
-            data_in.validation, tokenizer, cfg, seq_len=c.data.seq_len, batch_size=c.batch_size
+            data_in.validation,
+            tokenizer,
+            cfg,
+            seq_len=c.data.seq_len,
+            batch_size=c.batch_size,
+            template=template,
+            loss_on=c.data.loss_on,
         )
         since, recent, warned = (
             time.perf_counter(),
@@ -372,6 +396,7 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
             ec.experts,
             data_in.train,
             tokenizer,
+            template=template,
             tokens=c.profile_tokens,
             seq_len=c.data.seq_len,
             batch_size=c.batch_size,
@@ -379,7 +404,16 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
             mesh=mesh,
         )
     adapter_dir = save_adapter(
-        workdir / "adapter", cfg, method, frozen, state["trainable"], primary, profile
+        workdir / "adapter",
+        cfg,
+        method,
+        frozen,
+        state["trainable"],
+        primary,
+        {
+            **runtime.adapter_base(c),
+            **({"routing_profile": profile} if profile is not None else {}),
+        },
     )
     if not primary:
         return {}

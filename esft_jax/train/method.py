@@ -75,16 +75,15 @@ def save_adapter(
     frozen: Params,
     trainable: Params,
     write: bool = True,
-    routing_profile: dict | None = None,
+    extra: dict | None = None,
 ) -> Path:
-    """Write the method's adapter, with `routing_profile` (train/routing_profile.py) in place of
-    the selection's where given. In a multi-process run every process calls this (gathering is
-    collective) and the one with write=True writes."""
+    """Write the method's adapter, its config updated with `extra` (the base it was trained on:
+    checkpoint/fingerprint.py; a `routing_profile` (train/routing_profile.py) in place of the
+    selection's). In a multi-process run every process calls this (gathering is collective) and
+    the one with write=True writes."""
     tensors, metadata = method.adapter_tensors(cfg, frozen, trainable)
-    if routing_profile is not None:
-        metadata["routing_profile"] = routing_profile
     return (
-        write_adapter(out_dir, tensors, {**metadata, "model_type": cfg.model_type})
+        write_adapter(out_dir, tensors, {**metadata, **(extra or {}), "model_type": cfg.model_type})
         if write
         else Path(out_dir)
     )

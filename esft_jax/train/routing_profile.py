@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
+from esft_jax.data.chat import ChatTemplate
 from esft_jax.data.records import Sample
 from esft_jax.model import ModelConfig
 from esft_jax.model.params import Params
@@ -28,6 +29,7 @@ def measure(
     samples: list[Sample],
     tokenizer: Tokenizer,
     *,
+    template: ChatTemplate | None = None,
     tokens: int,
     seq_len: int,
     batch_size: int,
@@ -35,7 +37,7 @@ def measure(
     mesh: Mesh | None = None,
 ) -> dict:
     """The profile (routing/expected.py's format) of `experts` under `params` (the trained model)
-    on up to `tokens` prompt tokens of `samples`."""
+    on up to `tokens` prompt tokens of `samples` (rendered by `template`, as trained)."""
 
     def read(index: int, count: int) -> list[profile.Sequence]:  # each process its data shards
         return profile.sequences(
@@ -47,6 +49,7 @@ def measure(
             seed=seed,
             count="prompt",
             shard=(index, count),
+            template=template,
         )
 
     stats = profile.collect(

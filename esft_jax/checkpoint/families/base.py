@@ -166,7 +166,9 @@ def dtype_name(name: Any) -> str:
 def common_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     """Fields every family's config.json spells the same way (rope included)."""
     require(hf)
-    eos = hf.get("eos_token_id")
+    eos, eos_ids = hf.get("eos_token_id"), ()
+    if isinstance(eos, list):  # several (GLM-4.5: three): the first is the one training appends
+        eos, eos_ids = (eos[0] if eos else None), tuple(eos)
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     return dict(
         model_type=hf["model_type"],
@@ -178,7 +180,8 @@ def common_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        eos_token_id=eos,
+        eos_token_ids=eos_ids,
         pad_token_id=hf.get("pad_token_id"),
         param_dtype=dtype_name(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
@@ -239,7 +242,7 @@ def common_hf(cfg: ModelConfig, architecture: str) -> dict[str, Any]:
         "rms_norm_eps": cfg.rms_norm_eps,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
+        "eos_token_id": list(cfg.eos_token_ids) or cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
         "hidden_act": "silu",
         "dtype": cfg.param_dtype,
