@@ -32,3 +32,17 @@ def interleaved_seconds(calls: dict[str, Callable[[], object]], reps: int = 5) -
             jax.block_until_ready(call())
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def machine() -> str:
+    """The CPU model and its float32 matmul rate (2048^3, median of 3): benchmark numbers from
+    different machines (or loads) compare only through it."""
+    import subprocess
+
+    import jax.numpy as jnp
+
+    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True)
+    a = jnp.ones((2048, 2048), jnp.float32)
+    rate = 2 * 2048**3 / seconds(jax.jit(jnp.matmul), a, a, reps=3) / 1e9
+    name = " ".join(cpu.stdout.partition(":")[2].split()) or jax.devices()[0].device_kind
+    return f"{name}; fp32 2048^3 matmul {rate:.0f} GFLOP/s"

@@ -47,8 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
     c.perplexity = ml_collections.ConfigDict(
-        dict(data="", format="auto", seq_len=1024)
-    )  # held-out text (any format, as the tasks'): general ability
+        dict(data="", format="auto", seq_len=1024, limit=0)
+    )  # held-out text (any format, as the tasks'; its first `limit` samples, 0: all): general ability
     c.batch_size = 8
     c.judge = blocks.judge(retries=3)
     c.out_dir = "runs/eval"

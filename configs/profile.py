@@ -27,7 +27,9 @@ def get_config(model: str = "tiny") -> ml_collections.ConfigDict:
         "all"  # which tokens' routing counts: "all" (as the official code), "answer", "prompt"
     )
     c.token_budget = 32 * 4096  # counted tokens to profile (the paper's 32 sequences of 4096)
-    c.seq_len = 4096  # longer documents are truncated; rows hold several documents (segment ids)
+    # longer documents are truncated; rows hold several documents (segment ids); 0: 4096 (the
+    # paper's), or the model's positions (max_position_embeddings) where it has fewer
+    c.seq_len = 0
     c.batch_size = (
         8  # batch_size x seq_len token slots a step (short documents: more, shorter packed rows)
     )

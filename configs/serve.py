@@ -37,6 +37,8 @@ def get_config(adapters: str = "") -> ml_collections.ConfigDict:
     c.api_key = ""
     c.slots = 8  # requests decoding together (their KV cache rows)
     c.max_len = 0  # tokens per slot (prompt + max_tokens); 0: the model's context
+    # a request body longer than this is refused (413) before it is read whole
+    c.max_body_bytes = 4 * 2**20
     # The routing monitor (esft_jax/serve/monitor.py): a request whose coverage falls below
     # ood_ratio x its adapter's profiled coverage is flagged out-of-domain; with fallback=True it is
     # answered by the base model instead. audit_log: a jsonl file, one line per request ("" for none),

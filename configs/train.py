@@ -40,7 +40,7 @@ def get_config(method: str = "esft") -> ml_collections.ConfigDict:
             template="model",
             loss_on="assistant",  # trained tokens: "assistant" turns, "last_assistant", "all"
             general_ratio=1.0,  # general samples per task sample
-            seq_len=4096,  # packed row length
+            seq_len=0,  # packed row length; 0: 4096 (the paper's), or the model's positions if fewer
             validation_fraction=0.02,
             max_validation=256,
             shards=0,  # the global batch = this many shards, each read by the processes holding its rows

@@ -16,7 +16,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from esft_jax import config_files, experiment, report, runtime, sharding, validate
+from esft_jax import (
+    config_files,
+    experiment,
+    interrupt,
+    report,
+    runtime,
+    sharding,
+    step_cap,
+    validate,
+)
 from esft_jax.builtin import suite as builtin_suite
 from esft_jax.checkpoint import CheckpointError, save_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter
@@ -30,7 +39,7 @@ from esft_jax.routing import analyze
 from esft_jax.routing import run as routing_run
 from esft_jax.routing.load import expert_counts, load_table
 from esft_jax.routing.sources import STATS_FILE, load_stats
-from esft_jax.serve import http as serve_http
+from esft_jax.serve import launch as serve_launch
 from esft_jax.train import loop as train_loop
 from esft_jax.train import plan
 from esft_jax.train.guard import DivergedError
@@ -172,6 +181,7 @@ def cmd_plan(c: ml_collections.ConfigDict) -> None:
         )
         raise SystemExit(code)
     cfg = runtime.model_config(c) if c.checkpoint else config_files.model_config(c.model)
+    validate.within_positions(c, "seq_len", cfg)
     print(
         plan.report(
             cfg,
@@ -208,7 +218,7 @@ def cmd_run(c: ml_collections.ConfigDict) -> None:
 
 def cmd_serve(c: ml_collections.ConfigDict) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API."""
-    serve_http.serve(c)
+    serve_launch.serve(c)
 
 
 COMMANDS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
@@ -242,9 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are --config.KEY=VALUE)")
     try:
         overrides = [a.removeprefix("--config.") for a in rest]
-        c = config_files.load(args.config, overrides)
+        c = config_files.load(args.config, overrides, command=args.command)
         validate.model_overrides(c, overrides)
         validate.check(args.command, c)
+        step_cap.from_environment(args.command, c)
         COMMANDS[args.command](c)
     except (
         config_files.ConfigFileError,
@@ -266,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DivergedError as e:  # the input was fine, the run was not: exit 1
         print(f"esft {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (where it struck, for training), no traceback
+        print(f"esft {args.command}: {interrupt.line(e)}", file=sys.stderr)
+        return interrupt.EXIT_CODE
     return 0
 
 

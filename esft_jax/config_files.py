@@ -6,11 +6,16 @@ parsed as a Python literal where it is one (`8`, `0.5`, `None`, `'text'`, `True`
 
 A path `configs/...` that does not exist relative to the working directory is read from the config
 files shipped with esft_jax (`resolve`), so `esft --config configs/train.py` works from any directory.
+
+With a command, `load` first checks that the file is one of that command's configs (`for_command`:
+its top-level keys include those of the command's shipped config), so `esft train --config
+configs/eval.py` says that the file is for `esft eval`, not which key the train code missed.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +26,20 @@ from esft_jax.checkpoint.families import family
 from esft_jax.model.config import ModelConfig
 
 BUNDLED_PREFIX = "configs"  # the first part of a path that names a shipped config file
+# each command's shipped config files (under bundled_dir()): a config of the command has their keys
+COMMAND_FILES = {
+    "route": ("route.py",),
+    "profile": ("profile.py",),
+    "select": ("select.py",),
+    "analyze": ("analyze.py",),
+    "train": ("train.py",),
+    "export": ("export.py",),
+    "eval": ("eval.py",),
+    "run": ("experiments/official.py", "experiments/main.py"),  # one study, or several
+    "plan": ("plan.py",),
+    "data": ("data.py",),
+    "serve": ("serve.py",),
+}
 
 
 class ConfigFileError(ValueError):
@@ -127,8 +146,44 @@ def apply_overrides(
     return cfg
 
 
-def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    return apply_overrides(load_file(spec), overrides, source=spec.partition(":")[0])
+@functools.cache
+def _keys(bundled: str) -> frozenset[str]:
+    """The top-level keys of a shipped config file (bundled_dir()/bundled)."""
+    return frozenset(load_file(str(bundled_dir() / bundled)).keys())
+
+
+def for_command(command: str, spec: str, cfg: ml_collections.ConfigDict) -> None:
+    """ConfigFileError unless `cfg` (loaded from `spec`) has the top-level keys of a shipped config of
+    `command` (COMMAND_FILES; more keys are fine): the message names the command the file is for
+    (the one whose keys it has), or the keys it lacks."""
+    path, keys = spec.partition(":")[0], set(cfg.keys())
+    own = COMMAND_FILES[command]
+    if any(_keys(file) <= keys for file in own):
+        return
+    fits = [
+        (len(_keys(file)), other)
+        for other, files in COMMAND_FILES.items()
+        for file in files
+        if other != command and _keys(file) <= keys
+    ]
+    if fits:
+        raise ConfigFileError(f"{path} is a config for `esft {max(fits)[1]}`, not `esft {command}`")
+    nearest = min(own, key=lambda file: len(_keys(file) - keys))
+    raise ConfigFileError(
+        f"{path}: not a config for `esft {command}`: it lacks "
+        f"{', '.join(sorted(_keys(nearest) - keys))} (keys of {BUNDLED_PREFIX}/{nearest})"
+    )
+
+
+def load(
+    spec: str, overrides: Sequence[str] = (), command: str | None = None
+) -> ml_collections.ConfigDict:
+    """The config of `spec` with `overrides` applied; with `command`, checked first to be one of its
+    configs (for_command), so a file of another command is named as such, not as unknown keys."""
+    cfg = load_file(spec)
+    if command is not None:
+        for_command(command, spec, cfg)
+    return apply_overrides(cfg, overrides, source=spec.partition(":")[0])
 
 
 def model_config(cd: ml_collections.ConfigDict) -> ModelConfig:

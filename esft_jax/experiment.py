@@ -103,7 +103,7 @@ def _evaluate(c: ml_collections.ConfigDict, suite: Path, out: Path, adapter: str
     )
     held_out = _data(eval_dir, c.perplexity_set) if c.perplexity_set else ""
     perplexity = ml_collections.ConfigDict(
-        dict(data=held_out, format=c.data_format, seq_len=c.eval.seq_len)
+        dict(data=held_out, format=c.data_format, seq_len=c.eval.seq_len, limit=0)
     )
     step = _step_config(
         c,

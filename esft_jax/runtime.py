@@ -43,6 +43,7 @@ RUNTIME_FIELDS = (
     "expert_parallel",
     "scan_layers",
     "remat",
+    "attention_impl",
 )
 RANDOM_WEIGHTS = "random"  # --config.checkpoint=random: seeded random weights of c.model
 

@@ -27,6 +27,7 @@ from esft_jax.model.config import DTYPES
 from esft_jax.routing.profile import COUNT_MODES
 from esft_jax.routing.select import METHODS as SELECT_METHODS
 from esft_jax.runtime import RANDOM_WEIGHTS, RUNTIME_FIELDS
+from esft_jax.serve import names as served_names
 from esft_jax.train.method import METHODS as TRAIN_METHODS
 
 SCORES, NORMS = ("token", "gate"), ("pooled", "paper")
@@ -131,9 +132,18 @@ def writable_file(c: ml_collections.ConfigDict, key: str) -> None:
     _writable(f"--config.{key}={_get(c, key)}", Path(_get(c, key)).parent)
 
 
+DEFAULT_SEQ_LEN = 4096  # the paper's rows (ESFT trains and profiles 4096-token sequences)
+
+
 def within_positions(c: ml_collections.ConfigDict, key: str, cfg: ModelConfig) -> None:
-    """A sequence length the model has positions for (checked once the model's config is read)."""
+    """A sequence length the model has positions for (checked once the model's config is read).
+    0, the configs' default, is set to DEFAULT_SEQ_LEN, or the model's positions where it has fewer
+    (the built-in model: 2048), so a default works on any model."""
     value = _get(c, key)
+    if value == 0:
+        value = min(DEFAULT_SEQ_LEN, cfg.max_position_embeddings)
+        parent, _, leaf = key.rpartition(".")
+        (_get(c, parent) if parent else c)[leaf] = value
     if value > cfg.max_position_embeddings:
         raise ConfigFileError(
             f"--config.{key}={value}: longer than the model's {cfg.max_position_embeddings} "
@@ -173,8 +183,9 @@ def _profile(c: ml_collections.ConfigDict) -> None:
     input_path(c, "data", "a dataset to profile")
     one_of(c, "data_format", FORMATS)
     template(c, "template")
-    for key in ("token_budget", "seq_len", "batch_size"):
+    for key in ("token_budget", "batch_size"):
         whole(c, key)
+    whole(c, "seq_len", 0)  # 0: resolved against the model (within_positions)
     whole(c, "shards", 0)
     one_of(c, "count", COUNT_MODES)
     writable_dir(c, "out_dir")
@@ -234,6 +245,7 @@ def _eval(c: ml_collections.ConfigDict) -> None:
         input_path(c, "perplexity.data", "a held-out dataset")
         one_of(c, "perplexity.format", FORMATS)
         whole(c, "perplexity.seq_len", 2)
+        whole(c, "perplexity.limit", 0)
     template(c, "template")
     whole(c, "batch_size")
     writable_dir(c, "out_dir")
@@ -327,8 +339,9 @@ def _plan(c: ml_collections.ConfigDict) -> None:
                 f"--config.methods: {method!r} is not one of {', '.join(TRAIN_METHODS)}"
             )
     one_of(c, "mesh_axis", ("fsdp", "expert"))
-    for key in ("batch_size", "seq_len", "lora_rank"):
+    for key in ("batch_size", "lora_rank"):
         whole(c, key)
+    whole(c, "seq_len", 0)  # 0: resolved against the model (within_positions)
     number(c, "device_memory_gb", 0, low_open=True)
     for n in c.devices:
         if not (isinstance(n, int) and n >= 1):
@@ -344,7 +357,10 @@ def _plan(c: ml_collections.ConfigDict) -> None:
 
 def _serve(c: ml_collections.ConfigDict) -> None:
     required(c, "checkpoint", "the base model's Hugging Face checkpoint directory")
+    base = served_names.base_name(c.checkpoint)
     for name in c.adapters:
+        if (why := served_names.problem(base, name)) is not None:
+            raise ConfigFileError(f"--config.adapters.{name}: {why}")
         input_path(
             c, f"adapters.{name}", f"adapter {name}'s directory (esft train's <workdir>/adapter)"
         )
@@ -354,8 +370,11 @@ def _serve(c: ml_collections.ConfigDict) -> None:
         raise ConfigFileError(f"--config.port={c.port}: expected a port number <= 65535")
     whole(c, "slots")
     whole(c, "max_len", 0)
+    whole(c, "max_body_bytes")
     template(c, "template")
     number(c, "monitor.ood_ratio", 0)
+    if c.monitor.audit_log:
+        writable_file(c, "monitor.audit_log")
 
 
 CHECKS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {

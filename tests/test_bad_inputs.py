@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +50,20 @@ class Case:
 COMMON = (
     "..."  # in an argv: the arguments before it are a valid command's, shown as "..." in the docs
 )
+
+
+_HELD: list[socket.socket] = []
+
+
+def _busy_port() -> int:
+    """A loopback port in use: a socket this process listens on, held while the tests run."""
+    if not _HELD:
+        _HELD.append(socket.create_server(("127.0.0.1", 0)))
+    return _HELD[0].getsockname()[1]
+
+
+def _serve(f: Files) -> list[str]:
+    return ["serve", "--config", "configs/serve.py", f"--config.checkpoint={f.base}"]
 
 
 def _train(f: Files, *extra: str) -> list[str]:
@@ -122,8 +137,19 @@ def _foreign_adapter(f: Files) -> Path:
 
 
 def _write_bytes(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(exist_ok=True)
+    return path
+
+
+_CONFIG_FILE = (
+    "import ml_collections\n\n\ndef get_config():\n    return ml_collections.ConfigDict(dict({}))\n"
+)
 
 
 def _parquet(path: Path, **columns: list) -> Path:
@@ -191,6 +217,30 @@ CASES = [
         "config file with a syntax error",
         lambda f: ["route", "--config", str(_write(f.root / "broken.py", "def get_config(:\n"))],
         "broken.py:1",
+    ),
+    Case(
+        "config file of another command (train given eval's)",
+        lambda f: ["train", "--config", "configs/eval.py"],
+        "configs/eval.py is a config for `esft eval`, not `esft train`",
+    ),
+    Case(
+        "config file of another command (serve given train's)",
+        lambda f: ["serve", "--config", "configs/train.py:esft"],
+        "configs/train.py is a config for `esft train`, not `esft serve`",
+    ),
+    Case(
+        "config file of another command (profile given select's)",
+        lambda f: ["profile", "--config", "configs/select.py:token", "--config.data=x.jsonl"],
+        "configs/select.py is a config for `esft select`, not `esft profile`",
+    ),
+    Case(
+        "config file of no command",
+        lambda f: [
+            "data",
+            "--config",
+            str(_write(f.root / "partial.py", _CONFIG_FILE.format("n_train=1, n_eval=1"))),
+        ],
+        "partial.py: not a config for `esft data`: it lacks n_docs, out, overwrite, seed",
     ),
     Case("unknown config key", lambda f: _train(f, "--config.optim.lrr=0.1"), "--config.optim.lrr"),
     Case(
@@ -324,6 +374,38 @@ CASES = [
         "latin1.jsonl:1",
     ),
     Case(
+        "training data line that is not JSON, mid-file",
+        lambda f: _train(
+            f,
+            "--config.data.train="
+            + str(_write(f.root / "mid.jsonl", f.task.read_text() + '{"text": 1\n{"text": "x"}\n')),
+        ),
+        "mid.jsonl:17: not valid JSON (Expecting ',' delimiter, column 11)",
+    ),
+    Case(
+        "directory without a dataset as training data",
+        lambda f: _train(f, f"--config.data.train={_mkdir(f.root / 'no_data')}"),
+        "no_data: is a directory with no .parquet or .arrow files",
+    ),
+    Case(
+        "expert config that is not UTF-8",
+        lambda f: _train(
+            f,
+            "--config.expert_config="
+            + str(_write_bytes(f.root / "latin1.json", b'{"experts": {"1": [3]}, "x": "\xe9"}')),
+        ),
+        "latin1.json:1: not UTF-8 (byte 0xe9 at column 31)",
+    ),
+    Case(
+        "chat template that is not UTF-8",
+        lambda f: _train(
+            f,
+            "--config.data.template="
+            + str(_write_bytes(f.root / "latin1.jinja", b"{{ bos_token }}\n caf\xe9")),
+        ),
+        "latin1.jinja:2: not UTF-8 (byte 0xe9 at column 5)",
+    ),
+    Case(
         "seq_len too short for any answer (train)",
         lambda f: _train(f, "--config.data.seq_len=16"),
         "--config.data.seq_len=16",
@@ -373,12 +455,39 @@ CASES = [
         "o_proj.weight is stored as F8_E4M3 without scales",
     ),
     Case(
+        "official routing log that is not UTF-8 (select)",
+        lambda f: _select(
+            f,
+            "--config.stats="
+            + str(_write_bytes(f.root / "logs" / "expert_weights_1.txt", b"1\t2\xe9\n").parent),
+        ),
+        "expert_weights_1.txt:1: not UTF-8 (byte 0xe9 at column 4)",
+    ),
+    Case(
         "select without statistics",
         lambda f: _select(f, f"--config.stats={f.root / 'none'}"),
         "--config.stats",
     ),
     # evaluation
     Case("eval with no tasks", lambda f: _eval(f), "--config.tasks"),
+    Case(
+        "eval set that is not UTF-8 (nothing written, out_dir included)",
+        lambda f: _eval(
+            f,
+            "--config.tasks.intent.data="
+            + str(_write_bytes(f.root / "latin1_eval.jsonl", b'{"prompt": "\xe9", "answers": []}')),
+        ),
+        "latin1_eval.jsonl:1: not UTF-8 (byte 0xe9 at column 13)",
+    ),
+    Case(
+        "perplexity data that is not UTF-8",
+        lambda f: _eval(
+            f,
+            "--config.perplexity.data="
+            + str(_write_bytes(f.root / "latin1.jsonl", b'{"text": "caf\xe9"}\n')),
+        ),
+        "latin1.jsonl:1: not UTF-8 (byte 0xe9 at column 14)",
+    ),
     Case(
         "judge scorer without an endpoint",
         lambda f: _eval(f, f"--config.tasks.law.data={f.task}"),
@@ -471,6 +580,33 @@ CASES = [
         "--config.batch_size",
     ),
     Case(
+        "sequence length beyond the model's positions (plan)",
+        lambda f: [
+            "plan",
+            "--config",
+            "configs/plan.py",
+            f"--config.checkpoint={f.base}",
+            "--config.devices=(1,)",
+            "--config.seq_len=100000",
+        ],
+        "--config.seq_len=100000",
+    ),
+    Case(
+        "a port in use (serve)",
+        lambda f: [*_serve(f), f"--config.port={_busy_port()}"],
+        "cannot listen there",
+    ),
+    Case(
+        "an adapter named like the base model (serve)",
+        lambda f: [*_serve(f), f"--config.adapters.base={f.adapter}"],
+        "--config.adapters.base: is the base model's name",
+    ),
+    Case(
+        "an audit log that cannot be written (serve)",
+        lambda f: [*_serve(f), f"--config.monitor.audit_log={f.task}/audit.jsonl"],
+        "--config.monitor.audit_log",
+    ),
+    Case(
         "study without a checkpoint (official data)",
         lambda f: [
             "run",
@@ -517,7 +653,13 @@ def _run(case: Case, files: Files, capfd) -> str:
 
 def _row(case: Case, files: Files, message: str) -> str:
     """The docs table's row: the command (a valid command's arguments shown as ...) and the message."""
-    shown = lambda s: re.sub(r"\s+", " ", s.replace(str(files.root), "<tmp>")).replace("|", "\\|")  # noqa: E731
+
+    def shown(text: str) -> str:  # temporary paths and the busy port as placeholders
+        text = text.replace(str(files.root), "<tmp>")
+        if _HELD:
+            text = text.replace(f"port={_busy_port()}", "port=<in use>")
+        return re.sub(r"\s+", " ", text).replace("|", "\\|")
+
     argv = case.argv(files)
     if COMMON in argv:
         argv = [*argv[:3], COMMON, *argv[argv.index(COMMON) + 1 :]]

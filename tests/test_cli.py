@@ -215,3 +215,16 @@ def test_eval_writes_scores_and_predictions(tmp_path, capsys):
         == 2
     )
     assert "eval.jsonl:1: expected" in capsys.readouterr().err
+
+
+def test_ctrl_c_outside_training_is_one_line_exit_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while `esft data` writes (the KeyboardInterrupt it raises there): no traceback."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.builtin_suite, "write_suite", interrupted)
+    assert (
+        cli.main(["data", "--config", "configs/data.py", f"--config.out={tmp_path / 'd'}"]) == 130
+    )
+    assert capsys.readouterr().err == "esft data: interrupted\n"

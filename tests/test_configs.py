@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import jax
@@ -258,3 +259,31 @@ def test_official_study_of_law_loads():
     c = config_files.load_file("configs/experiments/official.py:law")
     assert (c.task, c.run_dir) == ("law", "runs/official_law")
     assert c.general_tasks == ("intent", "summary", "translation")
+
+
+def test_a_config_file_of_another_command_is_named_as_such(tmp_path):
+    """Every shipped config file is accepted by its own command and, given to any other, refused
+    naming the command it is for (before its overrides, which are the other command's keys); a file
+    with the keys of no command names those its command lacks."""
+    shipped = {
+        f"configs/{file}": command
+        for command, files in config_files.COMMAND_FILES.items()
+        for file in files
+    } | {"configs/experiments/builtin.py": "run", "configs/experiments/ablations.py": "run"}
+    for path, home in shipped.items():
+        assert config_files.load(path, command=home) == config_files.load_file(path)
+        for command in set(config_files.COMMAND_FILES) - {home}:
+            message = f"{path} is a config for `esft {home}`, not `esft {command}`"
+            with pytest.raises(config_files.ConfigFileError, match=re.escape(message)):
+                config_files.load(path, ["workdir=elsewhere"], command=command)
+    own = tmp_path / "mine.py"
+    own.write_text(
+        "import ml_collections\n"
+        "def get_config():\n"
+        "    return ml_collections.ConfigDict(dict(n_train=1, n_eval=1, seed=0))\n"
+    )
+    with pytest.raises(
+        config_files.ConfigFileError,
+        match=re.escape(f"{own}: not a config for `esft data`: it lacks n_docs, out, overwrite "),
+    ):
+        config_files.load(str(own), command="data")

@@ -240,7 +240,14 @@ def test_bad_parquet_rows_name_file_and_row_and_can_be_skipped(tmp_path):
             lambda t: _dataset_dict_without_train(t / "dict"),
             "without a 'train' split (splits: test); name a split's folder",
         ),
-        (lambda t: (t / "empty").mkdir() or str(t / "empty"), "empty: no dataset here"),
+        (
+            lambda t: _write_text(t / "d.jsonl", '{"text": "ok"}\n{"text": 1\n{"text": "ok"}\n'),
+            "d.jsonl:2: not valid JSON (Expecting ',' delimiter, column 11)",
+        ),
+        (
+            lambda t: (t / "empty").mkdir() or str(t / "empty"),
+            "empty: is a directory with no .parquet or .arrow files",
+        ),
     ],
 )
 def test_bad_sources_are_one_line_errors(tmp_path, write, message):

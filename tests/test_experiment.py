@@ -172,6 +172,7 @@ def test_a_failed_child_is_one_error_line_and_its_log_tail(tmp_path, monkeypatch
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="VmHWM is Linux's")
+@pytest.mark.slow  # a child process
 def test_a_child_reports_its_own_peak_memory_not_its_parents():
     """getrusage's ru_maxrss carries a parent's peak across fork + exec; the summary's peak RSS
     (runtime.peak_rss_bytes) is the training process's own."""

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import setuptools
 import tomllib
 
@@ -30,6 +31,7 @@ def test_a_config_path_resolves_in_the_working_directory_first(tmp_path, monkeyp
     assert config_files.resolve("configs/train.py") == Path("configs/train.py")  # a local copy wins
 
 
+@pytest.mark.slow  # a child process
 def test_esft_runs_from_another_directory(tmp_path):
     """`esft route` reads configs/route.py and its model file from the shipped configs."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -1,23 +1,20 @@
-"""Every command block of README.md runs as written on a fresh clone (one slow test, ~60 s).
+"""Every command block of README.md runs as written on a fresh clone (one slow test).
 
 How: README.md is split into fenced blocks. Each ```bash block's commands (`\\` continuations
-joined, comments dropped, leading VAR=value words set in the environment) run one by one, and each
-```python block as a script, in a copy of the repository without runs/ and data/ (what a fresh
-clone holds) with `.venv` (what `make test` installs) linked in and its bin/ first on PATH.
-`esft ...` (or that script's path) runs in this process through cli.main, what the `esft` script
-calls, when the variables it sets already have their values here (the 8 simulated devices of
-tests/conftest.py), and a python block runs here through runpy (saving a start-up each and
-sharing compiled programs); the rest run as child processes. Adjustments that keep it offline and
-short:
-- MODEL: `/models/ESFT-vanilla-lite`, not on this machine, becomes the built-in pretrained tiny MoE;
-- SMALL: each command gets small sizes appended as overrides, chosen by its config file (a later
-  override wins); a command whose config file SMALL does not list fails the test, so a new README
-  command must choose its sizes here;
-- a command that sets XLA_FLAGS keeps the tests' fast-compile flags (tests/conftest.py) it does not
-  set itself;
-- a block whose fence follows the line `<!-- readme-test: skip: REASON -->` is skipped (a cluster,
-  libtpu, the real checkpoint, the full study); the reason is required.
-A command that exits non-zero fails the test, with its output.
+joined, comments dropped, `$VAR`s expanded, leading VAR=value words set in the environment) run one
+by one, and each ```python block as a script, in a copy of the repository without runs/ and data/
+(what a fresh clone holds) with `.venv` (what `make test` installs) linked in. The README's own
+first steps are honoured: `source .venv/bin/activate` (its bin/ first on PATH) and `export
+VAR=value` (MODEL: the built-in model). `esft ...` (or that script's path) runs in this process
+through cli.main, what the `esft` script calls, when the variables it sets already have their values
+here (the 8 simulated devices of tests/conftest.py), and a python block runs here through runpy
+(saving a start-up each and sharing compiled programs); the rest run as child processes. Nothing is
+appended to a command: the only shortening is ESFT_MAX_STEPS=2, which the README offers to try
+commands fast (esft_jax/step_cap.py: loops cut to two steps). A command that sets XLA_FLAGS keeps
+the tests' fast-compile flags (tests/conftest.py) it does not set itself. A block whose fence
+follows the line `<!-- readme-test: skip: REASON -->` is skipped (a cluster, libtpu, the real
+checkpoint, a whole study); the reason is required. A command that exits non-zero fails the test,
+with its output; a block that is run may name no file outside the clone (/models/...).
 """
 
 import os
@@ -32,61 +29,12 @@ from pathlib import Path
 import pytest
 
 from esft_jax import cli
-from esft_jax.builtin import suite as builtin_suite
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = "/models/ESFT-vanilla-lite"
-TINY_MOE = str(Path(builtin_suite.__file__).parent / "tiny_moe")
 SKIP = re.compile(r"<!-- readme-test: skip: (.+\S) -->")
 FENCE = re.compile(r"^```(\w*)\s*$")
-# `esft run`: profile + select, then the training commands (`make run` is the full study; tests/
-# test_experiment.py runs it on a tiny model)
-STUDY = [
-    "--config.launch=print",
-    "--config.profile.token_budget=1024",
-    "--config.profile.seq_len=128",
-]
-SMALL = {
-    "configs/data.py": ["--config.n_train=64", "--config.n_eval=8", "--config.n_docs=8"],
-    "configs/route.py": [],
-    "configs/plan.py": [
-        "--config.devices=(1,)",
-        "--config.methods=esft",
-        "--config.batch_size=1",
-        "--config.seq_len=32",
-    ],
-    "configs/profile.py": [
-        "--config.token_budget=1024",
-        "--config.seq_len=128",
-        "--config.progress=False",
-    ],
-    "configs/select.py": [],
-    "configs/analyze.py": [],
-    "configs/train.py": [
-        "--config.steps=2",
-        "--config.batch_size=2",
-        "--config.data.seq_len=64",
-        "--config.log_every=1",
-        "--config.data.validation_fraction=0.0",
-    ],
-    "configs/export.py": [],
-    "configs/eval.py": [
-        "--config.tasks.intent.limit=2",
-        "--config.tasks.intent.max_new_tokens=8",
-        "--config.batch_size=16",
-        "--config.perplexity.seq_len=64",
-    ],
-    "configs/experiments/builtin.py": STUDY,
-    "configs/experiments/ablations.py": STUDY,
-    "configs/experiments/main.py": [
-        "--config.launch=print",
-        *(
-            f"--config.studies.{task}.profile.{key}={value}"
-            for task in builtin_suite.DOWNSTREAM
-            for key, value in (("token_budget", 1024), ("seq_len", 128))
-        ),
-    ],
-}
+ACTIVATE = "source .venv/bin/activate"  # the README's first step: .venv/bin first on PATH
+STEPS = "2"  # ESFT_MAX_STEPS, as the README offers it to try commands fast
 
 
 def blocks(text: str) -> list[tuple[str, str, str]]:
@@ -123,19 +71,12 @@ def _environment(words: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def commands(body: str) -> list[list[str]]:
-    """The shell words of each command of a bash block, MODEL replaced and SMALL's sizes appended."""
+    """The shell words of each command of a bash block, `$VAR`s expanded from the environment."""
     out = []
     for line in body.replace("\\\n", " ").splitlines():
-        words = shlex.split(line.replace(MODEL, TINY_MOE), comments=True)
-        if not words:
-            continue
-        if "--config" in words:
-            config = words[words.index("--config") + 1].partition(":")[0]
-            assert config in SMALL, (
-                f"README command with {config}: give it small sizes in SMALL ({line})"
-            )
-            words += SMALL[config]
-        out.append(words)
+        words = [os.path.expandvars(w) for w in shlex.split(line, comments=True)]
+        if words:
+            out.append(words)
     return out
 
 
@@ -207,20 +148,30 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, capsys):
     assert all(SKIP.fullmatch(line.strip()) for line in markers), (
         markers
     )  # none misspelt, none without a reason
+    monkeypatch.setenv("ESFT_MAX_STEPS", STEPS)
     ran = []
     for language, body, reason in blocks(text):
         if reason or language not in ("python", "bash"):
             continue
         if language == "python":
             script = tmp_path / f"readme_block_{len(ran)}.py"
-            script.write_text(body.replace(MODEL, TINY_MOE))
+            script.write_text(body)
             runs = [([sys.executable, str(script)], {})]
         else:
             runs = [_environment(words) for words in commands(body)]
         for argv, env in runs:
+            if " ".join(argv) == ACTIVATE:  # PATH already starts with the venv's bin/
+                continue
+            if argv[0] == "export":
+                for name, _, value in (word.partition("=") for word in argv[1:]):
+                    monkeypatch.setenv(name, value)
+                continue
+            assert "/models/" not in " ".join(argv), (
+                f"a README command names a file not here: {argv}"
+            )
             run_command(argv, env, clone, capsys)
             ran.append(argv)
-    assert len(ran) > 20  # the README's blocks were found
+    assert len(ran) > 15 and os.environ["MODEL"]  # the README's blocks and first steps were found
 
 
 def test_esft_data_writes_every_data_path_the_readme_names_and_never_overwrites(tmp_path, capsys):

@@ -228,3 +228,48 @@ def test_a_request_longer_than_a_slot_is_refused(served):
         engine.submit(Request(list(range(1, 12)), None, max_tokens=6))
     with pytest.raises(KeyError, match="no adapter 'nope'"):
         engine.submit(Request([1, 2], "nope"))
+
+
+def test_a_failure_fails_only_the_requests_it_concerns(served, monkeypatch):
+    """Injected failures: a prefill that fails on one prompt's token (its group is retried one
+    request at a time) and a decode that fails while a "partial" request is active (retried
+    without the rows that joined that step). Only those two requests fail; the others, live
+    before and joining beside them, get exactly their tokens alone."""
+    from esft_jax.serve import slots as slot_state
+
+    cfg, params, base, adapters = served
+    engine = Engine(cfg, params, adapters, slots=4, max_len=32)
+    poison, partial = 255, engine.bank.index("partial")
+    prefill, step = slot_state.prefill, slot_state.step
+
+    def failing_prefill(params, tokens_np, *rest):
+        if (np.asarray(tokens_np) == poison).any():
+            raise RuntimeError("injected prefill failure")
+        return prefill(params, tokens_np, *rest)
+
+    def failing_step(params, slots, trained_ale, sets_b, active_b, cfg):
+        if (np.asarray(sets_b)[np.asarray(active_b)] == partial).any():
+            raise RuntimeError("injected step failure")
+        return step(params, slots, trained_ale, sets_b, active_b, cfg)
+
+    monkeypatch.setattr(slot_state, "prefill", failing_prefill)
+    monkeypatch.setattr(slot_state, "step", failing_step)
+    before = [Request([5, 6, 7], "wide", MAX_TOKENS), Request([8, 9], None, MAX_TOKENS, 0.9, 1, 3)]
+    beside = Request([10, 11, 12, 13], "two_layers", MAX_TOKENS)
+    ids = [engine.submit(r) for r in before]
+    events = engine.step()  # both live
+    bad_prompt = engine.submit(Request([1, poison, 2], "wide", MAX_TOKENS))
+    ids.append(engine.submit(beside))
+    bad_step = engine.submit(Request([3, 4], "partial", MAX_TOKENS))
+    while engine.busy:
+        events += engine.step()
+    errors = {e.id: str(e.error) for e in events if e.error is not None}
+    assert errors == {
+        bad_prompt: "injected prefill failure",
+        bad_step: "injected step failure",
+    }
+    last = {e.id: n for n, e in enumerate(events)}  # a failed request's error is its last event
+    assert all(events[last[i]].error is not None for i in errors)
+    finished = {e.id: e.finished.tokens for e in events if e.finished is not None}
+    want = [_alone(cfg, params, base, adapters, r) for r in [*before, beside]]
+    assert [finished[i] for i in ids] == want

@@ -2,7 +2,6 @@
 answer equals Engine.generate of the same tokens alone, on a second engine (the byte tokenizer:
 BOS + the text's bytes); the server's engine runs continuous batching on its scheduler thread."""
 
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +15,7 @@ import uvicorn
 
 from esft_jax import cli
 from esft_jax.checkpoint import load_tokenizer
+from esft_jax.serve import launch
 from esft_jax.serve.engine import Engine, Request
 from esft_jax.serve.http import Server, app
 from esft_jax.serve.monitor import Monitor
@@ -35,32 +35,31 @@ def _ids(text: str) -> list[int]:
 
 def _start(server: Server):
     """(uvicorn server, its thread, the /v1 URL) of `server` on a free loopback port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = launch.listen("127.0.0.1", 0)
     uv = uvicorn.Server(uvicorn.Config(app(server), log_level="warning"))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not uv.started:
         time.sleep(0.01)
-    return uv, thread, f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    return uv, thread, f"{launch.url(sock)}/v1"
 
 
 def _stop(uv, thread, server: Server) -> None:
     uv.should_exit = True
     thread.join()
-    server.scheduler.close()
-    server.monitor.close()
+    server.close()
 
 
-def _server(served, audit_log=None, fallback=False, ood_ratio=0.5) -> Server:
+def _server(served, fallback=False, ood_ratio=0.5, tokenizer=None, **options) -> Server:
+    """A server of the SERVED adapters (tokenizer: the checkpoint's; options: Server's, e.g.
+    audit_log, max_body_bytes)."""
     cfg, params, base, adapters = served
     engine = Engine(cfg, params, {n: adapters[n] for n in SERVED}, slots=SLOTS, max_len=MAX_LEN)
-    monitor = Monitor(
-        engine.bank, ood_ratio=ood_ratio, audit_log=audit_log, base_name="base", layers=[1, 2, 3]
-    )
+    monitor = Monitor(engine.bank, ood_ratio=ood_ratio, base_name="base", layers=[1, 2, 3])
     scheduler = Scheduler(engine)
+    tokenizer = tokenizer or load_tokenizer(base)
     return Server(
-        scheduler, load_tokenizer(base), monitor, base_name="base", api_key=KEY, fallback=fallback
+        scheduler, tokenizer, monitor, base_name="base", api_key=KEY, fallback=fallback, **options
     )
 
 
@@ -298,7 +297,7 @@ def test_responses_carry_the_monitor_and_routing_shows_it(api, client):
     routing = httpx.get(f"{url}/routing", headers=headers).json()
     assert routing["models"]["wide"]["requests"] >= 1 and routing["layers"] == [1, 2, 3]
     metrics = httpx.get(url.removesuffix("/v1") + "/metrics", headers=headers).text
-    assert 'esft_requests_total{adapter="wide"}' in metrics
+    assert 'esft_coverage_layer_mean{layer="1",model="wide"}' in metrics
     assert httpx.get(f"{url}/routing").status_code == 401
 
 

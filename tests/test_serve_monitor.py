@@ -1,5 +1,5 @@
 """The routing monitor: the profile an adapter carries from selection to the server, the
-out-of-domain flag, live statistics and the audit log."""
+out-of-domain flag and live statistics (in /metrics too: serve/metrics.py)."""
 
 import json
 import threading
@@ -7,6 +7,8 @@ import threading
 import numpy as np
 import pytest
 import train_fixtures as fx
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from esft_jax import config_files
 from esft_jax.checkpoint import load_checkpoint, load_tokenizer
@@ -18,6 +20,7 @@ from esft_jax.routing.expected import expected_coverage
 from esft_jax.routing.run import select_experts
 from esft_jax.routing.stats import RoutingStats
 from esft_jax.serve.bank import build_bank
+from esft_jax.serve.metrics import RoutingMetrics
 from esft_jax.serve.monitor import Coverage, Monitor, MonitorError, coverage
 from esft_jax.train.method import save_adapter
 from esft_jax.train.trainable import ExpertSubset
@@ -216,10 +219,12 @@ def test_snapshot_and_metrics_are_the_recorded_averages(served):
         t.join()
     snap = m.snapshot()
     assert json.loads(json.dumps(snap)) == snap and snap["layers"] == [1, 2, 3]
+    registry = CollectorRegistry()
+    registry.register(RoutingMetrics(m))
     metrics = {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in m.prometheus().splitlines()
-        if line and not line.startswith("#")
+        (sample.name, *sorted(sample.labels.values())): sample.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
     }
     for name, shown in zip(names, ["base", "task", "hand"]):
         mine = [r for r in records if r[0] == name]
@@ -229,59 +234,17 @@ def test_snapshot_and_metrics_are_the_recorded_averages(served):
         np.testing.assert_allclose(got["per_layer"], np.mean([r[1].per_layer for r in mine], 0))
         assert got["tokens"] == sum(int(r[2] + r[3]) for r in mine)
         assert got["flagged"] == sum(m.flagged(name, r[1]) for r in mine)
-        assert metrics[f'esft_requests_total{{adapter="{shown}"}}'] == len(mine)
-        assert metrics[f'esft_requests_flagged_total{{adapter="{shown}"}}'] == got["flagged"]
+        assert metrics["esft_requests_flagged_total", shown] == got["flagged"]
+        assert metrics["esft_completion_tokens_total", shown] == got["completion_tokens"]
+        np.testing.assert_allclose(metrics["esft_coverage_mean", shown], got["coverage"])
         np.testing.assert_allclose(
-            metrics[f'esft_coverage_mean{{adapter="{shown}"}}'], got["coverage"]
-        )
-        np.testing.assert_allclose(
-            metrics[f'esft_coverage_layer_mean{{adapter="{shown}",layer="2"}}'], got["per_layer"][1]
+            metrics["esft_coverage_layer_mean", "2", shown], got["per_layer"][1]
         )
     assert 0 < snap["models"]["task"]["flagged"] < snap["models"]["task"]["requests"]
     assert snap["models"]["task"]["profiled"] == served[3].profile["total"]
     assert snap["models"]["hand"]["profiled"] is None and snap["models"]["base"]["profiled"] is None
-    assert 'esft_coverage_profiled{adapter="hand"}' not in metrics
-
-
-def test_audit_log_lines(served, tmp_path):
-    log = tmp_path / "logs" / "audit.jsonl"  # its directory is created
-    for log_prompts in (False, True):
-        m = _monitor(served, audit_log=log, log_prompts=log_prompts)
-        for name, total in [("task", 0.01), (None, 0.0)]:
-            cov = _cov(total)
-            m.record(
-                name,
-                cov,
-                prompt_tokens=7,
-                completion_tokens=3,
-                latency_s=0.25,
-                flagged=m.flagged(name, cov),
-                fallback=name == "task",
-                prompt="secret text",
-            )
-        m.close()
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(lines) == 4  # the second monitor appended
-    fields = {
-        "time",
-        "adapter",
-        "prompt_tokens",
-        "completion_tokens",
-        "coverage",
-        "per_layer",
-        "flagged",
-        "fallback",
-        "latency_s",
-    }
-    assert [set(x) for x in lines] == [fields, fields, fields | {"prompt"}, fields | {"prompt"}]
-    assert [x["adapter"] for x in lines] == ["task", "base"] * 2
-    assert [x["flagged"] for x in lines] == [True, False] * 2
-    assert lines[0]["per_layer"] == [0.01] * 3 and lines[2]["prompt"] == "secret text"
-    assert lines[0]["time"] <= lines[-1]["time"] and isinstance(lines[0]["time"], float)
-    (tmp_path / "file").write_text("")
-    with pytest.raises(MonitorError, match="monitor.audit_log: .*file/a.jsonl: cannot write") as e:
-        _monitor(served, audit_log=tmp_path / "file" / "a.jsonl")
-    assert "\n" not in str(e.value)
+    assert ("esft_coverage_profiled", "hand") not in metrics
+    assert metrics["esft_coverage_profiled", "task"] == served[3].profile["total"]
 
 
 def test_the_trained_adapters_profile_is_its_prompts_coverage(served, tmp_path):

@@ -178,6 +178,7 @@ print(json.dumps(STATS))
 """
 
 
+@pytest.mark.slow  # two cooperating processes
 def test_two_processes_each_read_their_half_of_the_experts(tmp_path):
     cfg = fx.tiny_config(param_dtype="bfloat16")
     ckpt = _save(tmp_path / "ckpt", cfg)

@@ -16,7 +16,7 @@ from esft_jax.checkpoint.fingerprint import checkpoint_fingerprint
 from esft_jax.data.pipeline import train_batches
 from esft_jax.data.shards import LocalBatches
 from esft_jax.data.sources import read_samples
-from esft_jax.model import param_axes
+from esft_jax.model import forward, param_axes
 from esft_jax.train import loop
 from esft_jax.train.method import build_method
 
@@ -171,7 +171,7 @@ def test_esft_adapter_holds_exactly_the_selected_experts_and_exports(shared_run,
     assert changed.sum() == fx.EXPERTS.num_selected()
 
     tokens = np.random.default_rng(0).integers(0, 256, (2, 24))
-    ours, _ = jax.jit(loop.forward, static_argnums=2)(
+    ours, _ = jax.jit(forward, static_argnums=2)(
         jax.tree.map(jax.numpy.asarray, merged), tokens, cfg
     )
     model = transformers.AutoModelForCausalLM.from_pretrained(

@@ -188,6 +188,31 @@ def test_a_zero_gradient_warns_once(tmp_path, capsys):
     ]
 
 
+def test_a_batch_without_a_trained_token_is_told_apart_from_saturation(tmp_path, capsys):
+    """Most samples' answers lie beyond seq_len (not all: that is refused up front), so some batches
+    train no token: their zero gradient warns once as such, not as a too large lr."""
+    rows = [{"prompt": "a", "completion": " b"}] + [{"prompt": "x" * 80, "completion": " y"}] * 15
+    data = tmp_path / "long_prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = fx.train_config(
+        tmp_path,
+        steps=4,
+        checkpoint_every=4,
+        batch_size=1,
+        **{"data.train": data, "data.seq_len": 32, "data.validation_fraction": 0.0},
+    )
+    loop.train(c, progress=False)
+    metrics = _metrics(Path(c.workdir))
+    empty = [m["step"] for m in metrics if m["tokens"] == 0]
+    assert empty and all(m["grad_norm"] == 0 for m in metrics if m["tokens"] == 0), metrics
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert warnings == [
+        f"warning: step {empty[0]}: its batch holds no trained token (each answer in it lies beyond "
+        "--config.data.seq_len), so it trained nothing; lengthen --config.data.seq_len or drop the "
+        "samples whose prompts fill it"
+    ]
+
+
 def test_resume_refuses_other_settings_and_extends_on_the_saved_schedule(
     finished, tmp_path, capsys
 ):
@@ -400,3 +425,38 @@ def test_kill_9_anywhere_then_the_same_command_ends_like_an_uninterrupted_run(
         assert code == 0, output
         _assert_same_run(t["workdir"], reference)
     assert trials[3]["killed_at"][1], "trial 3 was not killed during a save"
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes(tmp_path, capsys):
+    c = fx.train_config(tmp_path, steps=60, checkpoint_every=5, eval_every=60, batch_size=2)
+    # `esft train` with SIGINT's handler as in a terminal (a shell without job control starts
+    # background jobs, and so this test's child, with SIGINT ignored)
+    main = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from esft_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", main, *_args(c)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = Path(c.workdir) / "checkpoints"
+    while not (checkpoints / "5").is_dir() and child.poll() is None:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    err = child.communicate(timeout=300)[1]
+    assert child.returncode == 130 and "Traceback" not in err, err
+    said = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("esft train:")]
+    assert len(said) == 1, err
+    stopped = re.fullmatch(
+        r"esft train: interrupted at step (\d+); rerun to resume \(from the checkpoint of step (\d+)\)",
+        said[0],
+    )
+    assert stopped, said
+    step, kept = map(int, stopped.groups())
+    assert 5 <= kept <= step < 60 and kept == max(int(p.name) for p in checkpoints.iterdir())
+    code, output = _train(c, capsys)  # the same command again
+    assert code == 0 and f"resuming from step {kept} ({checkpoints})" in output, output
+    assert [m["step"] for m in _metrics(Path(c.workdir))] == list(range(1, 61))

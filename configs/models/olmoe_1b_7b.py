@@ -42,5 +42,6 @@ def get_config() -> ml_collections.ConfigDict:
             expert_parallel="psum",
             scan_layers=True,
             remat=False,
+            attention_impl="reference",  # or "dot_product" (model/attention.py)
         )
     )

@@ -41,5 +41,6 @@ def get_config() -> ml_collections.ConfigDict:
             expert_parallel="psum",
             scan_layers=False,
             remat=False,  # 4 layers: a loop compiles as fast, ESFT steps faster
+            attention_impl="reference",  # or "dot_product" (model/attention.py)
         )
     )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,8 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from esft_jax.jsonio import read_json, read_text
 
 TEMPLATES = ("model", "esft")  # or a path ending in .jinja
 LOSS_ON = ("assistant", "last_assistant", "all")
@@ -226,11 +228,13 @@ def prompt(
     return text, [(start, len(upto)) for upto, start in turns if text.startswith(upto)]
 
 
+def _error(where: str) -> Callable[[str], ValueError]:
+    """A ValueError whose message starts with `where` (jsonio's error factory)."""
+    return lambda message: ValueError(f"{where}: {message}")
+
+
 def _read_json(path: Path, where: str) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{where}: cannot read {path} ({e})") from None
+    obj = read_json(path, _error(where), "no such file")
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: {path} is not a JSON object")
     return obj
@@ -254,7 +258,8 @@ def _model_template(directory: Path, where: str) -> tuple[str, str, str | None] 
     """(where it was read, default source, tool_use source) of a tokenizer directory's template, as
     transformers picks it: chat_template.jinja over tokenizer_config.json's; None without one."""
     if (directory / TEMPLATE_FILE).is_file():
-        return str(directory / TEMPLATE_FILE), (directory / TEMPLATE_FILE).read_text("utf-8"), None
+        path = directory / TEMPLATE_FILE
+        return str(path), read_text(path, _error(where), "no such file"), None
     config = directory / TOKENIZER_CONFIG
     found = _read_json(config, where).get("chat_template") if config.is_file() else None
     if found is None or isinstance(found, str):
@@ -297,7 +302,7 @@ def load_template(
         path = Path(choice)
         if not path.is_file():
             raise ValueError(f"{where}={choice}: no such file")
-        name, source, tool_use = str(path), path.read_text("utf-8"), None
+        name, source, tool_use = str(path), read_text(path, _error(where), "no such file"), None
     else:
         raise ValueError(
             f"{where}={choice!r}: expected {' or '.join(TEMPLATES)} or a path ending in .jinja"

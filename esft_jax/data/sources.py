@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from esft_jax.data.canonical import canonical, without_nulls
 from esft_jax.data.records import DataError, Sample, _sample
+from esft_jax.jsonio import utf8
 
 T = TypeVar("T")
 FORMATS = ("auto", "jsonl", "json", "parquet", "arrow")
@@ -59,14 +60,10 @@ _CACHED_CHUNKS = 4  # decoded row groups kept for random access
 
 
 def _json(payload: bytes) -> Any:
+    """One row's JSON (a line, or an array's element); ValueError naming the column of its error
+    (the line's end dropped first: a row cut short is at its end, not at column 1 of a next line)."""
     try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"not UTF-8 (byte 0x{payload[e.start]:02x} at column {e.start + 1})"
-        ) from None
-    try:
-        return json.loads(text)
+        return json.loads(utf8(payload).rstrip("\r\n"))
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e.msg}, column {e.colno})") from None
 
@@ -236,7 +233,7 @@ class _Tables:
     decode = staticmethod(without_nulls)
 
 
-def _folder(path: Path, what: str) -> tuple[str, list[Path]]:
+def _folder(path: Path) -> tuple[str, list[Path]]:
     """(format, files) of a folder: a `datasets` Dataset or DatasetDict, or parquet/arrow shards."""
     if (path / "dataset_dict.json").is_file():
         splits = _datasets_json(path / "dataset_dict.json", "splits")
@@ -254,7 +251,8 @@ def _folder(path: Path, what: str) -> tuple[str, list[Path]]:
         if files := sorted(path.glob(f"*.{format}")):
             return format, files
     raise DataError(
-        f"{path}: no {what} here (expected a `datasets` save_to_disk folder or .parquet files)"
+        f"{path}: is a directory with no .parquet or .arrow files, nor the state.json or "
+        f"dataset_dict.json of a `datasets` save_to_disk folder"
     )
 
 
@@ -282,7 +280,7 @@ def _open(
     if not path.exists():
         raise DataError(f"{path}: no such {what} file or directory")
     if path.is_dir():
-        found, files = _folder(path, what)
+        found, files = _folder(path)
         if format not in ("auto", found):
             raise DataError(f"{path}: a folder of {found} data, not {format}")
         format = found

@@ -31,8 +31,8 @@ from esft_jax.data.tokenize import chat_template, prompt_ids
 from esft_jax.eval.generate import generate_text
 from esft_jax.eval.judge import Judge
 from esft_jax.eval.scorers import SCORERS
-from esft_jax.model import ModelConfig, forward
-from esft_jax.model.loss import next_token_loss
+from esft_jax.model import ModelConfig
+from esft_jax.model.loss import batch_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,14 +155,7 @@ def perplexity(
     """exp(mean next-token loss over the answer tokens (all tokens of plain text, a conversation's
     assistant turns rendered by `template`) of held-out samples); on `mesh` if given (batches
     padded with empty rows to split over its batch axes)."""
-    step = jax.jit(
-        lambda p, b: next_token_loss(
-            forward(
-                p, b["tokens"], cfg, segment_ids_bt=b["segment_ids"], positions_bt=b["positions"]
-            )[0],
-            b,
-        )
-    )
+    step = jax.jit(lambda p, b: batch_loss(p, b, cfg)[:2])
     total, count = 0.0, 0
     multiple = sharding.rows_multiple(mesh, cfg.expert_parallel)
     rows = -(-batch_size // multiple) * multiple

@@ -8,15 +8,17 @@ without data is skipped), `perplexity` (data, format, seq_len), batch_size, judg
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import ml_collections
 
 from esft_jax import runtime, sharding, validate
+from esft_jax.data.records import Sample
 from esft_jax.data.sources import read_samples
 from esft_jax.eval.judge import judge_from_config
-from esft_jax.eval.metrics import evaluate_task, perplexity, read_eval_set
+from esft_jax.eval.metrics import EvalSample, evaluate_task, perplexity, read_eval_set
 from esft_jax.model import param_axes
 
 SCORES_FILE = "scores.json"
@@ -32,9 +34,27 @@ def stop_strings(stop: str) -> list[str]:
     return [s for s in stop.split("|") if s]
 
 
+def _read_sets(
+    c: ml_collections.ConfigDict,
+) -> tuple[dict[str, list[EvalSample]], Sequence[Sample] | None]:
+    """(each task's eval set, the held-out set or None), every row checked (DataError naming it)."""
+    tasks = {
+        name: read_eval_set(task.data, task.limit, task.format)
+        for name, task in c.tasks.items()
+        if task.data
+    }
+    if not c.perplexity.data:
+        return tasks, None
+    held_out, _ = read_samples(c.perplexity.data, format=c.perplexity.format)
+    if c.perplexity.limit:
+        held_out = held_out.subset(range(min(c.perplexity.limit, len(held_out))))
+    return tasks, held_out
+
+
 def evaluate(c: ml_collections.ConfigDict) -> Evaluation:
     """Score every task with data; write <out_dir>/<task>.jsonl (per-sample predictions and scores)
     and <out_dir>/scores.json."""
+    task_sets, held_out = _read_sets(c)  # before the model loads or out_dir is made
     mesh = runtime.mesh(c)
     cfg, params = runtime.load_model(c, mesh)
     if mesh is not None:  # random weights are made on one device
@@ -47,10 +67,8 @@ def evaluate(c: ml_collections.ConfigDict) -> Evaluation:
     out = Path(c.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = Evaluation({}, {})
-    for name, task in c.tasks.items():
-        if not task.data:
-            continue
-        samples = read_eval_set(task.data, task.limit, task.format)
+    for name, samples in task_sets.items():
+        task = c.tasks[name]
         mean, records = evaluate_task(
             params,
             cfg,
@@ -68,8 +86,7 @@ def evaluate(c: ml_collections.ConfigDict) -> Evaluation:
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         )
         result.scores[name], result.samples[name] = mean, len(records)
-    if c.perplexity.data:
-        held_out, _ = read_samples(c.perplexity.data, format=c.perplexity.format)
+    if held_out is not None:
         result.scores["perplexity"] = perplexity(
             params,
             cfg,

@@ -8,6 +8,7 @@ from esft_jax.model.transformer import (
     forward,
     forward_cached,
     init_cache,
+    lm_head,
     segment_positions,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "forward_cached",
     "init_cache",
     "init_params",
+    "lm_head",
     "param_axes",
     "param_specs",
     "segment_positions",

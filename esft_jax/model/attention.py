@@ -4,6 +4,11 @@ Queries come from x directly (`q`) or through a low-rank bottleneck (`q_a` -> RM
 Keys and values come from a shared latent c = RMSNorm(x @ kv_a[:, :kv_lora_rank]) expanded per head
 by `kv_b`; a single rotary key slice k_pe = x @ kv_a[:, kv_lora_rank:] is shared by all heads.
 Each head's score is q_nope . k_nope + q_pe . k_pe, times `rope.softmax_scale`.
+
+Also the attention core both attention kinds share: the mask (segments, causality, the KV cache's
+slots, sliding windows) and softmax(scores) @ v two ways, chosen by `cfg.attention_impl`:
+`softmax_attention` ("reference": materialised float32 scores [B, H, T, S]) and
+`dot_product_attention` ("dot_product": jax.nn.dot_product_attention, with JAX's choice of kernel).
 """
 
 from __future__ import annotations
@@ -86,6 +91,50 @@ def softmax_attention(
     return jnp.einsum("bhts,bshv->bthv", probs.astype(v_bshv.dtype), v_bshv)
 
 
+def dot_product_attention(
+    q_bthk: jax.Array,
+    k_bsgk: jax.Array,
+    v_bsgv: jax.Array,
+    mask_b1ts: jax.Array,
+    scale: float,
+    sinks_h: jax.Array | None = None,
+) -> jax.Array:
+    """softmax_attention's output [B, T, H, v] through jax.nn.dot_product_attention with JAX's
+    choice of kernel (implementation=None). In JAX 0.10 that is XLA's on every backend, which
+    materialises the scores too; cuDNN's flash kernel (implementation="cudnn") is not chosen here:
+    it takes bf16/fp16 only, head dims up to 256 (Hopper), even lengths with a bias, and turns
+    the boolean mask into a [B, 1, T, S] bias.
+
+    The G key/value heads (G divides H) each serve H / G consecutive query heads, as
+    softmax_attention's repeated ones, without being repeated. What the function cannot take is
+    rewritten exactly: v's head dim differing from q/k's (MLA) -> the narrower side padded with
+    zeros (zeros add nothing to a score; the padded output columns are zero and cut off); sinks ->
+    one more key slot, its key and value zero, never masked, whose logit is the sink (a bias
+    [1, H, 1, S + 1]). Masks (segments, causality, cache slots, sliding windows) come in as the
+    boolean mask, so a per-layer window may be traced (the layer scan's).
+    """
+    vd, width = v_bsgv.shape[-1], max(q_bthk.shape[-1], v_bsgv.shape[-1])
+    widen = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])  # noqa: E731
+    q_bthk, k_bsgk, v_bsgv = widen(q_bthk), widen(k_bsgk), widen(v_bsgv)
+    bias = None
+    if sinks_h is not None:
+        slot = [(0, 0), (0, 1), (0, 0), (0, 0)]
+        k_bsgk, v_bsgv = jnp.pad(k_bsgk, slot), jnp.pad(v_bsgv, slot)
+        mask_b1ts = jnp.pad(mask_b1ts, [(0, 0)] * 3 + [(0, 1)], constant_values=True)
+        s = mask_b1ts.shape[-1]
+        bias = jnp.zeros((1, q_bthk.shape[2], 1, s), jnp.float32)
+        bias = bias.at[..., -1].set(sinks_h.astype(jnp.float32)[None, :, None])
+    out = jax.nn.dot_product_attention(
+        q_bthk,
+        k_bsgk.astype(q_bthk.dtype),
+        v_bsgv.astype(q_bthk.dtype),
+        bias=bias,
+        mask=mask_b1ts,
+        scale=scale,
+    )
+    return out[..., :vd]
+
+
 LayerCache = tuple[
     jax.Array, jax.Array, jax.Array
 ]  # the two cached arrays of one layer, each row's write offset [B]
@@ -129,8 +178,16 @@ def mla(
 
     kv_bshk = jnp.einsum("bsr,rhk->bshk", c_btr.astype(dt), p["kv_b"].astype(dt))
     k_nope, v_bshv = kv_bshk[..., :nope], kv_bshk[..., nope:]
-    scores = jnp.einsum(
-        "bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32
-    ) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe.astype(dt), preferred_element_type=jnp.float32)
-    out_bthv = softmax_attention(scores * softmax_scale(cfg), mask_b1ts, v_bshv)
+    if cfg.attention_impl == "reference":
+        scores = jnp.einsum(
+            "bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32
+        ) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe.astype(dt), preferred_element_type=jnp.float32)
+        out_bthv = softmax_attention(scores * softmax_scale(cfg), mask_b1ts, v_bshv)
+    else:  # every head's key: its own k_nope and the shared k_pe
+        k_pe_bshr = jnp.broadcast_to(
+            k_pe.astype(dt)[:, :, None], (*k_nope.shape[:3], k_pe.shape[-1])
+        )
+        q_bthk = jnp.concatenate([q_nope, q_pe], -1)
+        k_bshk = jnp.concatenate([k_nope, k_pe_bshr], -1)
+        out_bthv = dot_product_attention(q_bthk, k_bshk, v_bshv, mask_b1ts, softmax_scale(cfg))
     return jnp.einsum("bthv,hvd->btd", out_bthv, p["o"].astype(dt)), (c_btr, k_pe)

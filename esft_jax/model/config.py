@@ -18,6 +18,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("mla", "gqa")
 QK_NORMS = (None, "head", "full")  # RMSNorm of each head's q/k, or of the whole q/k projection
 EXPERT_ACTS = ("swiglu", "clamped_swiglu")
+# softmax(q k^T) v: "reference" (float32 scores, model/attention.py) or jax.nn.dot_product_attention
+# with JAX's choice of kernel ("dot_product")
+ATTENTION_IMPLS = ("reference", "dot_product")
 
 
 class ConfigError(ValueError):
@@ -119,6 +122,7 @@ class ModelConfig:
     remat: bool = (
         False  # recompute each layer in the backward pass: activations of one layer, not all
     )
+    attention_impl: str = "reference"  # ATTENTION_IMPLS
 
     def __post_init__(self) -> None:
         for name in (
@@ -143,6 +147,7 @@ class ModelConfig:
         one_of("dtype", DTYPES)
         one_of("param_dtype", DTYPES)
         one_of("attention", ATTENTIONS)
+        one_of("attention_impl", ATTENTION_IMPLS)
         one_of("qk_norm", QK_NORMS)
         one_of("expert_act", EXPERT_ACTS)
         one_of("scoring_func", ("softmax", "sigmoid"))

@@ -14,7 +14,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from esft_jax.model.attention import LayerCache, softmax_attention, write_rows
+from esft_jax.model.attention import (
+    LayerCache,
+    dot_product_attention,
+    softmax_attention,
+    write_rows,
+)
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.norm import rms_norm
 from esft_jax.model.rope import apply_rope
@@ -73,11 +78,14 @@ def gqa(
         k, v = write_rows(cached_k, k, offset_b), write_rows(cached_v, v, offset_b)
     b, t, h, hd = q.shape
     kv = k.shape[2]
-    # Each KV head serves h // kv consecutive query heads: expand keys/values to every query head.
-    k_bshk = jnp.repeat(k.astype(dt), h // kv, axis=2)
-    v_bshk = jnp.repeat(v.astype(dt), h // kv, axis=2)
-    scores = jnp.einsum("bthk,bshk->bhts", q, k_bshk, preferred_element_type=jnp.float32) * hd**-0.5
-    out_bthk = softmax_attention(scores, mask_b1ts, v_bshk, p.get("sinks"))
+    if cfg.attention_impl == "reference":
+        # Each KV head serves h // kv consecutive query heads: expand keys/values to every query head.
+        k_bshk = jnp.repeat(k.astype(dt), h // kv, axis=2)
+        v_bshk = jnp.repeat(v.astype(dt), h // kv, axis=2)
+        scores = jnp.einsum("bthk,bshk->bhts", q, k_bshk, preferred_element_type=jnp.float32)
+        out_bthk = softmax_attention(scores * hd**-0.5, mask_b1ts, v_bshk, p.get("sinks"))
+    else:
+        out_bthk = dot_product_attention(q, k, v, mask_b1ts, hd**-0.5, p.get("sinks"))
     out = jnp.einsum("bthk,hkd->btd", out_bthk, p["o"].astype(dt))
     if cfg.o_bias:
         out = out + p["o_bias"].astype(dt)

@@ -118,20 +118,34 @@ def forward(
     segment_ids_bt: jax.Array | None = None,
     positions_bt: jax.Array | None = None,
     return_router_scores: bool = False,
+    return_hidden: bool = False,
 ) -> tuple[jax.Array, Routing]:
     """tokens [B, T] int -> (logits [B, T, V] float32, Routing).
 
     segment_ids [B, T]: tokens attend only within their segment; 0 marks padding. Default: all 1.
     positions [B, T]: rotary positions. Default: the position within the segment.
+    return_hidden: the final normed hidden states [B, T, d] (compute dtype) instead of the logits,
+    which are `hidden @ lm_head(params, cfg)`: for a loss that never holds them all (model/loss.py).
     """
     if segment_ids_bt is None:
         segment_ids_bt = jnp.ones(tokens_bt.shape, jnp.int32)
     if positions_bt is None:
         positions_bt = segment_positions(segment_ids_bt)
-    logits, routing, _ = _decoder(
+    x, routing, _ = _decoder(
         params, tokens_bt, cfg, segment_ids_bt, positions_bt, return_router_scores
     )
-    return logits, routing
+    return (x if return_hidden else _logits(x, lm_head(params, cfg))), routing
+
+
+def lm_head(params: dict[str, Any], cfg: ModelConfig) -> jax.Array:
+    """The output projection [d, V] in the compute dtype: the embedding's transpose when tied."""
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return head.astype(cfg.dtype)
+
+
+def _logits(x_btd: jax.Array, head_dv: jax.Array) -> jax.Array:
+    logits = jnp.einsum("btd,dv->btv", x_btd, head_dv, preferred_element_type=jnp.float32)
+    return constrain(logits, ("act_batch", None, "act_vocab"))
 
 
 def forward_cached(
@@ -147,9 +161,8 @@ def forward_cached(
     """Append row b's T tokens to the cache (at its slots length[b] .. length[b] + T) and return
     their logits (and, with_routing, their Routing). Each token attends to the filled slots of its
     own segment up to itself."""
-    logits, routing, cache = _decoder(
-        params, tokens_bt, cfg, segment_ids_bt, positions_bt, False, cache
-    )
+    x, routing, cache = _decoder(params, tokens_bt, cfg, segment_ids_bt, positions_bt, False, cache)
+    logits = _logits(x, lm_head(params, cfg))
     return (logits, cache, routing) if with_routing else (logits, cache)
 
 
@@ -242,12 +255,9 @@ def _decoder(
             jnp.zeros((0,), jnp.int32),
         )
     x = rms_norm(x, params["final_norm"], eps)
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
-    logits = constrain(logits, ("act_batch", None, "act_vocab"))
     if cache is not None:
         kv = {"moe_layers": moe_keys} if outputs["moe_layers"] else {}
         if outputs["dense_layers"]:
             kv["dense_layers"] = _concat(outputs["dense_layers"])
         cache = KVCache(kv, key_segments, cache.length + t)
-    return logits, routing, cache
+    return x, routing, cache

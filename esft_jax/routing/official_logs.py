@@ -14,6 +14,7 @@ from typing import TextIO
 import numpy as np
 
 from esft_jax.data.records import DataError
+from esft_jax.jsonio import read_text
 from esft_jax.routing.stats import RoutingStats
 
 _FILE = re.compile(r"expert_weights_(\d+)\.txt$")
@@ -51,9 +52,12 @@ def read_layer_log(
     path: str | Path, top_k: int = 6, num_experts: int = 64
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """One `expert_weights_<layer>.txt`: per sequence, (expert ids [T, k], gate weights [T, k])."""
-    path = Path(path)
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    return [_parse_line(ln, f"{path}:{i + 1}", top_k, num_experts) for i, ln in enumerate(lines)]
+    lines = read_text(path, DataError, "no such file").splitlines()
+    return [
+        _parse_line(ln, f"{path}:{i}", top_k, num_experts)
+        for i, ln in enumerate(lines, 1)
+        if ln.strip()
+    ]
 
 
 def read_official_logs(log_dir: str | Path, top_k: int = 6, num_experts: int = 64) -> RoutingStats:

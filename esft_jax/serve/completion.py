@@ -55,6 +55,7 @@ class Completion:
         self._ticket: Ticket | None = None
         self._first: Event | None = None
         self._started = time.monotonic()
+        self.first_token_at: float | None = None  # time.monotonic() when the first token came
 
     def _submit(self, request: Request) -> None:
         loop = asyncio.get_running_loop()
@@ -80,7 +81,7 @@ class Completion:
             served_by = None
             self._submit(dataclasses.replace(self.request, model=None))
             first = await self._next()
-        self._first = first
+        self._first, self.first_token_at = first, time.monotonic()
         self.verdict = Verdict(asked, served_by, prompt, flagged)
         return self.verdict
 

@@ -8,6 +8,10 @@ request leaves at EOS (any of the model's EOS ids), at its max_tokens, or when c
 slot is free for the next step's joiners. Rows and prefill groups are rounded up to powers of two
 and prompts to a bucket, so a few compilations serve every mix; a request gets exactly the tokens it
 gets alone.
+
+A failure fails only the requests it concerns (an event with its `error` each): a prefill group that
+fails is retried one request at a time, and a decode that fails with newly joined rows is retried
+without them. Only a decode that fails without new rows raises (every live request is then lost).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class Event(NamedTuple):
     token: int | None  # a new token (None when the event only finishes the request)
     finished: Finished | None  # set on the request's last event
     prompt_coverage: Coverage | None = None  # set on its first event: the prompt's coverage
+    error: Exception | None = None  # set (alone) where the request failed: it has left the engine
 
 
 @dataclasses.dataclass
@@ -101,6 +106,8 @@ class Engine:
                 f"the prompt's {len(request.prompt)} tokens + max_tokens {request.max_tokens} "
                 f"exceed the {self.max_len} tokens a request may hold"
             )
+        if not 0 <= request.seed < 2**32:  # a PRNG key's seed (eval/sampling.py)
+            raise ValueError(f"seed must lie in [0, 2^32), got {request.seed}")
 
     def submit(self, request: Request) -> int:
         """Queue a request (checked: see `check`); its id names it in `step`'s events."""
@@ -129,14 +136,25 @@ class Engine:
         """Whether a request is queued or live."""
         return bool(self._queue or self._live)
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._queue)
+
+    @property
+    def live(self) -> int:
+        """Slots holding a request."""
+        return len(self._live)
+
     def step(self) -> list[Event]:
-        """Admit what fits, decode one token for every live request; the events, in slot order."""
+        """Admit what fits, decode one token for every live request; the events. Raises only where
+        a decode fails without newly joined rows."""
         with sharding.on_mesh(self.mesh):
             if self._slots is None:
                 self._slots = slot_state.empty(self.cfg, self.rows, self.max_len)
-            events = self._admit()
+            events, joined = self._admit()
             if self._live:
-                events += self._decode()
+                events += self._decode(joined)
         return events
 
     def generate(self, requests: Sequence[Request]) -> list[list[int]]:
@@ -150,7 +168,11 @@ class Engine:
         ids = [self.submit(r) for r in requests]
         done: dict[int, Finished] = {}
         while not all(i in done for i in ids):
-            done.update((e.id, e.finished) for e in self.step() if e.finished is not None)
+            for e in self.step():
+                if e.error is not None:
+                    raise e.error
+                if e.finished is not None:
+                    done[e.id] = e.finished
         return [done[i] for i in ids]
 
     def coverage(
@@ -162,11 +184,31 @@ class Engine:
         sequences = [[*r.prompt, *out] for r, out in zip(requests, outputs)]
         return coverage(self.params, self.cfg, self.bank, sets, sequences, self.mesh)
 
-    def _admit(self) -> list[Event]:
-        free = [row for row in range(self.rows) if row not in self._live]
-        joining = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
+    def _admit(self) -> tuple[list[Event], set[int]]:
+        """Prefill the queued requests that fit into free slots, together; where that fails, one
+        at a time, failing those that fail alone. (The events, the rows that joined.)"""
+        free = sum(row not in self._live for row in range(self.rows))
+        joining = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
         if not joining:
-            return []
+            return [], set()
+        if len(joining) > 1:
+            try:
+                return self._join(joining)
+            except Exception:  # one at a time instead: only the requests that fail alone fail
+                pass
+        events, joined = [], set()
+        for rid, request in joining:
+            try:
+                got, rows = self._join([(rid, request)])
+            except Exception as e:
+                got, rows = [Event(rid, None, None, error=e)], set()
+            events, joined = events + got, joined | rows
+        return events, joined
+
+    def _join(self, joining: list[tuple[int, Request]]) -> tuple[list[Event], set[int]]:
+        """Prefill `joining` (no more than the free slots) together and insert them; the engine's
+        state changes only once the prefill has succeeded."""
+        free = [row for row in range(self.rows) if row not in self._live]
         n = len(joining)
         group = padded_rows(_power_of_two(n), self.cfg, self.mesh)
         longest = max(len(r.prompt) for _, r in joining)
@@ -191,14 +233,26 @@ class Engine:
             self.max_len,
         )
         rows = np.array(free[:n] + [self.rows] * (group - n), np.int32)  # padding: dropped
-        self._slots = slot_state.insert(self._slots, new, jnp.asarray(rows))
         first = np.asarray(new.token_b)
+        self._slots = slot_state.insert(self._slots, new, jnp.asarray(rows))
         for i, (rid, r) in enumerate(joining):
             self._live[int(rows[i])] = _Live(rid, r, [])
         prompt = self._coverage([int(row) for row in rows[:n]])
-        return self._emit({int(rows[i]): int(first[i]) for i in range(n)}, prompt)
+        events = self._emit({int(rows[i]): int(first[i]) for i in range(n)}, prompt)
+        return events, {row for row in map(int, rows[:n]) if row in self._live}
 
-    def _decode(self) -> list[Event]:
+    def _decode(self, joined: set[int]) -> list[Event]:
+        """One token for every live row; where that fails, the rows that joined this step fail
+        and the others are decoded again without them."""
+        try:
+            return self._decode_live()
+        except Exception as e:
+            if not joined:
+                raise
+            failed = [Event(self._live.pop(row).id, None, None, error=e) for row in sorted(joined)]
+        return failed + (self._decode_live() if self._live else [])
+
+    def _decode_live(self) -> list[Event]:
         sets = np.full(self.rows, BASE, np.int32)
         active = np.zeros(self.rows, bool)
         for row, live in self._live.items():

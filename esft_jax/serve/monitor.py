@@ -10,19 +10,16 @@ decoding; `coverage` recomputes it in one pass), per MoE layer and over all laye
 
 `Monitor` compares it with the adapter's routing profile (its coverage on its own task's profiled
 data: routing/expected.py): a request whose coverage in some layer falls below ood_ratio x that
-layer's profiled coverage is flagged out-of-domain. It keeps per-model live statistics
-(`snapshot`, `prometheus`) and writes an audit log, one JSON line per request.
+layer's profiled coverage is flagged out-of-domain. It keeps per-model live statistics of the
+finished requests (`snapshot`: /v1/routing, and /metrics through serve/metrics.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import threading
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -95,7 +92,7 @@ def coverage(
 
 
 class MonitorError(ConfigFileError):
-    """A monitor setting that cannot be used (an audit log that cannot be written, a bad ratio)."""
+    """A monitor setting that cannot be used (a bad ratio, an audit log that cannot be written)."""
 
 
 @dataclasses.dataclass
@@ -113,12 +110,12 @@ class _Live:
 
 
 class Monitor:
-    """Flags out-of-domain requests, keeps live routing statistics per served model and writes
-    the audit log. Thread-safe: every method may be called from any thread.
+    """Flags out-of-domain requests and keeps live routing statistics per served model.
+    Thread-safe: every method may be called from any thread.
 
     Models are named as in requests: an adapter of `bank`, or None for the base model (shown as
-    `base_name` in the snapshot, the metrics and the log). `layers` labels the per-layer values
-    (the model's MoE layer numbers, cfg.moe_layer_ids; default: MoE layer indices 0, 1, ...).
+    `base_name` in the snapshot). `layers` labels the per-layer values (the model's MoE layer
+    numbers, cfg.moe_layer_ids; default: MoE layer indices 0, 1, ...).
     """
 
     def __init__(
@@ -126,8 +123,6 @@ class Monitor:
         bank: AdapterBank,
         *,
         ood_ratio: float = 0.5,
-        audit_log: str | Path | None = None,
-        log_prompts: bool = False,
         base_name: str = "base",
         layers: Sequence[int] | None = None,
     ):
@@ -139,11 +134,9 @@ class Monitor:
         self.layers = list(range(num_layers)) if layers is None else [int(x) for x in layers]
         if len(self.layers) != num_layers:
             raise ValueError(f"{len(self.layers)} layer labels for {num_layers} MoE layers")
-        self.bank, self.ood_ratio, self.log_prompts = bank, float(ood_ratio), log_prompts
-        self.base_name = base_name
+        self.bank, self.ood_ratio, self.base_name = bank, float(ood_ratio), base_name
         self._lock = threading.Lock()
         self._live = {name: _Live() for name in (None, *bank.names)}
-        self._log = _open_log(Path(audit_log)) if audit_log else None
 
     def _name(self, name: str | None) -> str:
         return self.base_name if name is None else name
@@ -172,30 +165,15 @@ class Monitor:
         latency_s: float,
         flagged: bool,
         fallback: bool,
-        prompt: str | None = None,
     ) -> None:
-        """Count one served request to model `name` (the model it asked for: its coverage is on
-        that adapter's experts, even when `fallback` answered it with the base model) and append
-        its audit line (with `prompt` only when log_prompts)."""
+        """Count one finished request to model `name` (the model it asked for: its coverage is on
+        that adapter's experts, even when `fallback` answered it with the base model)."""
         self.bank.index(name)  # KeyError for a model the bank does not serve
         per_layer = np.asarray(coverage.per_layer, np.float64)
         if per_layer.shape != (len(self.layers),):
             raise ValueError(
                 f"coverage of {per_layer.size} layers; the model has {len(self.layers)}"
             )
-        line = {
-            "time": time.time(),
-            "adapter": self._name(name),
-            "prompt_tokens": int(prompt_tokens),
-            "completion_tokens": int(completion_tokens),
-            "coverage": float(coverage.total),
-            "per_layer": per_layer.tolist(),
-            "flagged": bool(flagged),
-            "fallback": bool(fallback),
-            "latency_s": float(latency_s),
-        }
-        if self.log_prompts and prompt is not None:
-            line["prompt"] = prompt
         with self._lock:
             live = self._live[name]
             live.requests += 1
@@ -206,9 +184,6 @@ class Monitor:
             live.latency_s += float(latency_s)
             live.coverage += float(coverage.total)
             live.per_layer = per_layer if live.per_layer is None else live.per_layer + per_layer
-            if self._log is not None:
-                self._log.write(json.dumps(line) + "\n")
-                self._log.flush()
 
     def snapshot(self) -> dict:
         """What /v1/routing returns: {"ood_ratio", "layers", "models": {name: {"requests",
@@ -236,63 +211,3 @@ class Monitor:
                 "mean_latency_s": v.latency_s / n if n else None,
             }
         return {"ood_ratio": self.ood_ratio, "layers": list(self.layers), "models": models}
-
-    def prometheus(self) -> str:
-        """The snapshot in Prometheus' text exposition format (for /metrics): counters and gauges
-        labelled with `adapter` (and `layer` for the per-layer coverage); means before a model's
-        first request are left out."""
-        snap = self.snapshot()
-        out: list[str] = []
-        for metric, kind, key, doc in _METRICS:
-            out += [f"# HELP {metric} {doc}", f"# TYPE {metric} {kind}"]
-            for name, m in snap["models"].items():
-                if m[key] is not None:
-                    out.append(f'{metric}{{adapter="{_label(name)}"}} {_number(m[key])}')
-        for metric, key, doc in _LAYER_METRICS:
-            out += [f"# HELP {metric} {doc}", f"# TYPE {metric} gauge"]
-            for name, m in snap["models"].items():
-                for layer, value in zip(snap["layers"], m[key] or []):
-                    labels = f'adapter="{_label(name)}",layer="{layer}"'
-                    out.append(f"{metric}{{{labels}}} {_number(value)}")
-        return "\n".join(out) + "\n"
-
-    def close(self) -> None:
-        with self._lock:
-            if self._log is not None:
-                self._log.close()
-                self._log = None
-
-
-_METRICS = (  # (metric, type, snapshot key, help)
-    ("esft_requests_total", "counter", "requests", "Requests served, by the model asked for."),
-    ("esft_requests_flagged_total", "counter", "flagged", "Requests flagged out-of-domain."),
-    ("esft_requests_fallback_total", "counter", "fallback", "Requests answered by the base model."),
-    ("esft_prompt_tokens_total", "counter", "prompt_tokens", "Prompt tokens served."),
-    ("esft_completion_tokens_total", "counter", "completion_tokens", "Tokens generated."),
-    ("esft_coverage_mean", "gauge", "coverage", "Mean share of gate mass on trained experts."),
-    ("esft_coverage_profiled", "gauge", "profiled", "The adapter's coverage on its own task."),
-    ("esft_request_latency_seconds_mean", "gauge", "mean_latency_s", "Mean request latency."),
-)
-_LAYER_METRICS = (
-    ("esft_coverage_layer_mean", "per_layer", "Mean coverage per MoE layer."),
-    ("esft_coverage_layer_profiled", "profiled_per_layer", "Profiled coverage per MoE layer."),
-)
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-def _open_log(path: Path):
-    """`path` opened for appending (its directory created), or a one-line MonitorError."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path.open("a", encoding="utf-8")
-    except OSError as e:
-        raise MonitorError(
-            f"monitor.audit_log: {path}: cannot write the audit log ({e.strerror or e})"
-        ) from None

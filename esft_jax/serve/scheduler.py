@@ -2,8 +2,9 @@
 
 One worker thread owns the Engine (serve/engine.py). It takes new requests and cancellations from
 a queue between steps, runs `Engine.step` while any request is queued or live, and hands each event
-to its request's sink as it happens (a token, then the finish), so a client can stream every token
-the step it is chosen. When nothing is live the worker sleeps on the queue.
+to its request's sink as it happens (a token, then the finish; or the exception that failed it), so
+a client can stream every token the step it is chosen. When nothing is live the worker sleeps on
+the queue.
 
 Why continuous rather than batches of a short window: a request joins the running decode at the
 next step instead of waiting for the batch before it to finish, and a request that ends (EOS,
@@ -45,7 +46,7 @@ class Scheduler:
 
     def submit(self, request: Request, sink: Sink) -> Ticket:
         """Queue a request (Engine.check it first: a refused one is given to `sink` as its
-        exception); `sink` gets each of its events, or the exception of a failed step."""
+        exception); `sink` gets each of its events, or the exception that failed it."""
         ticket = Ticket(self)
         self._inbox.put(("submit", ticket, (request, sink)))
         return ticket
@@ -85,7 +86,7 @@ class Scheduler:
                 continue
             try:
                 events = self.engine.step()
-            except Exception as e:  # the live requests fail; the worker keeps serving
+            except Exception as e:  # pinned on no request: all live ones fail, the worker goes on
                 for sink in self._sinks.values():
                     sink(e)
                 self._sinks.clear()
@@ -94,6 +95,6 @@ class Scheduler:
             for event in events:
                 sink = self._sinks.get(event.id)
                 if sink is not None:
-                    sink(event)
-                if event.finished is not None:
+                    sink(event if event.error is None else event.error)
+                if event.finished is not None or event.error is not None:
                     self._sinks.pop(event.id, None)

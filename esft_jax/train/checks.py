@@ -24,7 +24,6 @@ AT_LEAST_ONE = (
     "eval_every",
     "checkpoint_every",
     "keep_checkpoints",
-    "data.seq_len",
 )
 
 
@@ -35,7 +34,8 @@ def validate(c: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
         checks.required(c, "expert_config", "the expert config to train (esft select writes one)")
     for key in AT_LEAST_ONE:
         checks.whole(c, key)
-    checks.within_positions(c, "data.seq_len", cfg)
+    checks.whole(c, "data.seq_len", minimum=0)
+    checks.within_positions(c, "data.seq_len", cfg)  # 0: the default length for cfg
     checks.number(c, "optim.lr", 0)
     checks.whole(c, "optim.warmup_steps", minimum=0)
     checks.whole(c, "profile_tokens", minimum=0)

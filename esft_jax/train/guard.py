@@ -8,8 +8,10 @@ written from a state that followed it and the latest checkpoint stays the last f
 itself is left as the step computed it (no select over the whole state, so the update stays in
 place): nothing ever saves it.
 
-A gradient norm of exactly 0 after the first step, with a learning rate above 0, means training has
-stopped learning (typically an lr so large that the first update saturated the model): one warning.
+A gradient norm of exactly 0 means a batch without a trained token (its answers cut off by the
+sequence length), or, after the first step with a learning rate above 0 and trained tokens, that
+training has stopped learning (typically an lr so large that the first update saturated the model):
+one warning for each.
 """
 
 from __future__ import annotations
@@ -64,14 +66,27 @@ def check(
     return fetched
 
 
-def warn_if_stalled(step: int, m: dict, warned: bool) -> bool:
-    """Print one warning the first time a logged step after the first has a zero gradient at a
-    positive lr; returns whether it has warned."""
-    if warned or step <= 1 or m["lr"] <= 0 or m["grad_norm"] != 0:
-        return warned
-    print(
-        f"warning: step {step}: the gradient norm is exactly 0 at lr {m['lr']:g}: training has stopped "
-        "learning (a too large lr saturates the model); lower --config.optim.lr",
-        file=sys.stderr,
-    )
-    return True
+def warn_if_stalled(step: int, m: dict, warned: set[str]) -> None:
+    """Print a warning the first time a logged step has a zero gradient for each of two reasons: its
+    batch holds no trained token (every answer in it cut off by the sequence length), or, after the
+    first step at a positive lr, the model is saturated. `warned` holds the reasons warned of."""
+    if m["grad_norm"] != 0:
+        return
+    if m["tokens"] == 0:
+        reason, message = (
+            "no tokens",
+            "its batch holds no trained token (each answer in it lies beyond "
+            "--config.data.seq_len), so it trained nothing; lengthen --config.data.seq_len or "
+            "drop the samples whose prompts fill it",
+        )
+    elif step > 1 and m["lr"] > 0:
+        reason, message = (
+            "saturated",
+            f"the gradient norm is exactly 0 at lr {m['lr']:g}: training has stopped learning "
+            "(a too large lr saturates the model); lower --config.optim.lr",
+        )
+    else:
+        return
+    if reason not in warned:
+        warned.add(reason)
+        print(f"warning: step {step}: {message}", file=sys.stderr)

@@ -6,7 +6,8 @@ weighted, so it equals one large batch), clips, applies AdamW, and donates the o
 `checkpoint_every` steps the state and the data iterator's position are saved with orbax; rerunning
 the same command resumes from the latest checkpoint and reproduces an uninterrupted run exactly
 (train/resume.py: what a rerun may change). A non-finite step stops the run before anything is saved
-from it (train/guard.py).
+from it (train/guard.py). Ctrl-C stops it with one line naming its step and the checkpoint a rerun
+resumes from (esft_jax/interrupt.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from esft_jax import config_files, runtime, sharding
+from esft_jax import config_files, interrupt, runtime, sharding
 from esft_jax.checkpoint.train_state import TrainCheckpoints, abstract_like
 from esft_jax.data.chat import ChatTemplate
 from esft_jax.data.pipeline import _encoder, eval_batches, split_validation, train_batches
@@ -34,8 +35,8 @@ from esft_jax.data.records import DataError, Sample
 from esft_jax.data.shards import LocalBatches
 from esft_jax.data.shards import plan as plan_shards
 from esft_jax.data.sources import read_samples
-from esft_jax.model import ModelConfig, forward, param_axes
-from esft_jax.model.loss import load_balance_loss, next_token_loss
+from esft_jax.model import ModelConfig, param_axes
+from esft_jax.model.loss import batch_loss, load_balance_loss
 from esft_jax.train import guard, resume, routing_profile
 from esft_jax.train.checks import validate
 from esft_jax.train.method import TrainingMethod, build_method, save_adapter
@@ -47,15 +48,8 @@ def _loss_fn(method: TrainingMethod, cfg: ModelConfig, aux_loss_alpha: float = 0
 
     def loss(trainable, frozen, batch):
         params = method.materialize(frozen, trainable)
-        logits, routing = forward(
-            params,
-            batch["tokens"],
-            cfg,
-            segment_ids_bt=batch["segment_ids"],
-            positions_bt=batch["positions"],
-            return_router_scores=aux_loss_alpha > 0,
-        )
-        loss_sum, count = next_token_loss(logits, batch)
+        scores = aux_loss_alpha > 0
+        loss_sum, count, routing = batch_loss(params, batch, cfg, return_router_scores=scores)
         if aux_loss_alpha > 0:
             aux = load_balance_loss(
                 routing.expert_ids, routing.router_scores, batch["segment_ids"] != 0
@@ -344,11 +338,8 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
             template=template,
             loss_on=c.data.loss_on,
         )
-        since, recent, warned = (
-            time.perf_counter(),
-            [],
-            False,
-        )  # recent: (step, metrics) since the last log
+        recent, warned, done = [], set(), start  # recent: (step, metrics) since the last log
+        since = time.perf_counter()
         bar = tqdm(
             total=c.steps,
             initial=start,
@@ -356,7 +347,8 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
             unit="step",
             disable=not progress,
         )
-        with bar, sharding.on_mesh(mesh):
+        stopped = interrupt.explained(lambda: resume.interrupted(done, checkpoints.latest_step()))
+        with bar, sharding.on_mesh(mesh), stopped:
             for step in range(start, c.steps):
                 batch = sharding.from_process_rows(
                     data.take(c.grad_accum), batch_sharding, global_shape
@@ -367,7 +359,7 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
                 evaluate_now = bool(val) and (done % c.eval_every == 0 or done == c.steps)
                 if evaluate_now or done % c.log_every == 0 or done == c.steps:
                     record = _log_record(done, guard.check(recent, checkpoints.latest_step), since)
-                    warned = guard.warn_if_stalled(done, record, warned)
+                    guard.warn_if_stalled(done, record, warned)
                     if evaluate_now:
                         record["val_loss"] = _validation_loss(
                             eval_step, val, state["trainable"], frozen, eval_sharding
@@ -379,9 +371,7 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
                     )
                     since, recent = time.perf_counter(), []
                 if checkpoints.due(done, force=done == c.steps):
-                    guard.check(
-                        recent, checkpoints.latest_step
-                    )  # never save a state after a bad step
+                    guard.check(recent, checkpoints.latest_step)  # never save after a bad step
                     checkpoints.save(done, state, data.get_state())
                 bar.update(1)
         checkpoints.latest_step()  # the last save has committed (or raised) before the adapter is written

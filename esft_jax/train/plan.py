@@ -3,9 +3,10 @@ allocated) and read the compiled executable's memory analysis, per device.
 
 Works on simulated CPU devices (`esft plan` sets --xla_force_host_platform_device_count itself), so a
 laptop can say how many accelerators a method needs. The numbers are XLA:CPU's buffer assignment for the
-same program; an accelerator's compiler fuses differently, so treat temporaries as an estimate. With
-libtpu installed the step compiles for a TPU topology instead (`tpu_devices`), no TPU attached: the
-numbers are then the TPU compiler's own.
+same program, compiled without the CPU-only rewrite that would dominate it (`CPU_ONLY`); an
+accelerator's compiler fuses differently, so treat temporaries as an estimate. With libtpu installed the
+step compiles for a TPU topology instead (`tpu_devices`), no TPU attached: the numbers are then the TPU
+compiler's own.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ from esft_jax.train.method import TrainingMethod, build_method
 from esft_jax.train.optimizer import learning_rate, make_optimizer
 
 GIB = 1024**3
+# XLA:CPU computes bf16 dots in float32, and its while-loop-invariant code motion then hoists the
+# convert of every frozen stacked weight out of the layer scan: float32 copies of whole expert stacks
+# (53.6 GiB of DeepSeek-V2-Lite's ESFT step) that a GPU/TPU compiler, keeping bf16 dots, never makes.
+# A plan compiled on CPU leaves that pass out: against libtpu's plan of the same step (V2-Lite ESFT,
+# bf16, batch 2 x 4096, one device) its total went from +76% to +6% (docs/benchmarks.md).
+CPU_ONLY = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,10 +141,9 @@ def lower_train_step(
     the first devices of `devices` (default: jax.devices())."""
     n = math.prod(mesh_shape.values())
     mesh = sharding.make_mesh(mesh_shape, (devices or jax.devices())[:n])
+    platform = mesh.devices.flat[0].platform
     # the MoE strategy the target would pick ("auto" means the backend that runs, not the one tracing)
-    cfg = dataclasses.replace(
-        cfg, moe_strategy=resolve_strategy(cfg.moe_strategy, mesh.devices.flat[0].platform)
-    )
+    cfg = dataclasses.replace(cfg, moe_strategy=resolve_strategy(cfg.moe_strategy, platform))
     axes = param_axes(cfg)
     frozen = _abstract(abstract_params(cfg), sharding.param_shardings(axes, mesh))
     trainable_shape = jax.eval_shape(method.init, frozen)
@@ -169,7 +175,7 @@ def lower_train_step(
     with jax.set_mesh(mesh):
         lowered = make_train_step(method, cfg, tx, schedule).lower(state, frozen, batch)
         try:
-            compiled = lowered.compile()
+            compiled = lowered.compile(compiler_options=CPU_ONLY if platform == "cpu" else None)
         except (
             jax.errors.JaxRuntimeError
         ) as e:  # an accelerator's compiler checks its device memory
@@ -228,6 +234,19 @@ def resident_bytes(compiled) -> int:
         + mem.output_size_in_bytes
         - mem.alias_size_in_bytes
         + mem.temp_size_in_bytes
+    )
+
+
+def compiled_for(topology: str = "") -> str:
+    """What the plan's numbers come from, for its output."""
+    if topology:
+        return f"{topology} (the TPU compiler, libtpu)"
+    backend = jax.default_backend()
+    if backend != "cpu":
+        return backend
+    return (
+        "CPU devices (XLA:CPU without while-loop-invariant-code-motion: no hoisted "
+        "float32 copies of bf16 weight stacks, which GPU/TPU compilers do not make)"
     )
 
 
@@ -293,7 +312,7 @@ def report(
         f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts, "
         f"hidden {cfg.hidden_size}, {cfg.dtype}; "
         f"batch {batch_size} x {seq_len}, remat={cfg.remat}; GiB per device, mesh axis {mesh_axis}, "
-        f"compiled for {topology or jax.default_backend()}",
+        f"compiled for {compiled_for(topology)}",
         markdown_table(head, rows).rstrip(),
     ]
     lines += [

@@ -186,3 +186,11 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         if record["step"] <= last_step:
             kept.append(line)
     write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def interrupted(step: int, checkpoint: int | None) -> str:
+    """What `esft train` says when Ctrl-C stops it after `step` steps, its newest checkpoint being
+    `checkpoint` (a rerun of the same command goes on from there)."""
+    if checkpoint is None:
+        return f"interrupted at step {step}, before the first checkpoint; rerun to start again"
+    return f"interrupted at step {step}; rerun to resume (from the checkpoint of step {checkpoint})"
