@@ -1,6 +1,7 @@
 """Attention on this machine: the reference path (float32 scores [B, H, T, S]) against
-jax.nn.dot_product_attention (`attention_impl="dot_product"`), one layer's attention, forward +
-backward, the two taking turns rep by rep in one process (timing.interleaved_seconds).
+jax.nn.dot_product_attention (`attention_impl="dot_product"`) and blockwise attention
+(`attention_impl="blockwise"`, blocks of --block), one layer's attention, forward + backward, the
+three taking turns rep by rep in one process (timing.interleaved_seconds).
 
     .venv/bin/python benchmarks/attention.py                 # T = 1024
     .venv/bin/python benchmarks/attention.py --seq 2048 --dtype bfloat16
@@ -20,8 +21,9 @@ import jax.numpy as jnp
 from timing import interleaved_seconds, machine
 
 from esft_jax.model import ModelConfig, init_params, segment_positions
-from esft_jax.model.attention import attention_mask, mla, within_window
 from esft_jax.model.gqa import gqa
+from esft_jax.model.mask import attention_mask
+from esft_jax.model.mla import mla
 from esft_jax.model.rope import rope_cos_sin
 from esft_jax.report import markdown_table
 
@@ -49,9 +51,7 @@ def _layer(cfg: ModelConfig, batch: int, seq: int):
     x = jax.random.normal(jax.random.key(1), (batch, seq, cfg.hidden_size), cfg.dtype)
     segments = jnp.where(jnp.arange(seq) < seq // 3, 1, 2)[None].repeat(batch, 0)
     cos, sin = rope_cos_sin(segment_positions(segments), cfg)
-    mask = attention_mask(segments, segments, 0)
-    if cfg.sliding_window_layers:
-        mask = within_window(mask, 0, jnp.asarray(cfg.sliding_window))
+    mask = attention_mask(segments, segments, 0, cfg.sliding_window or 0)
     attend = mla if cfg.attention == "mla" else gqa
 
     def loss(p, x):
@@ -60,36 +60,44 @@ def _layer(cfg: ModelConfig, batch: int, seq: int):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), p, x
 
 
+IMPLS = ("reference", "dot_product", "blockwise")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--block", type=int, default=512, help="blockwise: queries and keys per block")
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     print(machine())
     print(
-        f"{jax.default_backend()}, batch {args.batch} x {args.seq}, {args.dtype}, {args.reps} reps"
+        f"{jax.default_backend()}, batch {args.batch} x {args.seq}, {args.dtype}, "
+        f"blocks of {args.block}, {args.reps} reps"
     )
     rows = []
     for name, fields in CASES.items():
         base = ModelConfig(
             num_hidden_layers=1, first_k_dense_replace=1, dtype=args.dtype, param_dtype=args.dtype,
-            **fields,
+            attention_block=args.block, **fields,
         )  # fmt: skip
         calls, temp = {}, {}
-        for impl in ("reference", "dot_product"):
+        for impl in IMPLS:
             step, p, x = _layer(base.replace(attention_impl=impl), args.batch, args.seq)
             temp[impl] = step.lower(p, x).compile().memory_analysis().temp_size_in_bytes
             calls[impl] = functools.partial(step, p, x)
         secs = interleaved_seconds(calls, reps=args.reps)
-        ref, dot = secs["reference"], secs["dot_product"]
-        mib = {k: f"{v / 2**20:.0f}" for k, v in temp.items()}
+        ref = secs["reference"]
         rows.append(
-            [name, f"{ref * 1e3:.1f}", f"{dot * 1e3:.1f}", f"{dot / ref:.2f}",
-             f"{mib['reference']} / {mib['dot_product']}"]
+            [name, *(f"{secs[impl] * 1e3:.1f}" for impl in IMPLS),
+             *(f"{secs[impl] / ref:.2f}" for impl in IMPLS[1:]),
+             " / ".join(f"{temp[impl] / 2**20:.0f}" for impl in IMPLS)]
         )  # fmt: skip
-    head = ["attention", "reference ms", "dot_product ms", "dot / ref", "temp MiB (ref / dot)"]
+    head = [
+        "attention", *(f"{impl} ms" for impl in IMPLS), "dot / ref", "blockwise / ref",
+        "temp MiB (ref / dot / blockwise)",
+    ]  # fmt: skip
     print(markdown_table(head, rows))
 
 

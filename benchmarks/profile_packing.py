@@ -62,7 +62,7 @@ def run_packed(data: str, seq_len: int, budget: int) -> dict:
 
 def run_unpacked(data: str, seq_len: int, budget: int, steps: int) -> dict:
     cfg, params, seqs = _documents(data, seq_len, budget)
-    step = jax.jit(profile._step, static_argnums=(4, 5, 6))
+    step = jax.jit(profile._step, static_argnames=("cfg", "max_docs", "with_routing"))
     batch = [jnp.asarray(a) for a in profile._rows([[s] for s in seqs[:BATCH]], BATCH, seq_len)]
     jax.block_until_ready(step(params, *batch, cfg, 1, False))
     start = time.perf_counter()

@@ -96,10 +96,11 @@ def run_jax(
     from esft_jax.expert_config import ExpertConfig
     from esft_jax.model import ModelConfig, forward, init_params
     from esft_jax.routing import profile, scores, select
-    from esft_jax.train.loop import make_train_step, tree_bytes
+    from esft_jax.train.loop import tree_bytes
     from esft_jax.train.lora import LoRA
     from esft_jax.train.method import save_adapter
     from esft_jax.train.optimizer import learning_rate, make_optimizer
+    from esft_jax.train.step import make_train_step
     from esft_jax.train.trainable import ExpertSubset, FullFineTune
 
     fields = SIZES[size] if isinstance(size, str) else size
@@ -141,9 +142,7 @@ def run_jax(
         return metrics["loss"]
 
     out["step_s"] = seconds(one_step, reps=reps)
-    out["trainable_params"] = int(
-        sum(x.size for x in jax.tree.leaves(holder["state"]["trainable"]))
-    )
+    out["trainable_params"] = trainable.num_trained(holder["state"]["trainable"])
     out["optimizer_state_bytes"] = tree_bytes(holder["state"]["opt_state"])
     with tempfile.TemporaryDirectory() as tmp:
         adapter = save_adapter(tmp, cfg, trainable, params, holder["state"]["trainable"])

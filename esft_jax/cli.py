@@ -189,6 +189,7 @@ def cmd_plan(c: ml_collections.ConfigDict) -> None:
             tuple(c.devices),
             c.mesh_axis,
             batch_size=c.batch_size,
+            grad_accum=c.grad_accum,
             seq_len=c.seq_len,
             optim=c.optim,
             device_memory_gb=c.device_memory_gb,

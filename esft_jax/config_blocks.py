@@ -8,7 +8,7 @@ The model contract (`model_source`): with `checkpoint="random"`, `model` is the 
 random weights and every field of it applies. With a Hugging Face checkpoint the architecture comes
 from the checkpoint's config.json and only the runtime fields of `model` apply
 (runtime.RUNTIME_FIELDS: dtype, moe_strategy, capacity_factor, expert_parallel, scan_layers, remat,
-attention_impl);
+attention_impl, attention_block);
 overriding any other `model` field then is an error (validate.model_overrides), not ignored.
 """
 

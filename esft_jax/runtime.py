@@ -44,6 +44,7 @@ RUNTIME_FIELDS = (
     "scan_layers",
     "remat",
     "attention_impl",
+    "attention_block",
 )
 RANDOM_WEIGHTS = "random"  # --config.checkpoint=random: seeded random weights of c.model
 

@@ -339,7 +339,7 @@ def _plan(c: ml_collections.ConfigDict) -> None:
                 f"--config.methods: {method!r} is not one of {', '.join(TRAIN_METHODS)}"
             )
     one_of(c, "mesh_axis", ("fsdp", "expert"))
-    for key in ("batch_size", "lora_rank"):
+    for key in ("batch_size", "grad_accum", "lora_rank"):
         whole(c, key)
     whole(c, "seq_len", 0)  # 0: resolved against the model (within_positions)
     number(c, "device_memory_gb", 0, low_open=True)

@@ -90,16 +90,19 @@ def test_sharded_equals_single_device(family):
         ("glm4_moe", "reference"),
         ("gpt_oss", "dot_product"),
         ("deepseek_v3", "dot_product"),
+        ("gpt_oss", "blockwise"),
+        ("deepseek_v3", "blockwise"),
     ],
 )
 def test_cache_equals_full_forward(family, attention_impl):
     """A prompt then tokens one at a time through the KV cache: the reference full forward's logits
-    (sliding windows and sinks included; MLA's compressed cache), either attention path."""
+    (sliding windows and sinks included; MLA's compressed cache), every attention path (blockwise
+    in blocks of 3, which divide neither the prompt's 8 slots nor the cache's 16)."""
     ref_cfg = fc.config(family)
     params, (tokens, _) = fc.params(ref_cfg), fc.batch(ref_cfg, b=3, t=14)
     segments = jnp.ones_like(tokens)
     ref, _ = _forward(params, tokens, ref_cfg, segment_ids_bt=segments)
-    cfg = ref_cfg.replace(attention_impl=attention_impl)
+    cfg = ref_cfg.replace(attention_impl=attention_impl, attention_block=3)
     step = jax.jit(forward_cached, static_argnums=2)
     cache, got = init_cache(cfg, 3, 16), []
     for lo, hi in [(0, 8), *((i, i + 1) for i in range(8, 14))]:

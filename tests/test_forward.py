@@ -15,7 +15,7 @@ from esft_jax.model import (
     init_params,
     segment_positions,
 )
-from esft_jax.model.attention import attention_mask, within_window
+from esft_jax.model.mask import attention_mask, dense
 from esft_jax.model.rope import inv_freq_and_attention_factor, softmax_scale
 
 _forward = jax.jit(forward, static_argnums=2, static_argnames="return_router_scores")
@@ -125,8 +125,8 @@ def test_attention_mask_equals_a_loop_over_slots(offset, window):
         want[b, 0, i, j] = (
             j <= slot and queries[b, i] == keys[b, j] != 0 and (window == 0 or slot - j < window)
         )
-    mask = attention_mask(jnp.asarray(queries), jnp.asarray(keys), jnp.int32(offset))
-    got = within_window(mask, jnp.int32(offset), jnp.int32(window))
+    mask = attention_mask(jnp.asarray(queries), jnp.asarray(keys), jnp.int32(offset), window)
+    got = dense(mask)
     np.testing.assert_array_equal(got, want)
 
 

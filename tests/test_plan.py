@@ -84,6 +84,28 @@ def test_every_method_plans_through_the_train_factory():
         plan.method_for(CFG, "bogus")
 
 
+def test_accumulation_plans_the_step_at_its_micro_batch():
+    """grad_accum micro-batches of B rows: the step scans them (train/loop.py), so it needs one
+    micro-batch's temporaries and the gradient accumulator, not those of grad_accum * B rows."""
+    method = plan.method_for(CFG, "esft", expert_fraction=0.25)
+
+    def estimate(batch_size, grad_accum):
+        return plan.estimate(
+            CFG,
+            method,
+            {"fsdp": 1},
+            batch_size=batch_size,
+            seq_len=128,
+            optim=OPTIM,
+            grad_accum=grad_accum,
+        )
+
+    large, accumulated, micro = estimate(8, 1), estimate(1, 8), estimate(1, 1)
+    assert accumulated.temporaries < large.temporaries / 4
+    batches = 4 * 8 * 128 * 4  # the input: four int32 arrays [8, 1, 128]
+    assert accumulated.temporaries <= micro.temporaries + 2 * accumulated.trainable + batches
+
+
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
 def test_fsdp_splits_params_and_optimizer_per_device():
     one = plan.estimate(
@@ -124,7 +146,8 @@ def test_a_bf16_plan_holds_no_float32_copy_of_the_frozen_expert_stacks(monkeypat
 
 def test_esft_plan_command_prints_a_table(capsys):
     c = cli.config_files.load(
-        "configs/plan.py", ["devices=(1,)", "methods=esft,fft", "batch_size=1", "seq_len=16"]
+        "configs/plan.py",
+        ["devices=(1,)", "methods=esft,fft", "batch_size=1", "seq_len=16", "grad_accum=2"],
     )
     for key, value in dict(
         vocab_size=512,
@@ -145,6 +168,7 @@ def test_esft_plan_command_prints_a_table(capsys):
     assert "| esft | 1 |" in out and "| fft | 1 |" in out
     assert "without while-loop-invariant-code-motion" in out  # what it compiled for
     assert "esft: fits on 1 device(s)" in out
+    assert "as 2 accumulated micro-batches" in out  # the command plans what it was given
 
 
 def test_a_tpu_slice_is_planned_by_the_tpu_compiler():

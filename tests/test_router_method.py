@@ -15,7 +15,7 @@ from esft_jax.checkpoint import load_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter, read_adapter
 from esft_jax.model import forward
 from esft_jax.model.loss import next_token_loss
-from esft_jax.train import loop
+from esft_jax.train import loop, step
 from esft_jax.train.method import build_method, save_adapter
 from esft_jax.train.router_only import RouterOnly
 
@@ -57,7 +57,7 @@ def test_router_gradient_is_the_full_models(params):
     """The trained gradient == jax.grad of the plain full-param loss, restricted to the router."""
     batch = jax.tree.map(lambda x: jnp.asarray(x[0]), fx.token_batch(5))
     method = RouterOnly()
-    loss = loop._loss_fn(method, CFG)
+    loss = step._loss_fn(method, CFG)
     got = jax.jit(jax.grad(lambda t: loss(t, params, batch)[0]))(method.init(params))
 
     def full_loss(p):

@@ -17,7 +17,7 @@ from esft_jax.data.pipeline import train_batches
 from esft_jax.data.shards import LocalBatches
 from esft_jax.data.sources import read_samples
 from esft_jax.model import forward, param_axes
-from esft_jax.train import loop
+from esft_jax.train import loop, step
 from esft_jax.train.method import build_method
 
 
@@ -105,7 +105,7 @@ def test_eight_devices_equal_one(shared_run, tmp_path):
             )
         ),
     )
-    loss = loop._loss_fn(method, cfg)
+    loss = step._loss_fn(method, cfg)
     grad = jax.jit(jax.grad(lambda t, f, b: loss(t, f, b)[0]))
     frozen = jax.tree.map(jnp.asarray, frozen)
     g1 = grad(method.init(frozen), frozen, batch)

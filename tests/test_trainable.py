@@ -11,8 +11,9 @@ from numerics import assert_adam_close, assert_float32_close, model_roundings
 
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import forward
-from esft_jax.train.loop import make_train_step, tree_bytes
+from esft_jax.train.loop import tree_bytes
 from esft_jax.train.lora import LoRA
+from esft_jax.train.step import make_train_step
 from esft_jax.train.trainable import ExpertSubset, FullFineTune, non_expert_part
 
 CFG = fx.tiny_config()
@@ -71,11 +72,13 @@ def test_optimizer_state_is_proportional_to_the_selection(params):
     tx = optax.adamw(1e-3)
     esft = ExpertSubset.build(CFG, fx.EXPERTS)
     esft_bytes = tree_bytes(tx.init(esft.init(params)))
-    # Adam keeps two float32 moments per trained value, plus a step counter.
-    assert esft_bytes == 2 * n_selected * 3 * d * f * 4 + 4
+    # Adam keeps two float32 moments per trained value, plus a step counter; ESFT's per layer, for
+    # as many slots as the layer with the most selected experts.
+    slots = CFG.num_moe_layers * max(len(ids) for ids in fx.EXPERTS.experts.values())
+    assert esft_bytes == 2 * slots * 3 * d * f * 4 + 4
     n_params = sum(x.size for x in jax.tree.leaves(params))
     assert tree_bytes(tx.init(FullFineTune().init(params))) == 2 * n_params * 4 + 4
-    assert sum(x.size for x in jax.tree.leaves(esft.init(params))) == n_selected * 3 * d * f
+    assert esft.num_trained(esft.init(params)) == n_selected * 3 * d * f
 
 
 def test_compact_esft_equals_full_size_masked_reference(params):

@@ -14,8 +14,8 @@ from esft_jax.checkpoint import save_checkpoint
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import init_params
-from esft_jax.train.loop import make_train_step
 from esft_jax.train.optimizer import learning_rate, make_optimizer
+from esft_jax.train.step import make_train_step
 
 EXPERTS = ExpertConfig({1: [3, 17, 5], 2: [30], 3: [0, 9]})  # ragged across layers
 

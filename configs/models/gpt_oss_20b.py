@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
             expert_parallel="psum",
             scan_layers=True,
             remat=False,
-            attention_impl="reference",  # or "dot_product" (model/attention.py)
+            attention_impl="reference",  # or "dot_product", "blockwise" (model/attention.py)
+            attention_block=512,  # blockwise: queries and keys per block
         )
     )

@@ -7,7 +7,8 @@ disk) surfaces at the next save or at close() as one CheckpointError naming its 
 of it from orbax's threads is held back (its logged tracebacks, and tensorstore's late callbacks
 into orbax's closed event loop, "RuntimeError: Event loop is closed"). A checkpoint that cannot be read
 (truncated or garbled files) is moved aside to `<step>.unreadable` with a warning, and the newest
-readable one is restored instead.
+readable one is restored instead. One whose arrays have other shapes than the run's (an ESFT run of an
+esft-jax that kept the trained experts compact, [N, d, f]) is refused in one line and left as it is.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class _HoldBackOrbaxErrors(logging.Filter):
 def _hold_back_background_noise() -> None:
     """Once per process: the filter above on absl's logger (orbax logs through absl), and an
     unraisable-exception hook dropping the 'Event loop is closed' errors of tensorstore writes that
-    finish after a failed save has closed orbax's event loop (they arrive late, even after close())."""
+    finish after a failed save has closed orbax's event loop (they arrive late, even after close()),
+    and the errors of orbax's array reads left behind by a failed restore (collected later)."""
     if any(isinstance(f, _HoldBackOrbaxErrors) for f in logging.getLogger("absl").filters):
         return
     logging.getLogger("absl").addFilter(_HoldBackOrbaxErrors())
@@ -49,7 +51,9 @@ def _hold_back_background_noise() -> None:
             and str(unraisable.exc_value) == "Event loop is closed"
             and unraisable.object is None
         )
-        if not closed_loop:
+        code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
+        orbax_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        if not (closed_loop or orbax_read):
             previous(unraisable)
 
     sys.unraisablehook = hook
@@ -122,6 +126,7 @@ class TrainCheckpoints:
             except (
                 Exception
             ) as e:  # truncated or garbled files: orbax, tensorstore and json each raise theirs
+                _refuse_other_shapes(e, self.directory / str(step))
                 unreadable.append((step, reason(e)))
                 continue
             self._set_aside(unreadable, step)
@@ -162,6 +167,21 @@ class TrainCheckpoints:
         if unreadable:
             ocp.multihost.sync_global_processes("esft_checkpoints_set_aside")
             self._manager.reload()
+
+
+def _refuse_other_shapes(error: BaseException, checkpoint: Path) -> None:
+    """CheckpointError if `error` is orbax's for an array saved with another shape than the run's: the
+    checkpoint is whole but of another layout, so neither moved aside nor skipped."""
+    found = re.search(
+        r"Requested shape: (\(.*?\)) is not compatible with the stored shape: (\(.*?\))", str(error)
+    )
+    if found:
+        raise CheckpointError(
+            f"{checkpoint}: it holds an array of shape {found[2]} where this run has {found[1]}: "
+            "written by an earlier esft-jax (its ESFT runs kept the trained experts as [N, d, f]; "
+            "they are [layers, slots, d, f] now) or for another run; finish it with the version "
+            "that wrote it, or use another --config.workdir"
+        ) from None
 
 
 def abstract_like(tree: Any) -> Any:

@@ -27,7 +27,7 @@ from esft_jax.eval.sampling import Sampling, next_tokens, sampling_for
 from esft_jax.model import ModelConfig, forward_cached, init_cache, segment_positions
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_ids"))
 def _decode(
     params,
     tokens_bp,

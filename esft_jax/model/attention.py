@@ -1,63 +1,27 @@
-"""Multi-head latent attention (MLA), DeepSeek-V2/V3.
+"""The attention core both attention kinds (model/mla.py, model/gqa.py) share: softmax(q k^T) v
+over the keys each query sees (model/mask.py), three ways, chosen by `cfg.attention_impl`:
 
-Queries come from x directly (`q`) or through a low-rank bottleneck (`q_a` -> RMSNorm -> `q_b`).
-Keys and values come from a shared latent c = RMSNorm(x @ kv_a[:, :kv_lora_rank]) expanded per head
-by `kv_b`; a single rotary key slice k_pe = x @ kv_a[:, kv_lora_rank:] is shared by all heads.
-Each head's score is q_nope . k_nope + q_pe . k_pe, times `rope.softmax_scale`.
+- "reference": `softmax_attention`, the float32 scores [B, H, T, S] materialised; the definition
+  the others are tested against, and what XLA runs fastest on a CPU at short lengths.
+- "dot_product": `dot_product_attention`, jax.nn.dot_product_attention with JAX's choice of kernel.
+- "blockwise": model/blockwise_attention.py, exact attention in blocks that never holds the scores,
+  forward or backward: the memory of long sequences (and the KV cache's decoding alike).
 
-Also the attention core both attention kinds share: the mask (segments, causality, the KV cache's
-slots, sliding windows) and softmax(scores) @ v two ways, chosen by `cfg.attention_impl`:
-`softmax_attention` ("reference": materialised float32 scores [B, H, T, S]) and
-`dot_product_attention` ("dot_product": jax.nn.dot_product_attention, with JAX's choice of kernel).
+Also the KV cache's in-row writes.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
+from esft_jax.model.blockwise_attention import blockwise_attention
 from esft_jax.model.config import ModelConfig
-from esft_jax.model.norm import rms_norm
-from esft_jax.model.rope import apply_rope, softmax_scale
-from esft_jax.sharding import constrain
+from esft_jax.model.mask import MASKED, AttentionMask, dense
 
-_MASKED = -1e30  # finite, so a fully masked (padding) row gives a uniform row, not NaN
-
-
-def attention_mask(
-    query_segments_bt: jax.Array, key_segments_bs: jax.Array, query_offset: jax.Array | int
-) -> jax.Array:
-    """[B, 1, T, S] bool: causal, within one segment, never onto padding (segment id 0).
-
-    Without a cache the keys are the queries themselves (S = T, offset 0). With a KV cache they are
-    its S slots and row b's queries sit at slots offset .. offset + T - 1, the offset a scalar or
-    one per row [B] (continuous batching: every row at its own length).
-    """
-    t, s = query_segments_bt.shape[1], key_segments_bs.shape[1]
-    query_bt1 = _offset_b11(query_offset) + jnp.arange(t)[None, :, None]
-    causal = jnp.arange(s)[None, None, :] <= query_bt1
-    same = query_segments_bt[:, :, None] == key_segments_bs[:, None, :]
-    not_pad = (key_segments_bs != 0)[:, None, :]
-    return (causal & same & not_pad)[:, None]
-
-
-def within_window(
-    mask_b1ts: jax.Array, query_offset: jax.Array | int, window: jax.Array
-) -> jax.Array:
-    """The mask restricted to keys fewer than `window` slots behind their query (window 0: no limit).
-    Slots are positions in the row (or the cache; queries from query_offset on, as in
-    `attention_mask`), so packed segments keep their own windows."""
-    t, s = mask_b1ts.shape[-2:]
-    behind_bts = (
-        _offset_b11(query_offset) + jnp.arange(t)[None, :, None] - jnp.arange(s)[None, None, :]
-    )
-    return mask_b1ts & (behind_bts < jnp.where(window > 0, window, s + 1))[:, None]
-
-
-def _offset_b11(query_offset: jax.Array | int) -> jax.Array:
-    return jnp.reshape(jnp.asarray(query_offset), (-1, 1, 1))
+LayerCache = tuple[
+    jax.Array, jax.Array, jax.Array
+]  # the two cached arrays of one layer, each row's write offset [B]
 
 
 def write_rows(cached_bs: jax.Array, new_bt: jax.Array, offset_b: jax.Array) -> jax.Array:
@@ -69,6 +33,29 @@ def write_rows(cached_bs: jax.Array, new_bt: jax.Array, offset_b: jax.Array) -> 
     return jax.vmap(write)(cached_bs, new_bt, offset_b)
 
 
+def attend(
+    q_bthk: jax.Array,
+    k_bsgk: jax.Array,
+    v_bsgv: jax.Array,
+    mask: AttentionMask,
+    scale: float,
+    cfg: ModelConfig,
+    sinks_h: jax.Array | None = None,
+) -> jax.Array:
+    """softmax(q k^T * scale over the visible keys [, sink]) @ v -> [B, T, H, v], by
+    cfg.attention_impl. The G key/value heads (G divides H) each serve H / G consecutive query
+    heads; v's head dim may differ from q's and k's."""
+    if cfg.attention_impl == "blockwise":
+        block = cfg.attention_block
+        return blockwise_attention(q_bthk, k_bsgk, v_bsgv, mask, scale, sinks_h, block, block)
+    if cfg.attention_impl == "dot_product":
+        return dot_product_attention(q_bthk, k_bsgk, v_bsgv, dense(mask), scale, sinks_h)
+    repeat = q_bthk.shape[2] // k_bsgk.shape[2]  # every query head's own copy of its key/value head
+    k_bshk, v_bshv = jnp.repeat(k_bsgk, repeat, axis=2), jnp.repeat(v_bsgv, repeat, axis=2)
+    scores = jnp.einsum("bthk,bshk->bhts", q_bthk, k_bshk, preferred_element_type=jnp.float32)
+    return softmax_attention(scores * scale, dense(mask), v_bshv, sinks_h)
+
+
 def softmax_attention(
     scores_bhts: jax.Array,
     mask_b1ts: jax.Array,
@@ -78,9 +65,10 @@ def softmax_attention(
     """softmax(scores) @ v over the unmasked keys -> [B, T, H, v]. scores are float32 and already scaled.
 
     Sinks (gpt-oss): a per-head logit that joins every row's softmax and takes its share of the
-    probability mass, but contributes no value.
+    probability mass, but contributes no value. A row with no unmasked key is uniform (MASKED is
+    finite): the mean of all S values, 0 with sinks.
     """
-    scores = jnp.where(mask_b1ts, scores_bhts, _MASKED)
+    scores = jnp.where(mask_b1ts, scores_bhts, MASKED)
     if sinks_h is None:
         probs = jax.nn.softmax(scores, axis=-1)
     else:
@@ -133,61 +121,3 @@ def dot_product_attention(
         scale=scale,
     )
     return out[..., :vd]
-
-
-LayerCache = tuple[
-    jax.Array, jax.Array, jax.Array
-]  # the two cached arrays of one layer, each row's write offset [B]
-
-
-def mla(
-    p: dict[str, Any],
-    x_btd: jax.Array,
-    cos_btr: jax.Array,
-    sin_btr: jax.Array,
-    mask_b1ts: jax.Array,
-    cfg: ModelConfig,
-    cache: LayerCache | None = None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """x [B, T, d] (already normed) -> (attention output [B, T, d], (latent, k_pe) of the keys).
-
-    Without a cache the keys are x's own tokens (mask [B, 1, T, T]). With MLA's compressed cache
-    (latents and rotated shared keys of S positions), row b's latents are written at its offset and the
-    queries attend over all S cached positions (mask [B, 1, T, S]).
-    """
-    dt, eps = x_btd.dtype, 1e-6  # the reference builds q_a/kv_a norms with the default eps
-    nope = cfg.qk_nope_head_dim
-
-    if cfg.q_lora_rank is None:
-        q_bthk = jnp.einsum("btd,dhk->bthk", x_btd, p["q"].astype(dt))
-    else:
-        q_lat = rms_norm(x_btd @ p["q_a"].astype(dt), p["q_a_norm"], eps)
-        q_bthk = jnp.einsum("btr,rhk->bthk", q_lat, p["q_b"].astype(dt))
-    q_nope, q_pe = q_bthk[..., :nope], q_bthk[..., nope:]
-
-    kv_a = x_btd @ p["kv_a"].astype(dt)
-    c_btr = rms_norm(kv_a[..., : cfg.kv_lora_rank], p["kv_a_norm"], eps)
-    k_pe = kv_a[..., cfg.kv_lora_rank :][:, :, None, :]  # [B, T, 1, rope]: one head, shared
-    q_nope = constrain(q_nope, ("act_batch", None, "act_heads", None))
-
-    q_pe = apply_rope(q_pe, cos_btr, sin_btr, cfg.rope_interleave)
-    k_pe = apply_rope(k_pe, cos_btr, sin_btr, cfg.rope_interleave)[:, :, 0]
-    if cache is not None:
-        latent, cached_pe, offset_b = cache
-        c_btr, k_pe = write_rows(latent, c_btr, offset_b), write_rows(cached_pe, k_pe, offset_b)
-
-    kv_bshk = jnp.einsum("bsr,rhk->bshk", c_btr.astype(dt), p["kv_b"].astype(dt))
-    k_nope, v_bshv = kv_bshk[..., :nope], kv_bshk[..., nope:]
-    if cfg.attention_impl == "reference":
-        scores = jnp.einsum(
-            "bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32
-        ) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe.astype(dt), preferred_element_type=jnp.float32)
-        out_bthv = softmax_attention(scores * softmax_scale(cfg), mask_b1ts, v_bshv)
-    else:  # every head's key: its own k_nope and the shared k_pe
-        k_pe_bshr = jnp.broadcast_to(
-            k_pe.astype(dt)[:, :, None], (*k_nope.shape[:3], k_pe.shape[-1])
-        )
-        q_bthk = jnp.concatenate([q_nope, q_pe], -1)
-        k_bshk = jnp.concatenate([k_nope, k_pe_bshr], -1)
-        out_bthv = dot_product_attention(q_bthk, k_bshk, v_bshv, mask_b1ts, softmax_scale(cfg))
-    return jnp.einsum("bthv,hvd->btd", out_bthv, p["o"].astype(dt)), (c_btr, k_pe)

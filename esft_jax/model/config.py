@@ -18,9 +18,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("mla", "gqa")
 QK_NORMS = (None, "head", "full")  # RMSNorm of each head's q/k, or of the whole q/k projection
 EXPERT_ACTS = ("swiglu", "clamped_swiglu")
-# softmax(q k^T) v: "reference" (float32 scores, model/attention.py) or jax.nn.dot_product_attention
-# with JAX's choice of kernel ("dot_product")
-ATTENTION_IMPLS = ("reference", "dot_product")
+# softmax(q k^T) v (model/attention.py): "reference" (float32 scores [B, H, T, S]),
+# jax.nn.dot_product_attention with JAX's choice of kernel ("dot_product"), or exact attention in
+# blocks of `attention_block` queries x keys that never holds the scores ("blockwise")
+ATTENTION_IMPLS = ("reference", "dot_product", "blockwise")
 
 
 class ConfigError(ValueError):
@@ -123,6 +124,7 @@ class ModelConfig:
         False  # recompute each layer in the backward pass: activations of one layer, not all
     )
     attention_impl: str = "reference"  # ATTENTION_IMPLS
+    attention_block: int = 512  # blockwise: queries and keys per block
 
     def __post_init__(self) -> None:
         for name in (
@@ -164,6 +166,7 @@ class ModelConfig:
             "first_k_dense_replace must lie in [0, num_hidden_layers]",
         )
         check(self.moe_layer_step >= 1, "moe_layer_step must be at least 1")
+        check(self.attention_block >= 1, "attention_block must be at least 1")
         check(
             all(layer in layers for layer in self.mlp_only_layers + self.sliding_window_layers),
             f"mlp_only_layers / sliding_window_layers must lie in [0, {self.num_hidden_layers})",

@@ -14,13 +14,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from esft_jax.model.attention import (
-    LayerCache,
-    dot_product_attention,
-    softmax_attention,
-    write_rows,
-)
+from esft_jax.model.attention import LayerCache, attend, write_rows
 from esft_jax.model.config import ModelConfig
+from esft_jax.model.mask import AttentionMask
 from esft_jax.model.norm import rms_norm
 from esft_jax.model.rope import apply_rope
 from esft_jax.sharding import constrain
@@ -59,14 +55,14 @@ def gqa(
     x_btd: jax.Array,
     cos_btr: jax.Array,
     sin_btr: jax.Array,
-    mask_b1ts: jax.Array,
+    mask: AttentionMask,
     cfg: ModelConfig,
     cache: LayerCache | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """x [B, T, d] (already normed) -> (output [B, T, d], (keys, values) [B, S, KV, hd]).
 
     With a cache (rotated keys and values of S slots), row b's keys and values are written at its
-    offset and the queries attend over all S slots (mask [B, 1, T, S]).
+    offset and the queries attend over all S slots.
     """
     dt = x_btd.dtype
     q = _rotate(_project(x_btd, p, "q", cfg), cos_btr, sin_btr, cfg)
@@ -76,16 +72,7 @@ def gqa(
     if cache is not None:
         cached_k, cached_v, offset_b = cache
         k, v = write_rows(cached_k, k, offset_b), write_rows(cached_v, v, offset_b)
-    b, t, h, hd = q.shape
-    kv = k.shape[2]
-    if cfg.attention_impl == "reference":
-        # Each KV head serves h // kv consecutive query heads: expand keys/values to every query head.
-        k_bshk = jnp.repeat(k.astype(dt), h // kv, axis=2)
-        v_bshk = jnp.repeat(v.astype(dt), h // kv, axis=2)
-        scores = jnp.einsum("bthk,bshk->bhts", q, k_bshk, preferred_element_type=jnp.float32)
-        out_bthk = softmax_attention(scores * hd**-0.5, mask_b1ts, v_bshk, p.get("sinks"))
-    else:
-        out_bthk = dot_product_attention(q, k, v, mask_b1ts, hd**-0.5, p.get("sinks"))
+    out_bthk = attend(q, k, v, mask, q.shape[-1] ** -0.5, cfg, p.get("sinks"))
     out = jnp.einsum("bthk,hkd->btd", out_bthk, p["o"].astype(dt))
     if cfg.o_bias:
         out = out + p["o_bias"].astype(dt)

@@ -62,11 +62,23 @@ def _split_overridden(ids_btk: jax.Array, override_ids_s: jax.Array, num_stacked
     return stacked, slots
 
 
+def _inert_where_unused(rows: jax.Array, used: jax.Array) -> jax.Array:
+    """Override rows [S, ...] ([A, S, ...]) as they are, but with no gradient for the unused slots
+    (used [S] ([A, S]) False): no token reaches them, and even a NaN in the rest of the layer's
+    gradient leaves theirs exactly zero (ESFT trains the rows in place: train/trainable.py). The
+    select of an array with itself compiles to nothing."""
+    mask = used.reshape(*used.shape, *(1,) * (rows.ndim - used.ndim))
+    return jnp.where(mask, rows, jax.lax.stop_gradient(rows))
+
+
 def _override_slots(ids_btk: jax.Array, override: dict[str, jax.Array], num_stacked: int):
     """(stacked ids, override slot of each assignment (the row count: none), the override rows).
     With per-row sets (`override["adapter"]` [B]) row b looks up set adapter[b], and the sets' rows
     [A, S, ...] are one list of A * S rows."""
-    rows = {k: v for k, v in override.items() if k not in ("ids", "adapter")}
+    used = override["ids"] >= 0
+    rows = {
+        k: _inert_where_unused(v, used) for k, v in override.items() if k not in ("ids", "adapter")
+    }
     if "adapter" not in override:
         return (*_split_overridden(ids_btk, override["ids"], num_stacked), rows)
     set_b, ids_as = override["adapter"], override["ids"]

@@ -17,9 +17,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from esft_jax.model.attention import attention_mask, mla, within_window, write_rows
+from esft_jax.model.attention import write_rows
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.gqa import gqa
+from esft_jax.model.mask import attention_mask
+from esft_jax.model.mla import mla
 from esft_jax.model.moe import moe_block, swiglu
 from esft_jax.model.norm import rms_norm
 from esft_jax.model.rope import rope_cos_sin
@@ -206,7 +208,7 @@ def _decoder(
 
     def attend(x, p, window, layer_cache):
         kv_cache = None if layer_cache is None else (*layer_cache, cache.length)
-        layer_mask = mask if window is None else within_window(mask, offset, window)
+        layer_mask = mask if window is None else mask._replace(window=window)
         out, keys = attention(
             p["attn"], rms_norm(x, p["attn_norm"], eps), cos, sin, layer_mask, cfg, kv_cache
         )

@@ -199,7 +199,7 @@ def collect(
     Documents are packed into rows of `row_length(...)` (module docstring)."""
     layers = list(cfg.moe_layer_ids)
     stats = RoutingStats.empty(layers, cfg.n_routed_experts, cfg.num_experts_per_tok)
-    step = jax.jit(_step, static_argnums=(4, 5, 6))
+    step = jax.jit(_step, static_argnames=("cfg", "max_docs", "with_routing"))
     rows_sharding = None
     if mesh is not None:
         params = sharding.shard_params(params, param_axes(cfg), mesh)

@@ -1,8 +1,6 @@
 """`esft train`: one flat loop for every training method (train/method.py: ESFT, FFT, LoRA, router).
 
-State = {step, trainable, opt_state}; the frozen params are a separate, never-differentiated input
-(train/method.py). The jitted step accumulates gradients over `grad_accum` micro-batches (token-
-weighted, so it equals one large batch), clips, applies AdamW, and donates the old state. Every
+Each step is one call of the jitted train step (train/step.py), which donates the old state. Every
 `checkpoint_every` steps the state and the data iterator's position are saved with orbax; rerunning
 the same command resumes from the latest checkpoint and reproduces an uninterrupted run exactly
 (train/resume.py: what a rerun may change). A non-finite step stops the run before anything is saved
@@ -36,82 +34,11 @@ from esft_jax.data.shards import LocalBatches
 from esft_jax.data.shards import plan as plan_shards
 from esft_jax.data.sources import read_samples
 from esft_jax.model import ModelConfig, param_axes
-from esft_jax.model.loss import batch_loss, load_balance_loss
 from esft_jax.train import guard, resume, routing_profile
 from esft_jax.train.checks import validate
 from esft_jax.train.method import TrainingMethod, build_method, save_adapter
 from esft_jax.train.optimizer import learning_rate, make_optimizer
-
-
-def _loss_fn(method: TrainingMethod, cfg: ModelConfig, aux_loss_alpha: float = 0.0):
-    """(sum of token losses [+ alpha * load-balance loss per token], (tokens, dropped assignments))."""
-
-    def loss(trainable, frozen, batch):
-        params = method.materialize(frozen, trainable)
-        scores = aux_loss_alpha > 0
-        loss_sum, count, routing = batch_loss(params, batch, cfg, return_router_scores=scores)
-        if aux_loss_alpha > 0:
-            aux = load_balance_loss(
-                routing.expert_ids, routing.router_scores, batch["segment_ids"] != 0
-            )
-            loss_sum = loss_sum + aux_loss_alpha * aux * count
-        return loss_sum, (count, routing.dropped.sum())
-
-    return loss
-
-
-def make_train_step(
-    method: TrainingMethod,
-    cfg: ModelConfig,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    aux_loss_alpha: float = 0.0,
-) -> Callable:
-    """(state, frozen, batches [A, B, T]) -> (state, metrics); metrics["finite"] says whether the loss,
-    the gradient norm and the new parameters are all finite (train/guard.py)."""
-    grad_fn = jax.value_and_grad(_loss_fn(method, cfg, aux_loss_alpha), has_aux=True)
-
-    def step(state, frozen, batches):
-        def micro(carry, batch):
-            grads, loss, count, dropped = carry
-            (loss_sum, (n, d)), g = grad_fn(state["trainable"], frozen, batch)
-            return (jax.tree.map(jnp.add, grads, g), loss + loss_sum, count + n, dropped + d), None
-
-        if (
-            jax.tree.leaves(batches)[0].shape[0] == 1
-        ):  # one micro-batch: no accumulator to zero and add
-            (loss, (count, dropped)), grads = grad_fn(
-                state["trainable"], frozen, jax.tree.map(lambda b: b[0], batches)
-            )
-        else:
-            zero = (jax.tree.map(jnp.zeros_like, state["trainable"]), 0.0, 0, 0)
-            (grads, loss, count, dropped), _ = jax.lax.scan(micro, zero, batches)
-        grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1), grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-        trainable = optax.apply_updates(state["trainable"], updates)
-        new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
-        loss, grad_norm = loss / jnp.maximum(count, 1), optax.tree.norm(grads)
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "lr": schedule(state["step"]),
-            "tokens": count,
-            "dropped": dropped,
-            "finite": guard.finite(loss, grad_norm, trainable),
-        }
-        return new_state, metrics
-
-    return jax.jit(step, donate_argnums=0)
-
-
-def make_eval_step(method: TrainingMethod, cfg: ModelConfig) -> Callable:
-    loss = _loss_fn(method, cfg)
-
-    def step(trainable, frozen, batch):
-        loss_sum, (count, _) = loss(trainable, frozen, batch)
-        return loss_sum, count
-
-    return jax.jit(step)
+from esft_jax.train.step import make_eval_step, make_train_step, state_shardings
 
 
 def _shardings(tree_axes: Any, mesh: Mesh | None):
@@ -227,11 +154,10 @@ def _start(
     else:
         c = c.copy_and_resolve_references()
     tx, schedule = make_optimizer(c.optim), learning_rate(c.optim)
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "trainable": trainable,
-        "opt_state": tx.init(trainable),
-    }
+    state = jax.device_put(
+        {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)},
+        state_shardings(tx, trainable),
+    )
     if not resuming:
         return c, tx, schedule, state, 0, None
     start, state, data_state = checkpoints.restore(abstract_like(state))
@@ -280,7 +206,12 @@ def _validation_loss(
 
 
 def _summary(
-    c: ml_collections.ConfigDict, state: dict, metrics_path: Path, adapter_dir: Path, skipped: int
+    c: ml_collections.ConfigDict,
+    method: TrainingMethod,
+    state: dict,
+    metrics_path: Path,
+    adapter_dir: Path,
+    skipped: int,
 ) -> dict:
     history = [json.loads(ln) for ln in metrics_path.read_text().splitlines()]
     return {
@@ -289,7 +220,7 @@ def _summary(
         "skipped_lines": skipped,
         "final_loss": history[-1]["loss"] if history else None,
         "val_loss": next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None),
-        "trainable_params": int(sum(x.size for x in jax.tree.leaves(state["trainable"]))),
+        "trainable_params": method.num_trained(state["trainable"]),
         "optimizer_state_bytes": tree_bytes(state["opt_state"]),
         "adapter_bytes": sum(p.stat().st_size for p in adapter_dir.iterdir()),
         "train_seconds": sum(h["seconds"] for h in history),
@@ -327,7 +258,8 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
         )
         global_shape = (c.grad_accum, c.batch_size, c.data.seq_len)
         metrics_path = _open_metrics(c, workdir, method, start, checkpoints) if primary else None
-        train_step = make_train_step(method, cfg, tx, schedule, c.aux_loss_alpha)
+        shardings = state_shardings(tx, state["trainable"])
+        train_step = make_train_step(method, cfg, tx, schedule, c.aux_loss_alpha, shardings)
         eval_step = make_eval_step(method, cfg)
         val = eval_batches(
             data_in.validation,
@@ -407,6 +339,6 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     )
     if not primary:
         return {}
-    summary = _summary(c, state, metrics_path, adapter_dir, data_in.skipped)
+    summary = _summary(c, method, state, metrics_path, adapter_dir, data_in.skipped)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -21,7 +21,7 @@ from esft_jax.checkpoint.hf_names import tensor_maps
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.params import input_dims
 from esft_jax.sharding import to_host
-from esft_jax.train.trainable import Params, cast_like, overlay
+from esft_jax.train.trainable import Params, cast_like, overlay, tree_size
 
 TARGETS = ("attention", "experts", "shared_experts")
 
@@ -91,6 +91,9 @@ class LoRA:
                 "b": jnp.zeros((*batch, self.rank, n_out), jnp.float32),
             }
         return trainable
+
+    def num_trained(self, trainable: Params) -> int:
+        return tree_size(trainable)
 
     def axes(self, model_axes: Params, trainable: Params) -> Params:
         return jax.tree.map(lambda x: (None,) * x.ndim, trainable)  # small: replicated

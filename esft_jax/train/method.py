@@ -37,6 +37,10 @@ class TrainingMethod(Protocol):
         """The params the forward pass sees. Frozen leaves enter as constants, so no weight gradient is
         ever computed for them."""
 
+    def num_trained(self, trainable: Params) -> int:
+        """The values that train (the run summary's trainable_params): an ESFT run's unused slots are
+        not counted."""
+
     def axes(self, model_axes: Params, trainable: Params) -> Params:
         """Logical axis names of the trainable leaves (param_axes' names: sharded like the model)."""
 

@@ -136,9 +136,12 @@ def lower_train_step(
     seq_len: int,
     optim: ml_collections.ConfigDict,
     devices: list | None = None,
+    grad_accum: int = 1,
 ):
     """(compiled train step, its abstract sharded arguments (state, frozen, batch), compile seconds), on
-    the first devices of `devices` (default: jax.devices())."""
+    the first devices of `devices` (default: jax.devices()). The step is the one `esft train` runs
+    (make_train_step): it takes `grad_accum` micro-batches of `batch_size` rows and accumulates
+    their gradients (a scan over them when more than one), as --config.grad_accum asks."""
     n = math.prod(mesh_shape.values())
     mesh = sharding.make_mesh(mesh_shape, (devices or jax.devices())[:n])
     platform = mesh.devices.flat[0].platform
@@ -168,7 +171,7 @@ def lower_train_step(
         mesh, sharding.logical_to_spec((None, "act_batch", None), dict(mesh.shape))
     )
     batch = {
-        k: jax.ShapeDtypeStruct((1, batch_size, seq_len), np.int32, sharding=batch_spec)
+        k: jax.ShapeDtypeStruct((grad_accum, batch_size, seq_len), np.int32, sharding=batch_spec)
         for k in ("tokens", "segment_ids", "positions", "loss_mask")
     }
     start = time.perf_counter()
@@ -194,9 +197,10 @@ def estimate(
     seq_len: int,
     optim: ml_collections.ConfigDict,
     devices: list | None = None,
+    grad_accum: int = 1,
 ) -> Plan:
-    """Compile one train step of `method` on a mesh of simulated, real or TPU-topology devices; read
-    its memory."""
+    """Compile one train step of `method` (grad_accum micro-batches of batch_size rows) on a mesh
+    of simulated, real or TPU-topology devices; read its memory."""
     try:
         compiled, arguments, seconds = lower_train_step(
             cfg,
@@ -206,6 +210,7 @@ def estimate(
             seq_len=seq_len,
             optim=optim,
             devices=devices,
+            grad_accum=grad_accum,
         )
         temporaries, total = (
             int(compiled.memory_analysis().temp_size_in_bytes),
@@ -250,6 +255,15 @@ def compiled_for(topology: str = "") -> str:
     )
 
 
+def _batch(batch_size: int, seq_len: int, grad_accum: int) -> str:
+    if grad_accum == 1:
+        return f"{batch_size} x {seq_len}"
+    return (
+        f"{grad_accum * batch_size} x {seq_len} a step, as {grad_accum} accumulated "
+        f"micro-batches of {batch_size} x {seq_len}"
+    )
+
+
 def report(
     cfg: ModelConfig,
     methods: list[str],
@@ -261,11 +275,13 @@ def report(
     optim: ml_collections.ConfigDict,
     device_memory_gb: float,
     topology: str = "",
+    grad_accum: int = 1,
     **method_args,
 ) -> str:
     """A markdown table of plans (GiB per device) for each method x device count on a 1-axis mesh,
     and the smallest device count on which each method fits `device_memory_gb`; compiled for the TPU
-    slice `topology` if given (its first n chips)."""
+    slice `topology` if given (its first n chips). Each optimizer step takes grad_accum
+    micro-batches of batch_size rows."""
     from esft_jax.report import markdown_table
 
     targets = tpu_devices(topology) if topology else None
@@ -285,6 +301,7 @@ def report(
                 seq_len=seq_len,
                 optim=optim,
                 devices=targets,
+                grad_accum=grad_accum,
             )
             fits = (
                 p.total <= device_memory_gb * 1e9 and not p.out_of_memory
@@ -311,7 +328,8 @@ def report(
     lines = [
         f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts, "
         f"hidden {cfg.hidden_size}, {cfg.dtype}; "
-        f"batch {batch_size} x {seq_len}, remat={cfg.remat}; GiB per device, mesh axis {mesh_axis}, "
+        f"batch {_batch(batch_size, seq_len, grad_accum)}, remat={cfg.remat}, "
+        f"attention_impl={cfg.attention_impl}; GiB per device, mesh axis {mesh_axis}, "
         f"compiled for {compiled_for(topology)}",
         markdown_table(head, rows).rstrip(),
     ]

@@ -20,6 +20,7 @@ from esft_jax.train.trainable import (
     float32_copy,
     hf_tensors,
     overlay,
+    tree_size,
 )
 
 ROUTER = ("router", "router_bias")  # the router weight and its logit bias, under moe_layers/moe
@@ -45,6 +46,9 @@ class RouterOnly:
 
     def init(self, frozen: Params) -> Params:
         return float32_copy(_routers(frozen["moe_layers"]["moe"]))
+
+    def num_trained(self, trainable: Params) -> int:
+        return tree_size(trainable)
 
     def axes(self, model_axes: Params, trainable: Params) -> Params:
         """Sharded like the model's routers."""

@@ -3,15 +3,19 @@
 Every method follows one protocol (train/method.py: TrainingMethod), so one train loop serves them
 all. This module holds the pytree helpers the methods share, FFT, and ESFT.
 
-ESFT keeps the selected experts' rows compact (weights and, where the experts have them, biases):
-[N, d, f] for the N selected (layer, expert) pairs,
-with no padding. `materialize` gathers them into the model's per-layer expert overrides
-(model/moe.py), padded to the largest per-layer count with unused slots (id -1).
+ESFT keeps the selected experts' rows (weights and, where the experts have them, biases) in the
+layout of the model's per-layer expert overrides (model/moe.py): [L, S, d, f], S the largest
+per-layer count, a layer's unused slots (id -1) zero. The train step differentiates that array as it
+is: no gather into the overrides, no scatter of their gradient back, one gradient of its size. The
+unused slots get no gradient (model/moe.py masks it), so their Adam moments and weights stay exactly
+zero; the adapter holds only the selected experts' tensors. The price: where the layers' counts differ,
+the optimizer state covers L * S slots rather than the selected experts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +68,11 @@ def _shared_part(moe: Params) -> Params:
     return {k: moe[k] for k in SHARED if k in moe}
 
 
+def tree_size(tree: Params) -> int:
+    """The number of values in a pytree's arrays."""
+    return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
 def float32_copy(tree: Params) -> Params:
     """Float32 copies (never aliases of the frozen arrays: the train step donates its state)."""
     return jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), tree)
@@ -102,6 +111,9 @@ class FullFineTune:
     def materialize(self, frozen: Params, trainable: Params) -> Params:
         return trainable
 
+    def num_trained(self, trainable: Params) -> int:
+        return tree_size(trainable)
+
     def axes(self, model_axes: Params, trainable: Params) -> Params:
         """Logical axis names of the trainable leaves (for sharding them like the model)."""
         return model_axes
@@ -124,27 +136,20 @@ class ExpertSubset:
 
     cfg: ModelConfig
     expert_config: ExpertConfig
-    rows: (
-        np.ndarray
-    )  # [N, 2] (moe layer index, expert id) of every selected expert, in config order
-    slots: np.ndarray  # [L, S] index into rows of each override slot (0 for unused slots)
+    rows: np.ndarray  # [N, 2] (moe layer index, expert id) of each selected expert, config order
+    row_slots: np.ndarray  # [N] the override slot of each row in its layer
     slot_ids: np.ndarray  # [L, S] expert id of each slot, -1 = unused
 
     @classmethod
     def build(cls, cfg: ModelConfig, expert_config: ExpertConfig) -> ExpertSubset:
-        num_layers = cfg.num_moe_layers
         per_layer = [expert_config.experts.get(layer, []) for layer in cfg.moe_layer_ids]
         width = max([len(ids) for ids in per_layer] + [1])
-        rows, slots, slot_ids = (
-            [],
-            np.zeros((num_layers, width), np.int32),
-            -np.ones((num_layers, width), np.int32),
-        )
+        slot_ids = -np.ones((cfg.num_moe_layers, width), np.int32)
         for li, ids in enumerate(per_layer):
-            for j, e in enumerate(ids):
-                slots[li, j], slot_ids[li, j] = len(rows), e
-                rows.append((li, e))
-        return cls(cfg, expert_config, np.asarray(rows, np.int32).reshape(-1, 2), slots, slot_ids)
+            slot_ids[li, : len(ids)] = ids
+        rows = [(li, e, j) for li, ids in enumerate(per_layer) for j, e in enumerate(ids)]
+        rows_n3 = np.asarray(rows, np.int32).reshape(-1, 3)
+        return cls(cfg, expert_config, rows_n3[:, :2], rows_n3[:, 2], slot_ids)
 
     @classmethod
     def from_config(cls, c: ml_collections.ConfigDict, cfg: ModelConfig) -> ExpertSubset:
@@ -158,11 +163,15 @@ class ExpertSubset:
 
     def init(self, frozen: Params) -> Params:
         experts = frozen["moe_layers"]["moe"]["experts"]
-        layer, expert = self.rows[:, 0], self.rows[:, 1]
+        layer, expert = np.arange(len(self.slot_ids))[:, None], np.maximum(self.slot_ids, 0)
+        used = self.slot_ids >= 0
         trainable: Params = {}
         if self.rows.size:  # no routed expert at all: e.g. the "shared experts only" ablation
-            trainable["experts"] = {
-                k: jnp.asarray(w[layer, expert], jnp.float32) for k, w in experts.items()
+            trainable["experts"] = {  # [L, S, ...]
+                k: jnp.where(
+                    used.reshape(*used.shape, *(1,) * (w.ndim - 2)), w[layer, expert], 0
+                ).astype(jnp.float32)
+                for k, w in experts.items()
             }
         if self.expert_config.shared_experts and "shared" in frozen["moe_layers"]["moe"]:
             trainable["shared"] = float32_copy(_shared_part(frozen["moe_layers"]["moe"]))
@@ -170,11 +179,16 @@ class ExpertSubset:
             trainable["non_expert"] = float32_copy(non_expert_part(frozen))
         return trainable
 
+    def num_trained(self, trainable: Params) -> int:
+        unused = self.slot_ids.size - len(self.rows)
+        per_slot = sum(math.prod(w.shape[2:]) for w in trainable.get("experts", {}).values())
+        return tree_size(trainable) - unused * per_slot
+
     def axes(self, model_axes: Params, trainable: Params) -> Params:
         out: Params = {}
         if "experts" in trainable:
             out["experts"] = {
-                k: (None, *axes[2:])
+                k: (axes[0], None, *axes[2:])  # the layers as the model's, slots replicated
                 for k, axes in model_axes["moe_layers"]["moe"]["experts"].items()
             }
         if "shared" in trainable:
@@ -196,8 +210,7 @@ class ExpertSubset:
         params = overlay(frozen, self._subtrees(trainable))
         if "experts" not in trainable:
             return params
-        override = {k: rows[self.slots] for k, rows in trainable["experts"].items()}  # [L, S, ...]
-        override["ids"] = jnp.asarray(self.slot_ids)
+        override = {**trainable["experts"], "ids": jnp.asarray(self.slot_ids)}
         moe_layers = dict(params["moe_layers"])
         moe_layers["moe"] = {**moe_layers["moe"], "override": override}
         return {**params, "moe_layers": moe_layers}
@@ -209,7 +222,9 @@ class ExpertSubset:
         experts = params["moe_layers"]["moe"]["experts"]
         layer, expert = self.rows[:, 0], self.rows[:, 1]
         experts = {
-            k: w.at[layer, expert].set(trainable["experts"][k].astype(w.dtype))
+            k: w.at[layer, expert].set(
+                trainable["experts"][k][layer, self.row_slots].astype(w.dtype)
+            )
             for k, w in experts.items()
         }
         moe_layers = dict(params["moe_layers"])
