@@ -5,7 +5,9 @@ with real arrays and measure the process's resident memory.
 
 Measured = peak RSS while allocating the model, optimizer state and batch and running two steps, minus
 the RSS just before (after compiling, with the peak counter reset via /proc/self/clear_refs), so
-compiler memory and the Python runtime are not counted. Each method runs in its own child process.
+compiler memory and the Python runtime are not counted. On a GPU/TPU the device's own counters
+instead (memory_stats: peak bytes in use minus bytes in use before; benchmarks/device_check.sh).
+Each method runs in its own child process.
 """
 
 from __future__ import annotations
@@ -43,8 +45,13 @@ def measure(size: str, method_name: str, batch: int, seq: int) -> dict:
         cfg, method, {"data": 1}, batch_size=batch, seq_len=seq, optim=optim
     )
     predicted = plan.resident_bytes(compiled)
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (VmHWM)
-    before = _status_kb("VmRSS")
+    device = jax.devices()[0]
+    on_host = device.platform == "cpu"
+    if on_host:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (VmHWM)
+        before = _status_kb("VmRSS") * 1024
+    else:
+        before = device.memory_stats()["bytes_in_use"]
     frozen = init_params(cfg, jax.random.key(0))
     trainable = method.init(frozen)
     state = {
@@ -62,7 +69,8 @@ def measure(size: str, method_name: str, batch: int, seq: int) -> dict:
     for _ in range(2):
         state, metrics = compiled(state, frozen, batch_arrays)
     jax.block_until_ready(metrics)
-    return {"predicted": predicted, "measured": (_status_kb("VmHWM") - before) * 1024}
+    peak = _status_kb("VmHWM") * 1024 if on_host else device.memory_stats()["peak_bytes_in_use"]
+    return {"predicted": predicted, "measured": peak - before}
 
 
 def main() -> None:
@@ -106,7 +114,12 @@ def main() -> None:
                 f"{r['predicted'] / r['measured']:.2f}",
             ]
         )
-    print(f"model {args.size}, batch {args.batch} x {args.seq}, float32, 1 device")
+    import jax
+
+    print(
+        f"model {args.size}, batch {args.batch} x {args.seq}, float32, 1 device "
+        f"({jax.devices()[0].device_kind})"
+    )
     print(
         markdown_table(["method", "planned MiB", "measured MiB", "planned / measured"], rows),
         end="",

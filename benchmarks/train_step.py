@@ -3,8 +3,11 @@ PyTorch reference (transformers' DeepseekV2 with ESFT's freezing), same model, b
 
     .venv/bin/python benchmarks/train_step.py                  # the issue's config, 2 threads
     .venv/bin/python benchmarks/train_step.py --size large     # a larger one
+    .venv/bin/python benchmarks/train_step.py --interleaved    # esft-jax's steps taking turns
 
-Each (framework, method) runs in its own child process, so its peak RSS is its own. Step time is the
+Each (framework, method) runs in its own child process, so its peak RSS is its own; with
+--interleaved, esft-jax's methods run in one process instead, their steps taking turns rep by rep,
+for ratios a drifting machine does not skew. Step time is the
 median of --reps steps after a warm-up (compile) step; forward tokens/s is a profiling forward pass.
 The ESFT experts are selected the way the pipeline does (token p=0.2, gate p=0.1), from the routing of
 the benchmark batch. The torch "ESFT" row trains the routed experts only: transformers 5 stores them
@@ -81,20 +84,19 @@ def step_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def run_jax(
-    size: str | dict, method: str, batch: int, seq: int, reps: int, scan_layers: bool = False
-) -> dict:
-    """One method's step in esft-jax; `size` names SIZES or gives the config fields. A loop over the
-    layers by default: with 4-6 layers it compiles as fast as a scan and steps faster (README)."""
+def jax_step(size: str | dict, method: str, batch: int, seq: int, scan_layers: bool = False):
+    """(one_step, info) for one method's compiled step in esft-jax: one_step() runs a step, carrying
+    the donated state; info has the model's and the method's counts. `size` names SIZES or gives
+    the config fields. A loop over the layers by default: with 4-6 layers it compiles as fast as a
+    scan and steps faster (README)."""
     import tempfile
 
     import jax
     import jax.numpy as jnp
-    from timing import seconds
 
     from esft_jax import config_files
     from esft_jax.expert_config import ExpertConfig
-    from esft_jax.model import ModelConfig, forward, init_params
+    from esft_jax.model import ModelConfig, init_params
     from esft_jax.routing import profile, scores, select
     from esft_jax.train.loop import tree_bytes
     from esft_jax.train.lora import LoRA
@@ -107,22 +109,20 @@ def run_jax(
     cfg = ModelConfig(model_type="deepseek_v2", scan_layers=scan_layers, **fields)
     params = init_params(cfg, jax.random.key(0))
     tokens = _tokens(cfg.vocab_size, batch, seq)
-    out = {
+    info = {
+        "cfg": cfg,
+        "params": params,
+        "tokens": tokens,
         "tokens_per_step": batch * seq,
         "total_params": int(sum(x.size for x in jax.tree.leaves(params))),
     }
-    if method == "fft":  # the profiling forward pass, measured once
-        fwd = jax.jit(lambda p, t: forward(p, t, cfg))
-        out["forward_tokens_per_s"] = (
-            batch * seq / seconds(fwd, params, jnp.asarray(tokens), reps=reps)
-        )
     if method.startswith("esft_"):
         kind, p = ("token", 0.2) if method == "esft_token" else ("gate", 0.1)
         seqs = [profile.Sequence(row, np.ones(seq, bool)) for row in tokens]
         stats = profile.collect(params, cfg, seqs, batch_size=batch, seq_len=seq, progress=False)
         chosen = select.per_layer(scores.expert_scores(stats, kind), "threshold", p=p)
         trainable = ExpertSubset.build(cfg, ExpertConfig(dict(zip(stats.layers, chosen))))
-        out["selected_experts"] = f"{sum(map(len, chosen))}/{len(chosen) * cfg.n_routed_experts}"
+        info["selected_experts"] = f"{sum(map(len, chosen))}/{len(chosen) * cfg.n_routed_experts}"
     else:
         trainable = (
             FullFineTune()
@@ -141,14 +141,66 @@ def run_jax(
         holder["state"], metrics = step(holder["state"], params, batches)
         return metrics["loss"]
 
+    def counts() -> dict:
+        """The method's sizes, from the state as it stands."""
+        out = {
+            "trainable_params": trainable.num_trained(holder["state"]["trainable"]),
+            "optimizer_state_bytes": tree_bytes(holder["state"]["opt_state"]),
+            "checkpoint_bytes": tree_bytes(params),
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter = save_adapter(tmp, cfg, trainable, params, holder["state"]["trainable"])
+            out["adapter_bytes"] = sum(f.stat().st_size for f in adapter.iterdir())
+        return out
+
+    info["counts"] = counts
+    return one_step, info
+
+
+def run_jax(
+    size: str | dict, method: str, batch: int, seq: int, reps: int, scan_layers: bool = False
+) -> dict:
+    """One method's step time and sizes in esft-jax (and, for fft, the profiling forward's rate)."""
+    import jax
+    import jax.numpy as jnp
+    from timing import seconds
+
+    from esft_jax.model import forward
+
+    one_step, info = jax_step(size, method, batch, seq, scan_layers)
+    cfg, params = info["cfg"], info["params"]
+    out = {k: info[k] for k in ("tokens_per_step", "total_params", "selected_experts") if k in info}
+    if method == "fft":  # the profiling forward pass, measured once
+        fwd = jax.jit(lambda p, t: forward(p, t, cfg))
+        out["forward_tokens_per_s"] = (
+            batch * seq / seconds(fwd, params, jnp.asarray(info["tokens"]), reps=reps)
+        )
     out["step_s"] = seconds(one_step, reps=reps)
-    out["trainable_params"] = trainable.num_trained(holder["state"]["trainable"])
-    out["optimizer_state_bytes"] = tree_bytes(holder["state"]["opt_state"])
-    with tempfile.TemporaryDirectory() as tmp:
-        adapter = save_adapter(tmp, cfg, trainable, params, holder["state"]["trainable"])
-        out["adapter_bytes"] = sum(f.stat().st_size for f in adapter.iterdir())
-    out["checkpoint_bytes"] = tree_bytes(params)
-    return out
+    return {**out, **info["counts"]()}
+
+
+def interleaved(args) -> None:
+    """esft-jax's methods in one process, their steps taking turns rep by rep: the ratios to FFT
+    that a loaded machine's drift does not skew."""
+    from timing import interleaved_seconds, machine
+
+    from esft_jax.report import markdown_table
+
+    steps, infos = {}, {}
+    for m in JAX_METHODS:
+        steps[m], infos[m] = jax_step(args.size, m, args.batch, args.seq, args.scan_layers)
+    seconds = interleaved_seconds(steps, reps=args.reps)
+    print(f"{machine()}; size {args.size}, batch {args.batch} x {args.seq}, {args.reps} reps")
+    rows = [
+        [
+            m,
+            infos[m].get("selected_experts", ""),
+            f"{seconds[m]:.3f}",
+            f"{seconds[m] / seconds['fft']:.2f}",
+        ]
+        for m in JAX_METHODS
+    ]
+    print(markdown_table(["method", "experts", "step s", "vs fft"], rows))
 
 
 def run_torch(size: str, method: str, batch: int, seq: int, reps: int, threads: int) -> dict:
@@ -254,8 +306,14 @@ def main() -> None:
     ap.add_argument(
         "--scan-layers", action="store_true", help="esft-jax: lax.scan over the layers, not a loop"
     )
+    ap.add_argument(
+        "--interleaved", action="store_true", help="esft-jax's methods taking turns in one process"
+    )
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.interleaved:
+        interleaved(args)
+        return
     if args.one:
         framework, method = args.one.split(":")
         fn = run_jax if framework == "jax" else run_torch

@@ -65,7 +65,7 @@ def cmd_route(c: ml_collections.ConfigDict) -> None:
         f"model: {cfg.model_type}, {n_params / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers "
         f"({cfg.num_moe_layers} MoE), {cfg.n_routed_experts} routed experts, top-{cfg.num_experts_per_tok}"
     )
-    step = jax.jit(forward, static_argnums=2)
+    step = jax.jit(forward, static_argnames="cfg")
     if mesh is not None:
         params = sharding.shard_params(params, param_axes(cfg), mesh)
         with jax.set_mesh(mesh):
@@ -189,7 +189,7 @@ def cmd_plan(c: ml_collections.ConfigDict) -> None:
             tuple(c.devices),
             c.mesh_axis,
             batch_size=c.batch_size,
-            grad_accum=c.grad_accum,
+            micro_batch=c.micro_batch,
             seq_len=c.seq_len,
             optim=c.optim,
             device_memory_gb=c.device_memory_gb,

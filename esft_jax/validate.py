@@ -339,8 +339,9 @@ def _plan(c: ml_collections.ConfigDict) -> None:
                 f"--config.methods: {method!r} is not one of {', '.join(TRAIN_METHODS)}"
             )
     one_of(c, "mesh_axis", ("fsdp", "expert"))
-    for key in ("batch_size", "grad_accum", "lora_rank"):
+    for key in ("batch_size", "lora_rank"):
         whole(c, key)
+    whole(c, "micro_batch", 0)
     whole(c, "seq_len", 0)  # 0: resolved against the model (within_positions)
     number(c, "device_memory_gb", 0, low_open=True)
     for n in c.devices:
@@ -348,10 +349,11 @@ def _plan(c: ml_collections.ConfigDict) -> None:
             raise ConfigFileError(
                 f"--config.devices={tuple(c.devices)}: expected whole numbers >= 1"
             )
-        if c.mesh_axis == "fsdp" and c.batch_size % n:
+        rows = n * c.micro_batch if c.micro_batch else n
+        if c.mesh_axis == "fsdp" and c.batch_size % rows:
             raise ConfigFileError(
-                f"--config.batch_size={c.batch_size}: does not split over {n} devices "
-                f"(--config.devices={tuple(c.devices)}, mesh_axis fsdp)"
+                f"--config.batch_size={c.batch_size}: does not split into micro-batches of "
+                f"{rows} rows ({n} devices x --config.micro_batch={c.micro_batch or 'all'})"
             )
 
 

@@ -163,6 +163,43 @@ def test_blocked_any_block_size_matches_numpy_and_dense_gradients(block):
     )
 
 
+@pytest.mark.parametrize("block", [1, 8])
+def test_blocked_extra_experts_are_the_stack_they_extend(block):
+    """ESFT's one pass: S extra experts (its trained rows) numbered E .. E + S - 1 beside a frozen
+    stack give the outputs and gradients of one stack of E + S experts (float64 NumPy forward,
+    `dense` on the concatenated stack backward); the frozen stack gets no gradient at all."""
+    x, ids, w, p = _problem(seed=5, used_experts=E)
+    s = 3
+    rng = np.random.default_rng(9)
+    extra = {k: (rng.normal(size=(s, *v.shape[1:])) / 4).astype(np.float32) for k, v in p.items()}
+    ids[::3, 1] = E + rng.integers(0, s, len(ids[::3]))  # some assignments to the extra experts
+    ids[::5, 2] = E + s  # some elsewhere
+    keep = ids < E + s
+    both = {k: np.concatenate([p[k], extra[k]]) for k in p}
+    y, _ = routed_experts(
+        jnp.asarray(x), jnp.asarray(ids), jnp.asarray(w), p, "blocked", block=block, extra=extra
+    )
+    assert_float32_close(y, _numpy_reference(x, np.minimum(ids, E + s - 1), w, both, keep), FORWARD)
+
+    def loss(extra, x):
+        y, _ = routed_experts(
+            x, jnp.asarray(ids), jnp.asarray(w), p, "blocked", block=block, extra=extra
+        )
+        return jnp.sum(y**2)
+
+    def reference(extra, x):
+        stack = {k: jnp.concatenate([p[k], extra[k]]) for k in p}
+        y, _ = routed_experts(x, jnp.asarray(ids), jnp.asarray(w), stack, "dense")
+        return jnp.sum(y**2)
+
+    args = ({k: jnp.asarray(v) for k, v in extra.items()}, jnp.asarray(x))
+    jax.tree.map(
+        lambda a, b: assert_float32_close(a, b, BACKWARD),
+        jax.grad(loss, argnums=(0, 1))(*args),
+        jax.grad(reference, argnums=(0, 1))(*args),
+    )
+
+
 def test_capacity_factor_drops_overflow_in_token_order_and_counts_it():
     x, ids, w, p = _problem(seed=4, used_experts=6)  # 24 tokens x 4 onto 6 experts: heavy overflow
     cf = 1.0

@@ -147,7 +147,7 @@ def test_a_bf16_plan_holds_no_float32_copy_of_the_frozen_expert_stacks(monkeypat
 def test_esft_plan_command_prints_a_table(capsys):
     c = cli.config_files.load(
         "configs/plan.py",
-        ["devices=(1,)", "methods=esft,fft", "batch_size=1", "seq_len=16", "grad_accum=2"],
+        ["devices=(1,)", "methods=esft,fft", "batch_size=2", "seq_len=16", "micro_batch=1"],
     )
     for key, value in dict(
         vocab_size=512,
@@ -168,7 +168,16 @@ def test_esft_plan_command_prints_a_table(capsys):
     assert "| esft | 1 |" in out and "| fft | 1 |" in out
     assert "without while-loop-invariant-code-motion" in out  # what it compiled for
     assert "esft: fits on 1 device(s)" in out
-    assert "as 2 accumulated micro-batches" in out  # the command plans what it was given
+    assert "| 1 x 2 |" in out  # the command plans what it was given: 2 micro-batches of 1 row
+
+
+def test_the_step_batch_is_split_into_micro_batches_per_device():
+    assert plan.micro_batches(32, 1, 1) == (1, 32)  # the paper's batch on one device
+    assert plan.micro_batches(32, 1, 8) == (8, 4)
+    assert plan.micro_batches(32, 2, 4) == (8, 4)
+    assert plan.micro_batches(32, 0, 4) == (32, 1)  # all at once
+    with pytest.raises(plan.PlanError, match="not a multiple of 3 devices"):
+        plan.micro_batches(32, 1, 3)
 
 
 def test_a_tpu_slice_is_planned_by_the_tpu_compiler():

@@ -267,6 +267,7 @@ def test_resume_refuses_other_settings_and_extends_on_the_saved_schedule(
                 "keep_checkpoints": 1,
                 "mesh.data": 2,
                 "model.moe_strategy": "dense",
+                "model.attention_impl": "blockwise",
                 "model.scan_layers": True,
                 "distributed.num_processes": 2,
                 "data.shards": 0,
@@ -297,6 +298,26 @@ def test_which_settings_a_resume_may_change(tmp_path, change, refused):
     else:
         with pytest.raises(
             config_files.ConfigFileError, match=re.escape(f"other settings: {refused}; use another")
+        ):
+            resume.resumed_config(new, tmp_path, None)
+
+
+@pytest.mark.parametrize("value, refused", [(None, False), (2.0, True)])
+def test_a_model_setting_newer_than_the_saved_run_counts_as_its_default(tmp_path, value, refused):
+    """A workdir saved before a model setting existed resumes when the setting keeps its default
+    (what the older version did), and not when it is set to something else."""
+    saved = fx.train_config(tmp_path)
+    resume.save_run_files(saved.copy_and_resolve_references(), tmp_path, None)
+    path = tmp_path / resume.CONFIG_FILE
+    older = json.loads(path.read_text())
+    del older["model"]["capacity_factor"]
+    path.write_text(json.dumps(older))
+    new = fx.train_config(tmp_path, **({} if value is None else {"model.capacity_factor": value}))
+    if not refused:
+        resume.resumed_config(new, tmp_path, None)
+    else:
+        with pytest.raises(
+            config_files.ConfigFileError, match="model.capacity_factor <unset> -> 2.0"
         ):
             resume.resumed_config(new, tmp_path, None)
 

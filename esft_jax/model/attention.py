@@ -7,10 +7,12 @@ over the keys each query sees (model/mask.py), three ways, chosen by `cfg.attent
 - "blockwise": model/blockwise_attention.py, exact attention in blocks that never holds the scores,
   forward or backward: the memory of long sequences (and the KV cache's decoding alike).
 
-Also the KV cache's in-row writes.
+Also the KV cache's writes (`LayerCache`), in place into the stacked cache.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +20,6 @@ import jax.numpy as jnp
 from esft_jax.model.blockwise_attention import blockwise_attention
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.mask import MASKED, AttentionMask, dense
-
-LayerCache = tuple[
-    jax.Array, jax.Array, jax.Array
-]  # the two cached arrays of one layer, each row's write offset [B]
 
 
 def write_rows(cached_bs: jax.Array, new_bt: jax.Array, offset_b: jax.Array) -> jax.Array:
@@ -31,6 +29,34 @@ def write_rows(cached_bs: jax.Array, new_bt: jax.Array, offset_b: jax.Array) -> 
         return jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), offset, 0)
 
     return jax.vmap(write)(cached_bs, new_bt, offset_b)
+
+
+class LayerCache(NamedTuple):
+    """One layer's place in its group's stacked KV cache: the attention kind's two cached arrays
+    [L, B, S, ...] whole, this layer's index and each row's write offset [B]. The stacks ride
+    through the layer loop as its carry, so the new tokens are scattered into them in place: no
+    layer's cache is copied out and back (as a scan's inputs and outputs would)."""
+
+    a_lbs: jax.Array
+    b_lbs: jax.Array
+    layer: jax.Array  # int32 scalar
+    offset_b: jax.Array
+
+    def write(self, new_a_bt: jax.Array, new_b_bt: jax.Array) -> LayerCache:
+        """Row b's new entries [T, ...] written at this layer's slots offset_b[b] .. + T - 1."""
+        return self._replace(
+            a_lbs=self._write(self.a_lbs, new_a_bt), b_lbs=self._write(self.b_lbs, new_b_bt)
+        )
+
+    def read(self) -> tuple[jax.Array, jax.Array]:
+        """This layer's two arrays [B, S, ...]."""
+        return self.a_lbs[self.layer], self.b_lbs[self.layer]
+
+    def _write(self, stack_lbs: jax.Array, new_bt: jax.Array) -> jax.Array:
+        # this layer's slice written and put back whole: one layer's copy at a time (a scatter into
+        # the stack is widened to float32, the whole stack, by XLA:CPU)
+        layer_bs = write_rows(stack_lbs[self.layer], new_bt, self.offset_b)
+        return jax.lax.dynamic_update_index_in_dim(stack_lbs, layer_bs, self.layer, 0)
 
 
 def attend(

@@ -12,7 +12,8 @@ Each expert is a gated MLP: down(act(x @ gate + gate_bias, x @ up + up_bias)) + 
   MLP on BLOCK rows. Work = active FLOPs + padding (< E x BLOCK rows). Custom VJP: the forward
   keeps the pre-activations, the backward adds each block's weight gradient into its expert in place
   and skips weight gradients of frozen experts (ESFT's) and input gradients of frozen inputs.
-  The CPU default (XLA:CPU has no grouped matmul).
+  ESFT's trained rows can ride beside the frozen stack as more experts (`extra`): one layout, one
+  loop per stack. The CPU default (XLA:CPU has no grouped matmul).
 - `spill`: dropless. A capacity pass (C = ceil(cf N k / E), cf = the capacity factor or 1.25) takes
   each expert's first C assignments in batched matmuls, which XLA:CPU runs faster than the block
   loop; the overflow, if any, goes through `blocked`. Where that cannot pay it is `blocked` alone:
@@ -150,90 +151,106 @@ def _block_layout(ids_a: jax.Array, num_experts: int, block: int):
     return row_a, expert_b, num_blocks
 
 
-def _used_blocks(expert_b: jax.Array, num_experts: int) -> jax.Array:
-    """Number of blocks holding rows: they come first, unused ones (expert E) last."""
-    return jnp.sum(expert_b < num_experts)
+Source = tuple  # one expert stack's (gate, up, down, biases or None) as the block loop takes them
 
 
-def _mlp_blocks_fwd_loop(act, x_bcd, expert_b, g, u, dn, b, keep_pre: bool = False):
+def _source(p: ExpertWeights) -> Source:
+    return p["gate"], p["up"], p["down"], _biases(p)
+
+
+def _block_ranges(expert_b: jax.Array, sources: tuple[Source, ...]) -> list[tuple]:
+    """Per source (experts first .. first + E_s - 1 of the combined ids), its blocks' range
+    [start, end) and first id: sorted by expert, each source's blocks are contiguous, and unused
+    blocks (id past the last source) come last."""
+    ranges, first, start = [], 0, jnp.zeros((), jnp.int32)
+    for source in sources:
+        end = jnp.sum(expert_b < first + source[0].shape[0]).astype(jnp.int32)
+        ranges.append((start, end, first))
+        first, start = first + source[0].shape[0], end
+    return ranges
+
+
+def _mlp_blocks_fwd_loop(act, x_bcd, expert_b, sources, keep_pre: bool = False):
     """-> y [B, C, d], and with keep_pre the pre-activations a, c [B, C, f] (for the backward pass,
-    which then needs no recomputation). b: the biases (gate, up, down) or None."""
-
-    def body(blk, out):
-        i, x_cd = expert_b[blk], x_bcd[blk]
-        a, c = x_cd @ g[i], x_cd @ u[i]
-        if b is not None:
-            a, c = a + b[0][i], c + b[1][i]
-        y = act(a, c) @ dn[i]
-        out = {**out, "y": out["y"].at[blk].set(y if b is None else y + b[2][i])}
-        return (
-            {**out, "a": out["a"].at[blk].set(a), "c": out["c"].at[blk].set(c)} if keep_pre else out
-        )
-
-    out = {"y": jnp.zeros((*x_bcd.shape[:2], dn.shape[2]), x_bcd.dtype)}
+    which then needs no recomputation). One loop per source, over its blocks."""
+    g0, _, dn0, _ = sources[0]
+    out = {"y": jnp.zeros((*x_bcd.shape[:2], dn0.shape[2]), x_bcd.dtype)}
     if keep_pre:
-        out["a"] = out["c"] = jnp.zeros((*x_bcd.shape[:2], g.shape[2]), x_bcd.dtype)
-    out = jax.lax.fori_loop(0, _used_blocks(expert_b, g.shape[0]), body, out)
+        out["a"] = out["c"] = jnp.zeros((*x_bcd.shape[:2], g0.shape[2]), x_bcd.dtype)
+    for (g, u, dn, b), (start, end, first) in zip(sources, _block_ranges(expert_b, sources)):
+
+        def body(blk, out, g=g, u=u, dn=dn, b=b, first=first):
+            i, x_cd = expert_b[blk] - first, x_bcd[blk]
+            a, c = x_cd @ g[i], x_cd @ u[i]
+            if b is not None:
+                a, c = a + b[0][i], c + b[1][i]
+            y = act(a, c) @ dn[i]
+            out = {**out, "y": out["y"].at[blk].set(y if b is None else y + b[2][i])}
+            if keep_pre:
+                out = {**out, "a": out["a"].at[blk].set(a), "c": out["c"].at[blk].set(c)}
+            return out
+
+        out = jax.lax.fori_loop(start, end, body, out)
     return (out["y"], out["a"], out["c"]) if keep_pre else out["y"]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _mlp_blocks(act, x_bcd, expert_b, g, u, dn, b):
-    """Block blk's rows through expert expert_b[blk]'s MLP; blocks with expert E are zero."""
-    return _mlp_blocks_fwd_loop(act, x_bcd, expert_b, g, u, dn, b)
+def _mlp_blocks(act, x_bcd, expert_b, sources):
+    """Block blk's rows through expert expert_b[blk]'s MLP, the experts numbered across `sources`
+    (each a stack of E_s experts: ESFT's frozen stack, then its trained rows); blocks past the
+    last expert are zero."""
+    return _mlp_blocks_fwd_loop(act, x_bcd, expert_b, sources)
 
 
-def _mlp_blocks_fwd(act, x_bcd, expert_b, g, u, dn, b):
-    """symbolic_zeros: each argument comes with `.perturbed`; frozen experts (ESFT's stacked
-    experts, a constant) get no weight gradient and frozen inputs no input gradient."""
-    values = tuple(a.value for a in (x_bcd, expert_b, g, u, dn))
-    b_values = None if b is None else tuple(a.value for a in b)
-    want_x = x_bcd.perturbed
-    want_w = any(a.perturbed for a in (g, u, dn, *(b or ())))
-    y, a, c = _mlp_blocks_fwd_loop(act, *values, b_values, keep_pre=True)
-    return y, (*values, b_values, a, c, want_x, want_w)
+def _mlp_blocks_fwd(act, x_bcd, expert_b, sources):
+    """symbolic_zeros: each argument comes with `.perturbed`; a frozen source (ESFT's stacked
+    experts, a constant) gets no weight gradient, and frozen inputs no input gradient."""
+    values = jax.tree.map(lambda a: a.value, (x_bcd, expert_b, sources))
+    want_w = tuple(any(a.perturbed for a in jax.tree.leaves(s)) for s in sources)
+    y, a, c = _mlp_blocks_fwd_loop(act, *values, keep_pre=True)
+    return y, (*values, a, c, x_bcd.perturbed, want_w)
 
 
 def _mlp_blocks_bwd(act, res, dy_bcd):
-    x_bcd, expert_b, g, u, dn, b, a_bcf, c_bcf, want_x, want_w = res
+    x_bcd, expert_b, sources, a_bcf, c_bcf, want_x, want_w = res
     if isinstance(dy_bcd, SymbolicZero):
-        dy_bcd = jnp.zeros((*x_bcd.shape[:2], dn.shape[2]), x_bcd.dtype)
+        dy_bcd = jnp.zeros((*x_bcd.shape[:2], sources[0][2].shape[2]), x_bcd.dtype)
+    grads = {"x": jnp.zeros_like(x_bcd)} if want_x else {}
+    for s, (source, wanted) in enumerate(zip(sources, want_w)):
+        if wanted:
+            grads[f"w{s}"] = jax.tree.map(jnp.zeros_like, source)
+    for s, (start, end, first) in enumerate(_block_ranges(expert_b, sources)):
+        g, u, dn, b = sources[s]
 
-    def body(blk, grads):
-        i, x_cd, dy_cd = expert_b[blk], x_bcd[blk], dy_bcd[blk]
-        h, act_vjp = jax.vjp(act, a_bcf[blk], c_bcf[blk])
-        da, dc = act_vjp(dy_cd @ dn[i].T)
-        out = dict(grads)
-        if want_w:
-            out["g"] = grads["g"].at[i].add(x_cd.T @ da)
-            out["u"] = grads["u"].at[i].add(x_cd.T @ dc)
-            out["dn"] = grads["dn"].at[i].add(h.T @ dy_cd)
-            if b is not None:
-                out["b"] = tuple(
-                    gb.at[i].add(d.sum(0)) for gb, d in zip(grads["b"], (da, dc, dy_cd))
-                )
-        if want_x:
-            out["x"] = grads["x"].at[blk].set(da @ g[i].T + dc @ u[i].T)
-        return out
+        def body(blk, grads, s=s, g=g, u=u, dn=dn, b=b, first=first):
+            i, x_cd, dy_cd = expert_b[blk] - first, x_bcd[blk], dy_bcd[blk]
+            h, act_vjp = jax.vjp(act, a_bcf[blk], c_bcf[blk])
+            da, dc = act_vjp(dy_cd @ dn[i].T)
+            out = dict(grads)
+            if want_w[s]:
+                gg, gu, gdn, gb = grads[f"w{s}"]
+                gg, gu = gg.at[i].add(x_cd.T @ da), gu.at[i].add(x_cd.T @ dc)
+                gdn = gdn.at[i].add(h.T @ dy_cd)
+                if b is not None:
+                    gb = tuple(w.at[i].add(d.sum(0)) for w, d in zip(gb, (da, dc, dy_cd)))
+                out[f"w{s}"] = (gg, gu, gdn, gb)
+            if want_x:
+                out["x"] = grads["x"].at[blk].set(da @ g[i].T + dc @ u[i].T)
+            return out
 
-    zeros = {}
-    if want_w:
-        zeros.update(g=jnp.zeros_like(g), u=jnp.zeros_like(u), dn=jnp.zeros_like(dn))
-        if b is not None:
-            zeros["b"] = tuple(jnp.zeros_like(a) for a in b)
-    if want_x:
-        zeros["x"] = jnp.zeros_like(x_bcd)
-    grads = jax.lax.fori_loop(0, _used_blocks(expert_b, g.shape[0]), body, zeros)
-    db = None if b is None else grads.get("b", (None,) * 3)
-    return grads.get("x"), None, grads.get("g"), grads.get("u"), grads.get("dn"), db
+        grads = jax.lax.fori_loop(start, end, body, grads)
+    return grads.get("x"), None, tuple(grads.get(f"w{s}") for s in range(len(sources)))
 
 
 _mlp_blocks.defvjp(_mlp_blocks_fwd, _mlp_blocks_bwd, symbolic_zeros=True)
 
 
-def _blocked(x_nd, ids_nk, w_nk, p: ExpertWeights, act: GLU, block: int):
+def _blocked(x_nd, ids_nk, w_nk, p: ExpertWeights, act: GLU, block: int, extra=None):
+    """`extra`: more experts, numbered on from the stack's E (ESFT's trained rows): one layout and
+    one loop per stack for all assignments, not a second pass."""
     n, k = ids_nk.shape
-    e = p["gate"].shape[0]
+    sources = (_source(p),) + (() if extra is None else (_source(extra),))
+    e = sum(source[0].shape[0] for source in sources)
     ids_a = ids_nk.reshape(-1)
     row_a, expert_b, num_blocks = _block_layout(ids_a, e, block)
     rows_rd = (
@@ -241,15 +258,7 @@ def _blocked(x_nd, ids_nk, w_nk, p: ExpertWeights, act: GLU, block: int):
         .at[row_a]
         .set(x_nd[jnp.arange(n * k) // k], mode="drop")
     )
-    out_rd = _mlp_blocks(
-        act,
-        rows_rd.reshape(num_blocks, block, -1),
-        expert_b,
-        p["gate"],
-        p["up"],
-        p["down"],
-        _biases(p),
-    )
+    out_rd = _mlp_blocks(act, rows_rd.reshape(num_blocks, block, -1), expert_b, sources)
     y_ad = out_rd.reshape(num_blocks * block, -1).at[row_a].get(mode="fill", fill_value=0)
     y = jnp.einsum("nkd,nk->nd", y_ad.reshape(n, k, -1).astype(jnp.float32), w_nk)
     return y, jnp.zeros((), jnp.int32)
@@ -316,8 +325,12 @@ def routed_experts(
     capacity_factor: float | None = None,
     block: int = BLOCK,
     act: GLU = SWIGLU,
+    extra: ExpertWeights | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """x [N, d], ids/weights [N, k] -> (y [N, d] float32, dropped assignments: int32 scalar)."""
+    """x [N, d], ids/weights [N, k] -> (y [N, d] float32, dropped assignments: int32 scalar).
+
+    extra (`blocked` only): S more experts, ids E .. E + S - 1 (ESFT's trained rows beside the
+    frozen stack), in the same pass; E + S then means "not here"."""
     p = {name: jnp.asarray(w, x_nd.dtype) for name, w in p.items()}
     weights_nk = weights_nk.astype(jnp.float32)
     strategy = resolve_strategy(strategy)
@@ -325,6 +338,11 @@ def routed_experts(
         return _dense(x_nd, ids_nk, weights_nk, p, act)
     if strategy == "capacity":
         return _capacity(x_nd, ids_nk, weights_nk, p, act, capacity_factor)
+    if extra is not None:
+        if strategy != "blocked":
+            raise ValueError(f"extra experts are for the blocked strategy, not {strategy!r}")
+        extra = {name: jnp.asarray(w, x_nd.dtype) for name, w in extra.items()}
+        return _blocked(x_nd, ids_nk, weights_nk, p, act, block, extra)
     if strategy == "blocked":
         return _blocked(x_nd, ids_nk, weights_nk, p, act, block)
     if strategy == "spill":

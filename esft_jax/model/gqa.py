@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from esft_jax.model.attention import LayerCache, attend, write_rows
+from esft_jax.model.attention import LayerCache, attend
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.mask import AttentionMask
 from esft_jax.model.norm import rms_norm
@@ -58,8 +58,8 @@ def gqa(
     mask: AttentionMask,
     cfg: ModelConfig,
     cache: LayerCache | None = None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """x [B, T, d] (already normed) -> (output [B, T, d], (keys, values) [B, S, KV, hd]).
+) -> tuple[jax.Array, LayerCache | None]:
+    """x [B, T, d] (already normed) -> (output [B, T, d], the cache written).
 
     With a cache (rotated keys and values of S slots), row b's keys and values are written at its
     offset and the queries attend over all S slots.
@@ -70,10 +70,10 @@ def gqa(
     v = _project(x_btd, p, "v", cfg)
     q = constrain(q, ("act_batch", None, "act_heads", None))
     if cache is not None:
-        cached_k, cached_v, offset_b = cache
-        k, v = write_rows(cached_k, k, offset_b), write_rows(cached_v, v, offset_b)
+        cache = cache.write(k, v)
+        k, v = cache.read()
     out_bthk = attend(q, k, v, mask, q.shape[-1] ** -0.5, cfg, p.get("sinks"))
     out = jnp.einsum("bthk,hkd->btd", out_bthk, p["o"].astype(dt))
     if cfg.o_bias:
         out = out + p["o_bias"].astype(dt)
-    return out, (k, v)
+    return out, cache

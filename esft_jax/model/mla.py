@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from esft_jax.model.attention import LayerCache, attend, softmax_attention, write_rows
+from esft_jax.model.attention import LayerCache, attend, softmax_attention
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.mask import AttentionMask, dense
 from esft_jax.model.norm import rms_norm
@@ -29,8 +29,8 @@ def mla(
     mask: AttentionMask,
     cfg: ModelConfig,
     cache: LayerCache | None = None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """x [B, T, d] (already normed) -> (attention output [B, T, d], (latent, k_pe) of the keys).
+) -> tuple[jax.Array, LayerCache | None]:
+    """x [B, T, d] (already normed) -> (attention output [B, T, d], the cache written).
 
     Without a cache the keys are x's own tokens (S = T). With MLA's compressed cache (latents and
     rotated shared keys of S positions), row b's latents are written at its offset and the queries
@@ -54,8 +54,8 @@ def mla(
     q_pe = apply_rope(q_pe, cos_btr, sin_btr, cfg.rope_interleave)
     k_pe = apply_rope(k_pe, cos_btr, sin_btr, cfg.rope_interleave)[:, :, 0]
     if cache is not None:
-        latent, cached_pe, offset_b = cache
-        c_btr, k_pe = write_rows(latent, c_btr, offset_b), write_rows(cached_pe, k_pe, offset_b)
+        cache = cache.write(c_btr, k_pe)
+        c_btr, k_pe = cache.read()
 
     kv_bshk = jnp.einsum("bsr,rhk->bshk", c_btr.astype(dt), p["kv_b"].astype(dt))
     k_nope, v_bshv = kv_bshk[..., :nope], kv_bshk[..., nope:]
@@ -71,4 +71,4 @@ def mla(
         q_bthk = jnp.concatenate([q_nope, q_pe], -1)
         k_bshk = jnp.concatenate([k_nope, k_pe_bshr], -1)
         out_bthv = attend(q_bthk, k_bshk, v_bshv, mask, softmax_scale(cfg), cfg)
-    return jnp.einsum("bthv,hvd->btd", out_bthv, p["o"].astype(dt)), (c_btr, k_pe)
+    return jnp.einsum("bthv,hvd->btd", out_bthv, p["o"].astype(dt)), cache

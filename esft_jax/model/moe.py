@@ -4,10 +4,11 @@
 Expert overrides: `p["override"] = {"ids": [S] int32, "gate"/"up": [S, d, f], "down": [S, f, d]}`
 (+ the biases, where the experts have them) gives S experts of the layer (ids; -1 = an unused slot)
 weights that replace their rows of the stacked `experts`. Tokens routed to an overridden expert are
-computed with the override weights,
-the rest with the stacked ones; routing is unchanged. Fine-tuning a few experts differentiates only
-the small override arrays: the stacked experts stay constants, so no weight gradient is computed
-for them (see train/trainable.py). Serving several adapters in one batch, the override holds A
+computed with the override weights, the rest with the stacked ones; routing is unchanged. With the
+blocked strategy both go through one pass, the override rows numbered as experts E .. E + S - 1;
+otherwise a second pass takes the overrides' assignments. Fine-tuning a few experts differentiates
+only the small override arrays: the stacked experts stay constants, so no weight gradient is
+computed for them (see train/trainable.py). Serving several adapters in one batch, the override holds A
 sets: `"ids"` [A, S], the weights [A, S, ...], and `"adapter"` [B] names each batch row's set
 (serve/bank.py).
 
@@ -34,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from esft_jax import sharding
 from esft_jax.model.config import ModelConfig
-from esft_jax.model.experts import GLU, routed_experts, sort_by_expert
+from esft_jax.model.experts import GLU, resolve_strategy, routed_experts, sort_by_expert
 from esft_jax.model.router import RouterOutput, route
 
 
@@ -92,17 +93,21 @@ def expert_glu(cfg: ModelConfig) -> GLU:
     return GLU(cfg.expert_act, cfg.swiglu_limit, cfg.swiglu_alpha)
 
 
-def _routed(x_btd, ids_btk, w_btk, experts, cfg: ModelConfig, capacity_factor: float | None):
-    """Routed-expert output on one device -> (y [B, T, d] float32, dropped assignments)."""
+def _routed(
+    x_btd, ids_btk, w_btk, experts, cfg: ModelConfig, capacity_factor: float | None, extra=None
+):
+    """Routed-expert output on one device -> (y [B, T, d] float32, dropped assignments). extra: more
+    experts numbered on from the stack's (routed_experts; the blocked strategy)."""
     b, t, d = x_btd.shape
     y, dropped = routed_experts(
         x_btd.reshape(b * t, d),
         ids_btk.reshape(b * t, -1),
         w_btk.reshape(b * t, -1),
         experts,
-        cfg.moe_strategy,
+        "blocked" if extra is not None else cfg.moe_strategy,
         capacity_factor,
         act=expert_glu(cfg),
+        extra=extra,
     )
     return y.reshape(b, t, d), dropped
 
@@ -115,14 +120,21 @@ def _with_overrides(
     override: dict[str, jax.Array] | None,
     cfg: ModelConfig,
     capacity_factor: float | None,
+    stacked: dict[str, jax.Array] | None = None,
 ):
     """stacked_pass(ids [B, T, k]) -> (y [B, T, d] float32, dropped) over the stacked experts, plus the
     overrides' share: their assignments are masked out of the stacked pass (id E) and computed from the
     override rows instead. Under expert parallelism it runs inside shard_map (overrides replicated):
-    each device adds the overrides' share of its own tokens."""
+    each device adds the overrides' share of its own tokens. Given the `stacked` experts (one
+    device) and the blocked strategy, one pass takes both."""
     if override is None:
         return stacked_pass(ids_btk)
     stacked_ids, slots, rows = _override_slots(ids_btk, override, cfg.n_routed_experts)
+    if stacked is not None and resolve_strategy(cfg.moe_strategy) == "blocked":
+        # one pass: the override rows are experts E .. E + S - 1 beside the stack
+        n_rows = next(iter(rows.values())).shape[0]
+        ids = jnp.where(slots < n_rows, cfg.n_routed_experts + slots, ids_btk)
+        return _routed(x_btd, ids, w_btk, stacked, cfg, None, extra=rows)
     y, dropped = stacked_pass(stacked_ids)
     y_ov, dropped_ov = _routed(x_btd, slots, w_btk, rows, cfg, capacity_factor)
     return y + y_ov, dropped + dropped_ov
@@ -263,6 +275,7 @@ def moe_block(p: dict[str, Any], x_btd: jax.Array, cfg: ModelConfig) -> MoEOutpu
             override,
             cfg,
             cfg.capacity_factor,
+            stacked=p["experts"],
         )
     y = y.astype(x_btd.dtype)
     if "shared" in p:

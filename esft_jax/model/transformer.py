@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from esft_jax.model.attention import write_rows
+from esft_jax.model.attention import LayerCache, write_rows
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.gqa import gqa
 from esft_jax.model.mask import attention_mask
@@ -206,48 +206,51 @@ def _decoder(
     mask = attention_mask(segment_ids_bt, key_segments, offset)
     attention = mla if cfg.attention == "mla" else gqa
 
-    def attend(x, p, window, layer_cache):
-        kv_cache = None if layer_cache is None else (*layer_cache, cache.length)
+    def attend(x, kv, p, window, layer):
+        layer_cache = None if kv is None else LayerCache(*kv, layer, cache.length)
         layer_mask = mask if window is None else mask._replace(window=window)
-        out, keys = attention(
-            p["attn"], rms_norm(x, p["attn_norm"], eps), cos, sin, layer_mask, cfg, kv_cache
+        out, layer_cache = attention(
+            p["attn"], rms_norm(x, p["attn_norm"], eps), cos, sin, layer_mask, cfg, layer_cache
         )
-        return x + out, (None if layer_cache is None else keys)
+        return x + out, (None if layer_cache is None else layer_cache[:2])
 
-    def dense_layer(x, xs):
-        p, window, layer_cache = xs
-        x, keys = attend(x, p, window, layer_cache)
-        x = x + swiglu(rms_norm(x, p["mlp_norm"], eps), p["mlp"])
-        return constrain(x, _ACT), keys
+    # carry: the residual stream and the group's whole KV cache (written in place); xs: one layer's
+    # params, window and index in its group
+    def dense_layer(carry, xs):
+        x, kv = attend(*carry, *xs)
+        x = x + swiglu(rms_norm(x, xs[0]["mlp_norm"], eps), xs[0]["mlp"])
+        return (constrain(x, _ACT), kv), None
 
-    def moe_layer(x, xs):
-        p, window, layer_cache = xs
-        x, keys = attend(x, p, window, layer_cache)
-        out = moe_block(p["moe"], rms_norm(x, p["mlp_norm"], eps), cfg)
+    def moe_layer(carry, xs):
+        x, kv = attend(*carry, *xs)
+        out = moe_block(xs[0]["moe"], rms_norm(x, xs[0]["mlp_norm"], eps), cfg)
         r = out.routing
         routing = Routing(
             r.expert_ids, r.weights, r.scores if return_router_scores else None, out.dropped
         )
-        return constrain(x + out.y_btd, _ACT), (routing, keys)
+        return (constrain(x + out.y_btd, _ACT), kv), routing
 
     if cfg.remat:  # keep only each layer's input for the backward pass
         dense_layer, moe_layer = jax.checkpoint(dense_layer), jax.checkpoint(moe_layer)
 
     windows = _windows(cfg) if cfg.sliding_window_layers else {}
     x = constrain(params["embed"][tokens_bt].astype(dt), _ACT)
+    kv = {} if cache is None else dict(cache.kv)
     layers = jax.lax.scan if cfg.scan_layers else _loop_layers
-    outputs: dict[str, list] = {"dense_layers": [], "moe_layers": []}
+    routings = []
     for group, first, end in layer_runs(cfg):
         take = operator.itemgetter(slice(first, end))  # one run's slice of a stack
         xs = (
             jax.tree.map(take, params[group]),
             windows[group][first:end] if windows else None,
-            None if cache is None else jax.tree.map(take, cache.kv[group]),
+            jnp.arange(first, end, dtype=jnp.int32),
         )
-        x, out = layers(dense_layer if group == "dense_layers" else moe_layer, x, xs)
-        outputs[group].append(out)
-    if outputs["moe_layers"]:
-        routing, moe_keys = _concat(outputs["moe_layers"])
+        body = dense_layer if group == "dense_layers" else moe_layer
+        (x, kv[group]), routing = layers(body, (x, kv.get(group)), xs)
+        if group == "moe_layers":
+            routings.append(routing)
+    if routings:
+        routing = _concat(routings)
     else:
         b, k = tokens_bt.shape[0], cfg.num_experts_per_tok
         routing = Routing(
@@ -258,8 +261,5 @@ def _decoder(
         )
     x = rms_norm(x, params["final_norm"], eps)
     if cache is not None:
-        kv = {"moe_layers": moe_keys} if outputs["moe_layers"] else {}
-        if outputs["dense_layers"]:
-            kv["dense_layers"] = _concat(outputs["dense_layers"])
         cache = KVCache(kv, key_segments, cache.length + t)
     return x, routing, cache

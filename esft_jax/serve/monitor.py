@@ -55,7 +55,7 @@ def trained_experts(bank: AdapterBank, num_experts: int) -> np.ndarray:
     return mask[..., :num_experts]
 
 
-_forward = jax.jit(forward, static_argnums=2)
+_forward = jax.jit(forward, static_argnames="cfg")
 
 
 def coverage(

@@ -49,7 +49,7 @@ def _gate_mass(
     return (w_lbtk * on_trained).sum(axis=(2, 3)), w_lbtk.sum(axis=(2, 3))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+@functools.partial(jax.jit, static_argnames=("cfg", "rows", "max_len"))
 def empty(cfg: ModelConfig, rows: int, max_len: int) -> Slots:
     """`rows` inactive slots of `max_len` tokens each."""
     zeros_b, zeros_lb = jnp.zeros((rows,), jnp.int32), jnp.zeros((cfg.num_moe_layers, rows))
@@ -58,7 +58,7 @@ def empty(cfg: ModelConfig, rows: int, max_len: int) -> Slots:
     return Slots(cache, zeros_b, zeros_b, zeros_b, greedy, zeros_lb, zeros_lb)
 
 
-@functools.partial(jax.jit, static_argnums=(7, 8))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
 def prefill(
     params,
     tokens_np: jax.Array,
@@ -92,7 +92,7 @@ def prefill(
     return Slots(cache._replace(length=lengths_n), first, lengths_n, one, sampling, hit, mass)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
+@functools.partial(jax.jit, donate_argnames="slots")
 def insert(slots: Slots, joining: Slots, rows_n: jax.Array) -> Slots:
     """`slots` with row rows_n[n] replaced by joining row n (the rows of `slots` are donated)."""
 
@@ -105,7 +105,7 @@ def insert(slots: Slots, joining: Slots, rows_n: jax.Array) -> Slots:
     return Slots(cache, *per_row, *jax.tree.map(put(1), slots[5:], joining[5:]))
 
 
-@functools.partial(jax.jit, static_argnums=5, donate_argnums=1)
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnames="slots")
 def step(
     params,
     slots: Slots,

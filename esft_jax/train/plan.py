@@ -49,14 +49,13 @@ class Plan:
     params: int  # the model as loaded (frozen copy)
     trainable: int  # the trained copy (float32 master weights / expert rows / LoRA factors)
     optimizer: int
-    temporaries: int  # activations, gradients, workspace: the compiled step's temp buffers
-    total: (
-        int  # what the step needs resident: arguments + outputs not aliased to them + temporaries
-    )
+    # activations, gradients, workspace: the compiled step's temp buffers
+    temporaries: int
+    # what the step needs resident: arguments + outputs not aliased to them + temporaries
+    total: int
     compile_seconds: float
-    out_of_memory: bool = (
-        False  # the compiler refused it (then temporaries is its figure, total a lower bound)
-    )
+    # the compiler refused it (then temporaries is its figure, total a lower bound)
+    out_of_memory: bool = False
 
 
 def method_for(
@@ -255,13 +254,27 @@ def compiled_for(topology: str = "") -> str:
     )
 
 
-def _batch(batch_size: int, seq_len: int, grad_accum: int) -> str:
-    if grad_accum == 1:
-        return f"{batch_size} x {seq_len}"
-    return (
-        f"{grad_accum * batch_size} x {seq_len} a step, as {grad_accum} accumulated "
-        f"micro-batches of {batch_size} x {seq_len}"
-    )
+def micro_batches(batch_size: int, micro_batch: int, n: int) -> tuple[int, int]:
+    """(rows per micro-batch, micro-batches per step) of a step of batch_size rows on n devices:
+    micro_batch rows per device at a time (0: the whole batch at once)."""
+    if not micro_batch:
+        return batch_size, 1
+    rows = n * micro_batch
+    if batch_size % rows:
+        raise PlanError(
+            f"--config.batch_size={batch_size}: not a multiple of {n} devices x "
+            f"--config.micro_batch={micro_batch}"
+        )
+    return rows, batch_size // rows
+
+
+def layer_inputs(cfg: ModelConfig, rows_per_device: int, seq_len: int) -> int | None:
+    """Bytes of the activations a remat step keeps for its backward pass, per device: every layer's
+    input [L, B, T, d] in the compute dtype (part of the temporaries). None without remat."""
+    if not cfg.remat:
+        return None
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    return cfg.num_hidden_layers * rows_per_device * seq_len * cfg.hidden_size * itemsize
 
 
 def report(
@@ -275,13 +288,13 @@ def report(
     optim: ml_collections.ConfigDict,
     device_memory_gb: float,
     topology: str = "",
-    grad_accum: int = 1,
+    micro_batch: int = 0,
     **method_args,
 ) -> str:
     """A markdown table of plans (GiB per device) for each method x device count on a 1-axis mesh,
     and the smallest device count on which each method fits `device_memory_gb`; compiled for the TPU
-    slice `topology` if given (its first n chips). Each optimizer step takes grad_accum
-    micro-batches of batch_size rows."""
+    slice `topology` if given (its first n chips). Each optimizer step takes batch_size rows,
+    micro_batch rows per device at a time (0: all at once)."""
     from esft_jax.report import markdown_table
 
     targets = tpu_devices(topology) if topology else None
@@ -293,33 +306,38 @@ def report(
     for name in methods:
         method = method_for(cfg, name, **method_args)
         for n in devices:
+            rows_at_once, accum = micro_batches(batch_size, micro_batch, n)
             p = estimate(
                 cfg,
                 method,
                 {mesh_axis: n},
-                batch_size=batch_size,
+                batch_size=rows_at_once,
                 seq_len=seq_len,
                 optim=optim,
                 devices=targets,
-                grad_accum=grad_accum,
+                grad_accum=accum,
             )
-            fits = (
-                p.total <= device_memory_gb * 1e9 and not p.out_of_memory
-            )  # memory is sold in decimal GB
+            # memory is sold in decimal GB
+            fits = p.total <= device_memory_gb * 1e9 and not p.out_of_memory
             if fits:
                 smallest.setdefault(name, n)
+            kept = layer_inputs(cfg, max(rows_at_once // n, 1), seq_len)
             gib = [
                 f"{b / GIB:.2f}"
                 for b in (p.params, p.trainable, p.optimizer, p.temporaries, p.total)
             ]
+            gib.insert(3, "-" if kept is None else f"{kept / GIB:.2f}")
             verdict = "yes" if fits else "no (compiler)" if p.out_of_memory else "no"
-            rows.append([name, str(n), *gib, verdict, f"{p.compile_seconds:.0f}"])
+            step = f"{rows_at_once} x {accum}"
+            rows.append([name, str(n), step, *gib, verdict, f"{p.compile_seconds:.0f}"])
     head = [
         "method",
         "devices",
+        "rows x micro-batches",
         "params",
         "trainable",
         "optimizer",
+        "activations",
         "temporaries",
         "total",
         f"fits {device_memory_gb:g} GB ({device_memory_gb * 1e9 / GIB:.1f} GiB)",
@@ -327,10 +345,11 @@ def report(
     ]
     lines = [
         f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts, "
-        f"hidden {cfg.hidden_size}, {cfg.dtype}; "
-        f"batch {_batch(batch_size, seq_len, grad_accum)}, remat={cfg.remat}, "
-        f"attention_impl={cfg.attention_impl}; GiB per device, mesh axis {mesh_axis}, "
-        f"compiled for {compiled_for(topology)}",
+        f"hidden {cfg.hidden_size}, {cfg.dtype}; batch {batch_size} x {seq_len} a step, "
+        f"remat={cfg.remat}, attention_impl={cfg.attention_impl}; GiB per device, mesh axis "
+        f"{mesh_axis}, compiled for {compiled_for(topology)}. params: the frozen model; trainable: "
+        "the trained copy; activations: the layer inputs kept for the backward pass (part of the "
+        "temporaries)",
         markdown_table(head, rows).rstrip(),
     ]
     lines += [

@@ -6,9 +6,11 @@ content rather than by the expert config's path), the model, checkpoint and toke
 seed, the batch and the optimizer with its schedule. Settings that only change how or where the run
 goes may differ (FREE): the logging, evaluation and checkpoint intervals, keep_checkpoints,
 profile_tokens (measured after training), the workdir, the mesh, the process layout (distributed,
-data.shards=0 keeps the checkpoint's shards), the MoE strategy, scan_layers and remat; the mesh and
-the MoE strategy change only float rounding. With a checkpoint, the model is the checkpoint's: of
-`model.*` only dtype and capacity_factor count.
+data.shards=0 keeps the checkpoint's shards), the MoE strategy, the attention implementation,
+scan_layers and remat; the mesh, the MoE strategy and the attention implementation change only float
+rounding. With a checkpoint, the model is the checkpoint's: of `model.*` only dtype and
+capacity_factor count. A model setting that the saved run's version did not have yet counts as its
+default (what that version did).
 
 `steps` may grow only with `extend=True`, which keeps the saved schedule: `optim.steps`, the
 schedule's horizon, stays the saved one, so a cosine schedule has reached its final lr there and the
@@ -20,6 +22,7 @@ killed at any point leaves it whole.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -31,6 +34,7 @@ import ml_collections
 from esft_jax.config_files import ConfigFileError
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.jsonio import read_json
+from esft_jax.model import ModelConfig
 from esft_jax.runtime import RANDOM_WEIGHTS, RUNTIME_FIELDS
 
 CONFIG_FILE, EXPERTS_FILE = "config.json", "expert_config.json"
@@ -50,6 +54,8 @@ FREE = (
     "model.expert_parallel",
     "model.scan_layers",
     "model.remat",
+    "model.attention_impl",
+    "model.attention_block",
 )
 PATHS = ("checkpoint", "tokenizer", "data.train", "data.general")  # compared as absolute paths
 
@@ -84,17 +90,30 @@ def _comparable(key: str, value: Any) -> Any:
     return os.path.abspath(value) if key in PATHS and value else value
 
 
+MODEL_DEFAULTS = {
+    f"model.{f.name}": list(f.default) if isinstance(f.default, tuple) else f.default
+    for f in dataclasses.fields(ModelConfig)
+    if f.default is not dataclasses.MISSING
+}
+
+
 def _changed(saved: dict[str, Any], new: dict[str, Any], checkpoint: str) -> list[str]:
-    """The keys (flattened) that differ and change the result, in the config's order."""
+    """The keys (flattened) that differ and change the result, in the config's order. A model
+    field the saved run lacks (added by a later version) is compared with its default."""
     keys = [*new, *(k for k in saved if k not in new)]
     keys = [
         k for k in keys if not (_is_free(k, checkpoint) or (k == "data.shards" and new.get(k) == 0))
     ]
+    saved = {**{k: v for k, v in MODEL_DEFAULTS.items() if k in new}, **saved}
     return [k for k in keys if _comparable(k, saved.get(k)) != _comparable(k, new.get(k))]
 
 
 def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else json.dumps(value)
+
+
+def _shown(config: dict[str, Any], key: str) -> str:
+    return _show(config[key]) if key in config else "<unset>"
 
 
 def _expert_difference(saved: dict, new: dict) -> str | None:
@@ -134,10 +153,7 @@ def resumed_config(
     changed = [
         key for key in _changed(saved, new, c.checkpoint) if not (extending and key == "steps")
     ]
-    differences = [
-        f"{key} {_show(saved.get(key, '<unset>'))} -> {_show(new.get(key, '<unset>'))}"
-        for key in changed
-    ]
+    differences = [f"{key} {_shown(saved, key)} -> {_shown(new, key)}" for key in changed]
     saved_experts = workdir / EXPERTS_FILE
     if expert_config is not None and saved.get("method") == "esft" and saved_experts.is_file():
         experts = _expert_difference(
