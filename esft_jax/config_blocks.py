@@ -24,8 +24,13 @@ MODELS = tuple(
 
 
 def model(name: str) -> ml_collections.ConfigDict:
-    """configs/models/<name>.py: an architecture (the fields of esft_jax.model.ModelConfig)."""
-    return config_files.load_file(str(config_files.bundled_dir() / "models" / f"{name}.py"))
+    """configs/models/<name>.py: an architecture (the fields of esft_jax.model.ModelConfig), with
+    `expert_fp8_block` (routed experts held in FP8 with blocks of that size: model/quant.py; () =
+    in param_dtype) where the preset does not set it."""
+    cd = config_files.load_file(str(config_files.bundled_dir() / "models" / f"{name}.py"))
+    if "expert_fp8_block" not in cd:
+        cd.expert_fp8_block = ()
+    return cd
 
 
 def model_source(c: ml_collections.ConfigDict, name: str = "tiny") -> ml_collections.ConfigDict:

@@ -109,6 +109,9 @@ class ModelConfig:
     # generation stops at any of them (`stop_token_ids`).
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # The routed experts held in fine-grained FP8 (model/quant.py): the file's block [rows, cols] of
+    # its [out, in] matrices, e.g. (128, 128); () : held in param_dtype.
+    expert_fp8_block: tuple[int, ...] = ()
     # Runtime choices (not part of the checkpoint).
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; router scores are always float32
@@ -131,6 +134,7 @@ class ModelConfig:
             "mlp_only_layers",
             "sliding_window_layers",
             "eos_token_ids",
+            "expert_fp8_block",
         ):  # lists from JSON / ml_collections
             object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
 
@@ -167,6 +171,11 @@ class ModelConfig:
         )
         check(self.moe_layer_step >= 1, "moe_layer_step must be at least 1")
         check(self.attention_block >= 1, "attention_block must be at least 1")
+        check(
+            not self.expert_fp8_block
+            or (len(self.expert_fp8_block) == 2 and min(self.expert_fp8_block) >= 1),
+            f"expert_fp8_block {list(self.expert_fp8_block)}: expected [] or two positive sizes",
+        )
         check(
             all(layer in layers for layer in self.mlp_only_layers + self.sliding_window_layers),
             f"mlp_only_layers / sliding_window_layers must lie in [0, {self.num_hidden_layers})",

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from esft_jax.model import quant
 from esft_jax.model.grouped import grouped_mlp
 
 ExpertWeights = dict[
@@ -326,14 +327,23 @@ def routed_experts(
     block: int = BLOCK,
     act: GLU = SWIGLU,
     extra: ExpertWeights | None = None,
+    fp8_block: tuple[int, ...] = (),
 ) -> tuple[jax.Array, jax.Array]:
     """x [N, d], ids/weights [N, k] -> (y [N, d] float32, dropped assignments: int32 scalar).
 
     extra (`blocked` only): S more experts, ids E .. E + S - 1 (ESFT's trained rows beside the
-    frozen stack), in the same pass; E + S then means "not here"."""
-    p = {name: jnp.asarray(w, x_nd.dtype) for name, w in p.items()}
-    weights_nk = weights_nk.astype(jnp.float32)
+    frozen stack), in the same pass; E + S then means "not here". fp8_block: `p`'s matrices are
+    FP8 with their block scales (model/quant.py): the blocked loop dequantises one expert at a
+    time, the other paths the stack."""
     strategy = resolve_strategy(strategy)
+    if fp8_block and quant.is_quantized(p):
+        dequantize = quant.stacks if strategy == "blocked" else quant.dequantize_experts
+        p = dequantize(p, fp8_block, x_nd.dtype)
+    p = {
+        name: w if isinstance(w, quant.Fp8Stack) else jnp.asarray(w, x_nd.dtype)
+        for name, w in p.items()
+    }
+    weights_nk = weights_nk.astype(jnp.float32)
     if strategy == "dense":
         return _dense(x_nd, ids_nk, weights_nk, p, act)
     if strategy == "capacity":

@@ -108,6 +108,7 @@ def _routed(
         capacity_factor,
         act=expert_glu(cfg),
         extra=extra,
+        fp8_block=cfg.expert_fp8_block,
     )
     return y.reshape(b, t, d), dropped
 
@@ -238,6 +239,7 @@ def _exchange(x_btd, ids_btk, w_btk, experts, cfg: ModelConfig, n_shards: int):
         experts,
         cfg.moe_strategy,
         act=expert_glu(cfg),
+        fp8_block=cfg.expert_fp8_block,
     )
     y_back = jax.lax.all_to_all(y_recv.reshape(n_shards, rows, d), "expert", 0, 0, tiled=True)
     y_a = y_back.at[dest, slot].get(mode="fill", fill_value=0)

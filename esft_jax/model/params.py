@@ -16,6 +16,8 @@ Layout (nested dicts; weights stored as `x @ w`, i.e. [in, out]; `L` = stacked l
         moe/router_correction [L, expert]       (noaux_tc: added to the scores for choosing only)
         moe/experts/gate, up [L, expert, embed, expert_mlp]; down [L, expert, expert_mlp, embed]
                    (+ gate_bias, up_bias [L, expert, expert_mlp], down_bias [L, expert, embed])
+                   (cfg.expert_fp8_block: gate/up/down FP8, + gate_scale, up_scale, down_scale
+                   [L, expert, in blocks, out blocks] float32: model/quant.py)
         moe/shared/gate, up  [L, embed, shared_mlp]; down [L, shared_mlp, embed]
         moe/shared_gate  [L, embed, 1]           (if cfg.shared_expert_gate)
 """
@@ -29,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from esft_jax.model import quant
 from esft_jax.model.config import ModelConfig
 
 Params = dict[str, Any]
@@ -133,6 +136,14 @@ def _expert_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
         "up": ParamSpec((e, d, f), ("expert", "embed", "expert_mlp")),
         "down": ParamSpec((e, f, d), ("expert", "expert_mlp", "embed")),
     }
+    if cfg.expert_fp8_block:  # FP8 values and a float32 scale per block (model/quant.py)
+        block = quant.block_io(cfg.expert_fp8_block)
+        for name in quant.QUANTIZED:
+            spec = specs[name]
+            specs[name] = dataclasses.replace(spec, dtype=quant.FP8)
+            specs[name + quant.SCALE] = ParamSpec(
+                quant.scale_shape(spec.shape, block), ("expert", None, None), "ones", "float32"
+            )
     if cfg.expert_bias:
         specs.update(
             gate_bias=ParamSpec((e, f), ("expert", "expert_mlp"), "zeros"),
@@ -216,8 +227,12 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     """Random params (normal std 0.02 for matrices, ones for norms), one key per leaf."""
     leaves, treedef = jax.tree.flatten(param_specs(cfg), is_leaf=_is_spec)
     keys = jax.random.split(key, len(leaves))
-    arrays = [
-        _INITS[s.init](k, s.shape, jnp.dtype(s.dtype or cfg.param_dtype))
-        for s, k in zip(leaves, keys)
-    ]
+
+    def init(s: ParamSpec, key: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(s.dtype or cfg.param_dtype)
+        if dtype == quant.FP8:  # random FP8 values: drawn in float32, rounded
+            return _INITS[s.init](key, s.shape, jnp.float32).astype(dtype)
+        return _INITS[s.init](key, s.shape, dtype)
+
+    arrays = [init(s, k) for s, k in zip(leaves, keys)]
     return jax.tree.unflatten(treedef, arrays)

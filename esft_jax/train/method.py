@@ -16,7 +16,7 @@ import numpy as np
 
 from esft_jax.checkpoint.adapter import write_adapter
 from esft_jax.expert_config import ExpertConfig
-from esft_jax.model.config import ModelConfig
+from esft_jax.model.config import ConfigError, ModelConfig
 from esft_jax.train.lora import LoRA
 from esft_jax.train.router_only import RouterOnly
 from esft_jax.train.trainable import ExpertSubset, FullFineTune, Params
@@ -62,6 +62,8 @@ REGISTRY: dict[str, Constructor] = {
     "router": RouterOnly.from_config,
 }
 METHODS = tuple(REGISTRY)  # the values of --config.method
+# methods whose trained copy covers the whole routed-expert stack (no FP8 experts: model/quant.py)
+WHOLE_EXPERT_STACK = ("fft", "lora")
 
 
 def build_method(c: ml_collections.ConfigDict, cfg: ModelConfig) -> TrainingMethod:
@@ -69,6 +71,11 @@ def build_method(c: ml_collections.ConfigDict, cfg: ModelConfig) -> TrainingMeth
     seed)."""
     if c.method not in REGISTRY:
         raise ValueError(f"method={c.method!r}: expected one of {METHODS}")
+    if cfg.expert_fp8_block and c.method in WHOLE_EXPERT_STACK:
+        raise ConfigError(
+            f"method={c.method} trains every routed expert: it needs them unquantised, not FP8 "
+            "(model.expert_fp8_block=())"
+        )
     return REGISTRY[c.method](c, cfg)
 
 

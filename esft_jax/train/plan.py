@@ -345,7 +345,13 @@ def report(
     ]
     lines = [
         f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts, "
-        f"hidden {cfg.hidden_size}, {cfg.dtype}; batch {batch_size} x {seq_len} a step, "
+        f"hidden {cfg.hidden_size}, {cfg.dtype}"
+        + (
+            f" (routed experts FP8 in {cfg.expert_fp8_block[0]}x{cfg.expert_fp8_block[1]} blocks)"
+            if cfg.expert_fp8_block
+            else ""
+        )
+        + f"; batch {batch_size} x {seq_len} a step, "
         f"remat={cfg.remat}, attention_impl={cfg.attention_impl}; GiB per device, mesh axis "
         f"{mesh_axis}, compiled for {compiled_for(topology)}. params: the frozen model; trainable: "
         "the trained copy; activations: the layer inputs kept for the backward pass (part of the "

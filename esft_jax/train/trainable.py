@@ -27,6 +27,7 @@ from flax import traverse_util
 
 from esft_jax.checkpoint.hf_names import TensorMap, tensor_maps
 from esft_jax.expert_config import ExpertConfig
+from esft_jax.model import quant
 from esft_jax.model.config import ModelConfig
 from esft_jax.sharding import to_host
 
@@ -167,11 +168,15 @@ class ExpertSubset:
         used = self.slot_ids >= 0
         trainable: Params = {}
         if self.rows.size:  # no routed expert at all: e.g. the "shared experts only" ablation
-            trainable["experts"] = {  # [L, S, ...]
-                k: jnp.where(
-                    used.reshape(*used.shape, *(1,) * (w.ndim - 2)), w[layer, expert], 0
-                ).astype(jnp.float32)
-                for k, w in experts.items()
+            # [L, S, ...]; FP8 experts dequantised as a bf16 load of the checkpoint would be
+            rows = quant.rows(
+                experts, (layer, expert), self.cfg.expert_fp8_block, self.cfg.param_dtype
+            )
+            trainable["experts"] = {
+                k: jnp.where(used.reshape(*used.shape, *(1,) * (w.ndim - 2)), w, 0).astype(
+                    jnp.float32
+                )
+                for k, w in rows.items()
             }
         if self.expert_config.shared_experts and "shared" in frozen["moe_layers"]["moe"]:
             trainable["shared"] = float32_copy(_shared_part(frozen["moe_layers"]["moe"]))
@@ -190,6 +195,7 @@ class ExpertSubset:
             out["experts"] = {
                 k: (axes[0], None, *axes[2:])  # the layers as the model's, slots replicated
                 for k, axes in model_axes["moe_layers"]["moe"]["experts"].items()
+                if not k.endswith(quant.SCALE)
             }
         if "shared" in trainable:
             out["shared"] = _shared_part(model_axes["moe_layers"]["moe"])
@@ -219,14 +225,16 @@ class ExpertSubset:
         params = cast_like(overlay(frozen, self._subtrees(trainable)), frozen)
         if "experts" not in trainable:
             return params
-        experts = params["moe_layers"]["moe"]["experts"]
+        experts = dict(params["moe_layers"]["moe"]["experts"])
         layer, expert = self.rows[:, 0], self.rows[:, 1]
-        experts = {
-            k: w.at[layer, expert].set(
-                trainable["experts"][k][layer, self.row_slots].astype(w.dtype)
-            )
-            for k, w in experts.items()
-        }
+        for k, rows in trainable["experts"].items():
+            trained = rows[layer, self.row_slots]
+            if k + quant.SCALE in experts:  # FP8: the trained experts re-quantised, block by block
+                block = quant.block_io(self.cfg.expert_fp8_block)
+                values, scale = quant.quantize(trained.astype(self.cfg.param_dtype), block)
+                experts[k + quant.SCALE] = experts[k + quant.SCALE].at[layer, expert].set(scale)
+                trained = values
+            experts[k] = experts[k].at[layer, expert].set(trained.astype(experts[k].dtype))
         moe_layers = dict(params["moe_layers"])
         moe_layers["moe"] = {**moe_layers["moe"], "experts": experts}
         return {**params, "moe_layers": moe_layers}
