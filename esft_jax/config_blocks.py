@@ -26,10 +26,12 @@ MODELS = tuple(
 def model(name: str) -> ml_collections.ConfigDict:
     """configs/models/<name>.py: an architecture (the fields of esft_jax.model.ModelConfig), with
     `expert_fp8_block` (routed experts held in FP8 with blocks of that size: model/quant.py; () =
-    in param_dtype) where the preset does not set it."""
+    in param_dtype) and `frozen_dtype` where the preset does not set them."""
     cd = config_files.load_file(str(config_files.bundled_dir() / "models" / f"{name}.py"))
     if "expert_fp8_block" not in cd:
         cd.expert_fp8_block = ()
+    if "frozen_dtype" not in cd:
+        cd.frozen_dtype = "bfloat16"  # a checkpoint's FP8 experts: "native" keeps them FP8
     return cd
 
 

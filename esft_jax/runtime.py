@@ -45,6 +45,7 @@ RUNTIME_FIELDS = (
     "remat",
     "attention_impl",
     "attention_block",
+    "frozen_dtype",
 )
 RANDOM_WEIGHTS = "random"  # --config.checkpoint=random: seeded random weights of c.model
 

@@ -169,6 +169,7 @@ def test_esft_plan_command_prints_a_table(capsys):
     assert "without while-loop-invariant-code-motion" in out  # what it compiled for
     assert "esft: fits on 1 device(s)" in out
     assert "| 1 x 2 |" in out  # the command plans what it was given: 2 micro-batches of 1 row
+    assert "MiB per device" in out  # a model under a GiB is shown in MiB, not as 0.00 GiB
 
 
 def test_the_step_batch_is_split_into_micro_batches_per_device():

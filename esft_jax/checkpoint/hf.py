@@ -22,7 +22,7 @@ import numpy as np
 from ml_dtypes import bfloat16
 from safetensors import SafetensorError, safe_open
 
-from esft_jax.checkpoint import fp8, mxfp4
+from esft_jax.checkpoint import fp8, fp8_native, mxfp4
 from esft_jax.checkpoint.errors import CheckpointError
 from esft_jax.checkpoint.families import Family, family
 from esft_jax.checkpoint.families.base import Fused
@@ -94,7 +94,8 @@ def load_config(ckpt_dir: str | Path, **runtime: Any) -> ModelConfig:
         path, CheckpointError, f"no such file (is {ckpt_dir} a Hugging Face checkpoint directory?)"
     )
     try:
-        return config_from_hf(hf, **runtime)
+        cfg = config_from_hf(hf, **runtime)
+        return cfg.replace(expert_fp8_block=fp8_native.expert_block(hf, cfg.frozen_dtype))
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
 
@@ -278,17 +279,34 @@ def load_params(ckpt_dir: str | Path, cfg: ModelConfig) -> Params:
     where, maps = located.where, located.maps
     by_file: dict[Path, dict[str, list[TensorMap]]] = {}  # each file tensor is read once
     for m in maps:
+        if cfg.expert_fp8_block and fp8_native.is_expert_matrix(m.path):
+            continue
         use = where[m.hf_name]
         by_file.setdefault(use.file, {}).setdefault(use.key, []).append(m)
     specs = flat_param_specs(cfg)
     params: Params = {}
     with OpenFiles() as open_files:
+        if cfg.expert_fp8_block:  # frozen_dtype=native: the experts' FP8 bytes and scales as stored
+            _put_fp8_experts(params, specs, located, open_files)
         for file, by_key in by_file.items():
             for key_maps in by_key.values():
                 tensor = _read(open_files, located, where[key_maps[0].hf_name])
                 for m in key_maps:
                     _put(params, specs, m, _part(tensor, where[m.hf_name], file, m))
     return params
+
+
+def _put_fp8_experts(params: Params, specs: dict, plan: Plan, open_files: OpenFiles) -> None:
+    for m in plan.maps:
+        if fp8_native.is_expert_matrix(m.path):
+            for path, scales in ((m.path, False), (fp8_native.scale_path(m.path), True)):
+                value = fp8_native.read(open_files, plan, m, scales)
+                try:
+                    dest = get_path(params, path)
+                except KeyError:
+                    dest = np.empty(specs[path].shape, value.dtype)
+                    set_path(params, path, dest)
+                dest[m.index] = value
 
 
 def _part(tensor: np.ndarray, use: _Use, file: Path, m: TensorMap) -> np.ndarray:

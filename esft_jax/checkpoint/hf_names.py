@@ -17,6 +17,7 @@ import numpy as np
 
 from esft_jax.checkpoint import fp8
 from esft_jax.checkpoint.families import family
+from esft_jax.model import quant
 from esft_jax.model.config import ConfigError, ModelConfig
 from esft_jax.model.params import flat_param_specs, input_dims
 
@@ -64,6 +65,8 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     for path, spec in flat_param_specs(cfg).items():
         if path in _TOP:
             maps.append(TensorMap(_TOP[path], path, (), spec.shape, input_dims(path)))
+            continue
+        if path[-1].endswith(quant.SCALE):  # FP8 experts' scales: read with their matrix
             continue
         group, rest = path[0], path[1:]
         suffix = names[rest]

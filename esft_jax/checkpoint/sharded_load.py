@@ -24,8 +24,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 
 from esft_jax import sharding as shd
-from esft_jax.checkpoint import hf
+from esft_jax.checkpoint import fp8_native, hf
 from esft_jax.checkpoint.adapter import Update, adapter_updates, read_adapter
+from esft_jax.checkpoint.errors import CheckpointError
 from esft_jax.checkpoint.hf_names import TensorMap
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.params import Params, flat_param_specs
@@ -48,6 +49,8 @@ def load_params_sharded(
     the adapter directory `adapter` (if any) applied; equal to `load_checkpoint` (+ `load_with_adapter`)
     placed with `shard_params`. Errors are hf.py's and adapter.py's."""
     plan = hf.plan(ckpt_dir, cfg)
+    if cfg.expert_fp8_block and adapter is not None:
+        raise CheckpointError(fp8_native.NO_ADAPTER)
     updates = _updates_by_name(cfg, adapter)
     by_path: dict[tuple[str, ...], list[TensorMap]] = {}
     for m in plan.maps:
@@ -58,6 +61,11 @@ def load_params_sharded(
             read = lambda index, path=path, shape=spec.shape: _block(  # noqa: E731
                 index, shape, by_path[path], plan, updates, open_files
             )
+            if cfg.expert_fp8_block and fp8_native.is_expert_matrix(path):
+                read = _fp8_reader(spec.shape, by_path[path], plan, open_files, scales=False)
+            elif cfg.expert_fp8_block and fp8_native.is_expert_scale(path):
+                matrix = fp8_native.matrix_path(path)
+                read = _fp8_reader(spec.shape, by_path[matrix], plan, open_files, scales=True)
             set_path(params, path, _place(spec.shape, _sharding(spec.axes, mesh), read))
         STATS["bytes_read"] = open_files.bytes_read
     return params
@@ -128,6 +136,27 @@ def _block(
         block[tuple(r.index(i) for i, r in zip(m.index, stacked))] = value
     assert block is not None, "every block holds at least one tensor"
     return block
+
+
+def _fp8_reader(
+    shape: tuple[int, ...], maps: list[TensorMap], plan: hf.Plan, open_files, scales: bool
+) -> Callable[[Index], np.ndarray]:
+    """frozen_dtype=native: a device's block of an FP8 expert stack (values, or their scales), each
+    expert read as stored and cut to the block's inner dims."""
+
+    def read(index: Index) -> np.ndarray:
+        stacked = [range(*s.indices(n)) for s, n in zip(index, shape[:2])]
+        block = None
+        for m in maps:
+            if all(i in r for i, r in zip(m.index, stacked)):
+                value = fp8_native.read(open_files, plan, m, scales)[index[2:]]
+                if block is None:
+                    block = np.empty((*map(len, stacked), *value.shape), value.dtype)
+                block[tuple(r.index(i) for i, r in zip(m.index, stacked))] = value
+        assert block is not None, "every block holds at least one expert"
+        return block
+
+    return read
 
 
 def _tensor_block(

@@ -126,6 +126,9 @@ class ModelConfig:
     remat: bool = (
         False  # recompute each layer in the backward pass: activations of one layer, not all
     )
+    # what a checkpoint's frozen FP8 experts load as: "native" keeps them FP8 (expert_fp8_block
+    # set from the checkpoint), "bfloat16" dequantises them
+    frozen_dtype: str = "bfloat16"
     attention_impl: str = "reference"  # ATTENTION_IMPLS
     attention_block: int = 512  # blockwise: queries and keys per block
 
@@ -154,6 +157,7 @@ class ModelConfig:
         one_of("param_dtype", DTYPES)
         one_of("attention", ATTENTIONS)
         one_of("attention_impl", ATTENTION_IMPLS)
+        one_of("frozen_dtype", ("bfloat16", "native"))
         one_of("qk_norm", QK_NORMS)
         one_of("expert_act", EXPERT_ACTS)
         one_of("scoring_func", ("softmax", "sigmoid"))

@@ -4,7 +4,7 @@ DeepSeek-V3, Kimi K2, Moonlight and Qwen3-MoE-FP8 ship their expert matrices as 
 float32 scale per block. A frozen expert stack can stay so (`ModelConfig.expert_fp8_block`): the
 matrix `name` [E, in, out] (our layout, the transpose of the file's [out, in]) is float8_e4m3fn,
 and `name + SCALE` [E, ceil(in/bi), ceil(out/bo)] float32 holds its blocks' scales. An expert's
-value is the float32 product of its FP8 value and its block's scale, rounded to the compute dtype:
+value is the float32 product of its FP8 value and its block's scale, rounded to bfloat16:
 transformers' `Fp8Dequantize`, so a quantised stack computes what the same stack dequantised up
 front computes. Half the bytes of bf16, and the blocked MoE path never holds more than one
 expert's dequantised matrix (`Fp8Stack`).
@@ -37,11 +37,13 @@ def scale_shape(shape: tuple[int, ...], block_in_out: tuple[int, int]) -> tuple[
 def dequantize(
     values_io: jax.Array, scale_rc: jax.Array, block_in_out: tuple[int, int], dtype: Any
 ) -> jax.Array:
-    """values [..., in, out] FP8, scale [..., R, C] -> [..., in, out] in `dtype`."""
+    """values [..., in, out] FP8, scale [..., R, C] -> [..., in, out] in `dtype`, by way of
+    bfloat16: what transformers and a bf16 load of the checkpoint hold (checkpoint/hf.py)."""
     bi, bo = block_in_out
     n_in, n_out = values_io.shape[-2:]
     scale = jnp.repeat(jnp.repeat(scale_rc.astype(jnp.float32), bi, -2), bo, -1)
-    return (values_io.astype(jnp.float32) * scale[..., :n_in, :n_out]).astype(dtype)
+    product = values_io.astype(jnp.float32) * scale[..., :n_in, :n_out]
+    return product.astype(jnp.bfloat16).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ import numpy as np
 
 from esft_jax.checkpoint.adapter import CONFIG_FILE, adapter_updates, read_adapter
 from esft_jax.checkpoint.errors import CheckpointError
+from esft_jax.model import quant
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.params import Params
 from esft_jax.routing.expected import check_profile
@@ -74,7 +75,10 @@ def _expert_rows(
                 f"{adapter_dir}: {m.hf_name} is not a routed expert's tensor; the bank serves "
                 "adapters of expert rows only (serve this one merged: esft export)"
             )
-        row = rows.setdefault(m.index, {k: np.asarray(w[m.index]) for k, w in experts.items()})
+        if m.index not in rows:  # the base's row (FP8 experts dequantised: adapters' rows are bf16)
+            base = quant.rows(experts, m.index, cfg.expert_fp8_block, "bfloat16")
+            rows[m.index] = {k: np.asarray(w) for k, w in base.items()}
+        row = rows[m.index]
         row[m.path[-1]] = update(row[m.path[-1]])
     return rows
 
@@ -97,9 +101,13 @@ def build_bank(cfg: ModelConfig, params: Params, adapters: Mapping[str, str | Pa
         ]
     )
     ids = np.full((num_layers, num_sets, width), -1, np.int32)
-    leaves = {
-        k: np.zeros((num_layers, num_sets, width, *w.shape[2:]), w.dtype)
+    leaves = {  # the rows' leaves: every matrix and bias, FP8 ones in bf16 (as a bf16 load holds them)
+        k: np.zeros(
+            (num_layers, num_sets, width, *w.shape[2:]),
+            jnp.bfloat16 if k + quant.SCALE in experts else w.dtype,
+        )
         for k, w in experts.items()
+        if not k.endswith(quant.SCALE)
     }
     trained = []
     for a, rows in enumerate(per_adapter, start=1):

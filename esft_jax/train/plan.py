@@ -322,14 +322,14 @@ def report(
             if fits:
                 smallest.setdefault(name, n)
             kept = layer_inputs(cfg, max(rows_at_once // n, 1), seq_len)
-            gib = [
-                f"{b / GIB:.2f}"
-                for b in (p.params, p.trainable, p.optimizer, p.temporaries, p.total)
-            ]
-            gib.insert(3, "-" if kept is None else f"{kept / GIB:.2f}")
+            sizes = [p.params, p.trainable, p.optimizer, kept, p.temporaries, p.total]
             verdict = "yes" if fits else "no (compiler)" if p.out_of_memory else "no"
             step = f"{rows_at_once} x {accum}"
-            rows.append([name, str(n), step, *gib, verdict, f"{p.compile_seconds:.0f}"])
+            rows.append([name, str(n), step, sizes, verdict, f"{p.compile_seconds:.0f}"])
+    # GiB, or MiB for a model whose every plan is under a GiB
+    unit, scale = ("GiB", GIB) if max(r[3][-1] for r in rows) >= GIB else ("MiB", 2**20)
+    for r in rows:
+        r[3:4] = ["-" if b is None else f"{b / scale:.2f}" for b in r[3]]
     head = [
         "method",
         "devices",
@@ -352,7 +352,7 @@ def report(
             else ""
         )
         + f"; batch {batch_size} x {seq_len} a step, "
-        f"remat={cfg.remat}, attention_impl={cfg.attention_impl}; GiB per device, mesh axis "
+        f"remat={cfg.remat}, attention_impl={cfg.attention_impl}; {unit} per device, mesh axis "
         f"{mesh_axis}, compiled for {compiled_for(topology)}. params: the frozen model; trainable: "
         "the trained copy; activations: the layer inputs kept for the backward pass (part of the "
         "temporaries)",

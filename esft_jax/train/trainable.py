@@ -254,7 +254,10 @@ class ExpertSubset:
                 return False
             return ec.shared_experts if is_shared(m.path) else ec.non_expert_modules
 
-        tensors = hf_tensors(cfg, self.write_back(frozen, trainable), changed)
+        if cfg.expert_fp8_block:
+            tensors = self._fp8_adapter_tensors(cfg, frozen, trainable, changed)
+        else:
+            tensors = hf_tensors(cfg, self.write_back(frozen, trainable), changed)
         # the routing profile once, where the server's monitor reads it (serve/bank.py)
         metadata = {
             "method": "esft",
@@ -263,3 +266,20 @@ class ExpertSubset:
         if ec.profile is not None:
             metadata["routing_profile"] = ec.profile
         return tensors, metadata
+
+    def _fp8_adapter_tensors(
+        self, cfg: ModelConfig, frozen: Params, trainable: Params, changed
+    ) -> dict[str, np.ndarray]:
+        """adapter_tensors over FP8 experts: the trained experts' rows in bfloat16 (as a bf16 load
+        holds those experts), never the FP8 stack gathered or re-quantised."""
+        params = cast_like(overlay(frozen, self._subtrees(trainable)), frozen)
+        moe = {k: v for k, v in params["moe_layers"]["moe"].items() if k != "experts"}
+        params = {**params, "moe_layers": {**params["moe_layers"], "moe": moe}}
+        tensors = hf_tensors(cfg, params, lambda m: "experts" not in m.path and changed(m))
+        rows = to_host(trainable.get("experts", {}))
+        slot = dict(zip(map(tuple, self.rows.tolist()), self.row_slots.tolist()))
+        for m in tensor_maps(cfg):
+            if "experts" in m.path and m.index in slot:
+                row = rows[m.path[-1]][m.index[0], slot[m.index]]
+                tensors[m.hf_name] = m.to_hf(np.asarray(row).astype(jnp.bfloat16))
+        return tensors
