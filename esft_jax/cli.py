@@ -29,6 +29,7 @@ from esft_jax import (
 from esft_jax.builtin import suite as builtin_suite
 from esft_jax.checkpoint import CheckpointError, save_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter
+from esft_jax.checkpoint.native_export import export_native
 from esft_jax.data.records import DataError
 from esft_jax.data.shards import ShardError
 from esft_jax.eval.judge import JudgeError
@@ -146,6 +147,10 @@ def cmd_export(c: ml_collections.ConfigDict) -> None:
     """Base checkpoint + adapter -> a full Hugging Face checkpoint directory."""
     inputs = (c.checkpoint, c.adapter)
     runtime.check_adapter_base(c, c.adapter)
+    if c.dtype == "native":  # the base's files with the adapter's tensors, in the base's format
+        out = export_native(c.checkpoint, c.adapter, c.out, overwrite=c.overwrite)
+        print(f"{c.checkpoint} + {c.adapter} -> {out} (the base's format)")
+        return
     cfg, params = load_with_adapter(c.checkpoint, c.adapter)
     out = save_checkpoint(
         c.out,

@@ -303,7 +303,7 @@ def _export(c: ml_collections.ConfigDict) -> None:
     input_path(c, "adapter", "the adapter directory (esft train's <workdir>/adapter)")
     required(c, "out", "the directory to write the merged checkpoint to")
     writable_dir(c, "out")
-    one_of(c, "dtype", ("auto", *DTYPES))
+    one_of(c, "dtype", ("auto", "native", *DTYPES))
     try:  # before the merge: refusing costs nothing (save_checkpoint checks again when it writes)
         export_replaceable(
             Path(c.out),

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from esft_jax.checkpoint import CheckpointError, fp8_native, load_checkpoint
+from esft_jax.checkpoint import CheckpointError, fp8, fp8_native, load_checkpoint
 from esft_jax.checkpoint.hf import read_safetensors
 from esft_jax.checkpoint.hf_names import tensor_maps
 from esft_jax.checkpoint.sharded_load import load_params_sharded
@@ -161,3 +161,84 @@ def test_esft_train_on_an_fp8_base_trains_as_on_its_bf16_load(tmp_path, capsys):
         assert {t.dtype for t in tensors.values()} == {np.dtype(ml_dtypes.bfloat16)}
     assert len(losses["native"]) == 3
     np.testing.assert_allclose(losses["native"], losses["bfloat16"], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fp8_v3_whole_blocks(hf_checkpoint, tmp_path_factory):
+    """FP8 in 8 x 8 blocks, which divide every matrix: transformers' own FP8 loader mishandles
+    partial blocks (tests/test_fp8.py pads them for its reference)."""
+    src, _ = hf_checkpoint("v3")
+    ckpt = tmp_path_factory.mktemp("fp8_whole") / "fp8"
+    hf_models.fp8_checkpoint(src, ckpt, block=(8, 8))
+    return ckpt
+
+
+def _transformers_logits(ckpt, tokens) -> np.ndarray:
+    """transformers' fine-grained FP8 loader (on a CPU it dequantises, and runs in bf16)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        ckpt,
+        attn_implementation="eager",
+        experts_implementation="eager",
+        dtype=torch.float32,
+        quantization_config=transformers.FineGrainedFP8Config(
+            weight_block_size=(8, 8), dequantize=True
+        ),
+    ).eval()
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens)).logits.float().numpy()
+
+
+def _rel(a, b) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.slow
+def test_a_native_export_is_the_base_in_fp8_with_the_trained_experts_requantised(
+    fp8_v3_whole_blocks, tmp_path
+):
+    """`esft export --config.dtype=native`: every base tensor but the trained experts' byte for byte;
+    those FP8 again in the base's blocks, within FP8's rounding of the adapter's; transformers'
+    fine-grained FP8 loader reads the export as it reads the base (its logits as close to ours)."""
+    from esft_jax import cli, config_files
+    from esft_jax.checkpoint.adapter import read_adapter
+    from esft_jax.expert_config import ExpertConfig
+    from esft_jax.train.method import save_adapter
+    from esft_jax.train.trainable import ExpertSubset
+
+    base_dir, out_dir = fp8_v3_whole_blocks, tmp_path / "out"
+    cfg, params = load_checkpoint(base_dir)
+    method = ExpertSubset.build(cfg, ExpertConfig({layer: [1] for layer in cfg.moe_layer_ids}))
+    trained_rows = jax.tree.map(lambda r: r * 1.25, method.init(params))
+    adapter = save_adapter(tmp_path / "adapter", cfg, method, params, trained_rows)
+    c = config_files.load(
+        "configs/export.py",
+        [f"checkpoint={base_dir}", f"adapter={adapter}", f"out={out_dir}", "dtype=native"],
+    )
+    cli.cmd_export(c)
+    base, out = _all_tensors(base_dir), _all_tensors(out_dir)
+    assert base.keys() == out.keys()
+    trained, _ = read_adapter(adapter)
+    for name in base:
+        if name.removesuffix("_scale_inv") not in trained:
+            np.testing.assert_array_equal(base[name].view(np.uint8), out[name].view(np.uint8))
+    for name, want in trained.items():
+        assert out[name].dtype == base[name].dtype  # FP8 again
+        got = fp8.dequantize(out[name], out[name + "_scale_inv"], (8, 8), np.float32)
+        want = want.astype(np.float32)
+        assert np.all(np.abs(got - want) <= 2.0**-4 * np.abs(want) + 1e-6)
+
+    tokens = np.random.default_rng(2).integers(3, 256, (2, 16))
+    errors = []
+    for ckpt in (base_dir, out_dir):
+        ours_cfg, ours = load_checkpoint(ckpt)
+        logits = np.asarray(forward(ours, tokens, ours_cfg)[0])
+        errors.append(_rel(logits, _transformers_logits(ckpt, tokens)))
+    assert errors[1] <= 2 * errors[0] + 1e-3 and errors[1] < 2e-2, errors
+
+
+def _all_tensors(ckpt) -> dict[str, np.ndarray]:
+    with read_safetensors(ckpt / "model.safetensors") as f:
+        return {n: f.get_tensor(n) for n in f.keys()}
