@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/load.py  # ~1 GiB float32 and bfloat16; 1 device, expert 8, fsdp 8
     .venv/bin/python benchmarks/load.py --gib 0.25 --dtypes bfloat16
+    .venv/bin/python benchmarks/load.py --dtypes fp8      # FP8 experts kept FP8 (frozen_dtype=native)
 
 Each row runs in a fresh process (its own device count, its own peak RSS). The checkpoint is a
 synthetic DeepSeek-V2-style MoE, loaded on one device, an expert 8 mesh (expert weights once, the
@@ -63,13 +64,41 @@ def _gib(n_bytes: float) -> str:
 
 
 def _write(path: Path, dtype: str, gib: float) -> Path:
+    """A checkpoint of ~`gib` GiB; "fp8": the bf16 one with every routed expert matrix FP8 in
+    128 x 128 blocks, as DeepSeek-V3 ships them (loaded with frozen_dtype=native)."""
     import jax
 
     from esft_jax.checkpoint import save_checkpoint
     from esft_jax.model import init_params
 
+    if dtype == "fp8":
+        return _fp8_copy(_write(path.with_name("bf16-source"), "bfloat16", gib), path)
     cfg = _config(dtype, gib)
     return save_checkpoint(path, cfg, init_params(cfg, jax.random.key(0)))
+
+
+def _fp8_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    import numpy as np
+
+    from esft_jax.checkpoint.hf import read_safetensors
+    from esft_jax.checkpoint.native_export import quantize_matrix, save_safetensors
+
+    dst.mkdir(parents=True)
+    tensors = {}
+    with read_safetensors(src / "model.safetensors") as f:
+        for name in f.keys():
+            tensors[name] = f.get_tensor(name)
+            if ".experts." in name:
+                tensors[name], scale = quantize_matrix(tensors[name], (128, 128))
+                tensors[name + "_scale_inv"] = scale.astype(np.float32)
+    save_safetensors(tensors, dst / "model.safetensors", {"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (dst / "config.json").write_text(json.dumps(config))
+    shutil.rmtree(src)
+    return dst
 
 
 def _child(ckpt: str, loader: str, mesh_name: str) -> dict:
@@ -82,7 +111,12 @@ def _child(ckpt: str, loader: str, mesh_name: str) -> dict:
     from esft_jax.runtime import peak_rss_bytes
     from esft_jax.sharding import make_mesh, shard_params
 
-    cfg = load_config(ckpt)
+    frozen = (
+        "native"
+        if "quantization_config" in (Path(ckpt) / "config.json").read_text()
+        else "bfloat16"
+    )
+    cfg = load_config(ckpt, frozen_dtype=frozen)
     mesh = make_mesh(MESHES[mesh_name]) if MESHES[mesh_name] else None
     jax.block_until_ready(jax.numpy.ones(8))  # backend started before the baseline
     rss0, start = peak_rss_bytes(), time.perf_counter()
@@ -90,7 +124,7 @@ def _child(ckpt: str, loader: str, mesh_name: str) -> dict:
         params = load_params_sharded(ckpt, cfg, mesh)
         read = STATS["bytes_read"]
     else:
-        _, params = load_checkpoint(ckpt)
+        _, params = load_checkpoint(ckpt, frozen_dtype=frozen)
         if mesh is not None:
             params = shard_params(params, param_axes(cfg), mesh)
         read = (
@@ -124,7 +158,7 @@ def _row(ckpt: Path, loader: str, mesh_name: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gib", type=float, default=1.0, help="checkpoint size")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="of float32, bfloat16, fp8")
     ap.add_argument("--meshes", default=",".join(MESHES), help=f"some of {list(MESHES)}")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()

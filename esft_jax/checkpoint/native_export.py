@@ -89,16 +89,16 @@ def _write_merged(
             if name in trained:
                 if fp8.scale_name(name) in names:  # FP8: re-quantised in the base's blocks
                     scale_dtype = f.get_tensor(fp8.scale_name(name)).dtype
-                    out[name], scale = _quantize(trained[name], block)
+                    out[name], scale = quantize_matrix(trained[name], block)
                     out[fp8.scale_name(name)] = scale.astype(scale_dtype)
                 else:
                     out[name] = trained[name].astype(f.get_tensor(name).dtype)
             elif name == matrix or matrix not in trained:  # (a trained one's scale: written above)
                 out[name] = f.get_tensor(name)
-    _save(out, dst, {"format": "pt"})
+    save_safetensors(out, dst, {"format": "pt"})
 
 
-def _quantize(w_oi: np.ndarray, block: fp8.Block) -> tuple[np.ndarray, np.ndarray]:
+def quantize_matrix(w_oi: np.ndarray, block: fp8.Block) -> tuple[np.ndarray, np.ndarray]:
     """An [out, in] matrix -> (FP8 values [out, in], scales [ceil(out/bo), ceil(in/bi)])."""
     if block is None:
         raise CheckpointError(
@@ -108,7 +108,9 @@ def _quantize(w_oi: np.ndarray, block: fp8.Block) -> tuple[np.ndarray, np.ndarra
     return np.asarray(values_io).T.copy(), np.asarray(scale_rc).T.copy()
 
 
-def _save(tensors: Mapping[str, np.ndarray], path: Path, metadata: Mapping[str, str]) -> None:
+def save_safetensors(
+    tensors: Mapping[str, np.ndarray], path: Path, metadata: Mapping[str, str]
+) -> None:
     """A safetensors file of `tensors` as they are, FP8 included (which safetensors' numpy writer
     does not take)."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
