@@ -127,9 +127,8 @@ def _child(ckpt: str, loader: str, mesh_name: str) -> dict:
         _, params = load_checkpoint(ckpt, frozen_dtype=frozen)
         if mesh is not None:
             params = shard_params(params, param_axes(cfg), mesh)
-        read = (
-            (Path(ckpt) / "model.safetensors").stat().st_size
-        )  # every tensor, once (and the header)
+        # every tensor, once (and the header)
+        read = (Path(ckpt) / "model.safetensors").stat().st_size
     jax.block_until_ready(params)
     seconds, rss = time.perf_counter() - start, peak_rss_bytes() - rss0
     on_devices = sum(

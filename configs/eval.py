@@ -46,9 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
             translation=_task("judge", 256),
         )
     )
-    c.perplexity = ml_collections.ConfigDict(
-        dict(data="", format="auto", seq_len=1024, limit=0)
-    )  # held-out text (any format, as the tasks'; its first `limit` samples, 0: all): general ability
+    # held-out text (any format, as the tasks'; its first `limit` samples, 0: all): general ability
+    c.perplexity = ml_collections.ConfigDict(dict(data="", format="auto", seq_len=1024, limit=0))
     c.batch_size = 8
     c.judge = blocks.judge(retries=3)
     c.out_dir = "runs/eval"

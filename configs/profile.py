@@ -23,20 +23,17 @@ def get_config(model: str = "tiny") -> ml_collections.ConfigDict:
     # conversations' format, as esft train's data.template: "model", "esft" or a PATH.jinja
     c.template = "model"
     c.skip_invalid = False  # skip (and count) malformed rows instead of stopping
-    c.count = (
-        "all"  # which tokens' routing counts: "all" (as the official code), "answer", "prompt"
-    )
+    # which tokens' routing counts: "all" (as the official code), "answer", "prompt"
+    c.count = "all"
     c.token_budget = 32 * 4096  # counted tokens to profile (the paper's 32 sequences of 4096)
     # longer documents are truncated; rows hold several documents (segment ids); 0: 4096 (the
     # paper's), or the model's positions (max_position_embeddings) where it has fewer
     c.seq_len = 0
-    c.batch_size = (
-        8  # batch_size x seq_len token slots a step (short documents: more, shorter packed rows)
-    )
-    c.shards = (
-        0  # data shards, each read only by the processes holding its batch rows, with its share of
-    )
-    # the budget (0: one per block of rows a process holds); fixed, any process count agrees
+    # batch_size x seq_len token slots a step (short documents: more, shorter packed rows)
+    c.batch_size = 8
+    # data shards, each read only by the processes holding its batch rows, with its share of the
+    # budget (0: one per block of rows a process holds); fixed, any process count agrees
+    c.shards = 0
     c.official_logs = False  # also write expert_weights_<layer>.txt in the official format
     c.out_dir = "runs/profile"
     c.progress = True

@@ -16,12 +16,13 @@ import ml_collections
 
 from esft_jax import config_blocks as blocks
 
+# the training method (esft_jax/train/method.py REGISTRY)
 PRESETS = (
     "esft",
     "fft",
     "lora",
     "router",
-)  # the training method (esft_jax/train/method.py REGISTRY)
+)
 
 
 def get_config(method: str = "esft") -> ml_collections.ConfigDict:

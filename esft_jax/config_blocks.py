@@ -18,9 +18,8 @@ import ml_collections
 
 from esft_jax import config_files
 
-MODELS = tuple(
-    sorted(p.stem for p in (config_files.bundled_dir() / "models").glob("*.py"))
-)  # configs/models/
+# configs/models/
+MODELS = tuple(sorted(p.stem for p in (config_files.bundled_dir() / "models").glob("*.py")))
 
 
 def model(name: str) -> ml_collections.ConfigDict:

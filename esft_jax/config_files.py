@@ -83,9 +83,8 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
         raise ConfigFileError(f"{path}:{e.lineno}: {e.msg}") from None
     if not hasattr(module, "get_config"):
         raise ConfigFileError(f"{path}: defines no get_config()")
-    presets = getattr(
-        module, "PRESETS", None
-    )  # a config file's named variants, where it has a fixed set
+    # a config file's named variants, where it has a fixed set
+    presets = getattr(module, "PRESETS", None)
     if arg and presets is not None and arg not in presets:
         raise ConfigFileError(
             f"{spec}: no preset {arg!r} in {path} (presets: {', '.join(presets)})"

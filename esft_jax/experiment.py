@@ -36,6 +36,7 @@ from esft_jax.routing import run as routing_run
 from esft_jax.routing.sources import STATS_FILE, load_stats
 from esft_jax.runtime import RUNTIME_FIELDS
 
+# the study's, for each of its steps
 STEP_FIELDS = (
     "model",
     "checkpoint",
@@ -43,7 +44,7 @@ STEP_FIELDS = (
     "template",
     "seed",
     "mesh",
-)  # the study's, for each of its steps
+)
 
 
 def _cached(path: Path, compute) -> Any:

@@ -47,9 +47,8 @@ class Case:
     names: str  # what the message must name
 
 
-COMMON = (
-    "..."  # in an argv: the arguments before it are a valid command's, shown as "..." in the docs
-)
+# in an argv: the arguments before it are a valid command's, shown as "..." in the docs
+COMMON = "..."
 
 
 _HELD: list[socket.socket] = []

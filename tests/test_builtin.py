@@ -42,9 +42,8 @@ def test_suite_is_deterministic_and_well_formed(tmp_path):
         asked = {f"User: {s.messages[0]['content']}\n\nAssistant:" for s in train}
         assert not asked >= {e.prompt for e in evals}  # held-out prompts
     intent = read_eval_set(a / "eval" / "intent.jsonl")
-    assert all(
-        scorers.intent(e.answers[0], e.answers) == 1.0 for e in intent
-    )  # answers are valid intent JSON
+    # answers are valid intent JSON
+    assert all(scorers.intent(e.answers[0], e.answers) == 1.0 for e in intent)
     assert json.loads(intent[0].answers[0])["intent"] in builtin_suite.ACTIONS.values()
 
 

@@ -143,9 +143,8 @@ def test_a_child_writing_megabytes_does_not_block_the_study(tmp_path, monkeypatc
     assert summary["steps"] == 2 and summary["wall_seconds"] > 0
     log = tmp_path / "train_fft" / experiment.TRAIN_LOG
     assert log.stat().st_size == 16384 * 64 + len("done\n")
-    assert (
-        experiment._train_child(None, "fft", tmp_path, tmp_path) == summary
-    )  # cached: no child runs
+    # cached: no child runs
+    assert experiment._train_child(None, "fft", tmp_path, tmp_path) == summary
 
 
 def test_a_failed_child_is_one_error_line_and_its_log_tail(tmp_path, monkeypatch, capsys, deadline):
@@ -189,7 +188,8 @@ def test_a_child_reports_its_own_peak_memory_not_its_parents():
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
         ).stdout.split(),
     )
+    # the child itself holds far less than its parent
     assert own < parent.nbytes / 2, (
         own,
         inherited,
-    )  # the child itself holds far less than its parent
+    )

@@ -130,13 +130,11 @@ def test_grouped_matmuls_skip_frozen_experts_weight_gradients(strategy):
 
     def weight_gradients(argnums) -> int:
         text = str(jax.make_jaxpr(jax.grad(loss, argnums=argnums))(jnp.asarray(x), p))
-        return text.count(
-            "lhs_ragged_dimensions=(0,), rhs_group_dimensions=())"
-        )  # ragged contraction
+        # ragged contraction
+        return text.count("lhs_ragged_dimensions=(0,), rhs_group_dimensions=())")
 
-    assert (
-        weight_gradients(0) == 0 and weight_gradients(1) >= 3
-    )  # gate, up, down (tokamax nests its jaxprs)
+    # gate, up, down (tokamax nests its jaxprs)
+    assert weight_gradients(0) == 0 and weight_gradients(1) >= 3
 
 
 @pytest.mark.parametrize("block", [1, 3, 8, 128])

@@ -120,9 +120,8 @@ def test_overwrite_replaces_only_a_previous_export(capsys, inputs, tmp_path):
     assert snapshot(*inputs) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging directory left
 
-    (out / "README.md").write_text(
-        "the user's"
-    )  # a file the user added: kept, so the export is refused
+    # a file the user added: kept, so the export is refused
+    (out / "README.md").write_text("the user's")
     assert_refused(capsys, inputs, out, "--config.overwrite=True", says="did not write (README.md)")
 
 
@@ -155,9 +154,8 @@ def test_export_writes_the_tokenizer_files_transformers_needs(capsys, inputs, tm
         == hf.bos_token + prompt
     )
     [(ids, _)] = encode(ours, Sample("", "", "test", tuple(chat)), cfg)
-    assert (
-        list(hf.apply_chat_template(chat, tokenize=True)["input_ids"]) == ids.tolist()
-    )  # the training tokens
+    # the training tokens
+    assert list(hf.apply_chat_template(chat, tokenize=True)["input_ids"]) == ids.tolist()
 
 
 @pytest.mark.slow
@@ -185,16 +183,14 @@ def test_transformers_generates_what_esft_eval_generates(capsys, tmp_path):
     assert prompt_ids == [
         [cfg.bos_token_id, *esft_tokenizer.encode(p, add_special_tokens=False).ids] for p in prompts
     ]
-    ours = generate(
-        params, cfg, prompt_ids, max_new_tokens=max_new, eos_id=cfg.eos_token_id
-    )  # generate_text's call
+    # generate_text's call
+    ours = generate(params, cfg, prompt_ids, max_new_tokens=max_new, eos_id=cfg.eos_token_id)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "export", attn_implementation="eager"
     ).eval()
     threads = torch.get_num_threads()
-    torch.set_num_threads(
-        1
-    )  # the tiny model decodes ~10x faster on one thread than on two contended cores
+    # the tiny model decodes ~10x faster on one thread than on two contended cores
+    torch.set_num_threads(1)
     try:
         for ids, ours_ids, text in zip(prompt_ids, ours, texts):
             with torch.no_grad():
@@ -204,17 +200,15 @@ def test_transformers_generates_what_esft_eval_generates(capsys, tmp_path):
                     do_sample=False,
                     max_new_tokens=max_new,
                 )[0, len(ids) :].tolist()
-            assert new == ours_ids + [cfg.eos_token_id] * (
-                len(ours_ids) < max_new
-            )  # stops at EOS, as esft does
+            # stops at EOS, as esft does
+            assert new == ours_ids + [cfg.eos_token_id] * (len(ours_ids) < max_new)
             assert tokenizer.decode(new, skip_special_tokens=True) == text
     finally:
         torch.set_num_threads(threads)
     assert {len(o) < max_new for o in ours} == {True, False}  # both endings compared
     gate = "moe_layers", "moe", "experts", "gate"
-    assert not np.array_equal(
-        _at(load_checkpoint(base)[1], gate), _at(params, gate)
-    )  # the adapter is in
+    # the adapter is in
+    assert not np.array_equal(_at(load_checkpoint(base)[1], gate), _at(params, gate))
 
 
 def _at(params: dict, path: tuple[str, ...]) -> np.ndarray:

@@ -168,9 +168,8 @@ def test_esft_changes_exactly_the_selected_rows(family):
             jax.tree.leaves(non_expert_part(params)), jax.tree.leaves(non_expert_part(after))
         )
     ]
-    assert all(
-        np.array_equal(a, b) for a, b in rest
-    )  # attention, router (+ biases), norms, embeddings
+    # attention, router (+ biases), norms, embeddings
+    assert all(np.array_equal(a, b) for a, b in rest)
     for name in ("shared", "shared_gate", *ALWAYS_FROZEN):
         if name in params["moe_layers"]["moe"]:
             for a, b in zip(

@@ -100,17 +100,15 @@ def test_matches_transformers(hf_checkpoint, variant, strategy):
             err_msg=f"layer {layer}",
         )
     print(f"{variant}/{strategy}: logits rel err {rel_err:.2e}, near-tie tokens excused: {ties}")
-    assert (
-        ties <= keep.sum() * cfg.num_moe_layers // 20
-    )  # ties must stay rare, or the test proves little
+    # ties must stay rare, or the test proves little
+    assert ties <= keep.sum() * cfg.num_moe_layers // 20
 
 
 @pytest.mark.parametrize("variant", ["v2_qlora_yarn", "v3", *hf_models.FAMILY_VARIANTS])
 def test_export_round_trip_loads_in_transformers(hf_checkpoint, tmp_path, variant):
     path, ref_model = hf_checkpoint(variant)
-    cfg, params = load_checkpoint(
-        path, moe_strategy="capacity"
-    )  # as a parity case: its compiled program
+    # as a parity case: its compiled program
+    cfg, params = load_checkpoint(path, moe_strategy="capacity")
     # Move the weights off the reference's values so that a no-op export could not pass.
     params = jax.tree.map(lambda p: p * 1.01, params)
     out = save_checkpoint(tmp_path / "export", cfg, params, max_shard_bytes=200_000)

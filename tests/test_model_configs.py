@@ -42,18 +42,14 @@ CARDS = {
     "qwen1_5_moe_a2_7b": Card(14.3e9, 2.7e9),  # "14.3B parameters in total and 2.7B activated"
     "qwen3_30b_a3b": Card(30.5e9, 3.3e9),  # "30.5B in total and 3.3B activated"
     "olmoe_1b_7b": Card(6.9e9, 1.3e9),  # OLMoE paper: 6.9B total, 1.3B active
-    "mixtral_8x7b": Card(
-        46.7e9, 12.9e9
-    ),  # "46.7B total parameters but only uses 12.9B parameters per token"
-    "glm4_5_air": Card(
-        106e9, 12e9, (), ()
-    ),  # "106 billion total ... 12 billion active", without embeddings
-    "gpt_oss_20b": Card(
-        20.91e9, 3.61e9, active_tables=("lm_head",)
-    ),  # the unembedding is active, the lookup not
-    "moonlight_16b_a3b": Card(
-        15.29e9, 2.24e9, (), ()
-    ),  # Moonlight paper, embeddings excluded (card: 16B / 3B)
+    # "46.7B total parameters but only uses 12.9B parameters per token"
+    "mixtral_8x7b": Card(46.7e9, 12.9e9),
+    # "106 billion total ... 12 billion active", without embeddings
+    "glm4_5_air": Card(106e9, 12e9, (), ()),
+    # the unembedding is active, the lookup not
+    "gpt_oss_20b": Card(20.91e9, 3.61e9, active_tables=("lm_head",)),
+    # Moonlight paper, embeddings excluded (card: 16B / 3B)
+    "moonlight_16b_a3b": Card(15.29e9, 2.24e9, (), ()),
 }
 
 
@@ -385,6 +381,5 @@ def test_esft_plan_compiles_a_step_of_the_model(name, capsys):
     )
     params = abstract_params(_load(name))
     held = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))
-    assert float(row.split("|")[4]) == pytest.approx(
-        held / 1024**3, abs=0.01
-    )  # the frozen model, in GiB
+    # the frozen model, in GiB
+    assert float(row.split("|")[4]) == pytest.approx(held / 1024**3, abs=0.01)

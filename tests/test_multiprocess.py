@@ -137,8 +137,7 @@ def test_two_processes_profile_like_one(tmp_path):
     assert one.tokens == two.tokens > 0
     np.testing.assert_array_equal(two.counts, one.counts)
     np.testing.assert_array_equal(two.coactivation, one.coactivation)
-    n_roundings = model_roundings(fx.tiny_config()) + np.sqrt(
-        one.tokens
-    )  # the forward, then a sum over tokens
+    # the forward, then a sum over tokens
+    n_roundings = model_roundings(fx.tiny_config()) + np.sqrt(one.tokens)
     assert_float32_close(two.gate_sum, one.gate_sum, n_roundings)
     assert_float32_close(two.seq_gate_frac, one.seq_gate_frac, n_roundings)

@@ -16,16 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_config_path_resolves_in_the_working_directory_first(tmp_path, monkeypatch):
-    assert config_files.resolve("configs/train.py") == Path(
-        "configs/train.py"
-    )  # the tests run at the root
+    # the tests run at the root
+    assert config_files.resolve("configs/train.py") == Path("configs/train.py")
     monkeypatch.chdir(tmp_path)
-    assert (
-        config_files.resolve("configs/train.py") == ROOT / "configs" / "train.py"
-    )  # a checkout's bundled dir
-    assert config_files.resolve("configs/nope.py") == Path(
-        "configs/nope.py"
-    )  # stays missing: the error names it
+    # a checkout's bundled dir
+    assert config_files.resolve("configs/train.py") == ROOT / "configs" / "train.py"
+    # stays missing: the error names it
+    assert config_files.resolve("configs/nope.py") == Path("configs/nope.py")
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "train.py").write_text("")
     assert config_files.resolve("configs/train.py") == Path("configs/train.py")  # a local copy wins

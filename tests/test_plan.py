@@ -75,9 +75,8 @@ def test_every_method_plans_through_the_train_factory():
     router = plan.estimate(
         CFG, plan.method_for(CFG, "router"), {"data": 1}, batch_size=2, seq_len=32, optim=OPTIM
     )
-    assert (
-        router.trainable == CFG.num_moe_layers * CFG.hidden_size * CFG.n_routed_experts * 4
-    )  # float32
+    # float32
+    assert router.trainable == CFG.num_moe_layers * CFG.hidden_size * CFG.n_routed_experts * 4
     assert 0 < router.optimizer - 2 * router.trainable <= 16
     validate.check("plan", cli.config_files.load("configs/plan.py", ["methods=router,esft"]))
     with pytest.raises(ValueError, match="expected one of"):

@@ -66,10 +66,11 @@ def _alone(params, cfg, seqs, seq_len: int) -> RoutingStats:
     _, routing = jax.jit(forward, static_argnums=2)(
         params, jnp.asarray(tokens), cfg, segment_ids_bt=jnp.asarray(segments)
     )
+    # [L, n, T, k]
     ids_all, w_all = (
         np.asarray(routing.expert_ids),
         np.asarray(routing.gate_weights),
-    )  # [L, n, T, k]
+    )
     e = cfg.n_routed_experts
     ref = RoutingStats.empty(
         list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers)), e, cfg.num_experts_per_tok
@@ -93,9 +94,8 @@ def _assert_same(stats: RoutingStats, ref: RoutingStats) -> None:
     np.testing.assert_array_equal(stats.counts, ref.counts)
     np.testing.assert_array_equal(stats.coactivation, ref.coactivation)
     tiny = config_files.model_config(config_files.load_file("configs/models/tiny.py"))
-    n_roundings = model_roundings(tiny) + np.sqrt(
-        ref.tokens
-    )  # the forward, then a sum over the tokens
+    # the forward, then a sum over the tokens
+    n_roundings = model_roundings(tiny) + np.sqrt(ref.tokens)
     for field in ("gate_sum", "seq_count_frac", "seq_gate_frac"):
         assert_float32_close(getattr(stats, field), getattr(ref, field), n_roundings, err_msg=field)
     assert (stats.tokens, stats.sequences, stats.layers) == (ref.tokens, ref.sequences, ref.layers)
@@ -117,16 +117,14 @@ def test_token_budget_is_exact(setup):
 def test_packing_keeps_the_documents_in_order_in_rows_that_hold_them(short):
     seqs = _seqs(short, seq_len=256)
     row_len = profile.row_length(seqs, 256)
-    assert row_len == 128 and max(s.ids.size for s in seqs) in range(
-        65, 129
-    )  # the long document sets it
+    # the long document sets it
+    assert row_len == 128 and max(s.ids.size for s in seqs) in range(65, 129)
     rows = profile.pack(seqs, row_len)
     assert [s for row in rows for s in row] == seqs  # every document once, in order
     sizes = [[s.ids.size for s in row] for row in rows]
     assert all(sum(row) <= row_len for row in sizes)
-    assert all(
-        sum(row) + nxt[0] > row_len for row, nxt in zip(sizes, sizes[1:])
-    )  # a row closes when full
+    # a row closes when full
+    assert all(sum(row) + nxt[0] > row_len for row, nxt in zip(sizes, sizes[1:]))
     assert max(len(row) for row in rows) >= 3 and len(rows) < len(seqs) / 2
     assert (
         profile.row_length(seqs, 100) == 100
@@ -180,9 +178,8 @@ def test_official_log_output_reads_back(short, tmp_path):
         stats.layers,
     )
     np.testing.assert_array_equal(back.counts, stats.counts)
-    np.testing.assert_allclose(
-        back.gate_sum, stats.gate_sum, atol=5e-5 * stats.tokens
-    )  # 4-decimal weights
+    # 4-decimal weights
+    np.testing.assert_allclose(back.gate_sum, stats.gate_sum, atol=5e-5 * stats.tokens)
     lines = read_layer_log(
         tmp_path / "expert_weights_1.txt", cfg.num_experts_per_tok, cfg.n_routed_experts
     )

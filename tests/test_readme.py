@@ -145,9 +145,8 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, capsys):
     markers = [
         line for line in text.splitlines() if line.startswith("<!--") and "readme-test" in line
     ]
-    assert all(SKIP.fullmatch(line.strip()) for line in markers), (
-        markers
-    )  # none misspelt, none without a reason
+    # none misspelt, none without a reason
+    assert all(SKIP.fullmatch(line.strip()) for line in markers), markers
     monkeypatch.setenv("ESFT_MAX_STEPS", STEPS)
     ran = []
     for language, body, reason in blocks(text):

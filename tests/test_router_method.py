@@ -46,9 +46,8 @@ def test_only_the_routers_change(params):
     for path in before:
         assert after[path].dtype == before[path].dtype
         if path == ROUTER:
-            assert np.all(
-                np.any(np.asarray(after[path]) != np.asarray(before[path]), axis=(1, 2))
-            )  # every layer
+            # every layer
+            assert np.all(np.any(np.asarray(after[path]) != np.asarray(before[path]), axis=(1, 2)))
         else:
             np.testing.assert_array_equal(after[path], before[path], err_msg="/".join(path))
 

@@ -76,9 +76,8 @@ def test_normalisations_differ_and_rounding(stats_and_seqs):
     stats, _ = stats_and_seqs
     pooled, paper = expert_scores(stats, "token", "pooled"), expert_scores(stats, "token", "paper")
     assert not np.allclose(pooled, paper)  # sequences of different lengths weigh differently
-    np.testing.assert_allclose(
-        pooled.sum(1), 1.0
-    )  # each layer's token scores sum to 1: no cross-layer renormalising
+    # each layer's token scores sum to 1: no cross-layer renormalising
+    np.testing.assert_allclose(pooled.sum(1), 1.0)
     np.testing.assert_allclose(paper.sum(1), 1.0)
     rounded = expert_scores(stats, "gate", "pooled", decimals=4)
     np.testing.assert_array_equal(rounded, np.round(expert_scores(stats, "gate", "pooled"), 4))

@@ -92,9 +92,8 @@ def test_official_expert_configs_reproduced(reference, tmp_path, task, capsys):
     )
     official = json.loads((reference / f"results/expert_configs/{task}.json").read_text())
     ours = json.loads(out.read_text())
-    profile = ours.pop(
-        "profile"
-    )  # ours only: the selection's coverage (tests/test_serve_monitor.py)
+    # ours only: the selection's coverage (tests/test_serve_monitor.py)
+    profile = ours.pop("profile")
     assert ours == official  # same layers, same experts in the same order, same flags
     assert profile["layers"] == list(range(1, 27)) and profile["tokens"] > 0
     per_layer = profile["per_layer"]

@@ -151,9 +151,8 @@ def test_coverage_is_the_gate_mass_on_the_adapters_experts(served):
         for layer, expert, _ in rows:
             trained[name].setdefault(cfg.moe_layer_ids.index(layer), set()).add(expert)
     for r, out, cov in zip(requests, outputs, got):
-        n = len(r.prompt) + len(
-            out
-        )  # right-padded to one width: causal, so the n tokens route alike
+        # right-padded to one width: causal, so the n tokens route alike
+        n = len(r.prompt) + len(out)
         merged = params if r.model is None else load_with_adapter(base, adapters[r.model])[1]
         _, routing = _forward(merged, np.asarray([[*r.prompt, *out] + [0] * (32 - n)]), cfg)
         ids = np.asarray(routing.expert_ids)[:, 0, :n]
@@ -165,9 +164,8 @@ def test_coverage_is_the_gate_mass_on_the_adapters_experts(served):
         mass = w.sum(axis=(1, 2))
         np.testing.assert_allclose(cov.per_layer, np.array(hit) / mass, rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(cov.total, sum(hit) / mass.sum(), rtol=1e-6, atol=1e-9)
-    assert (
-        got[0].total == 0.0 and got[1].per_layer[0] > 0.2
-    )  # the base; "wide" trains half of layer 1
+    # the base; "wide" trains half of layer 1
+    assert got[0].total == 0.0 and got[1].per_layer[0] > 0.2
 
 
 def test_requests_joining_a_running_decode_get_what_they_get_alone(served):

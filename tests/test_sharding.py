@@ -48,9 +48,8 @@ def _setup(strategy, **runtime):
 def test_sharded_forward_equals_single_device(strategy, exchange, monkeypatch):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
-    monkeypatch.setattr(
-        experts_module, "SPILL_MIN_ROWS", 1
-    )  # spill's batched pass at this small size too
+    # spill's batched pass at this small size too
+    monkeypatch.setattr(experts_module, "SPILL_MIN_ROWS", 1)
     cfg, params, tokens, segments = _setup(strategy, expert_parallel=exchange)
     ref_logits, ref_routing = _forward(params, tokens, cfg, segment_ids_bt=segments)
 
@@ -91,9 +90,8 @@ def test_all_to_all_capacity_drops_and_counts():
         )
     per_device = 8 // 8 * 24 * 4  # rows x tokens x k assignments each device sends
     rows = -(-per_device // 8)  # ceil(0.5 * N * k / 4 shards) buffer rows per destination
-    dropped = np.asarray(
-        routing.dropped
-    )  # per layer: a device keeps at most 4 * rows of its assignments
+    # per layer: a device keeps at most 4 * rows of its assignments
+    dropped = np.asarray(routing.dropped)
     assert np.all((8 * (per_device - 4 * rows) <= dropped) & (dropped < 8 * per_device))
 
 

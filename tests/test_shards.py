@@ -40,9 +40,8 @@ def test_replicated_processes_load_the_same_shards():
     assert plan(halves, 8) == DataShards(count=2, local=range(0, 1), rows=4)  # this is process 0
     assert plan(halves, 8, count=4) == DataShards(count=4, local=range(0, 2), rows=2)
     with pytest.raises(ShardError, match="does not fit"):
-        plan(
-            _FakeSharding([[slice(0, 6)]] * 2 + [[slice(6, 12)]] * 2), 12, count=3
-        )  # 4 rows each: 0-4, 4-8, 8-12
+        # 4 rows each: 0-4, 4-8, 8-12
+        plan(_FakeSharding([[slice(0, 6)]] * 2 + [[slice(6, 12)]] * 2), 12, count=3)
     with pytest.raises(ShardError, match="not a multiple"):
         plan(halves, 8, count=3)
 

@@ -64,9 +64,8 @@ def test_killed_run_resumes_exactly(shared_run, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         loop.train(c, progress=False)
     monkeypatch.setattr(LocalBatches, "take", real_take)
-    assert (
-        max(int(p.name) for p in (tmp_path / "run_esft/checkpoints").iterdir()) == 2
-    )  # step 3 was lost
+    # step 3 was lost
+    assert max(int(p.name) for p in (tmp_path / "run_esft/checkpoints").iterdir()) == 2
     resumed = loop.train(c, progress=False)  # the same command again
 
     a, b = _adapter(uninterrupted), _adapter(tmp_path / "run_esft")

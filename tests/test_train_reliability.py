@@ -165,9 +165,8 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_finite_checkpoint(t
     latest.close()
     assert step == 1 and int(state["step"]) == 1
     assert all(np.isfinite(x).all() for x in _leaves(state))
-    assert (
-        np.abs(_leaves(state["trainable"])[0]).max() > 1e37
-    )  # the step that was saved is the huge one
+    # the step that was saved is the huge one
+    assert np.abs(_leaves(state["trainable"])[0]).max() > 1e37
 
 
 def test_a_zero_gradient_warns_once(tmp_path, capsys):
@@ -249,9 +248,8 @@ def test_resume_refuses_other_settings_and_extends_on_the_saved_schedule(
     assert code == 0 and f"resuming from step 4 ({workdir}/checkpoints)" in output
     records = _metrics(workdir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 6]
-    final_lr = (
-        c.optim.lr * c.optim.end_lr_fraction
-    )  # the cosine schedule over the saved 4 steps has ended
+    # the cosine schedule over the saved 4 steps has ended
+    final_lr = c.optim.lr * c.optim.end_lr_fraction
     np.testing.assert_allclose(records[-1]["lr"], final_lr, rtol=1e-6)
     resolved = json.loads((workdir / "config.json").read_text())
     assert (resolved["steps"], resolved["optim"]["steps"]) == (6, 4)
@@ -326,9 +324,8 @@ def test_an_unreadable_latest_checkpoint_is_skipped(finished, tmp_path, capsys):
     c, reference = finished
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
-    shutil.rmtree(
-        workdir / "checkpoints" / "4"
-    )  # killed after saving step 3 ... whose files are truncated
+    # killed after saving step 3 ... whose files are truncated
+    shutil.rmtree(workdir / "checkpoints" / "4")
     for f in (workdir / "checkpoints" / "3").rglob("*"):
         if f.is_file():
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
@@ -435,9 +432,8 @@ def test_kill_9_anywhere_then_the_same_command_ends_like_an_uninterrupted_run(
                 saving if i == 3 else time.monotonic() - t["start"] >= t["delay"]
             ):
                 os.kill(t["child"].pid, signal.SIGKILL)
-                t["killed_at"] = _checkpoint_dirs(
-                    t["workdir"]
-                )  # (committed checkpoints, save in progress)
+                # (committed checkpoints, save in progress)
+                t["killed_at"] = _checkpoint_dirs(t["workdir"])
         time.sleep(0.002)
     for i, t in enumerate(trials):
         t["child"].wait()

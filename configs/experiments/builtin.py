@@ -21,10 +21,11 @@ PRESETS = tuple(builtin_suite.DOWNSTREAM)  # the task
 def get_config(task: str = "intent") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = task
+    # general ability: formats the base model was pretrained on
     c.general_tasks = (
         "facts",
         "count",
-    )  # general ability: formats the base model was pretrained on
+    )
     blocks.model_source(c)  # with a checkpoint: c.model's runtime fields only
     c.checkpoint = BUILTIN_MODEL
     c.seed = 0
@@ -45,9 +46,8 @@ def get_config(task: str = "intent") -> ml_collections.ConfigDict:
             }.items()
         }
     )
-    c.perplexity_set = (
-        "docs"  # held-out text for perplexity: <suite_dir>/eval/<name>.jsonl, ... ("" for none)
-    )
+    # held-out text for perplexity: <suite_dir>/eval/<name>.jsonl, ... ("" for none)
+    c.perplexity_set = "docs"
     c.judge = blocks.judge()
     c.run_dir = f"runs/esft_{task}"
     c.selections = ml_collections.ConfigDict(
@@ -55,9 +55,8 @@ def get_config(task: str = "intent") -> ml_collections.ConfigDict:
     )
     c.methods = ("fft", "lora", "esft_token", "esft_gate")  # "esft_<selection>"
     c.mesh = blocks.mesh()  # every step's: profile, train, eval
-    c.launch = (
-        "local"  # or "print": print each method's `esft train` command (for a cluster) and stop
-    )
+    # or "print": print each method's `esft train` command (for a cluster) and stop
+    c.launch = "local"
     c.profile = ml_collections.ConfigDict(dict(token_budget=32 * 1024, seq_len=256, batch_size=16))
     # Per-method learning rates (esft: every ESFT variant): few trainable parameters take larger steps.
     c.lr = ml_collections.ConfigDict(dict(fft=1e-3, lora=3e-3, esft=3e-3))

@@ -23,20 +23,20 @@ from esft_jax import config_blocks as blocks
 from esft_jax.config_blocks import scoring
 from esft_jax.config_files import load_file
 
+# eval sets; intent and law also have training data
 TASKS = (
     "intent",
     "law",
     "summary",
     "translation",
-)  # eval sets; intent and law also have training data
+)
 
 PRESETS = ("intent", "law")  # the tasks with training data
 
 
 def get_config(task: str = "intent") -> ml_collections.ConfigDict:
-    c = load_file(
-        str(Path(__file__).with_name("builtin.py"))
-    )  # then this task (law is no built-in task)
+    # then this task (law is no built-in task)
+    c = load_file(str(Path(__file__).with_name("builtin.py")))
     c.task = task
     c.checkpoint = ""  # a Hugging Face checkpoint directory: required
     c.model = blocks.model("esft_vanilla_lite")  # runtime fields only

@@ -29,8 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
             routed_scaling_factor=1.0,
             scale_normalised_weights=False,
             rope_theta=10000.0,
-            max_position_embeddings=4096,
-            rms_norm_eps=1e-6,  # the default seq_len of the configs
+            max_position_embeddings=4096,  # the default seq_len of the configs (0: 4096)
+            rms_norm_eps=1e-6,
             bos_token_id=256,
             eos_token_id=257,
             pad_token_id=258,  # the byte tokenizer's specials

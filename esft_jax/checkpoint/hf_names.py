@@ -36,9 +36,8 @@ class TensorMap:
     path: tuple[str, ...]  # key path into our params
     index: tuple[int, ...]  # position inside the stacked array: (layer,) or (layer, expert)
     shape: tuple[int, ...]  # our shape of this slice
-    n_in: (
-        int | None
-    )  # leading input dims of a linear weight; 0: copied as is; None: a vector, flattened
+    # leading input dims of a linear weight; 0: copied as is; None: a vector, flattened
+    n_in: int | None
 
     @property
     def hf_shape(self) -> tuple[int, ...]:

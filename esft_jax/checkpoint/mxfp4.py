@@ -45,9 +45,8 @@ def _dequantize_rows(
     blocks_ergb: np.ndarray, scales_erg: np.ndarray, compute: np.dtype
 ) -> np.ndarray:
     """[e, R, G, 16] bytes and [e, R, G] exponents -> values [e, R, G*32] in `compute` dtype."""
-    values = np.take(
-        _BYTE_PAIRS.astype(compute), blocks_ergb, axis=0
-    )  # [e, R, G, 16, 2]: low nibble first
+    # [e, R, G, 16, 2]: low nibble first
+    values = np.take(_BYTE_PAIRS.astype(compute), blocks_ergb, axis=0)
     exps = scales_erg.astype(np.int32)[..., None, None] - SCALE_BIAS
     with np.errstate(over="ignore"):  # exponent 128 overflows to inf, as in transformers
         np.ldexp(values, exps, out=values)
@@ -84,9 +83,8 @@ def dequantize(
 
 def _block_exponents(amax: np.ndarray) -> np.ndarray:
     """Smallest e with amax <= 6 * 2^e (so no value clips), clamped to E8M0's finite range [-127, 127]."""
-    mant, exp = np.frexp(
-        amax
-    )  # amax = mant * 2^exp, mant in [0.5, 1); 6 * 2^(exp-3) = 0.75 * 2^exp
+    # amax = mant * 2^exp, mant in [0.5, 1); 6 * 2^(exp-3) = 0.75 * 2^exp
+    mant, exp = np.frexp(amax)
     return np.clip(exp - 3 + (mant > 0.75), -SCALE_BIAS, SCALE_BIAS)
 
 

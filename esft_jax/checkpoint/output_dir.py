@@ -17,9 +17,8 @@ from pathlib import Path
 
 from esft_jax.checkpoint.errors import CheckpointError
 
-MARKER = (
-    "esft_export.json"  # {"written_by": ..., "files": [...]}: what a previous export wrote here
-)
+# {"written_by": ..., "files": [...]}: what a previous export wrote here
+MARKER = "esft_export.json"
 
 
 class OutputDirError(CheckpointError):

@@ -64,16 +64,14 @@ class ModelConfig:
     n_routed_experts: int = 16
     num_experts_per_tok: int = 4
     scoring_func: str = "softmax"  # "softmax" or "sigmoid"
-    topk_method: str = (
-        "greedy"  # "greedy" | "group_limited_greedy" | "noaux_tc" (choice bias, groups)
-    )
+    # "greedy" | "group_limited_greedy" | "noaux_tc" (choice bias, groups)
+    topk_method: str = "greedy"
     n_group: int | None = None
     topk_group: int | None = None
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
-    scale_normalised_weights: bool = (
-        True  # False: normalise *or* scale (DeepSeek-V2's original gate)
-    )
+    # False: normalise *or* scale (DeepSeek-V2's original gate)
+    scale_normalised_weights: bool = True
     router_bias: bool = False  # a learned bias added to the router logits
     # Experts.
     # "swiglu", or "clamped_swiglu": clamp at swiglu_limit, gate * sigmoid(alpha gate) * (up + 1)
@@ -82,9 +80,8 @@ class ModelConfig:
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
     n_shared_experts: int = 2
-    shared_expert_intermediate_size: int | None = (
-        None  # None: n_shared_experts * moe_intermediate_size
-    )
+    # None: n_shared_experts * moe_intermediate_size
+    shared_expert_intermediate_size: int | None = None
     shared_expert_gate: bool = False  # scale the shared experts' output by sigmoid(x @ w) [d, 1]
     # RoPE; rope_type "default" or "yarn".
     rope_theta: float = 10000.0
@@ -97,9 +94,8 @@ class ModelConfig:
     rope_mscale_all_dim: float | None = None
     rope_attention_factor: float | None = None  # None: YaRN's own from factor (and mscales)
     rope_truncate: bool = True  # YaRN: round the correction range to whole dims
-    rope_interleave: bool = (
-        True  # rotate adjacent pairs (x0, x1), ...; False: halves (x_i, x_{i+r/2})
-    )
+    # rotate adjacent pairs (x0, x1), ...; False: halves (x_i, x_{i+r/2})
+    rope_interleave: bool = True
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
@@ -117,15 +113,12 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; router scores are always float32
     moe_strategy: str = "auto"  # "auto" picks per backend, see model/moe.py
     capacity_factor: float | None = None  # capacity buffers and all_to_all exchange; None: dropless
-    expert_parallel: str = (
-        "psum"  # how tokens meet experts on an `expert` mesh axis: psum | all_to_all
-    )
-    scan_layers: bool = (
-        True  # lax.scan over the stacked layers (compiles one layer); False: a Python loop
-    )
-    remat: bool = (
-        False  # recompute each layer in the backward pass: activations of one layer, not all
-    )
+    # how tokens meet experts on an `expert` mesh axis: psum | all_to_all
+    expert_parallel: str = "psum"
+    # lax.scan over the stacked layers (compiles one layer); False: a Python loop
+    scan_layers: bool = True
+    # recompute each layer in the backward pass: activations of one layer, not all
+    remat: bool = False
     # what a checkpoint's frozen FP8 experts load as: "native" keeps them FP8 (expert_fp8_block
     # set from the checkpoint), "bfloat16" dequantises them
     frozen_dtype: str = "bfloat16"

@@ -146,9 +146,8 @@ def _block_layout(ids_a: jax.Array, num_experts: int, block: int):
     num_blocks = ids_a.shape[0] // block + num_experts
     valid = ids_a < num_experts
     row_a = jnp.where(valid, (ends - padded)[jnp.where(valid, ids_a, 0)] + rank, num_blocks * block)
-    expert_b = jnp.searchsorted(
-        ends, jnp.arange(num_blocks) * block, side="right"
-    )  # E past the last one
+    # E past the last one
+    expert_b = jnp.searchsorted(ends, jnp.arange(num_blocks) * block, side="right")
     return row_a, expert_b, num_blocks
 
 

@@ -49,12 +49,13 @@ def _is_spec(x: Any) -> bool:
     return isinstance(x, ParamSpec)
 
 
+# name endings of the leaves that are not linear weights
 _VECTORS = (
     "norm",
     "bias",
     "correction",
     "sinks",
-)  # name endings of the leaves that are not linear weights
+)
 
 
 def input_dims(path: tuple[str, ...]) -> int | None:

@@ -151,12 +151,10 @@ def _step(params, tokens, segments, counted, cfg: ModelConfig, max_docs: int, wi
     _, routing = forward(params, tokens, cfg, segment_ids_bt=segments)
     e = cfg.n_routed_experts
     mask = counted.astype(jnp.float32)
-    doc_bts = (
-        jax.nn.one_hot(segments - 1, max_docs, dtype=jnp.float32) * mask[..., None]
-    )  # padding: no slot
-    chosen_lbte = gate_lbte = (
-        0.0  # summed over the k choices one at a time: no [L, B, T, k, E] array
-    )
+    # padding: no slot
+    doc_bts = jax.nn.one_hot(segments - 1, max_docs, dtype=jnp.float32) * mask[..., None]
+    # summed over the k choices one at a time: no [L, B, T, k, E] array
+    chosen_lbte = gate_lbte = 0.0
     for j in range(cfg.num_experts_per_tok):
         hot = jax.nn.one_hot(routing.expert_ids[..., j], e, dtype=jnp.float32)
         chosen_lbte = chosen_lbte + hot

@@ -102,9 +102,8 @@ class Family:
     to_hf: Callable[[ModelConfig], dict[str, Any]]  # ModelConfig -> config.json
     read_fused: tuple[Fused, ...] = ()
     write_fused: tuple[Fused, ...] = ()
-    read_renames: Mapping[str, str] = dataclasses.field(
-        default_factory=dict
-    )  # file suffix -> canonical
+    # file suffix -> canonical
+    read_renames: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 # Names most families share.
