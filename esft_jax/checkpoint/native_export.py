@@ -88,11 +88,11 @@ def _write_merged(
             matrix = name.removesuffix(fp8.SCALE_SUFFIX)
             if name in trained:
                 if fp8.scale_name(name) in names:  # FP8: re-quantised in the base's blocks
-                    scale_dtype = f.get_tensor(fp8.scale_name(name)).dtype
+                    scale_dtype = DTYPES[f.get_slice(fp8.scale_name(name)).get_dtype()]
                     out[name], scale = quantize_matrix(trained[name], block)
                     out[fp8.scale_name(name)] = scale.astype(scale_dtype)
                 else:
-                    out[name] = trained[name].astype(f.get_tensor(name).dtype)
+                    out[name] = trained[name].astype(DTYPES[f.get_slice(name).get_dtype()])
             elif name == matrix or matrix not in trained:  # (a trained one's scale: written above)
                 out[name] = f.get_tensor(name)
     save_safetensors(out, dst, {"format": "pt"})
