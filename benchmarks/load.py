@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/load.py  # ~1 GiB float32 and bfloat16; 1 device, expert 8, fsdp 8
     .venv/bin/python benchmarks/load.py --gib 0.25 --dtypes bfloat16
     .venv/bin/python benchmarks/load.py --dtypes fp8      # FP8 experts kept FP8 (frozen_dtype=native)
+    .venv/bin/python benchmarks/load.py --dtypes mxfp4    # gpt-oss-style MXFP4 experts kept MXFP4
 
 Each row runs in a fresh process (its own device count, its own peak RSS). The checkpoint is a
 synthetic DeepSeek-V2-style MoE, loaded on one device, an expert 8 mesh (expert weights once, the
@@ -31,11 +32,15 @@ MESHES = {"1 device": None, "expert 8": {"expert": 8}, "fsdp 8": {"fsdp": 8}}
 
 
 def _config(dtype: str, gib: float):
-    """The tiny config widened (d 1024, 64 experts of width 512) with as many layers as make ~`gib` GiB."""
+    """The tiny config (gpt-oss-20b's for "mxfp4") widened (d 1024, 64 experts of width 512) with as
+    many layers as make ~`gib` GiB."""
     from esft_jax import config_files
     from esft_jax.model.params import flat_param_specs
 
-    base = config_files.model_config(config_files.load_file(str(ROOT / "configs/models/tiny.py")))
+    preset = "gpt_oss_20b" if dtype == "mxfp4" else "tiny"
+    base = config_files.model_config(
+        config_files.load_file(str(ROOT / f"configs/models/{preset}.py"))
+    )
     wide = dict(
         vocab_size=8192,
         hidden_size=1024,
@@ -44,8 +49,10 @@ def _config(dtype: str, gib: float):
         n_routed_experts=64,
         kv_lora_rank=128,
         num_attention_heads=8,
-        param_dtype=dtype,
-        dtype=dtype,
+        num_key_value_heads=8,
+        sliding_window_layers=(),
+        param_dtype="bfloat16" if dtype == "mxfp4" else dtype,
+        dtype="bfloat16" if dtype == "mxfp4" else dtype,
     )
 
     def size(n: int) -> int:
@@ -73,32 +80,75 @@ def _write(path: Path, dtype: str, gib: float) -> Path:
 
     if dtype == "fp8":
         return _fp8_copy(_write(path.with_name("bf16-source"), "bfloat16", gib), path)
+    if dtype == "mxfp4":  # a bf16 gpt-oss-style checkpoint (its fused expert tensors), then packed
+        cfg = _config(dtype, gib)
+        src = save_checkpoint(
+            path.with_name("bf16-source"), cfg, init_params(cfg, jax.random.key(0))
+        )
+        return _mxfp4_copy(src, path)
     cfg = _config(dtype, gib)
     return save_checkpoint(path, cfg, init_params(cfg, jax.random.key(0)))
 
 
 def _fp8_copy(src: Path, dst: Path) -> Path:
-    import shutil
-
     import numpy as np
 
-    from esft_jax.checkpoint.hf import read_safetensors
-    from esft_jax.checkpoint.native_export import quantize_matrix, save_safetensors
+    from esft_jax.checkpoint.native_export import quantize_matrix
+
+    def convert(name, w):
+        if ".experts." not in name:
+            return {name: w}
+        values, scale = quantize_matrix(w, (128, 128))
+        return {name: values, name + "_scale_inv": scale.astype(np.float32)}
+
+    return _quantized_copy(
+        src, dst, {"quant_method": "fp8", "weight_block_size": [128, 128]}, convert
+    )
+
+
+def _mxfp4_copy(src: Path, dst: Path) -> Path:
+    """`src` with its fused expert matrices in MXFP4 `_blocks` / `_scales`, as gpt-oss ships them."""
+    import numpy as np
+
+    from esft_jax.checkpoint import mxfp4
+
+    def convert(name, w):
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            return {name: w}
+        blocks, scales = mxfp4.quantize(w.astype(np.float32))
+        return {name + "_blocks": blocks, name + "_scales": scales}
+
+    return _quantized_copy(src, dst, {"quant_method": "mxfp4"}, convert)
+
+
+def _quantized_copy(src: Path, dst: Path, quantization: dict, convert) -> Path:
+    """`src` (removed after) as `dst`: each file tensor replaced by `convert(name, tensor)` (a dict
+    of tensors), the index's map and config.json's quantization_config to match."""
+    import shutil
+
+    from esft_jax.checkpoint.hf import INDEX_FILE, read_safetensors
+    from esft_jax.checkpoint.native_export import save_safetensors
 
     dst.mkdir(parents=True)
-    tensors = {}
-    with read_safetensors(src / "model.safetensors") as f:
-        for name in f.keys():
-            tensors[name] = f.get_tensor(name)
-            if ".experts." in name:
-                tensors[name], scale = quantize_matrix(tensors[name], (128, 128))
-                tensors[name + "_scale_inv"] = scale.astype(np.float32)
-    save_safetensors(tensors, dst / "model.safetensors", {"format": "pt"})
+    weight_map = {}
+    for file in sorted(src.glob("*.safetensors")):
+        tensors = {}
+        with read_safetensors(file) as f:
+            for name in f.keys():
+                tensors.update(convert(name, f.get_tensor(name)))
+        save_safetensors(tensors, dst / file.name, {"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file.name))
+    if (src / INDEX_FILE).is_file():
+        (dst / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    config["quantization_config"] = quantization
     (dst / "config.json").write_text(json.dumps(config))
     shutil.rmtree(src)
     return dst
+
+
+def _file_bytes(ckpt: Path) -> int:
+    return sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
 
 
 def _child(ckpt: str, loader: str, mesh_name: str) -> dict:
@@ -128,7 +178,7 @@ def _child(ckpt: str, loader: str, mesh_name: str) -> dict:
         if mesh is not None:
             params = shard_params(params, param_axes(cfg), mesh)
         # every tensor, once (and the header)
-        read = (Path(ckpt) / "model.safetensors").stat().st_size
+        read = _file_bytes(Path(ckpt))
     jax.block_until_ready(params)
     seconds, rss = time.perf_counter() - start, peak_rss_bytes() - rss0
     on_devices = sum(
@@ -157,7 +207,7 @@ def _row(ckpt: Path, loader: str, mesh_name: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gib", type=float, default=1.0, help="checkpoint size")
-    ap.add_argument("--dtypes", default="float32,bfloat16", help="of float32, bfloat16, fp8")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="of float32, bfloat16, fp8, mxfp4")
     ap.add_argument("--meshes", default=",".join(MESHES), help=f"some of {list(MESHES)}")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -177,7 +227,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtypes.split(","):
             ckpt = _write(Path(tmp) / dtype, dtype, args.gib)
-            size = (ckpt / "model.safetensors").stat().st_size
+            size = _file_bytes(ckpt)
             for mesh_name in args.meshes.split(","):
                 for loader, name in (
                     ("old", "load_checkpoint + shard_params"),

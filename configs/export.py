@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         # dtype: the written weights' (bfloat16, float16, float32); "auto": as loaded (a bf16 or fp32
         # base keeps its dtype, an FP8 or MXFP4 one is written dequantised, in bfloat16); "native":
-        # the base's own files and format, the trained tensors re-quantised where the base's are FP8
+        # the base's own files and format, the trained tensors re-quantised where the base's are FP8/MXFP4
         # allow_other_base: merge an adapter whose recorded base is another checkpoint
         dict(
             checkpoint="", adapter="", out="", overwrite=False, dtype="auto", allow_other_base=False

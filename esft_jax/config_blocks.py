@@ -24,11 +24,16 @@ MODELS = tuple(sorted(p.stem for p in (config_files.bundled_dir() / "models").gl
 
 def model(name: str) -> ml_collections.ConfigDict:
     """configs/models/<name>.py: an architecture (the fields of esft_jax.model.ModelConfig), with
-    `expert_fp8_block` (routed experts held in FP8 with blocks of that size: model/quant.py; () =
-    in param_dtype) and `frozen_dtype` where the preset does not set them."""
+    `expert_fp8_block` / `expert_mxfp4` (routed experts held in FP8 with blocks of that size, or
+    in MXFP4: model/quant.py; () / False = in param_dtype), `linear_fp8` (the other linear weights
+    in FP8 too) and `frozen_dtype` where the preset does not set them."""
     cd = config_files.load_file(str(config_files.bundled_dir() / "models" / f"{name}.py"))
     if "expert_fp8_block" not in cd:
         cd.expert_fp8_block = ()
+    if "expert_mxfp4" not in cd:
+        cd.expert_mxfp4 = False
+    if "linear_fp8" not in cd:
+        cd.linear_fp8 = False
     if "frozen_dtype" not in cd:
         cd.frozen_dtype = "bfloat16"  # a checkpoint's FP8 experts: "native" keeps them FP8
     return cd

@@ -332,3 +332,42 @@ def with_weights(src: Path, dst: Path, weights: dict[str, torch.Tensor]) -> Path
     for name in ("config.json", "generation_config.json"):
         shutil.copy(src / name, dst / name)
     return dst
+
+
+# gpt-oss's quantization_config on the Hub
+MXFP4_CONFIG = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+}
+
+
+def mxfp4_checkpoint(src: Path, dst: Path) -> dict[str, torch.Tensor]:
+    """gpt-oss checkpoint `src` as the Hub ships gpt-oss in `dst`: every layer's expert matrices
+    (`mlp.experts.gate_up_proj`, `down_proj`) MXFP4 `_blocks` / `_scales` (our quantiser:
+    esft_jax.checkpoint.mxfp4), config.json's mxfp4 quantization_config. -> transformers'
+    dequantisation (convert_moe_packed_tensors, bfloat16) of each quantised tensor, by name."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from esft_jax.checkpoint import mxfp4
+
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(src / "model.safetensors")
+    dequantised = {}
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = mxfp4.quantize(tensors.pop(name).float().numpy())
+        tensors[name + "_blocks"] = torch.from_numpy(blocks)
+        tensors[name + "_scales"] = torch.from_numpy(scales)
+        dequantised[name] = convert_moe_packed_tensors(
+            torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.bfloat16
+        )
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = MXFP4_CONFIG
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.copy(src / "generation_config.json", dst / "generation_config.json")
+    return dequantised

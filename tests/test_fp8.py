@@ -270,16 +270,7 @@ def test_malformed_block_size_is_refused(fp8_qwen3, tmp_path):
 def test_gpt_oss_mxfp4_config_is_read():
     """gpt-oss's Hub config.json carries an mxfp4 quantization_config (its experts' `_blocks` /
     `_scales` are dequantised on load: test_hf_parity.py)."""
-    quant = {
-        "quant_method": "mxfp4",
-        "modules_to_not_convert": [
-            "model.layers.*.self_attn",
-            "model.layers.*.mlp.router",
-            "model.embed_tokens",
-            "lm_head",
-        ],
-    }
-    hf = {**family_configs.HF["gpt_oss"], "quantization_config": quant}
+    hf = {**family_configs.HF["gpt_oss"], "quantization_config": hf_models.MXFP4_CONFIG}
     assert config_from_hf(hf) == config_from_hf(family_configs.HF["gpt_oss"])
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 from numerics import assert_float32_close, model_roundings
+from train_fixtures import esft_value_and_grad
 
 from esft_jax.checkpoint import fp8
 from esft_jax.expert_config import ExpertConfig
@@ -53,7 +54,7 @@ def _dequantized(params: dict, cfg: ModelConfig = CFG) -> tuple[ModelConfig, dic
     experts = params["moe_layers"]["moe"]["experts"]
     plain = {
         k: v.astype(cfg.param_dtype)
-        for k, v in quant.dequantize_experts(experts, cfg.expert_fp8_block, cfg.param_dtype).items()
+        for k, v in quant.dequantize_experts(experts, cfg.expert_scheme, cfg.param_dtype).items()
     }
     out = {**params, "moe_layers": {**params["moe_layers"]}}
     out["moe_layers"]["moe"] = {**params["moe_layers"]["moe"], "experts": plain}
@@ -66,11 +67,8 @@ def test_dequantize_equals_the_checkpoint_readers():
     rng = np.random.default_rng(1)
     w_oi = rng.normal(0, 100, (2, 40, 48)).astype(ml_dtypes.float8_e4m3fn)  # [E, out, in]
     scale = rng.uniform(1e-4, 1e-2, fp8.scale_shape(w_oi.shape, BLOCK)).astype(np.float32)
-    ours = quant.dequantize(
-        jnp.asarray(w_oi.swapaxes(1, 2)),
-        jnp.asarray(scale.swapaxes(1, 2)),
-        quant.block_io(BLOCK),
-        jnp.bfloat16,
+    ours = quant.Fp8Blocks(quant.block_io(BLOCK)).dequantize(
+        jnp.asarray(w_oi.swapaxes(1, 2)), jnp.asarray(scale.swapaxes(1, 2)), jnp.bfloat16
     )
     theirs = fp8.dequantize(w_oi, scale, BLOCK, ml_dtypes.bfloat16)
     np.testing.assert_array_equal(np.asarray(ours).swapaxes(1, 2), theirs)
@@ -78,9 +76,10 @@ def test_dequantize_equals_the_checkpoint_readers():
 
 def test_quantize_keeps_each_value_within_fp8_rounding():
     w = jax.random.normal(jax.random.key(2), (3, 40, 70)) * jnp.linspace(0.01, 10, 70)
-    values, scale = quant.quantize(w, (16, 32))
+    scheme = quant.Fp8Blocks((16, 32))
+    values, scale = scheme.quantize(w)
     assert values.dtype == jnp.dtype(quant.FP8) and scale.shape == (3, 3, 3)
-    back = quant.dequantize(values, scale, (16, 32), jnp.float32)
+    back = scheme.dequantize(values, scale, jnp.float32)
     per_value_scale = jnp.repeat(jnp.repeat(scale, 16, 1), 32, 2)[:, :40, :70]
     # E4M3: 3 mantissa bits (half an ulp: 2^-4 relative); subnormals: 2^-10 of the scale x 448
     bound = jnp.maximum(jnp.abs(w) * 2.0**-4, per_value_scale * 2.0**-10)
@@ -109,14 +108,9 @@ def test_esft_on_fp8_experts_trains_as_on_the_dequantized_ones():
     rows = ours.init(params)
     jax.tree.map(np.testing.assert_array_equal, rows, theirs.init(plain))
     tokens = jax.random.randint(jax.random.key(4), (2, 12), 0, CFG.vocab_size)
-
-    def loss(method, cfg, frozen, trainable):
-        logits, _ = forward(method.materialize(frozen, trainable), tokens, cfg)
-        return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
-
     before = jax.tree.map(np.array, params)
-    value, grads = jax.value_and_grad(loss, argnums=3)(ours, CFG, params, rows)
-    value_plain, grads_plain = jax.value_and_grad(loss, argnums=3)(theirs, plain_cfg, plain, rows)
+    value, grads = esft_value_and_grad(ours, CFG, params, rows, tokens)
+    value_plain, grads_plain = esft_value_and_grad(theirs, plain_cfg, plain, rows, tokens)
     assert float(value) == float(value_plain)
     jax.tree.map(  # the backward fuses the dequantisation differently: float32 rounding apart
         lambda a, b: assert_float32_close(a, b, model_roundings(CFG)), grads, grads_plain
@@ -133,11 +127,8 @@ def test_esft_on_fp8_experts_trains_as_on_the_dequantized_ones():
             np.testing.assert_array_equal(
                 np.asarray(merged[key])[untouched], np.asarray(stack[key])[untouched]
             )
-        back = quant.dequantize(
-            merged[name][:, [1, 4]],
-            merged[name + quant.SCALE][:, [1, 4]],
-            quant.block_io(BLOCK),
-            jnp.float32,
+        back = CFG.expert_scheme.dequantize(
+            merged[name][:, [1, 4]], merged[name + quant.SCALE][:, [1, 4]], jnp.float32
         )
         exact = trained["experts"][name].astype(CFG.param_dtype)
         assert float(jnp.max(jnp.abs(back - exact) - 2.0**-4 * jnp.abs(exact))) <= 1e-3
@@ -164,3 +155,14 @@ def test_methods_that_train_every_expert_refuse_fp8_experts(method):
     c = config_files.load("configs/train.py", [f"method={method}"])
     with pytest.raises(ConfigError, match=f"method={method} trains every routed expert"):
         build_method(c, CFG)
+
+
+def test_auto_runs_a_quantized_stack_blocked_on_every_backend():
+    """A grouped matmul (ragged, tokamax) takes a layer's whole stack: dequantised, that is the bf16
+    stack the quantised one saves; "auto" takes the blocked loop (one expert at a time) instead."""
+    from esft_jax.model.experts import resolve_strategy
+
+    for platform in ("cpu", "gpu", "tpu"):
+        assert resolve_strategy("auto", platform, quantized=True) == "blocked"
+    assert resolve_strategy("auto", "tpu") in ("ragged", "tokamax")
+    assert resolve_strategy("ragged", "tpu", quantized=True) == "ragged"  # asked for: as asked

@@ -68,6 +68,22 @@ def test_every_byte_and_exponent_dequantizes_like_transformers():
     _assert_matches_transformers(blocks, scales)
 
 
+def test_the_model_dequantizes_in_its_layout_as_the_loader_does():
+    """model/quant.py's Mxfp4 on our [in/2, out] / [in/32, out] layout equals the loader's (bit-equal
+    to transformers') for every byte and the exponents of real weights (2^-40 .. 2^40; XLA:CPU
+    flushes float32 subnormals, which no real weight's block is)."""
+    import jax.numpy as jnp
+
+    from esft_jax.checkpoint.mxfp4 import to_file
+    from esft_jax.model import quant
+
+    rng = np.random.default_rng(4)
+    values = rng.integers(0, 256, (2, 48, 81), dtype=np.uint8)  # [E, in/2, out]: in = 96
+    scales = rng.integers(87, 168, (2, 3, 81), dtype=np.uint8)
+    ours = quant.Mxfp4().dequantize(jnp.asarray(values), jnp.asarray(scales), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(ours), dequantize(*to_file(values, scales)))
+
+
 def test_chunks_over_experts_give_the_same_result():
     blocks, scales = quantize(_random_weights((5, 64, 12), seed=2))
     whole = dequantize(blocks, scales)

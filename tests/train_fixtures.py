@@ -13,11 +13,22 @@ from esft_jax import config_files
 from esft_jax.checkpoint import save_checkpoint
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.expert_config import ExpertConfig
-from esft_jax.model import init_params
+from esft_jax.model import forward, init_params
 from esft_jax.train.optimizer import learning_rate, make_optimizer
 from esft_jax.train.step import make_train_step
 
 EXPERTS = ExpertConfig({1: [3, 17, 5], 2: [30], 3: [0, 9]})  # ragged across layers
+
+
+def esft_value_and_grad(method, cfg, frozen, rows, tokens):
+    """(loss, its gradient in the trained rows) of a forward pass through `method`'s materialised
+    params: a mean log-probability of token 0, so that every trained expert gets a gradient."""
+
+    def loss(trainable):
+        logits, _ = forward(method.materialize(frozen, trainable), tokens, cfg)
+        return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    return jax.value_and_grad(loss)(rows)
 
 
 def tiny_config(**changes):

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from esft_jax.checkpoint import fp8_native
+from esft_jax.checkpoint import native
 from esft_jax.checkpoint.hf import CheckpointError, load_checkpoint, read_safetensors
 from esft_jax.checkpoint.hf_names import TensorMap, tensor_maps
 from esft_jax.checkpoint.output_dir import staged_dir
@@ -150,7 +150,7 @@ def load_with_adapter(
 ) -> tuple[ModelConfig, dict]:
     """(config, numpy params) of a base checkpoint with an adapter applied."""
     cfg, params = load_checkpoint(base_dir, **runtime)
-    if cfg.expert_fp8_block:
-        raise CheckpointError(fp8_native.NO_ADAPTER)
+    if cfg.expert_scheme is not None:
+        raise CheckpointError(native.NO_ADAPTER)
     tensors, metadata = read_adapter(adapter_dir)
     return cfg, apply_adapter(params, cfg, tensors, metadata, str(adapter_dir))

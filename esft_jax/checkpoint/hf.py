@@ -22,7 +22,7 @@ import numpy as np
 from ml_dtypes import bfloat16
 from safetensors import SafetensorError, safe_open
 
-from esft_jax.checkpoint import fp8, fp8_native, mxfp4
+from esft_jax.checkpoint import fp8, mxfp4, native
 from esft_jax.checkpoint.errors import CheckpointError
 from esft_jax.checkpoint.families import Family, family
 from esft_jax.checkpoint.families.base import Fused
@@ -95,7 +95,13 @@ def load_config(ckpt_dir: str | Path, **runtime: Any) -> ModelConfig:
     )
     try:
         cfg = config_from_hf(hf, **runtime)
-        return cfg.replace(expert_fp8_block=fp8_native.expert_block(hf, cfg.frozen_dtype))
+        cfg = cfg.replace(**native.expert_fields(hf, cfg.frozen_dtype))
+        if cfg.expert_fp8_block:  # the other linears too, where the files hold them in FP8
+            where = _locate(
+                _weight_files(Path(ckpt_dir)), family(cfg.model_type), cfg.n_routed_experts
+            )
+            cfg = cfg.replace(linear_fp8=native.linears_fp8(where, cfg))
+        return cfg
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
 
@@ -261,14 +267,14 @@ def plan(ckpt_dir: str | Path, cfg: ModelConfig) -> Plan:
 def _fp8_block(ckpt_dir: Path, example: str) -> fp8.Block:
     """The block of the FP8 scales, from config.json's quantization_config (which must be fp8's)."""
     path = ckpt_dir / "config.json"
-    quant = read_json(path, CheckpointError, "no such file").get("quantization_config")
-    if not isinstance(quant, dict) or quant.get("quant_method") != "fp8":
+    q = read_json(path, CheckpointError, "no such file").get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != "fp8":
         raise CheckpointError(
             f"{path}: tensors have FP8 scales (e.g. {fp8.scale_name(example)}) but there is no "
             "quantization_config with quant_method 'fp8' to say their block size"
         )
     try:
-        return fp8.block_size(quant)
+        return fp8.block_size(q)
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
@@ -279,15 +285,15 @@ def load_params(ckpt_dir: str | Path, cfg: ModelConfig) -> Params:
     where, maps = located.where, located.maps
     by_file: dict[Path, dict[str, list[TensorMap]]] = {}  # each file tensor is read once
     for m in maps:
-        if cfg.expert_fp8_block and fp8_native.is_expert_matrix(m.path):
+        if native.is_native(m.path, cfg):
             continue
         use = where[m.hf_name]
         by_file.setdefault(use.file, {}).setdefault(use.key, []).append(m)
     specs = flat_param_specs(cfg)
     params: Params = {}
     with OpenFiles() as open_files:
-        if cfg.expert_fp8_block:  # frozen_dtype=native: the experts' FP8 bytes and scales as stored
-            _put_fp8_experts(params, specs, located, open_files)
+        if cfg.expert_scheme is not None:  # frozen_dtype=native: quantised weights as stored
+            _put_native(params, specs, located, open_files, cfg)
         for file, by_key in by_file.items():
             for key_maps in by_key.values():
                 tensor = _read(open_files, located, where[key_maps[0].hf_name])
@@ -296,11 +302,13 @@ def load_params(ckpt_dir: str | Path, cfg: ModelConfig) -> Params:
     return params
 
 
-def _put_fp8_experts(params: Params, specs: dict, plan: Plan, open_files: OpenFiles) -> None:
+def _put_native(
+    params: Params, specs: dict, plan: Plan, open_files: OpenFiles, cfg: ModelConfig
+) -> None:
     for m in plan.maps:
-        if fp8_native.is_expert_matrix(m.path):
-            for path, scales in ((m.path, False), (fp8_native.scale_path(m.path), True)):
-                value = fp8_native.read(open_files, plan, m, scales)
+        if native.is_native(m.path, cfg):
+            for path, scales in ((m.path, False), (native.scale_path(m.path), True)):
+                value = native.read(open_files, plan, m, cfg.expert_scheme, scales)
                 try:
                     dest = get_path(params, path)
                 except KeyError:

@@ -17,7 +17,6 @@ import numpy as np
 
 from esft_jax.checkpoint import fp8
 from esft_jax.checkpoint.families import family
-from esft_jax.model import quant
 from esft_jax.model.config import ConfigError, ModelConfig
 from esft_jax.model.params import flat_param_specs, input_dims
 
@@ -61,11 +60,10 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     names = family(cfg.model_type).names
     layer_ids = {"dense_layers": cfg.dense_layer_ids, "moe_layers": cfg.moe_layer_ids}
     maps: list[TensorMap] = []
-    for path, spec in flat_param_specs(cfg).items():
+    # quantised weights: their matrices' shapes (the scales are read with them: checkpoint/native.py)
+    for path, spec in flat_param_specs(cfg.unquantized()).items():
         if path in _TOP:
             maps.append(TensorMap(_TOP[path], path, (), spec.shape, input_dims(path)))
-            continue
-        if path[-1].endswith(quant.SCALE):  # FP8 experts' scales: read with their matrix
             continue
         group, rest = path[0], path[1:]
         suffix = names[rest]

@@ -17,18 +17,19 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+import jax.numpy as jnp
 import numpy as np
 
+from esft_jax.model import quant
+
 BLOCK = 32  # values per scale
-SCALE_BIAS = 127
-# E2M1 code -> value: bit 3 is the sign, bits 0-2 index the magnitudes.
-FP4_MAGNITUDES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
-FP4_VALUES = np.concatenate([FP4_MAGNITUDES, -FP4_MAGNITUDES])
+SCALE_BIAS = quant.E8M0_BIAS
+FP4_MAGNITUDES = np.array(quant.FP4_MAGNITUDES, np.float32)
+FP4_VALUES = np.array(quant.FP4_VALUES, np.float32)
 # byte -> (value of its low nibble, value of its high nibble): one lookup decodes both.
 _BYTE_PAIRS = np.stack(
     [FP4_VALUES[np.arange(256) & 0x0F], FP4_VALUES[np.arange(256) >> 4]], axis=-1
 )
-_MIDPOINTS = (FP4_MAGNITUDES[1:] + FP4_MAGNITUDES[:-1]) / 2
 
 
 def packed_names(base: str) -> tuple[str, str]:
@@ -81,43 +82,18 @@ def dequantize(
     return out_eio
 
 
-def _block_exponents(amax: np.ndarray) -> np.ndarray:
-    """Smallest e with amax <= 6 * 2^e (so no value clips), clamped to E8M0's finite range [-127, 127]."""
-    # amax = mant * 2^exp, mant in [0.5, 1); 6 * 2^(exp-3) = 0.75 * 2^exp
-    mant, exp = np.frexp(amax)
-    return np.clip(exp - 3 + (mant > 0.75), -SCALE_BIAS, SCALE_BIAS)
-
-
-def _nearest_codes(y: np.ndarray) -> np.ndarray:
-    """FP4 codes (uint8, 0..15) nearest to y (|y| <= 6 after scaling); ties go to the even code."""
-    mag = np.abs(y)
-    idx = np.searchsorted(_MIDPOINTS, mag, side="left")  # a tie lands on the lower neighbour
-    tie = mag == _MIDPOINTS[np.minimum(idx, len(_MIDPOINTS) - 1)]
-    idx = idx + (tie & (idx % 2 == 1))
-    return (idx + 8 * np.signbit(y)).astype(np.uint8)
-
-
 def quantize(x_eio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reference quantiser (for tests): x [E, in, out] -> (blocks [E, out, in/32, 16],
-    scales [E, out, in/32]).
+    """x [E, in, out] -> (blocks [E, out, in/32, 16], scales [E, out, in/32]): model/quant.py's MXFP4
+    quantisation (each block of 32 inputs scaled by the smallest power of two that fits it within 6,
+    values rounded to the nearest E2M1 value, ties to even) in the file's layout."""
+    values, scales = quant.Mxfp4().quantize(jnp.asarray(x_eio, jnp.float32))
+    return to_file(np.asarray(values), np.asarray(scales))
 
-    Each block of 32 input-axis values gets the smallest power-of-two scale that fits its largest
-    magnitude within 6, then each value is rounded to the nearest E2M1 value (the inverse of `dequantize`).
-    """
-    n_exp, n_in, n_out = x_eio.shape
-    if n_in % BLOCK:
-        raise ValueError(
-            f"input dimension {n_in} is not a multiple of the MXFP4 block size {BLOCK}"
-        )
-    x_eogb = (
-        np.asarray(x_eio, np.float64).transpose(0, 2, 1).reshape(n_exp, n_out, n_in // BLOCK, BLOCK)
-    )
-    exps_eog = _block_exponents(np.abs(x_eogb).max(axis=-1))
-    codes = _nearest_codes(np.ldexp(x_eogb, -exps_eog[..., None])).reshape(
-        *exps_eog.shape, BLOCK // 2, 2
-    )
-    blocks = codes[..., 0] | (codes[..., 1] << 4)
-    # C-contiguous: safetensors writes an array's raw buffer
-    return np.ascontiguousarray(blocks, np.uint8), np.ascontiguousarray(
-        exps_eog + SCALE_BIAS, np.uint8
-    )
+
+def to_file(values: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Our [..., in/2, out] values and [..., in/32, out] scales -> the file's blocks
+    [..., out, in/32, 16] and scales [..., out, in/32] (C-contiguous: safetensors writes the raw
+    buffer; writable copies)."""
+    blocks = np.swapaxes(values, -1, -2)
+    blocks = blocks.reshape(*blocks.shape[:-1], -1, BLOCK // 2)
+    return np.array(blocks, order="C"), np.array(np.swapaxes(scales, -1, -2), order="C")

@@ -5,9 +5,12 @@ Nothing is loaded into a model: each of the base's safetensors files is copied t
 stored bytes unchanged, except the tensors the adapter trained. Where the base holds such a tensor in
 fine-grained FP8, the adapter's bf16 tensor is quantised with the base's block size (each block
 scaled so its largest magnitude is FP8's largest, as DeepSeek-V3's weights are: model/quant.py) and
-written with its new `_scale_inv`; an unquantised base tensor takes the adapter's values in its own
-dtype. config.json (with its quantization_config), the index, the tokenizer and every other file are
-copied as they are. So an FP8 base exports as FP8 that transformers' fine-grained FP8 loader reads.
+written with its new `_scale_inv`; where the base holds every expert of a layer in one tensor (gpt-oss,
+transformers' fused layout), the trained experts' slices of it are rewritten, in MXFP4 `_blocks` /
+`_scales` where the base is MXFP4 (model/quant.py's quantiser); an unquantised base tensor takes the
+adapter's values in its own dtype. config.json (with its quantization_config), the index, the
+tokenizer and every other file are copied as they are. So an FP8 base exports as FP8 that
+transformers' fine-grained FP8 loader reads, and gpt-oss's MXFP4 as MXFP4 that its loader reads.
 """
 
 from __future__ import annotations
@@ -22,16 +25,17 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from esft_jax.checkpoint import fp8
+from esft_jax.checkpoint import fp8, hf, mxfp4
 from esft_jax.checkpoint.adapter import read_adapter
 from esft_jax.checkpoint.errors import CheckpointError
-from esft_jax.checkpoint.hf import _weight_files, read_safetensors
+from esft_jax.checkpoint.families.base import Fused
 from esft_jax.checkpoint.output_dir import export_replaceable, staged_dir, write_marker
 from esft_jax.checkpoint.safetensors_read import DTYPES
-from esft_jax.jsonio import read_json
 from esft_jax.model import quant
 
 SAFETENSORS_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+# a fused file tensor's key -> (its layout, {expert: {part index: trained tensor, HF [out, in]}})
+FusedUpdates = dict[str, tuple[Fused, dict[int, dict[int, np.ndarray]]]]
 
 
 def export_native(
@@ -42,18 +46,12 @@ def export_native(
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     inputs = (base_dir, Path(adapter_dir))
     replaceable = export_replaceable(out_dir, overwrite, inputs)
-    block = _fp8_block(read_json(base_dir / "config.json", CheckpointError, "no such file"))
+    located = hf.plan(base_dir, hf.load_config(base_dir))
     trained, _ = read_adapter(adapter_dir)
-    files = _weight_files(base_dir)
-    missing = sorted(set(trained) - set(files))
-    if missing:
-        raise CheckpointError(
-            f"{adapter_dir}: tensor {missing[0]} is not one of {base_dir}'s file tensors (experts "
-            "stored fused in one tensor?): export it with --config.dtype=auto"
-        )
+    whole, fused = _updates(trained, located.where, adapter_dir, base_dir)
     with staged_dir(out_dir, replaceable=replaceable, inputs=inputs) as tmp:
-        for path in sorted(set(files.values())):
-            _write_merged(path, tmp / path.name, trained, block)
+        for path in sorted(set(located.files.values())):
+            _write_merged(path, tmp / path.name, whole, fused, located.fp8_block)
         for entry in base_dir.iterdir():
             if (
                 entry.is_file()
@@ -65,37 +63,110 @@ def export_native(
     return out_dir
 
 
-def _fp8_block(config: Mapping[str, Any]) -> fp8.Block:
-    q = config.get("quantization_config")
-    if not isinstance(q, Mapping):
-        return None
-    if q.get("quant_method") != "fp8":
-        raise CheckpointError(
-            f"--config.dtype=native: a {q.get('quant_method')!r} base is not written back in its "
-            "format yet (fine-grained FP8 is); use --config.dtype=auto"
-        )
-    return fp8.block_size(q)
+def _updates(
+    trained: Mapping[str, np.ndarray], where: Mapping[str, Any], adapter_dir, base_dir
+) -> tuple[dict[str, np.ndarray], FusedUpdates]:
+    """The adapter's tensors by the file tensor they go to: whole tensors by their name, and the
+    parts of fused ones by file tensor, expert and part."""
+    whole: dict[str, np.ndarray] = {}
+    fused: FusedUpdates = {}
+    for name, value in trained.items():
+        use = where.get(name)
+        if use is None:
+            raise CheckpointError(
+                f"{adapter_dir}: tensor {name} is not a tensor of {base_dir}'s model"
+            )
+        if use.fused is None:
+            whole[use.key] = value
+        elif use.scale is not None:
+            raise CheckpointError(
+                f"{base_dir}: tensor {use.key} holds FP8 experts fused in one tensor, which "
+                "--config.dtype=native does not write; export with --config.dtype=auto"
+            )
+        else:
+            parts = fused.setdefault(use.key, (use.fused, {}))[1]
+            parts.setdefault(use.expert, {})[use.part] = value
+    return whole, fused
 
 
 def _write_merged(
-    src: Path, dst: Path, trained: Mapping[str, np.ndarray], block: fp8.Block
+    src: Path,
+    dst: Path,
+    whole: Mapping[str, np.ndarray],
+    fused: FusedUpdates,
+    block: fp8.Block,
 ) -> None:
     """One base file with the adapter's tensors in it (quantised where the base's are)."""
     out: dict[str, np.ndarray] = {}
-    with read_safetensors(src) as f:
+    with hf.read_safetensors(src) as f:
         names = set(f.keys())
         for name in f.keys():
             matrix = name.removesuffix(fp8.SCALE_SUFFIX)
-            if name in trained:
+            packed = name.removesuffix("_blocks")
+            if name in whole:
                 if fp8.scale_name(name) in names:  # FP8: re-quantised in the base's blocks
                     scale_dtype = DTYPES[f.get_slice(fp8.scale_name(name)).get_dtype()]
-                    out[name], scale = quantize_matrix(trained[name], block)
+                    out[name], scale = quantize_matrix(whole[name], block)
                     out[fp8.scale_name(name)] = scale.astype(scale_dtype)
                 else:
-                    out[name] = trained[name].astype(DTYPES[f.get_slice(name).get_dtype()])
-            elif name == matrix or matrix not in trained:  # (a trained one's scale: written above)
+                    out[name] = whole[name].astype(DTYPES[f.get_slice(name).get_dtype()])
+            elif name in fused:
+                out[name] = _merged_fused(f.get_tensor(name), *fused[name])
+            elif packed in fused and mxfp4.is_mxfp4(names, packed):
+                blocks, scales = mxfp4.packed_names(packed)
+                out[blocks], out[scales] = _merged_mxfp4(
+                    f.get_tensor(blocks), f.get_tensor(scales), *fused[packed]
+                )
+            elif not (
+                (name != matrix and matrix in whole)  # a trained one's scale: written above
+                or (name.endswith("_scales") and name.removesuffix("_scales") in fused)
+            ):
                 out[name] = f.get_tensor(name)
     save_safetensors(out, dst, {"format": "pt"})
+
+
+def _replaced(name: str, current: list[np.ndarray], parts: Mapping[int, np.ndarray]) -> None:
+    for i, value in parts.items():
+        if value.shape != current[i].shape:
+            raise CheckpointError(
+                f"adapter tensor for {name} has shape {list(value.shape)}, the base's part "
+                f"{list(current[i].shape)}"
+            )
+        current[i] = value
+
+
+def _merged_fused(
+    tensor: np.ndarray, fz: Fused, updates: Mapping[int, Mapping[int, np.ndarray]]
+) -> np.ndarray:
+    """A fused [E, ...] tensor with the trained experts' parts replaced (in its dtype)."""
+    out = tensor.copy()
+    for e, parts in updates.items():
+        current = list(fz.split(tensor[e]))
+        _replaced(fz.name, current, {i: v.astype(tensor.dtype) for i, v in parts.items()})
+        out[e] = fz.join(tuple(current))
+    return out
+
+
+def _merged_mxfp4(
+    blocks: np.ndarray,
+    scales: np.ndarray,
+    fz: Fused,
+    updates: Mapping[int, Mapping[int, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """gpt-oss's `_blocks` [E, out, in/32, 16] and `_scales` [E, out, in/32] with the trained
+    experts' parts quantised into them (model/quant.py's MXFP4, in our layout: cut and joined as
+    the family's fused layout cuts a dequantised slice)."""
+    blocks, scales = blocks.copy(), scales.copy()
+    for e, parts in updates.items():
+        values = list(fz.split(blocks[e].reshape(blocks.shape[1], -1).T))  # HF parts [out, in/2]
+        exps = list(fz.split(scales[e].T))  # [out, in/32]
+        quantized = {
+            i: quant.Mxfp4().quantize(jnp.asarray(v, jnp.float32).T) for i, v in parts.items()
+        }
+        _replaced(fz.name, values, {i: np.asarray(q[0]).T for i, q in quantized.items()})
+        _replaced(fz.name, exps, {i: np.asarray(q[1]).T for i, q in quantized.items()})
+        blocks[e], scales[e] = mxfp4.to_file(fz.join(tuple(values)), fz.join(tuple(exps)))
+    return blocks, scales
 
 
 def quantize_matrix(w_oi: np.ndarray, block: fp8.Block) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +175,8 @@ def quantize_matrix(w_oi: np.ndarray, block: fp8.Block) -> tuple[np.ndarray, np.
         raise CheckpointError(
             "--config.dtype=native: the base's FP8 scales are per matrix, not per block"
         )
-    values_io, scale_rc = quant.quantize(jnp.asarray(w_oi, jnp.float32).T, quant.block_io(block))
+    scheme = quant.Fp8Blocks(quant.block_io(block))
+    values_io, scale_rc = scheme.quantize(jnp.asarray(w_oi, jnp.float32).T)
     return np.asarray(values_io).T.copy(), np.asarray(scale_rc).T.copy()
 
 

@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 
 from esft_jax import sharding as shd
-from esft_jax.checkpoint import fp8_native, hf
+from esft_jax.checkpoint import hf, native
 from esft_jax.checkpoint.adapter import Update, adapter_updates, read_adapter
 from esft_jax.checkpoint.errors import CheckpointError
 from esft_jax.checkpoint.hf_names import TensorMap
+from esft_jax.model import quant
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.params import Params, flat_param_specs
 from esft_jax.tree import set_path
@@ -49,8 +53,9 @@ def load_params_sharded(
     the adapter directory `adapter` (if any) applied; equal to `load_checkpoint` (+ `load_with_adapter`)
     placed with `shard_params`. Errors are hf.py's and adapter.py's."""
     plan = hf.plan(ckpt_dir, cfg)
-    if cfg.expert_fp8_block and adapter is not None:
-        raise CheckpointError(fp8_native.NO_ADAPTER)
+    scheme = cfg.expert_scheme
+    if scheme is not None and adapter is not None:
+        raise CheckpointError(native.NO_ADAPTER)
     updates = _updates_by_name(cfg, adapter)
     by_path: dict[tuple[str, ...], list[TensorMap]] = {}
     for m in plan.maps:
@@ -61,22 +66,27 @@ def load_params_sharded(
             read = lambda index, path=path, shape=spec.shape: _block(  # noqa: E731
                 index, shape, by_path[path], plan, updates, open_files
             )
-            if cfg.expert_fp8_block and fp8_native.is_expert_matrix(path):
-                read = _fp8_reader(spec.shape, by_path[path], plan, open_files, scales=False)
-            elif cfg.expert_fp8_block and fp8_native.is_expert_scale(path):
-                matrix = fp8_native.matrix_path(path)
-                read = _fp8_reader(spec.shape, by_path[matrix], plan, open_files, scales=True)
-            set_path(params, path, _place(spec.shape, _sharding(spec.axes, mesh), read))
+            if native.is_native(path, cfg):
+                read = _native_reader(spec.shape, by_path[path], plan, open_files, scheme, False)
+            elif native.is_native_scale(path, cfg):
+                matrix = native.matrix_path(path)
+                read = _native_reader(spec.shape, by_path[matrix], plan, open_files, scheme, True)
+            stacked = path[0] in ("dense_layers", "moe_layers")
+            set_path(params, path, _place(spec.shape, _sharding(spec.axes, mesh), read, stacked))
         STATS["bytes_read"] = open_files.bytes_read
     return params
 
 
 def _place(
-    shape: tuple[int, ...], sharding: Sharding, read: Callable[[Index], np.ndarray]
+    shape: tuple[int, ...],
+    sharding: Sharding,
+    read: Callable[[Index], np.ndarray],
+    stacked: bool = False,
 ) -> jax.Array:
     """The array of `shape` with `sharding`, each device's block from `read(index)`. Unlike
     `jax.make_array_from_callback`, which reads every block before placing any, each block is placed
-    as it is read and dropped once its last replica is placed, so the host holds one block at a time."""
+    as it is read and dropped once its last replica is placed, so the host holds one block at a time;
+    a large block of a `stacked` (layers first) array, a layer at a time."""
     indices = sharding.addressable_devices_indices_map(shape)
     key = lambda index: tuple(s.indices(n) for s, n in zip(index, shape))  # noqa: E731
     replicas_left = collections.Counter(key(index) for index in indices.values())
@@ -86,6 +96,9 @@ def _place(
         indices.items(), key=lambda item: key(item[1])
     ):  # replicas together
         k = key(index)
+        if stacked and replicas_left[k] == 1 and _values(shape, index) > PIECEWISE_VALUES:
+            shards.append(_place_by_rows(shape, index, read, device))
+            continue
         if k not in blocks:
             blocks[k] = read(index)
         shards.append(jax.device_put(blocks[k], device))
@@ -94,6 +107,44 @@ def _place(
             jax.block_until_ready(shards[-1])  # the transfer is done with the host block
             del blocks[k]
     return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+
+# A device block of more values than this (e.g. a whole stacked leaf on one device) is read a row of
+# its leading (layer) axis at a time into its buffer on the device, so that the host never holds it
+# whole (the largest leaf of gpt-oss-20b: 3.2 GB).
+PIECEWISE_VALUES = 1 << 27
+
+
+def _values(shape: tuple[int, ...], index: Index) -> int:
+    return math.prod(len(range(*s.indices(n))) for s, n in zip(index, shape))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_row(block: jax.Array, row: jax.Array, i: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(block, row, i, 0)
+
+
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
+def _bitcast(block: jax.Array, dtype: np.dtype) -> jax.Array:
+    return jax.lax.bitcast_convert_type(block, dtype)
+
+
+def _place_by_rows(
+    shape: tuple[int, ...], index: Index, read: Callable[[Index], np.ndarray], device
+) -> jax.Array:
+    """A device's block of the array, written into its device buffer a row at a time (donated, so
+    in place). The rows travel as unsigned integers of their width: XLA:CPU updates an FP8 buffer
+    element by element, 100x slower; the bitcast back reuses the buffer too."""
+    rows = range(*index[0].indices(shape[0]))
+    block = dtype = None
+    for i, r in enumerate(rows):
+        value = read((slice(r, r + 1), *index[1:]))
+        dtype = value.dtype
+        bits = value.view(np.dtype(f"uint{8 * dtype.itemsize}"))
+        if block is None:
+            block = jnp.zeros((len(rows), *value.shape[1:]), bits.dtype, device=device)
+        block = _set_row(block, jax.device_put(bits, device), np.int32(i))
+    return _bitcast(block, dtype)
 
 
 def _sharding(axes: tuple[str | None, ...], mesh: Mesh | None) -> Sharding:
@@ -138,22 +189,28 @@ def _block(
     return block
 
 
-def _fp8_reader(
-    shape: tuple[int, ...], maps: list[TensorMap], plan: hf.Plan, open_files, scales: bool
+def _native_reader(
+    shape: tuple[int, ...],
+    maps: list[TensorMap],
+    plan: hf.Plan,
+    open_files,
+    scheme: quant.Scheme,
+    scales: bool,
 ) -> Callable[[Index], np.ndarray]:
-    """frozen_dtype=native: a device's block of an FP8 expert stack (values, or their scales), each
-    expert read as stored and cut to the block's inner dims."""
+    """frozen_dtype=native: a device's block of a quantised stack (values, or their scales), each
+    layer's (expert's) matrix read as stored and cut to the block's inner dims."""
+    n_stacked = len(maps[0].index)  # layers, or layers and experts
 
     def read(index: Index) -> np.ndarray:
-        stacked = [range(*s.indices(n)) for s, n in zip(index, shape[:2])]
+        stacked = [range(*s.indices(n)) for s, n in zip(index, shape[:n_stacked])]
         block = None
         for m in maps:
             if all(i in r for i, r in zip(m.index, stacked)):
-                value = fp8_native.read(open_files, plan, m, scales)[index[2:]]
+                value = native.read(open_files, plan, m, scheme, scales)[index[n_stacked:]]
                 if block is None:
                     block = np.empty((*map(len, stacked), *value.shape), value.dtype)
                 block[tuple(r.index(i) for i, r in zip(m.index, stacked))] = value
-        assert block is not None, "every block holds at least one expert"
+        assert block is not None, "every block holds at least one matrix"
         return block
 
     return read

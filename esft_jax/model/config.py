@@ -13,6 +13,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from esft_jax.model import quant
+
 MOE_STRATEGIES = ("auto", "dense", "capacity", "blocked", "spill", "ragged", "tokamax")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("mla", "gqa")
@@ -105,9 +107,13 @@ class ModelConfig:
     # generation stops at any of them (`stop_token_ids`).
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
-    # The routed experts held in fine-grained FP8 (model/quant.py): the file's block [rows, cols] of
-    # its [out, in] matrices, e.g. (128, 128); () : held in param_dtype.
+    # The routed experts held quantised (model/quant.py): in fine-grained FP8, the file's block
+    # [rows, cols] of its [out, in] matrices, e.g. (128, 128); in MXFP4 (gpt-oss); else param_dtype.
     expert_fp8_block: tuple[int, ...] = ()
+    expert_mxfp4: bool = False
+    # The layers' other linear weights (attention, dense and shared MLPs) held in FP8 too, in
+    # expert_fp8_block blocks (model/params.py FP8_LINEARS)
+    linear_fp8: bool = False
     # Runtime choices (not part of the checkpoint).
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; router scores are always float32
@@ -119,8 +125,8 @@ class ModelConfig:
     scan_layers: bool = True
     # recompute each layer in the backward pass: activations of one layer, not all
     remat: bool = False
-    # what a checkpoint's frozen FP8 experts load as: "native" keeps them FP8 (expert_fp8_block
-    # set from the checkpoint), "bfloat16" dequantises them
+    # what a checkpoint's frozen quantised experts load as: "native" keeps them as stored
+    # (expert_fp8_block / expert_mxfp4 set from the checkpoint), "bfloat16" dequantises them
     frozen_dtype: str = "bfloat16"
     attention_impl: str = "reference"  # ATTENTION_IMPLS
     attention_block: int = 512  # blockwise: queries and keys per block
@@ -173,6 +179,19 @@ class ModelConfig:
             or (len(self.expert_fp8_block) == 2 and min(self.expert_fp8_block) >= 1),
             f"expert_fp8_block {list(self.expert_fp8_block)}: expected [] or two positive sizes",
         )
+        check(
+            not (self.expert_fp8_block and self.expert_mxfp4),
+            "expert_fp8_block and expert_mxfp4: the experts are one or the other",
+        )
+        check(
+            not self.linear_fp8 or bool(self.expert_fp8_block),
+            "linear_fp8 needs expert_fp8_block (the FP8 block of the checkpoint)",
+        )
+        if self.expert_mxfp4:
+            check(
+                self.hidden_size % 32 == 0 and self.moe_intermediate_size % 32 == 0,
+                "expert_mxfp4 needs hidden_size and moe_intermediate_size multiples of 32",
+            )
         check(
             all(layer in layers for layer in self.mlp_only_layers + self.sliding_window_layers),
             f"mlp_only_layers / sliding_window_layers must lie in [0, {self.num_hidden_layers})",
@@ -259,6 +278,15 @@ class ModelConfig:
         if self.shared_expert_intermediate_size is not None:
             return self.shared_expert_intermediate_size
         return self.moe_intermediate_size * self.n_shared_experts
+
+    @property
+    def expert_scheme(self) -> quant.Scheme | None:
+        """How the routed experts are held quantised (model/quant.py); None: in param_dtype."""
+        return quant.expert_scheme(self.expert_fp8_block, self.expert_mxfp4)
+
+    def unquantized(self) -> ModelConfig:
+        """The same model with every weight held in param_dtype."""
+        return self.replace(expert_fp8_block=(), expert_mxfp4=False, linear_fp8=False)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

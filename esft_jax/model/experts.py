@@ -71,11 +71,13 @@ def _biases(p: ExpertWeights) -> tuple[jax.Array, jax.Array, jax.Array] | None:
     return tuple(p[k] for k in BIASES) if BIASES[0] in p else None
 
 
-def resolve_strategy(strategy: str, platform: str | None = None) -> str:
-    """`strategy`, with "auto" made concrete for `platform` (default: JAX's default backend)."""
+def resolve_strategy(strategy: str, platform: str | None = None, quantized: bool = False) -> str:
+    """`strategy`, with "auto" made concrete for `platform` (default: JAX's default backend).
+    A `quantized` stack (model/quant.py) is `blocked` on every backend: it dequantises one expert
+    at a time, where a grouped matmul takes the whole stack (a layer of DeepSeek-V3's: 22 GB)."""
     if strategy != "auto":
         return strategy
-    if (platform or jax.default_backend()) == "cpu":
+    if quantized or (platform or jax.default_backend()) == "cpu":
         return "blocked"
     return "tokamax" if importlib.util.find_spec("tokamax") else "ragged"
 
@@ -326,20 +328,20 @@ def routed_experts(
     block: int = BLOCK,
     act: GLU = SWIGLU,
     extra: ExpertWeights | None = None,
-    fp8_block: tuple[int, ...] = (),
+    scheme: quant.Scheme | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """x [N, d], ids/weights [N, k] -> (y [N, d] float32, dropped assignments: int32 scalar).
 
     extra (`blocked` only): S more experts, ids E .. E + S - 1 (ESFT's trained rows beside the
-    frozen stack), in the same pass; E + S then means "not here". fp8_block: `p`'s matrices are
-    FP8 with their block scales (model/quant.py): the blocked loop dequantises one expert at a
-    time, the other paths the stack."""
-    strategy = resolve_strategy(strategy)
-    if fp8_block and quant.is_quantized(p):
+    frozen stack), in the same pass; E + S then means "not here". scheme: `p`'s matrices are
+    quantised so, with their scales (model/quant.py): the blocked loop dequantises one expert at a
+    time, the other paths the stack ("auto": blocked)."""
+    strategy = resolve_strategy(strategy, quantized=scheme is not None)
+    if scheme is not None:
         dequantize = quant.stacks if strategy == "blocked" else quant.dequantize_experts
-        p = dequantize(p, fp8_block, x_nd.dtype)
+        p = dequantize(p, scheme, x_nd.dtype)
     p = {
-        name: w if isinstance(w, quant.Fp8Stack) else jnp.asarray(w, x_nd.dtype)
+        name: w if isinstance(w, quant.QuantStack) else jnp.asarray(w, x_nd.dtype)
         for name, w in p.items()
     }
     weights_nk = weights_nk.astype(jnp.float32)

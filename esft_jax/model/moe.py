@@ -108,7 +108,7 @@ def _routed(
         capacity_factor,
         act=expert_glu(cfg),
         extra=extra,
-        fp8_block=cfg.expert_fp8_block,
+        scheme=cfg.expert_scheme,
     )
     return y.reshape(b, t, d), dropped
 
@@ -131,7 +131,8 @@ def _with_overrides(
     if override is None:
         return stacked_pass(ids_btk)
     stacked_ids, slots, rows = _override_slots(ids_btk, override, cfg.n_routed_experts)
-    if stacked is not None and resolve_strategy(cfg.moe_strategy) == "blocked":
+    quantized = cfg.expert_scheme is not None
+    if stacked is not None and resolve_strategy(cfg.moe_strategy, quantized=quantized) == "blocked":
         # one pass: the override rows are experts E .. E + S - 1 beside the stack
         n_rows = next(iter(rows.values())).shape[0]
         ids = jnp.where(slots < n_rows, cfg.n_routed_experts + slots, ids_btk)
@@ -239,7 +240,7 @@ def _exchange(x_btd, ids_btk, w_btk, experts, cfg: ModelConfig, n_shards: int):
         experts,
         cfg.moe_strategy,
         act=expert_glu(cfg),
-        fp8_block=cfg.expert_fp8_block,
+        scheme=cfg.expert_scheme,
     )
     y_back = jax.lax.all_to_all(y_recv.reshape(n_shards, rows, d), "expert", 0, 0, tiled=True)
     y_a = y_back.at[dest, slot].get(mode="fill", fill_value=0)

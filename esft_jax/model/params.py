@@ -16,15 +16,18 @@ Layout (nested dicts; weights stored as `x @ w`, i.e. [in, out]; `L` = stacked l
         moe/router_correction [L, expert]       (noaux_tc: added to the scores for choosing only)
         moe/experts/gate, up [L, expert, embed, expert_mlp]; down [L, expert, expert_mlp, embed]
                    (+ gate_bias, up_bias [L, expert, expert_mlp], down_bias [L, expert, embed])
-                   (cfg.expert_fp8_block: gate/up/down FP8, + gate_scale, up_scale, down_scale
-                   [L, expert, in blocks, out blocks] float32: model/quant.py)
+                   (cfg.expert_scheme: gate/up/down its values, + gate_scale, up_scale,
+                   down_scale its scales: model/quant.py)
         moe/shared/gate, up  [L, embed, shared_mlp]; down [L, shared_mlp, embed]
         moe/shared_gate  [L, embed, 1]           (if cfg.shared_expert_gate)
+    (cfg.linear_fp8: attn's, mlp's and moe/shared's matrices FP8 in their shapes, + `<name>_scale`
+    [L, in blocks, out blocks] float32 over their [in, out] view: FP8_LINEARS)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +70,68 @@ def input_dims(path: tuple[str, ...]) -> int | None:
     if path[-1].endswith(_VECTORS):
         return None
     return 2 if path[-2:] == ("attn", "o") else 1  # o maps (heads, head_dim) -> embed
+
+
+# The linear weights of a layer that a fine-grained FP8 checkpoint stores in FP8 beside its experts
+# (cfg.linear_fp8), by the group that holds them; the router stays float32.
+FP8_LINEARS = {
+    "attn": ("q", "k", "v", "o", "q_a", "q_b", "kv_a", "kv_b"),
+    "mlp": ("gate", "up", "down"),
+    "shared": ("gate", "up", "down"),
+}
+
+
+def is_fp8_linear(path: tuple[str, ...]) -> bool:
+    return len(path) >= 2 and path[-1] in FP8_LINEARS.get(path[-2], ())
+
+
+def _linear_io(group: str, name: str, shape: tuple[int, ...]) -> tuple[int, int]:
+    """A linear weight's 2-D [in, out] view (its inputs the leading `input_dims`)."""
+    n_in = input_dims((group, name))
+    return math.prod(shape[:n_in]), math.prod(shape[n_in:])
+
+
+def _fp8_linear_specs(specs: dict[str, ParamSpec], group: str, cfg: ModelConfig) -> dict:
+    """`specs` with its FP8_LINEARS in FP8 (their shape and axes as before) and a float32 scale
+    grid `<name>_scale` over their 2-D [in, out] view (model/quant.py)."""
+    if not cfg.linear_fp8:
+        return specs
+    scheme = quant.Fp8Blocks(quant.block_io(cfg.expert_fp8_block))
+    out = dict(specs)
+    for name in FP8_LINEARS[group]:
+        if name in specs:
+            spec = specs[name]
+            grid = scheme.shapes(_linear_io(group, name, spec.shape))[1]
+            out[name] = dataclasses.replace(spec, init="quantized", dtype=quant.FP8)
+            out[name + quant.SCALE] = ParamSpec(grid, (None, None), "ones", "float32")
+    return out
+
+
+def dequantize_linears(p: Params, cfg: ModelConfig) -> Params:
+    """One layer's params with its FP8 linears (cfg.linear_fp8) dequantised to param_dtype, as a
+    bf16 load of the checkpoint holds them: inside the layer loop, one layer's at a time."""
+    if not cfg.linear_fp8:
+        return p
+    scheme = quant.Fp8Blocks(quant.block_io(cfg.expert_fp8_block))
+
+    def group(weights: Params, name: str) -> Params:
+        out = {}
+        for k, w in weights.items():
+            if k.endswith(quant.SCALE):
+                continue
+            if k + quant.SCALE in weights and w.dtype == jnp.dtype(quant.FP8):
+                view = w.reshape(_linear_io(name, k, w.shape))
+                w = scheme.dequantize(view, weights[k + quant.SCALE], cfg.param_dtype)
+                w = w.reshape(weights[k].shape)
+            out[k] = w
+        return out
+
+    out = {**p, "attn": group(p["attn"], "attn")}
+    if "mlp" in p:
+        out["mlp"] = group(p["mlp"], "mlp")
+    if "shared" in p.get("moe", {}):
+        out["moe"] = {**p["moe"], "shared": group(p["moe"]["shared"], "shared")}
+    return out
 
 
 def _mla_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
@@ -137,13 +202,18 @@ def _expert_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
         "up": ParamSpec((e, d, f), ("expert", "embed", "expert_mlp")),
         "down": ParamSpec((e, f, d), ("expert", "expert_mlp", "embed")),
     }
-    if cfg.expert_fp8_block:  # FP8 values and a float32 scale per block (model/quant.py)
-        block = quant.block_io(cfg.expert_fp8_block)
+    scheme = cfg.expert_scheme
+    if scheme is not None:  # the scheme's values and scales (model/quant.py)
         for name in quant.QUANTIZED:
             spec = specs[name]
-            specs[name] = dataclasses.replace(spec, dtype=quant.FP8)
+            values, scale = scheme.shapes(spec.shape)
+            fp8 = isinstance(scheme, quant.Fp8Blocks)  # its scales: a grid of blocks
+            specs[name] = ParamSpec(values, spec.axes, "quantized", scheme.values_dtype)
             specs[name + quant.SCALE] = ParamSpec(
-                quant.scale_shape(spec.shape, block), ("expert", None, None), "ones", "float32"
+                scale,
+                ("expert", None, None if fp8 else spec.axes[-1]),
+                "ones" if fp8 else "e8m0",
+                scheme.scale_dtype,
             )
     if cfg.expert_bias:
         specs.update(
@@ -165,7 +235,8 @@ def _moe_specs(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.topk_method == "noaux_tc":
         moe["router_correction"] = ParamSpec((e,), ("expert",), "zeros", dtype="float32")
     if cfg.shared_intermediate_size:
-        moe["shared"] = _mlp_specs(d, cfg.shared_intermediate_size, "mlp")
+        shared = _mlp_specs(d, cfg.shared_intermediate_size, "mlp")
+        moe["shared"] = _fp8_linear_specs(shared, "shared", cfg)
         if cfg.shared_expert_gate:
             moe["shared_gate"] = ParamSpec((d, 1), ("embed", None))
     return moe
@@ -188,9 +259,10 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
     if not cfg.tie_word_embeddings:
         specs["lm_head"] = ParamSpec((d, v), ("embed", "vocab"))
     attn = _mla_specs(cfg) if cfg.attention == "mla" else _gqa_specs(cfg)
-    block = {"attn_norm": norm, "attn": attn, "mlp_norm": norm}
+    block = {"attn_norm": norm, "attn": _fp8_linear_specs(attn, "attn", cfg), "mlp_norm": norm}
     if cfg.dense_layer_ids:
-        dense = {**block, "mlp": _mlp_specs(d, cfg.intermediate_size, "mlp")}
+        mlp = _fp8_linear_specs(_mlp_specs(d, cfg.intermediate_size, "mlp"), "mlp", cfg)
+        dense = {**block, "mlp": mlp}
         specs["dense_layers"] = _stack(dense, len(cfg.dense_layer_ids))
     if cfg.moe_layer_ids:
         specs["moe_layers"] = _stack({**block, "moe": _moe_specs(cfg)}, cfg.num_moe_layers)
@@ -221,6 +293,12 @@ _INITS: dict[str, Callable[[jax.Array, tuple[int, ...], Any], jax.Array]] = {
     "normal": lambda key, shape, dtype: 0.02 * jax.random.normal(key, shape, dtype),
     "ones": lambda key, shape, dtype: jnp.ones(shape, dtype),
     "zeros": lambda key, shape, dtype: jnp.zeros(shape, dtype),
+    "e8m0": lambda key, shape, dtype: jnp.full(shape, 120, dtype),  # MXFP4 scales: 2^-7
+    "quantized": lambda key, shape, dtype: (  # MXFP4: random codes; FP8: normal, rounded
+        jax.random.bits(key, shape, jnp.uint8)
+        if dtype == jnp.uint8
+        else (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    ),
 }
 
 
@@ -230,10 +308,7 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     keys = jax.random.split(key, len(leaves))
 
     def init(s: ParamSpec, key: jax.Array) -> jax.Array:
-        dtype = jnp.dtype(s.dtype or cfg.param_dtype)
-        if dtype == quant.FP8:  # random FP8 values: drawn in float32, rounded
-            return _INITS[s.init](key, s.shape, jnp.float32).astype(dtype)
-        return _INITS[s.init](key, s.shape, dtype)
+        return _INITS[s.init](key, s.shape, jnp.dtype(s.dtype or cfg.param_dtype))
 
     arrays = [init(s, k) for s, k in zip(leaves, keys)]
     return jax.tree.unflatten(treedef, arrays)

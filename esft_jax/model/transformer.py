@@ -24,6 +24,7 @@ from esft_jax.model.mask import attention_mask
 from esft_jax.model.mla import mla
 from esft_jax.model.moe import moe_block, swiglu
 from esft_jax.model.norm import rms_norm
+from esft_jax.model.params import dequantize_linears
 from esft_jax.model.rope import rope_cos_sin
 from esft_jax.sharding import constrain
 
@@ -216,14 +217,19 @@ def _decoder(
 
     # carry: the residual stream and the group's whole KV cache (written in place); xs: one layer's
     # params, window and index in its group
+    # (FP8 linears, cfg.linear_fp8: dequantised here, one layer's at a time)
     def dense_layer(carry, xs):
-        x, kv = attend(*carry, *xs)
-        x = x + swiglu(rms_norm(x, xs[0]["mlp_norm"], eps), xs[0]["mlp"])
+        p, *rest = xs
+        p = dequantize_linears(p, cfg)
+        x, kv = attend(*carry, p, *rest)
+        x = x + swiglu(rms_norm(x, p["mlp_norm"], eps), p["mlp"])
         return (constrain(x, _ACT), kv), None
 
     def moe_layer(carry, xs):
-        x, kv = attend(*carry, *xs)
-        out = moe_block(xs[0]["moe"], rms_norm(x, xs[0]["mlp_norm"], eps), cfg)
+        p, *rest = xs
+        p = dequantize_linears(p, cfg)
+        x, kv = attend(*carry, p, *rest)
+        out = moe_block(p["moe"], rms_norm(x, p["mlp_norm"], eps), cfg)
         r = out.routing
         routing = Routing(
             r.expert_ids, r.weights, r.scores if return_router_scores else None, out.dropped

@@ -75,8 +75,8 @@ def _expert_rows(
                 f"{adapter_dir}: {m.hf_name} is not a routed expert's tensor; the bank serves "
                 "adapters of expert rows only (serve this one merged: esft export)"
             )
-        if m.index not in rows:  # the base's row (FP8 experts dequantised: adapters' rows are bf16)
-            base = quant.rows(experts, m.index, cfg.expert_fp8_block, "bfloat16")
+        if m.index not in rows:  # the base's row (quantised experts dequantised to bf16)
+            base = quant.rows(experts, m.index, cfg.expert_scheme, "bfloat16")
             rows[m.index] = {k: np.asarray(w) for k, w in base.items()}
         row = rows[m.index]
         row[m.path[-1]] = update(row[m.path[-1]])
@@ -101,13 +101,10 @@ def build_bank(cfg: ModelConfig, params: Params, adapters: Mapping[str, str | Pa
         ]
     )
     ids = np.full((num_layers, num_sets, width), -1, np.int32)
-    leaves = {  # the rows' leaves: every matrix and bias, FP8 ones in bf16 (as a bf16 load holds them)
-        k: np.zeros(
-            (num_layers, num_sets, width, *w.shape[2:]),
-            jnp.bfloat16 if k + quant.SCALE in experts else w.dtype,
-        )
-        for k, w in experts.items()
-        if not k.endswith(quant.SCALE)
+    # the rows' leaves: every matrix and bias, quantised ones in bf16 (as a bf16 load holds them)
+    one_row = quant.rows(experts, (0, 0), cfg.expert_scheme, "bfloat16")
+    leaves = {
+        k: np.zeros((num_layers, num_sets, width, *w.shape), w.dtype) for k, w in one_row.items()
     }
     trained = []
     for a, rows in enumerate(per_adapter, start=1):

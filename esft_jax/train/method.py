@@ -62,7 +62,7 @@ REGISTRY: dict[str, Constructor] = {
     "router": RouterOnly.from_config,
 }
 METHODS = tuple(REGISTRY)  # the values of --config.method
-# methods whose trained copy covers the whole routed-expert stack (no FP8 experts: model/quant.py)
+# methods whose trained copy covers the whole routed-expert stack (no quantised experts: model/quant.py)
 WHOLE_EXPERT_STACK = ("fft", "lora")
 
 
@@ -71,10 +71,10 @@ def build_method(c: ml_collections.ConfigDict, cfg: ModelConfig) -> TrainingMeth
     seed)."""
     if c.method not in REGISTRY:
         raise ValueError(f"method={c.method!r}: expected one of {METHODS}")
-    if cfg.expert_fp8_block and c.method in WHOLE_EXPERT_STACK:
+    if cfg.expert_scheme is not None and c.method in WHOLE_EXPERT_STACK:
         raise ConfigError(
-            f"method={c.method} trains every routed expert: it needs them unquantised, not FP8 "
-            "(model.expert_fp8_block=())"
+            f"method={c.method} trains every routed expert: it needs them unquantised, not "
+            f"{cfg.expert_scheme.label} (model.frozen_dtype=bfloat16)"
         )
     return REGISTRY[c.method](c, cfg)
 

@@ -145,7 +145,9 @@ def lower_train_step(
     mesh = sharding.make_mesh(mesh_shape, (devices or jax.devices())[:n])
     platform = mesh.devices.flat[0].platform
     # the MoE strategy the target would pick ("auto" means the backend that runs, not the one tracing)
-    cfg = dataclasses.replace(cfg, moe_strategy=resolve_strategy(cfg.moe_strategy, platform))
+    quantized = cfg.expert_scheme is not None
+    strategy = resolve_strategy(cfg.moe_strategy, platform, quantized)
+    cfg = dataclasses.replace(cfg, moe_strategy=strategy)
     axes = param_axes(cfg)
     frozen = _abstract(abstract_params(cfg), sharding.param_shardings(axes, mesh))
     trainable_shape = jax.eval_shape(method.init, frozen)
@@ -346,11 +348,7 @@ def report(
     lines = [
         f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts, "
         f"hidden {cfg.hidden_size}, {cfg.dtype}"
-        + (
-            f" (routed experts FP8 in {cfg.expert_fp8_block[0]}x{cfg.expert_fp8_block[1]} blocks)"
-            if cfg.expert_fp8_block
-            else ""
-        )
+        + _quantized(cfg)
         + f"; batch {batch_size} x {seq_len} a step, "
         f"remat={cfg.remat}, attention_impl={cfg.attention_impl}; {unit} per device, mesh axis "
         f"{mesh_axis}, compiled for {compiled_for(topology)}. params: the frozen model; trainable: "
@@ -368,3 +366,11 @@ def report(
         for name in methods
     ]
     return "\n".join(lines)
+
+
+def _quantized(cfg: ModelConfig) -> str:
+    """What the frozen model holds quantised, for the table's heading."""
+    if cfg.expert_scheme is None:
+        return ""
+    linears = ", attention and dense/shared MLPs too" if cfg.linear_fp8 else ""
+    return f" (routed experts {cfg.expert_scheme.label}{linears})"

@@ -28,7 +28,7 @@ from flax import traverse_util
 from esft_jax.checkpoint.hf_names import TensorMap, tensor_maps
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import quant
-from esft_jax.model.config import ModelConfig
+from esft_jax.model.config import ConfigError, ModelConfig
 from esft_jax.sharding import to_host
 
 Params = dict[str, Any]
@@ -143,6 +143,11 @@ class ExpertSubset:
 
     @classmethod
     def build(cls, cfg: ModelConfig, expert_config: ExpertConfig) -> ExpertSubset:
+        if cfg.linear_fp8 and (expert_config.shared_experts or expert_config.non_expert_modules):
+            raise ConfigError(
+                "training the shared experts or the non-expert modules needs them unquantised, "
+                "not FP8 (model.frozen_dtype=bfloat16)"
+            )
         per_layer = [expert_config.experts.get(layer, []) for layer in cfg.moe_layer_ids]
         width = max([len(ids) for ids in per_layer] + [1])
         slot_ids = -np.ones((cfg.num_moe_layers, width), np.int32)
@@ -168,9 +173,9 @@ class ExpertSubset:
         used = self.slot_ids >= 0
         trainable: Params = {}
         if self.rows.size:  # no routed expert at all: e.g. the "shared experts only" ablation
-            # [L, S, ...]; FP8 experts dequantised as a bf16 load of the checkpoint would be
+            # [L, S, ...]; quantised experts dequantised as a bf16 load of the checkpoint would be
             rows = quant.rows(
-                experts, (layer, expert), self.cfg.expert_fp8_block, self.cfg.param_dtype
+                experts, (layer, expert), self.cfg.expert_scheme, self.cfg.param_dtype
             )
             trainable["experts"] = {
                 k: jnp.where(used.reshape(*used.shape, *(1,) * (w.ndim - 2)), w, 0).astype(
@@ -229,9 +234,9 @@ class ExpertSubset:
         layer, expert = self.rows[:, 0], self.rows[:, 1]
         for k, rows in trainable["experts"].items():
             trained = rows[layer, self.row_slots]
-            if k + quant.SCALE in experts:  # FP8: the trained experts re-quantised, block by block
-                block = quant.block_io(self.cfg.expert_fp8_block)
-                values, scale = quant.quantize(trained.astype(self.cfg.param_dtype), block)
+            if k + quant.SCALE in experts:  # the trained experts re-quantised, block by block
+                scheme = self.cfg.expert_scheme
+                values, scale = scheme.quantize(trained.astype(self.cfg.param_dtype))
                 experts[k + quant.SCALE] = experts[k + quant.SCALE].at[layer, expert].set(scale)
                 trained = values
             experts[k] = experts[k].at[layer, expert].set(trained.astype(experts[k].dtype))
@@ -254,8 +259,8 @@ class ExpertSubset:
                 return False
             return ec.shared_experts if is_shared(m.path) else ec.non_expert_modules
 
-        if cfg.expert_fp8_block:
-            tensors = self._fp8_adapter_tensors(cfg, frozen, trainable, changed)
+        if cfg.expert_scheme is not None:
+            tensors = self._quantized_adapter_tensors(cfg, frozen, trainable, changed)
         else:
             tensors = hf_tensors(cfg, self.write_back(frozen, trainable), changed)
         # the routing profile once, where the server's monitor reads it (serve/bank.py)
@@ -267,19 +272,23 @@ class ExpertSubset:
             metadata["routing_profile"] = ec.profile
         return tensors, metadata
 
-    def _fp8_adapter_tensors(
+    def _quantized_adapter_tensors(
         self, cfg: ModelConfig, frozen: Params, trainable: Params, changed
     ) -> dict[str, np.ndarray]:
-        """adapter_tensors over FP8 experts: the trained experts' rows in bfloat16 (as a bf16 load
-        holds those experts), never the FP8 stack gathered or re-quantised."""
+        """adapter_tensors over quantised experts: the trained experts' rows in bfloat16 (as a bf16
+        load holds those experts), never the quantised stack gathered or re-quantised."""
         params = cast_like(overlay(frozen, self._subtrees(trainable)), frozen)
         moe = {k: v for k, v in params["moe_layers"]["moe"].items() if k != "experts"}
         params = {**params, "moe_layers": {**params["moe_layers"], "moe": moe}}
         tensors = hf_tensors(cfg, params, lambda m: "experts" not in m.path and changed(m))
         rows = to_host(trainable.get("experts", {}))
+        experts = frozen["moe_layers"]["moe"]["experts"]
+        dtypes = {  # quantised matrices in bf16, biases in their own dtype
+            k: jnp.bfloat16 if k + quant.SCALE in experts else experts[k].dtype for k in rows
+        }
         slot = dict(zip(map(tuple, self.rows.tolist()), self.row_slots.tolist()))
         for m in tensor_maps(cfg):
             if "experts" in m.path and m.index in slot:
                 row = rows[m.path[-1]][m.index[0], slot[m.index]]
-                tensors[m.hf_name] = m.to_hf(np.asarray(row).astype(jnp.bfloat16))
+                tensors[m.hf_name] = m.to_hf(np.asarray(row).astype(dtypes[m.path[-1]]))
         return tensors
