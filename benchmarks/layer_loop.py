@@ -21,9 +21,10 @@ from esft_jax import config_files
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import ModelConfig, init_params
 from esft_jax.report import markdown_table
+from esft_jax.train.esft import ExpertSubset
+from esft_jax.train.fft import FullFineTune
 from esft_jax.train.optimizer import learning_rate, make_optimizer
 from esft_jax.train.step import make_train_step
-from esft_jax.train.trainable import ExpertSubset, FullFineTune
 
 
 def main() -> None:

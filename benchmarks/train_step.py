@@ -98,12 +98,13 @@ def jax_step(size: str | dict, method: str, batch: int, seq: int, scan_layers: b
     from esft_jax.expert_config import ExpertConfig
     from esft_jax.model import ModelConfig, init_params
     from esft_jax.routing import profile, scores, select
+    from esft_jax.train.esft import ExpertSubset
+    from esft_jax.train.fft import FullFineTune
     from esft_jax.train.loop import tree_bytes
     from esft_jax.train.lora import LoRA
     from esft_jax.train.method import save_adapter
     from esft_jax.train.optimizer import learning_rate, make_optimizer
     from esft_jax.train.step import make_train_step
-    from esft_jax.train.trainable import ExpertSubset, FullFineTune
 
     fields = SIZES[size] if isinstance(size, str) else size
     cfg = ModelConfig(model_type="deepseek_v2", scan_layers=scan_layers, **fields)

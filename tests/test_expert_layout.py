@@ -1,4 +1,4 @@
-"""ESFT's trained rows in the per-layer override layout [L, S, ...] (train/trainable.py): training is
+"""ESFT's trained rows in the per-layer override layout [L, S, ...] (train/esft.py): training is
 bit-identical to the compact layout [N, ...] gathered into the overrides every step (the layout
 before, kept here as the reference), the unused slots stay exactly zero, and the compiled step holds
 no gathered copy or scattered gradient of the rows."""
@@ -19,10 +19,11 @@ from esft_jax.model import init_params
 from esft_jax.model.moe import moe_block
 from esft_jax.train import loop
 from esft_jax.train import method as method_module
+from esft_jax.train.esft import ExpertSubset
 from esft_jax.train.method import save_adapter
 from esft_jax.train.optimizer import learning_rate, make_optimizer
 from esft_jax.train.step import make_train_step
-from esft_jax.train.trainable import ExpertSubset, Params, tree_size
+from esft_jax.train.trainable import Params, tree_size
 
 CFG = fx.tiny_config()
 

@@ -15,8 +15,9 @@ from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import forward, forward_cached, init_cache, param_axes
 from esft_jax.model.loss import next_token_loss
 from esft_jax.model.params import input_dims
+from esft_jax.train.esft import ExpertSubset
 from esft_jax.train.lora import LoRA
-from esft_jax.train.trainable import ALWAYS_FROZEN, ExpertSubset, non_expert_part
+from esft_jax.train.trainable import ALWAYS_FROZEN, non_expert_part
 
 _forward = jax.jit(forward, static_argnums=2)
 

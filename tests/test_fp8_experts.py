@@ -14,7 +14,7 @@ from esft_jax.checkpoint import fp8
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import ModelConfig, forward, init_params, quant
 from esft_jax.model.params import abstract_params
-from esft_jax.train.trainable import ExpertSubset
+from esft_jax.train.esft import ExpertSubset
 
 BLOCK = (16, 32)  # the file's [out, in] block: partial blocks at these sizes
 CFG = ModelConfig(

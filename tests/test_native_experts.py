@@ -21,7 +21,7 @@ from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import forward, quant
 from esft_jax.model.config import ConfigError
 from esft_jax.sharding import make_mesh
-from esft_jax.train.trainable import ExpertSubset
+from esft_jax.train.esft import ExpertSubset
 from esft_jax.tree import get_path
 
 BASES = {

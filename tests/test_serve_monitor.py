@@ -22,8 +22,8 @@ from esft_jax.routing.stats import RoutingStats
 from esft_jax.serve.bank import build_bank
 from esft_jax.serve.metrics import RoutingMetrics
 from esft_jax.serve.monitor import Coverage, Monitor, MonitorError, coverage
+from esft_jax.train.esft import ExpertSubset
 from esft_jax.train.method import save_adapter
-from esft_jax.train.trainable import ExpertSubset
 
 
 def _routing(rng, layers=3, experts=8, k=2, sequences=5):

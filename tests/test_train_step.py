@@ -9,9 +9,9 @@ from jax.sharding import NamedSharding
 
 from esft_jax import sharding
 from esft_jax.model import param_axes
+from esft_jax.train.esft import ExpertSubset
 from esft_jax.train.optimizer import learning_rate, make_optimizer
 from esft_jax.train.step import make_train_step, state_shardings
-from esft_jax.train.trainable import ExpertSubset
 
 CFG = fx.tiny_config()
 

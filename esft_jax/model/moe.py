@@ -8,7 +8,7 @@ computed with the override weights, the rest with the stacked ones; routing is u
 blocked strategy both go through one pass, the override rows numbered as experts E .. E + S - 1;
 otherwise a second pass takes the overrides' assignments. Fine-tuning a few experts differentiates
 only the small override arrays: the stacked experts stay constants, so no weight gradient is
-computed for them (see train/trainable.py). Serving several adapters in one batch, the override holds A
+computed for them (see train/esft.py). Serving several adapters in one batch, the override holds A
 sets: `"ids"` [A, S], the weights [A, S, ...], and `"adapter"` [B] names each batch row's set
 (serve/bank.py).
 
@@ -66,7 +66,7 @@ def _split_overridden(ids_btk: jax.Array, override_ids_s: jax.Array, num_stacked
 def _inert_where_unused(rows: jax.Array, used: jax.Array) -> jax.Array:
     """Override rows [S, ...] ([A, S, ...]) as they are, but with no gradient for the unused slots
     (used [S] ([A, S]) False): no token reaches them, and even a NaN in the rest of the layer's
-    gradient leaves theirs exactly zero (ESFT trains the rows in place: train/trainable.py). The
+    gradient leaves theirs exactly zero (ESFT trains the rows in place: train/esft.py). The
     select of an array with itself compiles to nothing."""
     mask = used.reshape(*used.shape, *(1,) * (rows.ndim - used.ndim))
     return jnp.where(mask, rows, jax.lax.stop_gradient(rows))

@@ -17,9 +17,11 @@ import numpy as np
 from esft_jax.checkpoint.adapter import write_adapter
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.model.config import ConfigError, ModelConfig
+from esft_jax.train.esft import ExpertSubset
+from esft_jax.train.fft import FullFineTune
 from esft_jax.train.lora import LoRA
 from esft_jax.train.router_only import RouterOnly
-from esft_jax.train.trainable import ExpertSubset, FullFineTune, Params
+from esft_jax.train.trainable import Params
 
 
 class TrainingMethod(Protocol):
