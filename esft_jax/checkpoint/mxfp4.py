@@ -22,7 +22,7 @@ import numpy as np
 
 from esft_jax.model import quant
 
-BLOCK = 32  # values per scale
+BLOCK = quant.Mxfp4.block  # values per scale
 SCALE_BIAS = quant.E8M0_BIAS
 FP4_MAGNITUDES = np.array(quant.FP4_MAGNITUDES, np.float32)
 FP4_VALUES = np.array(quant.FP4_VALUES, np.float32)
