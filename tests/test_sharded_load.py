@@ -126,30 +126,43 @@ def test_blocks_are_placed_as_they_are_read(monkeypatch):
     np.testing.assert_array_equal(np.asarray(array)[:, 0, 0], np.repeat([0, 2, 4, 6], 2))
 
 
+@pytest.mark.parametrize("adopt", [True, False], ids=["host-buffer", "device-updates"])
 @pytest.mark.parametrize("mesh_shape", [None, {"fsdp": 8}], ids=str)
 def test_a_large_block_is_read_a_layer_at_a_time_into_its_device_buffer(
-    tmp_path, monkeypatch, mesh_shape
+    tmp_path, monkeypatch, mesh_shape, adopt
 ):
     """A block over PIECEWISE_VALUES (lowered to 1 here) is read one row of its layer axis at a
-    time and written into its device buffer; the load equals load_checkpoint's, bit for bit."""
+    time, into a host array the CPU device adopts (no copy: the device buffer is that array) or,
+    as on an accelerator, into the device buffer in place; the load equals load_checkpoint's, bit
+    for bit."""
     from esft_jax.checkpoint import sharded_load
 
     cfg = fx.tiny_config(param_dtype="bfloat16")
     ckpt = _save(tmp_path / "ckpt", cfg)
     _, want = load_checkpoint(ckpt)
     monkeypatch.setattr(sharded_load, "PIECEWISE_VALUES", 1)
-    reads = []
-    place_by_rows = sharded_load._place_by_rows
+    monkeypatch.setattr(sharded_load, "_adopts_host_arrays", lambda device: adopt)
+    reads, host_blocks, placed = [], [], []
+    place_by_rows, aligned_empty = sharded_load._place_by_rows, sharded_load._aligned_empty
+    monkeypatch.setattr(
+        sharded_load,
+        "_aligned_empty",
+        lambda shape, dtype: host_blocks.append(aligned_empty(shape, dtype)) or host_blocks[-1],
+    )
     monkeypatch.setattr(
         sharded_load,
         "_place_by_rows",
-        lambda shape, index, read, device: place_by_rows(
-            shape, index, lambda i: reads.append(i) or read(i), device
+        lambda shape, index, read, device: (
+            placed.append(place_by_rows(shape, index, lambda i: reads.append(i) or read(i), device))
+            or placed[-1]
         ),
     )
     got = load_params_sharded(ckpt, cfg, make_mesh(mesh_shape) if mesh_shape else None)
     _assert_same(got, want, mesh_shape, cfg)
     assert reads and all(len(range(*i[0].indices(1 << 30))) == 1 for i in reads)
+    assert len(host_blocks) == (len(placed) if adopt else 0)
+    for host, device_block in zip(host_blocks, placed):
+        assert device_block.unsafe_buffer_pointer() == host.ctypes.data
 
 
 def test_expert_parallel_load_reads_every_stored_byte_once(tmp_path):
