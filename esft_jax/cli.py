@@ -27,15 +27,12 @@ from esft_jax import (
     validate,
 )
 from esft_jax.builtin import suite as builtin_suite
-from esft_jax.checkpoint import CheckpointError, save_checkpoint
+from esft_jax.checkpoint import save_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter
 from esft_jax.checkpoint.native_export import export_native
-from esft_jax.data.records import DataError
-from esft_jax.data.shards import ShardError
-from esft_jax.eval.judge import JudgeError
+from esft_jax.errors import UserError
 from esft_jax.eval.run import evaluate
-from esft_jax.expert_config import ExpertConfigError
-from esft_jax.model import ConfigError, ModelConfig, forward, param_axes
+from esft_jax.model import ModelConfig, forward, param_axes
 from esft_jax.routing import analyze
 from esft_jax.routing import run as routing_run
 from esft_jax.routing.load import expert_counts, load_table
@@ -44,7 +41,6 @@ from esft_jax.serve import launch as serve_launch
 from esft_jax.train import loop as train_loop
 from esft_jax.train import plan
 from esft_jax.train.guard import DivergedError
-from esft_jax.train.plan import PlanError
 
 
 def _route_tokens(c: ml_collections.ConfigDict, cfg: ModelConfig) -> np.ndarray:
@@ -263,17 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         validate.check(args.command, c)
         step_cap.from_environment(args.command, c)
         COMMANDS[args.command](c)
-    except (
-        config_files.ConfigFileError,
-        CheckpointError,
-        ConfigError,
-        DataError,
-        ExpertConfigError,
-        JudgeError,
-        PlanError,
-        ShardError,
-        experiment.ExperimentError,
-    ) as e:
+    except UserError as e:  # the input is wrong: one line naming what to fix
         print(f"esft {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the file system refused: a full disk, a read-only or vanished directory

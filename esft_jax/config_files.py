@@ -23,6 +23,7 @@ from pathlib import Path
 import ml_collections
 
 from esft_jax.checkpoint.families import family
+from esft_jax.errors import UserError
 from esft_jax.model.config import ModelConfig
 
 BUNDLED_PREFIX = "configs"  # the first part of a path that names a shipped config file
@@ -42,7 +43,7 @@ COMMAND_FILES = {
 }
 
 
-class ConfigFileError(ValueError):
+class ConfigFileError(UserError, ValueError):
     """A config file or override that cannot be applied; the message names the file and key."""
 
 

@@ -30,6 +30,7 @@ import ml_collections
 from esft_jax import config_files, report
 from esft_jax.builtin import suite as builtin_suite
 from esft_jax.data.sources import EXTENSIONS
+from esft_jax.errors import UserError
 from esft_jax.eval.run import evaluate
 from esft_jax.routing import analyze
 from esft_jax.routing import run as routing_run
@@ -148,7 +149,7 @@ def _train_command(c: ml_collections.ConfigDict, method: str, run: Path, suite: 
     return args
 
 
-class ExperimentError(RuntimeError):
+class ExperimentError(UserError, RuntimeError):
     """A step of the study failed (a training child exited non-zero)."""
 
 

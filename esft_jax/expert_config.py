@@ -16,11 +16,12 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from esft_jax.errors import UserError
 from esft_jax.jsonio import read_json
 from esft_jax.routing.expected import check_profile
 
 
-class ExpertConfigError(ValueError):
+class ExpertConfigError(UserError, ValueError):
     """An expert config that does not fit the model; the message names the file and key."""
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from esft_jax.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A malformed dataset row or file; the message starts with where ('file:line:', 'file:row N:')."""
 
 

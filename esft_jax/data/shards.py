@@ -21,9 +21,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Sharding
 
 from esft_jax.data.pipeline import Batch
+from esft_jax.errors import UserError
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """The batch rows cannot be split into the requested shards."""
 
 

@@ -15,6 +15,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
+from esft_jax.errors import UserError
+
 RUBRIC = (
     "You are grading an answer to a task against reference answers. Judge correctness and "
     "completeness relative to the references; ignore style. Reply with a one-sentence reason, then "
@@ -22,7 +24,7 @@ RUBRIC = (
 )
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError, RuntimeError):
     """The judge endpoint could not be reached or gave no score."""
 
 

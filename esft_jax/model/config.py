@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from esft_jax.errors import UserError
 from esft_jax.model import quant
 
 MOE_STRATEGIES = ("auto", "dense", "capacity", "blocked", "spill", "ragged", "tokamax")
@@ -26,7 +27,7 @@ EXPERT_ACTS = ("swiglu", "clamped_swiglu")
 ATTENTION_IMPLS = ("reference", "dot_product", "blockwise")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A model configuration that cannot describe a model we can build."""
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from esft_jax import sharding
-from esft_jax.config_files import ConfigFileError
+from esft_jax.errors import UserError
 from esft_jax.eval.generate import padded_rows
 from esft_jax.model import ModelConfig, forward
 from esft_jax.model.params import Params
@@ -91,7 +91,7 @@ def coverage(
     return out
 
 
-class MonitorError(ConfigFileError):
+class MonitorError(UserError, ValueError):
     """A monitor setting that cannot be used (a bad ratio, an audit log that cannot be written)."""
 
 

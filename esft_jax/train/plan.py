@@ -25,6 +25,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from esft_jax import sharding
+from esft_jax.errors import UserError
 from esft_jax.model import ModelConfig
 from esft_jax.model.experts import resolve_strategy
 from esft_jax.model.params import abstract_params, param_axes
@@ -95,7 +96,7 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     )
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A plan that cannot be made here (e.g. a TPU topology without libtpu)."""
 
 
