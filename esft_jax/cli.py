@@ -22,7 +22,6 @@ from esft_jax import (
     interrupt,
     report,
     runtime,
-    sharding,
     step_cap,
     validate,
 )
@@ -32,7 +31,7 @@ from esft_jax.checkpoint.adapter import load_with_adapter
 from esft_jax.checkpoint.native_export import export_native
 from esft_jax.errors import UserError
 from esft_jax.eval.run import evaluate
-from esft_jax.model import ModelConfig, forward, param_axes
+from esft_jax.model import ModelConfig, forward
 from esft_jax.routing import analyze
 from esft_jax.routing import run as routing_run
 from esft_jax.routing.load import expert_counts, load_table
@@ -64,7 +63,6 @@ def cmd_route(c: ml_collections.ConfigDict) -> None:
     )
     step = jax.jit(forward, static_argnames="cfg")
     if mesh is not None:
-        params = sharding.shard_params(params, param_axes(cfg), mesh)
         with jax.set_mesh(mesh):
             _, routing, seconds = _timed(step, params, tokens, cfg)
     else:

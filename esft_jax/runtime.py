@@ -33,7 +33,7 @@ from esft_jax.data import tokenize
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.data.chat import ChatTemplate
 from esft_jax.jsonio import read_json
-from esft_jax.model import ModelConfig, init_params
+from esft_jax.model import ModelConfig, init_params, param_axes
 from esft_jax.model.params import flat_param_specs
 
 RUNTIME_FIELDS = (
@@ -73,8 +73,10 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
 
 def load_model(c: ml_collections.ConfigDict, mesh: Mesh | None = None) -> tuple[ModelConfig, dict]:
     """From `c.checkpoint` (plus `c.adapter`, where the config has one), or random weights for
-    `c.model` (seeded by c.seed) when it is "random". With a mesh, a checkpoint is read straight onto
-    it (checkpoint/sharded_load.py: each process reads only the blocks its devices hold)."""
+    `c.model` (seeded by c.seed) when it is "random"; the one place weights are put on devices:
+    sharded by their logical axes over `mesh` (a checkpoint read straight onto it,
+    checkpoint/sharded_load.py: each process reads only the blocks its devices hold), else on the
+    default device."""
     overrides = _runtime_overrides(c)
     if c.get("adapter"):
         check_adapter_base(c, c.adapter)
@@ -83,13 +85,16 @@ def load_model(c: ml_collections.ConfigDict, mesh: Mesh | None = None) -> tuple[
     if c.checkpoint != RANDOM_WEIGHTS and mesh is not None:
         cfg = load_config(c.checkpoint, **overrides)
         return cfg, load_params_sharded(c.checkpoint, cfg, mesh, adapter=c.get("adapter") or None)
-    if c.checkpoint != RANDOM_WEIGHTS:
-        if c.get("adapter"):
-            cfg, params = load_with_adapter(c.checkpoint, c.adapter, **overrides)
-            return cfg, jax.tree.map(jax.numpy.asarray, params)
-        return load_checkpoint(c.checkpoint, **overrides)
-    cfg = config_files.model_config(c.model)
-    return cfg, init_params(cfg, jax.random.key(c.seed))
+    if c.checkpoint == RANDOM_WEIGHTS:
+        cfg = config_files.model_config(c.model)
+        params = init_params(cfg, jax.random.key(c.seed))  # on one device, as without a mesh
+    elif c.get("adapter"):
+        cfg, params = load_with_adapter(c.checkpoint, c.adapter, **overrides)
+    else:
+        cfg, params = load_checkpoint(c.checkpoint, **overrides)
+    if mesh is None:
+        return cfg, jax.tree.map(jax.numpy.asarray, params)
+    return cfg, sharding.shard_params(params, param_axes(cfg), mesh)
 
 
 def base_fingerprint(c: ml_collections.ConfigDict) -> str:

@@ -10,7 +10,7 @@ from numerics import assert_float32_close, model_roundings
 from esft_jax import config_files, sharding
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.data.records import Sample
-from esft_jax.model import forward, init_params
+from esft_jax.model import forward, init_params, param_axes
 from esft_jax.routing import profile
 from esft_jax.routing.official_logs import OfficialLogWriter, read_layer_log, read_official_logs
 from esft_jax.routing.stats import RoutingStats
@@ -152,7 +152,15 @@ def test_stats_do_not_depend_on_batch_size_device_count_or_seq_len(short):
     if jax.device_count() >= 8:
         mesh = sharding.make_mesh({"data": 2, "expert": 4}, jax.devices()[:8])
         others.append(
-            profile.collect(params, cfg, seqs, batch_size=8, seq_len=256, mesh=mesh, progress=False)
+            profile.collect(
+                sharding.shard_params(params, param_axes(cfg), mesh),
+                cfg,
+                seqs,
+                batch_size=8,
+                seq_len=256,
+                mesh=mesh,
+                progress=False,
+            )
         )
     for other in others:
         _assert_same(other, one)

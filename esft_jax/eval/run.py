@@ -14,12 +14,11 @@ from typing import NamedTuple
 
 import ml_collections
 
-from esft_jax import runtime, sharding, validate
+from esft_jax import runtime, validate
 from esft_jax.data.records import Sample
 from esft_jax.data.sources import read_samples
 from esft_jax.eval.judge import judge_from_config
 from esft_jax.eval.metrics import EvalSample, evaluate_task, perplexity, read_eval_set
-from esft_jax.model import param_axes
 
 SCORES_FILE = "scores.json"
 
@@ -57,8 +56,6 @@ def evaluate(c: ml_collections.ConfigDict) -> Evaluation:
     task_sets, held_out = _read_sets(c)  # before the model loads or out_dir is made
     mesh = runtime.mesh(c)
     cfg, params = runtime.load_model(c, mesh)
-    if mesh is not None:  # random weights are made on one device
-        params = sharding.shard_params(params, param_axes(cfg), mesh)
     if c.perplexity.data:
         validate.within_positions(c, "perplexity.seq_len", cfg)
     tokenizer = runtime.tokenizer(c)

@@ -36,7 +36,7 @@ from esft_jax.data.records import Sample
 from esft_jax.data.shards import global_max
 from esft_jax.data.shards import plan as plan_shards
 from esft_jax.data.tokenize import encode
-from esft_jax.model import ModelConfig, forward, param_axes
+from esft_jax.model import ModelConfig, forward
 from esft_jax.routing.official_logs import OfficialLogWriter
 from esft_jax.routing.stats import RoutingStats
 
@@ -190,7 +190,8 @@ def collect(
     log_writer: OfficialLogWriter | None = None,
     progress: bool = True,
 ) -> RoutingStats:
-    """Routing statistics on `mesh` (batch over data/fsdp, experts over expert) if given. `seqs`: all
+    """Routing statistics on `mesh` (batch over data/fsdp, experts over expert) if given, with
+    `params` placed on it (runtime.load_model). `seqs`: all
     the sequences, or a reader of shard (index, count) (`sequences(..., shard=...)`); with a reader each
     process reads only the data shards under its batch rows (`shards` of them, 0: one per block of
     rows a process holds), so the statistics depend on the shard count, not on the process count.
@@ -200,7 +201,6 @@ def collect(
     step = jax.jit(_step, static_argnames=("cfg", "max_docs", "with_routing"))
     rows_sharding = None
     if mesh is not None:
-        params = sharding.shard_params(params, param_axes(cfg), mesh)
         rows_sharding = NamedSharding(
             mesh, sharding.logical_to_spec(("act_batch", None), dict(mesh.shape))
         )

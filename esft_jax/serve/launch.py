@@ -11,9 +11,8 @@ import socket
 
 import ml_collections
 
-from esft_jax import runtime, sharding
+from esft_jax import runtime
 from esft_jax.config_files import ConfigFileError
-from esft_jax.model import param_axes
 from esft_jax.serve import names
 from esft_jax.serve.engine import Engine
 from esft_jax.serve.http import Server, app
@@ -51,8 +50,6 @@ def load(c: ml_collections.ConfigDict) -> Server:
     tokenizer = runtime.tokenizer(c)
     template = runtime.chat_template(c, "template", tokenizer, runtime.model_config(c))
     cfg, params = runtime.load_model(c, mesh)
-    if mesh is not None:  # random weights are made on one device
-        params = sharding.shard_params(params, param_axes(cfg), mesh)
     engine = Engine(
         cfg, params, dict(c.adapters), mesh=mesh, slots=c.slots, max_len=c.max_len or None
     )

@@ -244,7 +244,6 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     data_in = _read_data(c, tokenizer, cfg, template)
     method = build_method(c, cfg)
     model_axes = param_axes(cfg)
-    frozen = _put(frozen, _shardings(model_axes, mesh))
     trainable = method.init(frozen)
     trainable = _put(trainable, _shardings(method.axes(model_axes, trainable), mesh))
     checkpoints = TrainCheckpoints(workdir / "checkpoints", c.checkpoint_every, c.keep_checkpoints)
