@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from timing import machine
 
-from esft_jax.config_blocks import model as model_block
-from esft_jax.config_files import model_config
+from esft_jax.app.config_blocks import model as model_block
+from esft_jax.app.config_files import model_config
 from esft_jax.model import forward_cached, init_cache
 from esft_jax.model.params import abstract_params, init_params
 from esft_jax.train.plan import CPU_ONLY, GIB

@@ -17,7 +17,8 @@ import numpy as np
 from timing import interleaved_seconds
 from train_step import SIZES, _tokens, step_arguments, step_batch
 
-from esft_jax import config_files
+from esft_jax.app import config_files
+from esft_jax.app.commands import train as train_command
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import ModelConfig, init_params
 from esft_jax.report import markdown_table
@@ -40,7 +41,7 @@ def main() -> None:
             for layer in base.moe_layer_ids
         }
     )
-    optim = config_files.load_file("configs/train.py").optim
+    optim = train_command.optim(config_files.load_file("configs/train.py"))
     tx, schedule = make_optimizer(optim), learning_rate(optim)
 
     calls, compile_s = {}, {}

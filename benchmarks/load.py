@@ -34,13 +34,11 @@ MESHES = {"1 device": None, "expert 8": {"expert": 8}, "fsdp 8": {"fsdp": 8}}
 def _config(dtype: str, gib: float):
     """The tiny config (gpt-oss-20b's for "mxfp4") widened (d 1024, 64 experts of width 512) with as
     many layers as make ~`gib` GiB."""
-    from esft_jax import config_files
+    from esft_jax.app import config_blocks, config_files
     from esft_jax.model.params import flat_param_specs
 
     preset = "gpt_oss_20b" if dtype == "mxfp4" else "tiny"
-    base = config_files.model_config(
-        config_files.load_file(str(ROOT / f"configs/models/{preset}.py"))
-    )
+    base = config_files.model_config(config_blocks.model(preset))
     wide = dict(
         vocab_size=8192,
         hidden_size=1024,
@@ -155,10 +153,10 @@ def _child(ckpt: str, loader: str, mesh_name: str) -> dict:
     """Load once; seconds, peak RSS increase, device bytes and bytes read, as a dict."""
     import jax
 
+    from esft_jax.app.runtime import peak_rss_bytes
     from esft_jax.checkpoint.hf import load_checkpoint, load_config
     from esft_jax.checkpoint.sharded_load import STATS, load_params_sharded
     from esft_jax.model.params import param_axes
-    from esft_jax.runtime import peak_rss_bytes
     from esft_jax.sharding import make_mesh, shard_params
 
     frozen = (

@@ -6,7 +6,7 @@ routing profile, flagged with the server's rule.
     .venv/bin/python benchmarks/monitor_demo.py --ood-ratio 0.5 0.8 # a flagged column for each
     .venv/bin/python benchmarks/monitor_demo.py --dir runs/monitor_demo --steps 20
 
-Profiles the routing on the built-in intent train set (routing/run.py profile_routing, the budget
+Profiles the routing on the built-in intent train set (app/commands/profile.py profile_routing, the budget
 and rows of configs/experiments/builtin.py), selects experts (ESFT-Token, threshold p) and trains
 an ESFT adapter for `--steps` steps; training ends by measuring the adapter's routing profile (its
 coverage on the task's prompts: esft_jax/train/routing_profile.py), written into the adapter.
@@ -28,15 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from esft_jax import config_blocks, config_files
+from esft_jax.app import config_blocks, config_files
+from esft_jax.app.commands.profile import profile_routing
+from esft_jax.app.commands.select import select_experts
+from esft_jax.app.commands.train import train
 from esft_jax.builtin.suite import write_suite
 from esft_jax.checkpoint import load_checkpoint, load_tokenizer
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.report import markdown_table
-from esft_jax.routing.run import profile_routing, select_experts
 from esft_jax.serve.engine import Engine, Request
 from esft_jax.serve.monitor import Coverage, Monitor
-from esft_jax.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = str(ROOT / "esft_jax" / "builtin" / "tiny_moe")

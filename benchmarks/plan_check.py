@@ -33,14 +33,20 @@ def measure(size: str, method_name: str, batch: int, seq: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from esft_jax import config_files
+    from esft_jax.app import config_files
     from esft_jax.model import ModelConfig, init_params
     from esft_jax.train import plan
-    from esft_jax.train.optimizer import make_optimizer
+    from esft_jax.train.method import build_method
+    from esft_jax.train.optimizer import Optim, make_optimizer
+    from esft_jax.train.settings import MethodSettings
 
     cfg = ModelConfig(model_type="deepseek_v2", **train_step.SIZES[size])
-    method = plan.method_for(cfg, method_name)
-    optim = config_files.load_file(str(Path(__file__).parents[1] / "configs" / "train.py")).optim
+    method = build_method(method_name, MethodSettings(), cfg)
+    optim = Optim(
+        **config_files.load_file(
+            str(Path(__file__).parents[1] / "configs" / "train.py")
+        ).optim.to_dict()
+    )
     compiled, _, _ = plan.lower_train_step(
         cfg, method, {"data": 1}, batch_size=batch, seq_len=seq, optim=optim
     )

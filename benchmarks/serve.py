@@ -213,9 +213,9 @@ def main() -> None:
     args = ap.parse_args()
     import jax
 
+    from esft_jax.app.runtime import peak_rss_bytes
     from esft_jax.checkpoint import load_checkpoint
     from esft_jax.report import markdown_table
-    from esft_jax.runtime import peak_rss_bytes
 
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True)
     print(

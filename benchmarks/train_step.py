@@ -94,13 +94,14 @@ def jax_step(size: str | dict, method: str, batch: int, seq: int, scan_layers: b
     import jax
     import jax.numpy as jnp
 
-    from esft_jax import config_files
+    from esft_jax.app import config_files
+    from esft_jax.app.commands import train as train_command
+    from esft_jax.app.commands.train import tree_bytes
     from esft_jax.expert_config import ExpertConfig
     from esft_jax.model import ModelConfig, init_params
     from esft_jax.routing import profile, scores, select
     from esft_jax.train.esft import ExpertSubset
     from esft_jax.train.fft import FullFineTune
-    from esft_jax.train.loop import tree_bytes
     from esft_jax.train.lora import LoRA
     from esft_jax.train.method import save_adapter
     from esft_jax.train.optimizer import learning_rate, make_optimizer
@@ -130,7 +131,9 @@ def jax_step(size: str | dict, method: str, batch: int, seq: int, scan_layers: b
             if method == "fft"
             else LoRA(rank=8, alpha=16.0, targets=("attention", "experts"))
         )
-    optim = config_files.load_file(str(Path(__file__).parents[1] / "configs" / "train.py")).optim
+    optim = train_command.optim(
+        config_files.load_file(str(Path(__file__).parents[1] / "configs" / "train.py"))
+    )
     tx, schedule = make_optimizer(optim), learning_rate(optim)
     state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable.init(params)}
     state["opt_state"] = tx.init(state["trainable"])

@@ -8,12 +8,12 @@ Tasks whose data is "" are skipped. Scorers: intent, exact_match, chrf, bleu, ro
 Writes <out_dir>/<task>.jsonl (predictions and scores) and <out_dir>/scores.json.
 With checkpoint="random" c.model is the random weights' architecture; with a checkpoint only its
 runtime fields (dtype, moe_strategy, ...) apply and overriding another is an error
-(esft_jax/config_blocks.py).
+(esft_jax/app/config_blocks.py).
 """
 
 import ml_collections
 
-from esft_jax import config_blocks as blocks
+from esft_jax.app import config_blocks as blocks
 
 
 def _task(scorer: str, max_new_tokens: int) -> ml_collections.ConfigDict:

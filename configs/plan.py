@@ -8,15 +8,15 @@
     esft plan --config configs/plan.py --config.micro_batch=0             # all 32 rows at once
 Nothing is allocated: the step is lowered with abstract arrays on simulated CPU devices, or compiled
 for a TPU slice's chips (no TPU attached) when a topology is named. With a checkpoint only c.model's runtime
-fields apply (esft_jax/config_blocks.py).
+fields apply (esft_jax/app/config_blocks.py).
 """
 
 from pathlib import Path
 
 import ml_collections
 
-from esft_jax import config_blocks as blocks
-from esft_jax.config_files import load_file
+from esft_jax.app import config_blocks as blocks
+from esft_jax.app.config_files import load_file
 
 PRESETS = blocks.MODELS  # the model
 

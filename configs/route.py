@@ -5,12 +5,12 @@
     esft route --config configs/route.py:tiny --config.mesh.data=2 --config.mesh.expert=4
 With checkpoint="random" c.model is the random weights' architecture; with a checkpoint only its
 runtime fields (dtype, moe_strategy, ...) apply and overriding another is an error
-(esft_jax/config_blocks.py).
+(esft_jax/app/config_blocks.py).
 """
 
 import ml_collections
 
-from esft_jax import config_blocks as blocks
+from esft_jax.app import config_blocks as blocks
 
 PRESETS = blocks.MODELS  # the model
 

@@ -8,7 +8,7 @@
 
 import ml_collections
 
-from esft_jax import config_blocks as blocks
+from esft_jax.app import config_blocks as blocks
 
 PRESETS = {"token": ("token", 0.2), "gate": ("gate", 0.1)}  # the paper's ESFT-Token / ESFT-Gate
 

@@ -14,8 +14,8 @@ tokens (prompt + max_tokens; 0: the model's context); more wait for a free slot
 
 import ml_collections
 
-from esft_jax import config_blocks as blocks
-from esft_jax.config_files import OpenConfigDict
+from esft_jax.app import config_blocks as blocks
+from esft_jax.app.config_files import OpenConfigDict
 
 
 def get_config(adapters: str = "") -> ml_collections.ConfigDict:

@@ -5,16 +5,16 @@
     esft train --config configs/train.py:fft ...      esft train --config configs/train.py:lora ...
     esft train --config configs/train.py:router ...   (router-only tuning: every MoE layer's router)
 Rerunning the same command resumes from <workdir>/checkpoints (settings that change the result must
-match the saved run's; see esft_jax/train/resume.py). Outputs in <workdir>: config.json,
+match the saved run's; see esft_jax/app/resume.py). Outputs in <workdir>: config.json,
 metrics.jsonl, checkpoints/, adapter/ (the changed tensors), summary.json.
 With checkpoint="random" c.model is the random weights' architecture; with a checkpoint only its
 runtime fields (dtype, moe_strategy, ...) apply and overriding another is an error
-(esft_jax/config_blocks.py).
+(esft_jax/app/config_blocks.py).
 """
 
 import ml_collections
 
-from esft_jax import config_blocks as blocks
+from esft_jax.app import config_blocks as blocks
 
 # the training method (esft_jax/train/method.py REGISTRY)
 PRESETS = (

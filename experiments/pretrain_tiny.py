@@ -21,12 +21,12 @@ from pathlib import Path
 import jax
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from esft_jax import config_files
+from esft_jax.app import config_files
+from esft_jax.app.commands import train as loop
 from esft_jax.builtin import suite as builtin_suite
 from esft_jax.checkpoint import save_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter
 from esft_jax.model import ModelConfig, init_params
-from esft_jax.train import loop
 
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
 

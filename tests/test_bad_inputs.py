@@ -23,7 +23,7 @@ import torch
 import train_fixtures as fx
 from safetensors.torch import load_file, save_file
 
-from esft_jax import cli
+from esft_jax.app import cli
 from esft_jax.checkpoint.adapter import write_adapter
 from esft_jax.checkpoint.fingerprint import base_metadata, checkpoint_fingerprint
 

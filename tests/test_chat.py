@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from esft_jax import config_files
+from esft_jax.app import config_files
 from esft_jax.checkpoint import load_tokenizer
-from esft_jax.config_files import ConfigFileError
 from esft_jax.data import chat
 from esft_jax.data.records import DataError, Sample
-from esft_jax.data.tokenize import chat_template, encode, prompt_ids
+from esft_jax.data.tokenize import TemplateError, chat_template, encode, prompt_ids
 
 transformers = pytest.importorskip("transformers")
 
@@ -352,12 +351,12 @@ def test_templates_that_cannot_mark_or_load_are_refused(tmp_path):
         (str(tmp_path / "none.jinja"), "none.jinja: no such file"),
         ("chatml", "expected model or esft or a path ending in .jinja"),
     ]:
-        with pytest.raises(ConfigFileError, match=rf"--config.template.*{message}"):
+        with pytest.raises(TemplateError, match=rf"--config.template.*{message}"):
             chat_template(tok, cfg, choice, path)
     config = json.loads((path / "tokenizer_config.json").read_text())
     config["chat_template"] = [{"name": "rag", "template": "x"}]
     (path / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigFileError, match="names its chat templates rag and none 'default'"):
+    with pytest.raises(TemplateError, match="names its chat templates rag and none 'default'"):
         chat_template(tok, cfg, "model", path)
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     assert chat_template(tok, cfg, "model", path).by_turn  # no template: ESFT's

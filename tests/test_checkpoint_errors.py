@@ -129,7 +129,7 @@ def _damage(path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["truncated", "garbled"])
 def test_unreadable_safetensors_named_in_one_line(tmp_path, ckpt, capsys, how):
-    from esft_jax import cli
+    from esft_jax.app import cli
     from esft_jax.checkpoint.adapter import ADAPTER_FILE, read_adapter, write_adapter
 
     adapter = write_adapter(

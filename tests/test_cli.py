@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 
-from esft_jax import cli
+from esft_jax.app import cli
+from esft_jax.app.commands import data as data_command
 from esft_jax.expert_config import ExpertConfig
 
 
@@ -223,7 +224,7 @@ def test_ctrl_c_outside_training_is_one_line_exit_130(tmp_path, capsys, monkeypa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.builtin_suite, "write_suite", interrupted)
+    monkeypatch.setattr(data_command.builtin_suite, "write_suite", interrupted)
     assert (
         cli.main(["data", "--config", "configs/data.py", f"--config.out={tmp_path / 'd'}"]) == 130
     )

@@ -8,7 +8,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from esft_jax import cli, config_blocks, config_files, validate
+import esft_jax.builtin
+from esft_jax.app import cli, config_blocks, config_files
+from esft_jax.app.commands import run as study
 from esft_jax.checkpoint.hf_names import config_from_hf, config_to_hf
 from esft_jax.model import ConfigError, ModelConfig, abstract_params
 
@@ -65,9 +67,7 @@ def _params(cfg):
 
 
 def test_deepseek_v2_lite_config_matches_hub_config_and_published_size():
-    from_file = config_files.model_config(
-        config_files.load_file(str(CONFIGS / "models/deepseek_v2_lite.py"))
-    )
+    from_file = config_files.model_config(config_blocks.model("deepseek_v2_lite"))
     from_hub = config_from_hf(V2_LITE_HUB, dtype="bfloat16")
     assert from_file == from_hub.replace(n_group=None, topk_group=None)
     assert round(_params(from_file) / 1e9, 1) == 15.7  # "15.7B total parameters"
@@ -76,7 +76,7 @@ def test_deepseek_v2_lite_config_matches_hub_config_and_published_size():
 
 
 def test_deepseek_v3_config_has_the_published_size():
-    cfg = config_files.model_config(config_files.load_file(str(CONFIGS / "models/deepseek_v3.py")))
+    cfg = config_files.model_config(config_blocks.model("deepseek_v3"))
     assert round(_params(cfg) / 1e9) == 671
     expert_params = sum(
         math.prod(x.shape)
@@ -88,7 +88,7 @@ def test_deepseek_v3_config_has_the_published_size():
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIGS / "models").glob("*.py")))
 def test_every_model_config_file_builds(name):
-    cfg = config_files.model_config(config_files.load_file(str(CONFIGS / "models" / f"{name}.py")))
+    cfg = config_files.model_config(config_blocks.model(name))
     assert cfg.num_moe_layers > 0
 
 
@@ -165,7 +165,7 @@ def test_mesh_that_does_not_split_the_model_is_one_line(capsys):
     )
 
 
-BUILTIN_MODEL = str(Path(cli.__file__).parent / "builtin" / "tiny_moe")
+BUILTIN_MODEL = str(Path(esft_jax.builtin.__file__).parent / "tiny_moe")
 
 
 @pytest.mark.parametrize("override", ["model.num_hidden_layers=2", "model.param_dtype=bfloat16"])
@@ -232,9 +232,8 @@ def test_a_study_training_an_architecture_override_is_refused_before_it_starts(t
     )
     refused = r"--config.train: 'model.num_hidden_layers=2': num_hidden_layers comes from the checkpoint's"
     with pytest.raises(config_files.ConfigFileError, match=refused):
-        validate.check("run", c)
-    validate.check(
-        "run",
+        study.check(c)
+    study.check(
         config_files.load(
             "configs/experiments/builtin.py", [f"run_dir={tmp_path}", "train=('model.remat=True',)"]
         ),

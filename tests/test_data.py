@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from esft_jax import config_files
+from esft_jax.app import config_files
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.data.records import DataError, Sample
 from esft_jax.data.sources import read_samples

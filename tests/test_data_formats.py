@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from esft_jax import config_files
+from esft_jax.app import config_files
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.data.pipeline import train_batches
 from esft_jax.data.records import DataError

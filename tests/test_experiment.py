@@ -10,16 +10,17 @@ from pathlib import Path
 import pytest
 import train_fixtures as fx
 
-from esft_jax import cli, config_files, experiment
+from esft_jax.app import cli, config_files
+from esft_jax.app.commands import run as experiment
+from esft_jax.app.runtime import RUNTIME_FIELDS
 from esft_jax.builtin import suite as builtin_suite
 from esft_jax.expert_config import ExpertConfig
-from esft_jax.runtime import RUNTIME_FIELDS
 
 
 def _train_here(argv: list[str], **_) -> subprocess.CompletedProcess:
-    """subprocess.run of a training child's `python -m esft_jax.cli ...` as cli.main in this process
+    """subprocess.run of a training child's `python -m esft_jax.app.cli ...` as cli.main in this process
     (the child process itself: test_a_child_* below), sharing this process's compiled programs."""
-    assert argv[:3] == [sys.executable, "-m", "esft_jax.cli"], argv
+    assert argv[:3] == [sys.executable, "-m", "esft_jax.app.cli"], argv
     return subprocess.CompletedProcess(argv, cli.main(argv[3:]))
 
 
@@ -179,7 +180,7 @@ def test_a_child_reports_its_own_peak_memory_not_its_parents():
 
     parent = np.ones(1_500_000_000 // 8)  # 1.5 GB resident in this process
     code = (
-        "import resource, esft_jax.runtime as r; "
+        "import resource, esft_jax.app.runtime as r; "
         "print(r.peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
     )
     own, inherited = map(

@@ -13,11 +13,11 @@ import optax
 import pytest
 import train_fixtures as fx
 
+from esft_jax.app.commands import train as loop
 from esft_jax.checkpoint.errors import CheckpointError
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import init_params
 from esft_jax.model.moe import moe_block
-from esft_jax.train import loop
 from esft_jax.train import method as method_module
 from esft_jax.train.esft import ExpertSubset
 from esft_jax.train.method import save_adapter
@@ -170,7 +170,7 @@ def test_a_checkpoint_of_the_compact_layout_is_refused_in_one_line(tmp_path, mon
     """A workdir checkpointed by the earlier layout: one error line, the checkpoint left as it is."""
     c = fx.train_config(tmp_path, steps=1, checkpoint_every=1, eval_every=1)
     with monkeypatch.context() as m:
-        m.setitem(method_module.REGISTRY, "esft", CompactRows.from_config)
+        m.setitem(method_module.REGISTRY, "esft", CompactRows.from_settings)
         loop.train(c, progress=False)
     saved = sorted(p.name for p in (tmp_path / "run_esft" / "checkpoints").iterdir())
     with pytest.raises(CheckpointError) as refused:  # the same command, rerun

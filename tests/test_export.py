@@ -9,7 +9,7 @@ import pytest
 import train_fixtures as fx
 from safetensors import safe_open
 
-from esft_jax import cli
+from esft_jax.app import cli
 from esft_jax.builtin import suite as builtin_suite
 from esft_jax.checkpoint import load_checkpoint, load_tokenizer
 from esft_jax.checkpoint.adapter import write_adapter

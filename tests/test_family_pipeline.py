@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import train_fixtures as fx
 
-from esft_jax import cli
+from esft_jax.app import cli
 from esft_jax.checkpoint import load_checkpoint, save_checkpoint
 from esft_jax.checkpoint.hf_names import config_from_hf
 from esft_jax.data.byte_tokenizer import byte_tokenizer

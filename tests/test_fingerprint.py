@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import train_fixtures as fx
 
-from esft_jax import cli
+from esft_jax.app import cli
 from esft_jax.checkpoint import save_checkpoint
 from esft_jax.checkpoint.adapter import write_adapter
 from esft_jax.checkpoint.fingerprint import base_metadata, checkpoint_fingerprint

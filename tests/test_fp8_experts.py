@@ -148,13 +148,14 @@ def test_the_planner_counts_fp8_experts_at_their_bytes():
 
 @pytest.mark.parametrize("method", ["fft", "lora"])
 def test_methods_that_train_every_expert_refuse_fp8_experts(method):
-    from esft_jax import config_files
+    from esft_jax.app import config_files
+    from esft_jax.app.commands.train import method_settings
     from esft_jax.model.config import ConfigError
     from esft_jax.train.method import build_method
 
     c = config_files.load("configs/train.py", [f"method={method}"])
     with pytest.raises(ConfigError, match=f"method={method} trains every routed expert"):
-        build_method(c, CFG)
+        build_method(c.method, method_settings(c), CFG)
 
 
 def test_auto_runs_a_quantized_stack_blocked_on_every_backend():

@@ -14,7 +14,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from esft_jax import cli, config_files
+from esft_jax.app import config_blocks, config_files
+from esft_jax.app.commands import plan as plan_command
 from esft_jax.checkpoint.hf_names import config_from_hf
 from esft_jax.model import ModelConfig, abstract_params
 
@@ -23,9 +24,7 @@ TABLES = ("embed", "lm_head")
 
 
 def _load(name: str) -> ModelConfig:
-    return config_files.model_config(
-        config_files.load_file(str(ROOT / "configs/models" / f"{name}.py"))
-    )
+    return config_files.model_config(config_blocks.model(name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,7 +374,7 @@ def test_esft_plan_compiles_a_step_of_the_model(name, capsys):
         f"{ROOT / 'configs/plan.py'}:{name}",
         ["devices=(1,)", "methods=esft", "batch_size=1", "seq_len=16"],
     )
-    cli.cmd_plan(c)
+    plan_command.run(c)
     row = next(
         line for line in capsys.readouterr().out.splitlines() if line.startswith("| esft | 1 |")
     )

@@ -15,10 +15,10 @@ import train_fixtures as fx
 from numerics import assert_adam_close, assert_float32_close, model_roundings
 from safetensors.numpy import load_file
 
-from esft_jax import cli
+from esft_jax.app import cli
+from esft_jax.app.commands import train as loop
 from esft_jax.routing.sources import STATS_FILE
 from esft_jax.routing.stats import RoutingStats
-from esft_jax.train import loop
 
 
 def _run_two_processes(args: list[str]) -> None:
@@ -35,7 +35,7 @@ def _run_two_processes(args: list[str]) -> None:
             [
                 sys.executable,
                 "-m",
-                "esft_jax.cli",
+                "esft_jax.app.cli",
                 *args,
                 "--config.mesh.data=2",
                 "--config.distributed.num_processes=2",

@@ -196,7 +196,7 @@ def test_esft_train_on_an_fp8_base_trains_as_on_its_bf16_load(tmp_path, capsys):
     import ml_dtypes
     import train_fixtures as fx
 
-    from esft_jax import cli
+    from esft_jax.app.commands import train as train_command
     from esft_jax.checkpoint.adapter import read_adapter
 
     base = fx.train_config(tmp_path).checkpoint  # builds the bf16 base and its tokenizer
@@ -212,7 +212,7 @@ def test_esft_train_on_an_fp8_base_trains_as_on_its_bf16_load(tmp_path, capsys):
             workdir=str(tmp_path / frozen),
             **{"model.frozen_dtype": frozen},
         )
-        cli.cmd_train(c)
+        train_command.run(c)
         capsys.readouterr()
         metrics = [json.loads(line) for line in (tmp_path / frozen / "metrics.jsonl").open()]
         losses[frozen] = [m["loss"] for m in metrics if "loss" in m]
@@ -261,7 +261,8 @@ def test_a_native_export_is_the_base_in_fp8_with_the_trained_experts_requantised
     fine-grained FP8 loader reads the export as it reads the base (its logits as close to ours)."""
     import transformers
 
-    from esft_jax import cli, config_files
+    from esft_jax.app import config_files
+    from esft_jax.app.commands import export as export_command
     from esft_jax.checkpoint.adapter import read_adapter
     from esft_jax.train.method import save_adapter
 
@@ -274,7 +275,7 @@ def test_a_native_export_is_the_base_in_fp8_with_the_trained_experts_requantised
         "configs/export.py",
         [f"checkpoint={base_dir}", f"adapter={adapter}", f"out={out_dir}", "dtype=native"],
     )
-    cli.cmd_export(c)
+    export_command.run(c)
     base, out = _all_tensors(base_dir), _all_tensors(out_dir)
     assert base.keys() == out.keys()
     trained, _ = read_adapter(adapter)

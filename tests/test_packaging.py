@@ -10,7 +10,7 @@ import pytest
 import setuptools
 import tomllib
 
-from esft_jax import config_files
+from esft_jax.app import config_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_esft_runs_from_another_directory(tmp_path):
         [
             sys.executable,
             "-m",
-            "esft_jax.cli",
+            "esft_jax.app.cli",
             "route",
             "--config",
             "configs/route.py:tiny",

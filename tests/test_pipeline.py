@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 
-from esft_jax import config_files
+from esft_jax.app import config_files
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.data.pipeline import eval_batches, split_validation, train_batches
 from esft_jax.data.records import Sample

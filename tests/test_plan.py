@@ -4,11 +4,14 @@ import re
 
 import jax
 import pytest
-from ml_collections import ConfigDict
 
-from esft_jax import cli, validate
+from esft_jax.app import cli
+from esft_jax.app.commands import plan as plan_command
 from esft_jax.model import ModelConfig
 from esft_jax.train import plan
+from esft_jax.train.method import build_method
+from esft_jax.train.optimizer import Optim
+from esft_jax.train.settings import MethodSettings
 
 CFG = ModelConfig(
     vocab_size=512,
@@ -25,19 +28,17 @@ CFG = ModelConfig(
     num_experts_per_tok=4,
     n_shared_experts=1,
 )
-OPTIM = ConfigDict(
-    dict(
-        lr=1e-3,
-        schedule="cosine",
-        warmup_steps=1,
-        end_lr_fraction=0.1,
-        steps=10,
-        adam_b1=0.9,
-        adam_b2=0.95,
-        adam_eps=1e-8,
-        weight_decay=0.0,
-        grad_clip=1.0,
-    )
+OPTIM = Optim(
+    lr=1e-3,
+    schedule="cosine",
+    warmup_steps=1,
+    end_lr_fraction=0.1,
+    steps=10,
+    adam_b1=0.9,
+    adam_b2=0.95,
+    adam_eps=1e-8,
+    weight_decay=0.0,
+    grad_clip=1.0,
 )
 
 
@@ -49,7 +50,12 @@ def _n_params(cfg):
 
 def test_plan_counts_what_each_method_holds():
     fft = plan.estimate(
-        CFG, plan.method_for(CFG, "fft"), {"data": 1}, batch_size=2, seq_len=32, optim=OPTIM
+        CFG,
+        build_method("fft", MethodSettings(), CFG),
+        {"data": 1},
+        batch_size=2,
+        seq_len=32,
+        optim=OPTIM,
     )
     n = _n_params(CFG)
     assert fft.params == fft.trainable == 4 * n  # float32 model and its trained copy
@@ -57,7 +63,7 @@ def test_plan_counts_what_each_method_holds():
     assert fft.total >= fft.params + fft.trainable + fft.optimizer and fft.temporaries > 0
     esft = plan.estimate(
         CFG,
-        plan.method_for(CFG, "esft", expert_fraction=0.25),
+        build_method("esft", MethodSettings(expert_fraction=0.25), CFG),
         {"data": 1},
         batch_size=2,
         seq_len=32,
@@ -70,23 +76,28 @@ def test_plan_counts_what_each_method_holds():
 
 
 def test_every_method_plans_through_the_train_factory():
-    lora = plan.method_for(CFG, "lora", lora_rank=4)
+    lora = build_method("lora", MethodSettings(lora_rank=4), CFG)
     assert (lora.rank, lora.alpha) == (4, cli.config_files.load_file("configs/train.py").lora.alpha)
     router = plan.estimate(
-        CFG, plan.method_for(CFG, "router"), {"data": 1}, batch_size=2, seq_len=32, optim=OPTIM
+        CFG,
+        build_method("router", MethodSettings(), CFG),
+        {"data": 1},
+        batch_size=2,
+        seq_len=32,
+        optim=OPTIM,
     )
     # float32
     assert router.trainable == CFG.num_moe_layers * CFG.hidden_size * CFG.n_routed_experts * 4
     assert 0 < router.optimizer - 2 * router.trainable <= 16
-    validate.check("plan", cli.config_files.load("configs/plan.py", ["methods=router,esft"]))
+    plan_command.check(cli.config_files.load("configs/plan.py", ["methods=router,esft"]))
     with pytest.raises(ValueError, match="expected one of"):
-        plan.method_for(CFG, "bogus")
+        build_method("bogus", MethodSettings(), CFG)
 
 
 def test_accumulation_plans_the_step_at_its_micro_batch():
-    """grad_accum micro-batches of B rows: the step scans them (train/loop.py), so it needs one
+    """grad_accum micro-batches of B rows: the step scans them (app/commands/train.py), so it needs one
     micro-batch's temporaries and the gradient accumulator, not those of grad_accum * B rows."""
-    method = plan.method_for(CFG, "esft", expert_fraction=0.25)
+    method = build_method("esft", MethodSettings(expert_fraction=0.25), CFG)
 
     def estimate(batch_size, grad_accum):
         return plan.estimate(
@@ -108,10 +119,20 @@ def test_accumulation_plans_the_step_at_its_micro_batch():
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
 def test_fsdp_splits_params_and_optimizer_per_device():
     one = plan.estimate(
-        CFG, plan.method_for(CFG, "fft"), {"fsdp": 1}, batch_size=4, seq_len=32, optim=OPTIM
+        CFG,
+        build_method("fft", MethodSettings(), CFG),
+        {"fsdp": 1},
+        batch_size=4,
+        seq_len=32,
+        optim=OPTIM,
     )
     four = plan.estimate(
-        CFG, plan.method_for(CFG, "fft"), {"fsdp": 4}, batch_size=4, seq_len=32, optim=OPTIM
+        CFG,
+        build_method("fft", MethodSettings(), CFG),
+        {"fsdp": 4},
+        batch_size=4,
+        seq_len=32,
+        optim=OPTIM,
     )
     assert four.params < one.params / 2 and four.optimizer < one.optimizer / 2
     assert four.total < one.total
@@ -123,7 +144,7 @@ def test_a_bf16_plan_holds_no_float32_copy_of_the_frozen_expert_stacks(monkeypat
     plan compiles without that pass. Seen in the compiled program: a float32 stack made straight from
     a frozen parameter."""
     cfg = CFG.replace(dtype="bfloat16", param_dtype="bfloat16", num_hidden_layers=4)
-    method = plan.method_for(cfg, "esft", expert_fraction=0.25)
+    method = build_method("esft", MethodSettings(expert_fraction=0.25), cfg)
     stacks = {  # gate, up [L, E, d, f] and down [L, E, f, d]
         f"f32[{cfg.num_moe_layers},{cfg.n_routed_experts},{a},{b}]"
         for a, b in [(cfg.hidden_size, cfg.moe_intermediate_size)] * 2
@@ -162,7 +183,7 @@ def test_esft_plan_command_prints_a_table(capsys):
         rope_type="default",
     ).items():
         c.model[key] = value
-    cli.cmd_plan(c)
+    plan_command.run(c)
     out = capsys.readouterr().out
     assert "| esft | 1 |" in out and "| fft | 1 |" in out
     assert "without while-loop-invariant-code-motion" in out  # what it compiled for
@@ -188,7 +209,7 @@ def test_a_tpu_slice_is_planned_by_the_tpu_compiler():
     assert len(chips) == 4 and chips[0].platform == "tpu"
     fft = plan.estimate(
         CFG,
-        plan.method_for(CFG, "fft"),
+        build_method("fft", MethodSettings(), CFG),
         {"fsdp": 4},
         batch_size=4,
         seq_len=512,
@@ -201,7 +222,7 @@ def test_a_tpu_slice_is_planned_by_the_tpu_compiler():
     # a step too big for a chip's HBM: the TPU compiler refuses it and says how much it would need
     huge = plan.estimate(
         CFG,
-        plan.method_for(CFG, "fft"),
+        build_method("fft", MethodSettings(), CFG),
         {"fsdp": 1},
         batch_size=64,
         seq_len=8192,

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from numerics import assert_float32_close, model_roundings
 
-from esft_jax import config_files, sharding
+from esft_jax import sharding
+from esft_jax.app import config_files
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.data.records import Sample
 from esft_jax.model import forward, init_params, param_axes

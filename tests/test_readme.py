@@ -10,7 +10,7 @@ through cli.main, what the `esft` script calls, when the variables it sets alrea
 here (the 8 simulated devices of tests/conftest.py), and a python block runs here through runpy
 (saving a start-up each and sharing compiled programs); the rest run as child processes. Nothing is
 appended to a command: the only shortening is ESFT_MAX_STEPS=2, which the README offers to try
-commands fast (esft_jax/step_cap.py: loops cut to two steps). A command that sets XLA_FLAGS keeps
+commands fast (esft_jax/app/step_cap.py: loops cut to two steps). A command that sets XLA_FLAGS keeps
 the tests' fast-compile flags (tests/conftest.py) it does not set itself. A block whose fence
 follows the line `<!-- readme-test: skip: REASON -->` is skipped (a cluster, libtpu, the real
 checkpoint, a whole study); the reason is required. A command that exits non-zero fails the test,
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from esft_jax import cli
+from esft_jax.app import cli
 
 REPO = Path(__file__).resolve().parents[1]
 SKIP = re.compile(r"<!-- readme-test: skip: (.+\S) -->")

@@ -10,12 +10,14 @@ import train_fixtures as fx
 from flax import traverse_util
 from numerics import assert_float32_close, model_roundings
 
-from esft_jax import config_files
+from esft_jax.app import config_files
+from esft_jax.app.commands import train as loop
+from esft_jax.app.commands.train import method_settings
 from esft_jax.checkpoint import load_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter, read_adapter
 from esft_jax.model import forward
 from esft_jax.model.loss import next_token_loss
-from esft_jax.train import loop, step
+from esft_jax.train import step
 from esft_jax.train.method import build_method, save_adapter
 from esft_jax.train.router_only import RouterOnly
 
@@ -31,7 +33,7 @@ def params():
 def test_the_factory_builds_router_from_the_train_config():
     c = config_files.load_file("configs/train.py")
     c.method = "router"
-    method = build_method(c, CFG)
+    method = build_method(c.method, method_settings(c), CFG)
     assert isinstance(method, RouterOnly) and method.expert_config is None
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import train_fixtures as fx
 
-from esft_jax import runtime, sharding
+from esft_jax import sharding
+from esft_jax.app import runtime
 from esft_jax.model import init_params, param_axes
 
 

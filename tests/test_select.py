@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from esft_jax import cli
+from esft_jax.app import cli
 from esft_jax.expert_config import ExpertConfig, ExpertConfigError
 from esft_jax.routing import select
 

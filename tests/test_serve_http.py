@@ -13,9 +13,9 @@ import pytest
 import test_serve_engine as engine_tests
 import uvicorn
 
-from esft_jax import cli
+from esft_jax.app import cli
+from esft_jax.app.commands import serve as launch
 from esft_jax.checkpoint import load_tokenizer
-from esft_jax.serve import launch
 from esft_jax.serve.engine import Engine, Request
 from esft_jax.serve.http import Server, app
 from esft_jax.serve.monitor import Monitor
@@ -333,7 +333,7 @@ def test_fallback_answers_flagged_requests_with_the_base_model(served, tmp_path)
 
 
 def test_adapters_can_be_named_one_override_each(served, tmp_path):
-    from esft_jax import config_files
+    from esft_jax.app import config_files
 
     adapters = served[3]
     c = config_files.load(

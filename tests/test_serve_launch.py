@@ -10,8 +10,8 @@ import pytest
 import test_serve_engine as engine_tests
 import uvicorn
 
-from esft_jax import cli
-from esft_jax.serve import launch
+from esft_jax.app import cli
+from esft_jax.app.commands import serve as launch
 
 served = engine_tests.served  # the tiny checkpoint (its directory: "base") and its adapters
 

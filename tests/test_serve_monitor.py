@@ -10,14 +10,14 @@ import train_fixtures as fx
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from esft_jax import config_files
+from esft_jax.app import config_files
+from esft_jax.app.commands.select import select_experts
 from esft_jax.checkpoint import load_checkpoint, load_tokenizer
 from esft_jax.checkpoint.adapter import CONFIG_FILE, write_adapter
 from esft_jax.checkpoint.errors import CheckpointError
 from esft_jax.expert_config import ExpertConfig, ExpertConfigError
 from esft_jax.routing import profile
 from esft_jax.routing.expected import expected_coverage
-from esft_jax.routing.run import select_experts
 from esft_jax.routing.stats import RoutingStats
 from esft_jax.serve.bank import build_bank
 from esft_jax.serve.metrics import RoutingMetrics

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import train_fixtures as fx
 
-from esft_jax import cli, config_files
+from esft_jax.app import cli, config_files
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.data.pipeline import train_batches
 from esft_jax.data.records import Sample

@@ -1,8 +1,8 @@
-"""ESFT_MAX_STEPS (esft_jax/step_cap.py): only shrinks, says what it cut, refuses a bad value."""
+"""ESFT_MAX_STEPS (esft_jax/app/step_cap.py): only shrinks, says what it cut, refuses a bad value."""
 
 import pytest
 
-from esft_jax import cli, config_files, step_cap
+from esft_jax.app import cli, config_files, step_cap
 
 
 def test_cap_shrinks_only_the_loops_and_never_grows_a_setting():

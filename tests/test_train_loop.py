@@ -9,7 +9,9 @@ import pytest
 import train_fixtures as fx
 from numerics import assert_adam_close, assert_float32_close, model_roundings
 
-from esft_jax import cli, runtime, sharding
+from esft_jax import sharding
+from esft_jax.app import cli, runtime
+from esft_jax.app.commands import train as loop
 from esft_jax.checkpoint import load_checkpoint
 from esft_jax.checkpoint.adapter import load_with_adapter, read_adapter
 from esft_jax.checkpoint.fingerprint import checkpoint_fingerprint
@@ -17,7 +19,7 @@ from esft_jax.data.pipeline import train_batches
 from esft_jax.data.shards import LocalBatches
 from esft_jax.data.sources import read_samples
 from esft_jax.model import forward, param_axes
-from esft_jax.train import loop, step
+from esft_jax.train import step
 from esft_jax.train.method import build_method
 
 
@@ -92,7 +94,7 @@ def test_eight_devices_equal_one(shared_run, tmp_path):
 
     # The gradients agree to float32 rounding ...
     cfg, frozen = runtime.load_model(one)
-    method = build_method(one, cfg)
+    method = build_method(one.method, loop.method_settings(one), cfg)
     samples, _ = read_samples(one.data.train)
     batch = jax.tree.map(
         jnp.asarray,

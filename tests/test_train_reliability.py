@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import train_fixtures as fx
 
-from esft_jax import cli, config_files
+from esft_jax.app import cli, config_files, resume
+from esft_jax.app.commands import train as loop
+from esft_jax.app.commands.train_checks import check_with_model
 from esft_jax.checkpoint.adapter import read_adapter
 from esft_jax.checkpoint.train_state import TrainCheckpoints
 from esft_jax.expert_config import ExpertConfig
-from esft_jax.train import loop, resume
-from esft_jax.train.checks import validate
 
 # the reference run: checkpoints after every step, all kept
 RUN = {"steps": 4, "checkpoint_every": 1, "keep_checkpoints": 4, "eval_every": 2}
@@ -132,7 +132,7 @@ def test_out_of_range_values_are_refused(key, value, message):
         )
     config_files.apply_overrides(c, [f"{key}={value!r}"])
     with pytest.raises(config_files.ConfigFileError, match="^" + re.escape(message)):
-        validate(c, cfg)
+        check_with_model(c, cfg)
 
 
 def test_a_refused_value_writes_nothing(tmp_path, capsys):
@@ -412,7 +412,7 @@ def test_kill_9_anywhere_then_the_same_command_ends_like_an_uninterrupted_run(
     ]
     for t in trials:
         t["child"] = subprocess.Popen(
-            [sys.executable, "-m", "esft_jax.cli", *_args(c, workdir=t["workdir"])],
+            [sys.executable, "-m", "esft_jax.app.cli", *_args(c, workdir=t["workdir"])],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=env,
@@ -451,7 +451,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes(tmp_path, caps
     # background jobs, and so this test's child, with SIGINT ignored)
     main = (
         "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "from esft_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+        "from esft_jax.app.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     child = subprocess.Popen(
         [sys.executable, "-c", main, *_args(c)],

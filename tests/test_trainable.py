@@ -9,11 +9,11 @@ import pytest
 import train_fixtures as fx
 from numerics import assert_adam_close, assert_float32_close, model_roundings
 
+from esft_jax.app.commands.train import tree_bytes
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import forward
 from esft_jax.train.esft import ExpertSubset
 from esft_jax.train.fft import FullFineTune
-from esft_jax.train.loop import tree_bytes
 from esft_jax.train.lora import LoRA
 from esft_jax.train.step import make_train_step
 from esft_jax.train.trainable import non_expert_part

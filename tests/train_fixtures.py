@@ -7,14 +7,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import ConfigDict
 
-from esft_jax import config_files
+from esft_jax.app import config_files
 from esft_jax.checkpoint import save_checkpoint
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import forward, init_params
-from esft_jax.train.optimizer import learning_rate, make_optimizer
+from esft_jax.train.optimizer import Optim, learning_rate, make_optimizer
 from esft_jax.train.step import make_train_step
 
 EXPERTS = ExpertConfig({1: [3, 17, 5], 2: [30], 3: [0, 9]})  # ragged across layers
@@ -113,22 +112,20 @@ def token_batch(seed: int = 0, accum: int = 1, b: int = 4, t: int = 32) -> dict:
     }
 
 
-def optim(wd: float = 0.1, lr: float = 1e-3) -> ConfigDict:
+def optim(wd: float = 0.1, lr: float = 1e-3) -> Optim:
     # Adam turns float32 rounding in a near-zero gradient into an update of up to lr
     # (numerics.assert_adam_close).
-    return ConfigDict(
-        dict(
-            lr=lr,
-            schedule="constant",
-            warmup_steps=0,
-            end_lr_fraction=0.1,
-            steps=10,
-            adam_b1=0.9,
-            adam_b2=0.95,
-            adam_eps=1e-8,
-            weight_decay=wd,
-            grad_clip=1.0,
-        )
+    return Optim(
+        lr=lr,
+        schedule="constant",
+        warmup_steps=0,
+        end_lr_fraction=0.1,
+        steps=10,
+        adam_b1=0.9,
+        adam_b2=0.95,
+        adam_eps=1e-8,
+        weight_decay=wd,
+        grad_clip=1.0,
     )
 
 

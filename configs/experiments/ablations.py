@@ -12,8 +12,8 @@ from pathlib import Path
 
 import ml_collections
 
-from esft_jax.config_blocks import selection
-from esft_jax.config_files import load_file
+from esft_jax.app.config_blocks import selection
+from esft_jax.app.config_files import load_file
 
 ABLATIONS = {
     "p_sweep": {

@@ -9,9 +9,9 @@ from pathlib import Path
 import ml_collections
 
 import esft_jax.builtin
-from esft_jax import config_blocks as blocks
+from esft_jax.app import config_blocks as blocks
+from esft_jax.app.config_blocks import scoring, selection
 from esft_jax.builtin import suite as builtin_suite
-from esft_jax.config_blocks import scoring, selection
 
 BUILTIN_MODEL = str(Path(esft_jax.builtin.__file__).parent / "tiny_moe")
 

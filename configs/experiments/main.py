@@ -9,8 +9,8 @@ from pathlib import Path
 
 import ml_collections
 
+from esft_jax.app.config_files import load_file
 from esft_jax.builtin import suite as builtin_suite
-from esft_jax.config_files import load_file
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import ml_collections
 
-from esft_jax import config_blocks as blocks
-from esft_jax.config_blocks import scoring
-from esft_jax.config_files import load_file
+from esft_jax.app import config_blocks as blocks
+from esft_jax.app.config_blocks import scoring
+from esft_jax.app.config_files import load_file
 
 # eval sets; intent and law also have training data
 TASKS = (

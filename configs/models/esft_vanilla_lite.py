@@ -4,7 +4,7 @@ from pathlib import Path
 
 import ml_collections
 
-from esft_jax.config_files import load_file
+from esft_jax.app.config_files import load_file
 
 
 def get_config() -> ml_collections.ConfigDict:

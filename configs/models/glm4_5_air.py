@@ -43,13 +43,5 @@ def get_config() -> ml_collections.ConfigDict:
             eos_token_ids=(151329, 151336, 151338),  # <|endoftext|>, <|user|>, <|observation|>
             pad_token_id=151329,
             param_dtype="bfloat16",
-            dtype="bfloat16",
-            moe_strategy="auto",
-            capacity_factor=None,
-            expert_parallel="psum",
-            scan_layers=True,
-            remat=False,
-            attention_impl="reference",  # or "dot_product", "blockwise" (model/attention.py)
-            attention_block=512,  # blockwise: queries and keys per block
         )
     )

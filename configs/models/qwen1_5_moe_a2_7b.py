@@ -36,13 +36,5 @@ def get_config() -> ml_collections.ConfigDict:
             bos_token_id=151643,
             eos_token_id=151643,
             param_dtype="bfloat16",
-            dtype="bfloat16",
-            moe_strategy="auto",
-            capacity_factor=None,
-            expert_parallel="psum",
-            scan_layers=True,
-            remat=False,
-            attention_impl="reference",  # or "dot_product", "blockwise" (model/attention.py)
-            attention_block=512,  # blockwise: queries and keys per block
         )
     )

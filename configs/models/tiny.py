@@ -36,12 +36,6 @@ def get_config() -> ml_collections.ConfigDict:
             pad_token_id=258,  # the byte tokenizer's specials
             param_dtype="float32",
             dtype="float32",
-            moe_strategy="auto",
-            capacity_factor=None,
-            expert_parallel="psum",
-            scan_layers=False,
-            remat=False,  # 4 layers: a loop compiles as fast, ESFT steps faster
-            attention_impl="reference",  # or "dot_product", "blockwise" (model/attention.py)
-            attention_block=512,  # blockwise: queries and keys per block
+            scan_layers=False,  # 4 layers: a loop compiles as fast, ESFT steps faster
         )
     )

@@ -20,13 +20,18 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from esft_jax.config_files import ConfigFileError
 from esft_jax.data import chat
 from esft_jax.data.chat import ChatTemplate, Span
 from esft_jax.data.records import DataError, Sample
+from esft_jax.errors import UserError
 from esft_jax.model.config import ModelConfig
 
 Encoded = tuple[np.ndarray, np.ndarray]  # ids [n] int32, trained [n] bool
+
+
+class TemplateError(UserError, ValueError):
+    """A chat template choice that cannot be used with this tokenizer; the message names the
+    setting (`where`)."""
 
 
 def chat_template(
@@ -43,14 +48,14 @@ def chat_template(
     try:
         template = chat.load_template(choice, directory, *tokens.values(), where=where)
     except ValueError as e:
-        raise ConfigFileError(str(e)) from None
+        raise TemplateError(str(e)) from None
     for key, token in template.special_tokens.items() if template.by_turn else ():
         if (
             key in ids
             and token
             and tokenizer.encode(token, add_special_tokens=False).ids != [ids[key]]
         ):
-            raise ConfigFileError(
+            raise TemplateError(
                 f"{where}: ESFT's format needs the tokenizer to read {key} {token!r} as its id "
                 f"{ids[key]} (config.json), as a special token"
             )

@@ -8,7 +8,6 @@ naming it. The score is the first "Score: N" (or else the first number 0-10) of 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import urllib.error
@@ -102,11 +101,3 @@ class Judge:
                 f"judge at {self.url} answered without choices[0].message.content"
             ) from None
         return parse_score(text)
-
-
-def judge_from_config(c) -> Judge | None:
-    """The judge a config's `judge` block names (base_url, model, api_key_env[, retries]); None
-    when base_url is empty."""
-    if not c.base_url:
-        return None
-    return Judge(c.base_url, c.model, os.environ.get(c.api_key_env, ""), c.get("retries", 3))

@@ -1,5 +1,6 @@
 """The names a server answers to: requests' `model`. The base model is served under its checkpoint
-directory's name, each adapter under the name it was given (`--config.adapters.NAME=DIR`).
+directory's name (app/commands/serve.py base_name), each adapter under the name it was given
+(`--config.adapters.NAME=DIR`).
 
 They are checked with the config, before any model loads: an adapter named like the base would
 shadow it, and a name clients cannot send plainly (empty, spaces, slashes) would be unreachable.
@@ -9,16 +10,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from pathlib import Path
-
-from esft_jax.runtime import RANDOM_WEIGHTS
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*")
-
-
-def base_name(checkpoint: str) -> str:
-    """The name the base model is served under: its checkpoint directory's."""
-    return Path(checkpoint).resolve().name if checkpoint != RANDOM_WEIGHTS else checkpoint
 
 
 def problem(base: str, adapter: str) -> str | None:

@@ -15,7 +15,6 @@ import dataclasses
 import math
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from esft_jax.checkpoint.hf_names import TensorMap, tensor_maps
@@ -23,6 +22,7 @@ from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import quant
 from esft_jax.model.config import ConfigError, ModelConfig
 from esft_jax.sharding import to_host
+from esft_jax.train.settings import MethodSettings
 from esft_jax.train.trainable import (
     ALWAYS_FROZEN,
     SHARED,
@@ -68,13 +68,13 @@ class ExpertSubset:
         return cls(cfg, expert_config, rows_n3[:, :2], rows_n3[:, 2], slot_ids)
 
     @classmethod
-    def from_config(cls, c: ml_collections.ConfigDict, cfg: ModelConfig) -> ExpertSubset:
-        """The experts of the file `c.expert_config`; without one (esft plan), the first
-        round(c.expert_fraction * E) experts of every MoE layer."""
+    def from_settings(cls, s: MethodSettings, cfg: ModelConfig) -> ExpertSubset:
+        """The experts of the file `s.expert_config`; without one (esft plan), the first
+        round(s.expert_fraction * E) experts of every MoE layer."""
         layers, n_experts = cfg.moe_layer_ids, cfg.n_routed_experts
-        if c.expert_config:
-            return cls.build(cfg, ExpertConfig.load(c.expert_config, layers, n_experts))
-        first = max(1, round(c.expert_fraction * n_experts))
+        if s.expert_config:
+            return cls.build(cfg, ExpertConfig.load(s.expert_config, layers, n_experts))
+        first = max(1, round(s.expert_fraction * n_experts))
         return cls.build(cfg, ExpertConfig({layer: list(range(first)) for layer in layers}))
 
     def init(self, frozen: Params) -> Params:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import ml_collections
-
 from esft_jax.model.config import ModelConfig
+from esft_jax.train.settings import MethodSettings
 from esft_jax.train.trainable import Params, cast_like, float32_copy, hf_tensors, tree_size
 
 
@@ -17,7 +16,7 @@ class FullFineTune:
     expert_config = None  # not an ESFT run
 
     @classmethod
-    def from_config(cls, c: ml_collections.ConfigDict, cfg: ModelConfig) -> FullFineTune:
+    def from_settings(cls, s: MethodSettings, cfg: ModelConfig) -> FullFineTune:
         return cls()
 
     def init(self, frozen: Params) -> Params:

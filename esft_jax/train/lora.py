@@ -12,7 +12,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import traverse_util
 
@@ -21,6 +20,7 @@ from esft_jax.checkpoint.hf_names import tensor_maps
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.params import input_dims
 from esft_jax.sharding import to_host
+from esft_jax.train.settings import MethodSettings
 from esft_jax.train.trainable import Params, cast_like, overlay, tree_size
 
 TARGETS = ("attention", "experts", "shared_experts")
@@ -36,10 +36,8 @@ class LoRA:
     expert_config = None  # not an ESFT run
 
     @classmethod
-    def from_config(cls, c: ml_collections.ConfigDict, cfg: ModelConfig) -> LoRA:
-        """c.lora.rank / alpha / targets (comma-separated), c.seed for the A factors."""
-        targets = tuple(c.lora.targets.split(","))
-        return cls(rank=c.lora.rank, alpha=c.lora.alpha, targets=targets, seed=c.seed)
+    def from_settings(cls, s: MethodSettings, cfg: ModelConfig) -> LoRA:
+        return cls(rank=s.lora_rank, alpha=s.lora_alpha, targets=s.lora_targets, seed=s.seed)
 
     def __post_init__(self):
         unknown = set(self.targets) - set(TARGETS)

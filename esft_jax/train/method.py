@@ -1,7 +1,8 @@
-"""The training-method protocol, the one factory from the config, and the adapter a run leaves.
+"""The training-method protocol, the one factory (a method's name and its settings), and the
+adapter a run leaves.
 
 A method splits the model into frozen params and a compact trainable pytree, so one train loop
-(train/loop.py) and one memory planner (train/plan.py) serve every method. A new method is one module
+(app/commands/train.py) and one memory planner (train/plan.py) serve every method. A new method is one module
 with a class following `TrainingMethod` and one `REGISTRY` entry.
 """
 
@@ -11,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-import ml_collections
 import numpy as np
 
 from esft_jax.checkpoint.adapter import write_adapter
@@ -21,6 +21,7 @@ from esft_jax.train.esft import ExpertSubset
 from esft_jax.train.fft import FullFineTune
 from esft_jax.train.lora import LoRA
 from esft_jax.train.router_only import RouterOnly
+from esft_jax.train.settings import MethodSettings
 from esft_jax.train.trainable import Params
 
 
@@ -56,29 +57,28 @@ class TrainingMethod(Protocol):
         metadata, "method" included). Gathers to the host: every process of a run calls it."""
 
 
-Constructor = Callable[[ml_collections.ConfigDict, ModelConfig], TrainingMethod]
+Constructor = Callable[[MethodSettings, ModelConfig], TrainingMethod]
 REGISTRY: dict[str, Constructor] = {
-    "esft": ExpertSubset.from_config,
-    "fft": FullFineTune.from_config,
-    "lora": LoRA.from_config,
-    "router": RouterOnly.from_config,
+    "esft": ExpertSubset.from_settings,
+    "fft": FullFineTune.from_settings,
+    "lora": LoRA.from_settings,
+    "router": RouterOnly.from_settings,
 }
 METHODS = tuple(REGISTRY)  # the values of --config.method
 # methods whose trained copy covers the whole routed-expert stack (no quantised experts: model/quant.py)
 WHOLE_EXPERT_STACK = ("fft", "lora")
 
 
-def build_method(c: ml_collections.ConfigDict, cfg: ModelConfig) -> TrainingMethod:
-    """The method `c.method` names, from its settings in `c` (configs/train.py: lora, expert_config,
-    seed)."""
-    if c.method not in REGISTRY:
-        raise ValueError(f"method={c.method!r}: expected one of {METHODS}")
-    if cfg.expert_scheme is not None and c.method in WHOLE_EXPERT_STACK:
+def build_method(name: str, settings: MethodSettings, cfg: ModelConfig) -> TrainingMethod:
+    """The method `name` (a REGISTRY key), built from `settings`."""
+    if name not in REGISTRY:
+        raise ValueError(f"method={name!r}: expected one of {METHODS}")
+    if cfg.expert_scheme is not None and name in WHOLE_EXPERT_STACK:
         raise ConfigError(
-            f"method={c.method} trains every routed expert: it needs them unquantised, not "
+            f"method={name} trains every routed expert: it needs them unquantised, not "
             f"{cfg.expert_scheme.label} (model.frozen_dtype=bfloat16)"
         )
-    return REGISTRY[c.method](c, cfg)
+    return REGISTRY[name](settings, cfg)
 
 
 def save_adapter(

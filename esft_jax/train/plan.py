@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
@@ -29,9 +28,10 @@ from esft_jax.errors import UserError
 from esft_jax.model import ModelConfig
 from esft_jax.model.experts import resolve_strategy
 from esft_jax.model.params import abstract_params, param_axes
-from esft_jax.train.loop import make_train_step
 from esft_jax.train.method import TrainingMethod, build_method
-from esft_jax.train.optimizer import learning_rate, make_optimizer
+from esft_jax.train.optimizer import Optim, learning_rate, make_optimizer
+from esft_jax.train.settings import MethodSettings
+from esft_jax.train.step import make_train_step
 
 GIB = 1024**3
 # XLA:CPU computes bf16 dots in float32, and its while-loop-invariant code motion then hoists the
@@ -57,28 +57,6 @@ class Plan:
     compile_seconds: float
     # the compiler refused it (then temporaries is its figure, total a lower bound)
     out_of_memory: bool = False
-
-
-def method_for(
-    cfg: ModelConfig,
-    method: str,
-    expert_fraction: float = 0.1,
-    expert_config: str = "",
-    lora_rank: int = 8,
-    lora_alpha: float = 16.0,
-) -> TrainingMethod:
-    """The method named (train/method.py's factory); esft: an expert config file, or the first
-    round(fraction * E) experts per layer. lora_alpha's default is configs/train.py's."""
-    c = ml_collections.ConfigDict(
-        dict(
-            method=method,
-            seed=0,
-            expert_config=expert_config,
-            expert_fraction=expert_fraction,
-            lora=dict(rank=lora_rank, alpha=lora_alpha, targets="attention,experts"),
-        )
-    )
-    return build_method(c, cfg)
 
 
 def _per_device(tree: Any) -> int:
@@ -134,7 +112,7 @@ def lower_train_step(
     *,
     batch_size: int,
     seq_len: int,
-    optim: ml_collections.ConfigDict,
+    optim: Optim,
     devices: list | None = None,
     grad_accum: int = 1,
 ):
@@ -197,7 +175,7 @@ def estimate(
     *,
     batch_size: int,
     seq_len: int,
-    optim: ml_collections.ConfigDict,
+    optim: Optim,
     devices: list | None = None,
     grad_accum: int = 1,
 ) -> Plan:
@@ -288,11 +266,11 @@ def report(
     *,
     batch_size: int,
     seq_len: int,
-    optim: ml_collections.ConfigDict,
+    optim: Optim,
     device_memory_gb: float,
     topology: str = "",
     micro_batch: int = 0,
-    **method_args,
+    settings: MethodSettings | None = None,
 ) -> str:
     """A markdown table of plans (GiB per device) for each method x device count on a 1-axis mesh,
     and the smallest device count on which each method fits `device_memory_gb`; compiled for the TPU
@@ -307,7 +285,7 @@ def report(
         )
     rows, smallest = [], {}
     for name in methods:
-        method = method_for(cfg, name, **method_args)
+        method = build_method(name, settings or MethodSettings(), cfg)
         for n in devices:
             rows_at_once, accum = micro_batches(batch_size, micro_batch, n)
             p = estimate(

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import ml_collections
-
 from esft_jax.checkpoint.hf_names import TensorMap
 from esft_jax.model.config import ModelConfig
+from esft_jax.train.settings import MethodSettings
 from esft_jax.train.trainable import (
     Params,
     cast_like,
@@ -41,7 +40,7 @@ class RouterOnly:
     expert_config = None  # not an ESFT run
 
     @classmethod
-    def from_config(cls, c: ml_collections.ConfigDict, cfg: ModelConfig) -> RouterOnly:
+    def from_settings(cls, s: MethodSettings, cfg: ModelConfig) -> RouterOnly:
         return cls()
 
     def init(self, frozen: Params) -> Params:

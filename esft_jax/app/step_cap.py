@@ -14,8 +14,8 @@ import sys
 
 import ml_collections
 
-from esft_jax.config_files import ConfigFileError
-from esft_jax.validate import DEFAULT_SEQ_LEN
+from esft_jax.app.checks import DEFAULT_SEQ_LEN
+from esft_jax.app.config_files import ConfigFileError
 
 ENV = "ESFT_MAX_STEPS"
 

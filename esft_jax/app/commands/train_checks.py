@@ -1,16 +1,16 @@
 """The training values, checked once, up front, before `esft train` writes anything.
 
-`validate(c, cfg)` runs once the model's config is read (the sequence length is checked against the
-model's positions); each bad value is one ConfigFileError naming its `--config.KEY` (the checks of
-esft_jax/validate.py), so a bad command fails at once, not deep in the data pipeline or orbax.
+`check_with_model(c, cfg)` runs once the model's config is read (the sequence length is checked
+against the model's positions); each bad value is one ConfigFileError naming its `--config.KEY` (the checks of
+app/checks.py), so a bad command fails at once, not deep in the data pipeline or orbax.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from esft_jax import validate as checks
-from esft_jax.config_files import ConfigFileError
+from esft_jax.app import checks
+from esft_jax.app.config_files import ConfigFileError
 from esft_jax.data.chat import LOSS_ON
 from esft_jax.data.sources import FORMATS
 from esft_jax.model import ModelConfig
@@ -27,7 +27,7 @@ AT_LEAST_ONE = (
 )
 
 
-def validate(c: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
+def check_with_model(c: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
     """Raise ConfigFileError for the first value of `c` (configs/train.py) that cannot train `cfg`."""
     checks.one_of(c, "method", METHODS)
     if c.method == "esft":

@@ -9,8 +9,9 @@ experts, expert groups, trainable-module flags). A step whose output exists is s
 only does what is missing. Each training runs in a child process (its peak memory is its own; its
 output goes to <workdir>/train.log, whose last lines a failure shows); `c.launch = "print"` stops
 after selection and prints those commands, one per method, for a cluster. Profiling, selection and
-evaluation are `esft profile` / `select` / `eval`'s own functions (routing/run.py, eval/run.py) on their
-config files with the study's model source; each evaluation's predictions go to <run_dir>/eval_<method>/.
+evaluation are `esft profile` / `select` / `eval`'s own functions (their modules beside this one)
+on their config files with the study's model source; each evaluation's predictions go to
+<run_dir>/eval_<method>/.
 
 A config with `c.studies` (name -> study config) is a sweep: each study runs in turn (or prints its
 commands), then one table of all of them (report.aggregate_table) and a trade-off plot.
@@ -27,15 +28,27 @@ from typing import Any
 
 import ml_collections
 
-from esft_jax import config_files, report
+from esft_jax import report
+from esft_jax.app import config_files
+from esft_jax.app.checks import (
+    architecture_override,
+    one_of,
+    required,
+    template,
+    whole,
+    writable_dir,
+)
+from esft_jax.app.commands import profile as routing_run
+from esft_jax.app.commands.eval import check_scoring, evaluate
+from esft_jax.app.commands.select import check_selection, select_experts
+from esft_jax.app.config_files import ConfigFileError
+from esft_jax.app.runtime import RUNTIME_FIELDS
 from esft_jax.builtin import suite as builtin_suite
-from esft_jax.data.sources import EXTENSIONS
+from esft_jax.data.chat import LOSS_ON
+from esft_jax.data.sources import EXTENSIONS, FORMATS
 from esft_jax.errors import UserError
-from esft_jax.eval.run import evaluate
 from esft_jax.routing import analyze
-from esft_jax.routing import run as routing_run
 from esft_jax.routing.sources import STATS_FILE, load_stats
-from esft_jax.runtime import RUNTIME_FIELDS
 
 # the study's, for each of its steps
 STEP_FIELDS = (
@@ -126,7 +139,7 @@ def _train_command(c: ml_collections.ConfigDict, method: str, run: Path, suite: 
     args = [
         sys.executable,
         "-m",
-        "esft_jax.cli",
+        "esft_jax.app.cli",
         "train",
         "--config",
         f"{train_config}:{kind}",
@@ -225,7 +238,7 @@ def run_study(c: ml_collections.ConfigDict) -> tuple[Path, report.Study | None]:
 
     print("[2/5] selecting experts")
     for name, spec in c.selections.items():
-        routing_run.select_experts(stats, spec, c.seed).save(run_dir / f"experts_{name}.json")
+        select_experts(stats, spec, c.seed).save(run_dir / f"experts_{name}.json")
     if c.launch == "print":
         for m in c.methods:
             print(" ".join(_train_command(c, m, run_dir, suite)))
@@ -260,3 +273,50 @@ def run_study(c: ml_collections.ConfigDict) -> tuple[Path, report.Study | None]:
         f"{run_dir / 'score_vs_params.png'}"
     )
     return run_dir / "results.md", study
+
+
+def check_study(c: ml_collections.ConfigDict) -> None:
+    required(c, "checkpoint", "the Hugging Face checkpoint the study fine-tunes")
+    for name in c.selections:
+        check_selection(c, f"selections.{name}.")
+    for method in c.methods:
+        if method not in ("fft", "lora") and method.removeprefix("esft_") not in c.selections:
+            raise ConfigFileError(
+                f"--config.methods: {method!r} is neither fft, lora nor esft_<one of "
+                f"{', '.join(c.selections)}>"
+            )
+    for name in [c.task, *c.general_tasks]:
+        if name not in c.scoring:
+            raise ConfigFileError(f"--config.scoring: no entry for task {name!r}")
+        check_scoring(c, f"scoring.{name}", c.judge)
+    one_of(c, "launch", ("local", "print"))
+    one_of(c, "data_format", FORMATS)
+    template(c, "template")
+    one_of(c, "loss_on", LOSS_ON)
+    for override in c.train:  # each `esft train` of the study trains c.checkpoint
+        architecture_override(
+            f"--config.train: {override!r}", override.partition("=")[0], c.checkpoint
+        )
+    for key in (
+        "profile.token_budget",
+        "profile.seq_len",
+        "profile.batch_size",
+        "eval.batch_size",
+        "eval.seq_len",
+    ):
+        whole(c, key)
+    whole(c, "eval.limit", 0)
+    writable_dir(c, "run_dir")
+
+
+def check(c: ml_collections.ConfigDict) -> None:
+    if "studies" not in c:
+        return check_study(c)
+    writable_dir(c, "run_dir")
+    for name, study in c.studies.items():
+        try:
+            check_study(study)
+        except ConfigFileError as e:
+            raise ConfigFileError(
+                str(e).replace("--config.", f"--config.studies.{name}.", 1)
+            ) from None

@@ -3,7 +3,7 @@
 Config fields read: `checkpoint` (a Hugging Face directory, or "random" for random weights of `model`:
 asked for by name, so that a forgotten --config.checkpoint is an error, not a random model),
 `model` (model fields; with a checkpoint only the runtime fields (RUNTIME_FIELDS) apply, and an
-override of another is refused: validate.model_overrides, config_blocks.py), `seed`,
+override of another is refused: checks.model_overrides, config_blocks.py), `seed`,
 `tokenizer` (a directory with tokenizer.json), `mesh` (axis sizes over all processes' devices),
 `distributed` (multi-process runs).
 """
@@ -18,7 +18,8 @@ import ml_collections
 from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
-from esft_jax import config_files, sharding
+from esft_jax import sharding
+from esft_jax.app import config_files
 from esft_jax.checkpoint import CheckpointError, load_checkpoint, load_config, load_tokenizer
 from esft_jax.checkpoint.adapter import CONFIG_FILE, load_with_adapter
 from esft_jax.checkpoint.fingerprint import (

@@ -11,13 +11,20 @@ from typing import NamedTuple
 import jax
 import ml_collections
 
-from esft_jax import config_files, runtime, validate
+from esft_jax.app import checks, config_files, runtime
+from esft_jax.app.checks import (
+    input_path,
+    one_of,
+    template,
+    whole,
+    writable_dir,
+)
+from esft_jax.app.commands import profile as routing_run
 from esft_jax.data.records import DataError
-from esft_jax.data.sources import read_samples
-from esft_jax.expert_config import ExpertConfig
-from esft_jax.routing import profile, scores, select
-from esft_jax.routing.expected import expected_coverage
+from esft_jax.data.sources import FORMATS, read_samples
+from esft_jax.routing import profile, scores
 from esft_jax.routing.official_logs import OfficialLogWriter
+from esft_jax.routing.profile import COUNT_MODES
 from esft_jax.routing.sources import STATS_FILE
 from esft_jax.routing.stats import RoutingStats
 
@@ -36,7 +43,7 @@ def profile_routing(c: ml_collections.ConfigDict) -> Profiled:
     runtime.distributed(c)
     mesh = runtime.mesh(c)
     cfg, params = runtime.load_model(c, mesh)
-    validate.within_positions(c, "seq_len", cfg)
+    checks.within_positions(c, "seq_len", cfg)
     samples, skipped = read_samples(c.data, c.skip_invalid, c.data_format)
     tokenizer = runtime.tokenizer(c)
     template = runtime.chat_template(c, "template", tokenizer, cfg)
@@ -87,26 +94,28 @@ def profile_routing(c: ml_collections.ConfigDict) -> Profiled:
     return Profiled(stats, len(samples), skipped)
 
 
-def select_experts(stats: RoutingStats, spec: ml_collections.ConfigDict, seed: int) -> ExpertConfig:
-    """The expert config of one selection (config_blocks.selection's fields) from routing statistics,
-    with its routing profile (the coverage the selection has on those statistics' data)."""
-    s = scores.expert_scores(stats, spec.score, spec.norm, spec.decimals)
-    chosen = select.per_layer(
-        s,
-        spec.method,
-        p=spec.p,
-        n=spec.n,
-        seed=seed,
-        group_size=spec.group_size,
-        grouping=spec.grouping,
-        coactivation_lee=stats.coactivation,
-    )
-    if spec.shared_only:
-        chosen = [[] for _ in chosen]
-    experts = dict(zip(stats.layers, chosen))
-    return ExpertConfig(
-        experts,
-        spec.shared_experts,
-        spec.non_expert_modules,
-        profile=expected_coverage(stats, experts),
+def check(c: ml_collections.ConfigDict) -> None:
+    input_path(c, "data", "a dataset to profile")
+    one_of(c, "data_format", FORMATS)
+    template(c, "template")
+    for key in ("token_budget", "batch_size"):
+        whole(c, key)
+    whole(c, "seq_len", 0)  # 0: resolved against the model (within_positions)
+    whole(c, "shards", 0)
+    one_of(c, "count", COUNT_MODES)
+    writable_dir(c, "out_dir")
+
+
+def run(c: ml_collections.ConfigDict) -> None:
+    """Profile a model's routing on a task dataset; write stats.npz and summary.json."""
+    profiled = routing_run.profile_routing(c)
+    if profiled.skipped:
+        print(f"skipped {profiled.skipped} malformed lines of {c.data}")
+    if profiled.stats is None:  # not the writing process
+        return
+    out, stats = Path(c.out_dir), profiled.stats
+    print(
+        f"profiled {stats.tokens} tokens in {stats.sequences} sequences of {profiled.samples} samples -> "
+        f"{out / STATS_FILE}, {out / routing_run.SUMMARY_FILE}"
+        + (f", {out / 'logs'}" * c.official_logs)
     )

@@ -2,40 +2,54 @@
 
 A config file calls these to add a block's fields; the keys and defaults are the contract the
 commands read (esft_jax/runtime.py: model, checkpoint, tokenizer, mesh, distributed; the study's
-selections and scoring: esft_jax/experiment.py).
+selections and scoring: esft_jax/app/commands/run.py).
 
 The model contract (`model_source`): with `checkpoint="random"`, `model` is the architecture of the
 random weights and every field of it applies. With a Hugging Face checkpoint the architecture comes
 from the checkpoint's config.json and only the runtime fields of `model` apply
 (runtime.RUNTIME_FIELDS: dtype, moe_strategy, capacity_factor, expert_parallel, scan_layers, remat,
 attention_impl, attention_block);
-overriding any other `model` field then is an error (validate.model_overrides), not ignored.
+overriding any other `model` field then is an error (checks.model_overrides), not ignored.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from esft_jax import config_files
+from esft_jax.app import config_files
 
 # configs/models/
 MODELS = tuple(sorted(p.stem for p in (config_files.bundled_dir() / "models").glob("*.py")))
 
 
+# What a configs/models/ preset need not set: the runtime fields (app/runtime.py RUNTIME_FIELDS, which
+# apply to a checkpoint's model too) at the values most presets run with, and the quantised layout
+# (`expert_fp8_block` / `expert_mxfp4`: routed experts held in FP8 with blocks of that size, or in
+# MXFP4, model/quant.py; () / False = in param_dtype; `linear_fp8`: the other linear weights in FP8
+# too). A preset sets only what it changes (tiny: float32, a loop over its 4 layers).
+PRESET_DEFAULTS = dict(
+    dtype="bfloat16",
+    moe_strategy="auto",
+    capacity_factor=None,
+    expert_parallel="psum",
+    scan_layers=True,
+    remat=False,
+    attention_impl="reference",  # or "dot_product", "blockwise" (model/attention.py)
+    attention_block=512,  # blockwise: queries and keys per block
+    frozen_dtype="bfloat16",  # a checkpoint's FP8 / MXFP4 experts: "native" keeps them so
+    expert_fp8_block=(),
+    expert_mxfp4=False,
+    linear_fp8=False,
+)
+
+
 def model(name: str) -> ml_collections.ConfigDict:
     """configs/models/<name>.py: an architecture (the fields of esft_jax.model.ModelConfig), with
-    `expert_fp8_block` / `expert_mxfp4` (routed experts held in FP8 with blocks of that size, or
-    in MXFP4: model/quant.py; () / False = in param_dtype), `linear_fp8` (the other linear weights
-    in FP8 too) and `frozen_dtype` where the preset does not set them."""
+    PRESET_DEFAULTS where the preset does not set them."""
     cd = config_files.load_file(str(config_files.bundled_dir() / "models" / f"{name}.py"))
-    if "expert_fp8_block" not in cd:
-        cd.expert_fp8_block = ()
-    if "expert_mxfp4" not in cd:
-        cd.expert_mxfp4 = False
-    if "linear_fp8" not in cd:
-        cd.linear_fp8 = False
-    if "frozen_dtype" not in cd:
-        cd.frozen_dtype = "bfloat16"  # a checkpoint's FP8 experts: "native" keeps them FP8
+    for key, value in PRESET_DEFAULTS.items():
+        if key not in cd:
+            cd[key] = value
     return cd
 
 

@@ -31,11 +31,11 @@ from typing import Any
 
 import ml_collections
 
-from esft_jax.config_files import ConfigFileError
+from esft_jax.app.config_files import ConfigFileError
+from esft_jax.app.runtime import RANDOM_WEIGHTS, RUNTIME_FIELDS
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.jsonio import read_json
 from esft_jax.model import ModelConfig
-from esft_jax.runtime import RANDOM_WEIGHTS, RUNTIME_FIELDS
 
 CONFIG_FILE, EXPERTS_FILE = "config.json", "expert_config.json"
 FREE = (

@@ -55,7 +55,7 @@ class OpenConfigDict(ml_collections.ConfigDict):
 def bundled_dir() -> Path:
     """The config files shipped with esft_jax: esft_jax/bundled_configs in an installed wheel
     (pyproject.toml maps the repository's configs/ there), the repository's configs/ in a checkout."""
-    package = Path(__file__).parent
+    package = Path(__file__).parents[1]  # esft_jax
     installed = package / "bundled_configs"
     return installed if installed.is_dir() else package.parent / BUNDLED_PREFIX
 

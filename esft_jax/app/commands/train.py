@@ -3,9 +3,9 @@
 Each step is one call of the jitted train step (train/step.py), which donates the old state. Every
 `checkpoint_every` steps the state and the data iterator's position are saved with orbax; rerunning
 the same command resumes from the latest checkpoint and reproduces an uninterrupted run exactly
-(train/resume.py: what a rerun may change). A non-finite step stops the run before anything is saved
+(app/resume.py: what a rerun may change). A non-finite step stops the run before anything is saved
 from it (train/guard.py). Ctrl-C stops it with one line naming its step and the checkpoint a rerun
-resumes from (esft_jax/interrupt.py).
+resumes from (app/interrupt.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from jax.sharding import Mesh, NamedSharding
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from esft_jax import config_files, interrupt, runtime, sharding
+from esft_jax import sharding
+from esft_jax.app import config_files, interrupt, resume, runtime
+from esft_jax.app.commands.train_checks import check_with_model
 from esft_jax.checkpoint.train_state import TrainCheckpoints, abstract_like
 from esft_jax.data.chat import ChatTemplate
 from esft_jax.data.pipeline import _encoder, eval_batches, split_validation, train_batches
@@ -34,11 +36,26 @@ from esft_jax.data.shards import LocalBatches
 from esft_jax.data.shards import plan as plan_shards
 from esft_jax.data.sources import read_samples
 from esft_jax.model import ModelConfig, param_axes
-from esft_jax.train import guard, resume, routing_profile
-from esft_jax.train.checks import validate
+from esft_jax.train import guard, routing_profile
 from esft_jax.train.method import TrainingMethod, build_method, save_adapter
-from esft_jax.train.optimizer import learning_rate, make_optimizer
+from esft_jax.train.optimizer import Optim, learning_rate, make_optimizer
+from esft_jax.train.settings import MethodSettings
 from esft_jax.train.step import make_eval_step, make_train_step, state_shardings
+
+
+def method_settings(c: ml_collections.ConfigDict) -> MethodSettings:
+    """configs/train.py's fields the training methods are built from."""
+    return MethodSettings(
+        expert_config=c.expert_config,
+        lora_rank=c.lora.rank,
+        lora_alpha=c.lora.alpha,
+        lora_targets=tuple(c.lora.targets.split(",")),
+        seed=c.seed,
+    )
+
+
+def optim(c: ml_collections.ConfigDict) -> Optim:
+    return Optim(**c.optim.to_dict())
 
 
 def _shardings(tree_axes: Any, mesh: Mesh | None):
@@ -147,13 +164,13 @@ def _start(
     trainable: Any,
 ) -> tuple[ml_collections.ConfigDict, optax.GradientTransformation, optax.Schedule, dict, int, Any]:
     """(the run's config, optimizer, schedule, state, first step, data position): a new run's, or a
-    resumed one's from its latest checkpoint (with the saved settings: train/resume.py)."""
+    resumed one's from its latest checkpoint (with the saved settings: app/resume.py)."""
     resuming = checkpoints.latest_step() is not None
     if resuming:
         c = resume.resumed_config(c, workdir, method.expert_config)
     else:
         c = c.copy_and_resolve_references()
-    tx, schedule = make_optimizer(c.optim), learning_rate(c.optim)
+    tx, schedule = make_optimizer(optim(c)), learning_rate(optim(c))
     state = jax.device_put(
         {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)},
         state_shardings(tx, trainable),
@@ -236,13 +253,13 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     runtime.distributed(c)
     primary = jax.process_index() == 0  # in a multi-process run, one process writes the files
     workdir = Path(c.workdir)
-    validate(c, runtime.model_config(c))  # before the weights are read
+    check_with_model(c, runtime.model_config(c))  # before the weights are read
     mesh = runtime.mesh(c)
     cfg, frozen = runtime.load_model(c, mesh)
     tokenizer = runtime.tokenizer(c)
     template = runtime.chat_template(c, "data.template", tokenizer, cfg)
     data_in = _read_data(c, tokenizer, cfg, template)
-    method = build_method(c, cfg)
+    method = build_method(c.method, method_settings(c), cfg)
     model_axes = param_axes(cfg)
     trainable = method.init(frozen)
     trainable = _put(trainable, _shardings(method.axes(model_axes, trainable), mesh))
@@ -341,3 +358,9 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     summary = _summary(c, method, state, metrics_path, adapter_dir, data_in.skipped)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def run(c: ml_collections.ConfigDict) -> None:
+    """Fine-tune with ESFT, FFT or LoRA (resumes from the workdir's checkpoints)."""
+    summary = train(c)
+    print(json.dumps(summary, indent=1))

@@ -8,16 +8,31 @@ from __future__ import annotations
 
 import errno
 import socket
+from pathlib import Path
 
 import ml_collections
 
-from esft_jax import runtime
-from esft_jax.config_files import ConfigFileError
-from esft_jax.serve import names
+from esft_jax.app import runtime
+from esft_jax.app.checks import (
+    input_path,
+    number,
+    required,
+    template,
+    whole,
+    writable_file,
+)
+from esft_jax.app.config_files import ConfigFileError
+from esft_jax.app.runtime import RANDOM_WEIGHTS
+from esft_jax.serve import names as served_names
 from esft_jax.serve.engine import Engine
 from esft_jax.serve.http import Server, app
 from esft_jax.serve.monitor import Monitor
 from esft_jax.serve.scheduler import Scheduler
+
+
+def base_name(checkpoint: str) -> str:
+    """The name the base model is served under: its checkpoint directory's (random weights: "random")."""
+    return Path(checkpoint).resolve().name if checkpoint != RANDOM_WEIGHTS else checkpoint
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -53,7 +68,7 @@ def load(c: ml_collections.ConfigDict) -> Server:
     engine = Engine(
         cfg, params, dict(c.adapters), mesh=mesh, slots=c.slots, max_len=c.max_len or None
     )
-    name = names.base_name(c.checkpoint)
+    name = base_name(c.checkpoint)
     m = c.monitor
     monitor = Monitor(engine.bank, ood_ratio=m.ood_ratio, base_name=name, layers=cfg.moe_layer_ids)
     return Server(
@@ -70,7 +85,7 @@ def load(c: ml_collections.ConfigDict) -> Server:
     )
 
 
-def serve(c: ml_collections.ConfigDict) -> None:
+def run(c: ml_collections.ConfigDict) -> None:
     """Check c's adapters against its base (their configs and the base's headers), listen on
     c.host:c.port, load c's model and adapters, say where they are served, and serve them until
     interrupted: whatever is refused is refused before the model loads."""
@@ -87,3 +102,25 @@ def serve(c: ml_collections.ConfigDict) -> None:
             uvicorn.Server(config).run(sockets=[sock])
         finally:
             server.close()
+
+
+def check(c: ml_collections.ConfigDict) -> None:
+    required(c, "checkpoint", "the base model's Hugging Face checkpoint directory")
+    base = base_name(c.checkpoint)
+    for name in c.adapters:
+        if (why := served_names.problem(base, name)) is not None:
+            raise ConfigFileError(f"--config.adapters.{name}: {why}")
+        input_path(
+            c, f"adapters.{name}", f"adapter {name}'s directory (esft train's <workdir>/adapter)"
+        )
+    required(c, "host", "the address to bind (127.0.0.1: this machine only)")
+    whole(c, "port", 0)
+    if c.port > 65535:
+        raise ConfigFileError(f"--config.port={c.port}: expected a port number <= 65535")
+    whole(c, "slots")
+    whole(c, "max_len", 0)
+    whole(c, "max_body_bytes")
+    template(c, "template")
+    number(c, "monitor.ood_ratio", 0)
+    if c.monitor.audit_log:
+        writable_file(c, "monitor.audit_log")
