@@ -370,7 +370,7 @@ def _serve(c: ml_collections.ConfigDict) -> None:
     whole(c, "port", 0)
     if c.port > 65535:
         raise ConfigFileError(f"--config.port={c.port}: expected a port number <= 65535")
-    whole(c, "slots")
+    whole(c, "rows")
     whole(c, "max_len", 0)
     whole(c, "max_body_bytes")
     template(c, "template")

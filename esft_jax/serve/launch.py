@@ -18,7 +18,7 @@ from esft_jax.serve import names
 from esft_jax.serve.engine import Engine
 from esft_jax.serve.http import Server, app
 from esft_jax.serve.monitor import Monitor
-from esft_jax.serve.scheduler import Scheduler
+from esft_jax.serve.worker import Worker
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -54,13 +54,13 @@ def load(c: ml_collections.ConfigDict) -> Server:
     if mesh is not None:  # random weights are made on one device
         params = sharding.shard_params(params, param_axes(cfg), mesh)
     engine = Engine(
-        cfg, params, dict(c.adapters), mesh=mesh, slots=c.slots, max_len=c.max_len or None
+        cfg, params, dict(c.adapters), mesh=mesh, rows=c.rows, max_len=c.max_len or None
     )
     name = names.base_name(c.checkpoint)
     m = c.monitor
     monitor = Monitor(engine.bank, ood_ratio=m.ood_ratio, base_name=name, layers=cfg.moe_layer_ids)
     return Server(
-        Scheduler(engine),
+        Worker(engine),
         tokenizer,
         monitor,
         base_name=name,
