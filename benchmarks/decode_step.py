@@ -95,7 +95,7 @@ def main() -> None:
     rows = [measure(m, args.batch, args.max_len, args.reps) for m in args.models.split(",")]
     head = [
         "model",
-        "rows x slots",
+        "rows x positions",
         "cache GiB",
         "temporaries GiB",
         "beyond arguments GiB",

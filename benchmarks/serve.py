@@ -2,7 +2,7 @@
 (serve/engine.py) against one merged model per adapter, swapped in batch by batch.
 
     .venv/bin/python benchmarks/serve.py                      # N = 1, 4, 16 adapters, 64 requests
-    .venv/bin/python benchmarks/serve.py --adapters 4 --requests 32 --slots 8
+    .venv/bin/python benchmarks/serve.py --adapters 4 --requests 32 --rows 8
 
 The built-in pretrained tiny MoE (esft_jax/builtin/tiny_moe) gets N synthetic ESFT adapters, each
 the rows of `--per-layer` random routed experts per MoE layer (3 of 32: about what ESFT-Token p=0.2
@@ -11,8 +11,8 @@ selects on the built-in tasks), base + noise, written in ESFT's adapter format. 
 each, every request's adapter drawn uniformly from the N.
 
 - **mixed**: one Engine with all N adapters in its bank, every request submitted at once
-  (continuous batching over `slots` rows);
-- **swap**: requests grouped by adapter and served in batches of `slots` with eval.generate
+  (continuous batching over `--rows` rows);
+- **swap**: requests grouped by adapter and served in batches of `--rows` with eval.generate
   (one compiled decode loop per batch), the adapter's merged params (checkpoint.adapter
   apply_adapter on the host copy of the base, placed on the device) built when its group starts:
   one merged copy resident at a time; the time to build and place it is counted and shown.
@@ -152,7 +152,7 @@ def _timed(fn: Callable[[], tuple], reps: int) -> list[tuple[float, tuple]]:
 
 
 def _rows(cfg, params_np, params, n: int, args: argparse.Namespace, tmp: Path) -> list[dict]:
-    """Both methods for N = n adapters, per slot count: their rows, as dicts. Each is run once to
+    """Both methods for N = n adapters, per serving row count: their table rows, as dicts. Each is run once to
     compile (the same workload: the same shapes), then --reps times, the two methods taking turns;
     the median run is reported."""
     from esft_jax.checkpoint.adapter import read_adapter
@@ -163,13 +163,13 @@ def _rows(cfg, params_np, params, n: int, args: argparse.Namespace, tmp: Path) -
     updates = {name: read_adapter(d) for name, d in adapters.items()}
     max_len = BUCKET + args.max_tokens  # the prompts' bucket + the output
     model_bytes, rows = _nbytes(params_np), []
-    for slots in args.slots:
+    for n_rows in args.rows:
         began = time.perf_counter()
-        engine = Engine(cfg, params, adapters, slots=slots, max_len=max_len, bucket=BUCKET)
+        engine = Engine(cfg, params, adapters, rows=n_rows, max_len=max_len, bucket=BUCKET)
         built = time.perf_counter() - began  # the bank
         methods = {
             "mixed": functools.partial(_mixed, engine, requests),
-            "swap": functools.partial(_swap, cfg, params_np, updates, requests, slots),
+            "swap": functools.partial(_swap, cfg, params_np, updates, requests, n_rows),
         }
         warm = {name: _timed(fn, 1)[0][0] for name, fn in methods.items()}  # compiles
         warm["mixed"] += built
@@ -180,8 +180,8 @@ def _rows(cfg, params_np, params, n: int, args: argparse.Namespace, tmp: Path) -
         median = {name: sorted(r, key=lambda x: x[0])[len(r) // 2] for name, r in runs.items()}
         (mixed_s, (mixed, steps)), (swap_s, (swap, batches, swap_load)) = median.values()
         same = [a == b for a, b in zip(mixed, swap)]
-        assert all(same[: args.check]), f"N={n} slots={slots}: mixed != swap on a checked request"
-        common = {"n": n, "slots": slots, "requests": len(requests), "same": sum(same)}
+        assert all(same[: args.check]), f"N={n} rows={n_rows}: mixed != swap on a checked request"
+        common = {"n": n, "rows": n_rows, "requests": len(requests), "same": sum(same)}
         bank_bytes = _nbytes(engine.bank.override)
         rows.append(
             {**common, "method": "mixed", "tokens": sum(map(len, mixed)), "s": mixed_s}
@@ -205,7 +205,7 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16], help="the N to run")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--slots", type=int, nargs="+", default=[8, 16], help="slots = swap batch")
+    ap.add_argument("--rows", type=int, nargs="+", default=[8, 16], help="rows = swap batch")
     ap.add_argument("--per-layer", type=int, default=3, help="experts per MoE layer an adapter has")
     ap.add_argument("--check", type=int, default=8, help="requests asserted equal across methods")
     ap.add_argument("--reps", type=int, default=3, help="timed runs per method (the median)")
@@ -238,7 +238,7 @@ def main() -> None:
                     [
                         str(r["n"]),
                         r["method"],
-                        str(r["slots"]),
+                        str(r["rows"]),
                         str(r["tokens"]),
                         f"{r['s']:.2f}",
                         f"{r['warm']:.0f}",
@@ -251,7 +251,7 @@ def main() -> None:
                         f"{r['same']}/{r['requests']}",
                     ]
                 )
-    head = ["N", "method", "slots / batch", "tokens", "wall s", "warm-up s", "calls", "tokens/s"]
+    head = ["N", "method", "rows / batch", "tokens", "wall s", "warm-up s", "calls", "tokens/s"]
     head += ["requests/s", "swap s", "params held MiB", "N merged copies MiB", "same tokens"]
     print(markdown_table(head, table, right=[False, False] + [True] * (len(head) - 2)))
     rss = peak_rss_bytes() / 2**30

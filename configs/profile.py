@@ -29,7 +29,7 @@ def get_config(model: str = "tiny") -> ml_collections.ConfigDict:
     # longer documents are truncated; rows hold several documents (segment ids); 0: 4096 (the
     # paper's), or the model's positions (max_position_embeddings) where it has fewer
     c.seq_len = 0
-    # batch_size x seq_len token slots a step (short documents: more, shorter packed rows)
+    # batch_size x seq_len token positions a step (short documents: more, shorter packed rows)
     c.batch_size = 8
     # data shards, each read only by the processes holding its batch rows, with its share of the
     # budget (0: one per block of rows a process holds); fixed, any process count agrees

@@ -7,9 +7,9 @@
 Each `adapters.NAME=DIR` (or NAME=DIR pair after ":") serves an adapter; a request's `model` is an
 adapter's name, or the base model's (its checkpoint directory's name). Binds 127.0.0.1 unless
 --config.host says otherwise; with --config.api_key set, requests must send
-`Authorization: Bearer KEY`. Up to `slots` requests decode together, each of at most max_len
-tokens (prompt + max_tokens; 0: the model's context); more wait for a free slot
-(esft_jax/serve/scheduler.py).
+`Authorization: Bearer KEY`. Up to `rows` requests decode together, each of at most max_len
+tokens (prompt + max_tokens; 0: the model's context); more wait for a free row
+(esft_jax/serve/worker.py).
 """
 
 import ml_collections
@@ -35,8 +35,8 @@ def get_config(adapters: str = "") -> ml_collections.ConfigDict:
     c.host = "127.0.0.1"
     c.port = 8000
     c.api_key = ""
-    c.slots = 8  # requests decoding together (their KV cache rows)
-    c.max_len = 0  # tokens per slot (prompt + max_tokens); 0: the model's context
+    c.rows = 8  # requests decoding together (the batch's rows, each with its KV cache)
+    c.max_len = 0  # tokens per row (prompt + max_tokens); 0: the model's context
     # a request body longer than this is refused (413) before it is read whole
     c.max_body_bytes = 4 * 2**20
     # The routing monitor (esft_jax/serve/monitor.py): a request whose coverage falls below

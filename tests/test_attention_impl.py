@@ -80,8 +80,8 @@ def test_fully_masked_rows_match_with_and_without_sinks():
 @pytest.mark.parametrize("window", [0, 3])
 @pytest.mark.parametrize("with_sinks", [False, True])
 def test_blockwise_through_a_cache_equals_reference(window, with_sinks):
-    """Queries at their own slots of a longer cache (rows at different offsets, padding and
-    unfilled slots, packed segments), query and key blocks of different sizes dividing neither
+    """Queries at their own positions of a longer cache (rows at different offsets, padding and
+    unfilled positions, packed segments), query and key blocks of different sizes dividing neither
     length: the output and the gradients of q, k, v and the sinks."""
     q, keys, values, sinks = _inputs(t=7, s=11, seed=1)
     key_segments = jnp.asarray(

@@ -399,7 +399,7 @@ def test_served_chat_equals_transformers_generate(tmp_path):
     from esft_jax.serve.engine import Engine
     from esft_jax.serve.http import Server
     from esft_jax.serve.monitor import Monitor
-    from esft_jax.serve.scheduler import Scheduler
+    from esft_jax.serve.worker import Worker
 
     path = tmp_path / "qwen3_moe"
     model = hf_models.build("qwen3_moe", path)
@@ -410,10 +410,10 @@ def test_served_chat_equals_transformers_generate(tmp_path):
     assert tok.get_vocab_size() <= cfg.vocab_size and cfg.eos_token_id == tok.token_to_id(
         "<|im_end|>"
     )
-    engine = Engine(cfg, params, {}, slots=2, max_len=128)
+    engine = Engine(cfg, params, {}, rows=2, max_len=128)
     monitor = Monitor(engine.bank, ood_ratio=0.5, base_name="base", layers=cfg.moe_layer_ids)
     template = chat_template(tok, cfg, "model", path)
-    server = Server(Scheduler(engine), tok, monitor, base_name="base", template=template)
+    server = Server(Worker(engine), tok, monitor, base_name="base", template=template)
     uv, thread, url = http_tests._start(server)
     try:
         body = {"model": "base", "messages": CHAT[:4], "max_tokens": 8, "temperature": 0}

@@ -59,7 +59,7 @@ def test_generation_and_serving_stop_at_the_second_eos_id():
         params, stopping, prompts, max_new_tokens=8, eos_id=stopping.stop_token_ids, bucket=16
     )
     assert got == want
-    served = Engine(stopping, params, {}, slots=4, max_len=64, bucket=16).run(
+    served = Engine(stopping, params, {}, rows=4, max_len=64, bucket=16).run(
         [Request(p, None, max_tokens=8) for p in prompts]
     )
     assert [f.tokens for f in served] == want

@@ -98,7 +98,7 @@ def test_sharded_equals_single_device(family):
 def test_cache_equals_full_forward(family, attention_impl):
     """A prompt then tokens one at a time through the KV cache: the reference full forward's logits
     (sliding windows and sinks included; MLA's compressed cache), every attention path (blockwise
-    in blocks of 3, which divide neither the prompt's 8 slots nor the cache's 16)."""
+    in blocks of 3, which divide neither the prompt's 8 positions nor the cache's 16)."""
     ref_cfg = fc.config(family)
     params, (tokens, _) = fc.params(ref_cfg), fc.batch(ref_cfg, b=3, t=14)
     segments = jnp.ones_like(tokens)

@@ -114,16 +114,19 @@ def test_layer_loop_equals_layer_scan(model):
 
 
 @pytest.mark.parametrize("offset,window", [(0, 0), (0, 3), (5, 0), (5, 4)])
-def test_attention_mask_equals_a_loop_over_slots(offset, window):
-    """Queries at slots offset .. offset + T - 1 of a row of S keys: query i sees key j iff j <= its slot,
-    both in one segment, key not padding, and (window > 0) the slot fewer than `window` behind."""
+def test_attention_mask_equals_a_loop_over_positions(offset, window):
+    """Queries at positions offset .. offset + T - 1 of a row of S keys: query i sees key j iff
+    j <= its position, both in one segment, key not padding, and (window > 0) the position fewer
+    than `window` behind."""
     keys = np.array([[1, 1, 1, 2, 2, 2, 2, 0, 0, 0], [3, 3, 3, 3, 3, 3, 3, 3, 3, 0]])
     queries = keys[:, offset : offset + 3]
     want = np.zeros((2, 1, 3, 10), bool)
     for b, i, j in np.ndindex(2, 3, 10):
-        slot = offset + i
+        position = offset + i
         want[b, 0, i, j] = (
-            j <= slot and queries[b, i] == keys[b, j] != 0 and (window == 0 or slot - j < window)
+            j <= position
+            and queries[b, i] == keys[b, j] != 0
+            and (window == 0 or position - j < window)
         )
     mask = attention_mask(jnp.asarray(queries), jnp.asarray(keys), jnp.int32(offset), window)
     got = dense(mask)

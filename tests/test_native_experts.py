@@ -183,7 +183,8 @@ def test_the_serving_bank_over_the_native_base_serves_what_it_serves_over_the_bf
     logits = []
     for c, p in ((native_cfg, native_params), (cfg, params)):
         bank = build_bank(c, p, {"a": adapter})
-        logits.append(np.asarray(forward(bank.params_for(p, sets), tokens, c)[0]))
+        served = bank.with_overrides(p)
+        logits.append(np.asarray(forward(served, tokens, c, override_set_b=sets)[0]))
     np.testing.assert_array_equal(logits[0], logits[1])
 
 

@@ -100,7 +100,7 @@ def test_bank_logits_equal_merged_logits(served):
     bank = build_bank(cfg, params, adapters)
     tokens = np.random.default_rng(1).integers(1, 256, (4, 24))
     sets = np.array([bank.index(n) for n in ("two_layers", None, "wide", "partial")])
-    got, _ = _forward(bank.params_for(params, sets), tokens, cfg)
+    got, _ = _forward(bank.with_overrides(params), tokens, cfg, override_set_b=sets)
     for row, name in enumerate(("two_layers", None, "wide", "partial")):
         merged = params if name is None else load_with_adapter(base, adapters[name])[1]
         want, _ = _forward(merged, tokens[row : row + 1], cfg)
@@ -169,7 +169,7 @@ def test_coverage_is_the_gate_mass_on_the_adapters_experts(served):
 
 
 def test_requests_joining_a_running_decode_get_what_they_get_alone(served):
-    """Two slots for nine requests (greedy and sampled): requests join as others leave, each
+    """Two rows for nine requests (greedy and sampled): requests join as others leave, each
     at its own cache length, and every one gets exactly its tokens alone."""
     cfg, params, base, adapters = served
     sampled = [
@@ -178,7 +178,7 @@ def test_requests_joining_a_running_decode_get_what_they_get_alone(served):
     ]
     requests = _requests() + sampled
     want = [_alone(cfg, params, base, adapters, r) for r in requests]
-    engine = Engine(cfg, params, adapters, slots=2, max_len=32)
+    engine = Engine(cfg, params, adapters, rows=2, max_len=32)
     finished = engine.run(requests)
     assert [f.tokens for f in finished] == want
     assert not engine.busy
@@ -190,7 +190,7 @@ def test_live_coverage_equals_a_separate_forward_pass(served):
     """The coverage summed while decoding equals monitor.coverage over the tokens the model read:
     the prompt and every output token but a last one cut by max_tokens (float32 sums)."""
     cfg, params, _, adapters = served
-    engine = Engine(cfg, params, adapters, slots=4, max_len=32)
+    engine = Engine(cfg, params, adapters, rows=4, max_len=32)
     requests = _requests()
     finished = engine.run(requests)
     read = [f.tokens[:-1] if f.reason == "length" else f.tokens for f in finished]
@@ -200,11 +200,11 @@ def test_live_coverage_equals_a_separate_forward_pass(served):
     assert finished[1].coverage.total > 0 and finished[0].coverage.total == 0.0
 
 
-def test_a_cancelled_request_frees_its_slot(served):
-    """With one slot, a long request cancelled after two tokens makes room for the next, which
+def test_a_cancelled_request_frees_its_row(served):
+    """With one row, a long request cancelled after two tokens makes room for the next, which
     still gets its tokens alone; nothing is reported for the cancelled one after its cancel."""
     cfg, params, base, adapters = served
-    engine = Engine(cfg, params, adapters, slots=1, max_len=32)
+    engine = Engine(cfg, params, adapters, rows=1, max_len=32)
     assert engine.rows == 1
     long = engine.submit(Request([5, 6, 7], "wide", max_tokens=20))
     later = Request([9, 10, 11, 12], "partial", max_tokens=MAX_TOKENS)
@@ -219,9 +219,9 @@ def test_a_cancelled_request_frees_its_slot(served):
     assert events[-1].finished.tokens == _alone(cfg, params, base, adapters, later)
 
 
-def test_a_request_longer_than_a_slot_is_refused(served):
+def test_a_request_longer_than_a_row_is_refused(served):
     cfg, params, _, adapters = served
-    engine = Engine(cfg, params, adapters, slots=2, max_len=16)
+    engine = Engine(cfg, params, adapters, rows=2, max_len=16)
     with pytest.raises(ValueError, match="exceed the 16 tokens a request may hold"):
         engine.submit(Request(list(range(1, 12)), None, max_tokens=6))
     with pytest.raises(KeyError, match="no adapter 'nope'"):
@@ -233,25 +233,25 @@ def test_a_failure_fails_only_the_requests_it_concerns(served, monkeypatch):
     request at a time) and a decode that fails while a "partial" request is active (retried
     without the rows that joined that step). Only those two requests fail; the others, live
     before and joining beside them, get exactly their tokens alone."""
-    from esft_jax.serve import slots as slot_state
+    from esft_jax.serve import batch
 
     cfg, params, base, adapters = served
-    engine = Engine(cfg, params, adapters, slots=4, max_len=32)
+    engine = Engine(cfg, params, adapters, rows=4, max_len=32)
     poison, partial = 255, engine.bank.index("partial")
-    prefill, step = slot_state.prefill, slot_state.step
+    prefill, step = batch.prefill, batch.step
 
     def failing_prefill(params, tokens_np, *rest):
         if (np.asarray(tokens_np) == poison).any():
             raise RuntimeError("injected prefill failure")
         return prefill(params, tokens_np, *rest)
 
-    def failing_step(params, slots, trained_ale, sets_b, active_b, cfg):
+    def failing_step(params, state, trained_ale, sets_b, active_b, cfg):
         if (np.asarray(sets_b)[np.asarray(active_b)] == partial).any():
             raise RuntimeError("injected step failure")
-        return step(params, slots, trained_ale, sets_b, active_b, cfg)
+        return step(params, state, trained_ale, sets_b, active_b, cfg)
 
-    monkeypatch.setattr(slot_state, "prefill", failing_prefill)
-    monkeypatch.setattr(slot_state, "step", failing_step)
+    monkeypatch.setattr(batch, "prefill", failing_prefill)
+    monkeypatch.setattr(batch, "step", failing_step)
     before = [Request([5, 6, 7], "wide", MAX_TOKENS), Request([8, 9], None, MAX_TOKENS, 0.9, 1, 3)]
     beside = Request([10, 11, 12, 13], "two_layers", MAX_TOKENS)
     ids = [engine.submit(r) for r in before]

@@ -1,6 +1,6 @@
 """`esft serve`'s HTTP API, queried with the official openai client on a loopback server: each
 answer equals Engine.generate of the same tokens alone, on a second engine (the byte tokenizer:
-BOS + the text's bytes); the server's engine runs continuous batching on its scheduler thread."""
+BOS + the text's bytes); the server's engine runs continuous batching on its worker thread."""
 
 import threading
 import time
@@ -19,14 +19,14 @@ from esft_jax.checkpoint import load_tokenizer
 from esft_jax.serve.engine import Engine, Request
 from esft_jax.serve.http import Server, app
 from esft_jax.serve.monitor import Monitor
-from esft_jax.serve.scheduler import Scheduler
+from esft_jax.serve.worker import Worker
 
 KEY = "test-key"
 BOS, EOS = 256, 257  # the byte tokenizer's
 SERVED = ("wide", "two_layers")  # of test_serve_engine's adapters: each changes the test's outputs
 served = engine_tests.served  # the fixture of the tiny checkpoint and its adapters
 N = 8  # max_tokens of most requests
-SLOTS, MAX_LEN = 4, 64  # the server's: more requests than slots wait for one
+ROWS, MAX_LEN = 4, 64  # the server's: more requests than rows wait for one
 
 
 def _ids(text: str) -> list[int]:
@@ -54,12 +54,12 @@ def _server(served, fallback=False, ood_ratio=0.5, tokenizer=None, **options) ->
     """A server of the SERVED adapters (tokenizer: the checkpoint's; options: Server's, e.g.
     audit_log, max_body_bytes)."""
     cfg, params, base, adapters = served
-    engine = Engine(cfg, params, {n: adapters[n] for n in SERVED}, slots=SLOTS, max_len=MAX_LEN)
+    engine = Engine(cfg, params, {n: adapters[n] for n in SERVED}, rows=ROWS, max_len=MAX_LEN)
     monitor = Monitor(engine.bank, ood_ratio=ood_ratio, base_name="base", layers=[1, 2, 3])
-    scheduler = Scheduler(engine)
+    worker = Worker(engine)
     tokenizer = tokenizer or load_tokenizer(base)
     return Server(
-        scheduler, tokenizer, monitor, base_name="base", api_key=KEY, fallback=fallback, **options
+        worker, tokenizer, monitor, base_name="base", api_key=KEY, fallback=fallback, **options
     )
 
 
@@ -166,7 +166,7 @@ def test_streamed_chunks_concatenate_to_the_whole_text(client):
 
 
 def test_thirty_two_concurrent_requests_over_several_adapters(api, client):
-    """32 requests on 4 slots: they queue, join the running decode as others leave, and each gets
+    """32 requests on 4 rows: they queue, join the running decode as others leave, and each gets
     what it gets alone (greedy and sampled)."""
     engine = api[0]
     rng = np.random.default_rng(0)
@@ -265,7 +265,7 @@ def _no_eos_prompt(engine: Engine, max_tokens: int) -> str:
     raise AssertionError("every prompt reaches EOS early")
 
 
-def test_a_stream_cancelled_mid_way_frees_its_slot(api):
+def test_a_stream_cancelled_mid_way_frees_its_row(api):
     """A client that reads two chunks of a long stream and hangs up: its request leaves the
     engine at once (not after its max_tokens) and is not counted as served."""
     engine, _, url, server = api
@@ -341,5 +341,5 @@ def test_adapters_can_be_named_one_override_each(served, tmp_path):
         [f"adapters.wide={adapters['wide']}", f"adapters.two={adapters['two_layers']}"],
     )
     assert dict(c.adapters) == {"wide": str(adapters["wide"]), "two": str(adapters["two_layers"])}
-    with pytest.raises(config_files.ConfigFileError, match="has no key 'slot'"):
-        config_files.load("configs/serve.py", ["slot=2"])
+    with pytest.raises(config_files.ConfigFileError, match="has no key 'row'"):
+        config_files.load("configs/serve.py", ["row=2"])

@@ -15,12 +15,12 @@ import test_serve_http as http_tests
 from prometheus_client.parser import text_string_to_metric_families
 
 from esft_jax.checkpoint import load_tokenizer
-from esft_jax.serve import slots as slot_state
+from esft_jax.serve import batch
 from esft_jax.serve.engine import Engine
 
 served = http_tests.served  # the tiny checkpoint and its adapters
 KEY, HEADERS = http_tests.KEY, {"Authorization": f"Bearer {http_tests.KEY}"}
-LONG = 48  # max_tokens of the streams that run beside the others (a slot holds 64 tokens)
+LONG = 48  # max_tokens of the streams that run beside the others (a row holds 64 tokens)
 POISON = "~"  # a prompt holding it fails in the engine's prefill (the injected failure)
 
 
@@ -29,7 +29,7 @@ def long_prompt(served) -> str:
     """A prompt whose greedy continuation on "wide" runs LONG tokens (no EOS on the way)."""
     cfg, params, _, adapters = served
     adapters = {name: adapters[name] for name in http_tests.SERVED}  # the server's bank
-    engine = Engine(cfg, params, adapters, slots=http_tests.SLOTS, max_len=http_tests.MAX_LEN)
+    engine = Engine(cfg, params, adapters, rows=http_tests.ROWS, max_len=http_tests.MAX_LEN)
     return http_tests._no_eos_prompt(engine, LONG)
 
 
@@ -37,14 +37,14 @@ def long_prompt(served) -> str:
 def server(served, tmp_path, monkeypatch):
     """(a server with an audit log and a 64 KiB body limit, its /v1 URL); its engine's prefill
     fails on any prompt holding POISON."""
-    prefill = slot_state.prefill
+    prefill = batch.prefill
 
     def failing(params, tokens_np, *rest):
         if (tokens_np == ord(POISON)).any():
             raise RuntimeError("injected failure")
         return prefill(params, tokens_np, *rest)
 
-    monkeypatch.setattr(slot_state, "prefill", failing)
+    monkeypatch.setattr(batch, "prefill", failing)
     server = http_tests._server(served, audit_log=tmp_path / "audit.jsonl", max_body_bytes=2**16)
     uv, thread, url = http_tests._start(server)
     yield server, url
@@ -219,7 +219,7 @@ def test_metrics_and_the_audit_log_count_every_request(server, long_prompt, tmp_
     assert samples["esft_time_to_first_token_seconds_count", wide] == 1
     per_token = samples["esft_time_per_output_token_seconds_count", wide]
     assert per_token == int(ok.usage.completion_tokens > 1)
-    assert samples["esft_live_slots", ()] == samples["esft_queue_depth", ()] == 0
+    assert samples["esft_live_rows", ()] == samples["esft_queue_depth", ()] == 0
     assert samples["esft_completion_tokens_total", wide] == ok.usage.completion_tokens
     server.close()  # flushes and closes the audit log (the fixture's close is then a no-op)
     lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]

@@ -23,7 +23,7 @@ from esft_jax.model.mask import MASKED, AttentionMask, dense
 
 
 def write_rows(cached_bs: jax.Array, new_bt: jax.Array, offset_b: jax.Array) -> jax.Array:
-    """cached [B, S, ...] with row b's new [T, ...] written at slots offset_b[b] .. + T - 1."""
+    """cached [B, S, ...] with row b's new [T, ...] written at positions offset_b[b] .. + T - 1."""
 
     def write(cached, new, offset):
         return jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), offset, 0)
@@ -43,7 +43,7 @@ class LayerCache(NamedTuple):
     offset_b: jax.Array
 
     def write(self, new_a_bt: jax.Array, new_b_bt: jax.Array) -> LayerCache:
-        """Row b's new entries [T, ...] written at this layer's slots offset_b[b] .. + T - 1."""
+        """Row b's new entries [T, ...] written at this layer's positions offset_b[b] .. + T - 1."""
         return self._replace(
             a_lbs=self._write(self.a_lbs, new_a_bt), b_lbs=self._write(self.b_lbs, new_b_bt)
         )
@@ -123,8 +123,8 @@ def dot_product_attention(
     softmax_attention's repeated ones, without being repeated. What the function cannot take is
     rewritten exactly: v's head dim differing from q/k's (MLA) -> the narrower side padded with
     zeros (zeros add nothing to a score; the padded output columns are zero and cut off); sinks ->
-    one more key slot, its key and value zero, never masked, whose logit is the sink (a bias
-    [1, H, 1, S + 1]). Masks (segments, causality, cache slots, sliding windows) come in as the
+    one more key position, its key and value zero, never masked, whose logit is the sink (a bias
+    [1, H, 1, S + 1]). Masks (segments, causality, cache positions, sliding windows) come in as the
     boolean mask, so a per-layer window may be traced (the layer scan's).
     """
     vd, width = v_bsgv.shape[-1], max(q_bthk.shape[-1], v_bsgv.shape[-1])
@@ -132,8 +132,8 @@ def dot_product_attention(
     q_bthk, k_bsgk, v_bsgv = widen(q_bthk), widen(k_bsgk), widen(v_bsgv)
     bias = None
     if sinks_h is not None:
-        slot = [(0, 0), (0, 1), (0, 0), (0, 0)]
-        k_bsgk, v_bsgv = jnp.pad(k_bsgk, slot), jnp.pad(v_bsgv, slot)
+        one_more = [(0, 0), (0, 1), (0, 0), (0, 0)]
+        k_bsgk, v_bsgv = jnp.pad(k_bsgk, one_more), jnp.pad(v_bsgv, one_more)
         mask_b1ts = jnp.pad(mask_b1ts, [(0, 0)] * 3 + [(0, 1)], constant_values=True)
         s = mask_b1ts.shape[-1]
         bias = jnp.zeros((1, q_bthk.shape[2], 1, s), jnp.float32)

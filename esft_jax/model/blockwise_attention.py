@@ -62,14 +62,14 @@ def _unblock(x_nbq: jax.Array, length: int) -> jax.Array:
 
 
 def _key_blocks(k_bsgk, v_bsgv, mask: AttentionMask, k_block: int):
-    """(keys, values, key segments, key slots), each cut into key blocks."""
+    """(keys, values, key segments, key positions), each cut into key blocks."""
     s = k_bsgk.shape[1]
-    slots_s = jnp.arange(-(-s // k_block) * k_block, dtype=jnp.int32)
+    positions_s = jnp.arange(-(-s // k_block) * k_block, dtype=jnp.int32)
     return (
         _blocks(k_bsgk, k_block),
         _blocks(v_bsgv, k_block),
         _blocks(mask.key_segments_bs, k_block),
-        slots_s.reshape(-1, k_block),
+        positions_s.reshape(-1, k_block),
     )
 
 
@@ -80,8 +80,8 @@ def _query_blocks(x_bth: jax.Array, groups: int, q_block: int) -> jax.Array:
 
 
 def _query_positions(mask: AttentionMask, q_block: int) -> tuple[jax.Array, jax.Array]:
-    """(query segments, query slots), each [n, B, q_block]."""
-    return _blocks(mask.query_segments_bt, q_block), _blocks(mask.query_slots_bt, q_block)
+    """(query segments, query positions), each [n, B, q_block]."""
+    return _blocks(mask.query_segments_bt, q_block), _blocks(mask.query_positions_bt, q_block)
 
 
 def _dot(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -125,11 +125,13 @@ def _forward(q_bthk, k_bsgk, v_bsgv, sinks_h, mask: AttentionMask, scale, q_bloc
     mean_b11gv = jnp.mean(v_bsgv.astype(_F32), axis=1)[:, None, :, None]  # a row seeing nothing
 
     def query_block(_, query):
-        q, q_segments, q_slots = query
+        q, q_segments, q_positions = query
 
         def key_block(carry, key):
-            k, v, k_segments, k_slots = key
-            seen = visible(q_segments, q_slots, k_segments, k_slots, mask.window)[:, :, None, None]
+            k, v, k_segments, k_positions = key
+            seen = visible(q_segments, q_positions, k_segments, k_positions, mask.window)[
+                :, :, None, None
+            ]
 
             def update(carry):
                 m, z, acc = carry
@@ -174,11 +176,13 @@ def _attention_bwd(scale, q_block, k_block, residuals, dout_bthv):
     keys = _key_blocks(k_bsgk, v_bsgv, mask, k_block)
 
     def query_block(dkv, query):
-        q, q_segments, q_slots, do, m, z, d = query
+        q, q_segments, q_positions, do, m, z, d = query
 
         def key_block(dq, key):
-            k, v, k_segments, k_slots = key
-            seen = visible(q_segments, q_slots, k_segments, k_slots, mask.window)[:, :, None, None]
+            k, v, k_segments, k_positions = key
+            seen = visible(q_segments, q_positions, k_segments, k_positions, mask.window)[
+                :, :, None, None
+            ]
 
             def grads(dq):
                 scores = _scores(q, k, seen, scale)

@@ -123,16 +123,16 @@ def _capacity(x_nd, ids_nk, w_nk, p: ExpertWeights, act: GLU, capacity_factor: f
     e = p["gate"].shape[0]
     c = capacity(n, k, e, capacity_factor)
     ids_a = ids_nk.reshape(-1)
-    _, _, slot_a = sort_by_expert(ids_a, e)
+    _, _, rank_a = sort_by_expert(ids_a, e)
     tok_a = jnp.arange(n * k) // k
-    # Out-of-range rows (slot >= C, or id == E: not on this shard) are dropped by the scatter.
+    # Out-of-range rows (rank >= C, or id == E: not on this shard) are dropped by the scatter.
     buf_ecd = (
-        jnp.zeros((e, c, x_nd.shape[1]), x_nd.dtype).at[ids_a, slot_a].set(x_nd[tok_a], mode="drop")
+        jnp.zeros((e, c, x_nd.shape[1]), x_nd.dtype).at[ids_a, rank_a].set(x_nd[tok_a], mode="drop")
     )
     out_ecd = _batched_mlp(buf_ecd, p, act)
-    y_ad = out_ecd.at[ids_a, slot_a].get(mode="fill", fill_value=0)
+    y_ad = out_ecd.at[ids_a, rank_a].get(mode="fill", fill_value=0)
     y = jnp.einsum("nkd,nk->nd", y_ad.reshape(n, k, -1).astype(jnp.float32), w_nk)
-    dropped = jnp.sum((slot_a >= c) & (ids_a < e)).astype(jnp.int32)
+    dropped = jnp.sum((rank_a >= c) & (ids_a < e)).astype(jnp.int32)
     return y, dropped
 
 

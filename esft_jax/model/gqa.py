@@ -61,8 +61,8 @@ def gqa(
 ) -> tuple[jax.Array, LayerCache | None]:
     """x [B, T, d] (already normed) -> (output [B, T, d], the cache written).
 
-    With a cache (rotated keys and values of S slots), row b's keys and values are written at its
-    offset and the queries attend over all S slots.
+    With a cache (rotated keys and values of S positions), row b's keys and values are written at its
+    offset and the queries attend over all S positions.
     """
     dt = x_btd.dtype
     q = _rotate(_project(x_btd, p, "q", cfg), cos_btr, sin_btr, cfg)

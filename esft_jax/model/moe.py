@@ -8,9 +8,10 @@ computed with the override weights, the rest with the stacked ones; routing is u
 blocked strategy both go through one pass, the override rows numbered as experts E .. E + S - 1;
 otherwise a second pass takes the overrides' assignments. Fine-tuning a few experts differentiates
 only the small override arrays: the stacked experts stay constants, so no weight gradient is
-computed for them (see train/esft.py). Serving several adapters in one batch, the override holds A
-sets: `"ids"` [A, S], the weights [A, S, ...], and `"adapter"` [B] names each batch row's set
-(serve/bank.py).
+computed for them (see train/esft.py). For a batch that mixes several, the override holds A sets:
+`"ids"` [A, S] and the weights [A, S, ...], and `moe_block`'s `override_set_b` [B] picks each batch
+row's set. The set index is batch data, an argument beside the activations, not a parameter
+(serve/bank.py serves one adapter per set).
 
 Expert parallelism: under a mesh (`jax.set_mesh`) whose `expert` axis is larger than 1, the routed
 experts run inside `jax.shard_map`; each device holds E / n_expert experts. Two exchanges
@@ -55,7 +56,7 @@ def swiglu(x: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
 def _split_overridden(ids_btk: jax.Array, override_ids_s: jax.Array, num_stacked: int):
     """(ids for the stacked experts, overridden ones set to `num_stacked`: "elsewhere";
     override slot of each assignment, S where the expert is not overridden). The override ids are
-    [S], or [B, 1, 1, S]: one set per batch row."""
+    [S], or [B, 1, 1, S]: each batch row's set."""
     match = ids_btk[..., None] == override_ids_s  # [B, T, k, S]
     overridden = match.any(-1)
     stacked = jnp.where(overridden, num_stacked, ids_btk)
@@ -72,17 +73,22 @@ def _inert_where_unused(rows: jax.Array, used: jax.Array) -> jax.Array:
     return jnp.where(mask, rows, jax.lax.stop_gradient(rows))
 
 
-def _override_slots(ids_btk: jax.Array, override: dict[str, jax.Array], num_stacked: int):
+def _override_slots(
+    ids_btk: jax.Array,
+    override: dict[str, jax.Array],
+    set_b: jax.Array | None,
+    num_stacked: int,
+):
     """(stacked ids, override slot of each assignment (the row count: none), the override rows).
-    With per-row sets (`override["adapter"]` [B]) row b looks up set adapter[b], and the sets' rows
-    [A, S, ...] are one list of A * S rows."""
+    With A sets (ids [A, S]) row b looks up set set_b[b], and the sets' rows [A, S, ...] are one
+    list of A * S rows."""
+    if (set_b is None) != (override["ids"].ndim == 1):
+        raise ValueError("a set per row goes with expert overrides of A sets (ids [A, S]) only")
     used = override["ids"] >= 0
-    rows = {
-        k: _inert_where_unused(v, used) for k, v in override.items() if k not in ("ids", "adapter")
-    }
-    if "adapter" not in override:
+    rows = {k: _inert_where_unused(v, used) for k, v in override.items() if k != "ids"}
+    if set_b is None:
         return (*_split_overridden(ids_btk, override["ids"], num_stacked), rows)
-    set_b, ids_as = override["adapter"], override["ids"]
+    ids_as = override["ids"]
     n_sets, s = ids_as.shape
     stacked, slot = _split_overridden(ids_btk, ids_as[set_b][:, None, None, :], num_stacked)
     slots = jnp.where(slot < s, set_b[:, None, None] * s + slot, n_sets * s).astype(jnp.int32)
@@ -119,18 +125,20 @@ def _with_overrides(
     ids_btk,
     w_btk,
     override: dict[str, jax.Array] | None,
+    set_b: jax.Array | None,
     cfg: ModelConfig,
     capacity_factor: float | None,
     stacked: dict[str, jax.Array] | None = None,
 ):
     """stacked_pass(ids [B, T, k]) -> (y [B, T, d] float32, dropped) over the stacked experts, plus the
     overrides' share: their assignments are masked out of the stacked pass (id E) and computed from the
-    override rows instead. Under expert parallelism it runs inside shard_map (overrides replicated):
-    each device adds the overrides' share of its own tokens. Given the `stacked` experts (one
-    device) and the blocked strategy, one pass takes both."""
+    override rows instead (row b's from set set_b[b] where the override holds sets). Under expert
+    parallelism it runs inside shard_map (overrides replicated): each device adds the overrides'
+    share of its own tokens. Given the `stacked` experts (one device) and the blocked strategy, one
+    pass takes both."""
     if override is None:
         return stacked_pass(ids_btk)
-    stacked_ids, slots, rows = _override_slots(ids_btk, override, cfg.n_routed_experts)
+    stacked_ids, slots, rows = _override_slots(ids_btk, override, set_b, cfg.n_routed_experts)
     quantized = cfg.expert_scheme is not None
     if stacked is not None and resolve_strategy(cfg.moe_strategy, quantized=quantized) == "blocked":
         # one pass: the override rows are experts E .. E + S - 1 beside the stack
@@ -142,25 +150,30 @@ def _with_overrides(
     return y + y_ov, dropped + dropped_ov
 
 
-def _on_expert_shards(local, act: P, x_btd, ids_btk, w_btk, experts, override):
-    """local(x, ids, w, experts, override) -> (y, dropped) inside shard_map: activations split as
-    `act`, experts over `expert`, overrides replicated (a per-row set index split like the rows); y
-    comes back split as `act`, dropped replicated.
+def _on_expert_shards(local, act: P, x_btd, ids_btk, w_btk, experts, override, set_b):
+    """local(x, ids, w, experts, override, set_b) -> (y, dropped) inside shard_map: activations
+    split as `act`, experts over `expert`, overrides replicated, the per-row set index split like
+    the rows; y comes back split as `act`, dropped replicated.
     check_vma=False: the block loops start from fresh zeros (and `spill` may return them)."""
-    ov_specs = (
-        None if override is None else {k: P(act[0]) if k == "adapter" else P() for k in override}
-    )
+    ov_specs = None if override is None else {k: P() for k in override}
     fn = jax.shard_map(
         local,
-        in_specs=(act, act, act, {k: P("expert") for k in experts}, ov_specs),
+        in_specs=(
+            act,
+            act,
+            act,
+            {k: P("expert") for k in experts},
+            ov_specs,
+            None if set_b is None else P(act[0]),
+        ),
         out_specs=(act, P()),
         check_vma=False,
     )
-    return fn(x_btd, ids_btk, w_btk, experts, override)
+    return fn(x_btd, ids_btk, w_btk, experts, override, set_b)
 
 
 def _expert_parallel(
-    x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig, mesh_shape: dict[str, int]
+    x_btd, ids_btk, w_btk, experts, override, set_b, cfg: ModelConfig, mesh_shape: dict[str, int]
 ):
     """Routed experts with the expert axis split over the mesh's `expert` axis (shard_map + psum).
     Overrides are few: every device holds them all and adds their (identical) share after the psum."""
@@ -172,7 +185,7 @@ def _expert_parallel(
         )
     batch = tuple(a for a in sharding.BATCH_AXES if mesh_shape.get(a, 1) > 1) or None
 
-    def local(x, ids, w, p, ov):
+    def local(x, ids, w, p, ov, sets):
         e_local = p["gate"].shape[0]
 
         def own_experts_summed(ids_btk):
@@ -181,14 +194,18 @@ def _expert_parallel(
             y, dropped = _routed(x, local_ids, w, p, cfg, cfg.capacity_factor)
             return jax.lax.psum(y, "expert"), jax.lax.psum(dropped, "expert")
 
-        y, dropped = _with_overrides(own_experts_summed, x, ids, w, ov, cfg, cfg.capacity_factor)
+        y, dropped = _with_overrides(
+            own_experts_summed, x, ids, w, ov, sets, cfg, cfg.capacity_factor
+        )
         return y, (jax.lax.psum(dropped, batch) if batch else dropped)
 
-    return _on_expert_shards(local, P(batch, None, None), x_btd, ids_btk, w_btk, experts, override)
+    return _on_expert_shards(
+        local, P(batch, None, None), x_btd, ids_btk, w_btk, experts, override, set_b
+    )
 
 
 def _all_to_all(
-    x_btd, ids_btk, w_btk, experts, override, cfg: ModelConfig, mesh_shape: dict[str, int]
+    x_btd, ids_btk, w_btk, experts, override, set_b, cfg: ModelConfig, mesh_shape: dict[str, int]
 ):
     """Expert parallelism by token exchange: see the module docstring."""
     n_shards = mesh_shape["expert"]
@@ -199,16 +216,16 @@ def _all_to_all(
             f"{(*batch, 'expert')}; it must divide evenly"
         )
 
-    def local(x, ids, w, p, ov):
+    def local(x, ids, w, p, ov, sets):
         def exchange(ids_btk):
             return _exchange(x, ids_btk, w, p, cfg, n_shards)
 
         # The capacity factor sizes the exchange buffers: the expert computations are dropless.
-        y, dropped = _with_overrides(exchange, x, ids, w, ov, cfg, None)
+        y, dropped = _with_overrides(exchange, x, ids, w, ov, sets, cfg, None)
         return y, jax.lax.psum(dropped, (*batch, "expert"))
 
     return _on_expert_shards(
-        local, P((*batch, "expert"), None, None), x_btd, ids_btk, w_btk, experts, override
+        local, P((*batch, "expert"), None, None), x_btd, ids_btk, w_btk, experts, override, set_b
     )
 
 
@@ -223,12 +240,13 @@ def _exchange(x_btd, ids_btk, w_btk, experts, cfg: ModelConfig, n_shards: int):
     )
     valid = ids_a < cfg.n_routed_experts
     dest = jnp.where(valid, ids_a // e_local, n_shards)  # n_shards: overridden, not sent
-    slot = jnp.where(valid, sort_by_expert(dest, n_shards)[2], rows)  # >= rows: dropped
+    # each assignment's row of its destination's buffer (>= rows: dropped)
+    rank = jnp.where(valid, sort_by_expert(dest, n_shards)[2], rows)
     tok = jnp.arange(b * t * k) // k
-    send = jnp.zeros((n_shards, rows, d), x_btd.dtype).at[dest, slot].set(x_nd[tok], mode="drop")
+    send = jnp.zeros((n_shards, rows, d), x_btd.dtype).at[dest, rank].set(x_nd[tok], mode="drop")
     send_ids = (
         jnp.full((n_shards, rows), e_local, jnp.int32)
-        .at[dest, slot]
+        .at[dest, rank]
         .set(ids_a % e_local, mode="drop")
     )
     recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)
@@ -243,13 +261,16 @@ def _exchange(x_btd, ids_btk, w_btk, experts, cfg: ModelConfig, n_shards: int):
         scheme=cfg.expert_scheme,
     )
     y_back = jax.lax.all_to_all(y_recv.reshape(n_shards, rows, d), "expert", 0, 0, tiled=True)
-    y_a = y_back.at[dest, slot].get(mode="fill", fill_value=0)
+    y_a = y_back.at[dest, rank].get(mode="fill", fill_value=0)
     y_nd = jnp.einsum("nkd,nk->nd", y_a.reshape(b * t, k, d), w_nk.astype(jnp.float32))
-    return y_nd.reshape(b, t, d), jnp.sum(valid & (slot >= rows)).astype(jnp.int32)
+    return y_nd.reshape(b, t, d), jnp.sum(valid & (rank >= rows)).astype(jnp.int32)
 
 
-def moe_block(p: dict[str, Any], x_btd: jax.Array, cfg: ModelConfig) -> MoEOutput:
-    """x [B, T, d] (already normed) -> routed + shared expert output [B, T, d], and the routing."""
+def moe_block(
+    p: dict[str, Any], x_btd: jax.Array, cfg: ModelConfig, override_set_b: jax.Array | None = None
+) -> MoEOutput:
+    """x [B, T, d] (already normed) -> routed + shared expert output [B, T, d], and the routing.
+    override_set_b [B] int32: the override set of each row, where p["override"] holds A sets."""
     b, t, d = x_btd.shape
     r = route(
         x_btd.reshape(b * t, d), p["router"], cfg, p.get("router_bias"), p.get("router_correction")
@@ -257,13 +278,17 @@ def moe_block(p: dict[str, Any], x_btd: jax.Array, cfg: ModelConfig) -> MoEOutpu
     routing = RouterOutput(*(a.reshape(b, t, -1) for a in r))
     mesh_shape = sharding.current_mesh_shape()
     override = p.get("override")
-    if mesh_shape.get("expert", 1) > 1 and cfg.expert_parallel == "all_to_all":
-        y, dropped = _all_to_all(
-            x_btd, routing.expert_ids, routing.weights, p["experts"], override, cfg, mesh_shape
-        )
-    elif mesh_shape.get("expert", 1) > 1:
-        y, dropped = _expert_parallel(
-            x_btd, routing.expert_ids, routing.weights, p["experts"], override, cfg, mesh_shape
+    if mesh_shape.get("expert", 1) > 1:
+        exchange = _all_to_all if cfg.expert_parallel == "all_to_all" else _expert_parallel
+        y, dropped = exchange(
+            x_btd,
+            routing.expert_ids,
+            routing.weights,
+            p["experts"],
+            override,
+            override_set_b,
+            cfg,
+            mesh_shape,
         )
     else:
 
@@ -276,6 +301,7 @@ def moe_block(p: dict[str, Any], x_btd: jax.Array, cfg: ModelConfig) -> MoEOutpu
             routing.expert_ids,
             routing.weights,
             override,
+            override_set_b,
             cfg,
             cfg.capacity_factor,
             stacked=p["experts"],

@@ -60,8 +60,8 @@ class KVCache(NamedTuple):
     GQA's rotated keys and values ([L, B, S, KV, head_dim] each). Under a mesh, split over the batch."""
 
     kv: dict[str, tuple[jax.Array, jax.Array]]
-    segment_ids: jax.Array  # [B, S]: 0 marks padding and unfilled slots
-    length: jax.Array  # [B] int32: each row's slots filled so far (its next write offset)
+    segment_ids: jax.Array  # [B, S]: 0 marks padding and unfilled positions
+    length: jax.Array  # [B] int32: each row's positions filled so far (its next write offset)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
@@ -120,6 +120,7 @@ def forward(
     *,
     segment_ids_bt: jax.Array | None = None,
     positions_bt: jax.Array | None = None,
+    override_set_b: jax.Array | None = None,
     return_router_scores: bool = False,
     return_hidden: bool = False,
 ) -> tuple[jax.Array, Routing]:
@@ -127,6 +128,9 @@ def forward(
 
     segment_ids [B, T]: tokens attend only within their segment; 0 marks padding. Default: all 1.
     positions [B, T]: rotary positions. Default: the position within the segment.
+    override_set_b [B] int32: where the MoE layers' expert overrides hold A sets (ids [L, A, S]:
+    model/moe.py), the set row b uses. Batch data like the tokens, so one compiled pass serves any
+    mix of sets.
     return_hidden: the final normed hidden states [B, T, d] (compute dtype) instead of the logits,
     which are `hidden @ lm_head(params, cfg)`: for a loss that never holds them all (model/loss.py).
     """
@@ -135,7 +139,7 @@ def forward(
     if positions_bt is None:
         positions_bt = segment_positions(segment_ids_bt)
     x, routing, _ = _decoder(
-        params, tokens_bt, cfg, segment_ids_bt, positions_bt, return_router_scores
+        params, tokens_bt, cfg, segment_ids_bt, positions_bt, override_set_b, return_router_scores
     )
     return (x if return_hidden else _logits(x, lm_head(params, cfg))), routing
 
@@ -159,12 +163,15 @@ def forward_cached(
     *,
     segment_ids_bt: jax.Array,
     positions_bt: jax.Array,
+    override_set_b: jax.Array | None = None,
     with_routing: bool = False,
 ) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, Routing]:
-    """Append row b's T tokens to the cache (at its slots length[b] .. length[b] + T) and return
-    their logits (and, with_routing, their Routing). Each token attends to the filled slots of its
-    own segment up to itself."""
-    x, routing, cache = _decoder(params, tokens_bt, cfg, segment_ids_bt, positions_bt, False, cache)
+    """Append row b's T tokens to the cache (at its positions length[b] .. length[b] + T) and
+    return their logits (and, with_routing, their Routing). Each token attends to the filled
+    positions of its own segment up to itself. override_set_b: as forward's."""
+    x, routing, cache = _decoder(
+        params, tokens_bt, cfg, segment_ids_bt, positions_bt, override_set_b, False, cache
+    )
     logits = _logits(x, lm_head(params, cfg))
     return (logits, cache, routing) if with_routing else (logits, cache)
 
@@ -192,6 +199,7 @@ def _decoder(
     cfg: ModelConfig,
     segment_ids_bt,
     positions_bt,
+    override_set_b,
     return_router_scores: bool,
     cache: KVCache | None = None,
 ):
@@ -229,7 +237,7 @@ def _decoder(
         p, *rest = xs
         p = dequantize_linears(p, cfg)
         x, kv = attend(*carry, p, *rest)
-        out = moe_block(p["moe"], rms_norm(x, p["mlp_norm"], eps), cfg)
+        out = moe_block(p["moe"], rms_norm(x, p["mlp_norm"], eps), cfg, override_set_b)
         r = out.routing
         routing = Routing(
             r.expert_ids, r.weights, r.scores if return_router_scores else None, out.dropped

@@ -1,7 +1,7 @@
 """An adapter's routing profile: the coverage its selection has on the data it was selected from.
 
 Coverage (serve/monitor.py) is the share of the routed gate mass (the router's top-k weights, summed
-over tokens and the k slots) that lands on the trained experts. Over the profiled data that is, per
+over tokens and their k choices) that lands on the trained experts. Over the profiled data that is, per
 MoE layer l, gate_sum[l, selected].sum() / gate_sum[l].sum(), and over all layers the sum of hits
 over the sum of mass. The profile travels with the adapter (expert config -> adapter_config.json),
 so a server can compare a request's coverage with what the adapter's own task gives:

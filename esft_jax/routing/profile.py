@@ -8,8 +8,8 @@ longest document (at most `seq_len`): a row takes the next document while it fit
 starts (`pack`). Segment ids 1, 2, ... keep a row's documents apart (attention stays inside a
 document, rotary positions restart at each), so every document is routed as if alone; short rows
 keep attention, which is quadratic in the row length, from costing more than the documents need.
-A batch holds `batch_size * (seq_len // row_len)` rows: the same token slots as batch_size rows of
-seq_len. The jitted step returns each row's statistics per document slot, counts and gate sums
+A batch holds `batch_size * (seq_len // row_len)` rows: the same token positions as batch_size rows
+of seq_len. The jitted step returns each row's statistics per packed document, counts and gate sums
 [B, S, L, E] (S: the most documents a row holds), plus a co-activation matrix [L, E, E]; the host
 adds the documents up in document order (routing/stats.py). The packing depends only on the
 documents (of each data shard, data/shards.py), never on the batch size, the mesh or the number of
@@ -151,7 +151,7 @@ def _step(params, tokens, segments, counted, cfg: ModelConfig, max_docs: int, wi
     _, routing = forward(params, tokens, cfg, segment_ids_bt=segments)
     e = cfg.n_routed_experts
     mask = counted.astype(jnp.float32)
-    # padding: no slot
+    # padding: no document
     doc_bts = jax.nn.one_hot(segments - 1, max_docs, dtype=jnp.float32) * mask[..., None]
     # summed over the k choices one at a time: no [L, B, T, k, E] array
     chosen_lbte = gate_lbte = 0.0
@@ -174,7 +174,7 @@ def _step(params, tokens, segments, counted, cfg: ModelConfig, max_docs: int, wi
 
 
 def _per_doc(x_bs: np.ndarray) -> np.ndarray:
-    """[B, S, ...] -> [B * S, ...]: one row per packed document slot."""
+    """[B, S, ...] -> [B * S, ...]: one row per packed document (empty ones too)."""
     return x_bs.reshape(x_bs.shape[0] * x_bs.shape[1], *x_bs.shape[2:])
 
 
@@ -208,7 +208,7 @@ def collect(
         rows_sharding, batch_size, 1 if isinstance(seqs, list) else shards, key="--config.shards"
     )
     local = {0: seqs} if isinstance(seqs, list) else {i: seqs(i, plan.count) for i in plan.local}
-    # every process packs alike: the row length and the slots per row are maxima over all processes
+    # every process packs alike: the row length and the documents per row are maxima over all processes
     row_len = global_max(row_length([s for part in local.values() for s in part], seq_len))
     packed = {i: pack(part, row_len) for i, part in local.items()}
     max_docs = global_max(max((len(docs) for part in packed.values() for docs in part), default=1))

@@ -3,8 +3,9 @@
 An ESFT adapter replaces whole rows of the stacked experts (its selected (layer, expert) pairs), so
 N adapters need the base once plus their rows, not N merged copies. The bank stacks them as the
 model's expert overrides with one set per adapter (model/moe.py): ids [L, A, S] (-1: an unused
-slot) and weights [L, A, S, ...], where set 0 is the base model (no overrides) and set i the i-th
-adapter. A batch row picks its set with an index, so one compiled step serves any mix of adapters.
+override slot) and weights [L, A, S, ...], where set 0 is the base model (no overrides) and set i the
+i-th adapter. A batch row picks its set with an index passed to the forward pass beside the tokens
+(`override_set_b`), so one compiled step serves any mix of adapters.
 Each adapter's routing profile (adapter_config.json's "routing_profile", written by esft train from
 the expert config: routing/expected.py) is kept for the routing monitor (serve/monitor.py).
 """
@@ -51,15 +52,11 @@ class AdapterBank:
         """Adapter `name`'s routing profile (None for the base model or an adapter without one)."""
         return None if name is None else self.profiles[self.index(name) - 1]
 
-    def params_for(self, params: Params, sets_b: np.ndarray) -> Params:
-        """The base params with the bank's overrides, batch row b using set sets_b[b]."""
-        num_layers = self.override["ids"].shape[0]
-        override = dict(self.override)
-        override["adapter"] = jnp.broadcast_to(
-            jnp.asarray(sets_b, jnp.int32), (num_layers, len(sets_b))
-        )
+    def with_overrides(self, params: Params) -> Params:
+        """The base params with the bank's sets as the MoE layers' expert overrides (a forward
+        pass over them takes each batch row's set: override_set_b)."""
         moe_layers = dict(params["moe_layers"])
-        moe_layers["moe"] = {**moe_layers["moe"], "override": override}
+        moe_layers["moe"] = {**moe_layers["moe"], "override": self.override}
         return {**params, "moe_layers": moe_layers}
 
 

@@ -1,10 +1,10 @@
-"""One request's run through the scheduler as text, for an asyncio server: the pieces of text as
+"""One request's run through the engine's worker thread as text, for an asyncio server: the pieces of text as
 their tokens are chosen, cut at the first stop string, and the routing monitor's verdict.
 
-The scheduler's worker thread hands events over with `call_soon_threadsafe`; `pieces()` turns them
+The worker thread hands events over with `call_soon_threadsafe`; `pieces()` turns them
 into text: it decodes the tokens so far and sends what is new, holding back a tail that could still
 grow into a stop string or that ends in an unfinished UTF-8 character. A stop string cancels the
-request at once (its slot is free for the next), as does leaving `pieces()` early (a client that
+request at once (its row is free for the next), as does leaving `pieces()` early (a client that
 went away). With `fallback`, a request that its prompt's routing flags out-of-domain is answered
 by the base model instead: the verdict is known with the first token, before any text is sent.
 """
@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 from esft_jax.serve.engine import Event, Request
 from esft_jax.serve.monitor import Coverage, Monitor
-from esft_jax.serve.scheduler import Scheduler, Ticket
+from esft_jax.serve.worker import Ticket, Worker
 
 
 @dataclasses.dataclass
@@ -35,18 +35,18 @@ class Verdict:
 
 
 class Completion:
-    """`request` run on `scheduler` (start it with `start`, then read `pieces`)."""
+    """`request` run on `worker` (start it with `start`, then read `pieces`)."""
 
     def __init__(
         self,
-        scheduler: Scheduler,
+        worker: Worker,
         tokenizer: Tokenizer,
         monitor: Monitor,
         request: Request,
         stops: Sequence[str] = (),
         fallback: bool = False,
     ):
-        self.scheduler, self.tokenizer, self.monitor = scheduler, tokenizer, monitor
+        self.worker, self.tokenizer, self.monitor = worker, tokenizer, monitor
         self.request, self.stops, self.fallback = request, list(stops), fallback
         self.tokens: list[int] = []
         self.finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
@@ -60,7 +60,7 @@ class Completion:
     def _submit(self, request: Request) -> None:
         loop = asyncio.get_running_loop()
         put = self._events.put_nowait
-        self._ticket = self.scheduler.submit(request, lambda e: loop.call_soon_threadsafe(put, e))
+        self._ticket = self.worker.submit(request, lambda e: loop.call_soon_threadsafe(put, e))
 
     async def _next(self) -> Event:
         event = await self._events.get()
@@ -108,7 +108,7 @@ class Completion:
                     self._finish(event, stopped=cut is not None)
                     return
                 event = await self._next()
-        finally:  # a stop string or a client gone: free the slot (a no-op once finished)
+        finally:  # a stop string or a client gone: free the row (a no-op once finished)
             self.cancel()
 
     async def text(self) -> str:

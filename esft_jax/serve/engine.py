@@ -1,13 +1,13 @@
 """Continuous batching over one base model and any mix of its adapters: requests join and leave a
-running decode at every step (serve/slots.py holds the device state).
+running decode at every step (serve/batch.py holds the device state).
 
 Every request names its model (an adapter of the bank, or None for the base). `submit` queues it;
-each `step` first prefills the queued requests that fit into free slots (together, one call), then
-decodes one token for every live slot, and reports each new token and each finished request. A
-request leaves at EOS (any of the model's EOS ids), at its max_tokens, or when cancelled, and its
-slot is free for the next step's joiners. Rows and prefill groups are rounded up to powers of two
-and prompts to a bucket, so a few compilations serve every mix; a request gets exactly the tokens it
-gets alone.
+each `step` first prefills the queued requests that admission takes (serve/admission.py: as many as
+there are free rows) together in one call, then decodes one token for every live row, and reports
+each new token and each finished request. A request leaves at EOS (any of the model's EOS ids), at
+its max_tokens, or when cancelled, and its row is free for the next step's joiners. Rows and
+prefill groups are rounded up to powers of two and prompts to a bucket, so a few compilations serve
+every mix; a request gets exactly the tokens it gets alone.
 
 A failure fails only the requests it concerns (an event with its `error` each): a prefill group that
 fails is retried one request at a time, and a decode that fails with newly joined rows is retried
@@ -32,7 +32,8 @@ from esft_jax.eval.generate import padded_rows
 from esft_jax.eval.sampling import sampling_for
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.params import Params
-from esft_jax.serve import slots as slot_state
+from esft_jax.serve import batch
+from esft_jax.serve.admission import admit
 from esft_jax.serve.bank import BASE, AdapterBank, build_bank
 from esft_jax.serve.monitor import Coverage, coverage, trained_experts
 
@@ -70,7 +71,7 @@ class _Live:
 
 class Engine:
     """One base model (`params`, on `mesh` if given), the adapters `adapters` (name -> directory),
-    `slots` concurrent requests of at most `max_len` tokens each (default: the model's context)."""
+    `rows` concurrent requests of at most `max_len` tokens each (default: the model's context)."""
 
     def __init__(
         self,
@@ -79,20 +80,21 @@ class Engine:
         adapters: Mapping[str, str | Path],
         *,
         mesh: Mesh | None = None,
-        slots: int = 8,
+        rows: int = 8,
         max_len: int | None = None,
         bucket: int = 64,
     ):
         self.cfg, self.params, self.mesh, self.bucket = cfg, params, mesh, bucket
         self.bank: AdapterBank = build_bank(cfg, params, adapters)
-        self.rows = padded_rows(_power_of_two(slots), cfg, mesh)
+        self._served = self.bank.with_overrides(params)
+        self.rows = padded_rows(_power_of_two(rows), cfg, mesh)
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.stop_ids = frozenset(cfg.stop_token_ids)  # a request ends at any of them
         self._trained_ale = jnp.asarray(trained_experts(self.bank, cfg.n_routed_experts))
         self._queue: collections.deque[tuple[int, Request]] = collections.deque()
-        self._live: dict[int, _Live] = {}  # slot row -> its request
+        self._live: dict[int, _Live] = {}  # row -> its request
         self._ids = itertools.count()
-        self._slots: slot_state.Slots | None = None  # made on first use
+        self._batch: batch.Batch | None = None  # made on first use
 
     def check(self, request: Request) -> None:
         """ValueError for a request the engine cannot serve (KeyError for an unknown model)."""
@@ -117,7 +119,7 @@ class Engine:
         return rid
 
     def cancel(self, rid: int) -> bool:
-        """Drop a queued or live request (its slot is free for the next step); False if unknown."""
+        """Drop a queued or live request (its row is free for the next step); False if unknown."""
         for item in self._queue:
             if item[0] == rid:
                 self._queue.remove(item)
@@ -129,7 +131,7 @@ class Engine:
         """Drop every queued and live request and the device state (after a failed step)."""
         self._queue.clear()
         self._live.clear()
-        self._slots = None
+        self._batch = None
 
     @property
     def busy(self) -> bool:
@@ -138,20 +140,20 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        """Requests waiting for a slot."""
+        """Requests waiting for a row."""
         return len(self._queue)
 
     @property
     def live(self) -> int:
-        """Slots holding a request."""
+        """Rows holding a request."""
         return len(self._live)
 
     def step(self) -> list[Event]:
         """Admit what fits, decode one token for every live request; the events. Raises only where
         a decode fails without newly joined rows."""
         with sharding.on_mesh(self.mesh):
-            if self._slots is None:
-                self._slots = slot_state.empty(self.cfg, self.rows, self.max_len)
+            if self._batch is None:
+                self._batch = batch.empty(self.cfg, self.rows, self.max_len)
             events, joined = self._admit()
             if self._live:
                 events += self._decode(joined)
@@ -185,10 +187,12 @@ class Engine:
         return coverage(self.params, self.cfg, self.bank, sets, sequences, self.mesh)
 
     def _admit(self) -> tuple[list[Event], set[int]]:
-        """Prefill the queued requests that fit into free slots, together; where that fails, one
-        at a time, failing those that fail alone. (The events, the rows that joined.)"""
+        """Prefill the queued requests that admission takes, together; where that fails, one at a
+        time, failing those that fail alone. (The events, the rows that joined.)"""
         free = sum(row not in self._live for row in range(self.rows))
-        joining = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
+        joining = [self._queue[i] for i in admit(free, [r for _, r in self._queue])]
+        for item in joining:
+            self._queue.remove(item)
         if not joining:
             return [], set()
         if len(joining) > 1:
@@ -206,7 +210,7 @@ class Engine:
         return events, joined
 
     def _join(self, joining: list[tuple[int, Request]]) -> tuple[list[Event], set[int]]:
-        """Prefill `joining` (no more than the free slots) together and insert them; the engine's
+        """Prefill `joining` (no more than the free rows) together and insert them; the engine's
         state changes only once the prefill has succeeded."""
         free = [row for row in range(self.rows) if row not in self._live]
         n = len(joining)
@@ -221,8 +225,8 @@ class Engine:
         settings = [(r.temperature, r.top_p, r.seed) for _, r in joining]
         sampling = sampling_for(*zip(*(settings + [(0.0, 1.0, 0)] * (group - n))))
         tokens_np, segments_np = sharding.place_rows((tokens, segments), self.mesh)
-        new = slot_state.prefill(
-            self.bank.params_for(self.params, sets),
+        new = batch.prefill(
+            self._served,
             tokens_np,
             segments_np,
             jnp.asarray(lengths),
@@ -234,7 +238,7 @@ class Engine:
         )
         rows = np.array(free[:n] + [self.rows] * (group - n), np.int32)  # padding: dropped
         first = np.asarray(new.token_b)
-        self._slots = slot_state.insert(self._slots, new, jnp.asarray(rows))
+        self._batch = batch.insert(self._batch, new, jnp.asarray(rows))
         for i, (rid, r) in enumerate(joining):
             self._live[int(rows[i])] = _Live(rid, r, [])
         prompt = self._coverage([int(row) for row in rows[:n]])
@@ -257,20 +261,20 @@ class Engine:
         active = np.zeros(self.rows, bool)
         for row, live in self._live.items():
             sets[row], active[row] = self.bank.index(live.request.model), True
-        self._slots = slot_state.step(
-            self.bank.params_for(self.params, sets),
-            self._slots,
+        self._batch = batch.step(
+            self._served,
+            self._batch,
             self._trained_ale,
             jnp.asarray(sets),
             jnp.asarray(active),
             self.cfg,
         )
-        chosen = np.asarray(self._slots.token_b)
+        chosen = np.asarray(self._batch.token_b)
         return self._emit({row: int(chosen[row]) for row in sorted(self._live)})
 
     def _coverage(self, rows: Sequence[int]) -> dict[int, Coverage]:
-        """The coverage so far of the requests in `rows` (the slots' live sums)."""
-        hit_lb, mass_lb = np.asarray(self._slots.hit_lb), np.asarray(self._slots.mass_lb)
+        """The coverage so far of the requests in `rows` (the batch's live sums)."""
+        hit_lb, mass_lb = np.asarray(self._batch.hit_lb), np.asarray(self._batch.mass_lb)
         return {row: Coverage.of(hit_lb[:, row], mass_lb[:, row]) for row in rows}
 
     def _emit(

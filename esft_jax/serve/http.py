@@ -1,5 +1,5 @@
 """`esft serve`: an OpenAI-compatible HTTP API (starlette + uvicorn) over one base model and its
-ESFT adapters, any mix of them decoding together (continuous batching: serve/scheduler.py).
+ESFT adapters, any mix of them decoding together (continuous batching: serve/worker.py).
 
 Endpoints: GET /v1/models (the base model and every adapter), POST /v1/completions and POST
 /v1/chat/completions with `model` (the base's name or an adapter's), `prompt` (a string) or
@@ -16,10 +16,10 @@ outcome (serve/metrics.py).
 
 A bad request gets a 4xx with OpenAI's {"error": {"message", "type", "code"}} and the server goes on:
 400 for malformed JSON, a missing or wrong field or a prompt longer than the model's context (or a
-slot) minus max_tokens; 401 for a missing or wrong API key (when one is configured); 404 for an
+serving row) minus max_tokens; 401 for a missing or wrong API key (when one is configured); 404 for an
 unknown model; 413 for a body over max_body_bytes. A request the engine fails gets a 500 (on a
 stream: an error event), and only that request fails. A client that disconnects frees its
-request's slot.
+request's row.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from esft_jax.serve.engine import Request
 from esft_jax.serve.metrics import CLIENT_GONE, Metrics, Outcome
 from esft_jax.serve.monitor import Monitor
 from esft_jax.serve.requests import APIError, Ask
-from esft_jax.serve.scheduler import Scheduler
+from esft_jax.serve.worker import Worker
 
 
 class _Unlocked:
@@ -79,13 +79,13 @@ class _Track:
 
 
 class Server:
-    """The API's state: the scheduler (and its engine), the tokenizer, the routing monitor, the
+    """The API's state: the engine's worker thread (and its engine), the tokenizer, the routing monitor, the
     served names, the API key, the fallback policy, the body size limit and the request counters
     (serve/metrics.py, with the audit log)."""
 
     def __init__(
         self,
-        scheduler: Scheduler,
+        worker: Worker,
         tokenizer: Tokenizer,
         monitor: Monitor,
         *,
@@ -97,9 +97,9 @@ class Server:
         audit_log: str | Path | None = None,
         log_prompts: bool = False,
     ):
-        self.engine = scheduler.engine
+        self.engine = worker.engine
         names.check(base_name, self.engine.bank.names)
-        self.scheduler, self.tokenizer, self.monitor = scheduler, tokenizer, monitor
+        self.worker, self.tokenizer, self.monitor = worker, tokenizer, monitor
         self.template = template or chat_template(tokenizer, self.engine.cfg)
         self.base_name, self.api_key, self.fallback = base_name, api_key, fallback
         self.names = (base_name, *self.engine.bank.names)
@@ -110,7 +110,7 @@ class Server:
 
     def close(self) -> None:
         """Stop the engine's worker (after the live requests) and close the audit log."""
-        self.scheduler.close()
+        self.worker.close()
         self.metrics.close()
 
     def authorize(self, request: HTTPRequest) -> None:
@@ -191,7 +191,7 @@ class Server:
             track.ask = ask = bodies.parse(track.body, chat)
             request = await run_in_threadpool(self.engine_request, ask)
             track.run = run = Completion(
-                self.scheduler, self.tokenizer, self.monitor, request, ask.stops, self.fallback
+                self.worker, self.tokenizer, self.monitor, request, ask.stops, self.fallback
             )
             if await _unless_gone(http, run.start(), run) is None:
                 return self._gone(track)

@@ -7,7 +7,7 @@ prometheus_client) and in the audit log (one JSON line per request).
 - histograms by model of the requests answered in full (code 200): esft_time_to_first_token_seconds
   (from the request's arrival), esft_time_per_output_token_seconds (after the first token) and
   esft_request_duration_seconds.
-- gauges esft_queue_depth (requests waiting for a slot) and esft_live_slots (slots decoding).
+- gauges esft_queue_depth (requests waiting for a row) and esft_live_rows (rows decoding).
 - the routing monitor's statistics of the finished requests by model (serve/monitor.py): flagged,
   fallback, prompt and completion tokens, mean and profiled coverage, and both per MoE layer.
 
@@ -93,10 +93,10 @@ class Metrics:
             buckets=_TOTAL_S,
             registry=r,
         )
-        Gauge("esft_queue_depth", "Requests waiting for a slot.", registry=r).set_function(
+        Gauge("esft_queue_depth", "Requests waiting for a row.", registry=r).set_function(
             lambda: engine.queued
         )
-        Gauge("esft_live_slots", "Slots decoding a request.", registry=r).set_function(
+        Gauge("esft_live_rows", "Rows decoding a request.", registry=r).set_function(
             lambda: engine.live
         )
         r.register(RoutingMetrics(monitor))

@@ -76,8 +76,10 @@ def coverage(
     tokens_bt, segments_bt = sharding.place_rows((tokens, segments), mesh)
     sets_b = np.array([*sets] + [BASE] * (rows - len(sets)), np.int32)
     with sharding.on_mesh(mesh):
-        served = bank.params_for(params, sets_b)
-        _, routing = _forward(served, tokens_bt, cfg, segment_ids_bt=segments_bt)
+        served = bank.with_overrides(params)
+        _, routing = _forward(
+            served, tokens_bt, cfg, segment_ids_bt=segments_bt, override_set_b=sets_b
+        )
     ids_lbtk, w_lbtk = np.asarray(routing.expert_ids), np.asarray(routing.gate_weights, np.float64)
     w_lbtk = w_lbtk * segments[None, :, :, None]  # padding carries no mass
     trained = trained_experts(bank, cfg.n_routed_experts)

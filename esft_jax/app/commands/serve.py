@@ -27,7 +27,7 @@ from esft_jax.serve import names as served_names
 from esft_jax.serve.engine import Engine
 from esft_jax.serve.http import Server, app
 from esft_jax.serve.monitor import Monitor
-from esft_jax.serve.scheduler import Scheduler
+from esft_jax.serve.worker import Worker
 
 
 def base_name(checkpoint: str) -> str:
@@ -66,13 +66,13 @@ def load(c: ml_collections.ConfigDict) -> Server:
     template = runtime.chat_template(c, "template", tokenizer, runtime.model_config(c))
     cfg, params = runtime.load_model(c, mesh)
     engine = Engine(
-        cfg, params, dict(c.adapters), mesh=mesh, slots=c.slots, max_len=c.max_len or None
+        cfg, params, dict(c.adapters), mesh=mesh, rows=c.rows, max_len=c.max_len or None
     )
     name = base_name(c.checkpoint)
     m = c.monitor
     monitor = Monitor(engine.bank, ood_ratio=m.ood_ratio, base_name=name, layers=cfg.moe_layer_ids)
     return Server(
-        Scheduler(engine),
+        Worker(engine),
         tokenizer,
         monitor,
         base_name=name,
@@ -117,7 +117,7 @@ def check(c: ml_collections.ConfigDict) -> None:
     whole(c, "port", 0)
     if c.port > 65535:
         raise ConfigFileError(f"--config.port={c.port}: expected a port number <= 65535")
-    whole(c, "slots")
+    whole(c, "rows")
     whole(c, "max_len", 0)
     whole(c, "max_body_bytes")
     template(c, "template")

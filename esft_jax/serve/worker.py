@@ -1,14 +1,16 @@
-"""The engine's thread: continuous batching for a server whose requests arrive from other threads.
+"""The engine's worker thread: continuous batching for a server whose requests arrive from other
+threads.
 
-One worker thread owns the Engine (serve/engine.py). It takes new requests and cancellations from
-a queue between steps, runs `Engine.step` while any request is queued or live, and hands each event
-to its request's sink as it happens (a token, then the finish; or the exception that failed it), so
-a client can stream every token the step it is chosen. When nothing is live the worker sleeps on
+One worker thread owns the Engine (serve/engine.py; which queued requests join a step:
+serve/admission.py). It takes new requests and cancellations from a queue between steps, runs
+`Engine.step` while any request is queued or live, and hands each event to its request's sink as it
+happens (a token, then the finish; or the exception that failed it), so a client can stream every
+token the step it is chosen. When nothing is live the worker sleeps on
 the queue.
 
 Why continuous rather than batches of a short window: a request joins the running decode at the
 next step instead of waiting for the batch before it to finish, and a request that ends (EOS,
-max_tokens, a stop string its client saw, a disconnect) frees its slot for the next one at once.
+max_tokens, a stop string its client saw, a disconnect) frees its row for the next one at once.
 """
 
 from __future__ import annotations
@@ -24,25 +26,25 @@ _CLOSE = object()
 
 
 class Ticket:
-    """A submitted request: `cancel()` drops it (its slot is free at the next step)."""
+    """A submitted request: `cancel()` drops it (its row is free at the next step)."""
 
-    def __init__(self, scheduler: Scheduler):
-        self._scheduler = scheduler
+    def __init__(self, worker: Worker):
+        self._worker = worker
         self.id: int | None = None  # the engine's id, once the worker has taken the request
 
     def cancel(self) -> None:
-        self._scheduler._inbox.put(("cancel", self, None))
+        self._worker._inbox.put(("cancel", self, None))
 
 
-class Scheduler:
+class Worker:
     """Runs `engine` on one worker thread; `submit` and `Ticket.cancel` may be called from any."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[int, Sink] = {}
-        self._worker = threading.Thread(target=self._run, name="esft-engine", daemon=True)
-        self._worker.start()
+        self._thread = threading.Thread(target=self._run, name="esft-engine", daemon=True)
+        self._thread.start()
 
     def submit(self, request: Request, sink: Sink) -> Ticket:
         """Queue a request (Engine.check it first: a refused one is given to `sink` as its
@@ -54,7 +56,7 @@ class Scheduler:
     def close(self) -> None:
         """Stop the worker after the requests already live have finished."""
         self._inbox.put((_CLOSE, None, None))
-        self._worker.join()
+        self._thread.join()
 
     def _take(self, block: bool) -> bool:
         """Apply what the inbox holds (waiting for one item if `block`); False once closed."""

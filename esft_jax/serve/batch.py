@@ -1,8 +1,9 @@
-"""The device state of continuous batching: B rows ("slots") of KV cache, each holding one request at
-its own length, stepped together one token per call while requests join and leave.
+"""The device state of continuous batching: the engine's batch of B serving rows, each row's KV
+cache holding one request at its own length, stepped together one token per call while requests
+join and leave.
 
 A request joins by being prefilled alone or with others that join at the same step (`prefill`: a
-fresh cache of the slots' length, its prompt right-padded to a bucket, the row's length its own),
+fresh cache of the rows' length, its prompt right-padded to a bucket, the row's length its own),
 then copied into a free row (`insert`). `step` feeds every row its last chosen token at the row's
 own position and chooses the next; a row whose request has left is inactive and keeps its state
 until the next insert replaces it.
@@ -29,7 +30,7 @@ from esft_jax.model import (
 from esft_jax.model.transformer import KVCache
 
 
-class Slots(NamedTuple):
+class Batch(NamedTuple):
     cache: KVCache  # kv [L, B, S, ...]; segment_ids [B, S]; length [B]
     token_b: jax.Array  # [B] int32: the last chosen token (the next input)
     position_b: jax.Array  # [B] int32: its rotary position
@@ -50,12 +51,12 @@ def _gate_mass(
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rows", "max_len"))
-def empty(cfg: ModelConfig, rows: int, max_len: int) -> Slots:
-    """`rows` inactive slots of `max_len` tokens each."""
+def empty(cfg: ModelConfig, rows: int, max_len: int) -> Batch:
+    """`rows` inactive rows of `max_len` tokens each."""
     zeros_b, zeros_lb = jnp.zeros((rows,), jnp.int32), jnp.zeros((cfg.num_moe_layers, rows))
     greedy = sampling_for([0.0] * rows, [1.0] * rows, [0] * rows)
     cache = init_cache(cfg, rows, max_len)
-    return Slots(cache, zeros_b, zeros_b, zeros_b, greedy, zeros_lb, zeros_lb)
+    return Batch(cache, zeros_b, zeros_b, zeros_b, greedy, zeros_lb, zeros_lb)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
@@ -69,10 +70,11 @@ def prefill(
     sets_n: jax.Array,
     cfg: ModelConfig,
     max_len: int,
-) -> Slots:
-    """N joining rows as slots of `max_len` tokens, their first token chosen. Row n's prompt fills
-    its first lengths_n[n] tokens (right-padded: segment 0 after it, overwritten as it decodes).
-    params carry the bank's overrides with row n on set sets_n[n]."""
+) -> Batch:
+    """N joining rows of `max_len` tokens, their first token chosen. Row n's prompt fills its
+    first lengths_n[n] tokens (right-padded: segment 0 after it, overwritten as it decodes).
+    params: the base with the bank's override sets (AdapterBank.with_overrides); row n reads set
+    sets_n[n]."""
     n = tokens_np.shape[0]
     positions = segment_positions(segments_np)
     cache = init_cache(cfg, n, max_len)
@@ -83,58 +85,60 @@ def prefill(
         cache,
         segment_ids_bt=segments_np,
         positions_bt=positions,
+        override_set_b=sets_n,
         with_routing=True,
     )
     hit, mass = _gate_mass(routing, trained_ale, sets_n, segments_np != 0)
     last = jnp.maximum(lengths_n - 1, 0)
     first = next_tokens(logits[jnp.arange(n), last], sampling, jnp.zeros((n,), jnp.int32))
     one = jnp.ones((n,), jnp.int32)
-    return Slots(cache._replace(length=lengths_n), first, lengths_n, one, sampling, hit, mass)
+    return Batch(cache._replace(length=lengths_n), first, lengths_n, one, sampling, hit, mass)
 
 
-@functools.partial(jax.jit, donate_argnames="slots")
-def insert(slots: Slots, joining: Slots, rows_n: jax.Array) -> Slots:
-    """`slots` with row rows_n[n] replaced by joining row n (the rows of `slots` are donated)."""
+@functools.partial(jax.jit, donate_argnames="batch")
+def insert(batch: Batch, joining: Batch, rows_n: jax.Array) -> Batch:
+    """`batch` with row rows_n[n] replaced by joining row n (`batch` is donated)."""
 
     def put(axis: int):  # the batch axis: 1 for [L, B, ...] arrays, 0 for the rest
         return lambda whole, part: whole.at[(slice(None),) * axis + (rows_n,)].set(part)
 
-    kv = jax.tree.map(put(1), slots.cache.kv, joining.cache.kv)
-    cache = KVCache(kv, *jax.tree.map(put(0), slots.cache[1:], joining.cache[1:]))
-    per_row = jax.tree.map(put(0), slots[1:5], joining[1:5])
-    return Slots(cache, *per_row, *jax.tree.map(put(1), slots[5:], joining[5:]))
+    kv = jax.tree.map(put(1), batch.cache.kv, joining.cache.kv)
+    cache = KVCache(kv, *jax.tree.map(put(0), batch.cache[1:], joining.cache[1:]))
+    per_row = jax.tree.map(put(0), batch[1:5], joining[1:5])
+    return Batch(cache, *per_row, *jax.tree.map(put(1), batch[5:], joining[5:]))
 
 
-@functools.partial(jax.jit, static_argnames="cfg", donate_argnames="slots")
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnames="batch")
 def step(
     params,
-    slots: Slots,
+    batch: Batch,
     trained_ale: jax.Array,
     sets_b: jax.Array,
     active_b: jax.Array,
     cfg: ModelConfig,
-) -> Slots:
+) -> Batch:
     """Every active row reads its last token and chooses the next; inactive rows stay as they are.
-    params carry the bank's overrides with row b on set sets_b[b]."""
+    params as prefill's; row b reads set sets_b[b]."""
     logits, cache, routing = forward_cached(
         params,
-        slots.token_b[:, None],
+        batch.token_b[:, None],
         cfg,
-        slots.cache,
-        segment_ids_bt=jnp.ones_like(slots.token_b)[:, None],
-        positions_bt=slots.position_b[:, None],
+        batch.cache,
+        segment_ids_bt=jnp.ones_like(batch.token_b)[:, None],
+        positions_bt=batch.position_b[:, None],
+        override_set_b=sets_b,
         with_routing=True,
     )
     hit, mass = _gate_mass(routing, trained_ale, sets_b, active_b[:, None])
-    token = next_tokens(logits[:, 0], slots.sampling, slots.count_b)
-    cache = cache._replace(length=jnp.where(active_b, cache.length, slots.cache.length))
+    token = next_tokens(logits[:, 0], batch.sampling, batch.count_b)
+    cache = cache._replace(length=jnp.where(active_b, cache.length, batch.cache.length))
     advance = active_b.astype(jnp.int32)
-    return Slots(
+    return Batch(
         cache,
-        jnp.where(active_b, token, slots.token_b),
-        slots.position_b + advance,
-        slots.count_b + advance,
-        slots.sampling,
-        slots.hit_lb + hit,
-        slots.mass_lb + mass,
+        jnp.where(active_b, token, batch.token_b),
+        batch.position_b + advance,
+        batch.count_b + advance,
+        batch.sampling,
+        batch.hit_lb + hit,
+        batch.mass_lb + mass,
     )
