@@ -1,33 +1,45 @@
 """`esft run` end to end on a tiny random model: every step, the table, the plots, and the cache."""
 
+import json
 import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
 import train_fixtures as fx
 
-from esft_jax.app import cli, config_files
+from esft_jax.app import cli, config_files, launch
 from esft_jax.app.commands import run as experiment
 from esft_jax.app.runtime import RUNTIME_FIELDS
 from esft_jax.builtin import suite as builtin_suite
 from esft_jax.expert_config import ExpertConfig
 
 
-def _train_here(argv: list[str], **_) -> subprocess.CompletedProcess:
-    """subprocess.run of a training child's `python -m esft_jax.app.cli ...` as cli.main in this process
-    (the child process itself: test_a_child_* below), sharing this process's compiled programs."""
-    assert argv[:3] == [sys.executable, "-m", "esft_jax.app.cli"], argv
-    return subprocess.CompletedProcess(argv, cli.main(argv[3:]))
+def _train_here(variant: launch.Variant, env: dict) -> subprocess.Popen:
+    """A training child's `python -m esft_jax.app.cli ...` as cli.main in this process (the child
+    process itself: test_a_child_* below), sharing this process's compiled programs; returns a
+    finished stand-in of its process."""
+    argv = list(variant.argv)
+    assert argv[:3] == [sys.executable, "-m", "esft_jax.app.cli"] and not env, argv
+    code = cli.main(argv[3:])
+    return _Finished(code)
+
+
+class _Finished:
+    """A child process that has exited with `returncode`."""
+
+    def __init__(self, returncode: int):
+        self.returncode = returncode
+
+    def poll(self) -> int:
+        return self.returncode
 
 
 @pytest.mark.slow
 def test_run_pipeline_and_rerun_from_cache(tmp_path, monkeypatch):
-    here = types.SimpleNamespace(run=_train_here, STDOUT=subprocess.STDOUT)
-    monkeypatch.setattr(experiment, "subprocess", here)  # experiment's name only
+    monkeypatch.setattr(launch, "_start", _train_here)
     c = config_files.load(
         "configs/experiments/builtin.py:math",
         [
@@ -108,13 +120,16 @@ def test_training_children_run_the_studys_runtime_model_fields(tmp_path, spec):
     assert {k: child.model[k] for k in RUNTIME_FIELDS} == {k: c.model[k] for k in RUNTIME_FIELDS}
 
 
-def _child(monkeypatch, code: str) -> None:
-    """Make every training child `python -c code <workdir>` instead of `esft train`."""
+def _child(monkeypatch, code: str, method: str, run: Path) -> tuple:
+    """(a study config training `method` alone, its variants) with every training child
+    `python -c code <workdir>` instead of `esft train`."""
     monkeypatch.setattr(
         experiment,
         "_train_command",
         lambda c, method, run, suite: [sys.executable, "-c", code, str(run / f"train_{method}")],
     )
+    c = config_files.load("configs/experiments/builtin.py", [f"methods=('{method}',)"])
+    return c, experiment._variants(c, run, run)
 
 
 @pytest.fixture
@@ -133,38 +148,43 @@ def deadline():
 
 def test_a_child_writing_megabytes_does_not_block_the_study(tmp_path, monkeypatch, deadline):
     """1 MiB of progress bar on stderr, 16 pipe buffers' worth, then the summary: the parent waits it out."""
-    _child(
+    c, variants = _child(
         monkeypatch,
         "import json, pathlib, sys\n"
         "for i in range(16384): sys.stderr.write(f'step {i:6d} ' + 51 * '#' + '\\r')\n"
         "print('done')\n"
         "pathlib.Path(sys.argv[1], 'summary.json').write_text(json.dumps({'steps': 2}))",
+        "fft",
+        tmp_path,
     )
-    summary = experiment._train_child(None, "fft", tmp_path, tmp_path)
+    experiment._train(c, variants)
+    summary_file = tmp_path / "train_fft" / launch.SUMMARY
+    summary = json.loads(summary_file.read_text())
     assert summary["steps"] == 2 and summary["wall_seconds"] > 0
-    log = tmp_path / "train_fft" / experiment.TRAIN_LOG
+    log = tmp_path / "train_fft" / launch.TRAIN_LOG
     assert log.stat().st_size == 16384 * 64 + len("done\n")
     # cached: no child runs
-    assert experiment._train_child(None, "fft", tmp_path, tmp_path) == summary
+    experiment._train(c, variants)
+    assert json.loads(summary_file.read_text()) == summary
 
 
 def test_a_failed_child_is_one_error_line_and_its_log_tail(tmp_path, monkeypatch, capsys, deadline):
     """`esft run` exits 2 with the log's path and its last lines, not a traceback of the parent."""
-    _child(
+    c, variants = _child(
         monkeypatch,
         "import sys\n"
         "for i in range(200): print(f'line {i}', file=sys.stderr)\n"
         "print('ValueError: out of cheese', file=sys.stderr)\n"
         "sys.exit(3)",
+        "lora",
+        tmp_path,
     )
-    monkeypatch.setattr(
-        experiment, "run", lambda c: experiment._train_child(c, "lora", tmp_path, tmp_path)
-    )
+    monkeypatch.setattr(experiment, "run", lambda c: experiment._train(c, variants))
     assert cli.main(["run", "--config", "configs/experiments/builtin.py"]) == 2
     err = capsys.readouterr().err.splitlines()
-    log = tmp_path / "train_lora" / experiment.TRAIN_LOG
+    log = tmp_path / "train_lora" / launch.TRAIN_LOG
     assert err[0] == f"esft run: error: training lora failed (exit status 3); last lines of {log}:"
-    tail = [f"line {i}" for i in range(200 - experiment.LOG_TAIL_LINES + 1, 200)] + [
+    tail = [f"line {i}" for i in range(200 - launch.LOG_TAIL_LINES + 1, 200)] + [
         "ValueError: out of cheese"
     ]
     assert err[1:] == tail
@@ -193,4 +213,19 @@ def test_a_child_reports_its_own_peak_memory_not_its_parents():
     assert own < parent.nbytes / 2, (
         own,
         inherited,
+    )
+
+
+def test_a_study_names_a_train_preset_or_a_selected_experts_method_and_its_selection(capsys):
+    selections = {"token": None, "gate": None}
+    assert experiment.preset_of("esft_token", selections) == ("esft", "token")
+    assert experiment.preset_of("fft", selections) == ("fft", None)
+    assert experiment.preset_of("router", selections) == ("router", None)
+    for wrong in ("esft", "esft_p50", "tokens", "lora_token"):
+        assert experiment.preset_of(wrong, selections) is None
+    args = ["run", "--config", "configs/experiments/builtin.py", "--config.methods=('esft_p50',)"]
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err.startswith(
+        "esft run: error: --config.methods: 'esft_p50' is neither a preset of configs/train.py "
+        "(fft, lora, router"
     )

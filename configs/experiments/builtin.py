@@ -55,8 +55,7 @@ def get_config(task: str = "intent") -> ml_collections.ConfigDict:
     )
     c.methods = ("fft", "lora", "esft_token", "esft_gate")  # "esft_<selection>"
     c.mesh = blocks.mesh()  # every step's: profile, train, eval
-    # or "print": print each method's `esft train` command (for a cluster) and stop
-    c.launch = "local"
+    blocks.launch(c)  # "local", "slurm" or "print" (each method's `esft train` command)
     c.profile = ml_collections.ConfigDict(dict(token_budget=32 * 1024, seq_len=256, batch_size=16))
     # Per-method learning rates (esft: every ESFT variant): few trainable parameters take larger steps.
     c.lr = ml_collections.ConfigDict(dict(fft=1e-3, lora=3e-3, esft=3e-3))

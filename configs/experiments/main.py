@@ -9,6 +9,7 @@ from pathlib import Path
 
 import ml_collections
 
+from esft_jax.app import config_blocks as blocks
 from esft_jax.app.config_files import load_file
 from esft_jax.builtin import suite as builtin_suite
 
@@ -16,7 +17,7 @@ from esft_jax.builtin import suite as builtin_suite
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.run_dir = "runs/main"
-    c.launch = "local"
+    blocks.launch(c)  # every study's variants train together, as this says
     c.studies = ml_collections.ConfigDict(
         {
             task: load_file(f"{Path(__file__).with_name('builtin.py')}:{task}")

@@ -64,6 +64,29 @@ def model_source(c: ml_collections.ConfigDict, name: str = "tiny") -> ml_collect
     return c
 
 
+def launch(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """How `esft run` runs its training variants (app/launch.py): `launch` "local" (one at a time on
+    every device, or with `variant_devices` > 0 side by side, each on that many), "slurm" (a
+    submitit job each, with `slurm`'s settings; cluster "local" runs them on this machine) or
+    "print" (print each `esft train` command and stop). Returns `c`."""
+    c.launch = "local"
+    c.variant_devices = 0
+    # submitit's executor parameters ("" / 0: not set); folder "": <run_dir>/slurm
+    c.slurm = ml_collections.ConfigDict(
+        dict(
+            cluster="slurm",
+            folder="",
+            timeout_min=60,
+            nodes=1,
+            gpus_per_node=0,
+            cpus_per_task=0,
+            mem_gb=0,
+            slurm_partition="",
+        )
+    )
+    return c
+
+
 def mesh() -> ml_collections.ConfigDict:
     """Mesh axis sizes over all processes' devices (esft_jax/sharding.py names the axes)."""
     return ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))

@@ -19,6 +19,7 @@ import functools
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 import ml_collections
 
@@ -70,9 +71,8 @@ def resolve(path: str | Path) -> Path:
     return bundled if bundled.is_file() else file
 
 
-def load_file(spec: str) -> ml_collections.ConfigDict:
-    """'path.py' or 'path.py:arg' -> the ConfigDict its get_config returns (path: see resolve)."""
-    path, _, arg = spec.partition(":")
+def _module(path: str) -> ModuleType:
+    """The config file `path` (see resolve), executed."""
     file = resolve(path)
     if not file.is_file():
         raise ConfigFileError(f"{path}: no such config file")
@@ -84,6 +84,18 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
         raise ConfigFileError(f"{path}:{e.lineno}: {e.msg}") from None
     if not hasattr(module, "get_config"):
         raise ConfigFileError(f"{path}: defines no get_config()")
+    return module
+
+
+def presets(path: str) -> tuple[str, ...]:
+    """A config file's named variants (its PRESETS; () where it has no fixed set)."""
+    return tuple(getattr(_module(path), "PRESETS", ()))
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+    """'path.py' or 'path.py:arg' -> the ConfigDict its get_config returns (path: see resolve)."""
+    path, _, arg = spec.partition(":")
+    module = _module(path)
     # a config file's named variants, where it has a fixed set
     presets = getattr(module, "PRESETS", None)
     if arg and presets is not None and arg not in presets:

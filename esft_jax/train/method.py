@@ -65,6 +65,8 @@ REGISTRY: dict[str, Constructor] = {
     "router": RouterOnly.from_settings,
 }
 METHODS = tuple(REGISTRY)  # the values of --config.method
+# methods that train the experts of an expert config (a study names them <method>_<selection>)
+SELECTED_EXPERTS = ("esft",)
 # methods whose trained copy covers the whole routed-expert stack (no quantised experts: model/quant.py)
 WHOLE_EXPERT_STACK = ("fft", "lora")
 

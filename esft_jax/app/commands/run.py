@@ -20,16 +20,14 @@ commands), then one table of all of them (report.aggregate_table) and a trade-of
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_collections
 
 from esft_jax import report
-from esft_jax.app import config_files
+from esft_jax.app import config_files, launch
 from esft_jax.app.checks import (
     architecture_override,
     one_of,
@@ -42,13 +40,15 @@ from esft_jax.app.commands import profile as routing_run
 from esft_jax.app.commands.eval import check_scoring, evaluate
 from esft_jax.app.commands.select import check_selection, select_experts
 from esft_jax.app.config_files import ConfigFileError
+from esft_jax.app.launch import Variant
 from esft_jax.app.runtime import RUNTIME_FIELDS
 from esft_jax.builtin import suite as builtin_suite
 from esft_jax.data.chat import LOSS_ON
 from esft_jax.data.sources import EXTENSIONS, FORMATS
-from esft_jax.errors import UserError
 from esft_jax.routing import analyze
 from esft_jax.routing.sources import STATS_FILE, load_stats
+from esft_jax.routing.stats import RoutingStats
+from esft_jax.train.method import SELECTED_EXPERTS
 
 # the study's, for each of its steps
 STEP_FIELDS = (
@@ -133,9 +133,25 @@ def _evaluate(c: ml_collections.ConfigDict, suite: Path, out: Path, adapter: str
     return evaluate(step).scores
 
 
+TRAIN_CONFIG = "configs/train.py"
+
+
+def preset_of(method: str, selections) -> tuple[str, str | None] | None:
+    """(the configs/train.py preset, the selection) a study's method names: a preset that takes no
+    expert config ("fft", "lora", "router", ...) or <preset>_<selection> for one that trains the
+    selected experts ("esft_token", ...); None if it names neither."""
+    if method in config_files.presets(TRAIN_CONFIG) and method not in SELECTED_EXPERTS:
+        return method, None
+    for preset in sorted(SELECTED_EXPERTS, key=len, reverse=True):
+        selection = method.removeprefix(f"{preset}_")
+        if selection != method and selection in selections:
+            return preset, selection
+    return None
+
+
 def _train_command(c: ml_collections.ConfigDict, method: str, run: Path, suite: Path) -> list[str]:
-    kind = "esft" if method.startswith("esft_") else method
-    train_config = config_files.resolve("configs/train.py")
+    kind, selection = preset_of(method, c.selections)
+    train_config = config_files.resolve(TRAIN_CONFIG)
     args = [
         sys.executable,
         "-m",
@@ -146,7 +162,7 @@ def _train_command(c: ml_collections.ConfigDict, method: str, run: Path, suite: 
         f"--config.checkpoint={c.checkpoint}",
         f"--config.data.train={_data(suite / 'train', c.task)}",
         f"--config.workdir={run / f'train_{method}'}",
-        f"--config.optim.lr={c.lr.get(method, c.lr.esft)}",
+        f"--config.optim.lr={c.lr.get(method, c.lr.get(kind, c.lr.esft))}",
         f"--config.data.template={c.template}",
         f"--config.data.loss_on={c.loss_on}",
         *(f"--config.mesh.{axis}={size}" for axis, size in c.mesh.items() if size != 1),
@@ -156,76 +172,52 @@ def _train_command(c: ml_collections.ConfigDict, method: str, run: Path, suite: 
     ]
     if c.data_format != "auto":
         args.append(f"--config.data.format={c.data_format}")
-    if kind == "esft":
-        selection = method.removeprefix("esft_")
+    if selection is not None:
         args.append(f"--config.expert_config={run / f'experts_{selection}.json'}")
     return args
 
 
-class ExperimentError(UserError, RuntimeError):
-    """A step of the study failed (a training child exited non-zero)."""
-
-
-TRAIN_LOG = "train.log"  # the training child's stdout and stderr, in its workdir
-LOG_TAIL_LINES = 15
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last `lines` non-empty lines of a log; progress-bar redraws (carriage returns) split lines."""
-    with path.open("rb") as f:
-        f.seek(max(0, path.stat().st_size - 64 * 1024))
-        text = f.read().decode(errors="replace")
-    return "\n".join(
-        [line for line in text.replace("\r", "\n").split("\n") if line.strip()][-lines:]
-    )
-
-
-def _train_child(c: ml_collections.ConfigDict, method: str, run: Path, suite: Path) -> dict:
-    """`esft train` in a child process (its peak RSS its own); returns its summary plus the wall time.
-
-    The child writes to <workdir>/train.log (appended to across reruns), never to a pipe: a pipe
-    nobody reads fills at 64 KiB and blocks the child while the parent waits for it."""
-    workdir = run / f"train_{method}"
-    if (workdir / "summary.json").is_file():
-        return json.loads((workdir / "summary.json").read_text())
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = workdir / TRAIN_LOG
-    start = time.perf_counter()
-    with log.open("ab") as out:
-        proc = subprocess.run(
-            _train_command(c, method, run, suite), stdout=out, stderr=subprocess.STDOUT
+def _variants(c: ml_collections.ConfigDict, run: Path, suite: Path, study: str = "") -> list:
+    """The study's training variants, one per method (named study/method in a sweep)."""
+    return [
+        Variant(
+            f"{study}/{m}" if study else m,
+            tuple(_train_command(c, m, run, suite)),
+            run / f"train_{m}",
         )
-    if proc.returncode != 0 or not (workdir / "summary.json").is_file():
-        why = f"exit status {proc.returncode}" if proc.returncode else "no summary.json written"
-        raise ExperimentError(
-            f"training {method} failed ({why}); last lines of {log}:\n{log_tail(log)}"
+        for m in c.methods
+    ]
+
+
+def _train(c: ml_collections.ConfigDict, variants: list[Variant]) -> None:
+    """Run the variants not done as c.launch says; each new summary gets its wall seconds."""
+    if c.launch == "slurm":
+        settings = c.slurm.to_dict()
+        cluster, folder = settings.pop("cluster"), settings.pop("folder")
+        parameters = {k: v for k, v in settings.items() if v not in ("", 0)}
+        seconds = launch.run_slurm(
+            variants, Path(folder or Path(c.run_dir) / "slurm"), cluster, parameters
         )
-    summary = json.loads((workdir / "summary.json").read_text())
-    summary.update(wall_seconds=time.perf_counter() - start)
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    else:
+        seconds = launch.run_local(variants, launch.device_groups(c.variant_devices))
+    for v in variants:
+        if v.name in seconds:
+            summary = json.loads((v.workdir / launch.SUMMARY).read_text())
+            summary.update(wall_seconds=seconds[v.name])
+            (v.workdir / launch.SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
 
 
-def run(c: ml_collections.ConfigDict) -> Path:
-    """Run (or finish) the study or the sweep; returns the path of its markdown table."""
-    if "studies" not in c:
-        return run_study(c)[0]
-    run_dir = Path(c.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    studies = {}
-    for name, sub in c.studies.items():
-        print(f"=== study {name} ===")
-        studies[name] = run_study(sub)[1]
-    if c.studies and all(s is not None for s in studies.values()):
-        table = report.aggregate_table(studies)
-        (run_dir / "results.md").write_text(table)
-        report.tradeoff_plot(studies, run_dir / "tradeoff.png")
-        print("\n" + table + f"\ntable: {run_dir / 'results.md'}; plot: {run_dir / 'tradeoff.png'}")
-    return run_dir / "results.md"
+class _Prepared(NamedTuple):
+    c: ml_collections.ConfigDict
+    run_dir: Path
+    suite: Path
+    stats: RoutingStats
+    vanilla: dict
 
 
-def run_study(c: ml_collections.ConfigDict) -> tuple[Path, report.Study | None]:
-    """One task: (the path of its table, its results; None when c.launch == "print")."""
+def _prepare(c: ml_collections.ConfigDict) -> _Prepared | None:
+    """Steps 1-3 of a study: profile, select, evaluate the base model; None (after printing each
+    method's `esft train` command) when c.launch == "print"."""
     run_dir = Path(c.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     suite = Path(c.suite_dir)
@@ -242,29 +234,33 @@ def run_study(c: ml_collections.ConfigDict) -> tuple[Path, report.Study | None]:
     if c.launch == "print":
         for m in c.methods:
             print(" ".join(_train_command(c, m, run_dir, suite)))
-        return run_dir / "results.md", None
+        return None
 
     print(f"[3/5] vanilla eval of {c.checkpoint}")
-    results = {
-        "vanilla": _cached(
-            run_dir / "eval_vanilla.json", lambda: _evaluate(c, suite, run_dir / "eval_vanilla")
-        )
-    }
+    vanilla = _cached(
+        run_dir / "eval_vanilla.json", lambda: _evaluate(c, suite, run_dir / "eval_vanilla")
+    )
+    return _Prepared(c, run_dir, suite, stats, vanilla)
 
-    print(f"[4/5] training {', '.join(c.methods)}")
-    summaries = {m: _train_child(c, m, run_dir, suite) for m in c.methods}
 
+def _finish(p: _Prepared) -> tuple[Path, report.Study]:
+    """Step 5 of a study (its methods trained): evaluate each, write the table and plots."""
+    c, run_dir = p.c, p.run_dir
     print("[5/5] evaluating the fine-tuned models")
+    results, summaries = {"vanilla": p.vanilla}, {}
     for m in c.methods:
-        adapter = str(run_dir / f"train_{m}" / "adapter")
+        workdir = run_dir / f"train_{m}"
+        summaries[m] = json.loads((workdir / launch.SUMMARY).read_text())
         results[m] = _cached(
             run_dir / f"eval_{m}.json",
-            lambda m=m, adapter=adapter: _evaluate(c, suite, run_dir / f"eval_{m}", adapter),
+            lambda m=m, adapter=str(workdir / "adapter"): _evaluate(
+                c, p.suite, run_dir / f"eval_{m}", adapter
+            ),
         )
     study = report.Study(c.task, tuple(c.general_tasks), results, summaries)
     table = report.study_table(study)
     (run_dir / "results.md").write_text(table)
-    analyze.heatmap(stats, run_dir / "routing_heatmap.png", c.task)
+    analyze.heatmap(p.stats, run_dir / "routing_heatmap.png", c.task)
     report.score_plot(study, run_dir / "score_vs_params.png")
     print(
         "\n"
@@ -275,21 +271,50 @@ def run_study(c: ml_collections.ConfigDict) -> tuple[Path, report.Study | None]:
     return run_dir / "results.md", study
 
 
+def run(c: ml_collections.ConfigDict) -> Path:
+    """Run (or finish) the study or the sweep; returns the path of its markdown table. A sweep's
+    studies are prepared one after another, then all their variants train together."""
+    studies = dict(c.studies) if "studies" in c else {"": c}
+    prepared = {}
+    for name, study in studies.items():
+        if name:
+            print(f"=== study {name} ===")
+        prepared[name] = _prepare(study)
+    if c.launch == "print":
+        return Path(c.run_dir) / "results.md"
+    variants = [v for name, p in prepared.items() for v in _variants(p.c, p.run_dir, p.suite, name)]
+    print(f"[4/5] training {', '.join(v.name for v in variants)}")
+    _train(c, variants)
+    finished = {name: _finish(p) for name, p in prepared.items()}
+    if "studies" not in c:
+        return finished[""][0]
+    run_dir = Path(c.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    table = report.aggregate_table({name: study for name, (_, study) in finished.items()})
+    (run_dir / "results.md").write_text(table)
+    report.tradeoff_plot(
+        {name: study for name, (_, study) in finished.items()}, run_dir / "tradeoff.png"
+    )
+    print("\n" + table + f"\ntable: {run_dir / 'results.md'}; plot: {run_dir / 'tradeoff.png'}")
+    return run_dir / "results.md"
+
+
 def check_study(c: ml_collections.ConfigDict) -> None:
     required(c, "checkpoint", "the Hugging Face checkpoint the study fine-tunes")
     for name in c.selections:
         check_selection(c, f"selections.{name}.")
     for method in c.methods:
-        if method not in ("fft", "lora") and method.removeprefix("esft_") not in c.selections:
+        if preset_of(method, c.selections) is None:
+            others = [p for p in config_files.presets(TRAIN_CONFIG) if p not in SELECTED_EXPERTS]
             raise ConfigFileError(
-                f"--config.methods: {method!r} is neither fft, lora nor esft_<one of "
+                f"--config.methods: {method!r} is neither a preset of {TRAIN_CONFIG} "
+                f"({', '.join(others)}) nor <{'|'.join(SELECTED_EXPERTS)}>_<one of "
                 f"{', '.join(c.selections)}>"
             )
     for name in [c.task, *c.general_tasks]:
         if name not in c.scoring:
             raise ConfigFileError(f"--config.scoring: no entry for task {name!r}")
         check_scoring(c, f"scoring.{name}", c.judge)
-    one_of(c, "launch", ("local", "print"))
     one_of(c, "data_format", FORMATS)
     template(c, "template")
     one_of(c, "loss_on", LOSS_ON)
@@ -310,6 +335,10 @@ def check_study(c: ml_collections.ConfigDict) -> None:
 
 
 def check(c: ml_collections.ConfigDict) -> None:
+    one_of(c, "launch", launch.LAUNCHES)
+    whole(c, "variant_devices", 0)
+    if c.launch == "slurm":
+        one_of(c, "slurm.cluster", ("slurm", "local", "debug"))
     if "studies" not in c:
         return check_study(c)
     writable_dir(c, "run_dir")
