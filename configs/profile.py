@@ -3,6 +3,8 @@
     esft profile --config configs/profile.py --config.checkpoint=/models/ESFT-vanilla-lite \
         --config.data=../shared/esft-reference/datasets/train/intent.jsonl --config.out_dir=runs/intent
 Writes <out_dir>/stats.npz, <out_dir>/summary.json and, with official_logs, <out_dir>/logs/.
+With adapter (esft train's <workdir>/adapter) the fine-tuned model is profiled: the "after" of
+`esft analyze`'s routing drift.
 With checkpoint="random" c.model is the random weights' architecture; with a checkpoint only its
 runtime fields (dtype, moe_strategy, ...) apply and overriding another is an error
 (esft_jax/app/config_blocks.py).
@@ -17,6 +19,9 @@ PRESETS = blocks.MODELS  # the model
 
 def get_config(model: str = "tiny") -> ml_collections.ConfigDict:
     c = blocks.model_source(ml_collections.ConfigDict(), model)
+    c.adapter = ""  # an adapter applied to the checkpoint: profile the fine-tuned model
+    # apply an adapter whose recorded base (adapter_config.json) is another checkpoint
+    c.allow_other_base = False
     c.seed = 0
     c.data = ""  # a dataset file or folder (README: Your own data)
     c.data_format = "auto"  # of data: auto (by extension or folder), jsonl, json, parquet, arrow

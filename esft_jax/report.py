@@ -101,18 +101,31 @@ def aggregate_table(studies: Mapping[str, Study]) -> str:
     return markdown_table(head, rows)
 
 
-def _axes(figsize=(5, 3.5)):
+def axes(figsize: tuple[float, float] = (5, 3.5)):
+    """(figure, axes) of one plot, drawn off screen (Agg): the plots here and routing/'s."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt, *plt.subplots(figsize=figsize)
+    return plt.subplots(figsize=figsize)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out `fig`, write it as a PNG at `path` (its directory created) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def score_plot(study: Study, path: Path) -> None:
     """Task score vs trainable parameters, one point per trained method; vanilla as a line."""
-    plt, fig, ax = _axes()
+    fig, ax = axes()
     for m, s in study.summaries.items():
         ax.scatter(s["trainable_params"], study.results[m][study.task], label=m)
     ax.axhline(study.results["vanilla"][study.task], color="grey", linestyle="--", label="vanilla")
@@ -120,14 +133,12 @@ def score_plot(study: Study, path: Path) -> None:
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(f"{study.task} score")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def tradeoff_plot(studies: Mapping[str, Study], path: Path) -> None:
     """General ability vs task score, one point per (method, study): up-right is better."""
-    plt, fig, ax = _axes()
+    fig, ax = axes()
     methods = list(dict.fromkeys(m for s in studies.values() for m in s.results))
     for i, m in enumerate(methods):
         runs = [s for s in studies.values() if m in s.results]
@@ -140,6 +151,4 @@ def tradeoff_plot(studies: Mapping[str, Study], path: Path) -> None:
     ax.set_xlabel("task score")
     ax.set_ylabel("general ability (avg)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

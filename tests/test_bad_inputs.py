@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from esft_jax.app import cli
 from esft_jax.checkpoint.adapter import write_adapter
 from esft_jax.checkpoint.fingerprint import base_metadata, checkpoint_fingerprint
+from esft_jax.routing.stats import RoutingStats
 
 DOC = Path(__file__).parents[1] / "docs" / "reliability.md"
 BEGIN, END = "<!-- bad-inputs:begin (tests/test_bad_inputs.py) -->", "<!-- bad-inputs:end -->"
@@ -117,6 +118,23 @@ def _profile(f: Files, *extra: str) -> list[str]:
         COMMON,
         *extra,
     ]
+
+
+def _drift(f: Files, before: Path, after: Path) -> list[str]:
+    return [
+        "analyze",
+        "--config",
+        "configs/analyze.py:drift",
+        f"--config.out_dir={f.root / 'analysis'}",
+        COMMON,
+        f"--config.drift.before={before}",
+        f"--config.drift.after={after}",
+    ]
+
+
+def _stats_file(f: Files, name: str, layers: list[int]) -> Path:
+    """Empty routing statistics of a model with these MoE layers (4 experts, top-1)."""
+    return RoutingStats.empty(layers, 4, 1).save(f.root / f"{name}.npz")
 
 
 def _write(path: Path, text: str) -> Path:
@@ -282,6 +300,21 @@ CASES = [
         "unknown count mode (profile)",
         lambda f: _profile(f, "--config.count=answers"),
         "--config.count",
+    ),
+    Case(
+        "an adapter on random weights (profile)",
+        lambda f: _profile(f, "--config.checkpoint=random", f"--config.adapter={f.adapter}"),
+        "--config.adapter",
+    ),
+    Case(
+        "unknown drift score kind (analyze)",
+        lambda f: [*_drift(f, f.root, f.root), "--config.drift.score=count"],
+        "--config.drift.score",
+    ),
+    Case(
+        "drift statistics of two models (analyze)",
+        lambda f: _drift(f, _stats_file(f, "before", [1, 2, 3]), _stats_file(f, "after", [1, 2])),
+        "--config.drift.after",
     ),
     # missing or empty inputs
     Case(

@@ -7,12 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import train_fixtures as fx
-from safetensors import safe_open
 
 from esft_jax.app import cli
 from esft_jax.builtin import suite as builtin_suite
 from esft_jax.checkpoint import load_checkpoint, load_tokenizer
-from esft_jax.checkpoint.adapter import write_adapter
 from esft_jax.checkpoint.output_dir import MARKER
 from esft_jax.data.records import Sample
 from esft_jax.data.tokenize import encode
@@ -22,24 +20,12 @@ from esft_jax.eval.metrics import read_eval_set
 BUILTIN = Path(builtin_suite.__file__).parent / "tiny_moe"
 
 
-def fake_esft_adapter(ckpt: Path, out: Path) -> Path:
-    """An ESFT-style adapter: two routed experts of the checkpoint's second MoE layer, changed."""
-    names = [
-        f"model.layers.2.mlp.experts.{e}.{proj}.weight"
-        for e in (3, 5)
-        for proj in ("gate_proj", "down_proj")
-    ]
-    with safe_open(ckpt / "model.safetensors", "numpy") as f:
-        tensors = {name: f.get_tensor(name) * 1.5 for name in names}
-    return write_adapter(out, tensors, {"method": "esft", "model_type": "deepseek_v2"})
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """(base checkpoint, adapter) of the tiny random model; tests must leave them byte-identical."""
     root = tmp_path_factory.mktemp("inputs")
     base = fx.base_checkpoint(root / "base")
-    return base, fake_esft_adapter(base, root / "adapter")
+    return base, fx.fake_esft_adapter(base, root / "adapter")
 
 
 def export(capsys, base: Path, adapter: Path, out: Path, *extra: str) -> tuple[int, str]:
@@ -166,7 +152,7 @@ def test_transformers_generates_what_esft_eval_generates(capsys, tmp_path):
 
     base = tmp_path / "tiny_moe"
     shutil.copytree(BUILTIN, base)
-    adapter = fake_esft_adapter(base, tmp_path / "adapter")
+    adapter = fx.fake_esft_adapter(base, tmp_path / "adapter")
     assert export(capsys, base, adapter, tmp_path / "export") == (0, "")
     suite = builtin_suite.write_suite(tmp_path / "suite", n_train=1, n_eval=2)
     evals = {name: read_eval_set(suite / "eval" / f"{name}.jsonl") for name in ("intent", "facts")}

@@ -1,5 +1,5 @@
-"""Shared setup for the training tests: a tiny base checkpoint, a task dataset, an expert config,
-token batches and a few train steps of a method."""
+"""Shared setup for the training tests: a tiny base checkpoint, an adapter of it, a task dataset,
+an expert config, token batches and a few train steps of a method."""
 
 import json
 from pathlib import Path
@@ -7,9 +7,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
 
 from esft_jax.app import config_files
 from esft_jax.checkpoint import save_checkpoint
+from esft_jax.checkpoint.adapter import write_adapter
 from esft_jax.data.byte_tokenizer import byte_tokenizer
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import forward, init_params
@@ -50,6 +52,18 @@ def base_checkpoint(path: Path, seed: int = 0) -> Path:
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     byte_tokenizer().save(str(tokenizer_dir / "tokenizer.json"))
     return save_checkpoint(path, cfg, params, tokenizer_from=tokenizer_dir)
+
+
+def fake_esft_adapter(ckpt: Path, out: Path) -> Path:
+    """An ESFT-style adapter: two routed experts of the checkpoint's second MoE layer, changed."""
+    names = [
+        f"model.layers.2.mlp.experts.{e}.{proj}.weight"
+        for e in (3, 5)
+        for proj in ("gate_proj", "down_proj")
+    ]
+    with safe_open(ckpt / "model.safetensors", "numpy") as f:
+        tensors = {name: f.get_tensor(name) * 1.5 for name in names}
+    return write_adapter(out, tensors, {"method": "esft", "model_type": "deepseek_v2"})
 
 
 def task_dataset(path: Path, n: int = 64, seed: int = 0) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from esft_jax.report import markdown_table
+from esft_jax.report import axes, markdown_table, save_figure
 from esft_jax.routing.scores import expert_scores
 from esft_jax.routing.select import by_threshold
 from esft_jax.routing.stats import RoutingStats
@@ -90,24 +90,12 @@ def _overlap(scores: dict[str, np.ndarray], p: float) -> str:
 
 def heatmap(stats: RoutingStats, path: str | Path, title: str) -> Path:
     """PNG: layers x experts, colour = Token Selection Ratio."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     scores = expert_scores(stats, "token", "pooled")
-    fig, ax = plt.subplots(
-        figsize=(max(6.0, stats.num_experts / 6), max(3.0, len(stats.layers) / 4))
-    )
+    fig, ax = axes((max(6.0, stats.num_experts / 6), max(3.0, len(stats.layers) / 4)))
     im = ax.imshow(scores, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_yticks(range(len(stats.layers)), [str(layer) for layer in stats.layers], fontsize=6)
     ax.set_title(f"{title}: Token Selection Ratio ({stats.tokens} tokens)")
     fig.colorbar(im, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

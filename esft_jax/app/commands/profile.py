@@ -96,6 +96,12 @@ def profile_routing(c: ml_collections.ConfigDict) -> Profiled:
 
 def check(c: ml_collections.ConfigDict) -> None:
     input_path(c, "data", "a dataset to profile")
+    if c.adapter:
+        input_path(c, "adapter", "an adapter directory (esft train's <workdir>/adapter)")
+        if c.checkpoint == runtime.RANDOM_WEIGHTS:  # load_model applies adapters to checkpoints
+            raise config_files.ConfigFileError(
+                f"--config.adapter={c.adapter}: applies to a checkpoint, not to random weights"
+            )
     one_of(c, "data_format", FORMATS)
     template(c, "template")
     for key in ("token_budget", "batch_size"):
@@ -107,7 +113,7 @@ def check(c: ml_collections.ConfigDict) -> None:
 
 
 def run(c: ml_collections.ConfigDict) -> None:
-    """Profile a model's routing on a task dataset; write stats.npz and summary.json."""
+    """Profile a model's (+ adapter's) routing on a task dataset; write stats.npz and summary.json."""
     profiled = routing_run.profile_routing(c)
     if profiled.skipped:
         print(f"skipped {profiled.skipped} malformed lines of {c.data}")
