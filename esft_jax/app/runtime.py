@@ -79,6 +79,10 @@ def load_model(c: ml_collections.ConfigDict, mesh: Mesh | None = None) -> tuple[
     checkpoint/sharded_load.py: each process reads only the blocks its devices hold), else on the
     default device."""
     overrides = _runtime_overrides(c)
+    if c.get("adapter") and c.checkpoint == RANDOM_WEIGHTS:
+        raise config_files.ConfigFileError(
+            f"--config.adapter={c.adapter}: applies to a checkpoint, not to random weights"
+        )
     if c.get("adapter"):
         check_adapter_base(c, c.adapter)
     if mesh is not None:

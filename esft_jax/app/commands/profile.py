@@ -98,10 +98,6 @@ def check(c: ml_collections.ConfigDict) -> None:
     input_path(c, "data", "a dataset to profile")
     if c.adapter:
         input_path(c, "adapter", "an adapter directory (esft train's <workdir>/adapter)")
-        if c.checkpoint == runtime.RANDOM_WEIGHTS:  # load_model applies adapters to checkpoints
-            raise config_files.ConfigFileError(
-                f"--config.adapter={c.adapter}: applies to a checkpoint, not to random weights"
-            )
     one_of(c, "data_format", FORMATS)
     template(c, "template")
     for key in ("token_budget", "batch_size"):
