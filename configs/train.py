@@ -47,6 +47,7 @@ def get_config(method: str = "esft") -> ml_collections.ConfigDict:
             shards=0,  # the global batch = this many shards, each read by the processes holding its rows
             # (0: one per block of rows a process holds); fixed, any process count reads the same data
             skip_invalid=False,
+            limit=0,  # train on this many samples (the first after the validation split); 0: all
         )
     )
     c.seed = 0

@@ -43,7 +43,8 @@ def _params_cell(study: Study, method: str) -> str:
 
 
 def study_table(study: Study) -> str:
-    """One row per method: task score, general scores and average, perplexity, costs."""
+    """One row per method: task score, general scores and average, perplexity, costs (step s: the
+    median seconds of a step after compilation), and the general average retained (of vanilla's)."""
     has_ppl = "perplexity" in study.results["vanilla"]
     head = [
         "method",
@@ -55,7 +56,9 @@ def study_table(study: Study) -> str:
         "optimizer state",
         "adapter",
         "train s",
+        "step s",
         "peak RSS",
+        "general retained",
     ]
     rows = []
     for name, r in study.results.items():
@@ -70,7 +73,11 @@ def study_table(study: Study) -> str:
             f"{s['optimizer_state_bytes'] / 1e6:.2f} MB" if s else "-",
             f"{s['adapter_bytes'] / 1e6:.2f} MB" if s else "-",
             f"{s['train_seconds']:.0f}" if s else "-",
+            f"{s['step_seconds']:.3f}" if s.get("step_seconds") else "-",
             f"{s['peak_rss_mb']:.0f} MB" if s.get("peak_rss_mb") else "-",
+            f"{study.general_avg(name) / study.general_avg('vanilla'):.1%}"
+            if study.general_avg("vanilla")
+            else "-",
         ]
         rows.append(cells)
     return markdown_table(head, rows)

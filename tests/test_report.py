@@ -90,3 +90,29 @@ def test_study_table_perplexity_column_only_when_measured():
         "12.50",
     ]
     assert _rows(table)["esft"][5] == "50 (5.0%)" and _rows(table)["vanilla"][5] == "-"
+
+
+def test_study_table_step_time_and_general_retained():
+    s = _study(
+        "a",
+        {"vanilla": 0.1, "fft": 0.9, "esft": 0.8},
+        {"vanilla": (0.8, 0.6), "fft": (0.2, 0.5), "esft": (0.7, 0.63)},
+    )
+    s.summaries["esft"]["step_seconds"] = 0.0421
+    rows = _rows(study_table(s))
+    # retained: general avg over vanilla's (0.7): fft 0.35 / 0.7, esft 0.665 / 0.7
+    assert [rows[m][-1] for m in ("vanilla", "fft", "esft")] == ["100.0%", "50.0%", "95.0%"]
+    assert rows["esft"][-3] == "0.042" and rows["fft"][-3] == "-"
+
+
+def test_step_seconds_leave_out_the_first_interval_which_compiles():
+    from esft_jax.app.commands.train import _step_seconds
+
+    history = [
+        {"step": 20, "seconds": 30.0},  # compiles
+        {"step": 40, "seconds": 2.0},
+        {"step": 60, "seconds": 9.0},  # a validation pass inside
+        {"step": 70, "seconds": 1.2},  # a last, shorter interval
+    ]
+    assert _step_seconds(history) == 0.12  # median of 0.1, 0.45, 0.12
+    assert _step_seconds(history[:1]) is None

@@ -213,3 +213,18 @@ def test_baselines_train_and_export(tmp_path, method):
         tensors, meta = read_adapter(tmp_path / "run_lora/adapter")
         assert all(".lora_" in name for name in tensors) and meta["r"] == 8
         np.testing.assert_array_equal(merged["embed"], base["embed"])
+
+
+def test_data_limit_trains_on_the_first_samples_after_the_validation_split(tmp_path):
+    """The data-size ablation's knob: data.limit=N keeps the first N training samples (the same
+    samples for every method, nested across sizes); validation is unchanged."""
+    c = fx.train_config(tmp_path)
+    cfg = runtime.model_config(c)
+    tokenizer = runtime.tokenizer(c)
+    template = runtime.chat_template(c, "data.template", tokenizer, cfg)
+    whole = loop._read_data(c, tokenizer, cfg, template)
+    c.data.limit = 10
+    limited = loop._read_data(c, tokenizer, cfg, template)
+    assert len(whole.train) > 10 and len(limited.train) == 10
+    assert [limited.train[i] for i in range(10)] == [whole.train[i] for i in range(10)]
+    assert [s for s in limited.validation] == [s for s in whole.validation]

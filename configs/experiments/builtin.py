@@ -70,4 +70,6 @@ def get_config(task: str = "intent") -> ml_collections.ConfigDict:
         "data.validation_fraction=0.02",
     )
     c.eval = ml_collections.ConfigDict(dict(limit=60, batch_size=30, seq_len=512))
+    # routing drift (routing/drift.py) of these methods: the task profiled again after fine-tuning
+    c.drift = ml_collections.ConfigDict(dict(methods=(), score="token", p=0.2))
     return c

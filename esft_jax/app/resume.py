@@ -97,14 +97,20 @@ MODEL_DEFAULTS = {
 }
 
 
+# settings added after runs were saved without them: a saved run had their default
+LATER_DEFAULTS = {"data.limit": 0}
+
+
 def _changed(saved: dict[str, Any], new: dict[str, Any], checkpoint: str) -> list[str]:
     """The keys (flattened) that differ and change the result, in the config's order. A model
-    field the saved run lacks (added by a later version) is compared with its default."""
+    field or a LATER_DEFAULTS key the saved run lacks (added by a later version) is compared with its
+    default."""
     keys = [*new, *(k for k in saved if k not in new)]
     keys = [
         k for k in keys if not (_is_free(k, checkpoint) or (k == "data.shards" and new.get(k) == 0))
     ]
-    saved = {**{k: v for k, v in MODEL_DEFAULTS.items() if k in new}, **saved}
+    later = {**MODEL_DEFAULTS, **LATER_DEFAULTS}
+    saved = {**{k: v for k, v in later.items() if k in new}, **saved}
     return [k for k in keys if _comparable(k, saved.get(k)) != _comparable(k, new.get(k))]
 
 

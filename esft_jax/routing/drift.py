@@ -208,3 +208,38 @@ def plot(drift: Drift, path: str | Path) -> Path:
     ax.set_title(f"Routing drift ({drift.score} scores, p={drift.p})")
     ax.legend(fontsize=6)
     return save_figure(fig, path)
+
+
+def methods_table(drifts: Mapping[str, Drift]) -> str:
+    """Markdown: one row per fine-tuning method, its drift over all layers (as `table`'s last row)."""
+    head = ["method", "Jaccard", "kept", "JS distance", "coverage before", "coverage after"]
+    head.append("coverage change")
+    rows = [
+        [
+            name,
+            *_cells(
+                d.jaccard_l.mean(),
+                d.kept_l.mean(),
+                d.js_distance_l.mean(),
+                d.coverage_before,
+                d.coverage_after,
+            ),
+        ]
+        for name, d in drifts.items()
+    ]
+    return markdown_table(head, rows, right=[False] + [True] * (len(head) - 1))
+
+
+def methods_plot(drifts: Mapping[str, Drift], path: str | Path) -> Path:
+    """PNG: each method's JS distance per layer, one line each."""
+    first = next(iter(drifts.values()))
+    fig, ax = axes((max(5.0, len(first.layers) / 3), 3.5))
+    x = np.arange(len(first.layers))
+    for name, d in drifts.items():
+        ax.plot(x, d.js_distance_l, "o-", label=name, markersize=4)
+    ax.set_xticks(x, [str(layer) for layer in first.layers], fontsize=6)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("JS distance, before vs after")
+    ax.set_title("Routing drift by fine-tuning method")
+    ax.legend(fontsize=6)
+    return save_figure(fig, path)

@@ -30,6 +30,7 @@ from esft_jax import report
 from esft_jax.app import config_files, launch
 from esft_jax.app.checks import (
     architecture_override,
+    number,
     one_of,
     required,
     template,
@@ -45,7 +46,9 @@ from esft_jax.app.runtime import RUNTIME_FIELDS
 from esft_jax.builtin import suite as builtin_suite
 from esft_jax.data.chat import LOSS_ON
 from esft_jax.data.sources import EXTENSIONS, FORMATS
-from esft_jax.routing import analyze
+from esft_jax.expert_config import ExpertConfig
+from esft_jax.routing import analyze, drift
+from esft_jax.routing.scores import KINDS
 from esft_jax.routing.sources import STATS_FILE, load_stats
 from esft_jax.routing.stats import RoutingStats
 from esft_jax.train.method import SELECTED_EXPERTS
@@ -84,12 +87,13 @@ def _data(directory: Path, name: str) -> str:
     return str(next((p for p in found if p.exists()), found[0]))
 
 
-def _profile(c: ml_collections.ConfigDict, suite: Path, out: Path) -> None:
-    """`esft profile` of the task's training data into `out`."""
+def _profile(c: ml_collections.ConfigDict, suite: Path, out: Path, adapter: str = "") -> None:
+    """`esft profile` of the task's training data (by the base model + `adapter`) into `out`."""
     routing_run.profile_routing(
         _step_config(
             c,
             "profile",
+            adapter=adapter,
             data=_data(suite / "train", c.task),
             data_format=c.data_format,
             token_budget=c.profile.token_budget,
@@ -257,6 +261,8 @@ def _finish(p: _Prepared) -> tuple[Path, report.Study]:
                 c, p.suite, run_dir / f"eval_{m}", adapter
             ),
         )
+    if c.drift.methods:
+        _drift(p)
     study = report.Study(c.task, tuple(c.general_tasks), results, summaries)
     table = report.study_table(study)
     (run_dir / "results.md").write_text(table)
@@ -269,6 +275,26 @@ def _finish(p: _Prepared) -> tuple[Path, report.Study]:
         f"{run_dir / 'score_vs_params.png'}"
     )
     return run_dir / "results.md", study
+
+
+def _drift(p: _Prepared) -> None:
+    """Routing drift of each of c.drift.methods: the task profiled again by the fine-tuned model,
+    against the base model's profile (routing/drift.py); <run_dir>/drift.md and drift.png."""
+    c, run_dir = p.c, p.run_dir
+    drifts = {}
+    for m in c.drift.methods:
+        after = run_dir / f"profile_{m}"
+        if not (after / STATS_FILE).is_file():
+            _profile(c, p.suite, after, str(run_dir / f"train_{m}" / "adapter"))
+        _, selection = preset_of(m, c.selections)
+        experts = None
+        if selection is not None:  # coverage of the experts it trained
+            experts = ExpertConfig.load(run_dir / f"experts_{selection}.json").experts
+        drifts[m] = drift.compare(p.stats, load_stats(after), experts, c.drift.score, c.drift.p)
+    text = drift.methods_table(drifts)
+    (run_dir / "drift.md").write_text(text)
+    drift.methods_plot(drifts, run_dir / "drift.png")
+    print(f"routing drift after fine-tuning ({c.drift.score} scores, p={c.drift.p}):\n{text}")
 
 
 def run(c: ml_collections.ConfigDict) -> Path:
@@ -322,6 +348,11 @@ def check_study(c: ml_collections.ConfigDict) -> None:
         architecture_override(
             f"--config.train: {override!r}", override.partition("=")[0], c.checkpoint
         )
+    for m in c.drift.methods:
+        if m not in c.methods:
+            raise ConfigFileError(f"--config.drift.methods: {m!r} is not one of --config.methods")
+    one_of(c, "drift.score", KINDS)
+    number(c, "drift.p", 0.0, 1.0, low_open=True)
     for key in (
         "profile.token_budget",
         "profile.seq_len",

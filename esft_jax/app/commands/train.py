@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from tokenizers import Tokenizer
@@ -142,7 +143,7 @@ def _read_data(
     train_at, validation_at = split_validation(
         range(len(samples)), c.data.validation_fraction, c.data.max_validation, c.seed
     )
-    train = samples.subset(train_at)
+    train = samples.subset(train_at[: c.data.limit] if c.data.limit else train_at)
     encode = _encoder(tokenizer, cfg, c.data.seq_len, template, c.data.loss_on)
     if not any(doc["loss"].any() for sample in train for doc in encode(sample)):
         raise DataError(
@@ -222,6 +223,17 @@ def _validation_loss(
     return total / max(count, 1)
 
 
+def _step_seconds(history: list[dict]) -> float | None:
+    """The median seconds of a step over the logged intervals after the first (which compiles)."""
+    steps = [0] + [h["step"] for h in history]
+    per_step = [
+        h["seconds"] / (step - before)
+        for h, step, before in zip(history[1:], steps[2:], steps[1:])
+        if step > before
+    ]
+    return float(np.median(per_step)) if per_step else None
+
+
 def _summary(
     c: ml_collections.ConfigDict,
     method: TrainingMethod,
@@ -241,6 +253,7 @@ def _summary(
         "optimizer_state_bytes": tree_bytes(state["opt_state"]),
         "adapter_bytes": sum(p.stat().st_size for p in adapter_dir.iterdir()),
         "train_seconds": sum(h["seconds"] for h in history),
+        "step_seconds": _step_seconds(history),
         "peak_rss_mb": runtime.peak_rss_bytes() / 1e6,
     }
 

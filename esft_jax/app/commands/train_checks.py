@@ -39,6 +39,7 @@ def check_with_model(c: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
     checks.number(c, "optim.lr", 0)
     checks.whole(c, "optim.warmup_steps", minimum=0)
     checks.whole(c, "profile_tokens", minimum=0)
+    checks.whole(c, "data.limit", minimum=0)
     checks.number(c, "data.general_ratio", 0)
     checks.number(c, "data.validation_fraction", 0, 0.5)
     if not isinstance(c.extend, bool):
