@@ -24,6 +24,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 from safetensors.numpy import load_file  # noqa: E402
 
 from esft_jax.app import config_files, launch  # noqa: E402
+from esft_jax.app import study_steps as steps  # noqa: E402
 from esft_jax.app.commands import run as experiment  # noqa: E402
 from esft_jax.app.commands.select import select_experts  # noqa: E402
 from esft_jax.report import markdown_table  # noqa: E402
@@ -51,7 +52,7 @@ def _experts(c, root: Path) -> None:
     """Profile and select once (root/profile); every run directory gets the expert configs."""
     profile = root / "profile"
     if not profile.is_dir():
-        experiment._profile(c, root / "suite", profile)
+        steps.profile_task(c, root / "suite", profile)
     stats = load_stats(profile)
     for name, spec in c.selections.items():
         select_experts(stats, spec, c.seed).save(Path(c.run_dir) / f"experts_{name}.json")

@@ -11,6 +11,7 @@ import pytest
 import train_fixtures as fx
 
 from esft_jax.app import cli, config_files, launch
+from esft_jax.app import study_steps as steps
 from esft_jax.app.commands import run as experiment
 from esft_jax.app.runtime import RUNTIME_FIELDS
 from esft_jax.builtin import suite as builtin_suite
@@ -114,7 +115,7 @@ def test_main_config_is_every_builtin_task():
 def test_training_children_run_the_studys_runtime_model_fields(tmp_path, spec):
     """official.py's model is bfloat16 with scanned layers; configs/train.py's default is not."""
     c = config_files.load(f"configs/experiments/{spec}", ["model.moe_strategy=dense"])
-    args = experiment._train_command(c, "esft_token", tmp_path, tmp_path)
+    args = steps.train_command(c, "esft_token", tmp_path, tmp_path)
     at = args.index("--config")
     child = config_files.load(args[at + 1], [a.removeprefix("--config.") for a in args[at + 2 :]])
     assert {k: child.model[k] for k in RUNTIME_FIELDS} == {k: c.model[k] for k in RUNTIME_FIELDS}
@@ -125,7 +126,7 @@ def _child(monkeypatch, code: str, method: str, run: Path) -> tuple:
     `python -c code <workdir>` instead of `esft train`."""
     monkeypatch.setattr(
         experiment,
-        "_train_command",
+        "train_command",
         lambda c, method, run, suite: [sys.executable, "-c", code, str(run / f"train_{method}")],
     )
     c = config_files.load("configs/experiments/builtin.py", [f"methods=('{method}',)"])

@@ -20,9 +20,8 @@ commands), then one table of all of them (report.aggregate_table) and a trade-of
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import ml_collections
 
@@ -37,15 +36,21 @@ from esft_jax.app.checks import (
     whole,
     writable_dir,
 )
-from esft_jax.app.commands import profile as routing_run
-from esft_jax.app.commands.eval import check_scoring, evaluate
+from esft_jax.app.commands.eval import check_scoring
 from esft_jax.app.commands.select import check_selection, select_experts
 from esft_jax.app.config_files import ConfigFileError
 from esft_jax.app.launch import Variant
-from esft_jax.app.runtime import RUNTIME_FIELDS
+from esft_jax.app.study_steps import (
+    TRAIN_CONFIG,
+    cached,
+    evaluate_model,
+    preset_of,
+    profile_task,
+    train_command,
+)
 from esft_jax.builtin import suite as builtin_suite
 from esft_jax.data.chat import LOSS_ON
-from esft_jax.data.sources import EXTENSIONS, FORMATS
+from esft_jax.data.sources import FORMATS
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.routing import analyze, drift
 from esft_jax.routing.scores import KINDS
@@ -53,140 +58,13 @@ from esft_jax.routing.sources import STATS_FILE, load_stats
 from esft_jax.routing.stats import RoutingStats
 from esft_jax.train.method import SELECTED_EXPERTS
 
-# the study's, for each of its steps
-STEP_FIELDS = (
-    "model",
-    "checkpoint",
-    "tokenizer",
-    "template",
-    "seed",
-    "mesh",
-)
-
-
-def _cached(path: Path, compute) -> Any:
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    path.write_text(json.dumps(value, indent=1) + "\n")
-    return value
-
-
-def _step_config(c: ml_collections.ConfigDict, command: str, **fields) -> ml_collections.ConfigDict:
-    """configs/<command>.py with the study's model source and `fields` (step config = the command's)."""
-    step = config_files.load_file(f"configs/{command}.py")
-    for key, value in {**{k: c[k] for k in STEP_FIELDS}, **fields}.items():
-        step[key] = value
-    return step
-
-
-def _data(directory: Path, name: str) -> str:
-    """The suite's data set `name` in `directory`: the first of <name>.jsonl, .ndjson, .json,
-    .parquet, .arrow or a folder <name> that exists (<name>.jsonl, for the error, if none does)."""
-    found = [directory / f"{name}{ext}" for ext in EXTENSIONS] + [directory / name]
-    return str(next((p for p in found if p.exists()), found[0]))
-
-
-def _profile(c: ml_collections.ConfigDict, suite: Path, out: Path, adapter: str = "") -> None:
-    """`esft profile` of the task's training data (by the base model + `adapter`) into `out`."""
-    routing_run.profile_routing(
-        _step_config(
-            c,
-            "profile",
-            adapter=adapter,
-            data=_data(suite / "train", c.task),
-            data_format=c.data_format,
-            token_budget=c.profile.token_budget,
-            seq_len=c.profile.seq_len,
-            batch_size=c.profile.batch_size,
-            out_dir=str(out),
-            progress=False,
-        )
-    )
-
-
-def _evaluate(c: ml_collections.ConfigDict, suite: Path, out: Path, adapter: str = "") -> dict:
-    """`esft eval` of the base model (+ adapter) into `out`: task score, general-suite scores and
-    held-out perplexity."""
-    eval_dir = suite / "eval"
-    tasks = ml_collections.ConfigDict(
-        {
-            name: dict(
-                data=_data(eval_dir, name),
-                format=c.data_format,
-                limit=c.eval.limit,
-                **c.scoring[name].to_dict(),
-            )
-            for name in [c.task, *c.general_tasks]
-        }
-    )
-    held_out = _data(eval_dir, c.perplexity_set) if c.perplexity_set else ""
-    perplexity = ml_collections.ConfigDict(
-        dict(data=held_out, format=c.data_format, seq_len=c.eval.seq_len, limit=0)
-    )
-    step = _step_config(
-        c,
-        "eval",
-        adapter=adapter,
-        tasks=tasks,
-        perplexity=perplexity,
-        judge=c.judge,
-        batch_size=c.eval.batch_size,
-        out_dir=str(out),
-    )
-    return evaluate(step).scores
-
-
-TRAIN_CONFIG = "configs/train.py"
-
-
-def preset_of(method: str, selections) -> tuple[str, str | None] | None:
-    """(the configs/train.py preset, the selection) a study's method names: a preset that takes no
-    expert config ("fft", "lora", "router", ...) or <preset>_<selection> for one that trains the
-    selected experts ("esft_token", ...); None if it names neither."""
-    if method in config_files.presets(TRAIN_CONFIG) and method not in SELECTED_EXPERTS:
-        return method, None
-    for preset in sorted(SELECTED_EXPERTS, key=len, reverse=True):
-        selection = method.removeprefix(f"{preset}_")
-        if selection != method and selection in selections:
-            return preset, selection
-    return None
-
-
-def _train_command(c: ml_collections.ConfigDict, method: str, run: Path, suite: Path) -> list[str]:
-    kind, selection = preset_of(method, c.selections)
-    train_config = config_files.resolve(TRAIN_CONFIG)
-    args = [
-        sys.executable,
-        "-m",
-        "esft_jax.app.cli",
-        "train",
-        "--config",
-        f"{train_config}:{kind}",
-        f"--config.checkpoint={c.checkpoint}",
-        f"--config.data.train={_data(suite / 'train', c.task)}",
-        f"--config.workdir={run / f'train_{method}'}",
-        f"--config.optim.lr={c.lr.get(method, c.lr.get(kind, c.lr.esft))}",
-        f"--config.data.template={c.template}",
-        f"--config.data.loss_on={c.loss_on}",
-        *(f"--config.mesh.{axis}={size}" for axis, size in c.mesh.items() if size != 1),
-        # the study's runtime model fields (dtype, strategy, ...), so training runs the model it profiles
-        *(f"--config.model.{k}={c.model[k]}" for k in RUNTIME_FIELDS if k in c.model),
-        *(f"--config.{override}" for override in c.train),
-    ]
-    if c.data_format != "auto":
-        args.append(f"--config.data.format={c.data_format}")
-    if selection is not None:
-        args.append(f"--config.expert_config={run / f'experts_{selection}.json'}")
-    return args
-
 
 def _variants(c: ml_collections.ConfigDict, run: Path, suite: Path, study: str = "") -> list:
     """The study's training variants, one per method (named study/method in a sweep)."""
     return [
         Variant(
             f"{study}/{m}" if study else m,
-            tuple(_train_command(c, m, run, suite)),
+            tuple(train_command(c, m, run, suite)),
             run / f"train_{m}",
         )
         for m in c.methods
@@ -229,7 +107,7 @@ def _prepare(c: ml_collections.ConfigDict) -> _Prepared | None:
         builtin_suite.write_suite(suite, seed=c.seed)
     print(f"[1/5] profiling routing on {c.task}")
     if not (run_dir / "profile" / STATS_FILE).is_file():
-        _profile(c, suite, run_dir / "profile")
+        profile_task(c, suite, run_dir / "profile")
     stats = load_stats(run_dir / "profile")
 
     print("[2/5] selecting experts")
@@ -237,12 +115,12 @@ def _prepare(c: ml_collections.ConfigDict) -> _Prepared | None:
         select_experts(stats, spec, c.seed).save(run_dir / f"experts_{name}.json")
     if c.launch == "print":
         for m in c.methods:
-            print(" ".join(_train_command(c, m, run_dir, suite)))
+            print(" ".join(train_command(c, m, run_dir, suite)))
         return None
 
     print(f"[3/5] vanilla eval of {c.checkpoint}")
-    vanilla = _cached(
-        run_dir / "eval_vanilla.json", lambda: _evaluate(c, suite, run_dir / "eval_vanilla")
+    vanilla = cached(
+        run_dir / "eval_vanilla.json", lambda: evaluate_model(c, suite, run_dir / "eval_vanilla")
     )
     return _Prepared(c, run_dir, suite, stats, vanilla)
 
@@ -255,9 +133,9 @@ def _finish(p: _Prepared) -> tuple[Path, report.Study]:
     for m in c.methods:
         workdir = run_dir / f"train_{m}"
         summaries[m] = json.loads((workdir / launch.SUMMARY).read_text())
-        results[m] = _cached(
+        results[m] = cached(
             run_dir / f"eval_{m}.json",
-            lambda m=m, adapter=str(workdir / "adapter"): _evaluate(
+            lambda m=m, adapter=str(workdir / "adapter"): evaluate_model(
                 c, p.suite, run_dir / f"eval_{m}", adapter
             ),
         )
@@ -285,7 +163,7 @@ def _drift(p: _Prepared) -> None:
     for m in c.drift.methods:
         after = run_dir / f"profile_{m}"
         if not (after / STATS_FILE).is_file():
-            _profile(c, p.suite, after, str(run_dir / f"train_{m}" / "adapter"))
+            profile_task(c, p.suite, after, str(run_dir / f"train_{m}" / "adapter"))
         _, selection = preset_of(m, c.selections)
         experts = None
         if selection is not None:  # coverage of the experts it trained
