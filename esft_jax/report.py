@@ -83,6 +83,26 @@ def study_table(study: Study) -> str:
     return markdown_table(head, rows)
 
 
+def forgetting_table(
+    sequence: Sequence[str], general: Sequence[str], scores: Mapping[str, Mapping[str, float]]
+) -> str:
+    """Sequential training: one row per stage (`scores["base"]`, then each task of `sequence` once
+    trained: task -> metric -> value), its score on every task and the general average; then each
+    task's forgetting, its score right after its own stage less its score after the last."""
+    head = ["after", *sequence, "general avg"]
+    rows = [
+        [
+            "base" if stage == "base" else f"{i}. {stage}",
+            *(f"{scores[stage][t]:.3f}" for t in sequence),
+            f"{sum(scores[stage][g] for g in general) / len(general):.3f}" if general else "-",
+        ]
+        for i, stage in enumerate(["base", *sequence])
+    ]
+    last = scores[sequence[-1]]
+    rows.append(["forgetting", *(f"{scores[t][t] - last[t]:+.3f}" for t in sequence), ""])
+    return markdown_table(head, rows, right=[False] + [True] * (len(head) - 1))
+
+
 def aggregate_table(studies: Mapping[str, Study]) -> str:
     """Methods x tasks: each study's task score, the mean of them, the mean general average, and the
     mean share of FFT's trainable parameters. Methods missing from a study are left blank."""

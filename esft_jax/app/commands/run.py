@@ -26,7 +26,7 @@ from typing import NamedTuple
 import ml_collections
 
 from esft_jax import report
-from esft_jax.app import config_files, launch
+from esft_jax.app import config_files, launch, sequential
 from esft_jax.app.checks import (
     architecture_override,
     number,
@@ -178,6 +178,8 @@ def _drift(p: _Prepared) -> None:
 def run(c: ml_collections.ConfigDict) -> Path:
     """Run (or finish) the study or the sweep; returns the path of its markdown table. A sweep's
     studies are prepared one after another, then all their variants train together."""
+    if "sequence" in c:
+        return sequential.run_sequence(c)
     studies = dict(c.studies) if "studies" in c else {"": c}
     prepared = {}
     for name, study in studies.items():
@@ -248,6 +250,8 @@ def check(c: ml_collections.ConfigDict) -> None:
     whole(c, "variant_devices", 0)
     if c.launch == "slurm":
         one_of(c, "slurm.cluster", ("slurm", "local", "debug"))
+    if "sequence" in c:
+        sequential.check(c)
     if "studies" not in c:
         return check_study(c)
     writable_dir(c, "run_dir")
