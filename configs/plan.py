@@ -31,9 +31,9 @@ def get_config(model: str = "deepseek_v2_lite") -> ml_collections.ConfigDict:
     # else: a Hugging Face directory to plan from its config.json (runtime fields: c.model)
     c.checkpoint = ""
     c.methods = "fft,lora,esft"
-    c.expert_fraction = 0.1  # esft: this share of each layer's experts ...
+    c.expert_fraction = 0.1  # esft, esft_lora: this share of each layer's experts ...
     c.expert_config = ""  # ... unless an expert config names them
-    c.lora_rank = 8
+    c.lora_rank = 8  # lora, esft_lora
     c.devices = (1, 2, 4, 8)
     c.topology = ""  # a TPU slice ("v5e:2x2", "v5p:2x2x2") to compile for with libtpu, instead of CPU devices
     c.mesh_axis = "fsdp"  # the mesh axis the devices form: fsdp (params and batch split) or expert

@@ -1,8 +1,11 @@
-"""`esft train`: fine-tune with ESFT (selected experts only), FFT, LoRA or the routers only.
+"""`esft train`: fine-tune with ESFT (selected experts only), FFT, LoRA, LoRA on the selected experts
+or the routers only.
 
     esft train --config configs/train.py:esft --config.checkpoint=/models/ESFT-vanilla-lite \
         --config.expert_config=runs/intent/token.json --config.data.train=data/builtin/train/intent.jsonl
     esft train --config configs/train.py:fft ...      esft train --config configs/train.py:lora ...
+    esft train --config configs/train.py:esft_lora --config.expert_config=... ...
+                                                      (LoRA factors on the selected experts only)
     esft train --config configs/train.py:router ...   (router-only tuning: every MoE layer's router)
 Rerunning the same command resumes from <workdir>/checkpoints (settings that change the result must
 match the saved run's; see esft_jax/app/resume.py). Outputs in <workdir>: config.json,
@@ -22,14 +25,17 @@ PRESETS = (
     "fft",
     "lora",
     "router",
+    "esft_lora",
 )
 
 
 def get_config(method: str = "esft") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.method = method  # "esft", "fft", "lora" or "router" (router-only tuning)
+    # "esft", "fft", "lora", "esft_lora" (LoRA on the selected experts) or "router" (router-only)
+    c.method = method
     blocks.model_source(c)
-    c.expert_config = ""  # esft: the expert config JSON (esft select)
+    c.expert_config = ""  # esft, esft_lora: the expert config JSON (esft select)
+    # lora and esft_lora: rank and alpha; targets: lora's (esft_lora's are the selected experts)
     c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, targets="attention,experts"))
     c.data = ml_collections.ConfigDict(
         dict(

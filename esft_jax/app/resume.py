@@ -1,16 +1,16 @@
 """Resuming a workdir: the new command's settings against those saved in <workdir>/config.json.
 
-A rerun resumes from <workdir>/checkpoints only if every setting that changes the result matches
-the saved run's: the method and its settings (lora.*, and for esft the selected experts, compared by
-content rather than by the expert config's path), the model, checkpoint and tokenizer, the data, the
-seed, the batch and the optimizer with its schedule. Settings that only change how or where the run
-goes may differ (FREE): the logging, evaluation and checkpoint intervals, keep_checkpoints,
-profile_tokens (measured after training), the workdir, the mesh, the process layout (distributed,
-data.shards=0 keeps the checkpoint's shards), the MoE strategy, the attention implementation,
-scan_layers and remat; the mesh, the MoE strategy and the attention implementation change only float
-rounding. With a checkpoint, the model is the checkpoint's: of `model.*` only dtype and
-capacity_factor count. A model setting that the saved run's version did not have yet counts as its
-default (what that version did).
+A rerun resumes from <workdir>/checkpoints only if every setting that changes the result matches the
+saved run's: the method and its settings (lora.*, and for esft / esft_lora the selected experts,
+compared by content rather than by the expert config's path), the model, checkpoint and tokenizer,
+the data, the seed, the batch and the optimizer with its schedule. Settings that only change how or
+where the run goes may differ (FREE): the logging, evaluation and checkpoint intervals,
+keep_checkpoints, profile_tokens (measured after training), the workdir, the mesh, the process
+layout (distributed, data.shards=0 keeps the checkpoint's shards), the MoE strategy, the attention
+implementation, scan_layers and remat; the mesh, the MoE strategy and the attention implementation
+change only float rounding. With a checkpoint, the model is the checkpoint's: of `model.*` only
+dtype and capacity_factor count. A model setting that the saved run's version did not have yet
+counts as its default (what that version did).
 
 `steps` may grow only with `extend=True`, which keeps the saved schedule: `optim.steps`, the
 schedule's horizon, stays the saved one, so a cosine schedule has reached its final lr there and the
@@ -161,7 +161,7 @@ def resumed_config(
     ]
     differences = [f"{key} {_shown(saved, key)} -> {_shown(new, key)}" for key in changed]
     saved_experts = workdir / EXPERTS_FILE
-    if expert_config is not None and saved.get("method") == "esft" and saved_experts.is_file():
+    if expert_config is not None and saved.get("method") == c.method and saved_experts.is_file():
         experts = _expert_difference(
             read_json(saved_experts, ConfigFileError, "missing"), expert_config.to_json()
         )

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from esft_jax.checkpoint import fp8, hf, mxfp4
-from esft_jax.checkpoint.adapter import read_adapter
+from esft_jax.checkpoint.adapter import LORA_A, LORA_B, read_adapter
 from esft_jax.checkpoint.errors import CheckpointError
 from esft_jax.checkpoint.families.base import Fused
 from esft_jax.checkpoint.output_dir import export_replaceable, staged_dir, write_marker
@@ -71,6 +71,11 @@ def _updates(
     whole: dict[str, np.ndarray] = {}
     fused: FusedUpdates = {}
     for name, value in trained.items():
+        if name.endswith((LORA_A, LORA_B)):
+            raise CheckpointError(
+                f"{adapter_dir}: holds LoRA factors ({name}), which --config.dtype=native does not "
+                "merge (it writes whole tensors); export with --config.dtype=auto"
+            )
         use = where.get(name)
         if use is None:
             raise CheckpointError(

@@ -77,22 +77,27 @@ class ExpertSubset:
         first = max(1, round(s.expert_fraction * n_experts))
         return cls.build(cfg, ExpertConfig({layer: list(range(first)) for layer in layers}))
 
-    def init(self, frozen: Params) -> Params:
-        experts = frozen["moe_layers"]["moe"]["experts"]
+    def slot_of(self) -> dict[tuple[int, int], int]:
+        """(MoE layer index, expert id) -> its override slot, for every selected expert."""
+        return dict(zip(map(tuple, self.rows.tolist()), self.row_slots.tolist()))
+
+    def slot_rows(self, experts: Params) -> Params:
+        """The selected experts' rows of every expert leaf (`experts`: the stacked [L, E, ...]) in
+        the override layout [L, S, ...], in the param dtype (quantised experts dequantised as a bf16
+        load of the checkpoint would be), unused slots zero."""
         layer, expert = np.arange(len(self.slot_ids))[:, None], np.maximum(self.slot_ids, 0)
         used = self.slot_ids >= 0
+        rows = quant.rows(experts, (layer, expert), self.cfg.expert_scheme, self.cfg.param_dtype)
+        return {
+            k: jnp.where(used.reshape(*used.shape, *(1,) * (w.ndim - 2)), w, 0)
+            for k, w in rows.items()
+        }
+
+    def init(self, frozen: Params) -> Params:
         trainable: Params = {}
         if self.rows.size:  # no routed expert at all: e.g. the "shared experts only" ablation
-            # [L, S, ...]; quantised experts dequantised as a bf16 load of the checkpoint would be
-            rows = quant.rows(
-                experts, (layer, expert), self.cfg.expert_scheme, self.cfg.param_dtype
-            )
-            trainable["experts"] = {
-                k: jnp.where(used.reshape(*used.shape, *(1,) * (w.ndim - 2)), w, 0).astype(
-                    jnp.float32
-                )
-                for k, w in rows.items()
-            }
+            rows = self.slot_rows(frozen["moe_layers"]["moe"]["experts"])
+            trainable["experts"] = {k: w.astype(jnp.float32) for k, w in rows.items()}
         if self.expert_config.shared_experts and "shared" in frozen["moe_layers"]["moe"]:
             trainable["shared"] = float32_copy(_shared_part(frozen["moe_layers"]["moe"]))
         if self.expert_config.non_expert_modules:
@@ -131,7 +136,12 @@ class ExpertSubset:
         params = overlay(frozen, self._subtrees(trainable))
         if "experts" not in trainable:
             return params
-        override = {**trainable["experts"], "ids": jnp.asarray(self.slot_ids)}
+        return self.with_override(params, trainable["experts"])
+
+    def with_override(self, params: Params, rows: Params) -> Params:
+        """`params` with `rows` (every expert leaf's [L, S, ...] slot rows) as the MoE layers'
+        expert overrides: the forward pass computes the selected experts from them."""
+        override = {**rows, "ids": jnp.asarray(self.slot_ids)}
         moe_layers = dict(params["moe_layers"])
         moe_layers["moe"] = {**moe_layers["moe"], "override": override}
         return {**params, "moe_layers": moe_layers}
@@ -140,11 +150,17 @@ class ExpertSubset:
         params = cast_like(overlay(frozen, self._subtrees(trainable)), frozen)
         if "experts" not in trainable:
             return params
+        return self.write_rows(params, trainable["experts"])
+
+    def write_rows(self, params: Params, rows: Params) -> Params:
+        """`params` with the selected experts of the stacked experts replaced by their rows in `rows`
+        ([L, S, ...] slot rows of some expert leaves), in the stack's dtype; quantised experts
+        re-quantised, block by block."""
         experts = dict(params["moe_layers"]["moe"]["experts"])
         layer, expert = self.rows[:, 0], self.rows[:, 1]
-        for k, rows in trainable["experts"].items():
-            trained = rows[layer, self.row_slots]
-            if k + quant.SCALE in experts:  # the trained experts re-quantised, block by block
+        for k, slots in rows.items():
+            trained = slots[layer, self.row_slots]
+            if k + quant.SCALE in experts:
                 scheme = self.cfg.expert_scheme
                 values, scale = scheme.quantize(trained.astype(self.cfg.param_dtype))
                 experts[k + quant.SCALE] = experts[k + quant.SCALE].at[layer, expert].set(scale)
@@ -173,14 +189,16 @@ class ExpertSubset:
             tensors = self._quantized_adapter_tensors(cfg, frozen, trainable, changed)
         else:
             tensors = hf_tensors(cfg, self.write_back(frozen, trainable), changed)
-        # the routing profile once, where the server's monitor reads it (serve/bank.py)
-        metadata = {
-            "method": "esft",
-            "expert_config": dataclasses.replace(ec, profile=None).to_json(),
-        }
+        return tensors, {"method": "esft", **self.selection_metadata()}
+
+    def selection_metadata(self) -> dict:
+        """The adapter metadata of the selection: its expert config and, when it has one, its
+        profile as "routing_profile" (once, where the server's monitor reads it: serve/bank.py)."""
+        ec = self.expert_config
+        metadata = {"expert_config": dataclasses.replace(ec, profile=None).to_json()}
         if ec.profile is not None:
             metadata["routing_profile"] = ec.profile
-        return tensors, metadata
+        return metadata
 
     def _quantized_adapter_tensors(
         self, cfg: ModelConfig, frozen: Params, trainable: Params, changed
@@ -196,7 +214,7 @@ class ExpertSubset:
         dtypes = {  # quantised matrices in bf16, biases in their own dtype
             k: jnp.bfloat16 if k + quant.SCALE in experts else experts[k].dtype for k in rows
         }
-        slot = dict(zip(map(tuple, self.rows.tolist()), self.row_slots.tolist()))
+        slot = self.slot_of()
         for m in tensor_maps(cfg):
             if "experts" in m.path and m.index in slot:
                 row = rows[m.path[-1]][m.index[0], slot[m.index]]

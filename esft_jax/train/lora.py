@@ -26,6 +26,39 @@ from esft_jax.train.trainable import Params, cast_like, overlay, tree_size
 TARGETS = ("attention", "experts", "shared_experts")
 
 
+def split_dims(path: tuple[str, ...], shape: tuple[int, ...], n_batch: int):
+    """(batch dims, fan-in, fan-out) of the weight at path (path[0] is the layer group)."""
+    n_in = input_dims(path)
+    return (
+        shape[:n_batch],
+        math.prod(shape[n_batch : n_batch + n_in]),
+        math.prod(shape[n_batch + n_in :]),
+    )
+
+
+def init_factors(
+    key: jax.Array, batch: tuple[int, ...], n_in: int, n_out: int, rank: int
+) -> Params:
+    """{"a": [*batch, n_in, rank] normal, std 1/sqrt(n_in); "b": [*batch, rank, n_out] zeros}: the
+    update A @ B starts at zero, so training starts from the base model exactly."""
+    return {
+        "a": jax.random.normal(key, (*batch, n_in, rank), jnp.float32) / math.sqrt(n_in),
+        "b": jnp.zeros((*batch, rank, n_out), jnp.float32),
+    }
+
+
+def merge(w: jax.Array, ab: Params, scale: float) -> jax.Array:
+    """W + scale * A @ B in float32, W [*batch, *in, *out] (A @ B reshaped to it)."""
+    return w.astype(jnp.float32) + jnp.matmul(ab["a"], ab["b"]).reshape(w.shape) * scale
+
+
+def factor_tensors(weight_name: str, a_ir: np.ndarray, b_ro: np.ndarray) -> dict[str, np.ndarray]:
+    """One matrix's factors A [in, r], B [r, out] as PEFT's lora_A [r, in], lora_B [out, r] beside
+    the HF weight `weight_name` (checkpoint/adapter.py merges them)."""
+    base = weight_name[: -len(".weight")]
+    return {base + LORA_A: np.asarray(a_ir).T, base + LORA_B: np.asarray(b_ro).T}
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRA:
     rank: int = 8
@@ -67,27 +100,13 @@ class LoRA:
                 paths += [((group, "moe", "shared", k), 1) for k in moe["shared"]]
         return paths
 
-    @staticmethod
-    def _split(path: tuple[str, ...], shape: tuple[int, ...], n_batch: int):
-        """(batch dims, fan-in, fan-out) of the weight at path (path[0] is the layer group)."""
-        n_in = input_dims(path)
-        return (
-            shape[:n_batch],
-            math.prod(shape[n_batch : n_batch + n_in]),
-            math.prod(shape[n_batch + n_in :]),
-        )
-
     def init(self, frozen: Params) -> Params:
         paths, leaves = self.target_paths(frozen), traverse_util.flatten_dict(frozen)
         keys = jax.random.split(jax.random.key(self.seed), len(paths))
         trainable = {}
         for (path, n_batch), key in zip(paths, keys):
-            batch, n_in, n_out = self._split(path, leaves[path].shape, n_batch)
-            trainable["/".join(path)] = {
-                "a": jax.random.normal(key, (*batch, n_in, self.rank), jnp.float32)
-                / math.sqrt(n_in),
-                "b": jnp.zeros((*batch, self.rank, n_out), jnp.float32),
-            }
+            batch, n_in, n_out = split_dims(path, leaves[path].shape, n_batch)
+            trainable["/".join(path)] = init_factors(key, batch, n_in, n_out, self.rank)
         return trainable
 
     def num_trained(self, trainable: Params) -> int:
@@ -101,10 +120,7 @@ class LoRA:
         merged = {}
         for name, ab in trainable.items():
             path = tuple(name.split("/"))
-            w = leaves[path]
-            merged[path] = (
-                w.astype(jnp.float32) + jnp.matmul(ab["a"], ab["b"]).reshape(w.shape) * scale
-            )
+            merged[path] = merge(leaves[path], ab, scale)
         return overlay(frozen, traverse_util.unflatten_dict(merged))
 
     def write_back(self, frozen: Params, trainable: Params) -> Params:
@@ -118,9 +134,7 @@ class LoRA:
         for m in tensor_maps(cfg):
             ab = host.get("/".join(m.path))
             if ab is not None:
-                base = m.hf_name[: -len(".weight")]
-                tensors[base + LORA_A] = np.asarray(ab["a"][m.index]).T
-                tensors[base + LORA_B] = np.asarray(ab["b"][m.index]).T
+                tensors.update(factor_tensors(m.hf_name, ab["a"][m.index], ab["b"][m.index]))
         metadata = {
             "method": "lora",
             "r": self.rank,

@@ -18,6 +18,7 @@ from esft_jax.checkpoint.adapter import write_adapter
 from esft_jax.expert_config import ExpertConfig
 from esft_jax.model.config import ConfigError, ModelConfig
 from esft_jax.train.esft import ExpertSubset
+from esft_jax.train.esft_lora import ExpertLoRA
 from esft_jax.train.fft import FullFineTune
 from esft_jax.train.lora import LoRA
 from esft_jax.train.router_only import RouterOnly
@@ -63,10 +64,12 @@ REGISTRY: dict[str, Constructor] = {
     "fft": FullFineTune.from_settings,
     "lora": LoRA.from_settings,
     "router": RouterOnly.from_settings,
+    "esft_lora": ExpertLoRA.from_settings,
 }
 METHODS = tuple(REGISTRY)  # the values of --config.method
-# methods that train the experts of an expert config (a study names them <method>_<selection>)
-SELECTED_EXPERTS = ("esft",)
+# methods that train the experts an expert config selects (esft train needs its file; a study
+# names them <method>_<selection>)
+SELECTED_EXPERTS = ("esft", "esft_lora")
 # methods whose trained copy covers the whole routed-expert stack (no quantised experts: model/quant.py)
 WHOLE_EXPERT_STACK = ("fft", "lora")
 

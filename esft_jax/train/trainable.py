@@ -1,7 +1,7 @@
 """What trains: the pytree helpers the training methods share (train/method.py: TrainingMethod; one
-module per method: esft.py, fft.py, lora.py, router_only.py): the frozen params overlaid with a
-trained part, the shared-expert and non-expert parts, float32 master copies, the model's tensors in
-Hugging Face names.
+module per method: esft.py, fft.py, lora.py, esft_lora.py, router_only.py): the frozen params
+overlaid with a trained part, the shared-expert and non-expert parts, float32 master copies, the
+model's tensors in Hugging Face names.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`esft train`: one flat loop for every training method (train/method.py: ESFT, FFT, LoRA, router).
+"""`esft train`: one flat loop for every training method (train/method.py: ESFT, FFT, LoRA, router,
+ESFT-LoRA).
 
 Each step is one call of the jitted train step (train/step.py), which donates the old state. Every
 `checkpoint_every` steps the state and the data iterator's position are saved with orbax; rerunning

@@ -14,7 +14,7 @@ from esft_jax.app.config_files import ConfigFileError
 from esft_jax.data.chat import LOSS_ON
 from esft_jax.data.sources import FORMATS
 from esft_jax.model import ModelConfig
-from esft_jax.train.method import METHODS
+from esft_jax.train.method import METHODS, SELECTED_EXPERTS
 
 AT_LEAST_ONE = (
     "steps",
@@ -30,7 +30,7 @@ AT_LEAST_ONE = (
 def check_with_model(c: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
     """Raise ConfigFileError for the first value of `c` (configs/train.py) that cannot train `cfg`."""
     checks.one_of(c, "method", METHODS)
-    if c.method == "esft":
+    if c.method in SELECTED_EXPERTS:
         checks.required(c, "expert_config", "the expert config to train (esft select writes one)")
     for key in AT_LEAST_ONE:
         checks.whole(c, key)
