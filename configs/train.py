@@ -4,6 +4,8 @@
         --config.expert_config=runs/intent/token.json --config.data.train=data/builtin/train/intent.jsonl
     esft train --config configs/train.py:fft ...      esft train --config configs/train.py:lora ...
     esft train --config configs/train.py:router ...   (router-only tuning: every MoE layer's router)
+    esft train --config configs/train.py:router_densemixer ...   (the same, the routers' gradient from
+        the dense mixture over every expert: DenseMixer, --config.densemixer=True)
 Rerunning the same command resumes from <workdir>/checkpoints (settings that change the result must
 match the saved run's; see esft_jax/app/resume.py). Outputs in <workdir>: config.json,
 metrics.jsonl, checkpoints/, adapter/ (the changed tensors), summary.json.
@@ -16,20 +18,26 @@ import ml_collections
 
 from esft_jax.app import config_blocks as blocks
 
-# the training method (esft_jax/train/method.py REGISTRY)
+# the training method (esft_jax/train/method.py REGISTRY); METHOD_densemixer: with densemixer=True
 PRESETS = (
     "esft",
     "fft",
     "lora",
     "router",
+    "router_densemixer",
 )
 
 
-def get_config(method: str = "esft") -> ml_collections.ConfigDict:
+def get_config(preset: str = "esft") -> ml_collections.ConfigDict:
+    method, _, variant = preset.partition("_")
     c = ml_collections.ConfigDict()
     c.method = method  # "esft", "fft", "lora" or "router" (router-only tuning)
     blocks.model_source(c)
     c.expert_config = ""  # esft: the expert config JSON (esft select)
+    # the router's gradient from the dense mixture over every expert, the forward pass unchanged
+    # (DenseMixer; esft_jax/model/router_grad.py): for a method that trains the router (router,
+    # fft, esft with non_expert_modules)
+    c.densemixer = variant == "densemixer"
     c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, targets="attention,experts"))
     c.data = ml_collections.ConfigDict(
         dict(
@@ -78,7 +86,7 @@ def get_config(method: str = "esft") -> ml_collections.ConfigDict:
     c.profile_tokens = 16384
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
-    c.workdir = f"runs/train_{method}"
+    c.workdir = f"runs/train_{preset}"
     c.mesh = blocks.mesh()
     c.distributed = blocks.distributed()
     return c

@@ -9,8 +9,8 @@ profile_tokens (measured after training), the workdir, the mesh, the process lay
 data.shards=0 keeps the checkpoint's shards), the MoE strategy, the attention implementation,
 scan_layers and remat; the mesh, the MoE strategy and the attention implementation change only float
 rounding. With a checkpoint, the model is the checkpoint's: of `model.*` only dtype and
-capacity_factor count. A model setting that the saved run's version did not have yet counts as its
-default (what that version did).
+capacity_factor (and router_grad) count. A model setting, or `densemixer`, that the saved run's
+version did not have yet counts as its default (what that version did).
 
 `steps` may grow only with `extend=True`, which keeps the saved schedule: `optim.steps`, the
 schedule's horizon, stays the saved one, so a cosine schedule has reached its final lr there and the
@@ -95,16 +95,18 @@ MODEL_DEFAULTS = {
     for f in dataclasses.fields(ModelConfig)
     if f.default is not dataclasses.MISSING
 }
+ADDED_DEFAULTS = {**MODEL_DEFAULTS, "densemixer": False}  # settings added since the first version
 
 
 def _changed(saved: dict[str, Any], new: dict[str, Any], checkpoint: str) -> list[str]:
     """The keys (flattened) that differ and change the result, in the config's order. A model
-    field the saved run lacks (added by a later version) is compared with its default."""
+    field (or densemixer) the saved run lacks (added by a later version) is compared with its
+    default."""
     keys = [*new, *(k for k in saved if k not in new)]
     keys = [
         k for k in keys if not (_is_free(k, checkpoint) or (k == "data.shards" and new.get(k) == 0))
     ]
-    saved = {**{k: v for k, v in MODEL_DEFAULTS.items() if k in new}, **saved}
+    saved = {**{k: v for k, v in ADDED_DEFAULTS.items() if k in new}, **saved}
     return [k for k in keys if _comparable(k, saved.get(k)) != _comparable(k, new.get(k))]
 
 
