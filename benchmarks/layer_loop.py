@@ -12,9 +12,8 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from timing import interleaved_seconds
+from timing import carrying, compared, interleaved_seconds, train_state
 from train_step import SIZES, _tokens, step_arguments, step_batch
 
 from esft_jax.app import config_files
@@ -48,27 +47,11 @@ def main() -> None:
     for scan in (True, False):
         cfg = base.replace(scan_layers=scan)
         for name, method in (("FFT", FullFineTune()), ("ESFT", ExpertSubset.build(cfg, experts))):
-            trainable = method.init(params)
-            holder = {
-                "state": {
-                    "step": jnp.zeros((), jnp.int32),
-                    "trainable": trainable,
-                    "opt_state": tx.init(trainable),
-                }
-            }
+            state = train_state(method, params, tx)
             start = time.perf_counter()
-            step = (
-                make_train_step(method, cfg, tx, schedule)
-                .lower(holder["state"], params, batch)
-                .compile()
-            )
+            step = make_train_step(method, cfg, tx, schedule).lower(state, params, batch).compile()
             compile_s[f"{name} {scan}"] = time.perf_counter() - start
-
-            def call(step=step, holder=holder):  # the state is donated: carry it from step to step
-                holder["state"], metrics = step(holder["state"], params, batch)
-                return metrics["loss"]
-
-            calls[f"{name} {scan}"] = call
+            calls[f"{name} {scan}"] = carrying(step, state, params, batch)
     seconds = interleaved_seconds(calls, reps=args.reps)
     print(f"size {args.size}, batch {args.batch} x {args.seq}, float32, {args.reps} reps")
     print(
@@ -76,10 +59,7 @@ def main() -> None:
             ["method", "scan s/step", "loop s/step", "loop / scan", "compile s (scan / loop)"],
             [
                 [
-                    name,
-                    f"{seconds[f'{name} True']:.3f}",
-                    f"{seconds[f'{name} False']:.3f}",
-                    f"{seconds[f'{name} False'] / seconds[f'{name} True']:.2f}",
+                    *compared(seconds, name, "True", "False"),
                     f"{compile_s[f'{name} True']:.1f} / {compile_s[f'{name} False']:.1f}",
                 ]
                 for name in ("FFT", "ESFT")

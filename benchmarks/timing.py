@@ -34,6 +34,36 @@ def interleaved_seconds(calls: dict[str, Callable[[], object]], reps: int = 5) -
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def train_state(method, params, tx) -> dict:
+    """A train step's state {step, trainable, opt_state} for `method` (train/method.py) on `params`."""
+    import jax.numpy as jnp
+
+    trainable = method.init(params)
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "trainable": trainable,
+        "opt_state": tx.init(trainable),
+    }
+
+
+def carrying(step: Callable, state: dict, *args) -> Callable[[], object]:
+    """A call of step(state, *args) -> (state, metrics) that carries the state from call to call
+    (the step donates it); returns the loss."""
+    holder = {"state": state}
+
+    def call():
+        holder["state"], metrics = step(holder["state"], *args)
+        return metrics["loss"]
+
+    return call
+
+
+def compared(seconds: dict[str, float], name: str, a: str, b: str) -> list[str]:
+    """A table row: `name`, the seconds of "name a" and "name b", and b's over a's."""
+    first, second = seconds[f"{name} {a}"], seconds[f"{name} {b}"]
+    return [name, f"{first:.3f}", f"{second:.3f}", f"{second / first:.2f}"]
+
+
 def machine() -> str:
     """The CPU model and its float32 matmul rate (2048^3, median of 3): benchmark numbers from
     different machines (or loads) compare only through it."""

@@ -7,6 +7,8 @@ or the routers only.
     esft train --config configs/train.py:esft_lora --config.expert_config=... ...
                                                       (LoRA factors on the selected experts only)
     esft train --config configs/train.py:router ...   (router-only tuning: every MoE layer's router)
+    esft train --config configs/train.py:router_densemixer ...   (the same, the routers' gradient from
+        the dense mixture over every expert: DenseMixer, --config.densemixer=True)
 Rerunning the same command resumes from <workdir>/checkpoints (settings that change the result must
 match the saved run's; see esft_jax/app/resume.py). Outputs in <workdir>: config.json,
 metrics.jsonl, checkpoints/, adapter/ (the changed tensors), summary.json.
@@ -19,22 +21,28 @@ import ml_collections
 
 from esft_jax.app import config_blocks as blocks
 
-# the training method (esft_jax/train/method.py REGISTRY)
+# the training method (esft_jax/train/method.py REGISTRY); METHOD_densemixer: with densemixer=True
 PRESETS = (
     "esft",
     "fft",
     "lora",
     "router",
     "esft_lora",
+    "router_densemixer",
 )
 
 
-def get_config(method: str = "esft") -> ml_collections.ConfigDict:
+def get_config(preset: str = "esft") -> ml_collections.ConfigDict:
+    method = preset.removesuffix("_densemixer")
     c = ml_collections.ConfigDict()
     # "esft", "fft", "lora", "esft_lora" (LoRA on the selected experts) or "router" (router-only)
     c.method = method
     blocks.model_source(c)
     c.expert_config = ""  # esft, esft_lora: the expert config JSON (esft select)
+    # the router's gradient from the dense mixture over every expert, the forward pass unchanged
+    # (DenseMixer; esft_jax/model/router_grad.py): for a method that trains the router (router,
+    # fft, esft with non_expert_modules)
+    c.densemixer = preset.endswith("_densemixer")
     # lora and esft_lora: rank and alpha; targets: lora's (esft_lora's are the selected experts)
     c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, targets="attention,experts"))
     c.data = ml_collections.ConfigDict(
@@ -85,7 +93,7 @@ def get_config(method: str = "esft") -> ml_collections.ConfigDict:
     c.profile_tokens = 16384
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
-    c.workdir = f"runs/train_{method}"
+    c.workdir = f"runs/train_{preset}"
     c.mesh = blocks.mesh()
     c.distributed = blocks.distributed()
     return c

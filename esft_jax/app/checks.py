@@ -61,6 +61,12 @@ def number(
         raise ConfigFileError(f"--config.{key}={value!r}: expected a number {where}")
 
 
+def boolean(c: ml_collections.ConfigDict, key: str) -> None:
+    value = value_at(c, key)
+    if not isinstance(value, bool):
+        raise ConfigFileError(f"--config.{key}={value!r}: expected True or False")
+
+
 def one_of(c: ml_collections.ConfigDict, key: str, options: Sequence[str]) -> None:
     value = value_at(c, key)
     if value not in options:

@@ -8,7 +8,7 @@ The model contract (`model_source`): with `checkpoint="random"`, `model` is the 
 random weights and every field of it applies. With a Hugging Face checkpoint the architecture comes
 from the checkpoint's config.json and only the runtime fields of `model` apply
 (runtime.RUNTIME_FIELDS: dtype, moe_strategy, capacity_factor, expert_parallel, scan_layers, remat,
-attention_impl, attention_block);
+attention_impl, attention_block, frozen_dtype, router_grad);
 overriding any other `model` field then is an error (checks.model_overrides), not ignored.
 """
 
@@ -37,6 +37,7 @@ PRESET_DEFAULTS = dict(
     attention_impl="reference",  # or "dot_product", "blockwise" (model/attention.py)
     attention_block=512,  # blockwise: queries and keys per block
     frozen_dtype="bfloat16",  # a checkpoint's FP8 / MXFP4 experts: "native" keeps them so
+    router_grad="sparse",  # "dense": DenseMixer's router gradient (model/router_grad.py)
     expert_fp8_block=(),
     expert_mxfp4=False,
     linear_fp8=False,

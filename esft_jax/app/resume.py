@@ -1,7 +1,7 @@
 """Resuming a workdir: the new command's settings against those saved in <workdir>/config.json.
 
-A rerun resumes from <workdir>/checkpoints only if every setting that changes the result matches the
-saved run's: the method and its settings (lora.*, and for esft / esft_lora the selected experts,
+A rerun resumes from <workdir>/checkpoints only if every setting that changes the result matches
+the saved run's: the method and its settings (lora.*, and for esft / esft_lora the selected experts,
 compared by content rather than by the expert config's path), the model, checkpoint and tokenizer,
 the data, the seed, the batch and the optimizer with its schedule. Settings that only change how or
 where the run goes may differ (FREE): the logging, evaluation and checkpoint intervals,
@@ -9,8 +9,8 @@ keep_checkpoints, profile_tokens (measured after training), the workdir, the mes
 layout (distributed, data.shards=0 keeps the checkpoint's shards), the MoE strategy, the attention
 implementation, scan_layers and remat; the mesh, the MoE strategy and the attention implementation
 change only float rounding. With a checkpoint, the model is the checkpoint's: of `model.*` only
-dtype and capacity_factor count. A model setting that the saved run's version did not have yet
-counts as its default (what that version did).
+dtype and capacity_factor (and router_grad) count. A setting that the saved run's version did not
+have yet (a model field, densemixer, data.limit) counts as its default (what that version did).
 
 `steps` may grow only with `extend=True`, which keeps the saved schedule: `optim.steps`, the
 schedule's horizon, stays the saved one, so a cosine schedule has reached its final lr there and the
@@ -95,22 +95,19 @@ MODEL_DEFAULTS = {
     for f in dataclasses.fields(ModelConfig)
     if f.default is not dataclasses.MISSING
 }
-
-
-# settings added after runs were saved without them: a saved run had their default
-LATER_DEFAULTS = {"data.limit": 0}
+# settings added since the first version: a run saved before had their default
+ADDED_DEFAULTS = {**MODEL_DEFAULTS, "densemixer": False, "data.limit": 0}
 
 
 def _changed(saved: dict[str, Any], new: dict[str, Any], checkpoint: str) -> list[str]:
     """The keys (flattened) that differ and change the result, in the config's order. A model
-    field or a LATER_DEFAULTS key the saved run lacks (added by a later version) is compared with its
-    default."""
+    field or another setting the saved run lacks (added by a later version: ADDED_DEFAULTS) is
+    compared with its default."""
     keys = [*new, *(k for k in saved if k not in new)]
     keys = [
         k for k in keys if not (_is_free(k, checkpoint) or (k == "data.shards" and new.get(k) == 0))
     ]
-    later = {**MODEL_DEFAULTS, **LATER_DEFAULTS}
-    saved = {**{k: v for k, v in later.items() if k in new}, **saved}
+    saved = {**{k: v for k, v in ADDED_DEFAULTS.items() if k in new}, **saved}
     return [k for k in keys if _comparable(k, saved.get(k)) != _comparable(k, new.get(k))]
 
 

@@ -47,6 +47,7 @@ RUNTIME_FIELDS = (
     "attention_impl",
     "attention_block",
     "frozen_dtype",
+    "router_grad",
 )
 RANDOM_WEIGHTS = "random"  # --config.checkpoint=random: seeded random weights of c.model
 

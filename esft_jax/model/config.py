@@ -25,6 +25,9 @@ EXPERT_ACTS = ("swiglu", "clamped_swiglu")
 # jax.nn.dot_product_attention with JAX's choice of kernel ("dot_product"), or exact attention in
 # blocks of `attention_block` queries x keys that never holds the scores ("blockwise")
 ATTENTION_IMPLS = ("reference", "dot_product", "blockwise")
+# the router's gradient (model/router_grad.py): of the top-k mixture the forward computes
+# ("sparse"), or of the dense mixture over every expert, the forward unchanged ("dense": DenseMixer)
+ROUTER_GRADS = ("sparse", "dense")
 
 
 class ConfigError(UserError, ValueError):
@@ -131,6 +134,7 @@ class ModelConfig:
     frozen_dtype: str = "bfloat16"
     attention_impl: str = "reference"  # ATTENTION_IMPLS
     attention_block: int = 512  # blockwise: queries and keys per block
+    router_grad: str = "sparse"  # ROUTER_GRADS
 
     def __post_init__(self) -> None:
         for name in (
@@ -157,6 +161,7 @@ class ModelConfig:
         one_of("param_dtype", DTYPES)
         one_of("attention", ATTENTIONS)
         one_of("attention_impl", ATTENTION_IMPLS)
+        one_of("router_grad", ROUTER_GRADS)
         one_of("frozen_dtype", ("bfloat16", "native"))
         one_of("qk_norm", QK_NORMS)
         one_of("expert_act", EXPERT_ACTS)

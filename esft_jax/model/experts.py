@@ -99,12 +99,16 @@ def _batched_mlp(x_ecd, p: ExpertWeights, act: GLU, rows: str = "ecd"):
     return out if b is None else out + b[2][:, None]
 
 
+def _mixture(x_nd, weights_ne, p: ExpertWeights, act: GLU):
+    """sum_e weights[n, e] * MLP_e(x_n): every expert on every token [N, d] float32."""
+    out_end = _batched_mlp(x_nd, p, act, rows="cd")
+    return jnp.einsum("end,ne->nd", out_end.astype(jnp.float32), weights_ne)
+
+
 def _dense(x_nd, ids_nk, w_nk, p: ExpertWeights, act: GLU):
     e = p["gate"].shape[0]
-    out_end = _batched_mlp(x_nd, p, act, rows="cd")
     combine_ne = jnp.einsum("nke,nk->ne", jax.nn.one_hot(ids_nk, e, dtype=jnp.float32), w_nk)
-    y = jnp.einsum("end,ne->nd", out_end.astype(jnp.float32), combine_ne)
-    return y, jnp.zeros((), jnp.int32)
+    return _mixture(x_nd, combine_ne, p, act), jnp.zeros((), jnp.int32)
 
 
 def sort_by_expert(ids_a: jax.Array, num_experts: int):
@@ -318,6 +322,26 @@ def _grouped(x_nd, ids_nk, w_nk, p: ExpertWeights, act: GLU, impl: str):
     return y, jnp.zeros((), jnp.int32)
 
 
+def _in_dtype(p: ExpertWeights, scheme: quant.Scheme | None, dtype, one_at_a_time: bool):
+    """The experts in the compute dtype; quantised matrices as QuantStacks the blocked loop
+    dequantises one expert at a time (one_at_a_time), else dequantised whole."""
+    if scheme is not None:
+        p = (quant.stacks if one_at_a_time else quant.dequantize_experts)(p, scheme, dtype)
+    return {
+        name: w if isinstance(w, quant.QuantStack) else jnp.asarray(w, dtype)
+        for name, w in p.items()
+    }
+
+
+def mixture(x_nd: jax.Array, weights_ne: jax.Array, p: ExpertWeights, act: GLU = SWIGLU):
+    """x [N, d], weights [N, E] -> sum_e weights[n, e] * MLP_e(x_n) [N, d] float32: every expert
+    (unquantised) on every token, O(E) work (the `dense` strategy's; the dense pass of
+    model/router_grad.py)."""
+    return _mixture(
+        x_nd, weights_ne.astype(jnp.float32), _in_dtype(p, None, x_nd.dtype, False), act
+    )
+
+
 def routed_experts(
     x_nd: jax.Array,
     ids_nk: jax.Array,
@@ -337,13 +361,7 @@ def routed_experts(
     quantised so, with their scales (model/quant.py): the blocked loop dequantises one expert at a
     time, the other paths the stack ("auto": blocked)."""
     strategy = resolve_strategy(strategy, quantized=scheme is not None)
-    if scheme is not None:
-        dequantize = quant.stacks if strategy == "blocked" else quant.dequantize_experts
-        p = dequantize(p, scheme, x_nd.dtype)
-    p = {
-        name: w if isinstance(w, quant.QuantStack) else jnp.asarray(w, x_nd.dtype)
-        for name, w in p.items()
-    }
+    p = _in_dtype(p, scheme, x_nd.dtype, one_at_a_time=strategy == "blocked")
     weights_nk = weights_nk.astype(jnp.float32)
     if strategy == "dense":
         return _dense(x_nd, ids_nk, weights_nk, p, act)

@@ -22,6 +22,10 @@ experts run inside `jax.shard_map`; each device holds E / n_expert experts. Two 
   holding its expert in a fixed-size buffer (`jax.lax.all_to_all`: `ragged_all_to_all` does not exist
   on CPU), computes, and sends the results back. Buffer rows per device pair: N*k (dropless) or
   ceil(capacity_factor * N * k / n_expert), overflow dropped and counted.
+
+`cfg.router_grad="dense"` (DenseMixer, model/router_grad.py): the routed weights enter the expert
+paths above as constants, and the router's gradient comes from the dense mixture over every expert
+(the same forward output), on one device or under either exchange.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from esft_jax import sharding
 from esft_jax.model.config import ModelConfig
 from esft_jax.model.experts import GLU, resolve_strategy, routed_experts, sort_by_expert
 from esft_jax.model.router import RouterOutput, route
+from esft_jax.model.router_grad import dense_router_grad
 
 
 class MoEOutput(NamedTuple):
@@ -276,6 +281,9 @@ def moe_block(
         x_btd.reshape(b * t, d), p["router"], cfg, p.get("router_bias"), p.get("router_correction")
     )
     routing = RouterOutput(*(a.reshape(b, t, -1) for a in r))
+    # router_grad="dense": the router learns from the dense mixture alone (model/router_grad.py)
+    dense_grad = cfg.router_grad == "dense"
+    weights = jax.lax.stop_gradient(routing.weights) if dense_grad else routing.weights
     mesh_shape = sharding.current_mesh_shape()
     override = p.get("override")
     if mesh_shape.get("expert", 1) > 1:
@@ -283,7 +291,7 @@ def moe_block(
         y, dropped = exchange(
             x_btd,
             routing.expert_ids,
-            routing.weights,
+            weights,
             p["experts"],
             override,
             override_set_b,
@@ -293,19 +301,21 @@ def moe_block(
     else:
 
         def stacked_pass(ids_btk):
-            return _routed(x_btd, ids_btk, routing.weights, p["experts"], cfg, cfg.capacity_factor)
+            return _routed(x_btd, ids_btk, weights, p["experts"], cfg, cfg.capacity_factor)
 
         y, dropped = _with_overrides(
             stacked_pass,
             x_btd,
             routing.expert_ids,
-            routing.weights,
+            weights,
             override,
             override_set_b,
             cfg,
             cfg.capacity_factor,
             stacked=p["experts"],
         )
+    if dense_grad:
+        y = dense_router_grad(y, r, x_btd, p["experts"], override, expert_glu(cfg), cfg)
     y = y.astype(x_btd.dtype)
     if "shared" in p:
         shared = swiglu(x_btd, p["shared"])

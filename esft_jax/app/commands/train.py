@@ -270,6 +270,8 @@ def train(c: ml_collections.ConfigDict, progress: bool = True) -> dict:
     check_with_model(c, runtime.model_config(c))  # before the weights are read
     mesh = runtime.mesh(c)
     cfg, frozen = runtime.load_model(c, mesh)
+    if c.densemixer:  # the router's gradient from the dense mixture (model/router_grad.py)
+        cfg = cfg.replace(router_grad="dense")
     tokenizer = runtime.tokenizer(c)
     template = runtime.chat_template(c, "data.template", tokenizer, cfg)
     data_in = _read_data(c, tokenizer, cfg, template)

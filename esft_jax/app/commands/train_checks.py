@@ -13,6 +13,7 @@ from esft_jax.app import checks
 from esft_jax.app.config_files import ConfigFileError
 from esft_jax.data.chat import LOSS_ON
 from esft_jax.data.sources import FORMATS
+from esft_jax.expert_config import ExpertConfig
 from esft_jax.model import ModelConfig
 from esft_jax.train.method import METHODS, SELECTED_EXPERTS
 
@@ -42,11 +43,33 @@ def check_with_model(c: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
     checks.whole(c, "data.limit", minimum=0)
     checks.number(c, "data.general_ratio", 0)
     checks.number(c, "data.validation_fraction", 0, 0.5)
-    if not isinstance(c.extend, bool):
-        raise ConfigFileError(f"--config.extend={c.extend!r}: expected True or False")
+    checks.boolean(c, "extend")
     checks.input_path(c, "data.train", "a training set")
     checks.one_of(c, "data.format", FORMATS)
     checks.template(c, "data.template")
     checks.one_of(c, "data.loss_on", LOSS_ON)
     if c.data.general:
         checks.input_path(c, "data.general", "a general dataset")
+    _router_grad(c, cfg)
+
+
+ROUTER_TRAINING = ("router", "fft")  # and esft with the expert config's non_expert_modules
+
+
+def _router_grad(c: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
+    """The router's gradient from the dense mixture (densemixer, or model.router_grad=dense) only
+    for a method that trains the router."""
+    checks.boolean(c, "densemixer")
+    key = "densemixer=True" if c.densemixer else f"model.router_grad={cfg.router_grad}"
+    if not (c.densemixer or cfg.router_grad == "dense") or c.method in ROUTER_TRAINING:
+        return
+    why = ""
+    if c.method == "esft":
+        layers, n_experts = cfg.moe_layer_ids, cfg.n_routed_experts
+        if ExpertConfig.load(c.expert_config, layers, n_experts).non_expert_modules:
+            return
+        why = f" ({c.expert_config}: non_expert_modules false)"
+    raise ConfigFileError(
+        f"--config.{key}: method {c.method} does not train the router{why}; a dense router "
+        f"gradient needs {', '.join(ROUTER_TRAINING)} or esft with non_expert_modules"
+    )
