@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,16 @@ LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
 def write_adapter(
-    out_dir: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, Any]
+    out_dir: str | Path,
+    tensors: dict[str, np.ndarray],
+    metadata: dict[str, Any],
+    inputs: Collection[str | Path] = (),
 ) -> Path:
     """Write atomically (staged beside `out_dir`, moved into place when complete), replacing only a
-    previous adapter: an `out_dir` holding any other file is refused (OutputDirError)."""
+    previous adapter: an `out_dir` holding any other file, or that is, holds or lies inside one of
+    `inputs`, is refused (OutputDirError)."""
     out_dir = Path(out_dir)
-    with staged_dir(out_dir, replaceable={ADAPTER_FILE, CONFIG_FILE}) as tmp:
+    with staged_dir(out_dir, replaceable={ADAPTER_FILE, CONFIG_FILE}, inputs=inputs) as tmp:
         save_file(
             {k: np.ascontiguousarray(v) for k, v in tensors.items()},
             tmp / ADAPTER_FILE,
