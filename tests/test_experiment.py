@@ -230,3 +230,20 @@ def test_a_study_names_a_train_preset_or_a_selected_experts_method_and_its_selec
         "esft run: error: --config.methods: 'esft_p50' is neither a preset of configs/train.py "
         "(fft, lora, router"
     )
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "builtin.py",
+        "main.py",
+        "ablations.py:modules",
+        "successors.py",
+        "small_data.py",
+        "sequential.py",
+    ],
+)
+def test_every_shipped_study_passes_its_checks(spec, tmp_path):
+    """Each method a shipped study names is a train preset (or <method>_<selection>) that exists."""
+    c = config_files.load(f"configs/experiments/{spec}", command="run")
+    experiment.check(c)
