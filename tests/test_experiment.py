@@ -247,3 +247,38 @@ def test_every_shipped_study_passes_its_checks(spec, tmp_path):
     """Each method a shipped study names is a train preset (or <method>_<selection>) that exists."""
     c = config_files.load(f"configs/experiments/{spec}", command="run")
     experiment.check(c)
+
+
+def test_a_sweep_merges_its_studies_adapters_and_scores_the_merge_on_every_task(tmp_path):
+    """main.py's merge: each study's esft_token adapter merged (average), the merged model scored on
+    every study's task, beside each task's own adapter."""
+    from esft_jax.checkpoint.adapter import read_adapter
+    from esft_jax.report import Study
+
+    base = fx.base_checkpoint(tmp_path / "base")
+    builtin_suite.write_suite(tmp_path / "suite", n_train=4, n_eval=4, seed=0, n_docs=2)
+    sweep = config_files.load("configs/experiments/main.py", command="run")
+    prepared, finished = {}, {}
+    for task in ("math", "sort"):
+        study = sweep.studies[task]
+        study.checkpoint, study.suite_dir = str(base), str(tmp_path / "suite")
+        study.run_dir, study.eval.limit, study.perplexity_set = str(tmp_path / task), 2, ""
+        fx.fake_esft_adapter(base, tmp_path / task / "train_esft_token" / "adapter")
+        prepared[task] = experiment._Prepared(study, Path(study.run_dir), tmp_path / "suite", None, {})
+        own = {task: 0.5, "facts": 0.25, "count": 0.75}
+        finished[task] = (None, Study(task, ("facts", "count"), {"esft_token": own}, {}))
+    sweep.run_dir = str(tmp_path / "sweep")
+    table = experiment._merged(sweep, prepared, finished)
+    merged = tmp_path / "sweep" / "merged_esft_token"
+    tensors, metadata = read_adapter(merged)
+    assert metadata["merge"]["overlap"] == "average" and len(tensors) == 4
+    scores = json.loads((tmp_path / "sweep" / "eval_merged_esft_token.json").read_text())
+    assert {"math", "sort", "facts", "count"} <= set(scores)
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in table.splitlines()[2:]}
+    assert [c.strip() for c in rows["esft_token: each task's own adapter"]] == [
+        "0.500",
+        "0.500",
+        "0.500",
+    ]
+    merged_row = [c.strip() for c in rows["esft_token: the 2 merged (average)"]]
+    assert merged_row == [f"{scores['math']:.3f}", f"{scores['sort']:.3f}", merged_row[2]]

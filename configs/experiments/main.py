@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.run_dir = "runs/main"
     blocks.launch(c)  # every study's variants train together, as this says
+    # several domains, one model: each study's adapter of this method merged into one, scored on
+    # every task ("" for none; overlap: refuse, average or first, checkpoint/merge.py)
+    c.merge = ml_collections.ConfigDict(dict(method="esft_token", overlap="average"))
     c.studies = ml_collections.ConfigDict(
         {
             task: load_file(f"{Path(__file__).with_name('builtin.py')}:{task}")

@@ -19,6 +19,7 @@ commands), then one table of all of them (report.aggregate_table) and a trade-of
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -49,6 +50,8 @@ from esft_jax.app.study_steps import (
     train_command,
 )
 from esft_jax.builtin import suite as builtin_suite
+from esft_jax.checkpoint.adapter import CONFIG_FILE as ADAPTER_CONFIG
+from esft_jax.checkpoint.merge import OVERLAP, merge_adapters
 from esft_jax.data.chat import LOSS_ON
 from esft_jax.data.sources import FORMATS
 from esft_jax.expert_config import ExpertConfig
@@ -175,6 +178,40 @@ def _drift(p: _Prepared) -> None:
     print(f"routing drift after fine-tuning ({c.drift.score} scores, p={c.drift.p}):\n{text}")
 
 
+def _merged(c: ml_collections.ConfigDict, prepared: dict, finished: dict) -> str:
+    """Several domains, one model: a sweep's c.merge.method adapters, one per study, merged into one
+    (checkpoint/merge.py, c.merge.overlap) and scored on every study's task; a table against each
+    task's own adapter. <run_dir>/merged_<method>/ holds the merged adapter."""
+    m, run_dir = c.merge.method, Path(c.run_dir)
+    merged = run_dir / f"merged_{m}"
+    if not (merged / ADAPTER_CONFIG).is_file():
+        adapters = [p.run_dir / f"train_{m}" / "adapter" for p in prepared.values()]
+        merge_adapters(adapters, c.merge.overlap, merged)
+    first = next(iter(prepared.values()))
+    tasks = [p.c.task for p in prepared.values()]
+    every = copy.deepcopy(first.c)
+    every.general_tasks = (*tasks[1:], *first.c.general_tasks)
+    scores = cached(
+        run_dir / f"eval_merged_{m}.json",
+        lambda: evaluate_model(every, first.suite, run_dir / f"eval_merged_{m}", str(merged)),
+    )
+    general = first.c.general_tasks
+    own = [finished[name][1] for name in prepared]
+    rows = [
+        [
+            f"{m}: each task's own adapter",
+            *(f"{s.results[m][s.task]:.3f}" for s in own),
+            f"{sum(s.general_avg(m) for s in own) / len(own):.3f}",
+        ],
+        [
+            f"{m}: the {len(tasks)} merged ({c.merge.overlap})",
+            *(f"{scores[t]:.3f}" for t in tasks),
+            f"{sum(scores[g] for g in general) / len(general):.3f}",
+        ],
+    ]
+    return report.markdown_table(["model", *tasks, "general avg"], rows)
+
+
 def run(c: ml_collections.ConfigDict) -> Path:
     """Run (or finish) the study or the sweep; returns the path of its markdown table. A sweep's
     studies are prepared one after another, then all their variants train together."""
@@ -197,6 +234,8 @@ def run(c: ml_collections.ConfigDict) -> Path:
     run_dir = Path(c.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     table = report.aggregate_table({name: study for name, (_, study) in finished.items()})
+    if c.get("merge") and c.merge.method:
+        table += "\n" + _merged(c, prepared, finished)
     (run_dir / "results.md").write_text(table)
     report.tradeoff_plot(
         {name: study for name, (_, study) in finished.items()}, run_dir / "tradeoff.png"
@@ -255,6 +294,18 @@ def check(c: ml_collections.ConfigDict) -> None:
     if "studies" not in c:
         return check_study(c)
     writable_dir(c, "run_dir")
+    if c.get("merge") and c.merge.method:
+        one_of(c, "merge.overlap", OVERLAP)
+        for name, study in c.studies.items():
+            if (preset_of(c.merge.method, study.selections) or ("",))[0] != "esft":
+                raise ConfigFileError(
+                    f"--config.merge.method={c.merge.method!r}: not an ESFT method of study "
+                    f"{name} (esft_<one of {', '.join(study.selections)}>)"
+                )
+            if c.merge.method not in study.methods:
+                raise ConfigFileError(
+                    f"--config.merge.method={c.merge.method!r}: study {name} does not train it"
+                )
     for name, study in c.studies.items():
         try:
             check_study(study)
