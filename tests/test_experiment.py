@@ -264,7 +264,9 @@ def test_a_sweep_merges_its_studies_adapters_and_scores_the_merge_on_every_task(
         study.checkpoint, study.suite_dir = str(base), str(tmp_path / "suite")
         study.run_dir, study.eval.limit, study.perplexity_set = str(tmp_path / task), 2, ""
         fx.fake_esft_adapter(base, tmp_path / task / "train_esft_token" / "adapter")
-        prepared[task] = experiment._Prepared(study, Path(study.run_dir), tmp_path / "suite", None, {})
+        prepared[task] = experiment._Prepared(
+            study, Path(study.run_dir), tmp_path / "suite", None, {}
+        )
         own = {task: 0.5, "facts": 0.25, "count": 0.75}
         finished[task] = (None, Study(task, ("facts", "count"), {"esft_token": own}, {}))
     sweep.run_dir = str(tmp_path / "sweep")
