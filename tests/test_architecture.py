@@ -8,9 +8,12 @@ import ast
 import importlib
 import inspect
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import esft_jax
+import esft_jax.app
 from esft_jax.errors import UserError
 
 # errors that are not the user's input: a run that diverged (exit 1), an HTTP reply's error (its
@@ -105,3 +108,21 @@ def test_the_library_takes_typed_arguments():
         )
     )
     assert not readers, f"library modules that import ml_collections: {readers}"
+
+
+def test_every_app_module_imports_first():
+    """Each application module imported first in a fresh set of esft_jax modules: no import cycle
+    that only an import order hides (a command module importing its siblings, say)."""
+    app = sorted(
+        info.name for info in pkgutil.walk_packages(esft_jax.app.__path__, "esft_jax.app.")
+    )
+    script = (
+        "import importlib, sys\n"
+        f"for name in {app!r}:\n"
+        "    for loaded in [m for m in sys.modules if m.startswith('esft_jax')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    importlib.import_module(name)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
+    assert len(app) > 20

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 from esft_jax.app import checks, config_files, interrupt, step_cap
-from esft_jax.app.commands import COMMANDS
+from esft_jax.app.commands import NAMES
 from esft_jax.errors import UserError
 from esft_jax.train.guard import DivergedError
+
+COMMANDS: dict[str, ModuleType] = {
+    name: importlib.import_module(f"esft_jax.app.commands.{name}") for name in NAMES
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
