@@ -25,6 +25,7 @@ def get_config(task: str = "intent") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.run_dir = f"runs/small_data_{task}"
     blocks.launch(c)  # every study's variants train together, as this says
+    c.merge = ml_collections.ConfigDict(dict(method="", overlap="average"))  # none (main.py's)
     studies = {}
     for n in SIZES:
         study = load_file(f"{Path(__file__).with_name('builtin.py')}:{task}")
