@@ -158,14 +158,14 @@ def test_a_child_writing_megabytes_does_not_block_the_study(tmp_path, monkeypatc
         "fft",
         tmp_path,
     )
-    experiment._train(c, variants)
+    launch.train(c, variants)
     summary_file = tmp_path / "train_fft" / launch.SUMMARY
     summary = json.loads(summary_file.read_text())
     assert summary["steps"] == 2 and summary["wall_seconds"] > 0
     log = tmp_path / "train_fft" / launch.TRAIN_LOG
     assert log.stat().st_size == 16384 * 64 + len("done\n")
     # cached: no child runs
-    experiment._train(c, variants)
+    launch.train(c, variants)
     assert json.loads(summary_file.read_text()) == summary
 
 
@@ -180,7 +180,7 @@ def test_a_failed_child_is_one_error_line_and_its_log_tail(tmp_path, monkeypatch
         "lora",
         tmp_path,
     )
-    monkeypatch.setattr(experiment, "run", lambda c: experiment._train(c, variants))
+    monkeypatch.setattr(experiment, "run", lambda c: launch.train(c, variants))
     assert cli.main(["run", "--config", "configs/experiments/builtin.py"]) == 2
     err = capsys.readouterr().err.splitlines()
     log = tmp_path / "train_lora" / launch.TRAIN_LOG

@@ -126,12 +126,10 @@ def test_a_sweep_side_by_side_trains_the_adapters_one_by_one_does(tmp_path):
     the simulated device count sets XLA's threading, so the environments must match.)"""
     from safetensors.numpy import load_file
 
-    from esft_jax.app.commands import run as experiment
-
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
     c, side_by_side = _sweep(tmp_path, "side_by_side")
-    experiment._train(c, side_by_side)
+    launch.train(c, side_by_side)
     _, one_by_one = _sweep(tmp_path, "one_by_one")
     launch.run_local(one_by_one, launch.device_groups(c.variant_devices)[:1])
     adapters = [

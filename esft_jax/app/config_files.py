@@ -87,8 +87,10 @@ def _module(path: str) -> ModuleType:
     return module
 
 
+@functools.cache
 def presets(path: str) -> tuple[str, ...]:
-    """A config file's named variants (its PRESETS; () where it has no fixed set)."""
+    """A config file's named variants (its PRESETS; () where it has no fixed set); the file runs
+    once a process (a study asks for configs/train.py's for each of its methods)."""
     return tuple(getattr(_module(path), "PRESETS", ()))
 
 

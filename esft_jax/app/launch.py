@@ -15,6 +15,7 @@ alone.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+import ml_collections
 import submitit
 
 from esft_jax.app.config_files import ConfigFileError
@@ -152,3 +154,22 @@ def run_slurm(
     if failed:
         raise failed[0]
     return seconds
+
+
+def train(c: ml_collections.ConfigDict, variants: Sequence[Variant]) -> None:
+    """Run the variants not done as the study or sweep `c` says (launch, variant_devices, slurm);
+    each new summary gets its wall seconds."""
+    if c.launch == "slurm":
+        settings = c.slurm.to_dict()
+        cluster, folder = settings.pop("cluster"), settings.pop("folder")
+        parameters = {k: v for k, v in settings.items() if v not in ("", 0)}
+        seconds = run_slurm(
+            variants, Path(folder or Path(c.run_dir) / "slurm"), cluster, parameters
+        )
+    else:
+        seconds = run_local(variants, device_groups(c.variant_devices))
+    for v in variants:
+        if v.name in seconds:
+            summary = json.loads((v.workdir / SUMMARY).read_text())
+            summary.update(wall_seconds=seconds[v.name])
+            (v.workdir / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")

@@ -87,7 +87,7 @@ def run_sequence(c: ml_collections.ConfigDict) -> Path:
         variant = launch.Variant(
             task, tuple(train_command(stage, method, stage_dir, suite)), workdir
         )
-        launch.run_local([variant], launch.device_groups(0))
+        launch.train(c, [variant])
         for layer, ids in chosen.experts.items():
             frozen.setdefault(layer, set()).update(ids)
         base = _merged(base, workdir / "adapter", stage_dir / "merged")

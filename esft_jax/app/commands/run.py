@@ -74,24 +74,6 @@ def _variants(c: ml_collections.ConfigDict, run: Path, suite: Path, study: str =
     ]
 
 
-def _train(c: ml_collections.ConfigDict, variants: list[Variant]) -> None:
-    """Run the variants not done as c.launch says; each new summary gets its wall seconds."""
-    if c.launch == "slurm":
-        settings = c.slurm.to_dict()
-        cluster, folder = settings.pop("cluster"), settings.pop("folder")
-        parameters = {k: v for k, v in settings.items() if v not in ("", 0)}
-        seconds = launch.run_slurm(
-            variants, Path(folder or Path(c.run_dir) / "slurm"), cluster, parameters
-        )
-    else:
-        seconds = launch.run_local(variants, launch.device_groups(c.variant_devices))
-    for v in variants:
-        if v.name in seconds:
-            summary = json.loads((v.workdir / launch.SUMMARY).read_text())
-            summary.update(wall_seconds=seconds[v.name])
-            (v.workdir / launch.SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
-
-
 class _Prepared(NamedTuple):
     c: ml_collections.ConfigDict
     run_dir: Path
@@ -227,7 +209,7 @@ def run(c: ml_collections.ConfigDict) -> Path:
         return Path(c.run_dir) / "results.md"
     variants = [v for name, p in prepared.items() for v in _variants(p.c, p.run_dir, p.suite, name)]
     print(f"[4/5] training {', '.join(v.name for v in variants)}")
-    _train(c, variants)
+    launch.train(c, variants)
     finished = {name: _finish(p) for name, p in prepared.items()}
     if "studies" not in c:
         return finished[""][0]
